@@ -1,0 +1,16 @@
+//! Generates the protocol types from `proto/chat/v1/chat.proto`.
+//!
+//! protox compiles the schema in pure Rust, so a fresh machine needs no
+//! system `protoc`; prost-build turns the descriptors into Rust. All .proto
+//! files go through one protox call: two calls for one package would write
+//! the same output file and the second would overwrite the first.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/chat/v1/chat.proto"];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,260 @@
+//! Framing: the 4-byte big-endian length prefix that carries one protobuf
+//! `Envelope` per frame on TCP and TLS (design.md §3).
+//!
+//! The server, the Rust client and the load tester all use this one codec.
+//! Decoding is check-then-allocate: tokio-util's `LengthDelimitedCodec`
+//! compares the announced length with `max_frame_bytes` before it reserves
+//! space for the body, so a 4 GiB prefix costs nothing but an error. An
+//! incomplete frame is a normal state, not an error.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
+
+use crate::proto::Envelope;
+
+/// Length of the frame prefix in bytes.
+pub const PREFIX_LEN: usize = 4;
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The prefix announced more than the frame limit; nothing was allocated.
+    TooLarge {
+        /// The limit in force.
+        max: usize,
+    },
+    /// The peer closed the stream in the middle of a frame.
+    Truncated,
+    /// The underlying stream failed.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::TooLarge { max } => {
+                write!(f, "frame length exceeds the limit of {max} bytes")
+            }
+            FrameError::Truncated => write!(f, "stream ended in the middle of a frame"),
+            FrameError::Io(e) => write!(f, "read failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// The length-delimited codec configured for chatd frames.
+pub fn length_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .big_endian()
+        .length_field_length(PREFIX_LEN)
+        .max_frame_length(max_frame_bytes)
+        .new_codec()
+}
+
+/// Reads whole frames from a byte stream.
+///
+/// The buffer starts small and grows only as large frames arrive, so an idle
+/// connection holds a few hundred bytes, not a fixed 8 KiB.
+pub struct FrameReader<R> {
+    io: R,
+    codec: LengthDelimitedCodec,
+    buf: BytesMut,
+    max: usize,
+}
+
+/// Initial read buffer; grown on demand by the codec.
+const INITIAL_READ_BUF: usize = 512;
+/// When an idle buffer has grown past this, it is released instead of kept.
+const SHRINK_ABOVE: usize = 16 * 1024;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps `io`, refusing frames larger than `max_frame_bytes`.
+    pub fn new(io: R, max_frame_bytes: usize) -> Self {
+        FrameReader {
+            io,
+            codec: length_codec(max_frame_bytes),
+            buf: BytesMut::new(),
+            max: max_frame_bytes,
+        }
+    }
+
+    /// The next complete frame (without its prefix), or `Ok(None)` at a clean
+    /// end of stream.
+    pub async fn read_frame(&mut self) -> Result<Option<BytesMut>, FrameError> {
+        loop {
+            if let Some(frame) = self.decode_buffered()? {
+                return Ok(Some(frame));
+            }
+            if self.buf.capacity() == 0 {
+                self.buf.reserve(INITIAL_READ_BUF);
+            }
+            let n = self
+                .io
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(FrameError::Io)?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// A frame that is already complete in the buffer, without reading.
+    pub fn decode_buffered(&mut self) -> Result<Option<BytesMut>, FrameError> {
+        match self.codec.decode(&mut self.buf) {
+            Ok(Some(frame)) => {
+                if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+                    self.buf = BytesMut::new();
+                }
+                Ok(Some(frame))
+            }
+            Ok(None) => Ok(None),
+            Err(_) => Err(FrameError::TooLarge { max: self.max }),
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.io
+    }
+}
+
+/// Appends one frame (prefix + encoded envelope) to `out`.
+pub fn put_frame(out: &mut BytesMut, env: &Envelope) {
+    let len = env.encoded_len();
+    out.reserve(PREFIX_LEN + len);
+    out.put_u32(len as u32);
+    env.encode(out).expect("reserved enough space");
+}
+
+/// One frame (prefix + encoded envelope) as its own buffer.
+pub fn encode_frame(env: &Envelope) -> Bytes {
+    let mut out = BytesMut::with_capacity(PREFIX_LEN + env.encoded_len());
+    put_frame(&mut out, env);
+    out.freeze()
+}
+
+/// The envelope's protobuf encoding without a prefix.
+pub fn encode_envelope(env: &Envelope) -> Bytes {
+    Bytes::from(env.encode_to_vec())
+}
+
+/// Decodes one envelope from the bytes of a frame.
+pub fn decode_envelope(frame: &[u8]) -> Result<Envelope, prost::DecodeError> {
+    Envelope::decode(frame)
+}
+
+/// Best-effort read of `Envelope.id` (field 1, varint) from bytes that may
+/// not decode as a whole, so an error reply can still name the request.
+pub fn peek_request_id(frame: &[u8]) -> Option<u64> {
+    let mut buf = frame;
+    while !buf.is_empty() {
+        let key = prost::encoding::decode_varint(&mut buf).ok()?;
+        let (field, wire_type) = (key >> 3, key & 7);
+        match (field, wire_type) {
+            (1, 0) => return prost::encoding::decode_varint(&mut buf).ok(),
+            (_, 0) => {
+                prost::encoding::decode_varint(&mut buf).ok()?;
+            }
+            (_, 1) => buf = buf.get(8..)?,
+            (_, 5) => buf = buf.get(4..)?,
+            (_, 2) => {
+                let len = usize::try_from(prost::encoding::decode_varint(&mut buf).ok()?).ok()?;
+                buf = buf.get(len..)?;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Body, Ping, Publish};
+
+    #[tokio::test]
+    async fn frames_survive_any_split() {
+        let envs: Vec<Envelope> = (1..=5u64)
+            .map(|i| {
+                Envelope::new(
+                    i,
+                    Body::Publish(Publish {
+                        room: format!("r{i}"),
+                        text: "x".repeat(i as usize * 40),
+                        ..Default::default()
+                    }),
+                )
+            })
+            .collect();
+        let mut wire = BytesMut::new();
+        for e in &envs {
+            put_frame(&mut wire, e);
+        }
+        let wire = wire.freeze();
+        for chunk in [1usize, 2, 3, 7, 64, wire.len()] {
+            let (mut tx, rx) = tokio::io::duplex(chunk.max(1));
+            let data = wire.clone();
+            let writer = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                for piece in data.chunks(chunk) {
+                    tx.write_all(piece).await.unwrap();
+                }
+            });
+            let mut reader = FrameReader::new(rx, 1024);
+            for e in &envs {
+                let f = reader.read_frame().await.unwrap().unwrap();
+                assert_eq!(&decode_envelope(&f).unwrap(), e);
+            }
+            writer.await.unwrap();
+            assert!(reader.read_frame().await.unwrap().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn oversize_prefix_is_refused_before_the_body_arrives() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        tx.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let mut reader = FrameReader::new(rx, 65536);
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(FrameError::TooLarge { max: 65536 })
+        ));
+        assert!(
+            reader.buf.capacity() < 65536,
+            "no allocation sized from the prefix"
+        );
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_reported() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        use tokio::io::AsyncWriteExt;
+        tx.write_all(&[0, 0, 0, 10, 1, 2]).await.unwrap();
+        drop(tx);
+        let mut reader = FrameReader::new(rx, 1024);
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(FrameError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn request_id_is_found_in_undecodable_bytes() {
+        let env = Envelope::new(77, Body::Ping(Ping { nonce: 3 }));
+        let mut bytes = encode_envelope(&env).to_vec();
+        assert_eq!(peek_request_id(&bytes), Some(77));
+        bytes.extend_from_slice(&[0xff, 0xff]);
+        assert!(decode_envelope(&bytes).is_err());
+        assert_eq!(peek_request_id(&bytes), Some(77));
+        assert_eq!(peek_request_id(&[0xff]), None);
+    }
+}
