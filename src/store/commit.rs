@@ -1,0 +1,308 @@
+//! Group commit: one writer turns every pending write from every room into
+//! one batch, one `apply_batch` per tree and one sync (design.md §4).
+//!
+//! Sessions hand writes in through a bounded channel, so a publisher that
+//! outruns the disk waits for a slot (and, behind it, TCP backpressure slows
+//! the client) instead of growing a buffer. The writer runs the blocking
+//! store calls on tokio's blocking pool and passes each committed batch, in
+//! order, to the next stage (the fan-out), together with the completions
+//! the sessions attached to their writes. While one batch syncs, the next
+//! one gathers in the channel: the batch size grows with the load.
+//!
+//! A failed write or sync is not retried: the batch and everything after it
+//! is reported failed, so no later write can leave a gap in a room's seqs,
+//! and nothing is ever acknowledged that is not stored. The store stays
+//! failed until the server restarts (reported by `/readyz` and the logs).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{Append, Batch, MembershipChange, ReadMarker, Store, StoreError};
+
+/// The largest number of writes in one batch.
+pub const MAX_BATCH_OPS: usize = 4096;
+
+/// When a write counts as committed (design.md §4, `--durability`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Ack after the group commit is flushed and fdatasync'ed.
+    Fsync,
+    /// Ack after the write; sync every `interval`.
+    Batch {
+        /// Time between syncs.
+        interval: Duration,
+    },
+    /// Never sync explicitly (benchmarks only; a crash loses acked messages).
+    None,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Durability::Fsync => write!(f, "fsync"),
+            Durability::Batch { interval } => write!(f, "batch({}ms)", interval.as_millis()),
+            Durability::None => write!(f, "none"),
+        }
+    }
+}
+
+/// One write, as handed to the writer.
+#[derive(Debug)]
+pub enum Write {
+    /// A message append.
+    Append(Append),
+    /// A membership change.
+    Membership(MembershipChange),
+    /// A read-marker move.
+    ReadMarker(ReadMarker),
+    /// Writes nothing: its completion comes out once everything before it
+    /// has been committed (used by shutdown).
+    Barrier,
+}
+
+/// A write and what to do once it is committed.
+pub struct Pending<C> {
+    /// The write.
+    pub write: Write,
+    /// Handed back with the outcome.
+    pub completion: C,
+}
+
+/// The outcome of one batch, in the order the writes were submitted.
+pub struct Committed<C> {
+    /// The writes' completions.
+    pub completions: Vec<C>,
+    /// `Err` if the batch was not stored.
+    pub result: Result<(), Arc<StoreError>>,
+    /// Writes in the batch (for metrics and logs).
+    pub size: usize,
+}
+
+/// Where sessions submit writes.
+pub struct CommitQueue<C> {
+    tx: mpsc::Sender<Pending<C>>,
+    failed: Arc<AtomicBool>,
+}
+
+impl<C> Clone for CommitQueue<C> {
+    fn clone(&self) -> Self {
+        CommitQueue {
+            tx: self.tx.clone(),
+            failed: self.failed.clone(),
+        }
+    }
+}
+
+impl<C: Send + 'static> CommitQueue<C> {
+    /// Waits for a slot in the queue. The permit lets the caller assign a seq
+    /// under a room lock and submit in the same critical section, so the
+    /// queue's order is each room's seq order.
+    pub async fn reserve(&self) -> Option<mpsc::Permit<'_, Pending<C>>> {
+        self.tx.reserve().await.ok()
+    }
+
+    /// Whether the store has failed (writes are refused until restart).
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+}
+
+/// Starts the writer. It stops when every [`CommitQueue`] is dropped, after
+/// committing and syncing what was queued.
+pub fn start<C: Send + 'static>(
+    store: Arc<dyn Store>,
+    durability: Durability,
+    queue_len: usize,
+    out: mpsc::Sender<Committed<C>>,
+) -> (CommitQueue<C>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(queue_len);
+    let failed = Arc::new(AtomicBool::new(false));
+    let handle = tokio::spawn(run(store, durability, rx, out, failed.clone()));
+    (CommitQueue { tx, failed }, handle)
+}
+
+async fn run<C: Send + 'static>(
+    store: Arc<dyn Store>,
+    durability: Durability,
+    mut rx: mpsc::Receiver<Pending<C>>,
+    out: mpsc::Sender<Committed<C>>,
+    failed: Arc<AtomicBool>,
+) {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    let mut items = Vec::with_capacity(64);
+    loop {
+        let first = match durability {
+            Durability::Batch { interval } if unsynced => {
+                let wait = interval.saturating_sub(last_sync.elapsed());
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(item) => item,
+                    Err(_) => {
+                        sync_now(&store, &failed).await;
+                        last_sync = Instant::now();
+                        unsynced = false;
+                        continue;
+                    }
+                }
+            }
+            _ => rx.recv().await,
+        };
+        let Some(first) = first else { break };
+        items.push(first);
+        while items.len() < MAX_BATCH_OPS {
+            match rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        let size = items.len();
+        let mut batch = Batch::default();
+        let mut completions = Vec::with_capacity(size);
+        for p in items.drain(..) {
+            match p.write {
+                Write::Append(a) => batch.appends.push(a),
+                Write::Membership(m) => batch.memberships.push(m),
+                Write::ReadMarker(r) => batch.read_markers.push(r),
+                Write::Barrier => {}
+            }
+            completions.push(p.completion);
+        }
+        let result = if failed.load(Ordering::Acquire) {
+            Err(Arc::new(StoreError::Db(
+                "storage failed earlier; restart the server once it is fixed".into(),
+            )))
+        } else if batch.is_empty() {
+            Ok(())
+        } else {
+            let st = store.clone();
+            let sync_each = durability == Durability::Fsync;
+            let r = tokio::task::spawn_blocking(move || {
+                st.write(&batch)?;
+                if sync_each {
+                    st.sync()?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Db(format!("writer thread failed: {e}"))));
+            if let Err(e) = &r {
+                failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, batch = size, "group commit failed; refusing writes until restart");
+            }
+            unsynced |= r.is_ok() && !sync_each;
+            r.map_err(Arc::new)
+        };
+        if let Durability::Batch { interval } = durability
+            && unsynced
+            && last_sync.elapsed() >= interval
+        {
+            sync_now(&store, &failed).await;
+            last_sync = Instant::now();
+            unsynced = false;
+        }
+        if out
+            .send(Committed {
+                completions,
+                result,
+                size,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    // Whatever the mode, a clean stop leaves everything durable.
+    sync_now(&store, &failed).await;
+}
+
+async fn sync_now(store: &Arc<dyn Store>, failed: &AtomicBool) {
+    let st = store.clone();
+    match tokio::task::spawn_blocking(move || st.sync()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "store sync failed");
+        }
+        Err(e) => tracing::error!(error = %e, "store sync task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn writes_come_out_committed_in_submission_order() {
+        let store = Arc::new(MemoryStore::new());
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let (queue, handle) = start::<u64>(store.clone(), Durability::Fsync, 1024, out_tx);
+        for seq in 1..=100u64 {
+            let permit = queue.reserve().await.unwrap();
+            permit.send(Pending {
+                write: Write::Append(crate::store::contract::append(1, seq, "ann", "")),
+                completion: seq,
+            });
+        }
+        drop(queue);
+        let mut seen = Vec::new();
+        while let Some(c) = out_rx.recv().await {
+            assert!(c.result.is_ok());
+            seen.extend(c.completions);
+        }
+        handle.await.unwrap();
+        assert_eq!(seen, (1..=100).collect::<Vec<_>>());
+        assert_eq!(store.read_range(1, 1, 1000).unwrap().len(), 100);
+    }
+
+    struct FailingStore;
+    impl Store for FailingStore {
+        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+            Ok(Default::default())
+        }
+        fn write(&self, _: &Batch) -> Result<(), StoreError> {
+            Err(StoreError::Io(std::io::Error::other("disk full")))
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn read_range(&self, _: u64, _: u64, _: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
+            Ok(vec![])
+        }
+        fn lookup_idempotent(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
+            Ok(None)
+        }
+        fn expire_idempotency(&self, _: u64) -> Result<usize, StoreError> {
+            Ok(0)
+        }
+        fn size_on_disk(&self) -> u64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_fails_its_batch_and_everything_after() {
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let (queue, _h) = start::<u64>(Arc::new(FailingStore), Durability::Fsync, 16, out_tx);
+        queue.reserve().await.unwrap().send(Pending {
+            write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
+            completion: 1,
+        });
+        let c = out_rx.recv().await.unwrap();
+        assert!(c.result.is_err());
+        assert!(queue.has_failed());
+        queue.reserve().await.unwrap().send(Pending {
+            write: Write::Barrier,
+            completion: 2,
+        });
+        assert!(out_rx.recv().await.unwrap().result.is_err());
+    }
+}

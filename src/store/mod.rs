@@ -1,0 +1,322 @@
+//! Storage: the durable per-room logs and the state beside them.
+//!
+//! Everything that must survive a restart goes through [`Store`]: message
+//! appends, room names, memberships, read markers and the idempotency window.
+//! Writes arrive as one [`Batch`] per group commit ([`commit`]), so a batch is
+//! one `apply_batch` per tree and one sync, whatever the number of rooms in
+//! it. Reads (`read_range`, `lookup_idempotent`) are point or range lookups
+//! that never wait for the writer.
+//!
+//! Two implementations: [`sled::SledStore`] (the server's, design.md §4) and
+//! [`memory::MemoryStore`] (tests and benches).
+
+pub mod commit;
+pub mod memory;
+pub mod sled;
+
+use bytes::Bytes;
+
+/// A room's numeric id: the prefix of its messages' keys.
+pub type RoomId = u64;
+
+/// Errors from the storage layer. The source error is kept in the message so
+/// logs say what went wrong underneath.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The embedded database failed.
+    #[error("storage failed: {0}")]
+    Db(String),
+    /// A file next to the database (the data file being synced) failed.
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The data directory holds something that is not a chatd store, or a
+    /// value could not be decoded.
+    #[error("data directory is not a usable chatd store: {0}")]
+    Corrupt(String),
+}
+
+/// One message appended to a room's log.
+#[derive(Clone, Debug)]
+pub struct Append {
+    /// Room the message belongs to.
+    pub room: RoomId,
+    /// Its sequence number, assigned by the room (contiguous from 1).
+    pub seq: u64,
+    /// The protobuf encoding of the `Message` as delivered to clients.
+    pub message: Bytes,
+    /// Sender user id, the first half of the idempotency key.
+    pub sender: String,
+    /// Client idempotency key; empty when the client gave none.
+    pub client_msg_id: String,
+    /// Server timestamp (Unix ms), kept with the idempotency record.
+    pub ts_ms: u64,
+}
+
+/// What an earlier publish with the same sender and `client_msg_id` got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// Room it was published to.
+    pub room: RoomId,
+    /// Seq it was given.
+    pub seq: u64,
+    /// Its server timestamp.
+    pub ts_ms: u64,
+}
+
+/// A change of membership.
+#[derive(Clone, Debug)]
+pub struct MembershipChange {
+    /// User id.
+    pub user: String,
+    /// Room name, recorded with its id so the name→id map is durable.
+    pub room_name: String,
+    /// Room id.
+    pub room: RoomId,
+    /// true: joined; false: left.
+    pub member: bool,
+}
+
+/// A read marker's new position.
+#[derive(Clone, Debug)]
+pub struct ReadMarker {
+    /// User id.
+    pub user: String,
+    /// Room id.
+    pub room: RoomId,
+    /// Highest seq the user has read.
+    pub seq: u64,
+}
+
+/// Everything one group commit writes.
+#[derive(Default, Debug)]
+pub struct Batch {
+    /// Message appends, in seq order within each room.
+    pub appends: Vec<Append>,
+    /// Membership changes.
+    pub memberships: Vec<MembershipChange>,
+    /// Read-marker moves.
+    pub read_markers: Vec<ReadMarker>,
+}
+
+impl Batch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.appends.is_empty() && self.memberships.is_empty() && self.read_markers.is_empty()
+    }
+}
+
+/// A room as recovered at start.
+#[derive(Clone, Debug)]
+pub struct RoomRecord {
+    /// Room name.
+    pub name: String,
+    /// Room id.
+    pub id: RoomId,
+    /// Seq of the last message in its log (0 when empty).
+    pub head: u64,
+}
+
+/// The state recovered at start.
+#[derive(Default, Debug)]
+pub struct Snapshot {
+    /// Every room ever joined.
+    pub rooms: Vec<RoomRecord>,
+    /// (user, room) memberships.
+    pub memberships: Vec<(String, RoomId)>,
+    /// (user, room, seq) read markers.
+    pub read_markers: Vec<(String, RoomId, u64)>,
+}
+
+/// The storage interface of the data path.
+///
+/// `write` and `sync` are called from one writer at a time (the group commit)
+/// on a blocking thread; reads may come from any thread concurrently.
+pub trait Store: Send + Sync + 'static {
+    /// Recovers rooms with their heads, memberships and read markers.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// Applies a batch. After `write` the data is visible to readers; it is
+    /// durable only after `sync`.
+    fn write(&self, batch: &Batch) -> Result<(), StoreError>;
+
+    /// Makes everything written so far durable (flush + fdatasync).
+    fn sync(&self) -> Result<(), StoreError>;
+
+    /// The encoded `Message`s of `room` with `from <= seq <= to`, ascending.
+    fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError>;
+
+    /// The record of an earlier publish with this sender and key, if it is
+    /// still in the window.
+    fn lookup_idempotent(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Drops idempotency records older than `before_ts_ms`; returns how many.
+    fn expire_idempotency(&self, before_ts_ms: u64) -> Result<usize, StoreError>;
+
+    /// Bytes the store occupies on disk (0 for memory).
+    fn size_on_disk(&self) -> u64;
+}
+
+/// Key of a message: `room_id (u64 BE) ‖ seq (u64 BE)`, so one room's log is a
+/// contiguous, ordered key range.
+pub fn message_key(room: RoomId, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&room.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key of a per-user record: `user ‖ 0x00 ‖ suffix`. User ids never contain
+/// a NUL byte (see `auth::valid_user_id`), so one user's records form a
+/// prefix range that no other user's share.
+pub fn user_key(user: &str, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(user.len() + 1 + suffix.len());
+    k.extend_from_slice(user.as_bytes());
+    k.push(0);
+    k.extend_from_slice(suffix);
+    k
+}
+
+/// Splits a key made by [`user_key`].
+pub fn split_user_key(key: &[u8]) -> Option<(&str, &[u8])> {
+    let nul = key.iter().position(|b| *b == 0)?;
+    Some((std::str::from_utf8(&key[..nul]).ok()?, &key[nul + 1..]))
+}
+
+impl IdempotencyRecord {
+    /// Fixed 24-byte encoding: room, seq, ts (u64 BE each).
+    pub fn encode(&self) -> [u8; 24] {
+        let mut v = [0u8; 24];
+        v[..8].copy_from_slice(&self.room.to_be_bytes());
+        v[8..16].copy_from_slice(&self.seq.to_be_bytes());
+        v[16..].copy_from_slice(&self.ts_ms.to_be_bytes());
+        v
+    }
+
+    /// Inverse of [`IdempotencyRecord::encode`].
+    pub fn decode(v: &[u8]) -> Option<Self> {
+        if v.len() != 24 {
+            return None;
+        }
+        let n = |r: std::ops::Range<usize>| u64::from_be_bytes(v[r].try_into().expect("8 bytes"));
+        Some(IdempotencyRecord {
+            room: n(0..8),
+            seq: n(8..16),
+            ts_ms: n(16..24),
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! Behaviour every `Store` must have; run against each implementation.
+
+    use super::*;
+
+    /// The encoded message `append` stores; its text names room and seq.
+    pub fn encoded(room: RoomId, seq: u64, sender: &str, cmid: &str) -> Bytes {
+        use prost::Message as _;
+        let m = crate::proto::Message {
+            room: format!("room{room}"),
+            seq,
+            sender: sender.into(),
+            ts_ms: 1000 + seq,
+            client_msg_id: cmid.into(),
+            text: format!("m{room}-{seq}"),
+            data: Bytes::new(),
+        };
+        Bytes::from(m.encode_to_vec())
+    }
+
+    pub fn append(room: RoomId, seq: u64, sender: &str, cmid: &str) -> Append {
+        Append {
+            room,
+            seq,
+            message: encoded(room, seq, sender, cmid),
+            sender: sender.into(),
+            client_msg_id: cmid.into(),
+            ts_ms: 1000 + seq,
+        }
+    }
+
+    pub fn exercise(store: &dyn Store) {
+        let mut b = Batch::default();
+        b.memberships.push(MembershipChange {
+            user: "ann".into(),
+            room_name: "general".into(),
+            room: 1,
+            member: true,
+        });
+        b.memberships.push(MembershipChange {
+            user: "bob".into(),
+            room_name: "general".into(),
+            room: 1,
+            member: true,
+        });
+        b.memberships.push(MembershipChange {
+            user: "ann".into(),
+            room_name: "dm:ann:bob".into(),
+            room: 2,
+            member: true,
+        });
+        for seq in 1..=5 {
+            b.appends.push(append(1, seq, "ann", &format!("c{seq}")));
+        }
+        b.appends.push(append(2, 1, "bob", ""));
+        b.read_markers.push(ReadMarker {
+            user: "bob".into(),
+            room: 1,
+            seq: 3,
+        });
+        store.write(&b).unwrap();
+        store.sync().unwrap();
+
+        let got = store.read_range(1, 2, 4).unwrap();
+        let want: Vec<Bytes> = (2..=4)
+            .map(|s| encoded(1, s, "ann", &format!("c{s}")))
+            .collect();
+        assert_eq!(got, want);
+        assert!(store.read_range(1, 6, 9).unwrap().is_empty());
+        assert_eq!(
+            store.lookup_idempotent("ann", "c2").unwrap(),
+            Some(IdempotencyRecord {
+                room: 1,
+                seq: 2,
+                ts_ms: 1002
+            })
+        );
+        assert_eq!(store.lookup_idempotent("bob", "c2").unwrap(), None);
+
+        let mut leave = Batch::default();
+        leave.memberships.push(MembershipChange {
+            user: "bob".into(),
+            room_name: "general".into(),
+            room: 1,
+            member: false,
+        });
+        store.write(&leave).unwrap();
+
+        let snap = store.load().unwrap();
+        let mut rooms: Vec<_> = snap
+            .rooms
+            .iter()
+            .map(|r| (r.name.clone(), r.id, r.head))
+            .collect();
+        rooms.sort();
+        assert_eq!(
+            rooms,
+            vec![("dm:ann:bob".into(), 2, 1), ("general".into(), 1, 5)]
+        );
+        let mut members = snap.memberships.clone();
+        members.sort();
+        assert_eq!(members, vec![("ann".into(), 1), ("ann".into(), 2)]);
+        assert_eq!(snap.read_markers, vec![("bob".into(), 1, 3)]);
+
+        assert_eq!(store.expire_idempotency(1003).unwrap(), 2);
+        assert_eq!(store.lookup_idempotent("ann", "c1").unwrap(), None);
+        assert!(store.lookup_idempotent("ann", "c3").unwrap().is_some());
+    }
+}

@@ -1,0 +1,400 @@
+//! The server's store: sled 0.34 with an explicit `fdatasync`.
+//!
+//! Trees (design.md §4):
+//! * `messages` — `room_id ‖ seq` (u64 BE each) → encoded `Message`. One tree
+//!   for every room: sled rewrites its meta map for every new tree.
+//! * `rooms` — room name → room id.
+//! * `members` — `user ‖ 0 ‖ room_id` → empty.
+//! * `reads` — `user ‖ 0 ‖ room_id` → read seq (u64 BE).
+//! * `idem` — `user ‖ 0 ‖ client_msg_id` → room, seq, ts (the idempotency window).
+//! * `meta` — `format` → [`FORMAT`], so a foreign directory is refused.
+//!
+//! Durability: sled's `flush` writes with `sync_file_range`, which does not
+//! reach the disk's cache (sled issues 1351, 1452), so `sync` follows it
+//! with `fdatasync` on the data file.
+//!
+//! Each tree's `apply_batch` is atomic across a crash, but two trees' batches
+//! are two steps: a crash can keep a batch's messages and lose its
+//! idempotency records (never the other way round for an acknowledged
+//! message, which waited for `sync`). `load` repairs this by re-indexing the
+//! tail of each room's log.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use prost::Message as _;
+
+use super::{
+    Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key,
+    split_user_key, user_key,
+};
+use crate::proto;
+
+/// Written to `meta/format` in a new store; anything else is refused.
+pub const FORMAT: &[u8] = b"chatd-store-1";
+
+/// How far back `load` looks for messages whose idempotency records were
+/// lost in a crash: at least the largest batch the group commit writes.
+const REPAIR_WINDOW: u64 = super::commit::MAX_BATCH_OPS as u64;
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// The sled-backed store.
+pub struct SledStore {
+    db: sled::Db,
+    messages: sled::Tree,
+    rooms: sled::Tree,
+    members: sled::Tree,
+    reads: sled::Tree,
+    idem: sled::Tree,
+    /// sled's data file, opened once so `sync` is one `fdatasync`.
+    data_file: File,
+    path: PathBuf,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir` with a page cache of
+    /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "cannot open sled database in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("format")? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds store format {:?}, this build reads {:?}",
+                    dir.display(),
+                    String::from_utf8_lossy(&v),
+                    String::from_utf8_lossy(FORMAT)
+                )));
+            }
+            None => {
+                let foreign = db.tree_names().iter().any(|n| {
+                    let n = n.as_ref();
+                    n != b"__sled__default"
+                        && n != b"meta"
+                        && !db.open_tree(n).map(|t| t.is_empty()).unwrap_or(true)
+                }) || !db.is_empty();
+                if foreign {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds a sled database that chatd did not create",
+                        dir.display()
+                    )));
+                }
+                meta.insert("format", FORMAT)?;
+                db.flush()?;
+            }
+        }
+        let data_file = File::open(dir.join("db"))?;
+        Ok(SledStore {
+            messages: db.open_tree("messages")?,
+            rooms: db.open_tree("rooms")?,
+            members: db.open_tree("members")?,
+            reads: db.open_tree("reads")?,
+            idem: db.open_tree("idem")?,
+            db,
+            data_file,
+            path: dir.to_path_buf(),
+        })
+    }
+
+    fn head_of(&self, room: RoomId) -> Result<u64, StoreError> {
+        let range = message_key(room, 0)..=message_key(room, u64::MAX);
+        Ok(match self.messages.range(range).next_back() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                u64::from_be_bytes(k[8..16].try_into().map_err(|_| corrupt_key(&k))?)
+            }
+            None => 0,
+        })
+    }
+
+    /// Re-creates idempotency records lost between the messages batch and the
+    /// idem batch of the last group commit before a crash.
+    fn repair_idempotency(&self, room: RoomId, head: u64) -> Result<usize, StoreError> {
+        let mut repaired = 0;
+        let from = head.saturating_sub(REPAIR_WINDOW) + 1;
+        let range = message_key(room, from)..=message_key(room, head);
+        for kv in self.messages.range(range).rev() {
+            let (k, v) = kv?;
+            let msg = proto::Message::decode(v.as_ref())
+                .map_err(|e| StoreError::Corrupt(format!("message {k:?} does not decode: {e}")))?;
+            if msg.client_msg_id.is_empty() {
+                continue;
+            }
+            let key = user_key(&msg.sender, msg.client_msg_id.as_bytes());
+            if self.idem.contains_key(&key)? {
+                // Batches are synced in order, so everything older is indexed.
+                break;
+            }
+            let rec = IdempotencyRecord {
+                room,
+                seq: msg.seq,
+                ts_ms: msg.ts_ms,
+            };
+            self.idem.insert(key, &rec.encode()[..])?;
+            repaired += 1;
+        }
+        Ok(repaired)
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn corrupt_key(k: &[u8]) -> StoreError {
+    StoreError::Corrupt(format!("malformed key {k:?}"))
+}
+
+fn room_id_of(v: &[u8]) -> Result<RoomId, StoreError> {
+    Ok(u64::from_be_bytes(
+        v.try_into().map_err(|_| corrupt_key(v))?,
+    ))
+}
+
+impl Store for SledStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot::default();
+        let mut repaired = 0;
+        for kv in self.rooms.iter() {
+            let (k, v) = kv?;
+            let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
+            let id = room_id_of(&v)?;
+            let head = self.head_of(id)?;
+            repaired += self.repair_idempotency(id, head)?;
+            snap.rooms.push(RoomRecord { name, id, head });
+        }
+        if repaired > 0 {
+            self.sync()?;
+            tracing::warn!(repaired, "re-indexed idempotency records lost in a crash");
+        }
+        for kv in self.members.iter() {
+            let (k, _) = kv?;
+            let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+            snap.memberships.push((user.to_string(), room_id_of(room)?));
+        }
+        for kv in self.reads.iter() {
+            let (k, v) = kv?;
+            let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+            snap.read_markers
+                .push((user.to_string(), room_id_of(room)?, room_id_of(&v)?));
+        }
+        Ok(snap)
+    }
+
+    fn write(&self, batch: &Batch) -> Result<(), StoreError> {
+        // Rooms and memberships first: a message is never stored for a room
+        // whose name could be lost.
+        if !batch.memberships.is_empty() {
+            let mut rooms = sled::Batch::default();
+            let mut members = sled::Batch::default();
+            for m in &batch.memberships {
+                rooms.insert(m.room_name.as_bytes(), &m.room.to_be_bytes()[..]);
+                let key = user_key(&m.user, &m.room.to_be_bytes());
+                if m.member {
+                    members.insert(key, &[][..]);
+                } else {
+                    members.remove(key);
+                }
+            }
+            self.rooms.apply_batch(rooms)?;
+            self.members.apply_batch(members)?;
+        }
+        if !batch.appends.is_empty() {
+            let mut messages = sled::Batch::default();
+            let mut idem = sled::Batch::default();
+            for a in &batch.appends {
+                messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref());
+                if !a.client_msg_id.is_empty() {
+                    let rec = IdempotencyRecord {
+                        room: a.room,
+                        seq: a.seq,
+                        ts_ms: a.ts_ms,
+                    };
+                    idem.insert(
+                        user_key(&a.sender, a.client_msg_id.as_bytes()),
+                        &rec.encode()[..],
+                    );
+                }
+            }
+            self.messages.apply_batch(messages)?;
+            self.idem.apply_batch(idem)?;
+        }
+        if !batch.read_markers.is_empty() {
+            let mut reads = sled::Batch::default();
+            for r in &batch.read_markers {
+                reads.insert(
+                    user_key(&r.user, &r.room.to_be_bytes()),
+                    &r.seq.to_be_bytes()[..],
+                );
+            }
+            self.reads.apply_batch(reads)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+
+    fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        self.messages
+            .range(message_key(room, from)..=message_key(room, to))
+            .map(|kv| {
+                kv.map(|(_, v)| Bytes::copy_from_slice(&v))
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+
+    fn lookup_idempotent(
+        &self,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        match self.idem.get(user_key(sender, client_msg_id.as_bytes()))? {
+            Some(v) => {
+                let rec = IdempotencyRecord::decode(&v).ok_or_else(|| {
+                    StoreError::Corrupt(format!("idempotency record of {sender} is malformed"))
+                })?;
+                // A record whose message was lost to a crash is no record.
+                Ok(self
+                    .messages
+                    .contains_key(message_key(rec.room, rec.seq))?
+                    .then_some(rec))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn expire_idempotency(&self, before_ts_ms: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.idem.iter() {
+            let (k, v) = kv?;
+            if IdempotencyRecord::decode(&v).is_none_or(|r| r.ts_ms < before_ts_ms) {
+                self.idem.remove(k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meets_the_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        super::super::contract::exercise(&store);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut b = Batch::default();
+            b.memberships.push(super::super::MembershipChange {
+                user: "ann".into(),
+                room_name: "r".into(),
+                room: 7,
+                member: true,
+            });
+            b.appends
+                .push(super::super::contract::append(7, 1, "ann", "x"));
+            store.write(&b).unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.rooms.len(), 1);
+        assert_eq!((snap.rooms[0].id, snap.rooms[0].head), (7, 1));
+    }
+
+    #[test]
+    fn lost_idempotency_records_are_rebuilt_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut b = Batch::default();
+            b.memberships.push(super::super::MembershipChange {
+                user: "ann".into(),
+                room_name: "r".into(),
+                room: 1,
+                member: true,
+            });
+            for seq in 1..=3 {
+                let msg = proto::Message {
+                    room: "r".into(),
+                    seq,
+                    sender: "ann".into(),
+                    ts_ms: 5,
+                    client_msg_id: format!("c{seq}"),
+                    ..Default::default()
+                };
+                let mut a = super::super::contract::append(1, seq, "ann", &format!("c{seq}"));
+                a.message = Bytes::from(msg.encode_to_vec());
+                b.appends.push(a);
+            }
+            store.write(&b).unwrap();
+            // Simulate the crash window: the idem batch of the last commit is gone.
+            store.idem.remove(user_key("ann", b"c3")).unwrap();
+            store.idem.remove(user_key("ann", b"c2")).unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        store.load().unwrap();
+        assert_eq!(
+            store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq),
+            Some(3)
+        );
+        assert_eq!(
+            store.lookup_idempotent("ann", "c2").unwrap().map(|r| r.seq),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn a_foreign_sled_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert("something", "else").unwrap();
+            db.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 8 << 20)
+            .err()
+            .expect("must refuse");
+        assert!(err.to_string().contains("did not create"), "{err}");
+    }
+}
