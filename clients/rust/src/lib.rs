@@ -1,0 +1,314 @@
+//! `chat-client`: an async Rust client for chatd.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), chat_client::ClientError> {
+//! use chat_client::{Client, ClientConfig, Event};
+//! let (client, mut events) = Client::connect(ClientConfig::new("127.0.0.1:7400", "TOKEN")).await?;
+//! client.join("general").await?;
+//! let ack = client.publish("general", "hello").await?;
+//! println!("stored as #{}", ack.seq);
+//! while let Some(event) = events.recv().await {
+//!     if let Event::Message(m) = event {
+//!         println!("[{} #{}] {}: {}", m.room, m.seq, m.sender, m.text);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The connection runs in a background task ([`conn`]). If it drops, the
+//! task reconnects with backoff and resumes every room from the last seq it
+//! delivered (`Hello.resume`); requests still waiting for a reply are sent
+//! again (a publish keeps its `client_msg_id`, so the server acks a retry of
+//! a stored message as a duplicate instead of storing it twice). Messages
+//! reach the application exactly once and in seq order per room
+//! ([`cursor`]). Framing and the protocol types are chatd's own
+//! (`chatd::codec`, `chatd::proto`).
+
+pub mod conn;
+pub mod cursor;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chatd::proto::{self, Body};
+use tokio::sync::{mpsc, oneshot};
+
+pub use chatd::proto as wire;
+
+/// How to reach and identify with the server.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port` of the native (TCP) listener.
+    pub addr: String,
+    /// JWT for `Hello.token`.
+    pub token: String,
+    /// Device label.
+    pub device: String,
+    /// Initial cursors (rooms the application already has up to a seq).
+    pub resume: Vec<proto::Cursor>,
+    /// Reconnect when the connection drops (default true).
+    pub reconnect: bool,
+    /// Longest wait between reconnect attempts.
+    pub max_backoff: Duration,
+    /// Largest frame accepted from the server.
+    pub max_frame_bytes: usize,
+    /// Capacity of the event channel; a full channel stops reading from the
+    /// server (the server then holds messages in its log for us).
+    pub event_buffer: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for `addr` and `token`.
+    pub fn new(addr: impl Into<String>, token: impl Into<String>) -> Self {
+        ClientConfig {
+            addr: addr.into(),
+            token: token.into(),
+            device: "rust".into(),
+            resume: Vec::new(),
+            reconnect: true,
+            max_backoff: Duration::from_secs(5),
+            max_frame_bytes: proto::DEFAULT_MAX_FRAME_BYTES,
+            event_buffer: 65536,
+        }
+    }
+}
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered the request with an `Error`.
+    #[error("server refused: {code:?}: {message}")]
+    Server {
+        /// The error code.
+        code: proto::ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// Could not connect or lost the connection without reconnecting.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The server closed the session for good (bad token, version).
+    #[error("closed by server: {0}")]
+    Closed(String),
+    /// The reply was not the kind the request expects.
+    #[error("unexpected reply: {0}")]
+    Unexpected(&'static str),
+}
+
+impl ClientError {
+    /// The server's error code, if this is a server refusal.
+    pub fn code(&self) -> Option<proto::ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Something the server pushed, in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A room message, exactly once and in seq order per room.
+    Message(proto::Message),
+    /// A resume replay of a room is complete.
+    Synced(proto::Synced),
+    /// A read marker moved.
+    ReadReceipt(proto::ReadReceipt),
+    /// A member came online or went offline.
+    Presence(proto::Presence),
+    /// A member is typing (or stopped).
+    Typing(proto::Typing),
+    /// An error not tied to a request (e.g. a refused resume cursor).
+    ServerError(proto::Error),
+    /// (Re)connected: the server's `Welcome`.
+    Connected(proto::Welcome),
+    /// The connection dropped; the client is reconnecting.
+    Disconnected(String),
+    /// The server said `GoAway`.
+    GoAway(proto::GoAway),
+}
+
+/// A request for the connection task.
+pub(crate) enum Command {
+    Request {
+        body: Body,
+        reply: oneshot::Sender<Result<Body, ClientError>>,
+    },
+    Send(Body),
+    Close,
+}
+
+/// Events from the server.
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the client is closed for good.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// An event if one is ready.
+    pub fn try_recv(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// A connected client. Cheap to clone; every clone shares the connection.
+#[derive(Clone)]
+pub struct Client {
+    cmd: mpsc::UnboundedSender<Command>,
+    welcome: proto::Welcome,
+    msg_prefix: String,
+    msg_counter: std::sync::Arc<AtomicU64>,
+}
+
+impl Client {
+    /// Connects, says `Hello`, and waits for `Welcome`.
+    pub async fn connect(config: ClientConfig) -> Result<(Client, Events), ClientError> {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ev_tx, ev_rx) = mpsc::channel(config.event_buffer.max(1));
+        let (conn, welcome) = conn::Conn::open(&config, &config.resume).await?;
+        let msg_prefix = format!("{}-{:016x}", welcome.session_id, random_u64());
+        tokio::spawn(conn::run(config, conn, welcome.clone(), cmd_rx, ev_tx));
+        let client = Client {
+            cmd: cmd_tx,
+            welcome,
+            msg_prefix,
+            msg_counter: Default::default(),
+        };
+        Ok((client, Events { rx: ev_rx }))
+    }
+
+    /// The `Welcome` of the first connection: user, rooms with unread counts.
+    pub fn welcome(&self) -> &proto::Welcome {
+        &self.welcome
+    }
+
+    /// Sends a request and waits for its reply (across reconnects).
+    pub async fn request(&self, body: Body) -> Result<Body, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Command::Request { body, reply: tx })
+            .map_err(|_| ClientError::Connection("client is closed".into()))?;
+        rx.await
+            .map_err(|_| ClientError::Connection("client is closed".into()))?
+    }
+
+    /// Joins a room (idempotent).
+    pub async fn join(&self, room: &str) -> Result<proto::Joined, ClientError> {
+        match self
+            .request(Body::Join(proto::Join { room: room.into() }))
+            .await?
+        {
+            Body::Joined(j) => Ok(j),
+            _ => Err(ClientError::Unexpected("join expects joined")),
+        }
+    }
+
+    /// Leaves a room.
+    pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
+        match self
+            .request(Body::Leave(proto::Leave { room: room.into() }))
+            .await?
+        {
+            Body::Left(_) => Ok(()),
+            _ => Err(ClientError::Unexpected("leave expects left")),
+        }
+    }
+
+    /// A fresh idempotency key, unique to this client.
+    pub fn next_client_msg_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.msg_prefix,
+            self.msg_counter.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Publishes text; returns the ack (sent once the message is durable).
+    pub async fn publish(&self, room: &str, text: &str) -> Result<proto::PublishAck, ClientError> {
+        self.publish_message(proto::Publish {
+            room: room.into(),
+            client_msg_id: self.next_client_msg_id(),
+            text: text.into(),
+            data: Bytes::new(),
+        })
+        .await
+    }
+
+    /// Publishes a message as given (set `client_msg_id` to make retries safe).
+    pub async fn publish_message(
+        &self,
+        p: proto::Publish,
+    ) -> Result<proto::PublishAck, ClientError> {
+        match self.request(Body::Publish(p)).await? {
+            Body::PublishAck(a) => Ok(a),
+            _ => Err(ClientError::Unexpected("publish expects publish_ack")),
+        }
+    }
+
+    /// A page of history.
+    pub async fn history(&self, h: proto::History) -> Result<proto::HistoryPage, ClientError> {
+        match self.request(Body::History(h)).await? {
+            Body::HistoryPage(p) => Ok(p),
+            _ => Err(ClientError::Unexpected("history expects history_page")),
+        }
+    }
+
+    /// Moves the read marker; returns the resulting receipt.
+    pub async fn mark_read(&self, room: &str, seq: u64) -> Result<proto::ReadReceipt, ClientError> {
+        match self
+            .request(Body::MarkRead(proto::MarkRead {
+                room: room.into(),
+                seq,
+            }))
+            .await?
+        {
+            Body::ReadReceipt(r) => Ok(r),
+            _ => Err(ClientError::Unexpected("mark_read expects read_receipt")),
+        }
+    }
+
+    /// Says whether the user is typing in a room (fire-and-forget).
+    pub fn typing(&self, room: &str, active: bool) {
+        let _ = self.cmd.send(Command::Send(Body::Typing(proto::Typing {
+            room: room.into(),
+            user: String::new(),
+            active,
+        })));
+    }
+
+    /// Round trip to the server.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        match self
+            .request(Body::Ping(proto::Ping {
+                nonce: random_u64(),
+            }))
+            .await?
+        {
+            Body::Pong(_) => Ok(()),
+            _ => Err(ClientError::Unexpected("ping expects pong")),
+        }
+    }
+
+    /// Closes the connection; pending requests fail.
+    pub fn close(&self) {
+        let _ = self.cmd.send(Command::Close);
+    }
+}
+
+/// 64 bits from the standard library's per-process random hasher keys, so
+/// idempotency keys differ between runs without a random-number crate.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}

@@ -1,0 +1,337 @@
+//! The hub: state shared by every session — rooms by name and id, users with
+//! their memberships, read markers and online sessions, publishes whose
+//! idempotency key is still in flight, and the handles of the store and the
+//! group commit.
+//!
+//! Lock order, where two are held: a user's `state` before a room's
+//! subscribers. The fan-out takes only room locks.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::auth::Auth;
+use crate::room::Room;
+use crate::room::fanout::Completion;
+use crate::session::SessionHandle;
+use crate::store::commit::CommitQueue;
+use crate::store::{RoomId, Snapshot, Store};
+
+/// Limits and timings that sessions apply (design.md §5).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest frame accepted or sent.
+    pub max_frame_bytes: usize,
+    /// Time allowed for `Hello`.
+    pub handshake_timeout: Duration,
+    /// Silence after which a connection gets `GoAway{IDLE_TIMEOUT}`.
+    pub idle_timeout: Duration,
+    /// Advertised in `Welcome.heartbeat_ms`.
+    pub heartbeat: Duration,
+    /// Most messages replayed for one resume cursor.
+    pub replay_limit: u64,
+    /// Publishes per user per minute (0 = unlimited), refilled continuously.
+    pub publish_rate_per_min: u32,
+    /// Bucket size of the publish rate limit.
+    pub publish_burst: u32,
+    /// Publishes of one session awaiting their ack.
+    pub max_inflight_publishes: usize,
+    /// Outbound queue bounds.
+    pub outbound: crate::session::outbound::OutboundLimits,
+    /// How long a session may stay behind before `GoAway{SLOW_CONSUMER}`.
+    pub slow_consumer_timeout: Duration,
+    /// Sessions one user may have open.
+    pub max_sessions_per_user: usize,
+    /// Rooms one user may be a member of.
+    pub max_rooms_per_user: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: crate::proto::DEFAULT_MAX_FRAME_BYTES,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            heartbeat: Duration::from_secs(30),
+            replay_limit: 10_000,
+            publish_rate_per_min: 240,
+            publish_burst: 240,
+            max_inflight_publishes: 4096,
+            outbound: Default::default(),
+            slow_consumer_timeout: Duration::from_secs(30),
+            max_sessions_per_user: 64,
+            max_rooms_per_user: 10_000,
+        }
+    }
+}
+
+/// A per-user token bucket for publishes.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// What is known about one user.
+#[derive(Default)]
+pub struct UserState {
+    /// Rooms the user is a member of.
+    pub rooms: HashMap<RoomId, Arc<Room>>,
+    /// Read markers by room.
+    pub read: HashMap<RoomId, u64>,
+    /// Sessions online.
+    pub sessions: Vec<Arc<SessionHandle>>,
+    bucket: Option<Bucket>,
+}
+
+/// One user's entry. `membership` serialises joins and leaves (which wait
+/// for the store) so two sessions of one user cannot interleave them.
+#[derive(Default)]
+pub struct UserEntry {
+    /// The user's state.
+    pub state: Mutex<UserState>,
+    /// Held across a membership change, including its commit.
+    pub membership: tokio::sync::Mutex<()>,
+}
+
+impl UserEntry {
+    /// Locks the state.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, UserState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+type IdemKey = (Arc<str>, String);
+/// Retries of a key in flight: the session and the retry's request id.
+type IdemWaiters = Vec<(Arc<SessionHandle>, u64)>;
+
+/// Shared server state.
+pub struct Hub {
+    /// Limits in force.
+    pub limits: Limits,
+    /// The store (reads go straight to it; writes through `commits`).
+    pub store: Arc<dyn Store>,
+    /// The group commit's queue.
+    pub commits: CommitQueue<Completion>,
+    /// Token verifier.
+    pub auth: Auth,
+    /// `Welcome.server`.
+    pub server_name: String,
+    rooms: RwLock<HashMap<Arc<str>, Arc<Room>>>,
+    rooms_by_id: RwLock<HashMap<RoomId, Arc<Room>>>,
+    next_room_id: AtomicU64,
+    users: Mutex<HashMap<Arc<str>, Arc<UserEntry>>>,
+    /// Publishes committed-but-not-yet-acked by key, with the retries that
+    /// arrived meanwhile (answered with the same seq once it is durable).
+    idem_in_flight: Mutex<HashMap<IdemKey, IdemWaiters>>,
+    next_session_id: AtomicU64,
+}
+
+/// The outcome of looking up an idempotency key.
+pub enum IdemCheck {
+    /// New: go ahead and append; the key is now in flight.
+    Fresh,
+    /// The same key is being committed; the ack will come when it is.
+    InFlight,
+    /// Already stored: ack with this room, seq and timestamp.
+    Stored(Arc<Room>, u64, u64),
+}
+
+impl Hub {
+    /// Builds the hub from the state recovered from `store`.
+    pub fn new(
+        limits: Limits,
+        store: Arc<dyn Store>,
+        commits: CommitQueue<Completion>,
+        auth: Auth,
+        snapshot: Snapshot,
+    ) -> Self {
+        let mut rooms = HashMap::new();
+        let mut by_id = HashMap::new();
+        let mut max_id = 0;
+        for r in snapshot.rooms {
+            let name: Arc<str> = r.name.into();
+            let room = Arc::new(Room::new(r.id, name.clone(), r.head));
+            max_id = max_id.max(r.id);
+            rooms.insert(name, room.clone());
+            by_id.insert(r.id, room);
+        }
+        let mut users: HashMap<Arc<str>, Arc<UserEntry>> = HashMap::new();
+        for (user, room) in snapshot.memberships {
+            if let Some(room) = by_id.get(&room) {
+                let e = users.entry(user.into()).or_default();
+                e.lock().rooms.insert(room.id, room.clone());
+            }
+        }
+        for (user, room, seq) in snapshot.read_markers {
+            if let Some(e) = users.get(user.as_str()) {
+                e.lock().read.insert(room, seq);
+            }
+        }
+        Hub {
+            limits,
+            store,
+            commits,
+            auth,
+            server_name: format!("chatd/{}", env!("CARGO_PKG_VERSION")),
+            rooms: RwLock::new(rooms),
+            rooms_by_id: RwLock::new(by_id),
+            next_room_id: AtomicU64::new(max_id + 1),
+            users: Mutex::new(users),
+            idem_in_flight: Mutex::new(HashMap::new()),
+            next_session_id: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The room called `name`, if it exists.
+    pub fn room(&self, name: &str) -> Option<Arc<Room>> {
+        self.rooms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The room called `name`, created (in memory; its name is stored with
+    /// the first membership) if it does not exist.
+    pub fn room_or_create(&self, name: &str) -> Arc<Room> {
+        if let Some(r) = self.room(name) {
+            return r;
+        }
+        let mut rooms = self.rooms.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rooms.get(name) {
+            return r.clone();
+        }
+        let id = self.next_room_id.fetch_add(1, Ordering::Relaxed);
+        let name: Arc<str> = name.into();
+        let room = Arc::new(Room::new(id, name.clone(), 0));
+        rooms.insert(name, room.clone());
+        self.rooms_by_id
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, room.clone());
+        room
+    }
+
+    /// The room with id `id`.
+    pub fn room_by_id(&self, id: RoomId) -> Option<Arc<Room>> {
+        self.rooms_by_id
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Number of rooms known.
+    pub fn room_count(&self) -> usize {
+        self.rooms.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The entry of `user`, created if new.
+    pub fn user(&self, user: &str) -> Arc<UserEntry> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = users.get(user) {
+            return e.clone();
+        }
+        let e = Arc::new(UserEntry::default());
+        users.insert(user.into(), e.clone());
+        e
+    }
+
+    /// Takes one publish token from `user`'s bucket; false when empty.
+    pub fn take_publish_token(&self, entry: &UserEntry) -> bool {
+        let rate = self.limits.publish_rate_per_min;
+        if rate == 0 {
+            return true;
+        }
+        let burst = f64::from(self.limits.publish_burst.max(1));
+        let mut st = entry.lock();
+        let now = Instant::now();
+        let b = st.bucket.get_or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens =
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(rate) / 60.0).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Checks an idempotency key before a publish. `Fresh` puts the key in
+    /// flight: the caller must then append (the fan-out settles the key).
+    pub fn check_idempotent(
+        &self,
+        sender: &Arc<str>,
+        client_msg_id: &str,
+        session: &Arc<SessionHandle>,
+        request_id: u64,
+    ) -> Result<IdemCheck, crate::store::StoreError> {
+        let key = (sender.clone(), client_msg_id.to_string());
+        // The lookup runs under the in-flight lock: a key leaves the map only
+        // after its message is stored, so it is always in one or the other.
+        let mut map = self
+            .idem_in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(waiters) = map.get_mut(&key) {
+            waiters.push((session.clone(), request_id));
+            return Ok(IdemCheck::InFlight);
+        }
+        if let Some(rec) = self.store.lookup_idempotent(sender, client_msg_id)?
+            && let Some(room) = self.room_by_id(rec.room)
+            && rec.seq <= room.head()
+        {
+            return Ok(IdemCheck::Stored(room, rec.seq, rec.ts_ms));
+        }
+        map.insert(key, Vec::new());
+        Ok(IdemCheck::Fresh)
+    }
+
+    /// Ends the flight of a key; returns the retries waiting for it.
+    pub fn settle_idempotent(&self, sender: &Arc<str>, client_msg_id: &str) -> IdemWaiters {
+        let key = (sender.clone(), client_msg_id.to_string());
+        self.idem_in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+            .unwrap_or_default()
+    }
+
+    /// Users with at least one session, and the number of sessions.
+    pub fn online_counts(&self) -> (usize, usize) {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let mut online = 0;
+        let mut sessions = 0;
+        for e in users.values() {
+            let n = e.lock().sessions.len();
+            online += usize::from(n > 0);
+            sessions += n;
+        }
+        (online, sessions)
+    }
+
+    /// Every online session (for shutdown).
+    pub fn all_sessions(&self) -> Vec<Arc<SessionHandle>> {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for e in users.values() {
+            for s in &e.lock().sessions {
+                if seen.insert(s.id) {
+                    out.push(s.clone());
+                }
+            }
+        }
+        out
+    }
+}

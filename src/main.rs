@@ -1,0 +1,165 @@
+//! The `chatd` binary: `chatd serve` runs the server, `chatd token` mints a
+//! token with the data directory's secret.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use chatd::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "chatd",
+    version,
+    about = "A binary-protocol, high-throughput chat server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Print a token for a user, signed with the data directory's secret.
+    Token {
+        /// Data directory holding `secret` (created if missing).
+        #[arg(long, env = "CHATD_DATA", default_value = "./chatd-data")]
+        data: PathBuf,
+        /// User id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = chatd::auth::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// Flags of `serve`; each overrides the config file and its environment
+/// variable overrides the file too.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "CHATD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./chatd-data].
+    #[arg(long, env = "CHATD_DATA")]
+    data: Option<PathBuf>,
+    /// Native protocol listener [default: 0.0.0.0:7400].
+    #[arg(long, env = "CHATD_TCP")]
+    tcp: Option<std::net::SocketAddr>,
+    /// HTTP listener [default: 0.0.0.0:7480].
+    #[arg(long, env = "CHATD_HTTP")]
+    http: Option<std::net::SocketAddr>,
+    /// fsync | batch | none [default: fsync].
+    #[arg(long, env = "CHATD_DURABILITY")]
+    durability: Option<String>,
+    /// Publishes per user per minute; 0 turns the limit off [default: 240].
+    #[arg(long, env = "CHATD_PUBLISH_RATE")]
+    publish_rate: Option<u32>,
+    /// Largest frame in bytes [default: 65536].
+    #[arg(long, env = "CHATD_MAX_FRAME_BYTES")]
+    max_frame_bytes: Option<usize>,
+    /// Token secret (instead of DATA/secret).
+    #[arg(long, env = "CHATD_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+}
+
+impl ServeArgs {
+    fn config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.data {
+            c.data = v;
+        }
+        if let Some(v) = self.tcp {
+            c.tcp = v;
+        }
+        if let Some(v) = self.http {
+            c.http = v;
+        }
+        if let Some(v) = self.durability {
+            c.durability = v;
+        }
+        if let Some(v) = self.publish_rate {
+            c.publish_rate = v;
+        }
+        if let Some(v) = self.max_frame_bytes {
+            c.max_frame_bytes = v;
+        }
+        if let Some(v) = self.token_secret {
+            c.token_secret = Some(v);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token { data, user, ttl } => {
+            anyhow::ensure!(
+                chatd::auth::valid_user_id(&user),
+                "user id must be 1-62 characters of A-Z a-z 0-9 _ . -"
+            );
+            let secret = match std::env::var("CHATD_TOKEN_SECRET") {
+                Ok(s) if !s.is_empty() => s,
+                _ => chatd::auth::load_or_create_secret(&data)
+                    .with_context(|| format!("reading the secret in {}", data.display()))?,
+            };
+            let auth = chatd::auth::Auth::new(secret.as_bytes());
+            println!("{}", auth.mint(&user, ttl, chatd::auth::unix_now()));
+            Ok(())
+        }
+        Command::Serve(args) => {
+            let config = args.config()?;
+            init_logging();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = chatd::server::Server::start(&config)
+        .await
+        .context("starting chatd")?;
+    eprintln!(
+        "chatd listening: tcp {} http {} data {} (durability {})",
+        server.tcp_addr,
+        server.http_addr,
+        config.data.display(),
+        config.durability
+    );
+    wait_for_signal().await?;
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! The TCP listener: accepts connections and hands each to the stream
+//! driver in its own task. Accept errors (such as running out of file
+//! descriptors) back off instead of spinning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::stream::Shutdown;
+use crate::hub::Hub;
+
+/// Accepts until `stop_accepting` is cancelled. Connection tasks are tracked
+/// by `tracker` and follow `shutdown`.
+pub async fn accept_loop(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    tracker: TaskTracker,
+    stop_accepting: CancellationToken,
+    shutdown: Shutdown,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop_accepting.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = stream.set_nodelay(true);
+                let (r, w) = stream.into_split();
+                let hub = hub.clone();
+                tracker.spawn(super::stream::serve(
+                    hub,
+                    r,
+                    w,
+                    "tcp",
+                    peer.to_string(),
+                    shutdown.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop_accepting.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

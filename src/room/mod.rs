@@ -1,0 +1,417 @@
+//! Rooms: seq assignment, subscribers, and delivery that never waits.
+//!
+//! A [`Room`] assigns each publish the next seq (under `log`, in the same
+//! critical section that queues the append, so the commit queue holds a
+//! room's appends in seq order). Once committed, the fan-out stage
+//! ([`fanout`]) offers the message — encoded once, a shared `Bytes` — to
+//! every subscribed session with [`Room::fan_out`].
+//!
+//! Each subscriber has a delivery cursor (`delivered`): the highest seq it
+//! has been given. A subscriber is *live* while its queue keeps up; when an
+//! offer fails (its queue is full) it becomes *catching up*: the room skips
+//! it, and its connection's writer reads the missed messages from the log
+//! once the queue drains ([`Room::catch_up`]), switching back to live when it
+//! reaches the head. Resume after reconnect is the same mechanism, started at
+//! the client's cursor and ended by `Synced`. So a slow session loses
+//! nothing, sees no duplicate, and never makes the room or the other members
+//! wait (design.md §5).
+//!
+//! Ordering invariant: `dispatched` is raised *before* the subscribers are
+//! visited, and a catching-up subscriber turns live only under the `subs`
+//! lock after seeing `delivered >= dispatched`. Either the fan-out then finds
+//! it live and offers the next seq, or the catch-up sees the new head and
+//! reads that seq from the log (it was committed before it was dispatched).
+
+pub mod fanout;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message as _;
+
+use crate::codec::{PREFIX_LEN, encode_frame};
+use crate::proto::{self, Body, Envelope};
+use crate::session::SessionHandle;
+use crate::store::{RoomId, Store, StoreError};
+
+/// Field number of `Envelope.message` (checked by a test against prost).
+const ENVELOPE_MESSAGE_FIELD: u32 = 18;
+
+/// Whether `name` is a valid room name: `[A-Za-z0-9_.:-]{1,128}`.
+pub fn valid_room_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// Who may enter a room.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone may join.
+    Open,
+    /// A direct conversation: only these two users.
+    Direct(String, String),
+}
+
+/// Classifies a valid room name; `Err` explains a malformed DM name.
+pub fn access_of(name: &str) -> Result<Access, &'static str> {
+    let Some(rest) = name.strip_prefix("dm:") else {
+        return Ok(Access::Open);
+    };
+    let mut parts = rest.split(':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(a), Some(b), None)
+            if crate::auth::valid_user_id(a) && crate::auth::valid_user_id(b) =>
+        {
+            if a < b {
+                Ok(Access::Direct(a.to_string(), b.to_string()))
+            } else {
+                Err("a direct room is dm:<a>:<b> with two different user ids in sorted order")
+            }
+        }
+        _ => Err("a direct room is dm:<a>:<b> with two user ids"),
+    }
+}
+
+/// Wraps an encoded `Message` into a push frame (prefix + `Envelope{id: 0,
+/// message}`) without decoding it.
+pub fn message_frame(message: &[u8]) -> Bytes {
+    let mut body = BytesMut::with_capacity(16 + message.len());
+    prost::encoding::encode_key(
+        ENVELOPE_MESSAGE_FIELD,
+        prost::encoding::WireType::LengthDelimited,
+        &mut body,
+    );
+    prost::encoding::encode_varint(message.len() as u64, &mut body);
+    let env_len = body.len() + message.len();
+    let mut out = BytesMut::with_capacity(PREFIX_LEN + env_len);
+    out.put_u32(env_len as u32);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(message);
+    out.freeze()
+}
+
+enum Mode {
+    Live,
+    CatchingUp {
+        /// `Some(complete)`: this catch-up replays a resume cursor and ends
+        /// with `Synced{complete}`.
+        synced: Option<bool>,
+        since: Instant,
+    },
+}
+
+struct Subscriber {
+    session: Arc<SessionHandle>,
+    delivered: u64,
+    mode: Mode,
+}
+
+/// One room.
+pub struct Room {
+    /// Numeric id, the key prefix of its log.
+    pub id: RoomId,
+    /// Name, as clients know it.
+    pub name: Arc<str>,
+    /// Next seq to assign.
+    next_seq: Mutex<u64>,
+    /// Highest seq committed and handed to subscribers: the head that
+    /// clients may read.
+    dispatched: AtomicU64,
+    subs: Mutex<HashMap<u64, Subscriber>>,
+}
+
+/// What a catch-up step achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// The subscriber is live again (or gone).
+    Done,
+    /// Its queue filled up; call again once it drains.
+    More,
+}
+
+impl Room {
+    /// A room whose log ends at `head`.
+    pub fn new(id: RoomId, name: Arc<str>, head: u64) -> Self {
+        Room {
+            id,
+            name,
+            next_seq: Mutex::new(head + 1),
+            dispatched: AtomicU64::new(head),
+            subs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Subscriber>> {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The readable head: every seq up to it is durable and in the log.
+    pub fn head(&self) -> u64 {
+        self.dispatched.load(Ordering::Acquire)
+    }
+
+    /// Assigns the next seq and runs `submit` with it while holding the seq
+    /// lock, so submissions reach the commit queue in seq order.
+    pub fn assign_seq<R>(&self, submit: impl FnOnce(u64) -> R) -> R {
+        let mut next = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = *next;
+        *next += 1;
+        submit(seq)
+    }
+
+    /// Subscribes `session` live from the current head, first queueing the
+    /// frame `reply(head)` (a `Joined`) so it precedes every live message.
+    /// Returns the head.
+    pub fn subscribe_live(
+        &self,
+        session: &Arc<SessionHandle>,
+        reply: Option<&dyn Fn(u64) -> Bytes>,
+    ) -> u64 {
+        let mut subs = self.subs();
+        let head = self.head();
+        if let Some(reply) = reply {
+            let _ = session.outbound.push(reply(head));
+        }
+        subs.entry(session.id).or_insert_with(|| Subscriber {
+            session: session.clone(),
+            delivered: head,
+            mode: Mode::Live,
+        });
+        head
+    }
+
+    /// Subscribes `session` from `after` (it has every message up to it):
+    /// the missed part is read from the log by its writer. With
+    /// `synced = Some(complete)` the replay ends with `Synced` (a resume).
+    pub fn subscribe_from(
+        self: &Arc<Self>,
+        session: &Arc<SessionHandle>,
+        after: u64,
+        synced: Option<bool>,
+    ) {
+        let mut subs = self.subs();
+        let after = after.min(self.head());
+        let catching_up = synced.is_some() || after < self.head();
+        let mode = if catching_up {
+            Mode::CatchingUp {
+                synced,
+                since: Instant::now(),
+            }
+        } else {
+            Mode::Live
+        };
+        subs.insert(
+            session.id,
+            Subscriber {
+                session: session.clone(),
+                delivered: after,
+                mode,
+            },
+        );
+        drop(subs);
+        if catching_up {
+            session.mark_lagging(self);
+        }
+    }
+
+    /// Removes `session`; it receives nothing more from this room.
+    pub fn unsubscribe(&self, session_id: u64) {
+        self.subs().remove(&session_id);
+    }
+
+    /// Users with at least one session subscribed, sorted.
+    pub fn online_users(&self) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .subs()
+            .values()
+            .map(|s| s.session.user().to_string())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
+    /// Sessions subscribed now.
+    pub fn subscriber_count(&self) -> usize {
+        self.subs().len()
+    }
+
+    /// Offers the committed message `seq` to every live subscriber; those
+    /// whose queue is full start catching up. Never waits.
+    pub fn fan_out(self: &Arc<Self>, seq: u64, frame: &Bytes) {
+        self.dispatched.store(seq, Ordering::Release);
+        let mut lagging = Vec::new();
+        {
+            let mut subs = self.subs();
+            for sub in subs.values_mut() {
+                if let Mode::Live = sub.mode
+                    && seq > sub.delivered
+                {
+                    if sub.session.outbound.offer(frame.clone()).is_ok() {
+                        sub.delivered = seq;
+                    } else {
+                        sub.mode = Mode::CatchingUp {
+                            synced: None,
+                            since: Instant::now(),
+                        };
+                        lagging.push(sub.session.clone());
+                    }
+                }
+            }
+        }
+        for s in lagging {
+            s.mark_lagging(self);
+        }
+    }
+
+    /// Offers an ephemeral push (typing, read receipt) to every live
+    /// subscriber but `except`; a full queue just misses it.
+    pub fn broadcast_ephemeral(&self, frame: &Bytes, except: Option<u64>) {
+        for (id, sub) in self.subs().iter() {
+            if Some(*id) != except && matches!(sub.mode, Mode::Live) {
+                let _ = sub.session.outbound.offer(frame.clone());
+            }
+        }
+    }
+
+    /// Moves `session` towards the head by up to `max` messages read from the
+    /// log. Runs on the session's writer.
+    pub fn catch_up(
+        &self,
+        session: &SessionHandle,
+        store: &dyn Store,
+        max: u64,
+    ) -> Result<CatchUp, StoreError> {
+        let from = {
+            let subs = self.subs();
+            match subs.get(&session.id) {
+                Some(Subscriber {
+                    delivered,
+                    mode: Mode::CatchingUp { .. },
+                    ..
+                }) => *delivered,
+                _ => return Ok(CatchUp::Done),
+            }
+        };
+        let head = self.head();
+        let frames: Vec<Bytes> = if from < head {
+            let to = head.min(from + max);
+            let msgs = store.read_range(self.id, from + 1, to)?;
+            if msgs.len() as u64 != to - from {
+                return Err(StoreError::Corrupt(format!(
+                    "room {} log has {} messages in {}..={}, expected {}",
+                    self.name,
+                    msgs.len(),
+                    from + 1,
+                    to,
+                    to - from
+                )));
+            }
+            msgs.iter().map(|m| message_frame(m)).collect()
+        } else {
+            Vec::new()
+        };
+
+        let mut subs = self.subs();
+        let Some(sub) = subs.get_mut(&session.id) else {
+            return Ok(CatchUp::Done);
+        };
+        let Mode::CatchingUp { synced, .. } = sub.mode else {
+            return Ok(CatchUp::Done);
+        };
+        if sub.delivered != from {
+            return Ok(CatchUp::More);
+        }
+        for f in frames {
+            if session.outbound.offer(f).is_err() {
+                return Ok(CatchUp::More);
+            }
+            sub.delivered += 1;
+        }
+        if sub.delivered < self.head() {
+            return Ok(CatchUp::More);
+        }
+        if let Some(complete) = synced {
+            let synced = proto::Synced {
+                room: self.name.to_string(),
+                head_seq: sub.delivered,
+                complete,
+            };
+            let _ = session
+                .outbound
+                .push(encode_frame(&Envelope::push(Body::Synced(synced))));
+        }
+        sub.mode = Mode::Live;
+        Ok(CatchUp::Done)
+    }
+
+    /// When `session` started catching up here, if it is.
+    pub fn lagging_since(&self, session_id: u64) -> Option<Instant> {
+        match self.subs().get(&session_id) {
+            Some(Subscriber {
+                mode: Mode::CatchingUp { since, .. },
+                ..
+            }) => Some(*since),
+            _ => None,
+        }
+    }
+
+    /// Encodes a history page of `[from, to]` (both within the head).
+    pub fn read_messages(
+        &self,
+        store: &dyn Store,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<proto::Message>, StoreError> {
+        store
+            .read_range(self.id, from, to)?
+            .iter()
+            .map(|b| {
+                proto::Message::decode(b.as_ref()).map_err(|e| {
+                    StoreError::Corrupt(format!("room {} message does not decode: {e}", self.name))
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_frames_match_a_full_envelope_encoding() {
+        let m = proto::Message {
+            room: "r".into(),
+            seq: 9,
+            text: "hi".into(),
+            ..Default::default()
+        };
+        let direct = message_frame(&m.encode_to_vec());
+        assert_eq!(direct, encode_frame(&Envelope::push(Body::Message(m))));
+    }
+
+    #[test]
+    fn room_names_and_direct_rooms() {
+        assert!(valid_room_name("general"));
+        assert!(valid_room_name("a.b:c-d_e"));
+        assert!(!valid_room_name(""));
+        assert!(!valid_room_name("has space"));
+        assert!(!valid_room_name(&"x".repeat(129)));
+        assert_eq!(access_of("general"), Ok(Access::Open));
+        assert_eq!(
+            access_of("dm:ann:bob"),
+            Ok(Access::Direct("ann".into(), "bob".into()))
+        );
+        assert!(access_of("dm:bob:ann").is_err());
+        assert!(access_of("dm:ann:ann").is_err());
+        assert!(access_of("dm:ann").is_err());
+        assert!(access_of("dm:a:b:c").is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! Wiring: opens the store, recovers the hub, starts the group commit, the
+//! fan-out and the listeners, and runs the graceful shutdown (design.md §6):
+//! stop accepting, stop reading requests, commit and ack everything pending,
+//! `GoAway{SHUTDOWN}` to every session, sync, exit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::config::{Config, ConfigError};
+use crate::http::Probe;
+use crate::hub::Hub;
+use crate::net::stream::Shutdown;
+use crate::room::fanout::{self, Completion};
+use crate::store::commit::{self, Pending, Write};
+use crate::store::sled::SledStore;
+use crate::store::{Store, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened or recovered.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A listener could not bind, or the secret could not be read.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// A running server.
+pub struct Server {
+    /// Bound TCP address.
+    pub tcp_addr: SocketAddr,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    hub: Arc<Hub>,
+    probe: Arc<Probe>,
+    stop_accepting: CancellationToken,
+    shutdown: Shutdown,
+    connections: TaskTracker,
+    commit_task: tokio::task::JoinHandle<()>,
+    fanout_task: tokio::task::JoinHandle<()>,
+    http_task: tokio::task::JoinHandle<()>,
+    housekeeping: tokio::task::JoinHandle<()>,
+    shutdown_timeout: Duration,
+}
+
+impl Server {
+    /// Starts with the sled store in `config.data`.
+    pub async fn start(config: &Config) -> Result<Server, StartError> {
+        config.validate()?;
+        let secret = match &config.token_secret {
+            Some(s) => s.clone(),
+            None => crate::auth::load_or_create_secret(&config.data).map_err(|e| {
+                StartError::Io(format!("token secret in {}: {e}", config.data.display()))
+            })?,
+        };
+        let dir = config.data.join("store");
+        let cache = config.cache_mb << 20;
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache))
+            .await
+            .map_err(|e| StartError::Io(e.to_string()))??;
+        Self::start_with_store(config, Arc::new(store), Auth::new(secret.as_bytes())).await
+    }
+
+    /// Starts with any store (tests use the in-memory one).
+    pub async fn start_with_store(
+        config: &Config,
+        store: Arc<dyn Store>,
+        auth: Auth,
+    ) -> Result<Server, StartError> {
+        config.validate()?;
+        let durability = config.durability()?;
+        let st = store.clone();
+        let snapshot = tokio::task::spawn_blocking(move || st.load())
+            .await
+            .map_err(|e| StartError::Io(e.to_string()))??;
+        let (committed_tx, committed_rx) = mpsc::channel(8);
+        let (commits, commit_task) = commit::start::<Completion>(
+            store.clone(),
+            durability,
+            config.commit_queue,
+            committed_tx,
+        );
+        let rooms = snapshot.rooms.len();
+        let hub = Arc::new(Hub::new(config.limits(), store, commits, auth, snapshot));
+        let fanout_task = tokio::spawn(fanout::run(hub.clone(), committed_rx));
+
+        let tcp = TcpListener::bind(config.tcp)
+            .await
+            .map_err(|e| StartError::Io(format!("tcp {}: {e}", config.tcp)))?;
+        let http = TcpListener::bind(config.http)
+            .await
+            .map_err(|e| StartError::Io(format!("http {}: {e}", config.http)))?;
+        let tcp_addr = tcp
+            .local_addr()
+            .map_err(|e| StartError::Io(e.to_string()))?;
+        let http_addr = http
+            .local_addr()
+            .map_err(|e| StartError::Io(e.to_string()))?;
+
+        let stop_accepting = CancellationToken::new();
+        let shutdown = Shutdown::default();
+        let connections = TaskTracker::new();
+        tokio::spawn(crate::net::tcp::accept_loop(
+            tcp,
+            hub.clone(),
+            connections.clone(),
+            stop_accepting.clone(),
+            shutdown.clone(),
+        ));
+        let probe = Arc::new(Probe {
+            hub: hub.clone(),
+            serving: false.into(),
+        });
+        let router = crate::http::router(probe.clone());
+        let stop = stop_accepting.clone();
+        let http_task = tokio::spawn(async move {
+            let serve = axum::serve(http, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "http listener failed");
+            }
+        });
+        let housekeeping = tokio::spawn(expire_idempotency(
+            hub.clone(),
+            Duration::from_secs(config.idempotency_hours * 3600),
+        ));
+        probe.serving.store(true, Ordering::Release);
+        tracing::info!(%tcp_addr, %http_addr, %durability, rooms, "chatd serving");
+        Ok(Server {
+            tcp_addr,
+            http_addr,
+            hub,
+            probe,
+            stop_accepting,
+            shutdown,
+            connections,
+            commit_task,
+            fanout_task,
+            http_task,
+            housekeeping,
+            shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+        })
+    }
+
+    /// The shared state (for tests and tools in this crate).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Graceful shutdown; returns once everything acknowledged is durable
+    /// and every connection is closed (or the deadline passed).
+    pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        tracing::info!("shutting down: no new connections or requests");
+        self.probe.serving.store(false, Ordering::Release);
+        self.stop_accepting.cancel();
+        self.shutdown.stop_reading.cancel();
+        self.shutdown.readers.close();
+        if tokio::time::timeout_at(deadline, self.shutdown.readers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some readers did not stop in time");
+        }
+        // Every write queued before this barrier is committed, fanned out
+        // and acked when it comes back.
+        let (tx, rx) = oneshot::channel();
+        if let Some(slot) = self.hub.commits.reserve().await {
+            slot.send(Pending {
+                write: Write::Barrier,
+                completion: Completion::Notify(tx),
+            });
+            let _ = tokio::time::timeout_at(deadline, rx).await;
+        }
+        self.shutdown.go_away.cancel();
+        self.connections.close();
+        if tokio::time::timeout_at(deadline, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close in time");
+        }
+        self.housekeeping.abort();
+        let _ = self.http_task.await;
+        let store = self.hub.store.clone();
+        match tokio::task::spawn_blocking(move || store.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "final sync failed"),
+            Err(e) => tracing::error!(error = %e, "final sync task failed"),
+        }
+        drop(self.hub);
+        self.fanout_task.abort();
+        self.commit_task.abort();
+        tracing::info!("shutdown complete");
+    }
+}
+
+/// Drops idempotency records past the window, hourly.
+async fn expire_idempotency(hub: Arc<Hub>, keep: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let before = crate::session::now_ms().saturating_sub(keep.as_millis() as u64);
+        let store = hub.store.clone();
+        match tokio::task::spawn_blocking(move || store.expire_idempotency(before)).await {
+            Ok(Ok(n)) if n > 0 => tracing::info!(expired = n, "idempotency records expired"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "idempotency expiry failed"),
+            Err(e) => tracing::warn!(error = %e, "idempotency expiry task failed"),
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! The session core: authentication, limits and request dispatch, shared by
+//! every transport (design.md §1). A transport reads frames and hands their
+//! bytes to [`Session::on_frame`]; everything the session sends goes into its
+//! [`SessionHandle`]'s [`Outbound`] queue, which the transport's writer
+//! drains. No chat logic lives in a transport.
+
+pub mod outbound;
+mod requests;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use crate::codec::{self, FrameError, encode_frame};
+use crate::hub::{Hub, UserEntry};
+use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode};
+use crate::room::{CatchUp, Room};
+pub use outbound::{Outbound, OutboundLimits};
+
+/// The part of a session that rooms and the fan-out see.
+pub struct SessionHandle {
+    /// Server-unique id.
+    pub id: u64,
+    /// Frames waiting for the writer.
+    pub outbound: Outbound,
+    user: OnceLock<Arc<str>>,
+    /// Rooms where this session is catching up from the log.
+    lagging: Mutex<Vec<Arc<Room>>>,
+    has_lagging: AtomicBool,
+    /// Bounds publishes awaiting their ack.
+    pub inflight: Arc<Semaphore>,
+}
+
+impl SessionHandle {
+    /// A handle for a new connection.
+    pub fn new(id: u64, limits: &crate::hub::Limits) -> Self {
+        SessionHandle {
+            id,
+            outbound: Outbound::new(limits.outbound),
+            user: OnceLock::new(),
+            lagging: Mutex::new(Vec::new()),
+            has_lagging: AtomicBool::new(false),
+            inflight: Arc::new(Semaphore::new(limits.max_inflight_publishes)),
+        }
+    }
+
+    /// The authenticated user ("" before `Welcome`).
+    pub fn user(&self) -> &str {
+        self.user.get().map_or("", |u| u)
+    }
+
+    /// Notes that `room` has messages for this session in the log, and wakes
+    /// the writer to fetch them.
+    pub fn mark_lagging(&self, room: &Arc<Room>) {
+        let mut l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
+        if !l.iter().any(|r| r.id == room.id) {
+            l.push(room.clone());
+        }
+        self.has_lagging.store(true, Ordering::Release);
+        drop(l);
+        self.outbound.wake();
+    }
+
+    /// Whether any room is catching up.
+    pub fn is_lagging(&self) -> bool {
+        self.has_lagging.load(Ordering::Acquire)
+    }
+
+    /// One catch-up step for every lagging room; returns the rooms still
+    /// behind. Called by the writer when its queue has room.
+    pub fn catch_up(&self, hub: &Hub, step: u64) -> Result<usize, crate::store::StoreError> {
+        let rooms: Vec<Arc<Room>> = self
+            .lagging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut done = Vec::new();
+        for room in &rooms {
+            if !self.outbound.has_room_for_live() {
+                break;
+            }
+            if room.catch_up(self, hub.store.as_ref(), step)? == CatchUp::Done {
+                done.push(room.id);
+            }
+        }
+        let mut l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
+        l.retain(|r| !done.contains(&r.id));
+        self.has_lagging.store(!l.is_empty(), Ordering::Release);
+        Ok(l.len())
+    }
+
+    /// The oldest moment a lagging room of this session fell behind.
+    pub fn lagging_since(&self) -> Option<std::time::Instant> {
+        let l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
+        l.iter().filter_map(|r| r.lagging_since(self.id)).min()
+    }
+}
+
+/// What the transport should do after a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep reading.
+    Continue,
+    /// The session closed its queue (a `GoAway` or final `Error` is queued):
+    /// stop reading; the writer flushes and closes.
+    Close,
+}
+
+enum State {
+    AwaitingHello,
+    Ready {
+        user: Arc<str>,
+        entry: Arc<UserEntry>,
+        token_exp: u64,
+    },
+    Closed,
+}
+
+/// One connection's session state, owned by its reader.
+pub struct Session {
+    hub: Arc<Hub>,
+    handle: Arc<SessionHandle>,
+    state: State,
+    transport: &'static str,
+}
+
+impl Session {
+    /// A session for a new connection on `transport` ("tcp", "tls", "ws").
+    pub fn new(hub: Arc<Hub>, transport: &'static str) -> Self {
+        let handle = Arc::new(SessionHandle::new(hub.next_session_id(), &hub.limits));
+        Session {
+            hub,
+            handle,
+            state: State::AwaitingHello,
+            transport,
+        }
+    }
+
+    /// The handle the writer drains.
+    pub fn handle(&self) -> &Arc<SessionHandle> {
+        &self.handle
+    }
+
+    /// The hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Whether `Welcome` was sent.
+    pub fn is_authenticated(&self) -> bool {
+        matches!(self.state, State::Ready { .. })
+    }
+
+    /// The token's expiry (Unix seconds), once authenticated.
+    pub fn token_expiry(&self) -> Option<u64> {
+        match &self.state {
+            State::Ready { token_exp, .. } => Some(*token_exp),
+            _ => None,
+        }
+    }
+
+    /// Handles one frame's bytes (the envelope, without prefix).
+    pub async fn on_frame(&mut self, frame: &[u8]) -> Flow {
+        if matches!(self.state, State::Closed) {
+            return Flow::Close;
+        }
+        let env = match codec::decode_envelope(frame) {
+            Ok(env) => env,
+            Err(e) => {
+                let id = codec::peek_request_id(frame).unwrap_or(0);
+                tracing::debug!(session = self.handle.id, error = %e, "undecodable frame");
+                return self.reject(
+                    id,
+                    ErrorCode::BadRequest,
+                    format!("frame is not a valid Envelope: {e}"),
+                );
+            }
+        };
+        self.on_envelope(env).await
+    }
+
+    /// Handles one decoded envelope.
+    pub async fn on_envelope(&mut self, env: Envelope) -> Flow {
+        let id = env.id;
+        let Some(body) = env.body else {
+            return self.reject(id, ErrorCode::BadRequest, "envelope has no body");
+        };
+        match &self.state {
+            State::Closed => Flow::Close,
+            State::AwaitingHello => match body {
+                Body::Hello(h) => self.hello(id, h),
+                other => self.refuse(
+                    id,
+                    ErrorCode::Unauthenticated,
+                    CloseReason::AuthFailed,
+                    format!("the first frame must be hello, got {}", other.name()),
+                ),
+            },
+            State::Ready { .. } => {
+                // Replies must not pile up for a client that does not read.
+                self.handle.outbound.wait_writable().await;
+                self.request(id, body).await
+            }
+        }
+    }
+
+    /// A framing violation: `Error{TOO_LARGE}`, `GoAway{PROTOCOL_ERROR}`, close.
+    pub fn on_frame_error(&mut self, err: &FrameError) -> Flow {
+        match err {
+            FrameError::TooLarge { max } => {
+                tracing::info!(session = self.handle.id, max, "oversize frame; closing");
+                self.refuse(
+                    0,
+                    ErrorCode::TooLarge,
+                    CloseReason::ProtocolError,
+                    format!("frame exceeds max_frame_bytes ({max})"),
+                )
+            }
+            FrameError::Truncated | FrameError::Io(_) => {
+                self.state = State::Closed;
+                Flow::Close
+            }
+        }
+    }
+
+    /// No `Hello` within the handshake timeout.
+    pub fn on_handshake_timeout(&mut self) -> Flow {
+        let secs = self.hub.limits.handshake_timeout.as_secs_f32();
+        tracing::info!(session = self.handle.id, "no hello within {secs}s; closing");
+        self.refuse(
+            0,
+            ErrorCode::Unauthenticated,
+            CloseReason::AuthFailed,
+            format!("no hello within {secs}s"),
+        )
+    }
+
+    /// Silent for half the idle timeout: ask the client to prove it is there.
+    pub fn on_quiet(&mut self) {
+        let ping = Envelope::push(Body::Ping(proto::Ping {
+            nonce: crate::auth::unix_now(),
+        }));
+        let _ = self.handle.outbound.push(encode_frame(&ping));
+    }
+
+    /// Silent for the whole idle timeout.
+    pub fn on_idle_timeout(&mut self) -> Flow {
+        tracing::info!(
+            session = self.handle.id,
+            user = self.handle.user(),
+            "idle timeout; closing"
+        );
+        self.go_away(
+            CloseReason::IdleTimeout,
+            "no frame received within the idle timeout",
+        )
+    }
+
+    /// The token expired during the session.
+    pub fn on_token_expired(&mut self) -> Flow {
+        tracing::info!(
+            session = self.handle.id,
+            user = self.handle.user(),
+            "token expired; closing"
+        );
+        self.go_away(
+            CloseReason::AuthExpired,
+            "token expired; reconnect with a fresh token",
+        )
+    }
+
+    /// Sends `GoAway` and closes.
+    pub fn go_away(&mut self, reason: CloseReason, message: &str) -> Flow {
+        self.go_away_after(reason, message, 0)
+    }
+
+    /// Sends `GoAway` with a retry hint and closes.
+    pub fn go_away_after(
+        &mut self,
+        reason: CloseReason,
+        message: &str,
+        retry_after_ms: u32,
+    ) -> Flow {
+        let mut g = proto::GoAway::new(reason, message);
+        g.retry_after_ms = retry_after_ms;
+        self.handle
+            .outbound
+            .close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
+        self.state = State::Closed;
+        Flow::Close
+    }
+
+    /// Queues an `Error` reply; the connection stays open.
+    fn reject(&mut self, id: u64, code: ErrorCode, message: impl Into<String>) -> Flow {
+        let message = message.into();
+        tracing::debug!(session = self.handle.id, user = self.handle.user(), request = id, ?code, %message, "request refused");
+        let _ = self.handle.outbound.push(error_frame(id, code, message));
+        Flow::Continue
+    }
+
+    /// Queues an `Error`, then `GoAway{reason}`, and closes.
+    fn refuse(&mut self, id: u64, code: ErrorCode, reason: CloseReason, message: String) -> Flow {
+        let _ = self
+            .handle
+            .outbound
+            .push(error_frame(id, code, message.clone()));
+        self.go_away(reason, &message)
+    }
+
+    /// Leaves every room subscription and the user's session list. Called
+    /// once by the transport when the connection ends.
+    pub fn close(&mut self) {
+        if let State::Ready { entry, .. } = std::mem::replace(&mut self.state, State::Closed) {
+            let mut st = entry.lock();
+            st.sessions.retain(|s| s.id != self.handle.id);
+            for room in st.rooms.values() {
+                room.unsubscribe(self.handle.id);
+            }
+            tracing::debug!(
+                session = self.handle.id,
+                user = self.handle.user(),
+                "session closed"
+            );
+        }
+        self.handle.outbound.close_with(None);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// An `Error` reply frame.
+pub fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> Bytes {
+    encode_frame(&Envelope::new(
+        id,
+        Body::Error(proto::Error::new(code, message)),
+    ))
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

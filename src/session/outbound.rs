@@ -1,0 +1,268 @@
+//! The per-connection outbound queue: the only place where the fan-out path
+//! meets a connection.
+//!
+//! Live messages are *offered* ([`Outbound::offer`]): if the queue is at its
+//! frame or byte bound the offer fails at once and the room marks the session
+//! as lagging (it catches up from the log later, design.md §5). Replies and
+//! control frames are *pushed* ([`Outbound::push`]) and never dropped: the
+//! request reader bounds them by waiting ([`Outbound::wait_writable`]) before
+//! it takes the next request, so a client that does not read stops being
+//! read (TCP backpressure) instead of growing the queue.
+//!
+//! Each frame is a `Bytes` holding the length prefix and the encoded
+//! envelope; a fanned-out message is one allocation shared by every queue.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+/// Bounds of one queue.
+#[derive(Clone, Copy, Debug)]
+pub struct OutboundLimits {
+    /// Frames queued before live offers fail.
+    pub max_frames: usize,
+    /// Bytes queued before live offers fail.
+    pub max_bytes: usize,
+}
+
+impl Default for OutboundLimits {
+    fn default() -> Self {
+        OutboundLimits {
+            max_frames: 8192,
+            max_bytes: 512 * 1024,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// No more frames are accepted; the writer flushes what is queued and
+    /// closes the connection.
+    closing: bool,
+}
+
+/// A bounded queue of encoded frames, drained by the connection's writer.
+pub struct Outbound {
+    queue: Mutex<Queue>,
+    /// Wakes the writer when frames arrive or the queue closes.
+    ready: Notify,
+    /// Wakes the request reader when the writer has made room.
+    drained: Notify,
+    limits: OutboundLimits,
+}
+
+/// The queue is full (for live offers) or closing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rejected;
+
+impl Outbound {
+    /// An empty queue with `limits`.
+    pub fn new(limits: OutboundLimits) -> Self {
+        Outbound {
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            drained: Notify::new(),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a live frame if it fits within the bounds.
+    pub fn offer(&self, frame: Bytes) -> Result<(), Rejected> {
+        let mut q = self.lock();
+        if q.closing
+            || q.frames.len() >= self.limits.max_frames
+            || (q.bytes + frame.len() > self.limits.max_bytes && !q.frames.is_empty())
+        {
+            return Err(Rejected);
+        }
+        let was_empty = q.frames.is_empty();
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues a reply or control frame regardless of the bounds. Fails only
+    /// when the connection is closing.
+    pub fn push(&self, frame: Bytes) -> Result<(), Rejected> {
+        let mut q = self.lock();
+        if q.closing {
+            return Err(Rejected);
+        }
+        let was_empty = q.frames.is_empty();
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues a last frame (a `GoAway`, an `Error`) and closes the queue: the
+    /// writer sends everything queued, then closes the connection.
+    pub fn close_with(&self, last: Option<Bytes>) {
+        let mut q = self.lock();
+        if q.closing {
+            return;
+        }
+        if let Some(f) = last {
+            q.bytes += f.len();
+            q.frames.push_back(f);
+        }
+        q.closing = true;
+        drop(q);
+        self.ready.notify_one();
+        self.drained.notify_waiters();
+    }
+
+    /// Wakes the writer without queueing anything (there is work for it
+    /// elsewhere, e.g. a room to catch up on).
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
+    /// Whether the queue was closed.
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing
+    }
+
+    /// Moves every queued frame into `out` (one write for the writer) and
+    /// returns how many there were and whether the queue is closing.
+    pub fn drain_into(&self, out: &mut BytesMut) -> (usize, bool) {
+        let mut q = self.lock();
+        out.reserve(q.bytes);
+        let n = q.frames.len();
+        for f in q.frames.drain(..) {
+            out.extend_from_slice(&f);
+        }
+        q.bytes = 0;
+        let closing = q.closing;
+        drop(q);
+        if n > 0 {
+            self.drained.notify_waiters();
+        }
+        (n, closing)
+    }
+
+    /// Waits until frames are queued or the queue closes.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Waits until the queue is closed.
+    pub async fn closed(&self) {
+        loop {
+            let waiter = self.drained.notified();
+            if self.lock().closing {
+                return;
+            }
+            waiter.await;
+        }
+    }
+
+    /// Frames and bytes queued now.
+    pub fn depth(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.frames.len(), q.bytes)
+    }
+
+    /// Whether live offers would be refused for lack of room.
+    pub fn has_room_for_live(&self) -> bool {
+        let q = self.lock();
+        q.frames.len() < self.limits.max_frames / 2 && q.bytes < self.limits.max_bytes / 2
+    }
+
+    /// Waits while the queue is over its bounds (the client is not reading),
+    /// so the request reader stops taking requests whose replies would pile up.
+    pub async fn wait_writable(&self) {
+        loop {
+            let waiter = self.drained.notified();
+            {
+                let q = self.lock();
+                if q.closing
+                    || (q.frames.len() < self.limits.max_frames && q.bytes < self.limits.max_bytes)
+                {
+                    return;
+                }
+            }
+            waiter.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_offers_respect_both_bounds_replies_do_not() {
+        let q = Outbound::new(OutboundLimits {
+            max_frames: 3,
+            max_bytes: 10,
+        });
+        assert!(q.offer(Bytes::from_static(b"aaaa")).is_ok());
+        assert!(q.offer(Bytes::from_static(b"bbbb")).is_ok());
+        assert_eq!(
+            q.offer(Bytes::from_static(b"ccc")),
+            Err(Rejected),
+            "byte bound"
+        );
+        assert!(
+            q.push(Bytes::from_static(b"reply")).is_ok(),
+            "replies are never dropped"
+        );
+        assert_eq!(q.depth(), (3, 13));
+        let mut out = BytesMut::new();
+        assert_eq!(q.drain_into(&mut out), (3, false));
+        assert_eq!(&out[..], b"aaaabbbbreply");
+        assert!(q.offer(Bytes::from_static(b"dd")).is_ok());
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_byte_bound_still_goes_through_an_empty_queue() {
+        let q = Outbound::new(OutboundLimits {
+            max_frames: 3,
+            max_bytes: 4,
+        });
+        assert!(q.offer(Bytes::from_static(b"0123456789")).is_ok());
+        assert_eq!(q.offer(Bytes::from_static(b"x")), Err(Rejected));
+    }
+
+    #[test]
+    fn closing_refuses_more_but_keeps_the_last_frame() {
+        let q = Outbound::new(OutboundLimits::default());
+        q.push(Bytes::from_static(b"a")).unwrap();
+        q.close_with(Some(Bytes::from_static(b"bye")));
+        assert_eq!(q.push(Bytes::from_static(b"late")), Err(Rejected));
+        let mut out = BytesMut::new();
+        assert_eq!(q.drain_into(&mut out), (2, true));
+        assert_eq!(&out[..], b"abye");
+    }
+
+    #[tokio::test]
+    async fn wait_writable_returns_once_drained() {
+        let q = std::sync::Arc::new(Outbound::new(OutboundLimits {
+            max_frames: 1,
+            max_bytes: 100,
+        }));
+        q.push(Bytes::from_static(b"a")).unwrap();
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move { q2.wait_writable().await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        q.drain_into(&mut BytesMut::new());
+        waiter.await.unwrap();
+    }
+}

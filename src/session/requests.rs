@@ -1,0 +1,534 @@
+//! One handler per request type (design.md §3, "Semantics").
+
+use std::sync::Arc;
+
+use prost::Message as _;
+use tokio::sync::oneshot;
+
+use super::{Flow, Session, State, error_frame, now_ms};
+use crate::codec::encode_frame;
+use crate::hub::{IdemCheck, UserEntry};
+use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
+use crate::room::fanout::{Completion, PublishDone};
+use crate::room::{Access, Room, access_of, valid_room_name};
+use crate::store::commit::{Pending, Write};
+use crate::store::{Append, MembershipChange, ReadMarker, StoreError};
+
+/// Most bytes in a `client_msg_id`.
+const MAX_CLIENT_MSG_ID: usize = 128;
+/// History page size when the request says 0, and the cap.
+const HISTORY_DEFAULT: u32 = 100;
+const HISTORY_MAX: u32 = 1000;
+
+/// A request refused with an error code and a message.
+struct Refusal(ErrorCode, String);
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal(code, message.into())
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "storage error while serving a request");
+        Refusal(ErrorCode::Internal, format!("storage error: {e}"))
+    }
+}
+
+type Reply = Result<Option<Body>, Refusal>;
+
+impl Session {
+    pub(super) fn hello(&mut self, id: u64, h: proto::Hello) -> Flow {
+        if h.protocol_version != PROTOCOL_VERSION {
+            let msg = format!(
+                "protocol_version {} is not supported; this server speaks {PROTOCOL_VERSION}",
+                h.protocol_version
+            );
+            let _ = self
+                .handle
+                .outbound
+                .push(error_frame(id, ErrorCode::UnsupportedVersion, msg));
+            self.handle.outbound.close_with(None);
+            self.state = State::Closed;
+            return Flow::Close;
+        }
+        let claims = match self.hub.auth.verify(&h.token, crate::auth::unix_now()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(session = self.handle.id, transport = self.transport, error = %e, "authentication failed");
+                return self.refuse(
+                    id,
+                    ErrorCode::Unauthenticated,
+                    CloseReason::AuthFailed,
+                    e.to_string(),
+                );
+            }
+        };
+        let user: Arc<str> = claims.sub.into();
+        let _ = self.handle.user.set(user.clone());
+        let entry = self.hub.user(&user);
+        let limits = &self.hub.limits;
+
+        // Registration, the room snapshot and the subscriptions happen under
+        // the user's lock, so a concurrent join or leave by another session
+        // of this user is seen either entirely or not at all.
+        let mut st = entry.lock();
+        if st.sessions.len() >= limits.max_sessions_per_user {
+            drop(st);
+            let msg = format!(
+                "user already has {} sessions open",
+                limits.max_sessions_per_user
+            );
+            return self.refuse(id, ErrorCode::ServerBusy, CloseReason::Capacity, msg);
+        }
+        st.sessions.push(self.handle.clone());
+        let mut rooms: Vec<proto::RoomState> = Vec::with_capacity(st.rooms.len());
+        let mut subscribe = Vec::with_capacity(st.rooms.len());
+        for room in st.rooms.values() {
+            let head = room.head();
+            rooms.push(proto::RoomState {
+                room: room.name.to_string(),
+                head_seq: head,
+                read_seq: st.read.get(&room.id).copied().unwrap_or(0),
+            });
+            subscribe.push((room.clone(), head));
+        }
+        rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        let welcome = proto::Welcome {
+            user: user.to_string(),
+            session_id: format!("s{}", self.handle.id),
+            protocol_version: PROTOCOL_VERSION,
+            rooms,
+            heartbeat_ms: limits.heartbeat.as_millis() as u32,
+            max_frame_bytes: limits.max_frame_bytes as u32,
+            server: self.hub.server_name.clone(),
+        };
+        let _ = self
+            .handle
+            .outbound
+            .push(encode_frame(&Envelope::new(id, Body::Welcome(welcome))));
+
+        let mut problems = Vec::new();
+        for c in &h.resume {
+            match subscribe.iter_mut().find(|(r, _)| *r.name == *c.room) {
+                Some((room, from)) => {
+                    // Resumed rooms replay from the cursor and end with Synced;
+                    // the replay is bounded (design.md §3, "Resume").
+                    let head = room.head();
+                    let after = c.after_seq.min(head);
+                    let start = after.max(head.saturating_sub(limits.replay_limit));
+                    room.subscribe_from(&self.handle, start, Some(start == after));
+                    *from = u64::MAX;
+                }
+                None if !valid_room_name(&c.room) => problems.push((
+                    ErrorCode::BadRequest,
+                    format!("resume: invalid room name {:?}", c.room),
+                )),
+                None => problems.push((
+                    ErrorCode::Forbidden,
+                    format!("resume: not a member of room {}", c.room),
+                )),
+            }
+        }
+        for (room, from) in subscribe {
+            if from != u64::MAX {
+                room.subscribe_from(&self.handle, from, None);
+            }
+        }
+        drop(st);
+        for (code, msg) in problems {
+            let _ = self.handle.outbound.push(error_frame(0, code, msg));
+        }
+        tracing::info!(session = self.handle.id, user = %user, transport = self.transport, device = %h.device, "session started");
+        self.state = State::Ready {
+            user,
+            entry,
+            token_exp: claims.exp,
+        };
+        Flow::Continue
+    }
+
+    pub(super) async fn request(&mut self, id: u64, body: Body) -> Flow {
+        let State::Ready { user, entry, .. } = &self.state else {
+            return Flow::Close;
+        };
+        let (user, entry) = (user.clone(), entry.clone());
+        let name = body.name();
+        let reply = match body {
+            Body::Join(j) => self.join(id, &user, &entry, j.room).await,
+            Body::Leave(l) => self.leave(&user, &entry, l.room).await,
+            Body::Publish(p) => self.publish(id, &user, &entry, p).await,
+            Body::History(h) => self.history(&entry, h),
+            Body::MarkRead(m) => self.mark_read(&user, &entry, m).await,
+            Body::Typing(t) => self.typing(&user, &entry, t),
+            Body::Ping(p) => Ok(Some(Body::Pong(proto::Pong { nonce: p.nonce }))),
+            Body::Pong(_) => Ok(None),
+            Body::Hello(_) => Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "hello was already accepted",
+            )),
+            other => Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("{} is not a request", other.name()),
+            )),
+        };
+        match reply {
+            Ok(Some(body)) => {
+                let _ = self
+                    .handle
+                    .outbound
+                    .push(encode_frame(&Envelope::new(id, body)));
+                Flow::Continue
+            }
+            Ok(None) => Flow::Continue,
+            Err(Refusal(code, message)) => {
+                tracing::debug!(session = self.handle.id, user = %user, request = id, kind = name, ?code, %message, "request refused");
+                self.reject(id, code, message)
+            }
+        }
+    }
+
+    /// Checks a room name and that `entry`'s user is a member.
+    fn member_room(&self, entry: &UserEntry, name: &str) -> Result<Arc<Room>, Refusal> {
+        if !valid_room_name(name) {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("invalid room name {name:?}"),
+            ));
+        }
+        self.hub
+            .room(name)
+            .filter(|r| entry.lock().rooms.contains_key(&r.id))
+            .ok_or_else(|| {
+                Refusal::new(ErrorCode::Forbidden, format!("not a member of room {name}"))
+            })
+    }
+
+    /// Submits a non-message write and waits until it is durable.
+    async fn commit(&self, write: Write) -> Result<(), Refusal> {
+        if self.hub.commits.has_failed() {
+            return Err(Refusal::new(
+                ErrorCode::ServerBusy,
+                "storage is unavailable",
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        let permit = self
+            .hub
+            .commits
+            .reserve()
+            .await
+            .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
+        permit.send(Pending {
+            write,
+            completion: Completion::Notify(tx),
+        });
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Refusal::new(
+                ErrorCode::Internal,
+                format!("not stored: {e}"),
+            )),
+            Err(_) => Err(Refusal::new(
+                ErrorCode::ServerBusy,
+                "server is shutting down",
+            )),
+        }
+    }
+
+    async fn join(&self, id: u64, user: &Arc<str>, entry: &Arc<UserEntry>, name: String) -> Reply {
+        if !valid_room_name(&name) {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("invalid room name {name:?}"),
+            ));
+        }
+        match access_of(&name) {
+            Ok(Access::Open) => {}
+            Ok(Access::Direct(a, b)) if **user == *a || **user == *b => {}
+            Ok(Access::Direct(..)) => {
+                return Err(Refusal::new(
+                    ErrorCode::Forbidden,
+                    format!("{name} is a direct conversation of two other users"),
+                ));
+            }
+            Err(why) => return Err(Refusal::new(ErrorCode::BadRequest, why)),
+        }
+        let _serial = entry.membership.lock().await;
+        let existing = self
+            .hub
+            .room(&name)
+            .filter(|r| entry.lock().rooms.contains_key(&r.id));
+        let room = match existing {
+            Some(room) => room,
+            None => {
+                if entry.lock().rooms.len() >= self.hub.limits.max_rooms_per_user {
+                    let max = self.hub.limits.max_rooms_per_user;
+                    return Err(Refusal::new(
+                        ErrorCode::Forbidden,
+                        format!("member of {max} rooms already (the limit)"),
+                    ));
+                }
+                let room = self.hub.room_or_create(&name);
+                self.commit(Write::Membership(MembershipChange {
+                    user: user.to_string(),
+                    room_name: name.clone(),
+                    room: room.id,
+                    member: true,
+                }))
+                .await?;
+                room
+            }
+        };
+        let mut st = entry.lock();
+        st.rooms.insert(room.id, room.clone());
+        let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
+        for s in &st.sessions {
+            if s.id != self.handle.id {
+                room.subscribe_live(s, None);
+            }
+        }
+        let mut online = room.online_users();
+        if let Err(i) = online.binary_search_by(|u| u.as_str().cmp(user)) {
+            online.insert(i, user.to_string());
+        }
+        // The Joined reply is queued under the room's lock before this
+        // session's subscription exists, so it precedes every live message.
+        let reply = |head: u64| {
+            let state = proto::RoomState {
+                room: name.clone(),
+                head_seq: head,
+                read_seq: read_seq.min(head),
+            };
+            encode_frame(&Envelope::new(
+                id,
+                Body::Joined(proto::Joined {
+                    state: Some(state),
+                    online: online.clone(),
+                }),
+            ))
+        };
+        room.subscribe_live(&self.handle, Some(&reply));
+        drop(st);
+        tracing::debug!(session = self.handle.id, user = %user, room = %name, "joined");
+        Ok(None)
+    }
+
+    async fn leave(&self, user: &Arc<str>, entry: &Arc<UserEntry>, name: String) -> Reply {
+        if !valid_room_name(&name) {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("invalid room name {name:?}"),
+            ));
+        }
+        let _serial = entry.membership.lock().await;
+        // Leaving a room one is not in is already done.
+        if let Some(room) = self
+            .hub
+            .room(&name)
+            .filter(|r| entry.lock().rooms.contains_key(&r.id))
+        {
+            self.commit(Write::Membership(MembershipChange {
+                user: user.to_string(),
+                room_name: name.clone(),
+                room: room.id,
+                member: false,
+            }))
+            .await?;
+            let mut st = entry.lock();
+            st.rooms.remove(&room.id);
+            for s in &st.sessions {
+                room.unsubscribe(s.id);
+            }
+            tracing::debug!(session = self.handle.id, user = %user, room = %name, "left");
+        }
+        Ok(Some(Body::Left(proto::Left { room: name })))
+    }
+
+    async fn publish(
+        &self,
+        id: u64,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        p: proto::Publish,
+    ) -> Reply {
+        let room = self.member_room(entry, &p.room)?;
+        if p.client_msg_id.len() > MAX_CLIENT_MSG_ID {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("client_msg_id is longer than {MAX_CLIENT_MSG_ID} bytes"),
+            ));
+        }
+        if self.hub.commits.has_failed() {
+            return Err(Refusal::new(
+                ErrorCode::ServerBusy,
+                "storage is unavailable; the message was not stored",
+            ));
+        }
+        if !self.hub.take_publish_token(entry) {
+            let rate = self.hub.limits.publish_rate_per_min;
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                format!("publish rate limit ({rate} per minute) exceeded"),
+            ));
+        }
+        // In-flight publishes and commit-queue slots are taken before the
+        // idempotency key goes in flight, so nothing below can wait.
+        let inflight = self
+            .handle
+            .inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Refusal::new(ErrorCode::ServerBusy, "closing"))?;
+        let slot = self
+            .hub
+            .commits
+            .reserve()
+            .await
+            .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
+        if !p.client_msg_id.is_empty() {
+            match self
+                .hub
+                .check_idempotent(user, &p.client_msg_id, &self.handle, id)?
+            {
+                IdemCheck::Fresh => {}
+                IdemCheck::InFlight => return Ok(None),
+                IdemCheck::Stored(room, seq, ts_ms) => {
+                    return Ok(Some(Body::PublishAck(proto::PublishAck {
+                        room: room.name.to_string(),
+                        seq,
+                        ts_ms,
+                        client_msg_id: p.client_msg_id,
+                        duplicate: true,
+                    })));
+                }
+            }
+        }
+        let ts_ms = now_ms();
+        room.assign_seq(|seq| {
+            let message = proto::Message {
+                room: p.room,
+                seq,
+                sender: user.to_string(),
+                ts_ms,
+                client_msg_id: p.client_msg_id.clone(),
+                text: p.text,
+                data: p.data,
+            };
+            let encoded = bytes::Bytes::from(message.encode_to_vec());
+            slot.send(Pending {
+                write: Write::Append(Append {
+                    room: room.id,
+                    seq,
+                    message: encoded.clone(),
+                    sender: user.to_string(),
+                    client_msg_id: p.client_msg_id.clone(),
+                    ts_ms,
+                }),
+                completion: Completion::Publish(Box::new(PublishDone {
+                    room: room.clone(),
+                    seq,
+                    ts_ms,
+                    message: encoded,
+                    session: self.handle.clone(),
+                    request_id: id,
+                    client_msg_id: p.client_msg_id,
+                    sender: user.clone(),
+                    permit: inflight,
+                })),
+            });
+        });
+        Ok(None)
+    }
+
+    fn history(&self, entry: &UserEntry, h: proto::History) -> Reply {
+        let room = self.member_room(entry, &h.room)?;
+        let head = room.head();
+        let limit = u64::from(match h.limit {
+            0 => HISTORY_DEFAULT,
+            n => n.min(HISTORY_MAX),
+        });
+        // Seqs are contiguous from 1, so a page is a seq range.
+        let (from, to, has_more) = if h.forward {
+            let from = h.after_seq.saturating_add(1);
+            let to = head.min(h.after_seq.saturating_add(limit));
+            (from, to, to < head)
+        } else {
+            let below = if h.before_seq == 0 {
+                head
+            } else {
+                h.before_seq.saturating_sub(1).min(head)
+            };
+            let from = below.saturating_sub(limit - 1).max(1);
+            (from, below, from > 1 && below >= 1)
+        };
+        let messages = if from <= to {
+            room.read_messages(self.hub.store.as_ref(), from, to)?
+        } else {
+            Vec::new()
+        };
+        Ok(Some(Body::HistoryPage(proto::HistoryPage {
+            room: h.room,
+            messages,
+            head_seq: head,
+            has_more,
+        })))
+    }
+
+    async fn mark_read(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        m: proto::MarkRead,
+    ) -> Reply {
+        let room = self.member_room(entry, &m.room)?;
+        let seq = m.seq.min(room.head());
+        let current = entry.lock().read.get(&room.id).copied().unwrap_or(0);
+        if seq <= current {
+            return Ok(Some(Body::ReadReceipt(proto::ReadReceipt {
+                room: m.room,
+                user: user.to_string(),
+                seq: current,
+            })));
+        }
+        self.commit(Write::ReadMarker(ReadMarker {
+            user: user.to_string(),
+            room: room.id,
+            seq,
+        }))
+        .await?;
+        let moved = {
+            let mut st = entry.lock();
+            let marker = st.read.entry(room.id).or_insert(0);
+            let moved = seq > *marker;
+            *marker = (*marker).max(seq);
+            moved.then_some(*marker)
+        };
+        let receipt = proto::ReadReceipt {
+            room: m.room,
+            user: user.to_string(),
+            seq: moved.unwrap_or(current).max(seq),
+        };
+        if moved.is_some() {
+            let push = encode_frame(&Envelope::push(Body::ReadReceipt(receipt.clone())));
+            room.broadcast_ephemeral(&push, Some(self.handle.id));
+        }
+        Ok(Some(Body::ReadReceipt(receipt)))
+    }
+
+    fn typing(&self, user: &Arc<str>, entry: &UserEntry, t: proto::Typing) -> Reply {
+        let room = self.member_room(entry, &t.room)?;
+        let push = proto::Typing {
+            room: t.room,
+            user: user.to_string(),
+            active: t.active,
+        };
+        room.broadcast_ephemeral(
+            &encode_frame(&Envelope::push(Body::Typing(push))),
+            Some(self.handle.id),
+        );
+        Ok(None)
+    }
+}
