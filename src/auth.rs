@@ -63,26 +63,20 @@ pub struct Auth {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// User ids are the `sub` of a token: 1–62 characters of `[A-Za-z0-9_.-]`,
 /// so that `dm:<a>:<b>` is always a valid room name (design.md §3) and ids
 /// never contain the NUL byte that separates keys in the store.
 pub fn valid_user_id(s: &str) -> bool {
-    (1..=62).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    (1..=62).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 impl Auth {
     /// A verifier whose HMAC key is `secret`'s bytes.
     pub fn new(secret: &[u8]) -> Self {
-        Auth {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-        }
+        Auth { key: hmac::Key::new(hmac::HMAC_SHA256, secret) }
     }
 
     /// Checks `token` at time `now` (Unix seconds).
@@ -91,35 +85,23 @@ impl Auth {
             return Err(AuthError::Malformed("longer than 4096 bytes"));
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(AuthError::Malformed("expected header.payload.signature"));
         };
         let header: serde_json::Value = decode_json(h, "header is not base64url JSON")?;
         if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
             return Err(AuthError::WrongAlgorithm);
         }
-        let sig = URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|_| AuthError::Malformed("signature is not base64url"))?;
+        let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed("signature is not base64url"))?;
         let signed = &token[..h.len() + 1 + p.len()];
         hmac::verify(&self.key, signed.as_bytes(), &sig).map_err(|_| AuthError::BadSignature)?;
 
         let claims: serde_json::Value = decode_json(p, "payload is not base64url JSON")?;
-        let sub = claims
-            .get("sub")
-            .and_then(|v| v.as_str())
-            .ok_or(AuthError::Claims("sub is required"))?;
+        let sub = claims.get("sub").and_then(|v| v.as_str()).ok_or(AuthError::Claims("sub is required"))?;
         if !valid_user_id(sub) {
-            return Err(AuthError::Claims(
-                "sub must be 1-62 characters of A-Z a-z 0-9 _ . -",
-            ));
+            return Err(AuthError::Claims("sub must be 1-62 characters of A-Z a-z 0-9 _ . -"));
         }
-        let exp = claims
-            .get("exp")
-            .and_then(numeric_date)
-            .ok_or(AuthError::Claims("exp is required"))?;
+        let exp = claims.get("exp").and_then(numeric_date).ok_or(AuthError::Claims("exp is required"))?;
         if now >= exp.saturating_add(LEEWAY_SECS) {
             return Err(AuthError::Expired);
         }
@@ -129,10 +111,7 @@ impl Auth {
                 return Err(AuthError::NotYetValid);
             }
         }
-        Ok(Claims {
-            sub: sub.to_string(),
-            exp,
-        })
+        Ok(Claims { sub: sub.to_string(), exp })
     }
 
     /// Mints a token for `user` valid for `ttl` from `now`.
@@ -147,19 +126,13 @@ impl Auth {
 }
 
 fn decode_json(part: &str, what: &'static str) -> Result<serde_json::Value, AuthError> {
-    let raw = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| AuthError::Malformed(what))?;
+    let raw = URL_SAFE_NO_PAD.decode(part).map_err(|_| AuthError::Malformed(what))?;
     serde_json::from_slice(&raw).map_err(|_| AuthError::Malformed(what))
 }
 
 /// A JWT NumericDate: whole or fractional seconds; negative is invalid.
 fn numeric_date(v: &serde_json::Value) -> Option<u64> {
-    v.as_u64().or_else(|| {
-        v.as_f64()
-            .filter(|f| *f >= 0.0 && f.is_finite())
-            .map(|f| f as u64)
-    })
+    v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0 && f.is_finite()).map(|f| f as u64))
 }
 
 /// Parses durations like `30s`, `30m`, `24h`, `7d`.
@@ -167,9 +140,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. 24h"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. 24h"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -200,21 +171,14 @@ pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<String> {
         .map_err(|_| std::io::Error::other("no system randomness"))?;
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-    {
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
         Ok(mut f) => {
             f.write_all(format!("{secret}\n").as_bytes())?;
             f.sync_all()?;
             Ok(secret)
         }
         // Another process (a `chatd token` beside the server) won the race.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            check_secret(std::fs::read_to_string(&path)?, &path)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => check_secret(std::fs::read_to_string(&path)?, &path),
         Err(e) => Err(e),
     }
 }
@@ -238,11 +202,7 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn forge(header: &str, claims: &str, key: &[u8]) -> String {
-        let signed = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header),
-            URL_SAFE_NO_PAD.encode(claims)
-        );
+        let signed = format!("{}.{}", URL_SAFE_NO_PAD.encode(header), URL_SAFE_NO_PAD.encode(claims));
         let sig = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), signed.as_bytes());
         format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
     }
@@ -251,13 +211,7 @@ mod tests {
     fn minted_tokens_verify() {
         let a = Auth::new(b"0123456789abcdef0123456789abcdef");
         let t = a.mint("ann", Duration::from_secs(60), NOW);
-        assert_eq!(
-            a.verify(&t, NOW).unwrap(),
-            Claims {
-                sub: "ann".into(),
-                exp: NOW + 60
-            }
-        );
+        assert_eq!(a.verify(&t, NOW).unwrap(), Claims { sub: "ann".into(), exp: NOW + 60 });
     }
 
     #[test]
@@ -265,17 +219,8 @@ mod tests {
         // PyJWT 2.15.1: jwt.encode({"sub": "ann", "exp": 4102444800, "nbf": 1700000000}, "k" * 32, algorithm="HS256")
         let t = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbm4iLCJleHAiOjQxMDI0NDQ4MDAsIm5iZiI6MTcwMDAwMDAwMH0.hAw5oJ_DfcU9HBwKfAdO-rP1unjPoqyPGlfxkCNuE9E";
         let a = Auth::new(&[b'k'; 32]);
-        assert_eq!(
-            a.verify(t, NOW).unwrap(),
-            Claims {
-                sub: "ann".into(),
-                exp: 4102444800
-            }
-        );
-        assert_eq!(
-            Auth::new(&[b'j'; 32]).verify(t, NOW),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(a.verify(t, NOW).unwrap(), Claims { sub: "ann".into(), exp: 4102444800 });
+        assert_eq!(Auth::new(&[b'j'; 32]).verify(t, NOW), Err(AuthError::BadSignature));
     }
 
     #[test]
@@ -283,64 +228,35 @@ mod tests {
         let key = b"0123456789abcdef0123456789abcdef";
         let a = Auth::new(key);
         let good_claims = format!(r#"{{"sub":"ann","exp":{}}}"#, NOW + 60);
-        let none = format!(
-            "{}.{}.",
-            URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
-            URL_SAFE_NO_PAD.encode(&good_claims)
-        );
+        let none = format!("{}.{}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(&good_claims));
         assert_eq!(a.verify(&none, NOW), Err(AuthError::WrongAlgorithm));
         let hs512 = forge(r#"{"alg":"HS512"}"#, &good_claims, key);
         assert_eq!(a.verify(&hs512, NOW), Err(AuthError::WrongAlgorithm));
-        let other_key = forge(
-            r#"{"alg":"HS256"}"#,
-            &good_claims,
-            b"another key another key another!",
-        );
+        let other_key = forge(r#"{"alg":"HS256"}"#, &good_claims, b"another key another key another!");
         assert_eq!(a.verify(&other_key, NOW), Err(AuthError::BadSignature));
-        let expired = forge(
-            r#"{"alg":"HS256"}"#,
-            &format!(r#"{{"sub":"ann","exp":{}}}"#, NOW - 100),
-            key,
-        );
+        let expired = forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"sub":"ann","exp":{}}}"#, NOW - 100), key);
         assert_eq!(a.verify(&expired, NOW), Err(AuthError::Expired));
-        let nbf = forge(
-            r#"{"alg":"HS256"}"#,
-            &format!(r#"{{"sub":"ann","exp":{},"nbf":{}}}"#, NOW + 900, NOW + 600),
-            key,
-        );
+        let nbf =
+            forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"sub":"ann","exp":{},"nbf":{}}}"#, NOW + 900, NOW + 600), key);
         assert_eq!(a.verify(&nbf, NOW), Err(AuthError::NotYetValid));
         let no_exp = forge(r#"{"alg":"HS256"}"#, r#"{"sub":"ann"}"#, key);
         assert!(matches!(a.verify(&no_exp, NOW), Err(AuthError::Claims(_))));
-        let no_sub = forge(
-            r#"{"alg":"HS256"}"#,
-            &format!(r#"{{"exp":{}}}"#, NOW + 60),
-            key,
-        );
+        let no_sub = forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"exp":{}}}"#, NOW + 60), key);
         assert!(matches!(a.verify(&no_sub, NOW), Err(AuthError::Claims(_))));
-        let bad_sub = forge(
-            r#"{"alg":"HS256"}"#,
-            &format!(r#"{{"sub":"a:b","exp":{}}}"#, NOW + 60),
-            key,
-        );
+        let bad_sub = forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"sub":"a:b","exp":{}}}"#, NOW + 60), key);
         assert!(matches!(a.verify(&bad_sub, NOW), Err(AuthError::Claims(_))));
         let mut tampered = a.mint("ann", Duration::from_secs(60), NOW);
         tampered.insert(10, 'x');
         assert!(a.verify(&tampered, NOW).is_err());
         assert!(matches!(a.verify("abc", NOW), Err(AuthError::Malformed(_))));
-        assert!(matches!(
-            a.verify(&"a".repeat(5000), NOW),
-            Err(AuthError::Malformed(_))
-        ));
+        assert!(matches!(a.verify(&"a".repeat(5000), NOW), Err(AuthError::Malformed(_))));
     }
 
     #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86400)
-        );
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
         assert!(parse_duration("7w").is_err());
         assert!(parse_duration("h").is_err());
     }
@@ -352,15 +268,9 @@ mod tests {
         let s1 = load_or_create_secret(dir.path()).unwrap();
         assert_eq!(s1.len(), 64);
         assert!(s1.bytes().all(|b| b.is_ascii_hexdigit()));
-        let mode = std::fs::metadata(secret_path(dir.path()))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(secret_path(dir.path())).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load_or_create_secret(dir.path()).unwrap(), s1);
-        assert_eq!(
-            std::fs::read_to_string(secret_path(dir.path())).unwrap(),
-            format!("{s1}\n")
-        );
+        assert_eq!(std::fs::read_to_string(secret_path(dir.path())).unwrap(), format!("{s1}\n"));
     }
 }

@@ -103,8 +103,8 @@ pub struct ConfigError(pub String);
 impl Config {
     /// Reads a TOML file; missing fields take their defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 
@@ -112,13 +112,9 @@ impl Config {
     pub fn durability(&self) -> Result<Durability, ConfigError> {
         match self.durability.as_str() {
             "fsync" => Ok(Durability::Fsync),
-            "batch" => Ok(Durability::Batch {
-                interval: Duration::from_millis(self.batch_sync_ms.max(1)),
-            }),
+            "batch" => Ok(Durability::Batch { interval: Duration::from_millis(self.batch_sync_ms.max(1)) }),
             "none" => Ok(Durability::None),
-            other => Err(ConfigError(format!(
-                "durability: {other:?} is not one of fsync, batch, none"
-            ))),
+            other => Err(ConfigError(format!("durability: {other:?} is not one of fsync, batch, none"))),
         }
     }
 
@@ -143,9 +139,7 @@ impl Config {
             }
         }
         if !(256..=16 << 20).contains(&self.max_frame_bytes) {
-            return Err(ConfigError(
-                "max_frame_bytes must be between 256 and 16777216".into(),
-            ));
+            return Err(ConfigError("max_frame_bytes must be between 256 and 16777216".into()));
         }
         if let Some(s) = &self.token_secret
             && s.len() < 32
@@ -166,10 +160,7 @@ impl Config {
             publish_rate_per_min: self.publish_rate,
             publish_burst: self.publish_burst.max(1),
             max_inflight_publishes: self.max_inflight_publishes,
-            outbound: OutboundLimits {
-                max_frames: self.outbound_max_frames,
-                max_bytes: self.outbound_max_bytes,
-            },
+            outbound: OutboundLimits { max_frames: self.outbound_max_frames, max_bytes: self.outbound_max_bytes },
             slow_consumer_timeout: Duration::from_millis(self.slow_consumer_timeout_ms),
             max_sessions_per_user: self.max_sessions_per_user,
             max_rooms_per_user: self.max_rooms_per_user,
@@ -201,20 +192,8 @@ mod tests {
         assert_eq!(c.durability().unwrap(), Durability::None);
         assert_eq!(c.publish_rate, 0);
         std::fs::write(&p, "no_such_field = 1\n").unwrap();
-        assert!(
-            Config::from_file(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("no_such_field")
-        );
+        assert!(Config::from_file(&p).unwrap_err().to_string().contains("no_such_field"));
         std::fs::write(&p, "durability = \"sometimes\"\n").unwrap();
-        assert!(
-            Config::from_file(&p)
-                .unwrap()
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("durability")
-        );
+        assert!(Config::from_file(&p).unwrap().validate().unwrap_err().to_string().contains("durability"));
     }
 }

@@ -190,11 +190,7 @@ impl Hub {
 
     /// The room called `name`, if it exists.
     pub fn room(&self, name: &str) -> Option<Arc<Room>> {
-        self.rooms
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .cloned()
+        self.rooms.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
     /// The room called `name`, created (in memory; its name is stored with
@@ -211,20 +207,13 @@ impl Hub {
         let name: Arc<str> = name.into();
         let room = Arc::new(Room::new(id, name.clone(), 0));
         rooms.insert(name, room.clone());
-        self.rooms_by_id
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, room.clone());
+        self.rooms_by_id.write().unwrap_or_else(|e| e.into_inner()).insert(id, room.clone());
         room
     }
 
     /// The room with id `id`.
     pub fn room_by_id(&self, id: RoomId) -> Option<Arc<Room>> {
-        self.rooms_by_id
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .cloned()
+        self.rooms_by_id.read().unwrap_or_else(|e| e.into_inner()).get(&id).cloned()
     }
 
     /// Number of rooms known.
@@ -252,12 +241,8 @@ impl Hub {
         let burst = f64::from(self.limits.publish_burst.max(1));
         let mut st = entry.lock();
         let now = Instant::now();
-        let b = st.bucket.get_or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        b.tokens =
-            (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(rate) / 60.0).min(burst);
+        let b = st.bucket.get_or_insert(Bucket { tokens: burst, at: now });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * f64::from(rate) / 60.0).min(burst);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -279,10 +264,7 @@ impl Hub {
         let key = (sender.clone(), client_msg_id.to_string());
         // The lookup runs under the in-flight lock: a key leaves the map only
         // after its message is stored, so it is always in one or the other.
-        let mut map = self
-            .idem_in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut map = self.idem_in_flight.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(waiters) = map.get_mut(&key) {
             waiters.push((session.clone(), request_id));
             return Ok(IdemCheck::InFlight);
@@ -300,11 +282,7 @@ impl Hub {
     /// Ends the flight of a key; returns the retries waiting for it.
     pub fn settle_idempotent(&self, sender: &Arc<str>, client_msg_id: &str) -> IdemWaiters {
         let key = (sender.clone(), client_msg_id.to_string());
-        self.idem_in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key)
-            .unwrap_or_default()
+        self.idem_in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key).unwrap_or_default()
     }
 
     /// Users with at least one session, and the number of sessions.

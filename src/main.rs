@@ -10,11 +10,7 @@ use clap::{Parser, Subcommand};
 use chatd::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "chatd",
-    version,
-    about = "A binary-protocol, high-throughput chat server"
-)]
+#[command(name = "chatd", version, about = "A binary-protocol, high-throughput chat server")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -104,10 +100,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Token { data, user, ttl } => {
-            anyhow::ensure!(
-                chatd::auth::valid_user_id(&user),
-                "user id must be 1-62 characters of A-Z a-z 0-9 _ . -"
-            );
+            anyhow::ensure!(chatd::auth::valid_user_id(&user), "user id must be 1-62 characters of A-Z a-z 0-9 _ . -");
             let secret = match std::env::var("CHATD_TOKEN_SECRET") {
                 Ok(s) if !s.is_empty() => s,
                 _ => chatd::auth::load_or_create_secret(&data)
@@ -120,10 +113,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = args.config()?;
             init_logging();
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve(config))
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
         }
     }
 }
@@ -131,16 +121,11 @@ fn main() -> anyhow::Result<()> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let server = chatd::server::Server::start(&config)
-        .await
-        .context("starting chatd")?;
+    let server = chatd::server::Server::start(&config).await.context("starting chatd")?;
     eprintln!(
         "chatd listening: tcp {} http {} data {} (durability {})",
         server.tcp_addr,

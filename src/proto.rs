@@ -16,18 +16,12 @@ pub use envelope::Body;
 impl Envelope {
     /// An envelope with `id` and `body`.
     pub fn new(id: u64, body: Body) -> Self {
-        Envelope {
-            id,
-            body: Some(body),
-        }
+        Envelope { id, body: Some(body) }
     }
 
     /// A server push (`id = 0`).
     pub fn push(body: Body) -> Self {
-        Envelope {
-            id: 0,
-            body: Some(body),
-        }
+        Envelope { id: 0, body: Some(body) }
     }
 }
 
@@ -62,20 +56,13 @@ impl Body {
 impl Error {
     /// An `Error` body with `code` and a human-readable `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Error {
-            code: code as i32,
-            message: message.into(),
-        }
+        Error { code: code as i32, message: message.into() }
     }
 }
 
 impl GoAway {
     /// A `GoAway` body with `reason` and a human-readable `message`.
     pub fn new(reason: CloseReason, message: impl Into<String>) -> Self {
-        GoAway {
-            reason: reason as i32,
-            message: message.into(),
-            retry_after_ms: 0,
-        }
+        GoAway { reason: reason as i32, message: message.into(), retry_after_ms: 0 }
     }
 }

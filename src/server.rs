@@ -48,6 +48,7 @@ pub struct Server {
     stop_accepting: CancellationToken,
     shutdown: Shutdown,
     connections: TaskTracker,
+    accept_task: tokio::task::JoinHandle<()>,
     commit_task: tokio::task::JoinHandle<()>,
     fanout_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
@@ -61,9 +62,8 @@ impl Server {
         config.validate()?;
         let secret = match &config.token_secret {
             Some(s) => s.clone(),
-            None => crate::auth::load_or_create_secret(&config.data).map_err(|e| {
-                StartError::Io(format!("token secret in {}: {e}", config.data.display()))
-            })?,
+            None => crate::auth::load_or_create_secret(&config.data)
+                .map_err(|e| StartError::Io(format!("token secret in {}: {e}", config.data.display())))?,
         };
         let dir = config.data.join("store");
         let cache = config.cache_mb << 20;
@@ -74,68 +74,47 @@ impl Server {
     }
 
     /// Starts with any store (tests use the in-memory one).
-    pub async fn start_with_store(
-        config: &Config,
-        store: Arc<dyn Store>,
-        auth: Auth,
-    ) -> Result<Server, StartError> {
+    pub async fn start_with_store(config: &Config, store: Arc<dyn Store>, auth: Auth) -> Result<Server, StartError> {
         config.validate()?;
         let durability = config.durability()?;
         let st = store.clone();
-        let snapshot = tokio::task::spawn_blocking(move || st.load())
-            .await
-            .map_err(|e| StartError::Io(e.to_string()))??;
+        let snapshot =
+            tokio::task::spawn_blocking(move || st.load()).await.map_err(|e| StartError::Io(e.to_string()))??;
         let (committed_tx, committed_rx) = mpsc::channel(8);
-        let (commits, commit_task) = commit::start::<Completion>(
-            store.clone(),
-            durability,
-            config.commit_queue,
-            committed_tx,
-        );
+        let (commits, commit_task) =
+            commit::start::<Completion>(store.clone(), durability, config.commit_queue, committed_tx);
         let rooms = snapshot.rooms.len();
         let hub = Arc::new(Hub::new(config.limits(), store, commits, auth, snapshot));
         let fanout_task = tokio::spawn(fanout::run(hub.clone(), committed_rx));
 
-        let tcp = TcpListener::bind(config.tcp)
-            .await
-            .map_err(|e| StartError::Io(format!("tcp {}: {e}", config.tcp)))?;
-        let http = TcpListener::bind(config.http)
-            .await
-            .map_err(|e| StartError::Io(format!("http {}: {e}", config.http)))?;
-        let tcp_addr = tcp
-            .local_addr()
-            .map_err(|e| StartError::Io(e.to_string()))?;
-        let http_addr = http
-            .local_addr()
-            .map_err(|e| StartError::Io(e.to_string()))?;
+        let tcp =
+            TcpListener::bind(config.tcp).await.map_err(|e| StartError::Io(format!("tcp {}: {e}", config.tcp)))?;
+        let http =
+            TcpListener::bind(config.http).await.map_err(|e| StartError::Io(format!("http {}: {e}", config.http)))?;
+        let tcp_addr = tcp.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
+        let http_addr = http.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
 
         let stop_accepting = CancellationToken::new();
         let shutdown = Shutdown::default();
         let connections = TaskTracker::new();
-        tokio::spawn(crate::net::tcp::accept_loop(
+        let accept_task = tokio::spawn(crate::net::tcp::accept_loop(
             tcp,
             hub.clone(),
             connections.clone(),
             stop_accepting.clone(),
             shutdown.clone(),
         ));
-        let probe = Arc::new(Probe {
-            hub: hub.clone(),
-            serving: false.into(),
-        });
+        let probe = Arc::new(Probe { hub: hub.clone(), serving: false.into() });
         let router = crate::http::router(probe.clone());
         let stop = stop_accepting.clone();
         let http_task = tokio::spawn(async move {
-            let serve = axum::serve(http, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await });
+            let serve = axum::serve(http, router).with_graceful_shutdown(async move { stop.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "http listener failed");
             }
         });
-        let housekeeping = tokio::spawn(expire_idempotency(
-            hub.clone(),
-            Duration::from_secs(config.idempotency_hours * 3600),
-        ));
+        let housekeeping =
+            tokio::spawn(expire_idempotency(hub.clone(), Duration::from_secs(config.idempotency_hours * 3600)));
         probe.serving.store(true, Ordering::Release);
         tracing::info!(%tcp_addr, %http_addr, %durability, rooms, "chatd serving");
         Ok(Server {
@@ -146,6 +125,7 @@ impl Server {
             stop_accepting,
             shutdown,
             connections,
+            accept_task,
             commit_task,
             fanout_task,
             http_task,
@@ -168,31 +148,24 @@ impl Server {
         self.stop_accepting.cancel();
         self.shutdown.stop_reading.cancel();
         self.shutdown.readers.close();
-        if tokio::time::timeout_at(deadline, self.shutdown.readers.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, self.shutdown.readers.wait()).await.is_err() {
             tracing::warn!("some readers did not stop in time");
         }
         // Every write queued before this barrier is committed, fanned out
         // and acked when it comes back.
         let (tx, rx) = oneshot::channel();
         if let Some(slot) = self.hub.commits.reserve().await {
-            slot.send(Pending {
-                write: Write::Barrier,
-                completion: Completion::Notify(tx),
-            });
+            slot.send(Pending { write: Write::Barrier, completion: Completion::Notify(tx) });
             let _ = tokio::time::timeout_at(deadline, rx).await;
         }
         self.shutdown.go_away.cancel();
         self.connections.close();
-        if tokio::time::timeout_at(deadline, self.connections.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, self.connections.wait()).await.is_err() {
             tracing::warn!("some connections did not close in time");
         }
         self.housekeeping.abort();
+        let _ = self.housekeeping.await;
+        let _ = self.accept_task.await;
         let _ = self.http_task.await;
         let store = self.hub.store.clone();
         match tokio::task::spawn_blocking(move || store.sync()).await {
@@ -200,9 +173,16 @@ impl Server {
             Ok(Err(e)) => tracing::error!(error = %e, "final sync failed"),
             Err(e) => tracing::error!(error = %e, "final sync task failed"),
         }
-        drop(self.hub);
+        // Nothing is queued any more (readers stopped before the barrier).
+        // The commit and fan-out stages hold the hub, and with it the store:
+        // wait until they are gone, so the store is closed (and its lock
+        // released) when this returns.
         self.fanout_task.abort();
+        let _ = self.fanout_task.await;
         self.commit_task.abort();
+        let _ = self.commit_task.await;
+        drop(self.probe);
+        drop(self.hub);
         tracing::info!("shutdown complete");
     }
 }

@@ -73,12 +73,7 @@ const SHRINK_ABOVE: usize = 16 * 1024;
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps `io`, refusing frames larger than `max_frame_bytes`.
     pub fn new(io: R, max_frame_bytes: usize) -> Self {
-        FrameReader {
-            io,
-            codec: length_codec(max_frame_bytes),
-            buf: BytesMut::new(),
-            max: max_frame_bytes,
-        }
+        FrameReader { io, codec: length_codec(max_frame_bytes), buf: BytesMut::new(), max: max_frame_bytes }
     }
 
     /// The next complete frame (without its prefix), or `Ok(None)` at a clean
@@ -91,17 +86,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() == 0 {
                 self.buf.reserve(INITIAL_READ_BUF);
             }
-            let n = self
-                .io
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(FrameError::Io)?;
+            let n = self.io.read_buf(&mut self.buf).await.map_err(FrameError::Io)?;
             if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(FrameError::Truncated)
-                };
+                return if self.buf.is_empty() { Ok(None) } else { Err(FrameError::Truncated) };
             }
         }
     }
@@ -224,14 +211,8 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         tx.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let mut reader = FrameReader::new(rx, 65536);
-        assert!(matches!(
-            reader.read_frame().await,
-            Err(FrameError::TooLarge { max: 65536 })
-        ));
-        assert!(
-            reader.buf.capacity() < 65536,
-            "no allocation sized from the prefix"
-        );
+        assert!(matches!(reader.read_frame().await, Err(FrameError::TooLarge { max: 65536 })));
+        assert!(reader.buf.capacity() < 65536, "no allocation sized from the prefix");
     }
 
     #[tokio::test]
@@ -241,10 +222,7 @@ mod tests {
         tx.write_all(&[0, 0, 0, 10, 1, 2]).await.unwrap();
         drop(tx);
         let mut reader = FrameReader::new(rx, 1024);
-        assert!(matches!(
-            reader.read_frame().await,
-            Err(FrameError::Truncated)
-        ));
+        assert!(matches!(reader.read_frame().await, Err(FrameError::Truncated)));
     }
 
     #[test]

@@ -21,10 +21,7 @@ pub struct Probe {
 
 /// The router.
 pub fn router(probe: Arc<Probe>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(probe)
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(probe)
 }
 
 /// The process is alive and answering.
@@ -35,19 +32,10 @@ async fn healthz() -> &'static str {
 /// Storage is usable and the listeners are up (503 otherwise).
 async fn readyz(State(p): State<Arc<Probe>>) -> (StatusCode, String) {
     if !p.serving.load(Ordering::Acquire) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not serving (starting or shutting down)\n".into(),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "not serving (starting or shutting down)\n".into())
     } else if p.hub.commits.has_failed() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "storage failed; see the logs\n".into(),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "storage failed; see the logs\n".into())
     } else {
-        (
-            StatusCode::OK,
-            format!("ready: {} rooms\n", p.hub.room_count()),
-        )
+        (StatusCode::OK, format!("ready: {} rooms\n", p.hub.room_count()))
     }
 }

@@ -43,14 +43,8 @@ pub struct Shutdown {
 const SHUTDOWN_RETRY_AFTER_MS: u32 = 1000;
 
 /// Serves one connection until it closes.
-pub async fn serve<R, W>(
-    hub: Arc<Hub>,
-    reader: R,
-    writer: W,
-    transport: &'static str,
-    peer: String,
-    shutdown: Shutdown,
-) where
+pub async fn serve<R, W>(hub: Arc<Hub>, reader: R, writer: W, transport: &'static str, peer: String, shutdown: Shutdown)
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -77,11 +71,7 @@ pub async fn serve<R, W>(
     tracing::debug!(session = handle.id, %peer, "connection closed");
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
-    session: &mut Session,
-    reader: R,
-    stop: &CancellationToken,
-) {
+async fn read_loop<R: AsyncRead + Unpin>(session: &mut Session, reader: R, stop: &CancellationToken) {
     let limits = session.hub().limits.clone();
     let mut frames = FrameReader::new(reader, limits.max_frame_bytes);
 
@@ -107,11 +97,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             .token_expiry()
             .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::unix_now())))
             .unwrap_or(Duration::MAX);
-        let wait = if pinged {
-            limits.idle_timeout - quiet
-        } else {
-            quiet
-        };
+        let wait = if pinged { limits.idle_timeout - quiet } else { quiet };
         let next = tokio::select! {
             r = tokio::time::timeout(wait.min(expires_in), frames.read_frame()) => r,
             _ = stop.cancelled() => return,
@@ -176,13 +162,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: Arc<Hub>, handle: Arc<SessionHan
                     user = handle.user(),
                     "behind for more than {slow:?}; closing as a slow consumer"
                 );
-                let g = crate::proto::GoAway::new(
-                    CloseReason::SlowConsumer,
-                    "could not keep up with the rooms' messages",
-                );
-                handle.outbound.close_with(Some(crate::codec::encode_frame(
-                    &crate::proto::Envelope::push(crate::proto::Body::GoAway(g)),
-                )));
+                let g =
+                    crate::proto::GoAway::new(CloseReason::SlowConsumer, "could not keep up with the rooms' messages");
+                handle.outbound.close_with(Some(crate::codec::encode_frame(&crate::proto::Envelope::push(
+                    crate::proto::Body::GoAway(g),
+                ))));
                 continue;
             }
             match handle.catch_up(&hub, CATCH_UP_STEP) {

@@ -33,14 +33,7 @@ pub async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let (r, w) = stream.into_split();
                 let hub = hub.clone();
-                tracker.spawn(super::stream::serve(
-                    hub,
-                    r,
-                    w,
-                    "tcp",
-                    peer.to_string(),
-                    shutdown.clone(),
-                ));
+                tracker.spawn(super::stream::serve(hub, r, w, "tcp", peer.to_string(), shutdown.clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");

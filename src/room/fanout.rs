@@ -95,10 +95,7 @@ fn fail(hub: &Hub, p: PublishDone, e: &StoreError) {
     let err = |id| {
         encode_frame(&Envelope::new(
             id,
-            Body::Error(proto::Error::new(
-                ErrorCode::Internal,
-                format!("message not stored: {e}"),
-            )),
+            Body::Error(proto::Error::new(ErrorCode::Internal, format!("message not stored: {e}"))),
         ))
     };
     let _ = p.session.outbound.push(err(p.request_id));

@@ -44,9 +44,7 @@ const ENVELOPE_MESSAGE_FIELD: u32 = 18;
 /// Whether `name` is a valid room name: `[A-Za-z0-9_.:-]{1,128}`.
 pub fn valid_room_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
 /// Who may enter a room.
@@ -65,9 +63,7 @@ pub fn access_of(name: &str) -> Result<Access, &'static str> {
     };
     let mut parts = rest.split(':');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(a), Some(b), None)
-            if crate::auth::valid_user_id(a) && crate::auth::valid_user_id(b) =>
-        {
+        (Some(a), Some(b), None) if crate::auth::valid_user_id(a) && crate::auth::valid_user_id(b) => {
             if a < b {
                 Ok(Access::Direct(a.to_string(), b.to_string()))
             } else {
@@ -82,11 +78,7 @@ pub fn access_of(name: &str) -> Result<Access, &'static str> {
 /// message}`) without decoding it.
 pub fn message_frame(message: &[u8]) -> Bytes {
     let mut body = BytesMut::with_capacity(16 + message.len());
-    prost::encoding::encode_key(
-        ENVELOPE_MESSAGE_FIELD,
-        prost::encoding::WireType::LengthDelimited,
-        &mut body,
-    );
+    prost::encoding::encode_key(ENVELOPE_MESSAGE_FIELD, prost::encoding::WireType::LengthDelimited, &mut body);
     prost::encoding::encode_varint(message.len() as u64, &mut body);
     let env_len = body.len() + message.len();
     let mut out = BytesMut::with_capacity(PREFIX_LEN + env_len);
@@ -124,6 +116,8 @@ pub struct Room {
     /// clients may read.
     dispatched: AtomicU64,
     subs: Mutex<HashMap<u64, Subscriber>>,
+    /// Times a subscriber's queue was full and it fell back to the log.
+    slow_consumer_events: AtomicU64,
 }
 
 /// What a catch-up step achieved.
@@ -144,7 +138,13 @@ impl Room {
             next_seq: Mutex::new(head + 1),
             dispatched: AtomicU64::new(head),
             subs: Mutex::new(HashMap::new()),
+            slow_consumer_events: AtomicU64::new(0),
         }
+    }
+
+    /// Times a subscriber of this room fell behind and switched to the log.
+    pub fn slow_consumer_events(&self) -> u64 {
+        self.slow_consumer_events.load(Ordering::Relaxed)
     }
 
     fn subs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Subscriber>> {
@@ -168,11 +168,7 @@ impl Room {
     /// Subscribes `session` live from the current head, first queueing the
     /// frame `reply(head)` (a `Joined`) so it precedes every live message.
     /// Returns the head.
-    pub fn subscribe_live(
-        &self,
-        session: &Arc<SessionHandle>,
-        reply: Option<&dyn Fn(u64) -> Bytes>,
-    ) -> u64 {
+    pub fn subscribe_live(&self, session: &Arc<SessionHandle>, reply: Option<&dyn Fn(u64) -> Bytes>) -> u64 {
         let mut subs = self.subs();
         let head = self.head();
         if let Some(reply) = reply {
@@ -189,31 +185,12 @@ impl Room {
     /// Subscribes `session` from `after` (it has every message up to it):
     /// the missed part is read from the log by its writer. With
     /// `synced = Some(complete)` the replay ends with `Synced` (a resume).
-    pub fn subscribe_from(
-        self: &Arc<Self>,
-        session: &Arc<SessionHandle>,
-        after: u64,
-        synced: Option<bool>,
-    ) {
+    pub fn subscribe_from(self: &Arc<Self>, session: &Arc<SessionHandle>, after: u64, synced: Option<bool>) {
         let mut subs = self.subs();
         let after = after.min(self.head());
         let catching_up = synced.is_some() || after < self.head();
-        let mode = if catching_up {
-            Mode::CatchingUp {
-                synced,
-                since: Instant::now(),
-            }
-        } else {
-            Mode::Live
-        };
-        subs.insert(
-            session.id,
-            Subscriber {
-                session: session.clone(),
-                delivered: after,
-                mode,
-            },
-        );
+        let mode = if catching_up { Mode::CatchingUp { synced, since: Instant::now() } } else { Mode::Live };
+        subs.insert(session.id, Subscriber { session: session.clone(), delivered: after, mode });
         drop(subs);
         if catching_up {
             session.mark_lagging(self);
@@ -227,11 +204,7 @@ impl Room {
 
     /// Users with at least one session subscribed, sorted.
     pub fn online_users(&self) -> Vec<String> {
-        let mut users: Vec<String> = self
-            .subs()
-            .values()
-            .map(|s| s.session.user().to_string())
-            .collect();
+        let mut users: Vec<String> = self.subs().values().map(|s| s.session.user().to_string()).collect();
         users.sort();
         users.dedup();
         users
@@ -256,10 +229,8 @@ impl Room {
                     if sub.session.outbound.offer(frame.clone()).is_ok() {
                         sub.delivered = seq;
                     } else {
-                        sub.mode = Mode::CatchingUp {
-                            synced: None,
-                            since: Instant::now(),
-                        };
+                        sub.mode = Mode::CatchingUp { synced: None, since: Instant::now() };
+                        self.slow_consumer_events.fetch_add(1, Ordering::Relaxed);
                         lagging.push(sub.session.clone());
                     }
                 }
@@ -282,20 +253,11 @@ impl Room {
 
     /// Moves `session` towards the head by up to `max` messages read from the
     /// log. Runs on the session's writer.
-    pub fn catch_up(
-        &self,
-        session: &SessionHandle,
-        store: &dyn Store,
-        max: u64,
-    ) -> Result<CatchUp, StoreError> {
+    pub fn catch_up(&self, session: &SessionHandle, store: &dyn Store, max: u64) -> Result<CatchUp, StoreError> {
         let from = {
             let subs = self.subs();
             match subs.get(&session.id) {
-                Some(Subscriber {
-                    delivered,
-                    mode: Mode::CatchingUp { .. },
-                    ..
-                }) => *delivered,
+                Some(Subscriber { delivered, mode: Mode::CatchingUp { .. }, .. }) => *delivered,
                 _ => return Ok(CatchUp::Done),
             }
         };
@@ -338,14 +300,8 @@ impl Room {
             return Ok(CatchUp::More);
         }
         if let Some(complete) = synced {
-            let synced = proto::Synced {
-                room: self.name.to_string(),
-                head_seq: sub.delivered,
-                complete,
-            };
-            let _ = session
-                .outbound
-                .push(encode_frame(&Envelope::push(Body::Synced(synced))));
+            let synced = proto::Synced { room: self.name.to_string(), head_seq: sub.delivered, complete };
+            let _ = session.outbound.push(encode_frame(&Envelope::push(Body::Synced(synced))));
         }
         sub.mode = Mode::Live;
         Ok(CatchUp::Done)
@@ -354,28 +310,19 @@ impl Room {
     /// When `session` started catching up here, if it is.
     pub fn lagging_since(&self, session_id: u64) -> Option<Instant> {
         match self.subs().get(&session_id) {
-            Some(Subscriber {
-                mode: Mode::CatchingUp { since, .. },
-                ..
-            }) => Some(*since),
+            Some(Subscriber { mode: Mode::CatchingUp { since, .. }, .. }) => Some(*since),
             _ => None,
         }
     }
 
     /// Encodes a history page of `[from, to]` (both within the head).
-    pub fn read_messages(
-        &self,
-        store: &dyn Store,
-        from: u64,
-        to: u64,
-    ) -> Result<Vec<proto::Message>, StoreError> {
+    pub fn read_messages(&self, store: &dyn Store, from: u64, to: u64) -> Result<Vec<proto::Message>, StoreError> {
         store
             .read_range(self.id, from, to)?
             .iter()
             .map(|b| {
-                proto::Message::decode(b.as_ref()).map_err(|e| {
-                    StoreError::Corrupt(format!("room {} message does not decode: {e}", self.name))
-                })
+                proto::Message::decode(b.as_ref())
+                    .map_err(|e| StoreError::Corrupt(format!("room {} message does not decode: {e}", self.name)))
             })
             .collect()
     }
@@ -387,12 +334,7 @@ mod tests {
 
     #[test]
     fn message_frames_match_a_full_envelope_encoding() {
-        let m = proto::Message {
-            room: "r".into(),
-            seq: 9,
-            text: "hi".into(),
-            ..Default::default()
-        };
+        let m = proto::Message { room: "r".into(), seq: 9, text: "hi".into(), ..Default::default() };
         let direct = message_frame(&m.encode_to_vec());
         assert_eq!(direct, encode_frame(&Envelope::push(Body::Message(m))));
     }
@@ -405,10 +347,7 @@ mod tests {
         assert!(!valid_room_name("has space"));
         assert!(!valid_room_name(&"x".repeat(129)));
         assert_eq!(access_of("general"), Ok(Access::Open));
-        assert_eq!(
-            access_of("dm:ann:bob"),
-            Ok(Access::Direct("ann".into(), "bob".into()))
-        );
+        assert_eq!(access_of("dm:ann:bob"), Ok(Access::Direct("ann".into(), "bob".into())));
         assert!(access_of("dm:bob:ann").is_err());
         assert!(access_of("dm:ann:ann").is_err());
         assert!(access_of("dm:ann").is_err());

@@ -71,11 +71,7 @@ impl SessionHandle {
     /// One catch-up step for every lagging room; returns the rooms still
     /// behind. Called by the writer when its queue has room.
     pub fn catch_up(&self, hub: &Hub, step: u64) -> Result<usize, crate::store::StoreError> {
-        let rooms: Vec<Arc<Room>> = self
-            .lagging
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let rooms: Vec<Arc<Room>> = self.lagging.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut done = Vec::new();
         for room in &rooms {
             if !self.outbound.has_room_for_live() {
@@ -110,11 +106,7 @@ pub enum Flow {
 
 enum State {
     AwaitingHello,
-    Ready {
-        user: Arc<str>,
-        entry: Arc<UserEntry>,
-        token_exp: u64,
-    },
+    Ready { user: Arc<str>, entry: Arc<UserEntry>, token_exp: u64 },
     Closed,
 }
 
@@ -130,12 +122,7 @@ impl Session {
     /// A session for a new connection on `transport` ("tcp", "tls", "ws").
     pub fn new(hub: Arc<Hub>, transport: &'static str) -> Self {
         let handle = Arc::new(SessionHandle::new(hub.next_session_id(), &hub.limits));
-        Session {
-            hub,
-            handle,
-            state: State::AwaitingHello,
-            transport,
-        }
+        Session { hub, handle, state: State::AwaitingHello, transport }
     }
 
     /// The handle the writer drains.
@@ -171,11 +158,12 @@ impl Session {
             Err(e) => {
                 let id = codec::peek_request_id(frame).unwrap_or(0);
                 tracing::debug!(session = self.handle.id, error = %e, "undecodable frame");
-                return self.reject(
-                    id,
-                    ErrorCode::BadRequest,
-                    format!("frame is not a valid Envelope: {e}"),
-                );
+                let message = format!("frame is not a valid Envelope: {e}");
+                if matches!(self.state, State::AwaitingHello) {
+                    // Nothing is owed to a peer that cannot even say hello.
+                    return self.refuse(id, ErrorCode::BadRequest, CloseReason::ProtocolError, message);
+                }
+                return self.reject(id, ErrorCode::BadRequest, message);
             }
         };
         self.on_envelope(env).await
@@ -229,46 +217,25 @@ impl Session {
     pub fn on_handshake_timeout(&mut self) -> Flow {
         let secs = self.hub.limits.handshake_timeout.as_secs_f32();
         tracing::info!(session = self.handle.id, "no hello within {secs}s; closing");
-        self.refuse(
-            0,
-            ErrorCode::Unauthenticated,
-            CloseReason::AuthFailed,
-            format!("no hello within {secs}s"),
-        )
+        self.refuse(0, ErrorCode::Unauthenticated, CloseReason::AuthFailed, format!("no hello within {secs}s"))
     }
 
     /// Silent for half the idle timeout: ask the client to prove it is there.
     pub fn on_quiet(&mut self) {
-        let ping = Envelope::push(Body::Ping(proto::Ping {
-            nonce: crate::auth::unix_now(),
-        }));
+        let ping = Envelope::push(Body::Ping(proto::Ping { nonce: crate::auth::unix_now() }));
         let _ = self.handle.outbound.push(encode_frame(&ping));
     }
 
     /// Silent for the whole idle timeout.
     pub fn on_idle_timeout(&mut self) -> Flow {
-        tracing::info!(
-            session = self.handle.id,
-            user = self.handle.user(),
-            "idle timeout; closing"
-        );
-        self.go_away(
-            CloseReason::IdleTimeout,
-            "no frame received within the idle timeout",
-        )
+        tracing::info!(session = self.handle.id, user = self.handle.user(), "idle timeout; closing");
+        self.go_away(CloseReason::IdleTimeout, "no frame received within the idle timeout")
     }
 
     /// The token expired during the session.
     pub fn on_token_expired(&mut self) -> Flow {
-        tracing::info!(
-            session = self.handle.id,
-            user = self.handle.user(),
-            "token expired; closing"
-        );
-        self.go_away(
-            CloseReason::AuthExpired,
-            "token expired; reconnect with a fresh token",
-        )
+        tracing::info!(session = self.handle.id, user = self.handle.user(), "token expired; closing");
+        self.go_away(CloseReason::AuthExpired, "token expired; reconnect with a fresh token")
     }
 
     /// Sends `GoAway` and closes.
@@ -277,17 +244,10 @@ impl Session {
     }
 
     /// Sends `GoAway` with a retry hint and closes.
-    pub fn go_away_after(
-        &mut self,
-        reason: CloseReason,
-        message: &str,
-        retry_after_ms: u32,
-    ) -> Flow {
+    pub fn go_away_after(&mut self, reason: CloseReason, message: &str, retry_after_ms: u32) -> Flow {
         let mut g = proto::GoAway::new(reason, message);
         g.retry_after_ms = retry_after_ms;
-        self.handle
-            .outbound
-            .close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
+        self.handle.outbound.close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
         self.state = State::Closed;
         Flow::Close
     }
@@ -302,10 +262,7 @@ impl Session {
 
     /// Queues an `Error`, then `GoAway{reason}`, and closes.
     fn refuse(&mut self, id: u64, code: ErrorCode, reason: CloseReason, message: String) -> Flow {
-        let _ = self
-            .handle
-            .outbound
-            .push(error_frame(id, code, message.clone()));
+        let _ = self.handle.outbound.push(error_frame(id, code, message.clone()));
         self.go_away(reason, &message)
     }
 
@@ -318,11 +275,7 @@ impl Session {
             for room in st.rooms.values() {
                 room.unsubscribe(self.handle.id);
             }
-            tracing::debug!(
-                session = self.handle.id,
-                user = self.handle.user(),
-                "session closed"
-            );
+            tracing::debug!(session = self.handle.id, user = self.handle.user(), "session closed");
         }
         self.handle.outbound.close_with(None);
     }
@@ -336,15 +289,10 @@ impl Drop for Session {
 
 /// An `Error` reply frame.
 pub fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> Bytes {
-    encode_frame(&Envelope::new(
-        id,
-        Body::Error(proto::Error::new(code, message)),
-    ))
+    encode_frame(&Envelope::new(id, Body::Error(proto::Error::new(code, message))))
 }
 
 /// Now, in Unix milliseconds.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

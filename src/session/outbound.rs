@@ -29,10 +29,7 @@ pub struct OutboundLimits {
 
 impl Default for OutboundLimits {
     fn default() -> Self {
-        OutboundLimits {
-            max_frames: 8192,
-            max_bytes: 512 * 1024,
-        }
+        OutboundLimits { max_frames: 8192, max_bytes: 512 * 1024 }
     }
 }
 
@@ -62,12 +59,7 @@ pub struct Rejected;
 impl Outbound {
     /// An empty queue with `limits`.
     pub fn new(limits: OutboundLimits) -> Self {
-        Outbound {
-            queue: Mutex::new(Queue::default()),
-            ready: Notify::new(),
-            drained: Notify::new(),
-            limits,
-        }
+        Outbound { queue: Mutex::new(Queue::default()), ready: Notify::new(), drained: Notify::new(), limits }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -191,9 +183,7 @@ impl Outbound {
             let waiter = self.drained.notified();
             {
                 let q = self.lock();
-                if q.closing
-                    || (q.frames.len() < self.limits.max_frames && q.bytes < self.limits.max_bytes)
-                {
+                if q.closing || (q.frames.len() < self.limits.max_frames && q.bytes < self.limits.max_bytes) {
                     return;
                 }
             }
@@ -208,21 +198,11 @@ mod tests {
 
     #[test]
     fn live_offers_respect_both_bounds_replies_do_not() {
-        let q = Outbound::new(OutboundLimits {
-            max_frames: 3,
-            max_bytes: 10,
-        });
+        let q = Outbound::new(OutboundLimits { max_frames: 3, max_bytes: 10 });
         assert!(q.offer(Bytes::from_static(b"aaaa")).is_ok());
         assert!(q.offer(Bytes::from_static(b"bbbb")).is_ok());
-        assert_eq!(
-            q.offer(Bytes::from_static(b"ccc")),
-            Err(Rejected),
-            "byte bound"
-        );
-        assert!(
-            q.push(Bytes::from_static(b"reply")).is_ok(),
-            "replies are never dropped"
-        );
+        assert_eq!(q.offer(Bytes::from_static(b"ccc")), Err(Rejected), "byte bound");
+        assert!(q.push(Bytes::from_static(b"reply")).is_ok(), "replies are never dropped");
         assert_eq!(q.depth(), (3, 13));
         let mut out = BytesMut::new();
         assert_eq!(q.drain_into(&mut out), (3, false));
@@ -232,10 +212,7 @@ mod tests {
 
     #[test]
     fn a_frame_larger_than_the_byte_bound_still_goes_through_an_empty_queue() {
-        let q = Outbound::new(OutboundLimits {
-            max_frames: 3,
-            max_bytes: 4,
-        });
+        let q = Outbound::new(OutboundLimits { max_frames: 3, max_bytes: 4 });
         assert!(q.offer(Bytes::from_static(b"0123456789")).is_ok());
         assert_eq!(q.offer(Bytes::from_static(b"x")), Err(Rejected));
     }
@@ -253,10 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn wait_writable_returns_once_drained() {
-        let q = std::sync::Arc::new(Outbound::new(OutboundLimits {
-            max_frames: 1,
-            max_bytes: 100,
-        }));
+        let q = std::sync::Arc::new(Outbound::new(OutboundLimits { max_frames: 1, max_bytes: 100 }));
         q.push(Bytes::from_static(b"a")).unwrap();
         let q2 = q.clone();
         let waiter = tokio::spawn(async move { q2.wait_writable().await });

@@ -45,10 +45,7 @@ impl Session {
                 "protocol_version {} is not supported; this server speaks {PROTOCOL_VERSION}",
                 h.protocol_version
             );
-            let _ = self
-                .handle
-                .outbound
-                .push(error_frame(id, ErrorCode::UnsupportedVersion, msg));
+            let _ = self.handle.outbound.push(error_frame(id, ErrorCode::UnsupportedVersion, msg));
             self.handle.outbound.close_with(None);
             self.state = State::Closed;
             return Flow::Close;
@@ -57,12 +54,7 @@ impl Session {
             Ok(c) => c,
             Err(e) => {
                 tracing::info!(session = self.handle.id, transport = self.transport, error = %e, "authentication failed");
-                return self.refuse(
-                    id,
-                    ErrorCode::Unauthenticated,
-                    CloseReason::AuthFailed,
-                    e.to_string(),
-                );
+                return self.refuse(id, ErrorCode::Unauthenticated, CloseReason::AuthFailed, e.to_string());
             }
         };
         let user: Arc<str> = claims.sub.into();
@@ -76,10 +68,7 @@ impl Session {
         let mut st = entry.lock();
         if st.sessions.len() >= limits.max_sessions_per_user {
             drop(st);
-            let msg = format!(
-                "user already has {} sessions open",
-                limits.max_sessions_per_user
-            );
+            let msg = format!("user already has {} sessions open", limits.max_sessions_per_user);
             return self.refuse(id, ErrorCode::ServerBusy, CloseReason::Capacity, msg);
         }
         st.sessions.push(self.handle.clone());
@@ -104,10 +93,7 @@ impl Session {
             max_frame_bytes: limits.max_frame_bytes as u32,
             server: self.hub.server_name.clone(),
         };
-        let _ = self
-            .handle
-            .outbound
-            .push(encode_frame(&Envelope::new(id, Body::Welcome(welcome))));
+        let _ = self.handle.outbound.push(encode_frame(&Envelope::new(id, Body::Welcome(welcome))));
 
         let mut problems = Vec::new();
         for c in &h.resume {
@@ -121,14 +107,10 @@ impl Session {
                     room.subscribe_from(&self.handle, start, Some(start == after));
                     *from = u64::MAX;
                 }
-                None if !valid_room_name(&c.room) => problems.push((
-                    ErrorCode::BadRequest,
-                    format!("resume: invalid room name {:?}", c.room),
-                )),
-                None => problems.push((
-                    ErrorCode::Forbidden,
-                    format!("resume: not a member of room {}", c.room),
-                )),
+                None if !valid_room_name(&c.room) => {
+                    problems.push((ErrorCode::BadRequest, format!("resume: invalid room name {:?}", c.room)))
+                }
+                None => problems.push((ErrorCode::Forbidden, format!("resume: not a member of room {}", c.room))),
             }
         }
         for (room, from) in subscribe {
@@ -141,11 +123,7 @@ impl Session {
             let _ = self.handle.outbound.push(error_frame(0, code, msg));
         }
         tracing::info!(session = self.handle.id, user = %user, transport = self.transport, device = %h.device, "session started");
-        self.state = State::Ready {
-            user,
-            entry,
-            token_exp: claims.exp,
-        };
+        self.state = State::Ready { user, entry, token_exp: claims.exp };
         Flow::Continue
     }
 
@@ -164,21 +142,12 @@ impl Session {
             Body::Typing(t) => self.typing(&user, &entry, t),
             Body::Ping(p) => Ok(Some(Body::Pong(proto::Pong { nonce: p.nonce }))),
             Body::Pong(_) => Ok(None),
-            Body::Hello(_) => Err(Refusal::new(
-                ErrorCode::BadRequest,
-                "hello was already accepted",
-            )),
-            other => Err(Refusal::new(
-                ErrorCode::BadRequest,
-                format!("{} is not a request", other.name()),
-            )),
+            Body::Hello(_) => Err(Refusal::new(ErrorCode::BadRequest, "hello was already accepted")),
+            other => Err(Refusal::new(ErrorCode::BadRequest, format!("{} is not a request", other.name()))),
         };
         match reply {
             Ok(Some(body)) => {
-                let _ = self
-                    .handle
-                    .outbound
-                    .push(encode_frame(&Envelope::new(id, body)));
+                let _ = self.handle.outbound.push(encode_frame(&Envelope::new(id, body)));
                 Flow::Continue
             }
             Ok(None) => Flow::Continue,
@@ -192,26 +161,18 @@ impl Session {
     /// Checks a room name and that `entry`'s user is a member.
     fn member_room(&self, entry: &UserEntry, name: &str) -> Result<Arc<Room>, Refusal> {
         if !valid_room_name(name) {
-            return Err(Refusal::new(
-                ErrorCode::BadRequest,
-                format!("invalid room name {name:?}"),
-            ));
+            return Err(Refusal::new(ErrorCode::BadRequest, format!("invalid room name {name:?}")));
         }
         self.hub
             .room(name)
             .filter(|r| entry.lock().rooms.contains_key(&r.id))
-            .ok_or_else(|| {
-                Refusal::new(ErrorCode::Forbidden, format!("not a member of room {name}"))
-            })
+            .ok_or_else(|| Refusal::new(ErrorCode::Forbidden, format!("not a member of room {name}")))
     }
 
     /// Submits a non-message write and waits until it is durable.
     async fn commit(&self, write: Write) -> Result<(), Refusal> {
         if self.hub.commits.has_failed() {
-            return Err(Refusal::new(
-                ErrorCode::ServerBusy,
-                "storage is unavailable",
-            ));
+            return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable"));
         }
         let (tx, rx) = oneshot::channel();
         let permit = self
@@ -220,29 +181,17 @@ impl Session {
             .reserve()
             .await
             .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
-        permit.send(Pending {
-            write,
-            completion: Completion::Notify(tx),
-        });
+        permit.send(Pending { write, completion: Completion::Notify(tx) });
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Refusal::new(
-                ErrorCode::Internal,
-                format!("not stored: {e}"),
-            )),
-            Err(_) => Err(Refusal::new(
-                ErrorCode::ServerBusy,
-                "server is shutting down",
-            )),
+            Ok(Err(e)) => Err(Refusal::new(ErrorCode::Internal, format!("not stored: {e}"))),
+            Err(_) => Err(Refusal::new(ErrorCode::ServerBusy, "server is shutting down")),
         }
     }
 
     async fn join(&self, id: u64, user: &Arc<str>, entry: &Arc<UserEntry>, name: String) -> Reply {
         if !valid_room_name(&name) {
-            return Err(Refusal::new(
-                ErrorCode::BadRequest,
-                format!("invalid room name {name:?}"),
-            ));
+            return Err(Refusal::new(ErrorCode::BadRequest, format!("invalid room name {name:?}")));
         }
         match access_of(&name) {
             Ok(Access::Open) => {}
@@ -256,10 +205,7 @@ impl Session {
             Err(why) => return Err(Refusal::new(ErrorCode::BadRequest, why)),
         }
         let _serial = entry.membership.lock().await;
-        let existing = self
-            .hub
-            .room(&name)
-            .filter(|r| entry.lock().rooms.contains_key(&r.id));
+        let existing = self.hub.room(&name).filter(|r| entry.lock().rooms.contains_key(&r.id));
         let room = match existing {
             Some(room) => room,
             None => {
@@ -296,18 +242,8 @@ impl Session {
         // The Joined reply is queued under the room's lock before this
         // session's subscription exists, so it precedes every live message.
         let reply = |head: u64| {
-            let state = proto::RoomState {
-                room: name.clone(),
-                head_seq: head,
-                read_seq: read_seq.min(head),
-            };
-            encode_frame(&Envelope::new(
-                id,
-                Body::Joined(proto::Joined {
-                    state: Some(state),
-                    online: online.clone(),
-                }),
-            ))
+            let state = proto::RoomState { room: name.clone(), head_seq: head, read_seq: read_seq.min(head) };
+            encode_frame(&Envelope::new(id, Body::Joined(proto::Joined { state: Some(state), online: online.clone() })))
         };
         room.subscribe_live(&self.handle, Some(&reply));
         drop(st);
@@ -317,18 +253,11 @@ impl Session {
 
     async fn leave(&self, user: &Arc<str>, entry: &Arc<UserEntry>, name: String) -> Reply {
         if !valid_room_name(&name) {
-            return Err(Refusal::new(
-                ErrorCode::BadRequest,
-                format!("invalid room name {name:?}"),
-            ));
+            return Err(Refusal::new(ErrorCode::BadRequest, format!("invalid room name {name:?}")));
         }
         let _serial = entry.membership.lock().await;
         // Leaving a room one is not in is already done.
-        if let Some(room) = self
-            .hub
-            .room(&name)
-            .filter(|r| entry.lock().rooms.contains_key(&r.id))
-        {
+        if let Some(room) = self.hub.room(&name).filter(|r| entry.lock().rooms.contains_key(&r.id)) {
             self.commit(Write::Membership(MembershipChange {
                 user: user.to_string(),
                 room_name: name.clone(),
@@ -346,13 +275,7 @@ impl Session {
         Ok(Some(Body::Left(proto::Left { room: name })))
     }
 
-    async fn publish(
-        &self,
-        id: u64,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
-        p: proto::Publish,
-    ) -> Reply {
+    async fn publish(&self, id: u64, user: &Arc<str>, entry: &Arc<UserEntry>, p: proto::Publish) -> Reply {
         let room = self.member_room(entry, &p.room)?;
         if p.client_msg_id.len() > MAX_CLIENT_MSG_ID {
             return Err(Refusal::new(
@@ -361,10 +284,7 @@ impl Session {
             ));
         }
         if self.hub.commits.has_failed() {
-            return Err(Refusal::new(
-                ErrorCode::ServerBusy,
-                "storage is unavailable; the message was not stored",
-            ));
+            return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable; the message was not stored"));
         }
         if !self.hub.take_publish_token(entry) {
             let rate = self.hub.limits.publish_rate_per_min;
@@ -389,10 +309,7 @@ impl Session {
             .await
             .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
         if !p.client_msg_id.is_empty() {
-            match self
-                .hub
-                .check_idempotent(user, &p.client_msg_id, &self.handle, id)?
-            {
+            match self.hub.check_idempotent(user, &p.client_msg_id, &self.handle, id)? {
                 IdemCheck::Fresh => {}
                 IdemCheck::InFlight => return Ok(None),
                 IdemCheck::Stored(room, seq, ts_ms) => {
@@ -456,33 +373,15 @@ impl Session {
             let to = head.min(h.after_seq.saturating_add(limit));
             (from, to, to < head)
         } else {
-            let below = if h.before_seq == 0 {
-                head
-            } else {
-                h.before_seq.saturating_sub(1).min(head)
-            };
+            let below = if h.before_seq == 0 { head } else { h.before_seq.saturating_sub(1).min(head) };
             let from = below.saturating_sub(limit - 1).max(1);
             (from, below, from > 1 && below >= 1)
         };
-        let messages = if from <= to {
-            room.read_messages(self.hub.store.as_ref(), from, to)?
-        } else {
-            Vec::new()
-        };
-        Ok(Some(Body::HistoryPage(proto::HistoryPage {
-            room: h.room,
-            messages,
-            head_seq: head,
-            has_more,
-        })))
+        let messages = if from <= to { room.read_messages(self.hub.store.as_ref(), from, to)? } else { Vec::new() };
+        Ok(Some(Body::HistoryPage(proto::HistoryPage { room: h.room, messages, head_seq: head, has_more })))
     }
 
-    async fn mark_read(
-        &self,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
-        m: proto::MarkRead,
-    ) -> Reply {
+    async fn mark_read(&self, user: &Arc<str>, entry: &Arc<UserEntry>, m: proto::MarkRead) -> Reply {
         let room = self.member_room(entry, &m.room)?;
         let seq = m.seq.min(room.head());
         let current = entry.lock().read.get(&room.id).copied().unwrap_or(0);
@@ -493,12 +392,7 @@ impl Session {
                 seq: current,
             })));
         }
-        self.commit(Write::ReadMarker(ReadMarker {
-            user: user.to_string(),
-            room: room.id,
-            seq,
-        }))
-        .await?;
+        self.commit(Write::ReadMarker(ReadMarker { user: user.to_string(), room: room.id, seq })).await?;
         let moved = {
             let mut st = entry.lock();
             let marker = st.read.entry(room.id).or_insert(0);
@@ -506,11 +400,8 @@ impl Session {
             *marker = (*marker).max(seq);
             moved.then_some(*marker)
         };
-        let receipt = proto::ReadReceipt {
-            room: m.room,
-            user: user.to_string(),
-            seq: moved.unwrap_or(current).max(seq),
-        };
+        let receipt =
+            proto::ReadReceipt { room: m.room, user: user.to_string(), seq: moved.unwrap_or(current).max(seq) };
         if moved.is_some() {
             let push = encode_frame(&Envelope::push(Body::ReadReceipt(receipt.clone())));
             room.broadcast_ephemeral(&push, Some(self.handle.id));
@@ -520,15 +411,8 @@ impl Session {
 
     fn typing(&self, user: &Arc<str>, entry: &UserEntry, t: proto::Typing) -> Reply {
         let room = self.member_room(entry, &t.room)?;
-        let push = proto::Typing {
-            room: t.room,
-            user: user.to_string(),
-            active: t.active,
-        };
-        room.broadcast_ephemeral(
-            &encode_frame(&Envelope::push(Body::Typing(push))),
-            Some(self.handle.id),
-        );
+        let push = proto::Typing { room: t.room, user: user.to_string(), active: t.active };
+        room.broadcast_ephemeral(&encode_frame(&Envelope::push(Body::Typing(push))), Some(self.handle.id));
         Ok(None)
     }
 }

@@ -89,10 +89,7 @@ pub struct CommitQueue<C> {
 
 impl<C> Clone for CommitQueue<C> {
     fn clone(&self) -> Self {
-        CommitQueue {
-            tx: self.tx.clone(),
-            failed: self.failed.clone(),
-        }
+        CommitQueue { tx: self.tx.clone(), failed: self.failed.clone() }
     }
 }
 
@@ -171,9 +168,7 @@ async fn run<C: Send + 'static>(
             completions.push(p.completion);
         }
         let result = if failed.load(Ordering::Acquire) {
-            Err(Arc::new(StoreError::Db(
-                "storage failed earlier; restart the server once it is fixed".into(),
-            )))
+            Err(Arc::new(StoreError::Db("storage failed earlier; restart the server once it is fixed".into())))
         } else if batch.is_empty() {
             Ok(())
         } else {
@@ -203,15 +198,7 @@ async fn run<C: Send + 'static>(
             last_sync = Instant::now();
             unsynced = false;
         }
-        if out
-            .send(Committed {
-                completions,
-                result,
-                size,
-            })
-            .await
-            .is_err()
-        {
+        if out.send(Committed { completions, result, size }).await.is_err() {
             break;
         }
     }
@@ -273,11 +260,7 @@ mod tests {
         fn read_range(&self, _: u64, _: u64, _: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
             Ok(vec![])
         }
-        fn lookup_idempotent(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
+        fn lookup_idempotent(&self, _: &str, _: &str) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
             Ok(None)
         }
         fn expire_idempotency(&self, _: u64) -> Result<usize, StoreError> {
@@ -292,17 +275,15 @@ mod tests {
     async fn a_failed_write_fails_its_batch_and_everything_after() {
         let (out_tx, mut out_rx) = mpsc::channel(16);
         let (queue, _h) = start::<u64>(Arc::new(FailingStore), Durability::Fsync, 16, out_tx);
-        queue.reserve().await.unwrap().send(Pending {
-            write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
-            completion: 1,
-        });
+        queue
+            .reserve()
+            .await
+            .unwrap()
+            .send(Pending { write: Write::Append(crate::store::contract::append(1, 1, "ann", "")), completion: 1 });
         let c = out_rx.recv().await.unwrap();
         assert!(c.result.is_err());
         assert!(queue.has_failed());
-        queue.reserve().await.unwrap().send(Pending {
-            write: Write::Barrier,
-            completion: 2,
-        });
+        queue.reserve().await.unwrap().send(Pending { write: Write::Barrier, completion: 2 });
         assert!(out_rx.recv().await.unwrap().result.is_err());
     }
 }

@@ -45,21 +45,13 @@ impl Store for MemoryStore {
             .map(|(name, &id)| RoomRecord {
                 name: name.clone(),
                 id,
-                head: g
-                    .messages
-                    .range((id, 0)..=(id, u64::MAX))
-                    .next_back()
-                    .map_or(0, |((_, s), _)| *s),
+                head: g.messages.range((id, 0)..=(id, u64::MAX)).next_back().map_or(0, |((_, s), _)| *s),
             })
             .collect();
         Ok(Snapshot {
             rooms,
             memberships: g.members.keys().cloned().collect(),
-            read_markers: g
-                .reads
-                .iter()
-                .map(|((u, r), s)| (u.clone(), *r, *s))
-                .collect(),
+            read_markers: g.reads.iter().map(|((u, r), s)| (u.clone(), *r, *s)).collect(),
         })
     }
 
@@ -68,13 +60,8 @@ impl Store for MemoryStore {
         for a in &batch.appends {
             g.messages.insert((a.room, a.seq), a.message.clone());
             if !a.client_msg_id.is_empty() {
-                let rec = IdempotencyRecord {
-                    room: a.room,
-                    seq: a.seq,
-                    ts_ms: a.ts_ms,
-                };
-                g.idem
-                    .insert((a.sender.clone(), a.client_msg_id.clone()), rec);
+                let rec = IdempotencyRecord { room: a.room, seq: a.seq, ts_ms: a.ts_ms };
+                g.idem.insert((a.sender.clone(), a.client_msg_id.clone()), rec);
             }
         }
         for m in &batch.memberships {
@@ -99,24 +86,11 @@ impl Store for MemoryStore {
         if from > to {
             return Ok(Vec::new());
         }
-        Ok(self
-            .lock()
-            .messages
-            .range((room, from)..=(room, to))
-            .map(|(_, v)| v.clone())
-            .collect())
+        Ok(self.lock().messages.range((room, from)..=(room, to)).map(|(_, v)| v.clone()).collect())
     }
 
-    fn lookup_idempotent(
-        &self,
-        sender: &str,
-        client_msg_id: &str,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        Ok(self
-            .lock()
-            .idem
-            .get(&(sender.to_string(), client_msg_id.to_string()))
-            .copied())
+    fn lookup_idempotent(&self, sender: &str, client_msg_id: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        Ok(self.lock().idem.get(&(sender.to_string(), client_msg_id.to_string())).copied())
     }
 
     fn expire_idempotency(&self, before_ts_ms: u64) -> Result<usize, StoreError> {

@@ -29,6 +29,9 @@ pub enum StoreError {
     /// A file next to the database (the data file being synced) failed.
     #[error("storage I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Another process (a running chatd) holds the store's lock.
+    #[error("data directory {0} is in use by another process (is chatd already running?)")]
+    InUse(String),
     /// The data directory holds something that is not a chatd store, or a
     /// value could not be decoded.
     #[error("data directory is not a usable chatd store: {0}")]
@@ -147,11 +150,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// The record of an earlier publish with this sender and key, if it is
     /// still in the window.
-    fn lookup_idempotent(
-        &self,
-        sender: &str,
-        client_msg_id: &str,
-    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+    fn lookup_idempotent(&self, sender: &str, client_msg_id: &str) -> Result<Option<IdempotencyRecord>, StoreError>;
 
     /// Drops idempotency records older than `before_ts_ms`; returns how many.
     fn expire_idempotency(&self, before_ts_ms: u64) -> Result<usize, StoreError>;
@@ -202,11 +201,7 @@ impl IdempotencyRecord {
             return None;
         }
         let n = |r: std::ops::Range<usize>| u64::from_be_bytes(v[r].try_into().expect("8 bytes"));
-        Some(IdempotencyRecord {
-            room: n(0..8),
-            seq: n(8..16),
-            ts_ms: n(16..24),
-        })
+        Some(IdempotencyRecord { room: n(0..8), seq: n(8..16), ts_ms: n(16..24) })
     }
 }
 
@@ -244,18 +239,8 @@ pub(crate) mod contract {
 
     pub fn exercise(store: &dyn Store) {
         let mut b = Batch::default();
-        b.memberships.push(MembershipChange {
-            user: "ann".into(),
-            room_name: "general".into(),
-            room: 1,
-            member: true,
-        });
-        b.memberships.push(MembershipChange {
-            user: "bob".into(),
-            room_name: "general".into(),
-            room: 1,
-            member: true,
-        });
+        b.memberships.push(MembershipChange { user: "ann".into(), room_name: "general".into(), room: 1, member: true });
+        b.memberships.push(MembershipChange { user: "bob".into(), room_name: "general".into(), room: 1, member: true });
         b.memberships.push(MembershipChange {
             user: "ann".into(),
             room_name: "dm:ann:bob".into(),
@@ -266,27 +251,17 @@ pub(crate) mod contract {
             b.appends.push(append(1, seq, "ann", &format!("c{seq}")));
         }
         b.appends.push(append(2, 1, "bob", ""));
-        b.read_markers.push(ReadMarker {
-            user: "bob".into(),
-            room: 1,
-            seq: 3,
-        });
+        b.read_markers.push(ReadMarker { user: "bob".into(), room: 1, seq: 3 });
         store.write(&b).unwrap();
         store.sync().unwrap();
 
         let got = store.read_range(1, 2, 4).unwrap();
-        let want: Vec<Bytes> = (2..=4)
-            .map(|s| encoded(1, s, "ann", &format!("c{s}")))
-            .collect();
+        let want: Vec<Bytes> = (2..=4).map(|s| encoded(1, s, "ann", &format!("c{s}"))).collect();
         assert_eq!(got, want);
         assert!(store.read_range(1, 6, 9).unwrap().is_empty());
         assert_eq!(
             store.lookup_idempotent("ann", "c2").unwrap(),
-            Some(IdempotencyRecord {
-                room: 1,
-                seq: 2,
-                ts_ms: 1002
-            })
+            Some(IdempotencyRecord { room: 1, seq: 2, ts_ms: 1002 })
         );
         assert_eq!(store.lookup_idempotent("bob", "c2").unwrap(), None);
 
@@ -300,16 +275,9 @@ pub(crate) mod contract {
         store.write(&leave).unwrap();
 
         let snap = store.load().unwrap();
-        let mut rooms: Vec<_> = snap
-            .rooms
-            .iter()
-            .map(|r| (r.name.clone(), r.id, r.head))
-            .collect();
+        let mut rooms: Vec<_> = snap.rooms.iter().map(|r| (r.name.clone(), r.id, r.head)).collect();
         rooms.sort();
-        assert_eq!(
-            rooms,
-            vec![("dm:ann:bob".into(), 2, 1), ("general".into(), 1, 5)]
-        );
+        assert_eq!(rooms, vec![("dm:ann:bob".into(), 2, 1), ("general".into(), 1, 5)]);
         let mut members = snap.memberships.clone();
         members.sort();
         assert_eq!(members, vec![("ann".into(), 1), ("ann".into(), 2)]);

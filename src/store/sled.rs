@@ -26,8 +26,7 @@ use bytes::Bytes;
 use prost::Message as _;
 
 use super::{
-    Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key,
-    split_user_key, user_key,
+    Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key, split_user_key, user_key,
 };
 use crate::proto;
 
@@ -62,17 +61,16 @@ impl SledStore {
     /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "cannot open sled database in {}: {e}",
-                    dir.display()
-                ))
-            })?;
+        let db =
+            sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open().map_err(
+                |e| match e {
+                    // sled reports a held lock only as text (config.rs, 0.34.7).
+                    sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                        StoreError::InUse(dir.display().to_string())
+                    }
+                    e => StoreError::Corrupt(format!("cannot open sled database in {}: {e}", dir.display())),
+                },
+            )?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
             Some(v) if v.as_ref() == FORMAT => {}
@@ -87,9 +85,7 @@ impl SledStore {
             None => {
                 let foreign = db.tree_names().iter().any(|n| {
                     let n = n.as_ref();
-                    n != b"__sled__default"
-                        && n != b"meta"
-                        && !db.open_tree(n).map(|t| t.is_empty()).unwrap_or(true)
+                    n != b"__sled__default" && n != b"meta" && !db.open_tree(n).map(|t| t.is_empty()).unwrap_or(true)
                 }) || !db.is_empty();
                 if foreign {
                     return Err(StoreError::Corrupt(format!(
@@ -143,11 +139,7 @@ impl SledStore {
                 // Batches are synced in order, so everything older is indexed.
                 break;
             }
-            let rec = IdempotencyRecord {
-                room,
-                seq: msg.seq,
-                ts_ms: msg.ts_ms,
-            };
+            let rec = IdempotencyRecord { room, seq: msg.seq, ts_ms: msg.ts_ms };
             self.idem.insert(key, &rec.encode()[..])?;
             repaired += 1;
         }
@@ -165,9 +157,7 @@ fn corrupt_key(k: &[u8]) -> StoreError {
 }
 
 fn room_id_of(v: &[u8]) -> Result<RoomId, StoreError> {
-    Ok(u64::from_be_bytes(
-        v.try_into().map_err(|_| corrupt_key(v))?,
-    ))
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| corrupt_key(v))?))
 }
 
 impl Store for SledStore {
@@ -194,8 +184,7 @@ impl Store for SledStore {
         for kv in self.reads.iter() {
             let (k, v) = kv?;
             let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
-            snap.read_markers
-                .push((user.to_string(), room_id_of(room)?, room_id_of(&v)?));
+            snap.read_markers.push((user.to_string(), room_id_of(room)?, room_id_of(&v)?));
         }
         Ok(snap)
     }
@@ -224,15 +213,8 @@ impl Store for SledStore {
             for a in &batch.appends {
                 messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref());
                 if !a.client_msg_id.is_empty() {
-                    let rec = IdempotencyRecord {
-                        room: a.room,
-                        seq: a.seq,
-                        ts_ms: a.ts_ms,
-                    };
-                    idem.insert(
-                        user_key(&a.sender, a.client_msg_id.as_bytes()),
-                        &rec.encode()[..],
-                    );
+                    let rec = IdempotencyRecord { room: a.room, seq: a.seq, ts_ms: a.ts_ms };
+                    idem.insert(user_key(&a.sender, a.client_msg_id.as_bytes()), &rec.encode()[..]);
                 }
             }
             self.messages.apply_batch(messages)?;
@@ -241,10 +223,7 @@ impl Store for SledStore {
         if !batch.read_markers.is_empty() {
             let mut reads = sled::Batch::default();
             for r in &batch.read_markers {
-                reads.insert(
-                    user_key(&r.user, &r.room.to_be_bytes()),
-                    &r.seq.to_be_bytes()[..],
-                );
+                reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..]);
             }
             self.reads.apply_batch(reads)?;
         }
@@ -263,28 +242,17 @@ impl Store for SledStore {
         }
         self.messages
             .range(message_key(room, from)..=message_key(room, to))
-            .map(|kv| {
-                kv.map(|(_, v)| Bytes::copy_from_slice(&v))
-                    .map_err(StoreError::from)
-            })
+            .map(|kv| kv.map(|(_, v)| Bytes::copy_from_slice(&v)).map_err(StoreError::from))
             .collect()
     }
 
-    fn lookup_idempotent(
-        &self,
-        sender: &str,
-        client_msg_id: &str,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+    fn lookup_idempotent(&self, sender: &str, client_msg_id: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         match self.idem.get(user_key(sender, client_msg_id.as_bytes()))? {
             Some(v) => {
-                let rec = IdempotencyRecord::decode(&v).ok_or_else(|| {
-                    StoreError::Corrupt(format!("idempotency record of {sender} is malformed"))
-                })?;
+                let rec = IdempotencyRecord::decode(&v)
+                    .ok_or_else(|| StoreError::Corrupt(format!("idempotency record of {sender} is malformed")))?;
                 // A record whose message was lost to a crash is no record.
-                Ok(self
-                    .messages
-                    .contains_key(message_key(rec.room, rec.seq))?
-                    .then_some(rec))
+                Ok(self.messages.contains_key(message_key(rec.room, rec.seq))?.then_some(rec))
             }
             None => Ok(None),
         }
@@ -330,8 +298,7 @@ mod tests {
                 room: 7,
                 member: true,
             });
-            b.appends
-                .push(super::super::contract::append(7, 1, "ann", "x"));
+            b.appends.push(super::super::contract::append(7, 1, "ann", "x"));
             store.write(&b).unwrap();
             store.sync().unwrap();
         }
@@ -374,14 +341,16 @@ mod tests {
         }
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();
         store.load().unwrap();
-        assert_eq!(
-            store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq),
-            Some(3)
-        );
-        assert_eq!(
-            store.lookup_idempotent("ann", "c2").unwrap().map(|r| r.seq),
-            Some(2)
-        );
+        assert_eq!(store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq), Some(3));
+        assert_eq!(store.lookup_idempotent("ann", "c2").unwrap().map(|r| r.seq), Some(2));
+    }
+
+    #[test]
+    fn a_store_in_use_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let err = SledStore::open(dir.path(), 8 << 20).err().expect("must refuse");
+        assert!(matches!(err, StoreError::InUse(_)), "{err}");
     }
 
     #[test]
@@ -392,9 +361,7 @@ mod tests {
             db.insert("something", "else").unwrap();
             db.flush().unwrap();
         }
-        let err = SledStore::open(dir.path(), 8 << 20)
-            .err()
-            .expect("must refuse");
+        let err = SledStore::open(dir.path(), 8 << 20).err().expect("must refuse");
         assert!(err.to_string().contains("did not create"), "{err}");
     }
 }

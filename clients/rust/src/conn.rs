@@ -30,10 +30,7 @@ pub struct Conn {
 
 impl Conn {
     /// Connects and completes the handshake, resuming `resume`.
-    pub async fn open(
-        config: &ClientConfig,
-        resume: &[proto::Cursor],
-    ) -> Result<(Conn, proto::Welcome), ClientError> {
+    pub async fn open(config: &ClientConfig, resume: &[proto::Cursor]) -> Result<(Conn, proto::Welcome), ClientError> {
         let stream = TcpStream::connect(&config.addr)
             .await
             .map_err(|e| ClientError::Connection(format!("connect {}: {e}", config.addr)))?;
@@ -41,10 +38,7 @@ impl Conn {
         let (r, w) = stream.into_split();
         let (out, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(w, rx));
-        let mut conn = Conn {
-            frames: FrameReader::new(r, config.max_frame_bytes),
-            out,
-        };
+        let mut conn = Conn { frames: FrameReader::new(r, config.max_frame_bytes), out };
         let hello = proto::Hello {
             protocol_version: PROTOCOL_VERSION,
             token: config.token.clone(),
@@ -58,11 +52,7 @@ impl Conn {
         let env = decode(reply)?;
         match env.body {
             Some(Body::Welcome(w)) => Ok((conn, w)),
-            Some(Body::Error(e)) => Err(ClientError::Closed(format!(
-                "{:?}: {}",
-                e.code(),
-                e.message
-            ))),
+            Some(Body::Error(e)) => Err(ClientError::Closed(format!("{:?}: {}", e.code(), e.message))),
             _ => Err(ClientError::Connection("expected welcome".into())),
         }
     }
@@ -78,17 +68,12 @@ fn decode(r: Result<Option<BytesMut>, chatd::codec::FrameError>) -> Result<Envel
     match r {
         Ok(Some(f)) => chatd::codec::decode_envelope(&f)
             .map_err(|e| ClientError::Connection(format!("bad frame from server: {e}"))),
-        Ok(None) => Err(ClientError::Connection(
-            "server closed the connection".into(),
-        )),
+        Ok(None) => Err(ClientError::Connection("server closed the connection".into())),
         Err(e) => Err(ClientError::Connection(e.to_string())),
     }
 }
 
-async fn write_loop(
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-) {
+async fn write_loop(mut w: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
     let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
         buf.extend_from_slice(&first);
@@ -208,8 +193,7 @@ impl State {
                 self.cursors.track(&r.room, r.head_seq);
             }
         }
-        let member: std::collections::HashSet<&str> =
-            w.rooms.iter().map(|r| r.room.as_str()).collect();
+        let member: std::collections::HashSet<&str> = w.rooms.iter().map(|r| r.room.as_str()).collect();
         for c in self.cursors.resume() {
             if !member.contains(c.room.as_str()) {
                 self.cursors.forget(&c.room);
@@ -265,13 +249,7 @@ impl State {
     fn fetch_gap(&mut self, conn: &Conn, room: &str, after: u64) {
         let id = self.next_id;
         self.next_id += 1;
-        let h = proto::History {
-            room: room.into(),
-            after_seq: after,
-            forward: true,
-            limit: 1000,
-            before_seq: 0,
-        };
+        let h = proto::History { room: room.into(), after_seq: after, forward: true, limit: 1000, before_seq: 0 };
         conn.send(&Envelope::new(id, Body::History(h)));
         self.gap_fetches.insert(id, room.to_string());
     }
@@ -293,10 +271,7 @@ impl State {
             }
             if let Some(p) = self.pending.remove(&env.id) {
                 let result = match body {
-                    Body::Error(e) => Err(ClientError::Server {
-                        code: e.code(),
-                        message: e.message,
-                    }),
+                    Body::Error(e) => Err(ClientError::Server { code: e.code(), message: e.message }),
                     other => {
                         match &other {
                             Body::Joined(j) => {
@@ -329,10 +304,7 @@ impl State {
                 self.cursors.on_synced(s, &mut out);
                 self.emit(out).await;
             }
-            Body::Ping(p) => conn.send(&Envelope::new(
-                0,
-                Body::Pong(proto::Pong { nonce: p.nonce }),
-            )),
+            Body::Ping(p) => conn.send(&Envelope::new(0, Body::Pong(proto::Pong { nonce: p.nonce }))),
             Body::ReadReceipt(r) => {
                 let _ = self.events.send(Event::ReadReceipt(r)).await;
             }

@@ -8,7 +8,7 @@
 //! `Synced{complete: false}`), so the room holds further events back and the
 //! client pages the gap in with `History` before releasing them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use chatd::proto;
 
@@ -68,14 +68,8 @@ impl Cursors {
 
     /// Every room with its cursor, for `Hello.resume`.
     pub fn resume(&self) -> Vec<proto::Cursor> {
-        let mut v: Vec<_> = self
-            .rooms
-            .iter()
-            .map(|(room, r)| proto::Cursor {
-                room: room.clone(),
-                after_seq: r.last,
-            })
-            .collect();
+        let mut v: Vec<_> =
+            self.rooms.iter().map(|(room, r)| proto::Cursor { room: room.clone(), after_seq: r.last }).collect();
         v.sort_by(|a, b| a.room.cmp(&b.room));
         v
     }
@@ -90,10 +84,7 @@ impl Cursors {
 
     /// Takes a live or replayed message; `out` receives what is deliverable.
     pub fn on_message(&mut self, m: proto::Message, out: &mut Vec<Held>) -> Action {
-        let r = self.rooms.entry(m.room.clone()).or_insert_with(|| Room {
-            last: m.seq.saturating_sub(1),
-            held: None,
-        });
+        let r = self.rooms.entry(m.room.clone()).or_insert_with(|| Room { last: m.seq.saturating_sub(1), held: None });
         if let Some(held) = &mut r.held {
             held.push_back(Held::Message(m));
             return Action::None;
@@ -120,77 +111,41 @@ impl Cursors {
     }
 
     /// Takes a history page fetched to fill a gap in `room`.
-    pub fn on_gap_page(
-        &mut self,
-        room: &str,
-        page: proto::HistoryPage,
-        out: &mut Vec<Held>,
-    ) -> Action {
-        let Some(r) = self.rooms.get_mut(room) else {
-            return Action::None;
-        };
-        if r.held.is_none() {
-            return Action::None;
-        }
+    pub fn on_gap_page(&mut self, room: &str, page: proto::HistoryPage, out: &mut Vec<Held>) -> Action {
+        let Some(r) = self.rooms.get_mut(room) else { return Action::None };
+        let Some(held) = r.held.as_ref() else { return Action::None };
+        // The page fills the gap up to the first held message; the held
+        // events then follow in the order the server sent them.
+        let first_held = held
+            .iter()
+            .find_map(|e| match e {
+                Held::Message(m) => Some(m.seq),
+                Held::Synced(_) => None,
+            })
+            .unwrap_or(u64::MAX);
+        let before = r.last;
         for m in page.messages {
-            if m.seq == r.last + 1 {
+            if m.seq == r.last + 1 && m.seq < first_held {
                 r.last = m.seq;
                 out.push(Held::Message(m));
             }
         }
-        let next_held = r.held.as_ref().and_then(|h| {
-            h.iter().find_map(|e| match e {
-                Held::Message(m) => Some(m.seq),
-                Held::Synced(_) => None,
-            })
-        });
-        if let Some(next) = next_held
-            && next > r.last + 1
-            && page.has_more
-        {
+        if r.last + 1 < first_held && page.has_more && r.last > before {
             return Action::FetchAfter(r.last);
         }
-        // The gap is filled (or the log has nothing more): release in order.
-        let held = r.held.take().unwrap_or_default();
-        let mut pending: BTreeMap<u64, proto::Message> = BTreeMap::new();
-        for e in held {
+        for e in r.held.take().unwrap_or_default() {
             match e {
+                Held::Message(m) if m.seq <= r.last => {}
                 Held::Message(m) => {
-                    pending.insert(m.seq, m);
+                    // A hole the log cannot fill (the page ended before it)
+                    // is skipped rather than waited for forever.
+                    r.last = m.seq;
+                    out.push(Held::Message(m));
                 }
-                Held::Synced(s) => {
-                    drain_contiguous(r, &mut pending, out);
-                    out.push(Held::Synced(s));
-                }
+                Held::Synced(s) => out.push(Held::Synced(s)),
             }
         }
-        drain_contiguous(r, &mut pending, out);
-        if let Some((&seq, _)) = pending.iter().next() {
-            // Still a hole (the server lost messages?): fetch again.
-            let after = r.last;
-            r.held = Some(pending.into_values().map(Held::Message).collect());
-            debug_assert!(seq > after + 1);
-            return Action::FetchAfter(after);
-        }
         Action::None
-    }
-}
-
-fn drain_contiguous(
-    r: &mut Room,
-    pending: &mut BTreeMap<u64, proto::Message>,
-    out: &mut Vec<Held>,
-) {
-    while let Some(entry) = pending.first_entry() {
-        let seq = *entry.key();
-        if seq <= r.last {
-            entry.remove();
-        } else if seq == r.last + 1 {
-            r.last = seq;
-            out.push(Held::Message(entry.remove()));
-        } else {
-            break;
-        }
     }
 }
 
@@ -199,11 +154,7 @@ mod tests {
     use super::*;
 
     fn msg(room: &str, seq: u64) -> proto::Message {
-        proto::Message {
-            room: room.into(),
-            seq,
-            ..Default::default()
-        }
+        proto::Message { room: room.into(), seq, ..Default::default() }
     }
 
     fn seqs(out: &[Held]) -> Vec<u64> {
@@ -224,13 +175,7 @@ mod tests {
             assert_eq!(c.on_message(msg("r", s), &mut out), Action::None);
         }
         assert_eq!(seqs(&out), vec![3, 4]);
-        assert_eq!(
-            c.resume(),
-            vec![proto::Cursor {
-                room: "r".into(),
-                after_seq: 4
-            }]
-        );
+        assert_eq!(c.resume(), vec![proto::Cursor { room: "r".into(), after_seq: 4 }]);
     }
 
     #[test]
@@ -240,14 +185,7 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(c.on_message(msg("r", 20), &mut out), Action::FetchAfter(10));
         c.on_message(msg("r", 21), &mut out);
-        c.on_synced(
-            proto::Synced {
-                room: "r".into(),
-                head_seq: 21,
-                complete: false,
-            },
-            &mut out,
-        );
+        c.on_synced(proto::Synced { room: "r".into(), head_seq: 21, complete: false }, &mut out);
         c.on_message(msg("r", 22), &mut out);
         assert!(out.is_empty(), "held behind the gap");
         let page1 = proto::HistoryPage {
@@ -264,10 +202,7 @@ mod tests {
             has_more: false,
         };
         assert_eq!(c.on_gap_page("r", page2, &mut out), Action::None);
-        assert_eq!(
-            seqs(&out),
-            vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 0, 22]
-        );
+        assert_eq!(seqs(&out), vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 0, 22]);
         assert_eq!(c.last("r"), Some(22));
     }
 

@@ -131,10 +131,7 @@ pub enum Event {
 
 /// A request for the connection task.
 pub(crate) enum Command {
-    Request {
-        body: Body,
-        reply: oneshot::Sender<Result<Body, ClientError>>,
-    },
+    Request { body: Body, reply: oneshot::Sender<Result<Body, ClientError>> },
     Send(Body),
     Close,
 }
@@ -173,12 +170,7 @@ impl Client {
         let (conn, welcome) = conn::Conn::open(&config, &config.resume).await?;
         let msg_prefix = format!("{}-{:016x}", welcome.session_id, random_u64());
         tokio::spawn(conn::run(config, conn, welcome.clone(), cmd_rx, ev_tx));
-        let client = Client {
-            cmd: cmd_tx,
-            welcome,
-            msg_prefix,
-            msg_counter: Default::default(),
-        };
+        let client = Client { cmd: cmd_tx, welcome, msg_prefix, msg_counter: Default::default() };
         Ok((client, Events { rx: ev_rx }))
     }
 
@@ -193,16 +185,12 @@ impl Client {
         self.cmd
             .send(Command::Request { body, reply: tx })
             .map_err(|_| ClientError::Connection("client is closed".into()))?;
-        rx.await
-            .map_err(|_| ClientError::Connection("client is closed".into()))?
+        rx.await.map_err(|_| ClientError::Connection("client is closed".into()))?
     }
 
     /// Joins a room (idempotent).
     pub async fn join(&self, room: &str) -> Result<proto::Joined, ClientError> {
-        match self
-            .request(Body::Join(proto::Join { room: room.into() }))
-            .await?
-        {
+        match self.request(Body::Join(proto::Join { room: room.into() })).await? {
             Body::Joined(j) => Ok(j),
             _ => Err(ClientError::Unexpected("join expects joined")),
         }
@@ -210,10 +198,7 @@ impl Client {
 
     /// Leaves a room.
     pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
-        match self
-            .request(Body::Leave(proto::Leave { room: room.into() }))
-            .await?
-        {
+        match self.request(Body::Leave(proto::Leave { room: room.into() })).await? {
             Body::Left(_) => Ok(()),
             _ => Err(ClientError::Unexpected("leave expects left")),
         }
@@ -221,11 +206,7 @@ impl Client {
 
     /// A fresh idempotency key, unique to this client.
     pub fn next_client_msg_id(&self) -> String {
-        format!(
-            "{}-{}",
-            self.msg_prefix,
-            self.msg_counter.fetch_add(1, Ordering::Relaxed)
-        )
+        format!("{}-{}", self.msg_prefix, self.msg_counter.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Publishes text; returns the ack (sent once the message is durable).
@@ -240,10 +221,7 @@ impl Client {
     }
 
     /// Publishes a message as given (set `client_msg_id` to make retries safe).
-    pub async fn publish_message(
-        &self,
-        p: proto::Publish,
-    ) -> Result<proto::PublishAck, ClientError> {
+    pub async fn publish_message(&self, p: proto::Publish) -> Result<proto::PublishAck, ClientError> {
         match self.request(Body::Publish(p)).await? {
             Body::PublishAck(a) => Ok(a),
             _ => Err(ClientError::Unexpected("publish expects publish_ack")),
@@ -260,13 +238,7 @@ impl Client {
 
     /// Moves the read marker; returns the resulting receipt.
     pub async fn mark_read(&self, room: &str, seq: u64) -> Result<proto::ReadReceipt, ClientError> {
-        match self
-            .request(Body::MarkRead(proto::MarkRead {
-                room: room.into(),
-                seq,
-            }))
-            .await?
-        {
+        match self.request(Body::MarkRead(proto::MarkRead { room: room.into(), seq })).await? {
             Body::ReadReceipt(r) => Ok(r),
             _ => Err(ClientError::Unexpected("mark_read expects read_receipt")),
         }
@@ -283,12 +255,7 @@ impl Client {
 
     /// Round trip to the server.
     pub async fn ping(&self) -> Result<(), ClientError> {
-        match self
-            .request(Body::Ping(proto::Ping {
-                nonce: random_u64(),
-            }))
-            .await?
-        {
+        match self.request(Body::Ping(proto::Ping { nonce: random_u64() })).await? {
             Body::Pong(_) => Ok(()),
             _ => Err(ClientError::Unexpected("ping expects pong")),
         }
@@ -305,10 +272,6 @@ impl Client {
 pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish()
 }

@@ -58,11 +58,8 @@ enum Cmd {
 }
 
 fn line(m: &proto::Message) -> String {
-    let body = if m.text.is_empty() && !m.data.is_empty() {
-        format!("<{} bytes>", m.data.len())
-    } else {
-        m.text.clone()
-    };
+    let body =
+        if m.text.is_empty() && !m.data.is_empty() { format!("<{} bytes>", m.data.len()) } else { m.text.clone() };
     format!("[{} #{}] {}: {}", m.room, m.seq, m.sender, body)
 }
 
@@ -73,32 +70,17 @@ async fn main() -> anyhow::Result<()> {
     config.device = cli.device.clone();
     let oneshot = cli.command.is_some();
     config.reconnect = !oneshot;
-    let (client, mut events) = Client::connect(config)
-        .await
-        .with_context(|| format!("connecting to {}", cli.server))?;
+    let (client, mut events) =
+        Client::connect(config).await.with_context(|| format!("connecting to {}", cli.server))?;
     match cli.command {
         Some(Cmd::Send { room, text }) => {
             client.join(&room).await?;
             let ack = client.publish(&room, &text).await?;
-            println!(
-                "sent {} #{}{}",
-                ack.room,
-                ack.seq,
-                if ack.duplicate { " (duplicate)" } else { "" }
-            );
+            println!("sent {} #{}{}", ack.room, ack.seq, if ack.duplicate { " (duplicate)" } else { "" });
         }
-        Some(Cmd::History {
-            room,
-            limit,
-            before,
-        }) => {
+        Some(Cmd::History { room, limit, before }) => {
             let page = client
-                .history(proto::History {
-                    room: room.clone(),
-                    before_seq: before,
-                    limit,
-                    ..Default::default()
-                })
+                .history(proto::History { room: room.clone(), before_seq: before, limit, ..Default::default() })
                 .await?;
             for m in &page.messages {
                 println!("{}", line(m));
@@ -124,27 +106,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn interactive(
-    client: Client,
-    events: &mut chat_client::Events,
-    rooms: Vec<String>,
-) -> anyhow::Result<()> {
+async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Vec<String>) -> anyhow::Result<()> {
     let w = client.welcome();
-    eprintln!(
-        "connected as {} ({} rooms); /help for commands",
-        w.user,
-        w.rooms.len()
-    );
+    eprintln!("connected as {} ({} rooms); /help for commands", w.user, w.rooms.len());
     for r in &rooms {
-        client
-            .join(r)
-            .await
-            .with_context(|| format!("joining {r}"))?;
+        client.join(r).await.with_context(|| format!("joining {r}"))?;
     }
-    let mut current = rooms
-        .first()
-        .cloned()
-        .or_else(|| w.rooms.first().map(|r| r.room.clone()));
+    let mut current = rooms.first().cloned().or_else(|| w.rooms.first().map(|r| r.room.clone()));
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut last_seen: std::collections::HashMap<String, u64> = Default::default();
     loop {

@@ -1,0 +1,281 @@
+//! Test harness: a real server on ephemeral ports with a temporary data
+//! directory (in-process, or the `chatd` binary for kill tests), a raw
+//! frame-level connection, and token minting.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chat_client::{Client, ClientConfig, Event, Events};
+use chatd::auth::Auth;
+use chatd::codec::{FrameReader, decode_envelope, put_frame};
+use chatd::config::Config;
+use chatd::proto::{self, Body, Envelope};
+use chatd::server::Server;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// How long a test waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A server in this process.
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub addr: String,
+    pub http: String,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        data: dir.to_path_buf(),
+        tcp: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        publish_rate: 0,
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    /// A fresh server with a new data directory.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A fresh server; `tweak` adjusts its configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut s = Self::start_in(&dir, tweak).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// A server on an existing data directory.
+    pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = test_config(dir);
+        tweak(&mut config);
+        let server = Server::start(&config).await.expect("server starts");
+        TestServer {
+            addr: server.tcp_addr.to_string(),
+            http: server.http_addr.to_string(),
+            server: Some(server),
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    /// Graceful shutdown, keeping the data directory (the TempDir moves out).
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        self._tmp.take()
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        token_for(&self.dir, user)
+    }
+
+    /// A connected client for `user`.
+    pub async fn client(&self, user: &str) -> (Client, Events) {
+        self.client_with(user, |_| {}).await
+    }
+
+    pub async fn client_with(&self, user: &str, tweak: impl FnOnce(&mut ClientConfig)) -> (Client, Events) {
+        let mut c = ClientConfig::new(self.addr.clone(), self.token(user));
+        tweak(&mut c);
+        Client::connect(c).await.expect("client connects")
+    }
+
+    /// A raw connection (no Hello sent yet).
+    pub async fn raw(&self) -> Raw {
+        Raw::connect(&self.addr).await
+    }
+
+    /// A raw connection that has said Hello as `user`.
+    pub async fn raw_user(&self, user: &str) -> (Raw, proto::Welcome) {
+        let mut r = self.raw().await;
+        let w = r.hello(&self.token(user), vec![]).await;
+        (r, w)
+    }
+}
+
+/// Mints a token with the secret in `dir`.
+pub fn token_for(dir: &Path, user: &str) -> String {
+    let secret = chatd::auth::load_or_create_secret(dir).unwrap();
+    Auth::new(secret.as_bytes()).mint(user, Duration::from_secs(3600), chatd::auth::unix_now())
+}
+
+/// A frame-level connection.
+pub struct Raw {
+    pub reader: FrameReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+}
+
+impl Raw {
+    pub async fn connect(addr: &str) -> Raw {
+        let s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (r, w) = s.into_split();
+        Raw { reader: FrameReader::new(r, 1 << 20), writer: w }
+    }
+
+    pub async fn send(&mut self, id: u64, body: Body) {
+        let mut buf = BytesMut::new();
+        put_frame(&mut buf, &Envelope::new(id, body));
+        self.writer.write_all(&buf).await.unwrap();
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.unwrap();
+    }
+
+    /// The next envelope; panics after `WAIT`.
+    pub async fn recv(&mut self) -> Envelope {
+        self.try_recv().await.expect("connection closed while a frame was expected")
+    }
+
+    /// The next envelope, or None at end of stream.
+    pub async fn try_recv(&mut self) -> Option<Envelope> {
+        let f = tokio::time::timeout(WAIT, self.reader.read_frame()).await.expect("frame in time").ok()??;
+        Some(decode_envelope(&f).expect("server frames decode"))
+    }
+
+    /// Whether the server closes the connection (EOF or reset) within `WAIT`.
+    pub async fn closed(&mut self) -> bool {
+        loop {
+            match tokio::time::timeout(WAIT, self.reader.read_frame()).await {
+                Err(_) => return false,
+                Ok(Ok(Some(_))) => continue,
+                Ok(_) => return true,
+            }
+        }
+    }
+
+    pub async fn hello(&mut self, token: &str, resume: Vec<proto::Cursor>) -> proto::Welcome {
+        let h = proto::Hello { protocol_version: 1, token: token.into(), device: "raw".into(), resume };
+        self.send(1, Body::Hello(h)).await;
+        match self.recv().await.body {
+            Some(Body::Welcome(w)) => w,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends a request and returns the reply with the same id, skipping pushes.
+    pub async fn call(&mut self, id: u64, body: Body) -> Body {
+        self.send(id, body).await;
+        loop {
+            let env = self.recv().await;
+            if env.id == id {
+                return env.body.expect("reply has a body");
+            }
+        }
+    }
+
+    /// The next server push (`id = 0`) of a message, skipping other frames.
+    pub async fn next_message(&mut self) -> proto::Message {
+        loop {
+            if let Some(Body::Message(m)) = self.recv().await.body {
+                return m;
+            }
+        }
+    }
+}
+
+/// Asserts that `body` is an `Error` with `code`, returning its message.
+pub fn expect_error(body: &Body, code: proto::ErrorCode) -> String {
+    match body {
+        Body::Error(e) if e.code() == code => e.message.clone(),
+        other => panic!("expected error {code:?}, got {other:?}"),
+    }
+}
+
+/// The next `Message` event, skipping other events; panics after `WAIT`.
+pub async fn next_message(events: &mut Events) -> proto::Message {
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await.expect("message in time") {
+            Some(Event::Message(m)) => return m,
+            Some(_) => continue,
+            None => panic!("client closed"),
+        }
+    }
+}
+
+/// Collects `n` messages from `events`.
+pub async fn collect_messages(events: &mut Events, n: usize) -> Vec<proto::Message> {
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        v.push(next_message(events).await);
+    }
+    v
+}
+
+/// The `chatd` binary run as a child process (for signals).
+pub struct Process {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Process {
+    /// Starts `chatd serve` on `dir` and waits until it listens.
+    pub fn start(dir: &Path, extra: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+            .args(["serve", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--publish-rate", "0", "--data"])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("chatd starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("chatd listening: tcp ")
+                    && let Some(t) = tx.take()
+                {
+                    let _ = t.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(WAIT).expect("chatd prints its address");
+        Process { child, addr }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A bare HTTP/1.1 GET; returns the status code and body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,10 @@
+//! Integration tests: each starts a real server on ephemeral ports with a
+//! temporary data directory and talks to it over TCP, either frame by frame
+//! (`protocol`) or through `chat-client` (`chat`, `resume`), or runs the
+//! `chatd` binary to signal and kill it (`durability`).
+
+mod chat;
+mod common;
+mod durability;
+mod protocol;
+mod resume;

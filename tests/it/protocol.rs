@@ -1,0 +1,273 @@
+//! Frame-level behaviour: the handshake, bad input of every kind, and
+//! authorisation. Each case checks the documented error on the wire and that
+//! the server keeps serving others.
+
+use chatd::proto::{self, Body, CloseReason, ErrorCode};
+
+use crate::common::*;
+
+/// A canary that must still chat after each abuse.
+async fn canary_still_works(s: &TestServer) {
+    let (mut r, _) = s.raw_user("canary").await;
+    assert!(matches!(r.call(2, Body::Join(proto::Join { room: "canary".into() })).await, Body::Joined(_)));
+    let ack = r
+        .call(3, Body::Publish(proto::Publish { room: "canary".into(), text: "alive".into(), ..Default::default() }))
+        .await;
+    assert!(matches!(ack, Body::PublishAck(_)), "{ack:?}");
+}
+
+fn go_away_reason(body: &Body) -> CloseReason {
+    match body {
+        Body::GoAway(g) => g.reason(),
+        other => panic!("expected go_away, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_lists_rooms_with_head_and_read_marker() {
+    let s = TestServer::start().await;
+    let (mut r, w) = s.raw_user("ann").await;
+    assert_eq!((w.user.as_str(), w.protocol_version, w.max_frame_bytes), ("ann", 1, 65536));
+    assert!(w.rooms.is_empty());
+    assert!(w.heartbeat_ms > 0 && !w.session_id.is_empty() && w.server.starts_with("chatd/"));
+    r.call(2, Body::Join(proto::Join { room: "general".into() })).await;
+    for i in 0..3 {
+        r.call(
+            10 + i,
+            Body::Publish(proto::Publish { room: "general".into(), text: format!("m{i}"), ..Default::default() }),
+        )
+        .await;
+    }
+    let receipt = r.call(20, Body::MarkRead(proto::MarkRead { room: "general".into(), seq: 1 })).await;
+    assert!(matches!(receipt, Body::ReadReceipt(ref rr) if rr.seq == 1 && rr.user == "ann"), "{receipt:?}");
+    let (_r2, w2) = s.raw_user("ann").await;
+    assert_eq!(w2.rooms, vec![proto::RoomState { room: "general".into(), head_seq: 3, read_seq: 1 }]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_before_hello_are_refused_and_closed() {
+    let s = TestServer::start().await;
+    let mut r = s.raw().await;
+    r.send(5, Body::Join(proto::Join { room: "x".into() })).await;
+    let e = r.recv().await;
+    assert_eq!(e.id, 5);
+    expect_error(e.body.as_ref().unwrap(), ErrorCode::Unauthenticated);
+    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::AuthFailed);
+    assert!(r.closed().await);
+    canary_still_works(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_expired_tokens_are_refused() {
+    let s = TestServer::start().await;
+    let secret = chatd::auth::load_or_create_secret(&s.dir).unwrap();
+    let auth = chatd::auth::Auth::new(secret.as_bytes());
+    let expired = auth.mint("ann", std::time::Duration::from_secs(1), chatd::auth::unix_now() - 3600);
+    let wrong_key =
+        chatd::auth::Auth::new(&[7u8; 32]).mint("ann", std::time::Duration::from_secs(60), chatd::auth::unix_now());
+    for (token, why) in [("garbage", "malformed"), (expired.as_str(), "expired"), (wrong_key.as_str(), "signature")] {
+        let mut r = s.raw().await;
+        r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: token.into(), ..Default::default() })).await;
+        let e = r.recv().await;
+        assert_eq!(e.id, 1);
+        let msg = expect_error(e.body.as_ref().unwrap(), ErrorCode::Unauthenticated);
+        assert!(msg.contains(why), "{msg:?} should say {why}");
+        assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::AuthFailed);
+        assert!(r.closed().await);
+    }
+    canary_still_works(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_protocol_version_is_refused() {
+    let s = TestServer::start().await;
+    let mut r = s.raw().await;
+    r.send(1, Body::Hello(proto::Hello { protocol_version: 2, token: s.token("ann"), ..Default::default() })).await;
+    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::UnsupportedVersion);
+    assert!(r.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_frames_get_bad_request_and_the_connection_stays_open() {
+    let s = TestServer::start().await;
+    let (mut r, _) = s.raw_user("ann").await;
+    // Garbage that is not an Envelope, but whose id field can be read.
+    let mut frame = vec![0x08, 0x2a, 0xff, 0xff, 0xff];
+    let mut wire = (frame.len() as u32).to_be_bytes().to_vec();
+    wire.append(&mut frame);
+    r.send_bytes(&wire).await;
+    let e = r.recv().await;
+    assert_eq!(e.id, 42, "the request id is echoed where it could be read");
+    expect_error(e.body.as_ref().unwrap(), ErrorCode::BadRequest);
+    // An envelope with no body.
+    r.send_bytes(&[0, 0, 0, 2, 0x08, 0x07]).await;
+    let e = r.recv().await;
+    assert_eq!(e.id, 7);
+    expect_error(e.body.as_ref().unwrap(), ErrorCode::BadRequest);
+    // A server-to-client message sent as a request.
+    let b = r.call(8, Body::Welcome(proto::Welcome::default())).await;
+    expect_error(&b, ErrorCode::BadRequest);
+    // A second hello.
+    let b = r.call(9, Body::Hello(proto::Hello::default())).await;
+    expect_error(&b, ErrorCode::BadRequest);
+    // Still serving this connection.
+    assert!(matches!(r.call(10, Body::Ping(proto::Ping { nonce: 99 })).await, Body::Pong(proto::Pong { nonce: 99 })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_length_prefix_closes_the_connection_without_reading_the_body() {
+    let s = TestServer::start().await;
+    let (mut r, _) = s.raw_user("ann").await;
+    r.send_bytes(&u32::MAX.to_be_bytes()).await;
+    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::TooLarge);
+    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::ProtocolError);
+    assert!(r.closed().await);
+    // Before Hello too.
+    let mut r = s.raw().await;
+    r.send_bytes(&(65537u32).to_be_bytes()).await;
+    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::TooLarge);
+    canary_still_works(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_garbage_never_hurts_the_server() {
+    // A short handshake timeout closes connections whose garbage announced
+    // a frame longer than what was sent.
+    let s = TestServer::start_with(|c| c.handshake_timeout_ms = 500).await;
+    // Deterministic pseudo-random bytes.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    for round in 0..20 {
+        let mut r = s.raw().await;
+        let mut junk = Vec::new();
+        for _ in 0..(64 + round * 50) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            junk.push(x as u8);
+        }
+        r.send_bytes(&junk).await;
+        // Whatever it was, the server answers with an error or closes.
+        assert!(r.closed().await);
+    }
+    canary_still_works(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_room_names_are_bad_requests() {
+    let s = TestServer::start().await;
+    let (mut r, _) = s.raw_user("ann").await;
+    for (i, name) in ["", "has space", "slash/room", &"x".repeat(129)].into_iter().enumerate() {
+        let b = r.call(2 + i as u64, Body::Join(proto::Join { room: name.into() })).await;
+        expect_error(&b, ErrorCode::BadRequest);
+    }
+    let b = r.call(10, Body::Publish(proto::Publish { room: "bad room".into(), ..Default::default() })).await;
+    expect_error(&b, ErrorCode::BadRequest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_members_cannot_read_publish_or_mark_read() {
+    let s = TestServer::start().await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    ann.call(2, Body::Join(proto::Join { room: "private".into() })).await;
+    ann.call(3, Body::Publish(proto::Publish { room: "private".into(), text: "secret".into(), ..Default::default() }))
+        .await;
+    let (mut eve, _) = s.raw_user("eve").await;
+    let b = eve
+        .call(2, Body::Publish(proto::Publish { room: "private".into(), text: "x".into(), ..Default::default() }))
+        .await;
+    expect_error(&b, ErrorCode::Forbidden);
+    let b = eve.call(3, Body::History(proto::History { room: "private".into(), ..Default::default() })).await;
+    expect_error(&b, ErrorCode::Forbidden);
+    let b = eve.call(4, Body::MarkRead(proto::MarkRead { room: "private".into(), seq: 1 })).await;
+    expect_error(&b, ErrorCode::Forbidden);
+    // A resume cursor for a room one is not in is refused, and replays nothing.
+    let mut eve2 = s.raw().await;
+    let w = eve2.hello(&s.token("eve"), vec![proto::Cursor { room: "private".into(), after_seq: 0 }]).await;
+    assert!(w.rooms.is_empty());
+    expect_error(eve2.recv().await.body.as_ref().unwrap(), ErrorCode::Forbidden);
+    assert!(matches!(eve2.call(5, Body::Ping(proto::Ping { nonce: 1 })).await, Body::Pong(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_rooms_admit_only_their_two_users() {
+    let s = TestServer::start().await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    let (mut bob, _) = s.raw_user("bob").await;
+    let (mut eve, _) = s.raw_user("eve").await;
+    assert!(matches!(ann.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, Body::Joined(_)));
+    assert!(matches!(bob.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, Body::Joined(_)));
+    expect_error(&eve.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, ErrorCode::Forbidden);
+    expect_error(&ann.call(3, Body::Join(proto::Join { room: "dm:bob:ann".into() })).await, ErrorCode::BadRequest);
+    expect_error(
+        &eve.call(3, Body::History(proto::History { room: "dm:ann:bob".into(), ..Default::default() })).await,
+        ErrorCode::Forbidden,
+    );
+    ann.call(
+        4,
+        Body::Publish(proto::Publish { room: "dm:ann:bob".into(), text: "hi bob".into(), ..Default::default() }),
+    )
+    .await;
+    let m = bob.next_message().await;
+    assert_eq!((m.room.as_str(), m.sender.as_str(), m.text.as_str()), ("dm:ann:bob", "ann", "hi bob"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_stops_delivery_and_membership() {
+    let s = TestServer::start().await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    let (mut bob, _) = s.raw_user("bob").await;
+    ann.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    bob.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    assert!(matches!(bob.call(3, Body::Leave(proto::Leave { room: "r".into() })).await, Body::Left(_)));
+    ann.call(3, Body::Publish(proto::Publish { room: "r".into(), text: "after".into(), ..Default::default() })).await;
+    expect_error(
+        &bob.call(4, Body::Publish(proto::Publish { room: "r".into(), text: "x".into(), ..Default::default() })).await,
+        ErrorCode::Forbidden,
+    );
+    // Bob's connection received no message after leaving: the next frame is
+    // the reply to this ping.
+    let env = {
+        bob.send(5, Body::Ping(proto::Ping { nonce: 5 })).await;
+        bob.recv().await
+    };
+    assert_eq!(env.id, 5, "no message reached bob after he left: {env:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_hello_within_the_handshake_timeout_closes() {
+    let s = TestServer::start_with(|c| c.handshake_timeout_ms = 300).await;
+    let mut r = s.raw().await;
+    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::Unauthenticated);
+    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::AuthFailed);
+    assert!(r.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_pinged_then_closed() {
+    let s = TestServer::start_with(|c| c.idle_timeout_ms = 400).await;
+    let (mut r, _) = s.raw_user("ann").await;
+    assert!(matches!(r.recv().await.body, Some(Body::Ping(_))));
+    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::IdleTimeout);
+    assert!(r.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_answering_pings_stays_connected() {
+    let s = TestServer::start_with(|c| c.idle_timeout_ms = 400).await;
+    let (mut r, _) = s.raw_user("ann").await;
+    for _ in 0..4 {
+        match r.recv().await.body {
+            Some(Body::Ping(p)) => r.send(0, Body::Pong(proto::Pong { nonce: p.nonce })).await,
+            other => panic!("expected ping, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness_are_served_over_http() {
+    let s = TestServer::start().await;
+    assert_eq!(http_get(&s.http, "/healthz").await, (200, "ok\n".to_string()));
+    let (status, body) = http_get(&s.http, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_get(&s.http, "/nope").await.0, 404);
+}
