@@ -225,6 +225,19 @@ mod tests {
         assert!(matches!(reader.read_frame().await, Err(FrameError::Truncated)));
     }
 
+    /// The worked example in proto/README.md, byte for byte.
+    #[test]
+    fn the_documented_join_frame() {
+        let env = Envelope::new(1, Body::Join(crate::proto::Join { room: "general".into() }));
+        let expected: &[u8] = &[
+            0x00, 0x00, 0x00, 0x0d, // length 13
+            0x08, 0x01, // field 1 (id), varint 1
+            0x62, 0x09, // field 12 (join), length 9
+            0x0a, 0x07, b'g', b'e', b'n', b'e', b'r', b'a', b'l', // Join.room = "general"
+        ];
+        assert_eq!(&encode_frame(&env)[..], expected);
+    }
+
     #[test]
     fn request_id_is_found_in_undecodable_bytes() {
         let env = Envelope::new(77, Body::Ping(Ping { nonce: 3 }));

@@ -255,7 +255,7 @@ impl State {
     }
 
     async fn on_frame(&mut self, conn: &mut Conn, env: Envelope) -> Option<End> {
-        let Some(body) = env.body else { return None };
+        let body = env.body?;
         if env.id != 0 {
             if let Some(room) = self.gap_fetches.remove(&env.id) {
                 let mut out = Vec::new();

@@ -161,7 +161,10 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
                             .history(proto::History { room: room.clone(), limit: arg.parse().unwrap_or(20), ..Default::default() })
                             .await
                             .map(|p| p.messages.iter().for_each(|m| println!("{}", line(m)))),
-                        None => Ok(eprintln!("* no current room; /join ROOM first")),
+                        None => {
+                            eprintln!("* no current room; /join ROOM first");
+                            Ok(())
+                        }
                     },
                     "/read" => match &current {
                         Some(room) => {
@@ -172,7 +175,10 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
                     },
                     _ => match &current {
                         Some(room) => client.publish(room, l).await.map(|_| ()),
-                        None => Ok(eprintln!("* no current room; /join ROOM first")),
+                        None => {
+                            eprintln!("* no current room; /join ROOM first");
+                            Ok(())
+                        }
                     },
                 };
                 if let Err(e) = result {
