@@ -81,8 +81,12 @@ impl SessionHandle {
                 done.push(room.id);
             }
         }
+        // A room may have fallen behind again since its step said Done (the
+        // fan-out found the queue full); its `mark_lagging` then saw it still
+        // listed. Drop only rooms that are live now; the fan-out's
+        // `mark_lagging` waits for this lock, so none is lost in between.
         let mut l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
-        l.retain(|r| !done.contains(&r.id));
+        l.retain(|r| !done.contains(&r.id) || r.lagging_since(self.id).is_some());
         self.has_lagging.store(!l.is_empty(), Ordering::Release);
         Ok(l.len())
     }

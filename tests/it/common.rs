@@ -124,6 +124,17 @@ impl Raw {
         Raw { reader: FrameReader::new(r, 1 << 20), writer: w }
     }
 
+    /// A connection with a small receive buffer, so a reader that pauses
+    /// makes the server's writes block early.
+    pub async fn connect_small(addr: &str) -> Raw {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let s = sock.connect(addr.parse().unwrap()).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (r, w) = s.into_split();
+        Raw { reader: FrameReader::new(r, 1 << 20), writer: w }
+    }
+
     pub async fn send(&mut self, id: u64, body: Body) {
         let mut buf = BytesMut::new();
         put_frame(&mut buf, &Envelope::new(id, body));
