@@ -62,6 +62,10 @@ pub struct Config {
     pub idempotency_hours: u64,
     /// Time allowed for a graceful shutdown, in ms.
     pub shutdown_timeout_ms: u64,
+    /// Development login at `POST /dev/token?user=NAME` (loopback HTTP only).
+    pub dev_auth: bool,
+    /// Serve the web client from this directory instead of the built-in copy.
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -91,6 +95,8 @@ impl Default for Config {
             max_rooms_per_user: l.max_rooms_per_user,
             idempotency_hours: 24,
             shutdown_timeout_ms: 10_000,
+            dev_auth: false,
+            web_dir: None,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::auth::Auth;
 use crate::room::Room;
 use crate::room::fanout::Completion;
 use crate::session::SessionHandle;
+use crate::session::outbound::Frame;
 use crate::store::commit::CommitQueue;
 use crate::store::{RoomId, Snapshot, Store};
 
@@ -125,7 +126,12 @@ pub struct Hub {
     /// arrived meanwhile (answered with the same seq once it is durable).
     idem_in_flight: Mutex<HashMap<IdemKey, IdemWaiters>>,
     next_session_id: AtomicU64,
+    /// Rooms with a typing indicator on, for the expiry sweep.
+    typing_rooms: Mutex<HashMap<RoomId, Arc<Room>>>,
 }
+
+/// How long a typing indicator lasts without a refresh.
+pub const TYPING_TTL: Duration = Duration::from_secs(6);
 
 /// The outcome of looking up an idempotency key.
 pub enum IdemCheck {
@@ -180,6 +186,7 @@ impl Hub {
             users: Mutex::new(users),
             idem_in_flight: Mutex::new(HashMap::new()),
             next_session_id: AtomicU64::new(1),
+            typing_rooms: Mutex::new(HashMap::new()),
         }
     }
 
@@ -283,6 +290,56 @@ impl Hub {
     pub fn settle_idempotent(&self, sender: &Arc<str>, client_msg_id: &str) -> IdemWaiters {
         let key = (sender.clone(), client_msg_id.to_string());
         self.idem_in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key).unwrap_or_default()
+    }
+
+    /// Turns `user`'s typing indicator in `room` on (until the TTL passes) or
+    /// off, and tells the room's other sessions.
+    pub fn typing(&self, room: &Arc<Room>, user: &Arc<str>, active: bool, except_session: Option<u64>) {
+        let until = active.then(|| Instant::now() + TYPING_TTL);
+        let anyone = room.set_typing(user, until);
+        {
+            let mut rooms = self.typing_rooms.lock().unwrap_or_else(|e| e.into_inner());
+            if anyone {
+                rooms.insert(room.id, room.clone());
+            } else {
+                rooms.remove(&room.id);
+            }
+        }
+        let push = crate::proto::Typing { room: room.name.to_string(), user: user.to_string(), active };
+        let frame = crate::codec::encode_frame(&crate::proto::Envelope::push(crate::proto::Body::Typing(push)));
+        room.broadcast_ephemeral(&Frame::shared(frame), except_session);
+    }
+
+    /// Ends typing indicators not refreshed within the TTL (`Typing{active:
+    /// false}` to the room). Run about once a second.
+    pub fn expire_typing(&self) {
+        let rooms: Vec<Arc<Room>> =
+            self.typing_rooms.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let now = Instant::now();
+        for room in rooms {
+            let (expired, anyone) = room.expire_typing(now);
+            if !anyone {
+                self.typing_rooms.lock().unwrap_or_else(|e| e.into_inner()).remove(&room.id);
+            }
+            for user in expired {
+                let push = crate::proto::Typing { room: room.name.to_string(), user: user.to_string(), active: false };
+                let frame = crate::codec::encode_frame(&crate::proto::Envelope::push(crate::proto::Body::Typing(push)));
+                room.broadcast_ephemeral(&Frame::shared(frame), None);
+            }
+        }
+    }
+
+    /// Tells `room` that `user` came online (with `devices` sessions) or went
+    /// offline, except to the session `except`.
+    pub fn presence(&self, room: &Room, user: &str, devices: usize, except: Option<u64>) {
+        let p = crate::proto::Presence {
+            room: room.name.to_string(),
+            user: user.to_string(),
+            online: devices > 0,
+            devices: devices as u32,
+        };
+        let frame = crate::codec::encode_frame(&crate::proto::Envelope::push(crate::proto::Body::Presence(p)));
+        room.broadcast_ephemeral(&Frame::shared(frame), except);
     }
 
     /// Users with at least one session, and the number of sessions.

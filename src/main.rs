@@ -59,6 +59,14 @@ struct ServeArgs {
     /// Largest frame in bytes [default: 65536].
     #[arg(long, env = "CHATD_MAX_FRAME_BYTES")]
     max_frame_bytes: Option<usize>,
+    /// Development login: the web client can mint a token for any name.
+    /// Refused unless the HTTP listener is on a loopback address.
+    #[arg(long, env = "CHATD_DEV_AUTH")]
+    dev_auth: bool,
+    /// Serve the web client from this directory (e.g. clients/web) instead
+    /// of the copy built into the binary: edit and reload, no rebuild.
+    #[arg(long, env = "CHATD_WEB_DIR")]
+    web_dir: Option<PathBuf>,
     /// Token secret (instead of DATA/secret).
     #[arg(long, env = "CHATD_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
@@ -87,6 +95,12 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_frame_bytes {
             c.max_frame_bytes = v;
+        }
+        if let Some(v) = self.web_dir {
+            c.web_dir = Some(v);
+        }
+        if self.dev_auth {
+            c.dev_auth = true;
         }
         if let Some(v) = self.token_secret {
             c.token_secret = Some(v);

@@ -4,6 +4,9 @@
 #![allow(clippy::all, missing_docs)]
 
 include!(concat!(env!("OUT_DIR"), "/chat.v1.rs"));
+// The canonical proto3 JSON mapping (serde), for the WebSocket adapter.
+#[cfg(feature = "server")]
+include!(concat!(env!("OUT_DIR"), "/chat.v1.serde.rs"));
 
 /// The protocol version this build speaks (`Hello.protocol_version`).
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -15,10 +15,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
-use crate::http::Probe;
+use crate::http::App;
 use crate::hub::Hub;
-use crate::net::stream::Shutdown;
 use crate::room::fanout::{self, Completion};
+use crate::session::driver::Shutdown;
 use crate::store::commit::{self, Pending, Write};
 use crate::store::sled::SledStore;
 use crate::store::{Store, StoreError};
@@ -44,7 +44,7 @@ pub struct Server {
     /// Bound HTTP address.
     pub http_addr: SocketAddr,
     hub: Arc<Hub>,
-    probe: Arc<Probe>,
+    app: Arc<App>,
     stop_accepting: CancellationToken,
     shutdown: Shutdown,
     connections: TaskTracker,
@@ -77,6 +77,12 @@ impl Server {
     pub async fn start_with_store(config: &Config, store: Arc<dyn Store>, auth: Auth) -> Result<Server, StartError> {
         config.validate()?;
         let durability = config.durability()?;
+        if config.dev_auth && !config.http.ip().is_loopback() {
+            return Err(StartError::Config(ConfigError(format!(
+                "dev_auth: the dev login mints tokens for anyone; it is refused unless the HTTP listener is on a loopback address (http = {})",
+                config.http
+            ))));
+        }
         let st = store.clone();
         let snapshot =
             tokio::task::spawn_blocking(move || st.load()).await.map_err(|e| StartError::Io(e.to_string()))??;
@@ -104,8 +110,15 @@ impl Server {
             stop_accepting.clone(),
             shutdown.clone(),
         ));
-        let probe = Arc::new(Probe { hub: hub.clone(), serving: false.into() });
-        let router = crate::http::router(probe.clone());
+        let app = Arc::new(App {
+            hub: hub.clone(),
+            serving: false.into(),
+            shutdown: shutdown.clone(),
+            connections: connections.clone(),
+            dev_auth: config.dev_auth,
+            web_dir: config.web_dir.clone(),
+        });
+        let router = crate::http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let stop = stop_accepting.clone();
         let http_task = tokio::spawn(async move {
             let serve = axum::serve(http, router).with_graceful_shutdown(async move { stop.cancelled().await });
@@ -113,15 +126,23 @@ impl Server {
                 tracing::error!(error = %e, "http listener failed");
             }
         });
-        let housekeeping =
-            tokio::spawn(expire_idempotency(hub.clone(), Duration::from_secs(config.idempotency_hours * 3600)));
-        probe.serving.store(true, Ordering::Release);
+        let keep = Duration::from_secs(config.idempotency_hours * 3600);
+        let housekeeping = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                tokio::join!(expire_idempotency(hub.clone(), keep), expire_typing(hub));
+            }
+        });
+        app.serving.store(true, Ordering::Release);
+        if config.dev_auth {
+            tracing::warn!(%http_addr, "DEV LOGIN IS ON: anyone who can reach {http_addr} can mint a token for any user (--dev-auth); never use this in production");
+        }
         tracing::info!(%tcp_addr, %http_addr, %durability, rooms, "chatd serving");
         Ok(Server {
             tcp_addr,
             http_addr,
             hub,
-            probe,
+            app,
             stop_accepting,
             shutdown,
             connections,
@@ -144,7 +165,7 @@ impl Server {
     pub async fn shutdown(self) {
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         tracing::info!("shutting down: no new connections or requests");
-        self.probe.serving.store(false, Ordering::Release);
+        self.app.serving.store(false, Ordering::Release);
         self.stop_accepting.cancel();
         self.shutdown.stop_reading.cancel();
         self.shutdown.readers.close();
@@ -181,9 +202,18 @@ impl Server {
         let _ = self.fanout_task.await;
         self.commit_task.abort();
         let _ = self.commit_task.await;
-        drop(self.probe);
+        drop(self.app);
         drop(self.hub);
         tracing::info!("shutdown complete");
+    }
+}
+
+/// Ends typing indicators that were not refreshed, every half second.
+async fn expire_typing(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        hub.expire_typing();
     }
 }
 

@@ -1,27 +1,74 @@
-//! The HTTP side (`--http`): health and readiness probes for orchestrators.
-//! The WebSocket adapter, the web client and `/metrics` join this router.
+//! The HTTP side (`--http`): the WebSocket endpoint (`/ws`, see [`ws`]),
+//! health and readiness probes, the browser client at `/`, and — only with
+//! `--dev-auth` on a loopback listener — a development login that mints
+//! tokens.
 
+pub mod ws;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
+use crate::session::driver::Shutdown;
 
-/// What the probes look at.
-pub struct Probe {
-    /// The hub (its store's health).
+/// What the HTTP handlers share.
+pub struct App {
+    /// The hub.
     pub hub: Arc<Hub>,
     /// Set once every listener is bound; cleared when shutdown starts.
     pub serving: AtomicBool,
+    /// Shutdown signals for WebSocket sessions.
+    pub shutdown: Shutdown,
+    /// Tracks WebSocket connections, so shutdown waits for them.
+    pub connections: TaskTracker,
+    /// Whether `/dev/token` mints tokens (development only).
+    pub dev_auth: bool,
+    /// Serve the web client from this directory instead of the copy built
+    /// into the binary (for working on the client without rebuilding).
+    pub web_dir: Option<std::path::PathBuf>,
 }
 
+/// The web client's files: name, content type, embedded text.
+const ASSETS: [(&str, &str, &str); 4] = [
+    ("index.html", "text/html; charset=utf-8", include_str!("../../clients/web/index.html")),
+    ("app.js", "text/javascript", include_str!("../../clients/web/app.js")),
+    ("chatd-client.js", "text/javascript", include_str!("../../clients/web/chatd-client.js")),
+    ("style.css", "text/css", include_str!("../../clients/web/style.css")),
+];
+
 /// The router.
-pub fn router(probe: Arc<Probe>) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(probe)
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/ws", get(upgrade))
+        .route("/dev/token", post(dev_token))
+        .route("/", get(|app| asset(app, "index.html")))
+        .route("/app.js", get(|app| asset(app, "app.js")))
+        .route("/chatd-client.js", get(|app| asset(app, "chatd-client.js")))
+        .route("/style.css", get(|app| asset(app, "style.css")))
+        .with_state(app)
+}
+
+async fn asset(State(app): State<Arc<App>>, name: &'static str) -> Response {
+    let (_, content_type, embedded) = ASSETS.iter().find(|(n, _, _)| *n == name).expect("known asset");
+    let body = match &app.web_dir {
+        Some(dir) => match tokio::fs::read_to_string(dir.join(name)).await {
+            Ok(text) => text,
+            Err(e) => return (StatusCode::NOT_FOUND, format!("{name}: {e}\n")).into_response(),
+        },
+        None => (*embedded).to_string(),
+    };
+    ([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
 /// The process is alive and answering.
@@ -30,12 +77,47 @@ async fn healthz() -> &'static str {
 }
 
 /// Storage is usable and the listeners are up (503 otherwise).
-async fn readyz(State(p): State<Arc<Probe>>) -> (StatusCode, String) {
-    if !p.serving.load(Ordering::Acquire) {
+async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, String) {
+    if !app.serving.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "not serving (starting or shutting down)\n".into())
-    } else if p.hub.commits.has_failed() {
+    } else if app.hub.commits.has_failed() {
         (StatusCode::SERVICE_UNAVAILABLE, "storage failed; see the logs\n".into())
     } else {
-        (StatusCode::OK, format!("ready: {} rooms\n", p.hub.room_count()))
+        (StatusCode::OK, format!("ready: {} rooms\n", app.hub.room_count()))
     }
+}
+
+async fn upgrade(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !app.serving.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let max = app.hub.limits.max_frame_bytes;
+    let (hub, shutdown, tracker) = (app.hub.clone(), app.shutdown.clone(), app.connections.clone());
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| tracker.track_future(ws::serve(hub, socket, peer.to_string(), shutdown)))
+}
+
+#[derive(serde::Deserialize)]
+struct DevLogin {
+    user: String,
+}
+
+/// `POST /dev/token?user=NAME`: a 24 h token, only with `--dev-auth`.
+async fn dev_token(State(app): State<Arc<App>>, Query(q): Query<DevLogin>) -> Response {
+    if !app.dev_auth {
+        return (StatusCode::NOT_FOUND, "dev login is off (start chatd with --dev-auth on a loopback address)\n")
+            .into_response();
+    }
+    if !crate::auth::valid_user_id(&q.user) {
+        return (StatusCode::BAD_REQUEST, "user must be 1-62 characters of A-Z a-z 0-9 _ . -\n").into_response();
+    }
+    tracing::warn!(user = %q.user, "dev login minted a token");
+    let token = app.hub.auth.mint(&q.user, std::time::Duration::from_secs(86400), crate::auth::unix_now());
+    ([(header::CONTENT_TYPE, "text/plain")], token).into_response()
 }

@@ -9,8 +9,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::stream::Shutdown;
 use crate::hub::Hub;
+use crate::session::driver::Shutdown;
 
 /// Accepts until `stop_accepting` is cancelled. Connection tasks are tracked
 /// by `tracker` and follow `shutdown`.

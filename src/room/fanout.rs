@@ -18,6 +18,7 @@ use crate::codec::encode_frame;
 use crate::hub::Hub;
 use crate::proto::{self, Body, Envelope, ErrorCode};
 use crate::session::SessionHandle;
+use crate::session::outbound::Frame;
 use crate::store::StoreError;
 use crate::store::commit::Committed;
 
@@ -69,7 +70,7 @@ pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
 }
 
 fn deliver(hub: &Hub, p: PublishDone) {
-    let frame = message_frame(&p.message);
+    let frame = Frame::shared(message_frame(&p.message));
     p.room.fan_out(p.seq, &frame);
     let ack = |id: u64, duplicate: bool| {
         encode_frame(&Envelope::new(

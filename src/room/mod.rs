@@ -36,6 +36,7 @@ use prost::Message as _;
 use crate::codec::{PREFIX_LEN, encode_frame};
 use crate::proto::{self, Body, Envelope};
 use crate::session::SessionHandle;
+use crate::session::outbound::Frame;
 use crate::store::{RoomId, Store, StoreError};
 
 /// Field number of `Envelope.message` (checked by a test against prost).
@@ -118,6 +119,8 @@ pub struct Room {
     subs: Mutex<HashMap<u64, Subscriber>>,
     /// Times a subscriber's queue was full and it fell back to the log.
     slow_consumer_events: AtomicU64,
+    /// Users typing now, with when their indicator expires.
+    typing: Mutex<HashMap<Arc<str>, Instant>>,
 }
 
 /// What a catch-up step achieved.
@@ -139,7 +142,43 @@ impl Room {
             dispatched: AtomicU64::new(head),
             subs: Mutex::new(HashMap::new()),
             slow_consumer_events: AtomicU64::new(0),
+            typing: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn typing(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Instant>> {
+        self.typing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that `user` is (or stopped) typing, expiring at `until`.
+    /// Returns whether anyone is typing here afterwards.
+    pub fn set_typing(&self, user: &Arc<str>, until: Option<Instant>) -> bool {
+        let mut t = self.typing();
+        match until {
+            Some(at) => {
+                t.insert(user.clone(), at);
+            }
+            None => {
+                t.remove(user);
+            }
+        }
+        !t.is_empty()
+    }
+
+    /// Removes indicators that expired by `now`; returns their users and
+    /// whether anyone is still typing.
+    pub fn expire_typing(&self, now: Instant) -> (Vec<Arc<str>>, bool) {
+        let mut t = self.typing();
+        let expired: Vec<Arc<str>> = t.iter().filter(|(_, at)| **at <= now).map(|(u, _)| u.clone()).collect();
+        for u in &expired {
+            t.remove(u);
+        }
+        (expired, !t.is_empty())
+    }
+
+    /// Whether `user`'s typing indicator is on.
+    pub fn is_typing(&self, user: &str) -> bool {
+        self.typing().contains_key(user)
     }
 
     /// Times a subscriber of this room fell behind and switched to the log.
@@ -217,7 +256,7 @@ impl Room {
 
     /// Offers the committed message `seq` to every live subscriber; those
     /// whose queue is full start catching up. Never waits.
-    pub fn fan_out(self: &Arc<Self>, seq: u64, frame: &Bytes) {
+    pub fn fan_out(self: &Arc<Self>, seq: u64, frame: &Frame) {
         self.dispatched.store(seq, Ordering::Release);
         let mut lagging = Vec::new();
         {
@@ -243,7 +282,7 @@ impl Room {
 
     /// Offers an ephemeral push (typing, read receipt) to every live
     /// subscriber but `except`; a full queue just misses it.
-    pub fn broadcast_ephemeral(&self, frame: &Bytes, except: Option<u64>) {
+    pub fn broadcast_ephemeral(&self, frame: &Frame, except: Option<u64>) {
         for (id, sub) in self.subs().iter() {
             if Some(*id) != except && matches!(sub.mode, Mode::Live) {
                 let _ = sub.session.outbound.offer(frame.clone());

@@ -4,6 +4,7 @@
 //! [`SessionHandle`]'s [`Outbound`] queue, which the transport's writer
 //! drains. No chat logic lives in a transport.
 
+pub mod driver;
 pub mod outbound;
 mod requests;
 
@@ -18,6 +19,9 @@ use crate::hub::{Hub, UserEntry};
 use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode};
 use crate::room::{CatchUp, Room};
 pub use outbound::{Outbound, OutboundLimits};
+
+/// Messages read from the log per catch-up step.
+const CATCH_UP_STEP: u64 = 256;
 
 /// The part of a session that rooms and the fan-out see.
 pub struct SessionHandle {
@@ -91,6 +95,36 @@ impl SessionHandle {
         Ok(l.len())
     }
 
+    /// The writer's chores between writes: closes a session that stayed
+    /// behind past the slow-consumer timeout, and feeds lagging rooms from
+    /// the log. Returns true when frames were queued (write again at once).
+    pub fn tend(&self, hub: &Hub) -> bool {
+        if !self.is_lagging() {
+            return false;
+        }
+        let slow = hub.limits.slow_consumer_timeout;
+        if let Some(since) = self.lagging_since()
+            && since.elapsed() > slow
+        {
+            tracing::warn!(
+                session = self.id,
+                user = self.user(),
+                "behind for more than {slow:?}; closing as a slow consumer"
+            );
+            let g = proto::GoAway::new(CloseReason::SlowConsumer, "could not keep up with the rooms' messages");
+            self.outbound.close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
+            return true;
+        }
+        match self.catch_up(hub, CATCH_UP_STEP) {
+            Ok(_) => self.outbound.depth().0 > 0,
+            Err(e) => {
+                tracing::error!(session = self.id, error = %e, "catch-up from the log failed; closing");
+                self.outbound.close_with(Some(error_frame(0, ErrorCode::Internal, format!("catch-up failed: {e}"))));
+                true
+            }
+        }
+    }
+
     /// The oldest moment a lagging room of this session fell behind.
     pub fn lagging_since(&self) -> Option<std::time::Instant> {
         let l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
@@ -120,13 +154,25 @@ pub struct Session {
     handle: Arc<SessionHandle>,
     state: State,
     transport: &'static str,
+    /// Token bucket for `Typing` (tokens, last refill).
+    typing_bucket: (f64, std::time::Instant),
 }
+
+/// `Typing` messages a session may send per second, and in a burst.
+const TYPING_PER_SEC: f64 = 4.0;
+const TYPING_BURST: f64 = 8.0;
 
 impl Session {
     /// A session for a new connection on `transport` ("tcp", "tls", "ws").
     pub fn new(hub: Arc<Hub>, transport: &'static str) -> Self {
         let handle = Arc::new(SessionHandle::new(hub.next_session_id(), &hub.limits));
-        Session { hub, handle, state: State::AwaitingHello, transport }
+        Session {
+            hub,
+            handle,
+            state: State::AwaitingHello,
+            transport,
+            typing_bucket: (TYPING_BURST, std::time::Instant::now()),
+        }
     }
 
     /// The handle the writer drains.
@@ -137,6 +183,20 @@ impl Session {
     /// The hub.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    /// Takes a token from the session's typing bucket.
+    fn take_typing_token(&mut self) -> bool {
+        let (tokens, at) = &mut self.typing_bucket;
+        let now = std::time::Instant::now();
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * TYPING_PER_SEC).min(TYPING_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Whether `Welcome` was sent.
@@ -217,6 +277,15 @@ impl Session {
         }
     }
 
+    /// A message that could not be decoded (e.g. invalid JSON).
+    pub fn on_malformed(&mut self, id: u64, reason: String) -> Flow {
+        tracing::debug!(session = self.handle.id, %reason, "malformed message");
+        if matches!(self.state, State::AwaitingHello) {
+            return self.refuse(id, ErrorCode::BadRequest, CloseReason::ProtocolError, reason);
+        }
+        self.reject(id, ErrorCode::BadRequest, reason)
+    }
+
     /// No `Hello` within the handshake timeout.
     pub fn on_handshake_timeout(&mut self) -> Flow {
         let secs = self.hub.limits.handshake_timeout.as_secs_f32();
@@ -273,13 +342,20 @@ impl Session {
     /// Leaves every room subscription and the user's session list. Called
     /// once by the transport when the connection ends.
     pub fn close(&mut self) {
-        if let State::Ready { entry, .. } = std::mem::replace(&mut self.state, State::Closed) {
+        if let State::Ready { entry, user, .. } = std::mem::replace(&mut self.state, State::Closed) {
             let mut st = entry.lock();
             st.sessions.retain(|s| s.id != self.handle.id);
+            let last = st.sessions.is_empty();
             for room in st.rooms.values() {
                 room.unsubscribe(self.handle.id);
+                if last {
+                    if room.is_typing(&user) {
+                        self.hub.typing(room, &user, false, None);
+                    }
+                    self.hub.presence(room, &user, 0, None);
+                }
             }
-            tracing::debug!(session = self.handle.id, user = self.handle.user(), "session closed");
+            tracing::debug!(session = self.handle.id, user = %user, "session closed");
         }
         self.handle.outbound.close_with(None);
     }

@@ -9,14 +9,48 @@
 //! it takes the next request, so a client that does not read stops being
 //! read (TCP backpressure) instead of growing the queue.
 //!
-//! Each frame is a `Bytes` holding the length prefix and the encoded
-//! envelope; a fanned-out message is one allocation shared by every queue.
+//! Each [`Frame`] holds the TCP encoding (length prefix + protobuf
+//! envelope); a fanned-out message is one allocation shared by every queue,
+//! plus one slot for its JSON text that the first WebSocket JSON recipient
+//! fills and the others reuse — one encoding per wire format.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
+
+/// One queued frame.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    /// Length prefix + protobuf `Envelope`, as written on TCP and TLS.
+    pub wire: Bytes,
+    /// For a frame shared by many recipients: its JSON text, made once.
+    pub json: Option<Arc<OnceLock<Bytes>>>,
+}
+
+impl Frame {
+    /// A frame for many recipients (a fanned-out message).
+    pub fn shared(wire: Bytes) -> Self {
+        Frame { wire, json: Some(Arc::new(OnceLock::new())) }
+    }
+
+    /// The protobuf envelope without the length prefix (a WebSocket binary
+    /// message).
+    pub fn envelope(&self) -> Bytes {
+        self.wire.slice(crate::codec::PREFIX_LEN.min(self.wire.len())..)
+    }
+
+    fn len(&self) -> usize {
+        self.wire.len()
+    }
+}
+
+impl From<Bytes> for Frame {
+    fn from(wire: Bytes) -> Self {
+        Frame { wire, json: None }
+    }
+}
 
 /// Bounds of one queue.
 #[derive(Clone, Copy, Debug)]
@@ -35,7 +69,7 @@ impl Default for OutboundLimits {
 
 #[derive(Default)]
 struct Queue {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Frame>,
     bytes: usize,
     /// No more frames are accepted; the writer flushes what is queued and
     /// closes the connection.
@@ -67,7 +101,8 @@ impl Outbound {
     }
 
     /// Queues a live frame if it fits within the bounds.
-    pub fn offer(&self, frame: Bytes) -> Result<(), Rejected> {
+    pub fn offer(&self, frame: impl Into<Frame>) -> Result<(), Rejected> {
+        let frame = frame.into();
         let mut q = self.lock();
         if q.closing
             || q.frames.len() >= self.limits.max_frames
@@ -87,7 +122,8 @@ impl Outbound {
 
     /// Queues a reply or control frame regardless of the bounds. Fails only
     /// when the connection is closing.
-    pub fn push(&self, frame: Bytes) -> Result<(), Rejected> {
+    pub fn push(&self, frame: impl Into<Frame>) -> Result<(), Rejected> {
+        let frame = frame.into();
         let mut q = self.lock();
         if q.closing {
             return Err(Rejected);
@@ -111,7 +147,7 @@ impl Outbound {
         }
         if let Some(f) = last {
             q.bytes += f.len();
-            q.frames.push_back(f);
+            q.frames.push_back(f.into());
         }
         q.closing = true;
         drop(q);
@@ -137,7 +173,7 @@ impl Outbound {
         out.reserve(q.bytes);
         let n = q.frames.len();
         for f in q.frames.drain(..) {
-            out.extend_from_slice(&f);
+            out.extend_from_slice(&f.wire);
         }
         q.bytes = 0;
         let closing = q.closing;
@@ -146,6 +182,21 @@ impl Outbound {
             self.drained.notify_waiters();
         }
         (n, closing)
+    }
+
+    /// Moves every queued frame into `out` (for transports that send frames
+    /// one message each) and returns whether the queue is closing.
+    pub fn drain_frames(&self, out: &mut Vec<Frame>) -> bool {
+        let mut q = self.lock();
+        let n = q.frames.len();
+        out.extend(q.frames.drain(..));
+        q.bytes = 0;
+        let closing = q.closing;
+        drop(q);
+        if n > 0 {
+            self.drained.notify_waiters();
+        }
+        closing
     }
 
     /// Waits until frames are queued or the queue closes.

@@ -11,6 +11,7 @@ use crate::hub::{IdemCheck, UserEntry};
 use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
 use crate::room::fanout::{Completion, PublishDone};
 use crate::room::{Access, Room, access_of, valid_room_name};
+use crate::session::outbound::Frame;
 use crate::store::commit::{Pending, Write};
 use crate::store::{Append, MembershipChange, ReadMarker, StoreError};
 
@@ -118,6 +119,12 @@ impl Session {
                 room.subscribe_from(&self.handle, from, None);
             }
         }
+        // The first session online: tell the rooms.
+        if st.sessions.len() == 1 {
+            for room in st.rooms.values() {
+                self.hub.presence(room, &user, 1, Some(self.handle.id));
+            }
+        }
         drop(st);
         for (code, msg) in problems {
             let _ = self.handle.outbound.push(error_frame(0, code, msg));
@@ -205,8 +212,8 @@ impl Session {
             Err(why) => return Err(Refusal::new(ErrorCode::BadRequest, why)),
         }
         let _serial = entry.membership.lock().await;
-        let existing = self.hub.room(&name).filter(|r| entry.lock().rooms.contains_key(&r.id));
-        let room = match existing {
+        let existing_member = self.hub.room(&name).filter(|r| entry.lock().rooms.contains_key(&r.id));
+        let room = match existing_member.clone() {
             Some(room) => room,
             None => {
                 if entry.lock().rooms.len() >= self.hub.limits.max_rooms_per_user {
@@ -246,7 +253,11 @@ impl Session {
             encode_frame(&Envelope::new(id, Body::Joined(proto::Joined { state: Some(state), online: online.clone() })))
         };
         room.subscribe_live(&self.handle, Some(&reply));
+        let devices = st.sessions.len();
         drop(st);
+        if existing_member.is_none() {
+            self.hub.presence(&room, user, devices, Some(self.handle.id));
+        }
         tracing::debug!(session = self.handle.id, user = %user, room = %name, "joined");
         Ok(None)
     }
@@ -270,6 +281,11 @@ impl Session {
             for s in &st.sessions {
                 room.unsubscribe(s.id);
             }
+            drop(st);
+            if room.is_typing(user) {
+                self.hub.typing(&room, user, false, None);
+            }
+            self.hub.presence(&room, user, 0, None);
             tracing::debug!(session = self.handle.id, user = %user, room = %name, "left");
         }
         Ok(Some(Body::Left(proto::Left { room: name })))
@@ -403,16 +419,19 @@ impl Session {
         let receipt =
             proto::ReadReceipt { room: m.room, user: user.to_string(), seq: moved.unwrap_or(current).max(seq) };
         if moved.is_some() {
-            let push = encode_frame(&Envelope::push(Body::ReadReceipt(receipt.clone())));
+            let push = Frame::shared(encode_frame(&Envelope::push(Body::ReadReceipt(receipt.clone()))));
             room.broadcast_ephemeral(&push, Some(self.handle.id));
         }
         Ok(Some(Body::ReadReceipt(receipt)))
     }
 
-    fn typing(&self, user: &Arc<str>, entry: &UserEntry, t: proto::Typing) -> Reply {
+    fn typing(&mut self, user: &Arc<str>, entry: &UserEntry, t: proto::Typing) -> Reply {
         let room = self.member_room(entry, &t.room)?;
-        let push = proto::Typing { room: t.room, user: user.to_string(), active: t.active };
-        room.broadcast_ephemeral(&encode_frame(&Envelope::push(Body::Typing(push))), Some(self.handle.id));
+        // Clients refresh the indicator every few seconds; a flood is refused.
+        if !self.take_typing_token() {
+            return Err(Refusal::new(ErrorCode::RateLimited, "typing updates are limited to 4 per second"));
+        }
+        self.hub.typing(&room, user, t.active, Some(self.handle.id));
         Ok(None)
     }
 }

@@ -61,16 +61,7 @@ impl SledStore {
     /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let db =
-            sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open().map_err(
-                |e| match e {
-                    // sled reports a held lock only as text (config.rs, 0.34.7).
-                    sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                        StoreError::InUse(dir.display().to_string())
-                    }
-                    e => StoreError::Corrupt(format!("cannot open sled database in {}: {e}", dir.display())),
-                },
-            )?;
+        let db = open_db(dir, cache_bytes)?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
             Some(v) if v.as_ref() == FORMAT => {}
@@ -149,6 +140,30 @@ impl SledStore {
     /// Where the database lives.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// How long `open` waits for the lock of a store that is being closed.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the sled database, waiting briefly for its lock: sled writes its
+/// I/O buffers from a thread pool whose last jobs may still hold the file
+/// for a moment after the previous owner closed it (a quick restart).
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // sled reports a held lock only as text (config.rs, 0.34.7).
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::InUse(dir.display().to_string()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(StoreError::Corrupt(format!("cannot open sled database in {}: {e}", dir.display()))),
+        }
     }
 }
 

@@ -1,0 +1,130 @@
+//! The transport-independent part of serving a connection: the request loop
+//! with its deadlines — `Hello` within the handshake timeout, a `Ping` after
+//! half the idle timeout and `GoAway{IDLE_TIMEOUT}` after all of it, and
+//! `GoAway{AUTH_EXPIRED}` when the token expires — and the order of a
+//! graceful shutdown. A transport supplies a [`Source`] of incoming messages
+//! and a writer that drains the session's queue.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Flow, Session};
+use crate::codec::FrameError;
+use crate::proto::{CloseReason, Envelope};
+
+/// One thing a transport received.
+pub enum Incoming {
+    /// A protobuf-encoded envelope (a TCP frame or a WebSocket binary message).
+    Protobuf(bytes::Bytes),
+    /// An envelope decoded from JSON (a WebSocket text message).
+    Json(Envelope),
+    /// A message that could not be decoded; `id` if it could be read.
+    Malformed {
+        /// Request id, 0 if unknown.
+        id: u64,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A framing violation (oversize length, truncated frame, I/O error).
+    Broken(FrameError),
+    /// The peer closed the connection.
+    End,
+}
+
+/// Where a connection's incoming messages come from.
+pub trait Source: Send {
+    /// The next message.
+    fn next(&mut self) -> impl Future<Output = Incoming> + Send;
+}
+
+/// The signals of a graceful shutdown, in the order the server gives them.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    /// Stop taking requests (the readers' part of the drain).
+    pub stop_reading: CancellationToken,
+    /// Every pending write is committed and acked: say `GoAway{SHUTDOWN}`.
+    pub go_away: CancellationToken,
+    /// Counts the readers still running; shutdown waits for them before it
+    /// commits the last writes.
+    pub readers: TaskTracker,
+}
+
+/// How long clients are asked to wait before reconnecting after a shutdown.
+const SHUTDOWN_RETRY_AFTER_MS: u32 = 1000;
+
+/// Reads and handles requests until the connection ends or the session
+/// closes; at shutdown, waits for the server's signal and says `GoAway`.
+pub async fn serve_requests<S: Source>(session: &mut Session, source: &mut S, shutdown: &Shutdown) {
+    let reading = shutdown.readers.token();
+    read_loop(session, source, &shutdown.stop_reading).await;
+    drop(reading);
+    let handle = session.handle().clone();
+    if shutdown.stop_reading.is_cancelled() && !handle.outbound.is_closing() {
+        // Acks of the last commits still flow out through the writer;
+        // GoAway follows once they are all queued.
+        tokio::select! {
+            _ = shutdown.go_away.cancelled() => {
+                session.go_away_after(CloseReason::Shutdown, "server is shutting down", SHUTDOWN_RETRY_AFTER_MS);
+            }
+            _ = handle.outbound.closed() => {}
+        }
+    }
+    session.close();
+}
+
+async fn handle<S: Source>(session: &mut Session, incoming: Incoming) -> Flow {
+    match incoming {
+        Incoming::Protobuf(frame) => session.on_frame(&frame).await,
+        Incoming::Json(env) => session.on_envelope(env).await,
+        Incoming::Malformed { id, reason } => session.on_malformed(id, reason),
+        Incoming::Broken(e) => session.on_frame_error(&e),
+        Incoming::End => Flow::Close,
+    }
+}
+
+async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &CancellationToken) {
+    let limits = session.hub().limits.clone();
+    let first = tokio::select! {
+        r = tokio::time::timeout(limits.handshake_timeout, source.next()) => r,
+        _ = stop.cancelled() => return,
+    };
+    let flow = match first {
+        Err(_) => session.on_handshake_timeout(),
+        Ok(incoming) => handle::<S>(session, incoming).await,
+    };
+    if flow == Flow::Close {
+        return;
+    }
+    let quiet = limits.idle_timeout / 2;
+    let mut pinged = false;
+    loop {
+        let expires_in = session
+            .token_expiry()
+            .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::unix_now())))
+            .unwrap_or(Duration::MAX);
+        let wait = if pinged { limits.idle_timeout - quiet } else { quiet };
+        let next = tokio::select! {
+            r = tokio::time::timeout(wait.min(expires_in), source.next()) => r,
+            _ = stop.cancelled() => return,
+        };
+        let flow = match next {
+            Err(_) if expires_in <= wait => session.on_token_expired(),
+            Err(_) if pinged => session.on_idle_timeout(),
+            Err(_) => {
+                session.on_quiet();
+                pinged = true;
+                Flow::Continue
+            }
+            Ok(incoming) => {
+                pinged = false;
+                handle::<S>(session, incoming).await
+            }
+        };
+        if flow == Flow::Close {
+            return;
+        }
+    }
+}
