@@ -75,7 +75,7 @@ pub async fn serve_requests<S: Source>(session: &mut Session, source: &mut S, sh
     session.close();
 }
 
-async fn handle<S: Source>(session: &mut Session, incoming: Incoming) -> Flow {
+async fn handle(session: &mut Session, incoming: Incoming) -> Flow {
     match incoming {
         Incoming::Protobuf(frame) => session.on_frame(&frame).await,
         Incoming::Json(env) => session.on_envelope(env).await,
@@ -93,7 +93,7 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
     };
     let flow = match first {
         Err(_) => session.on_handshake_timeout(),
-        Ok(incoming) => handle::<S>(session, incoming).await,
+        Ok(incoming) => handle(session, incoming).await,
     };
     if flow == Flow::Close {
         return;
@@ -120,7 +120,7 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
             }
             Ok(incoming) => {
                 pinged = false;
-                handle::<S>(session, incoming).await
+                handle(session, incoming).await
             }
         };
         if flow == Flow::Close {
