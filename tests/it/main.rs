@@ -6,5 +6,7 @@
 mod chat;
 mod common;
 mod durability;
+mod presence;
 mod protocol;
 mod resume;
+mod websocket;
