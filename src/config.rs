@@ -20,8 +20,20 @@ pub struct Config {
     pub data: PathBuf,
     /// Native protocol listener (length-framed protobuf over TCP).
     pub tcp: SocketAddr,
-    /// HTTP listener (health, readiness; WebSocket later).
+    /// HTTP listener (WebSocket, web client, health); HTTPS when TLS is on.
     pub http: SocketAddr,
+    /// Native protocol over TLS; on by default (0.0.0.0:7401) when a
+    /// certificate is configured.
+    pub tls: Option<SocketAddr>,
+    /// PEM certificate chain for TLS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for TLS (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Generate (once) a self-signed certificate for localhost in the data
+    /// directory and serve TLS with it.
+    pub dev_tls: bool,
+    /// Offer TLS 1.3 only (default: 1.3 and 1.2).
+    pub tls13_only: bool,
     /// HMAC secret for tokens; default: the `secret` file in the data dir.
     pub token_secret: Option<String>,
     /// `fsync` (ack after group commit + fdatasync), `batch`, or `none`.
@@ -75,6 +87,11 @@ impl Default for Config {
             data: PathBuf::from("./chatd-data"),
             tcp: "0.0.0.0:7400".parse().expect("valid"),
             http: "0.0.0.0:7480".parse().expect("valid"),
+            tls: None,
+            cert: None,
+            key: None,
+            dev_tls: false,
+            tls13_only: false,
             token_secret: None,
             durability: "fsync".into(),
             batch_sync_ms: 10,
@@ -147,12 +164,31 @@ impl Config {
         if !(256..=16 << 20).contains(&self.max_frame_bytes) {
             return Err(ConfigError("max_frame_bytes must be between 256 and 16777216".into()));
         }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(ConfigError("cert and key: give both, or neither".into()));
+        }
+        if self.dev_tls && self.cert.is_some() {
+            return Err(ConfigError("dev_tls: not with cert/key (it generates its own certificate)".into()));
+        }
+        if self.tls.is_some() && self.cert.is_none() && !self.dev_tls {
+            return Err(ConfigError("tls: a TLS listener needs cert and key, or dev_tls".into()));
+        }
         if let Some(s) = &self.token_secret
             && s.len() < 32
         {
             return Err(ConfigError("token_secret must be at least 32 bytes".into()));
         }
         Ok(())
+    }
+
+    /// Whether TLS is configured.
+    pub fn tls_enabled(&self) -> bool {
+        self.cert.is_some() || self.dev_tls
+    }
+
+    /// The TLS listener's address, when TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_enabled().then(|| self.tls.unwrap_or_else(|| "0.0.0.0:7401".parse().expect("valid")))
     }
 
     /// The session limits.

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a token for a user, signed with the data directory's secret.
     Token {
         /// Data directory holding `secret` (created if missing).
@@ -47,9 +47,25 @@ struct ServeArgs {
     /// Native protocol listener [default: 0.0.0.0:7400].
     #[arg(long, env = "CHATD_TCP")]
     tcp: Option<std::net::SocketAddr>,
-    /// HTTP listener [default: 0.0.0.0:7480].
+    /// HTTP listener [default: 0.0.0.0:7480]; HTTPS when TLS is on.
     #[arg(long, env = "CHATD_HTTP")]
     http: Option<std::net::SocketAddr>,
+    /// Native protocol over TLS [default: 0.0.0.0:7401 when a certificate is given].
+    #[arg(long, env = "CHATD_TLS")]
+    tls: Option<std::net::SocketAddr>,
+    /// PEM certificate chain (enables TLS; SIGHUP reloads it).
+    #[arg(long, env = "CHATD_CERT")]
+    cert: Option<PathBuf>,
+    /// PEM private key: PKCS#8, PKCS#1 or SEC1.
+    #[arg(long, env = "CHATD_KEY")]
+    key: Option<PathBuf>,
+    /// Serve TLS with a self-signed certificate for localhost, generated once
+    /// in DATA/tls/.
+    #[arg(long, env = "CHATD_DEV_TLS")]
+    dev_tls: bool,
+    /// Offer TLS 1.3 only (default: TLS 1.3 and 1.2).
+    #[arg(long, env = "CHATD_TLS13_ONLY")]
+    tls13_only: bool,
     /// fsync | batch | none [default: fsync].
     #[arg(long, env = "CHATD_DURABILITY")]
     durability: Option<String>,
@@ -86,6 +102,21 @@ impl ServeArgs {
         }
         if let Some(v) = self.http {
             c.http = v;
+        }
+        if let Some(v) = self.tls {
+            c.tls = Some(v);
+        }
+        if let Some(v) = self.cert {
+            c.cert = Some(v);
+        }
+        if let Some(v) = self.key {
+            c.key = Some(v);
+        }
+        if self.dev_tls {
+            c.dev_tls = true;
+        }
+        if self.tls13_only {
+            c.tls13_only = true;
         }
         if let Some(v) = self.durability {
             c.durability = v;
@@ -140,25 +171,41 @@ fn init_logging() {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let server = chatd::server::Server::start(&config).await.context("starting chatd")?;
+    let tls = server.tls_addr.map(|a| format!(" tls {a}")).unwrap_or_default();
     eprintln!(
-        "chatd listening: tcp {} http {} data {} (durability {})",
+        "chatd listening: tcp {} http {}{tls} data {} (durability {})",
         server.tcp_addr,
         server.http_addr,
         config.data.display(),
         config.durability
     );
-    wait_for_signal().await?;
+    wait_for_shutdown(&server).await?;
     server.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the TLS certificate.
+async fn wait_for_shutdown(server: &chatd::server::Server) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received");
+                return Ok(());
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT received");
+                return Ok(());
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the TLS certificate");
+                if let Err(e) = server.reload_tls() {
+                    tracing::warn!(error = %e, "TLS reload did not happen");
+                }
+            }
+        }
     }
-    Ok(())
 }

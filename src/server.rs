@@ -17,6 +17,7 @@ use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
 use crate::http::App;
 use crate::hub::Hub;
+use crate::net::tls::{Certificates, TlsSettings};
 use crate::room::fanout::{self, Completion};
 use crate::session::driver::Shutdown;
 use crate::store::commit::{self, Pending, Write};
@@ -41,14 +42,19 @@ pub enum StartError {
 pub struct Server {
     /// Bound TCP address.
     pub tcp_addr: SocketAddr,
-    /// Bound HTTP address.
+    /// Bound HTTP address (HTTPS when TLS is configured).
     pub http_addr: SocketAddr,
+    /// Bound TLS address, when TLS is configured.
+    pub tls_addr: Option<SocketAddr>,
+    /// The certificates in force, when TLS is configured.
+    certs: Option<Arc<Certificates>>,
     hub: Arc<Hub>,
     app: Arc<App>,
     stop_accepting: CancellationToken,
     shutdown: Shutdown,
     connections: TaskTracker,
     accept_task: tokio::task::JoinHandle<()>,
+    tls_task: Option<tokio::task::JoinHandle<()>>,
     commit_task: tokio::task::JoinHandle<()>,
     fanout_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
@@ -83,6 +89,23 @@ impl Server {
                 config.http
             ))));
         }
+        let certs = match (&config.cert, &config.key, config.dev_tls) {
+            (Some(cert), Some(key), _) => Some((cert.clone(), key.clone())),
+            (_, _, true) => {
+                let (cert, key) =
+                    crate::net::tls::dev_certificate(&config.data).map_err(|e| StartError::Io(e.to_string()))?;
+                tracing::warn!(cert = %cert.display(), "--dev-tls: serving a self-signed certificate for localhost; clients must trust this file (chat --tls --ca FILE)");
+                Some((cert, key))
+            }
+            _ => None,
+        };
+        let certs = match certs {
+            Some((cert, key)) => Some(Arc::new(
+                Certificates::load(TlsSettings { cert, key, tls13_only: config.tls13_only })
+                    .map_err(|e| StartError::Io(e.to_string()))?,
+            )),
+            None => None,
+        };
         let st = store.clone();
         let snapshot =
             tokio::task::spawn_blocking(move || st.load()).await.map_err(|e| StartError::Io(e.to_string()))??;
@@ -93,6 +116,14 @@ impl Server {
         let hub = Arc::new(Hub::new(config.limits(), store, commits, auth, snapshot));
         let fanout_task = tokio::spawn(fanout::run(hub.clone(), committed_rx));
 
+        let tls = match config.tls_addr() {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| StartError::Io(format!("tls {addr}: {e}")))?),
+            None => None,
+        };
+        let tls_addr = match &tls {
+            Some(l) => Some(l.local_addr().map_err(|e| StartError::Io(e.to_string()))?),
+            None => None,
+        };
         let tcp =
             TcpListener::bind(config.tcp).await.map_err(|e| StartError::Io(format!("tcp {}: {e}", config.tcp)))?;
         let http =
@@ -118,14 +149,35 @@ impl Server {
             dev_auth: config.dev_auth,
             web_dir: config.web_dir.clone(),
         });
-        let router = crate::http::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let router = crate::http::router(app.clone());
         let stop = stop_accepting.clone();
-        let http_task = tokio::spawn(async move {
-            let serve = axum::serve(http, router).with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "http listener failed");
-            }
-        });
+        let http_task = match &certs {
+            Some(certs) => tokio::spawn(crate::http::serve_https(
+                http,
+                router,
+                certs.clone(),
+                stop,
+                config.limits().handshake_timeout,
+            )),
+            None => tokio::spawn(async move {
+                let router = router.into_make_service_with_connect_info::<SocketAddr>();
+                let serve = axum::serve(http, router).with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "http listener failed");
+                }
+            }),
+        };
+        let tls_task = match (tls, &certs) {
+            (Some(listener), Some(certs)) => Some(tokio::spawn(crate::net::tls::accept_loop(
+                listener,
+                hub.clone(),
+                certs.clone(),
+                connections.clone(),
+                stop_accepting.clone(),
+                shutdown.clone(),
+            ))),
+            _ => None,
+        };
         let keep = Duration::from_secs(config.idempotency_hours * 3600);
         let housekeeping = tokio::spawn({
             let hub = hub.clone();
@@ -137,10 +189,13 @@ impl Server {
         if config.dev_auth {
             tracing::warn!(%http_addr, "DEV LOGIN IS ON: anyone who can reach {http_addr} can mint a token for any user (--dev-auth); never use this in production");
         }
-        tracing::info!(%tcp_addr, %http_addr, %durability, rooms, "chatd serving");
+        tracing::info!(%tcp_addr, %http_addr, tls_addr = ?tls_addr, %durability, rooms, "chatd serving");
         Ok(Server {
             tcp_addr,
             http_addr,
+            tls_addr,
+            certs,
+            tls_task,
             hub,
             app,
             stop_accepting,
@@ -153,6 +208,15 @@ impl Server {
             housekeeping,
             shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
         })
+    }
+
+    /// Re-reads the TLS certificate and key (SIGHUP). New connections get
+    /// the new certificate; a broken one is refused and the old one stays.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        match &self.certs {
+            Some(c) => c.reload().map_err(|e| e.to_string()),
+            None => Err("TLS is not configured".into()),
+        }
     }
 
     /// The shared state (for tests and tools in this crate).
@@ -187,6 +251,9 @@ impl Server {
         self.housekeeping.abort();
         let _ = self.housekeeping.await;
         let _ = self.accept_task.await;
+        if let Some(t) = self.tls_task {
+            let _ = t.await;
+        }
         let _ = self.http_task.await;
         let store = self.hub.store.clone();
         match tokio::task::spawn_blocking(move || store.sync()).await {

@@ -121,3 +121,47 @@ async fn dev_token(State(app): State<Arc<App>>, Query(q): Query<DevLogin>) -> Re
     let token = app.hub.auth.mint(&q.user, std::time::Duration::from_secs(86400), crate::auth::unix_now());
     ([(header::CONTENT_TYPE, "text/plain")], token).into_response()
 }
+
+/// Serves the router over HTTPS (and wss): `axum::serve` is plain TCP only,
+/// so each connection's TLS handshake runs in its own task (under the
+/// handshake timeout) and hyper serves it, with upgrades for WebSocket.
+pub async fn serve_https(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    certs: Arc<crate::net::tls::Certificates>,
+    stop: tokio_util::sync::CancellationToken,
+    handshake: std::time::Duration,
+) {
+    use hyper_util::rt::TokioIo;
+    use tower::ServiceExt as _;
+
+    let tracker = TaskTracker::new();
+    let accept_stop = stop.clone();
+    crate::net::tcp::accept_each(listener, accept_stop, |stream, peer| {
+        let (router, acceptor, stop) = (router.clone(), certs.https(), stop.clone());
+        tracker.spawn(async move {
+            let Some(tls) = crate::net::tls::handshake_within(acceptor, stream, handshake, &peer).await else { return };
+            let service = hyper::service::service_fn(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                router.clone().oneshot(req)
+            });
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "https connection ended with an error");
+                    }
+                }
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    })
+    .await;
+    tracker.close();
+    tracker.wait().await;
+}

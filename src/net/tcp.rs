@@ -1,11 +1,13 @@
 //! The TCP listener: accepts connections and hands each to the stream
-//! driver in its own task. Accept errors (such as running out of file
-//! descriptors) back off instead of spinning.
+//! driver in its own task; [`accept_each`] is the accept loop that the TLS
+//! and HTTPS listeners share.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,6 +23,22 @@ pub async fn accept_loop(
     stop_accepting: CancellationToken,
     shutdown: Shutdown,
 ) {
+    accept_each(listener, stop_accepting, move |stream, peer| {
+        let (r, w) = stream.into_split();
+        tracker.spawn(super::stream::serve(hub.clone(), r, w, "tcp", peer.to_string(), shutdown.clone()));
+    })
+    .await
+}
+
+/// The accept loop every listener shares: hands each connection (with
+/// `TCP_NODELAY` set) to `on_connection`, which must not wait — it spawns.
+/// Accept errors such as running out of file descriptors back off instead
+/// of spinning.
+pub async fn accept_each(
+    listener: TcpListener,
+    stop_accepting: CancellationToken,
+    mut on_connection: impl FnMut(TcpStream, SocketAddr),
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -31,9 +49,7 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let _ = stream.set_nodelay(true);
-                let (r, w) = stream.into_split();
-                let hub = hub.clone();
-                tracker.spawn(super::stream::serve(hub, r, w, "tcp", peer.to_string(), shutdown.clone()));
+                on_connection(stream, peer);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed; backing off {backoff:?}");

@@ -25,6 +25,7 @@ pub struct TestServer {
     pub server: Option<Server>,
     pub addr: String,
     pub http: String,
+    pub tls: Option<String>,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -62,6 +63,7 @@ impl TestServer {
         TestServer {
             addr: server.tcp_addr.to_string(),
             http: server.http_addr.to_string(),
+            tls: server.tls_addr.map(|a| a.to_string()),
             server: Some(server),
             dir: dir.to_path_buf(),
             _tmp: None,
@@ -229,6 +231,7 @@ pub async fn collect_messages(events: &mut Events, n: usize) -> Vec<proto::Messa
 pub struct Process {
     pub child: Child,
     pub addr: String,
+    pub tls: Option<String>,
 }
 
 impl Process {
@@ -252,12 +255,15 @@ impl Process {
                 if let Some(rest) = line.strip_prefix("chatd listening: tcp ")
                     && let Some(t) = tx.take()
                 {
-                    let _ = t.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                    let _ = t.send(rest.to_string());
                 }
             }
         });
-        let addr = rx.recv_timeout(WAIT).expect("chatd prints its address");
-        Process { child, addr }
+        let line = rx.recv_timeout(WAIT).expect("chatd prints its address");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let addr = words[0].to_string();
+        let tls = words.iter().position(|w| *w == "tls").map(|i| words[i + 1].to_string());
+        Process { child, addr, tls }
     }
 
     pub fn kill9(&mut self) {
@@ -351,7 +357,7 @@ impl Ws {
                 Some(Ok(Message::Binary(b))) => return Received::Binary(decode_envelope(&b).unwrap()),
                 Some(Ok(Message::Close(f))) => return Received::Closed(f.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => return Received::Failed(e.to_string()),
+                Some(Err(_)) => return Received::Failed,
                 None => return Received::Closed(None),
             }
         }
@@ -394,5 +400,5 @@ pub enum Received {
     Json(serde_json::Value),
     Binary(Envelope),
     Closed(Option<u16>),
-    Failed(String),
+    Failed,
 }

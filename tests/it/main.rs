@@ -9,4 +9,5 @@ mod durability;
 mod presence;
 mod protocol;
 mod resume;
+mod tls;
 mod websocket;

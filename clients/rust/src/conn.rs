@@ -11,9 +11,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use chatd::codec::{FrameReader, put_frame};
 use chatd::proto::{self, Body, CloseReason, Envelope, PROTOCOL_VERSION};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cursor::{Action, Cursors, Held};
@@ -22,20 +21,41 @@ use crate::{ClientConfig, ClientError, Command, Event};
 /// Longest wait for `Welcome`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
 /// One live connection: frames in, a writer task out.
 pub struct Conn {
-    frames: FrameReader<OwnedReadHalf>,
+    frames: FrameReader<Reader>,
     out: mpsc::UnboundedSender<Bytes>,
+}
+
+/// Opens the byte stream: TCP, and TLS over it when configured.
+async fn dial(config: &ClientConfig) -> Result<(Reader, Writer), ClientError> {
+    let stream = TcpStream::connect(&config.addr)
+        .await
+        .map_err(|e| ClientError::Connection(format!("connect {}: {e}", config.addr)))?;
+    let _ = stream.set_nodelay(true);
+    match &config.tls {
+        #[cfg(feature = "tls")]
+        Some(opts) => {
+            let tls = crate::tls::connect(stream, &config.addr, opts).await?;
+            let (r, w) = tokio::io::split(tls);
+            Ok((Box::new(r), Box::new(w)))
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(_) => Err(ClientError::Connection("this build of chat-client has no TLS (feature `tls`)".into())),
+        None => {
+            let (r, w) = stream.into_split();
+            Ok((Box::new(r), Box::new(w)))
+        }
+    }
 }
 
 impl Conn {
     /// Connects and completes the handshake, resuming `resume`.
     pub async fn open(config: &ClientConfig, resume: &[proto::Cursor]) -> Result<(Conn, proto::Welcome), ClientError> {
-        let stream = TcpStream::connect(&config.addr)
-            .await
-            .map_err(|e| ClientError::Connection(format!("connect {}: {e}", config.addr)))?;
-        let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
+        let (r, w) = dial(config).await?;
         let (out, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(w, rx));
         let mut conn = Conn { frames: FrameReader::new(r, config.max_frame_bytes), out };
@@ -73,7 +93,7 @@ fn decode(r: Result<Option<BytesMut>, chatd::codec::FrameError>) -> Result<Envel
     }
 }
 
-async fn write_loop(mut w: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_loop(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Bytes>) {
     let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
         buf.extend_from_slice(&first);

@@ -26,6 +26,8 @@
 
 pub mod conn;
 pub mod cursor;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -56,6 +58,19 @@ pub struct ClientConfig {
     /// Capacity of the event channel; a full channel stops reading from the
     /// server (the server then holds messages in its log for us).
     pub event_buffer: usize,
+    /// Connect over TLS (the server's `--tls` port).
+    pub tls: Option<TlsOptions>,
+}
+
+/// How to check the server's certificate.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// Trust only the certificates in this PEM file (a private CA, or the
+    /// server's `--dev-tls` certificate); `None`: the system's roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// Name to verify the certificate against; `None`: the host part of
+    /// `addr` (an IP address is verified as an IP).
+    pub server_name: Option<String>,
 }
 
 impl ClientConfig {
@@ -70,6 +85,7 @@ impl ClientConfig {
             max_backoff: Duration::from_secs(5),
             max_frame_bytes: proto::DEFAULT_MAX_FRAME_BYTES,
             event_buffer: 65536,
+            tls: None,
         }
     }
 }

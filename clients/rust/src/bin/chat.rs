@@ -26,6 +26,17 @@ struct Cli {
     /// Device label.
     #[arg(long, default_value = "cli")]
     device: String,
+    /// Connect over TLS (the server's TLS port, 7401 by default).
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: trust this PEM file (a private CA, or the server's
+    /// --dev-tls certificate) instead of the system's roots.
+    #[arg(long, requires = "tls")]
+    ca: Option<std::path::PathBuf>,
+    /// With --tls: the name to verify the certificate against (default: the
+    /// host in --server).
+    #[arg(long, requires = "tls")]
+    server_name: Option<String>,
     /// Rooms to join at start (interactive mode); the first is current.
     #[arg(long = "room")]
     rooms: Vec<String>,
@@ -68,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = ClientConfig::new(cli.server.clone(), cli.token.clone());
     config.device = cli.device.clone();
+    if cli.tls {
+        config.tls = Some(chat_client::TlsOptions { ca: cli.ca.clone(), server_name: cli.server_name.clone() });
+    }
     let oneshot = cli.command.is_some();
     config.reconnect = !oneshot;
     let (client, mut events) =
