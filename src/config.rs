@@ -6,14 +6,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hub::Limits;
 use crate::session::OutboundLimits;
 use crate::store::commit::Durability;
 
 /// Everything `chatd serve` can be told.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Data directory (sled store and the token secret).
@@ -78,6 +78,13 @@ pub struct Config {
     pub dev_auth: bool,
     /// Serve the web client from this directory instead of the built-in copy.
     pub web_dir: Option<PathBuf>,
+    /// Bearer token for `/admin/...`; unset: the admin endpoints are off.
+    pub admin_token: Option<String>,
+    /// `text` (human-readable) or `json` logs.
+    pub log_format: String,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or
+    /// `chatd=debug`); `RUST_LOG` takes precedence.
+    pub log_level: String,
 }
 
 impl Default for Config {
@@ -114,6 +121,9 @@ impl Default for Config {
             shutdown_timeout_ms: 10_000,
             dev_auth: false,
             web_dir: None,
+            admin_token: None,
+            log_format: "text".into(),
+            log_level: "info".into(),
         }
     }
 }
@@ -172,6 +182,14 @@ impl Config {
         }
         if self.tls.is_some() && self.cert.is_none() && !self.dev_tls {
             return Err(ConfigError("tls: a TLS listener needs cert and key, or dev_tls".into()));
+        }
+        if let Some(t) = &self.admin_token
+            && t.len() < 16
+        {
+            return Err(ConfigError("admin_token must be at least 16 characters".into()));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError(format!("log_format: {:?} is not one of text, json", self.log_format)));
         }
         if let Some(s) = &self.token_secret
             && s.len() < 32
@@ -237,5 +255,225 @@ mod tests {
         assert!(Config::from_file(&p).unwrap_err().to_string().contains("no_such_field"));
         std::fs::write(&p, "durability = \"sometimes\"\n").unwrap();
         assert!(Config::from_file(&p).unwrap().validate().unwrap_err().to_string().contains("durability"));
+    }
+}
+
+/// How a field's value is written in TOML (and parsed from a flag or an
+/// environment variable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A string (also paths and socket addresses).
+    Text,
+    /// A whole number.
+    Int,
+    /// true or false.
+    Bool,
+}
+
+/// One configuration field: its name (TOML key; flag `--name-with-dashes`;
+/// variable `CHATD_NAME`), kind, and what it does.
+pub struct Field {
+    /// TOML key.
+    pub name: &'static str,
+    /// Value kind.
+    pub kind: Kind,
+    /// One line of documentation.
+    pub doc: &'static str,
+}
+
+const fn field(name: &'static str, kind: Kind, doc: &'static str) -> Field {
+    Field { name, kind, doc }
+}
+
+/// Every field of [`Config`], in the order `print-default` writes them. A
+/// test checks that this table and the struct agree.
+pub const FIELDS: &[Field] = &[
+    field("data", Kind::Text, "Data directory: the sled store and the token secret."),
+    field("tcp", Kind::Text, "Native protocol listener (length-framed protobuf over TCP)."),
+    field(
+        "http",
+        Kind::Text,
+        "HTTP listener: WebSocket /ws, web client, /metrics, /healthz, /readyz, /admin; HTTPS when TLS is on.",
+    ),
+    field("tls", Kind::Text, "Native protocol over TLS; default 0.0.0.0:7401 when a certificate is configured."),
+    field("cert", Kind::Text, "PEM certificate chain; enables TLS (SIGHUP or POST /admin/tls/reload re-reads it)."),
+    field("key", Kind::Text, "PEM private key: PKCS#8, PKCS#1 or SEC1."),
+    field("dev_tls", Kind::Bool, "Serve TLS with a self-signed localhost certificate generated once in DATA/tls."),
+    field("tls13_only", Kind::Bool, "Offer TLS 1.3 only (default: 1.3 and 1.2)."),
+    field("token_secret", Kind::Text, "HMAC secret for tokens (at least 32 bytes); default: the text in DATA/secret."),
+    field(
+        "durability",
+        Kind::Text,
+        "fsync (ack after group commit + fdatasync), batch (ack after write, sync every batch_sync_ms), none (benchmarks only).",
+    ),
+    field("batch_sync_ms", Kind::Int, "With durability = \"batch\": milliseconds between syncs."),
+    field("cache_mb", Kind::Int, "sled page cache, MiB."),
+    field("commit_queue", Kind::Int, "Writes queued for the group commit before publishers wait."),
+    field("max_frame_bytes", Kind::Int, "Largest frame or WebSocket message, bytes."),
+    field("handshake_timeout_ms", Kind::Int, "Time allowed for the TLS handshake and for Hello."),
+    field("idle_timeout_ms", Kind::Int, "Silence before GoAway{IDLE_TIMEOUT}; a Ping is sent after half of it."),
+    field("heartbeat_ms", Kind::Int, "Heartbeat interval advertised in Welcome."),
+    field("replay_limit", Kind::Int, "Most messages replayed per resume cursor (then Synced{complete: false})."),
+    field("publish_rate", Kind::Int, "Publishes per user per minute; 0 turns the limit off."),
+    field("publish_burst", Kind::Int, "Burst of the publish rate limit."),
+    field("max_inflight_publishes", Kind::Int, "Publishes one session may have awaiting their ack."),
+    field("outbound_max_frames", Kind::Int, "Per-connection outbound queue bound, frames."),
+    field("outbound_max_bytes", Kind::Int, "Per-connection outbound queue bound, bytes."),
+    field("slow_consumer_timeout_ms", Kind::Int, "How long a session may stay behind before GoAway{SLOW_CONSUMER}."),
+    field("max_sessions_per_user", Kind::Int, "Sessions one user may have open."),
+    field("max_rooms_per_user", Kind::Int, "Rooms one user may be a member of."),
+    field("idempotency_hours", Kind::Int, "How long a client_msg_id is remembered (at least 24 h is promised)."),
+    field("shutdown_timeout_ms", Kind::Int, "Deadline of a graceful shutdown."),
+    field(
+        "dev_auth",
+        Kind::Bool,
+        "Development login POST /dev/token?user=NAME; refused unless http is a loopback address.",
+    ),
+    field("web_dir", Kind::Text, "Serve the web client from this directory instead of the built-in copy."),
+    field(
+        "admin_token",
+        Kind::Text,
+        "Bearer token for /admin/... (at least 16 characters); unset: admin endpoints are off.",
+    ),
+    field("log_format", Kind::Text, "Logs as text (human-readable) or json."),
+    field(
+        "log_level",
+        Kind::Text,
+        "Log filter in tracing syntax, e.g. info or chatd=debug; RUST_LOG takes precedence.",
+    ),
+];
+
+impl Field {
+    /// The command-line flag.
+    pub fn flag(&self) -> String {
+        self.name.replace('_', "-")
+    }
+
+    /// The environment variable.
+    pub fn env(&self) -> String {
+        format!("CHATD_{}", self.name.to_uppercase())
+    }
+
+    /// Parses a flag's or variable's text into this field's TOML value.
+    pub fn parse(&self, text: &str) -> Result<toml::Value, ConfigError> {
+        match self.kind {
+            Kind::Text => Ok(toml::Value::String(text.to_string())),
+            Kind::Int => text
+                .trim()
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| ConfigError(format!("{}: {text:?} is not a whole number", self.name))),
+            Kind::Bool => match text.trim() {
+                "true" | "1" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
+                "false" | "0" | "no" | "off" => Ok(toml::Value::Boolean(false)),
+                _ => Err(ConfigError(format!("{}: {text:?} is not true or false", self.name))),
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Builds the configuration from a TOML file (if any) and `overrides`
+    /// (field name → value, from flags and environment), then validates it.
+    pub fn build(file: Option<&Path>, overrides: &[(&'static str, toml::Value)]) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|e| ConfigError(format!("cannot read {}: {e}", p.display())))?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in overrides {
+            table.insert(name.to_string(), value.clone());
+        }
+        // Parsed from text, the error quotes the offending line, key included.
+        let text = toml::to_string(&table).map_err(|e| ConfigError(e.to_string()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            let origin = file.map(|p| format!("{} (with flags and environment)", p.display()));
+            ConfigError(format!("{}: {e}", origin.unwrap_or_else(|| "flags and environment".into())))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A commented TOML file with every field at its default (optional
+    /// fields commented out).
+    pub fn default_file() -> String {
+        let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialize");
+        let mut out = String::from(
+            "# chatd configuration. Every field can also be set with a flag (--name-with-dashes)\n\
+             # or an environment variable (CHATD_NAME); flags beat the environment, which beats\n\
+             # this file. Values shown are the defaults.\n",
+        );
+        for f in FIELDS {
+            out.push_str(&format!("\n# {}\n", f.doc));
+            match defaults.get(f.name) {
+                Some(v) => out.push_str(&format!("{} = {v}\n", f.name)),
+                None => out.push_str(&format!("# {} = \n", f.name)),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod fields {
+    use super::*;
+
+    #[test]
+    fn the_field_table_matches_the_struct() {
+        let full = Config {
+            tls: Some("127.0.0.1:1".parse().unwrap()),
+            cert: Some("c".into()),
+            key: Some("k".into()),
+            token_secret: Some("s".into()),
+            web_dir: Some("w".into()),
+            admin_token: Some("a".into()),
+            ..Config::default()
+        };
+        let table = toml::Table::try_from(full).unwrap();
+        let mut keys: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
+        let mut names: Vec<&str> = FIELDS.iter().map(|f| f.name).collect();
+        keys.sort_unstable();
+        names.sort_unstable();
+        assert_eq!(keys, names);
+        for f in FIELDS {
+            let kind = match &table[f.name] {
+                toml::Value::Integer(_) => Kind::Int,
+                toml::Value::Boolean(_) => Kind::Bool,
+                _ => Kind::Text,
+            };
+            assert_eq!(kind, f.kind, "{}", f.name);
+        }
+    }
+
+    #[test]
+    fn the_printed_default_file_is_the_defaults() {
+        let text = Config::default_file();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("chatd.toml");
+        std::fs::write(&p, &text).unwrap();
+        let c = Config::build(Some(&p), &[]).unwrap();
+        assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
+        for f in FIELDS {
+            assert!(text.contains(f.doc), "{} is documented", f.name);
+        }
+    }
+
+    #[test]
+    fn overrides_beat_the_file_and_errors_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("chatd.toml");
+        std::fs::write(&p, "publish_rate = 10\nidle_timeout_ms = 1000\n").unwrap();
+        let rate = FIELDS.iter().find(|f| f.name == "publish_rate").unwrap();
+        let c = Config::build(Some(&p), &[("publish_rate", rate.parse("0").unwrap())]).unwrap();
+        assert_eq!((c.publish_rate, c.idle_timeout_ms), (0, 1000));
+        assert!(rate.parse("lots").unwrap_err().to_string().contains("publish_rate"));
+        std::fs::write(&p, "idle_timeout_ms = \"soon\"\n").unwrap();
+        let err = Config::build(Some(&p), &[]).unwrap_err().to_string();
+        assert!(err.contains("idle_timeout_ms"), "{err}");
+        let err = Config::build(None, &[("log_format", toml::Value::String("xml".into()))]).unwrap_err().to_string();
+        assert!(err.contains("log_format"), "{err}");
     }
 }

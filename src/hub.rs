@@ -128,6 +128,10 @@ pub struct Hub {
     next_session_id: AtomicU64,
     /// Rooms with a typing indicator on, for the expiry sweep.
     typing_rooms: Mutex<HashMap<RoomId, Arc<Room>>>,
+    /// Every open connection, for the admin view.
+    connections: Mutex<HashMap<u64, std::sync::Weak<SessionHandle>>>,
+    /// Metric handles.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// How long a typing indicator lasts without a refresh.
@@ -167,6 +171,7 @@ impl Hub {
             if let Some(room) = by_id.get(&room) {
                 let e = users.entry(user.into()).or_default();
                 e.lock().rooms.insert(room.id, room.clone());
+                room.members.fetch_add(1, Ordering::Relaxed);
             }
         }
         for (user, room, seq) in snapshot.read_markers {
@@ -187,6 +192,8 @@ impl Hub {
             idem_in_flight: Mutex::new(HashMap::new()),
             next_session_id: AtomicU64::new(1),
             typing_rooms: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 
@@ -340,6 +347,30 @@ impl Hub {
         };
         let frame = crate::codec::encode_frame(&crate::proto::Envelope::push(crate::proto::Body::Presence(p)));
         room.broadcast_ephemeral(&Frame::shared(frame), except);
+    }
+
+    /// Registers an open connection.
+    pub fn register_connection(&self, handle: &Arc<SessionHandle>) {
+        self.metrics.transport(handle.stats.transport).connections.increment(1.0);
+        self.connections.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id, Arc::downgrade(handle));
+    }
+
+    /// Forgets a closed connection (idempotent).
+    pub fn deregister_connection(&self, id: u64) {
+        let removed = self.connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if let Some(h) = removed.and_then(|w| w.upgrade()) {
+            self.metrics.transport(h.stats.transport).connections.decrement(1.0);
+        }
+    }
+
+    /// Every open connection.
+    pub fn connections(&self) -> Vec<Arc<SessionHandle>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(|w| w.upgrade()).collect()
+    }
+
+    /// Every room.
+    pub fn rooms(&self) -> Vec<Arc<Room>> {
+        self.rooms.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 
     /// Users with at least one session, and the number of sessions.

@@ -1,172 +1,118 @@
-//! The `chatd` binary: `chatd serve` runs the server, `chatd token` mints a
-//! token with the data directory's secret.
+//! The `chatd` binary.
+//!
+//! * `chatd serve` runs the server; every configuration field is a flag
+//!   (`--name-with-dashes`) and an environment variable (`CHATD_NAME`), both
+//!   generated from `config::FIELDS`, over an optional `--config FILE`.
+//! * `chatd token --data DIR --user NAME [--ttl 24h]` mints a token with the
+//!   data directory's secret.
+//! * `chatd config print-default` prints a commented configuration file.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
 
-use chatd::config::Config;
+use chatd::config::{Config, FIELDS, Kind};
 
-#[derive(Parser)]
-#[command(name = "chatd", version, about = "A binary-protocol, high-throughput chat server")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the server.
-    Serve(Box<ServeArgs>),
-    /// Print a token for a user, signed with the data directory's secret.
-    Token {
-        /// Data directory holding `secret` (created if missing).
-        #[arg(long, env = "CHATD_DATA", default_value = "./chatd-data")]
-        data: PathBuf,
-        /// User id (the token's `sub`).
-        #[arg(long)]
-        user: String,
-        /// Lifetime, e.g. 30m, 24h, 7d.
-        #[arg(long, default_value = "24h", value_parser = chatd::auth::parse_duration)]
-        ttl: Duration,
-    },
-}
-
-/// Flags of `serve`; each overrides the config file and its environment
-/// variable overrides the file too.
-#[derive(clap::Args)]
-struct ServeArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "CHATD_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory [default: ./chatd-data].
-    #[arg(long, env = "CHATD_DATA")]
-    data: Option<PathBuf>,
-    /// Native protocol listener [default: 0.0.0.0:7400].
-    #[arg(long, env = "CHATD_TCP")]
-    tcp: Option<std::net::SocketAddr>,
-    /// HTTP listener [default: 0.0.0.0:7480]; HTTPS when TLS is on.
-    #[arg(long, env = "CHATD_HTTP")]
-    http: Option<std::net::SocketAddr>,
-    /// Native protocol over TLS [default: 0.0.0.0:7401 when a certificate is given].
-    #[arg(long, env = "CHATD_TLS")]
-    tls: Option<std::net::SocketAddr>,
-    /// PEM certificate chain (enables TLS; SIGHUP reloads it).
-    #[arg(long, env = "CHATD_CERT")]
-    cert: Option<PathBuf>,
-    /// PEM private key: PKCS#8, PKCS#1 or SEC1.
-    #[arg(long, env = "CHATD_KEY")]
-    key: Option<PathBuf>,
-    /// Serve TLS with a self-signed certificate for localhost, generated once
-    /// in DATA/tls/.
-    #[arg(long, env = "CHATD_DEV_TLS")]
-    dev_tls: bool,
-    /// Offer TLS 1.3 only (default: TLS 1.3 and 1.2).
-    #[arg(long, env = "CHATD_TLS13_ONLY")]
-    tls13_only: bool,
-    /// fsync | batch | none [default: fsync].
-    #[arg(long, env = "CHATD_DURABILITY")]
-    durability: Option<String>,
-    /// Publishes per user per minute; 0 turns the limit off [default: 240].
-    #[arg(long, env = "CHATD_PUBLISH_RATE")]
-    publish_rate: Option<u32>,
-    /// Largest frame in bytes [default: 65536].
-    #[arg(long, env = "CHATD_MAX_FRAME_BYTES")]
-    max_frame_bytes: Option<usize>,
-    /// Development login: the web client can mint a token for any name.
-    /// Refused unless the HTTP listener is on a loopback address.
-    #[arg(long, env = "CHATD_DEV_AUTH")]
-    dev_auth: bool,
-    /// Serve the web client from this directory (e.g. clients/web) instead
-    /// of the copy built into the binary: edit and reload, no rebuild.
-    #[arg(long, env = "CHATD_WEB_DIR")]
-    web_dir: Option<PathBuf>,
-    /// Token secret (instead of DATA/secret).
-    #[arg(long, env = "CHATD_TOKEN_SECRET", hide_env_values = true)]
-    token_secret: Option<String>,
-}
-
-impl ServeArgs {
-    fn config(self) -> anyhow::Result<Config> {
-        let mut c = match &self.config {
-            Some(p) => Config::from_file(p)?,
-            None => Config::default(),
+fn cli() -> Command {
+    let mut serve = Command::new("serve")
+        .about("Run the server")
+        .arg(Arg::new("config").long("config").env("CHATD_CONFIG").value_name("FILE").help("TOML configuration file"));
+    for f in FIELDS {
+        let mut arg = Arg::new(f.name).long(f.flag()).env(f.env()).help(f.doc);
+        arg = match f.kind {
+            Kind::Bool => arg.action(ArgAction::SetTrue),
+            Kind::Int | Kind::Text => arg.value_name("VALUE"),
         };
-        if let Some(v) = self.data {
-            c.data = v;
+        if matches!(f.name, "token_secret" | "admin_token") {
+            arg = arg.hide_env_values(true);
         }
-        if let Some(v) = self.tcp {
-            c.tcp = v;
-        }
-        if let Some(v) = self.http {
-            c.http = v;
-        }
-        if let Some(v) = self.tls {
-            c.tls = Some(v);
-        }
-        if let Some(v) = self.cert {
-            c.cert = Some(v);
-        }
-        if let Some(v) = self.key {
-            c.key = Some(v);
-        }
-        if self.dev_tls {
-            c.dev_tls = true;
-        }
-        if self.tls13_only {
-            c.tls13_only = true;
-        }
-        if let Some(v) = self.durability {
-            c.durability = v;
-        }
-        if let Some(v) = self.publish_rate {
-            c.publish_rate = v;
-        }
-        if let Some(v) = self.max_frame_bytes {
-            c.max_frame_bytes = v;
-        }
-        if let Some(v) = self.web_dir {
-            c.web_dir = Some(v);
-        }
-        if self.dev_auth {
-            c.dev_auth = true;
-        }
-        if let Some(v) = self.token_secret {
-            c.token_secret = Some(v);
-        }
-        c.validate()?;
-        Ok(c)
+        serve = serve.arg(arg);
     }
+    Command::new("chatd")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("A binary-protocol, high-throughput chat server")
+        .subcommand_required(true)
+        .subcommand(serve)
+        .subcommand(
+            Command::new("token")
+                .about("Print a token for a user, signed with the data directory's secret")
+                .arg(
+                    Arg::new("data")
+                        .long("data")
+                        .env("CHATD_DATA")
+                        .default_value("./chatd-data")
+                        .help("Data directory holding `secret` (created if missing)"),
+                )
+                .arg(Arg::new("user").long("user").required(true).help("User id (the token's sub)"))
+                .arg(Arg::new("ttl").long("ttl").default_value("24h").help("Lifetime, e.g. 30m, 24h, 7d")),
+        )
+        .subcommand(
+            Command::new("config").about("Configuration helpers").subcommand_required(true).subcommand(
+                Command::new("print-default").about("Print a commented configuration file with every default"),
+            ),
+        )
+}
+
+/// The fields given on the command line or in the environment.
+fn overrides(m: &ArgMatches) -> anyhow::Result<Vec<(&'static str, toml::Value)>> {
+    let mut out = Vec::new();
+    for f in FIELDS {
+        if !matches!(m.value_source(f.name), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
+        }
+        let value = match f.kind {
+            Kind::Bool => toml::Value::Boolean(m.get_flag(f.name)),
+            _ => f.parse(m.get_one::<String>(f.name).map(String::as_str).unwrap_or_default())?,
+        };
+        out.push((f.name, value));
+    }
+    Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Token { data, user, ttl } => {
-            anyhow::ensure!(chatd::auth::valid_user_id(&user), "user id must be 1-62 characters of A-Z a-z 0-9 _ . -");
+    let matches = cli().get_matches();
+    match matches.subcommand() {
+        Some(("serve", m)) => {
+            let file = m.get_one::<String>("config").map(PathBuf::from);
+            let config = Config::build(file.as_deref(), &overrides(m)?)?;
+            init_logging(&config);
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+        }
+        Some(("token", m)) => {
+            let data = PathBuf::from(m.get_one::<String>("data").expect("has a default"));
+            let user = m.get_one::<String>("user").expect("required");
+            let ttl: Duration = chatd::auth::parse_duration(m.get_one::<String>("ttl").expect("has a default"))
+                .map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(chatd::auth::valid_user_id(user), "user id must be 1-62 characters of A-Z a-z 0-9 _ . -");
             let secret = match std::env::var("CHATD_TOKEN_SECRET") {
                 Ok(s) if !s.is_empty() => s,
                 _ => chatd::auth::load_or_create_secret(&data)
                     .with_context(|| format!("reading the secret in {}", data.display()))?,
             };
             let auth = chatd::auth::Auth::new(secret.as_bytes());
-            println!("{}", auth.mint(&user, ttl, chatd::auth::unix_now()));
+            println!("{}", auth.mint(user, ttl, chatd::auth::unix_now()));
             Ok(())
         }
-        Command::Serve(args) => {
-            let config = args.config()?;
-            init_logging();
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+        Some(("config", _)) => {
+            print!("{}", Config::default_file());
+            Ok(())
         }
+        _ => unreachable!("a subcommand is required"),
     }
 }
 
-fn init_logging() {
+fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if config.log_format == "json" {
+        builder.json().with_current_span(true).with_span_list(false).init();
+    } else {
+        builder.init();
+    }
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

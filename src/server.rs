@@ -106,6 +106,8 @@ impl Server {
             )),
             None => None,
         };
+        // Before anything registers a metric handle.
+        let metrics_handle = crate::metrics::install();
         let st = store.clone();
         let snapshot =
             tokio::task::spawn_blocking(move || st.load()).await.map_err(|e| StartError::Io(e.to_string()))??;
@@ -148,6 +150,10 @@ impl Server {
             connections: connections.clone(),
             dev_auth: config.dev_auth,
             web_dir: config.web_dir.clone(),
+            metrics: metrics_handle.clone(),
+            durability: durability.to_string(),
+            admin_token: config.admin_token.clone(),
+            certs: certs.clone(),
         });
         let router = crate::http::router(app.clone());
         let stop = stop_accepting.clone();
@@ -182,7 +188,7 @@ impl Server {
         let housekeeping = tokio::spawn({
             let hub = hub.clone();
             async move {
-                tokio::join!(expire_idempotency(hub.clone(), keep), expire_typing(hub));
+                tokio::join!(expire_idempotency(hub.clone(), keep), expire_typing(hub), metrics_upkeep(metrics_handle));
             }
         });
         app.serving.store(true, Ordering::Release);
@@ -272,6 +278,15 @@ impl Server {
         drop(self.app);
         drop(self.hub);
         tracing::info!("shutdown complete");
+    }
+}
+
+/// Lets the exporter drain its histogram buffers, every five seconds.
+async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
     }
 }
 

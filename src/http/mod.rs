@@ -3,6 +3,7 @@
 //! `--dev-auth` on a loopback listener — a development login that mints
 //! tokens.
 
+mod admin;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -35,6 +36,14 @@ pub struct App {
     /// Serve the web client from this directory instead of the copy built
     /// into the binary (for working on the client without rebuilding).
     pub web_dir: Option<std::path::PathBuf>,
+    /// Renders `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// The durability mode, for `chatd_durability_info`.
+    pub durability: String,
+    /// Bearer token of the admin endpoints; `None`: they are off.
+    pub admin_token: Option<String>,
+    /// The TLS certificates, for the admin reload.
+    pub certs: Option<Arc<crate::net::tls::Certificates>>,
 }
 
 /// The web client's files: name, content type, embedded text.
@@ -50,6 +59,11 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .route("/admin/rooms", get(admin::rooms))
+        .route("/admin/rooms/{room}", get(admin::room))
+        .route("/admin/connections", get(admin::connections))
+        .route("/admin/tls/reload", post(admin::reload_tls))
         .route("/ws", get(upgrade))
         .route("/dev/token", post(dev_token))
         .route("/", get(|app| asset(app, "index.html")))
@@ -69,6 +83,28 @@ async fn asset(State(app): State<Arc<App>>, name: &'static str) -> Response {
         None => (*embedded).to_string(),
     };
     ([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+/// Prometheus text format. Gauges that are cheaper to compute than to keep
+/// up to date are set here, at scrape time.
+async fn render_metrics(State(app): State<Arc<App>>) -> Response {
+    use crate::metrics as m;
+    let hub = &app.hub;
+    let (users, _) = hub.online_counts();
+    let rooms = hub.rooms();
+    let active = rooms.iter().filter(|r| r.subscriber_count() > 0).count();
+    let slow: u64 = rooms.iter().map(|r| r.slow_consumer_events()).sum();
+    metrics::gauge!(m::USERS_ONLINE).set(users as f64);
+    metrics::gauge!(m::ROOMS).set(rooms.len() as f64);
+    metrics::gauge!(m::ROOMS_ACTIVE).set(active as f64);
+    metrics::counter!(m::SLOW_CONSUMER_EVENTS).absolute(slow);
+    metrics::gauge!(m::COMMIT_QUEUE_DEPTH).set(hub.commits.depth() as f64);
+    metrics::gauge!(m::STORAGE_HEALTHY).set(if hub.commits.has_failed() { 0.0 } else { 1.0 });
+    metrics::gauge!(m::DURABILITY, "mode" => app.durability.clone()).set(1.0);
+    let store = hub.store.clone();
+    let size = tokio::task::spawn_blocking(move || store.size_on_disk()).await.unwrap_or(0);
+    metrics::gauge!(m::STORAGE_BYTES).set(size as f64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
 }
 
 /// The process is alive and answering.

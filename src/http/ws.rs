@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
+use tracing::Instrument as _;
 
 use crate::codec::FrameError;
 use crate::hub::Hub;
@@ -41,13 +42,14 @@ struct Shared {
 /// Serves one upgraded WebSocket until it closes.
 pub async fn serve(hub: Arc<Hub>, socket: WebSocket, peer: String, shutdown: Shutdown) {
     let (sink, stream) = socket.split();
-    let mut session = Session::new(hub.clone(), "ws");
+    let mut session = Session::new(hub.clone(), "ws", peer.clone());
     let handle = session.handle().clone();
-    tracing::debug!(session = handle.id, %peer, transport = "ws", "connection opened");
+    let span = tracing::info_span!("conn", id = handle.id, transport = "ws", %peer, user = tracing::field::Empty);
+    tracing::debug!(parent: &span, "connection opened");
     let shared = Arc::new(Shared { json: AtomicBool::new(false), close_code: AtomicU16::new(CLOSE_NORMAL) });
-    let writer = tokio::spawn(write_loop(hub.clone(), handle.clone(), sink, shared.clone()));
+    let writer = tokio::spawn(write_loop(hub.clone(), handle.clone(), sink, shared.clone()).instrument(span.clone()));
     let mut source = Messages { stream, shared: shared.clone(), max: hub.limits.max_frame_bytes };
-    serve_requests(&mut session, &mut source, &shutdown).await;
+    serve_requests(&mut session, &mut source, &shutdown).instrument(span.clone()).await;
     if shutdown.go_away.is_cancelled() {
         shared.close_code.compare_exchange(CLOSE_NORMAL, CLOSE_GOING_AWAY, Ordering::AcqRel, Ordering::Acquire).ok();
     }
@@ -60,7 +62,7 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, peer: String, shutdown: Shu
         let _ = tokio::time::timeout(LINGER, async { while source.stream.next().await.is_some() {} }).await;
         tokio::time::sleep(LINGER).await;
     }
-    tracing::debug!(session = handle.id, %peer, "connection closed");
+    tracing::debug!(parent: &span, "connection closed");
 }
 
 /// How long a closing connection keeps reading so the peer gets our close.
@@ -83,7 +85,10 @@ impl Source for Messages {
             match msg {
                 Message::Text(text) => {
                     self.shared.json.store(true, Ordering::Release);
-                    return decode_json(text.as_str());
+                    return match decode_json(text.as_str()) {
+                        Incoming::Json(env, _) => Incoming::Json(env, text.len()),
+                        other => other,
+                    };
                 }
                 Message::Binary(bin) => {
                     self.shared.json.store(false, Ordering::Release);
@@ -119,7 +124,7 @@ impl Messages {
 /// Parses a text message as the JSON mapping of `Envelope`.
 pub fn decode_json(text: &str) -> Incoming {
     match serde_json::from_str::<Envelope>(text) {
-        Ok(env) => Incoming::Json(env),
+        Ok(env) => Incoming::Json(env, text.len()),
         Err(e) => {
             // Name the request in the error if its id is readable.
             let id = serde_json::from_str::<serde_json::Value>(text)
@@ -157,25 +162,35 @@ async fn write_loop(
     shared: Arc<Shared>,
 ) {
     let slow = hub.limits.slow_consumer_timeout;
+    let counters = hub.metrics.transport("ws");
     let mut frames = Vec::new();
     loop {
         let closing = handle.outbound.drain_frames(&mut frames);
         if !frames.is_empty() {
             let json = shared.json.load(Ordering::Acquire);
+            let count = frames.len();
+            let mut bytes = 0;
             let batch = async {
                 for f in frames.drain(..) {
                     let msg = if json {
                         let text = Utf8Bytes::try_from(json_text(&f)).expect("serde_json writes UTF-8");
+                        bytes += text.len();
                         Message::Text(text)
                     } else {
-                        Message::Binary(f.envelope())
+                        let bin = f.envelope();
+                        bytes += bin.len();
+                        Message::Binary(bin)
                     };
                     // Buffered; the flush below writes the whole batch.
                     sink.feed(msg).await?;
                 }
                 sink.flush().await
             };
-            match tokio::time::timeout(slow, batch).await {
+            let written = tokio::time::timeout(slow, batch).await;
+            handle.stats.sent(count, bytes);
+            counters.frames_out.increment(count as u64);
+            counters.bytes_out.increment(bytes as u64);
+            match written {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(session = handle.id, error = %e, "websocket write failed");
@@ -320,7 +335,7 @@ mod tests {
         for text in [r#"{"id":"5","markRead":{"room":"r","seq":"12"}}"#, r#"{"id":5,"markRead":{"room":"r","seq":12}}"#]
         {
             match decode_json(text) {
-                Incoming::Json(env) => {
+                Incoming::Json(env, _) => {
                     assert_eq!(env, Envelope::new(5, Body::MarkRead(proto::MarkRead { room: "r".into(), seq: 12 })))
                 }
                 _ => panic!("{text} should decode"),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument as _;
 
 use crate::codec::FrameReader;
 use crate::hub::Hub;
@@ -38,22 +39,28 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut session = Session::new(hub.clone(), transport);
+    let mut session = Session::new(hub.clone(), transport, peer.clone());
     let handle = session.handle().clone();
-    tracing::debug!(session = handle.id, %peer, transport, "connection opened");
-    let writer_task = tokio::spawn(write_loop(hub.clone(), handle.clone(), writer));
+    // Every line logged for this connection carries these fields.
+    let span = tracing::info_span!("conn", id = handle.id, transport, %peer, user = tracing::field::Empty);
+    tracing::debug!(parent: &span, "connection opened");
+    let writer_task = tokio::spawn(write_loop(hub.clone(), handle.clone(), writer).instrument(span.clone()));
     let mut source = Frames(FrameReader::new(reader, hub.limits.max_frame_bytes));
-    serve_requests(&mut session, &mut source, &shutdown).await;
+    serve_requests(&mut session, &mut source, &shutdown).instrument(span.clone()).await;
     let _ = writer_task.await;
-    tracing::debug!(session = handle.id, %peer, "connection closed");
+    tracing::debug!(parent: &span, "connection closed");
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(hub: Arc<Hub>, handle: Arc<SessionHandle>, mut w: W) {
     let mut buf = BytesMut::new();
     let slow = hub.limits.slow_consumer_timeout;
+    let counters = hub.metrics.transport(handle.stats.transport);
     loop {
         let (n, closing) = handle.outbound.drain_into(&mut buf);
         if n > 0 {
+            handle.stats.sent(n, buf.len());
+            counters.frames_out.increment(n as u64);
+            counters.bytes_out.increment(buf.len() as u64);
             match tokio::time::timeout(slow, w.write_all(&buf)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

@@ -50,6 +50,8 @@ pub struct PublishDone {
     pub sender: Arc<str>,
     /// Bounds the publisher's in-flight publishes; released with the ack.
     pub permit: OwnedSemaphorePermit,
+    /// When the `Publish` was read, for the latency histograms.
+    pub received: std::time::Instant,
 }
 
 /// Runs the fan-out until the group commit stops.
@@ -71,7 +73,11 @@ pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
 
 fn deliver(hub: &Hub, p: PublishDone) {
     let frame = Frame::shared(message_frame(&p.message));
-    p.room.fan_out(p.seq, &frame);
+    let delivered = p.room.fan_out(p.seq, &frame);
+    let m = &hub.metrics;
+    m.publish_delivery.record(p.received.elapsed().as_secs_f64());
+    m.delivered.increment(delivered);
+    m.published.increment(1);
     let ack = |id: u64, duplicate: bool| {
         encode_frame(&Envelope::new(
             id,
@@ -85,8 +91,12 @@ fn deliver(hub: &Hub, p: PublishDone) {
         ))
     };
     let _ = p.session.outbound.push(ack(p.request_id, false));
+    let latency = p.received.elapsed();
+    m.publish_ack.record(latency.as_secs_f64());
+    p.room.stats.record_publish(latency, p.ts_ms / 1000);
     if !p.client_msg_id.is_empty() {
         for (session, id) in hub.settle_idempotent(&p.sender, &p.client_msg_id) {
+            m.duplicates.increment(1);
             let _ = session.outbound.push(ack(id, true));
         }
     }
@@ -99,6 +109,7 @@ fn fail(hub: &Hub, p: PublishDone, e: &StoreError) {
             Body::Error(proto::Error::new(ErrorCode::Internal, format!("message not stored: {e}"))),
         ))
     };
+    hub.metrics.error(ErrorCode::Internal);
     let _ = p.session.outbound.push(err(p.request_id));
     if !p.client_msg_id.is_empty() {
         for (session, id) in hub.settle_idempotent(&p.sender, &p.client_msg_id) {

@@ -23,6 +23,7 @@
 //! reads that seq from the log (it was committed before it was dispatched).
 
 pub mod fanout;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -121,6 +122,10 @@ pub struct Room {
     slow_consumer_events: AtomicU64,
     /// Users typing now, with when their indicator expires.
     typing: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Rates and latency for the admin view.
+    pub stats: stats::RoomStats,
+    /// Users who are members.
+    pub members: AtomicU64,
 }
 
 /// What a catch-up step achieved.
@@ -143,6 +148,8 @@ impl Room {
             subs: Mutex::new(HashMap::new()),
             slow_consumer_events: AtomicU64::new(0),
             typing: Mutex::new(HashMap::new()),
+            stats: Default::default(),
+            members: AtomicU64::new(0),
         }
     }
 
@@ -255,8 +262,10 @@ impl Room {
     }
 
     /// Offers the committed message `seq` to every live subscriber; those
-    /// whose queue is full start catching up. Never waits.
-    pub fn fan_out(self: &Arc<Self>, seq: u64, frame: &Frame) {
+    /// whose queue is full start catching up. Never waits. Returns how many
+    /// sessions it was queued to.
+    pub fn fan_out(self: &Arc<Self>, seq: u64, frame: &Frame) -> u64 {
+        let mut delivered = 0;
         self.dispatched.store(seq, Ordering::Release);
         let mut lagging = Vec::new();
         {
@@ -267,6 +276,7 @@ impl Room {
                 {
                     if sub.session.outbound.offer(frame.clone()).is_ok() {
                         sub.delivered = seq;
+                        delivered += 1;
                     } else {
                         sub.mode = Mode::CatchingUp { synced: None, since: Instant::now() };
                         self.slow_consumer_events.fetch_add(1, Ordering::Relaxed);
@@ -278,6 +288,7 @@ impl Room {
         for s in lagging {
             s.mark_lagging(self);
         }
+        delivered
     }
 
     /// Offers an ephemeral push (typing, read receipt) to every live
@@ -291,8 +302,14 @@ impl Room {
     }
 
     /// Moves `session` towards the head by up to `max` messages read from the
-    /// log. Runs on the session's writer.
-    pub fn catch_up(&self, session: &SessionHandle, store: &dyn Store, max: u64) -> Result<CatchUp, StoreError> {
+    /// log. Runs on the session's writer. Counts what it queued in `queued`.
+    pub fn catch_up(
+        &self,
+        session: &SessionHandle,
+        store: &dyn Store,
+        max: u64,
+        queued: &mut u64,
+    ) -> Result<CatchUp, StoreError> {
         let from = {
             let subs = self.subs();
             match subs.get(&session.id) {
@@ -334,6 +351,7 @@ impl Room {
                 return Ok(CatchUp::More);
             }
             sub.delivered += 1;
+            *queued += 1;
         }
         if sub.delivered < self.head() {
             return Ok(CatchUp::More);

@@ -19,8 +19,9 @@ use crate::proto::{CloseReason, Envelope};
 pub enum Incoming {
     /// A protobuf-encoded envelope (a TCP frame or a WebSocket binary message).
     Protobuf(bytes::Bytes),
-    /// An envelope decoded from JSON (a WebSocket text message).
-    Json(Envelope),
+    /// An envelope decoded from JSON (a WebSocket text message), and the
+    /// message's size in bytes.
+    Json(Envelope, usize),
     /// A message that could not be decoded; `id` if it could be read.
     Malformed {
         /// Request id, 0 if unknown.
@@ -77,8 +78,14 @@ pub async fn serve_requests<S: Source>(session: &mut Session, source: &mut S, sh
 
 async fn handle(session: &mut Session, incoming: Incoming) -> Flow {
     match incoming {
-        Incoming::Protobuf(frame) => session.on_frame(&frame).await,
-        Incoming::Json(env) => session.on_envelope(env).await,
+        Incoming::Protobuf(frame) => {
+            session.count_received(frame.len());
+            session.on_frame(&frame).await
+        }
+        Incoming::Json(env, size) => {
+            session.count_received(size);
+            session.on_envelope(env).await
+        }
         Incoming::Malformed { id, reason } => session.on_malformed(id, reason),
         Incoming::Broken(e) => session.on_frame_error(&e),
         Incoming::End => Flow::Close,

@@ -7,6 +7,7 @@
 pub mod driver;
 pub mod outbound;
 mod requests;
+pub mod stats;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -35,12 +36,15 @@ pub struct SessionHandle {
     has_lagging: AtomicBool,
     /// Bounds publishes awaiting their ack.
     pub inflight: Arc<Semaphore>,
+    /// Who, from where, and how much.
+    pub stats: stats::ConnStats,
 }
 
 impl SessionHandle {
     /// A handle for a new connection.
-    pub fn new(id: u64, limits: &crate::hub::Limits) -> Self {
+    pub fn new(id: u64, limits: &crate::hub::Limits, transport: &'static str, peer: String) -> Self {
         SessionHandle {
+            stats: stats::ConnStats::new(transport, peer),
             id,
             outbound: Outbound::new(limits.outbound),
             user: OnceLock::new(),
@@ -77,11 +81,15 @@ impl SessionHandle {
     pub fn catch_up(&self, hub: &Hub, step: u64) -> Result<usize, crate::store::StoreError> {
         let rooms: Vec<Arc<Room>> = self.lagging.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut done = Vec::new();
+        let mut queued = 0;
         for room in &rooms {
             if !self.outbound.has_room_for_live() {
                 break;
             }
-            if room.catch_up(self, hub.store.as_ref(), step)? == CatchUp::Done {
+            let step = room.catch_up(self, hub.store.as_ref(), step, &mut queued);
+            hub.metrics.delivered.increment(queued);
+            queued = 0;
+            if step? == CatchUp::Done {
                 done.push(room.id);
             }
         }
@@ -112,6 +120,8 @@ impl SessionHandle {
                 "behind for more than {slow:?}; closing as a slow consumer"
             );
             let g = proto::GoAway::new(CloseReason::SlowConsumer, "could not keep up with the rooms' messages");
+            hub.metrics.close(CloseReason::SlowConsumer);
+            hub.metrics.slow_disconnects.increment(1);
             self.outbound.close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
             return true;
         }
@@ -164,8 +174,9 @@ const TYPING_BURST: f64 = 8.0;
 
 impl Session {
     /// A session for a new connection on `transport` ("tcp", "tls", "ws").
-    pub fn new(hub: Arc<Hub>, transport: &'static str) -> Self {
-        let handle = Arc::new(SessionHandle::new(hub.next_session_id(), &hub.limits));
+    pub fn new(hub: Arc<Hub>, transport: &'static str, peer: String) -> Self {
+        let handle = Arc::new(SessionHandle::new(hub.next_session_id(), &hub.limits, transport, peer));
+        hub.register_connection(&handle);
         Session {
             hub,
             handle,
@@ -173,6 +184,14 @@ impl Session {
             transport,
             typing_bucket: (TYPING_BURST, std::time::Instant::now()),
         }
+    }
+
+    /// Counts one received frame or message of `bytes`.
+    pub fn count_received(&self, bytes: usize) {
+        self.handle.stats.received(bytes);
+        let t = self.hub.metrics.transport(self.transport);
+        t.frames_in.increment(1);
+        t.bytes_in.increment(bytes as u64);
     }
 
     /// The handle the writer drains.
@@ -242,7 +261,10 @@ impl Session {
         match &self.state {
             State::Closed => Flow::Close,
             State::AwaitingHello => match body {
-                Body::Hello(h) => self.hello(id, h),
+                Body::Hello(h) => {
+                    self.hub.metrics.requests.increment(1);
+                    self.hello(id, h)
+                }
                 other => self.refuse(
                     id,
                     ErrorCode::Unauthenticated,
@@ -251,6 +273,9 @@ impl Session {
                 ),
             },
             State::Ready { .. } => {
+                if !matches!(body, Body::Pong(_) | Body::Typing(_)) {
+                    self.hub.metrics.requests.increment(1);
+                }
                 // Replies must not pile up for a client that does not read.
                 self.handle.outbound.wait_writable().await;
                 self.request(id, body).await
@@ -320,6 +345,7 @@ impl Session {
     pub fn go_away_after(&mut self, reason: CloseReason, message: &str, retry_after_ms: u32) -> Flow {
         let mut g = proto::GoAway::new(reason, message);
         g.retry_after_ms = retry_after_ms;
+        self.hub.metrics.close(reason);
         self.handle.outbound.close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
         self.state = State::Closed;
         Flow::Close
@@ -329,12 +355,14 @@ impl Session {
     fn reject(&mut self, id: u64, code: ErrorCode, message: impl Into<String>) -> Flow {
         let message = message.into();
         tracing::debug!(session = self.handle.id, user = self.handle.user(), request = id, ?code, %message, "request refused");
+        self.hub.metrics.error(code);
         let _ = self.handle.outbound.push(error_frame(id, code, message));
         Flow::Continue
     }
 
     /// Queues an `Error`, then `GoAway{reason}`, and closes.
     fn refuse(&mut self, id: u64, code: ErrorCode, reason: CloseReason, message: String) -> Flow {
+        self.hub.metrics.error(code);
         let _ = self.handle.outbound.push(error_frame(id, code, message.clone()));
         self.go_away(reason, &message)
     }
@@ -343,6 +371,7 @@ impl Session {
     /// once by the transport when the connection ends.
     pub fn close(&mut self) {
         if let State::Ready { entry, user, .. } = std::mem::replace(&mut self.state, State::Closed) {
+            self.hub.metrics.sessions.decrement(1.0);
             let mut st = entry.lock();
             st.sessions.retain(|s| s.id != self.handle.id);
             let last = st.sessions.is_empty();
@@ -358,6 +387,7 @@ impl Session {
             tracing::debug!(session = self.handle.id, user = %user, "session closed");
         }
         self.handle.outbound.close_with(None);
+        self.hub.deregister_connection(self.handle.id);
     }
 }
 

@@ -32,7 +32,10 @@ impl Refusal {
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "storage error while serving a request");
+        static ERRORS: crate::logs::Throttle = crate::logs::Throttle::new(1000);
+        if let Some(suppressed) = ERRORS.allow() {
+            tracing::error!(error = %e, suppressed, "storage error while serving a request");
+        }
         Refusal(ErrorCode::Internal, format!("storage error: {e}"))
     }
 }
@@ -46,6 +49,7 @@ impl Session {
                 "protocol_version {} is not supported; this server speaks {PROTOCOL_VERSION}",
                 h.protocol_version
             );
+            self.hub.metrics.error(ErrorCode::UnsupportedVersion);
             let _ = self.handle.outbound.push(error_frame(id, ErrorCode::UnsupportedVersion, msg));
             self.handle.outbound.close_with(None);
             self.state = State::Closed;
@@ -54,12 +58,17 @@ impl Session {
         let claims = match self.hub.auth.verify(&h.token, crate::auth::unix_now()) {
             Ok(c) => c,
             Err(e) => {
-                tracing::info!(session = self.handle.id, transport = self.transport, error = %e, "authentication failed");
+                static FAILED: crate::logs::Throttle = crate::logs::Throttle::new(1000);
+                if let Some(suppressed) = FAILED.allow() {
+                    tracing::info!(error = %e, suppressed, "authentication failed");
+                }
                 return self.refuse(id, ErrorCode::Unauthenticated, CloseReason::AuthFailed, e.to_string());
             }
         };
         let user: Arc<str> = claims.sub.into();
         let _ = self.handle.user.set(user.clone());
+        tracing::Span::current().record("user", &*user);
+        let _ = self.handle.stats.device.set(h.device.clone());
         let entry = self.hub.user(&user);
         let limits = &self.hub.limits;
 
@@ -130,6 +139,7 @@ impl Session {
             let _ = self.handle.outbound.push(error_frame(0, code, msg));
         }
         tracing::info!(session = self.handle.id, user = %user, transport = self.transport, device = %h.device, "session started");
+        self.hub.metrics.sessions.increment(1.0);
         self.state = State::Ready { user, entry, token_exp: claims.exp };
         Flow::Continue
     }
@@ -140,6 +150,15 @@ impl Session {
         };
         let (user, entry) = (user.clone(), entry.clone());
         let name = body.name();
+        let room_name = match &body {
+            Body::Join(b) => Some(b.room.clone()),
+            Body::Leave(b) => Some(b.room.clone()),
+            Body::Publish(b) => Some(b.room.clone()),
+            Body::History(b) => Some(b.room.clone()),
+            Body::MarkRead(b) => Some(b.room.clone()),
+            Body::Typing(b) => Some(b.room.clone()),
+            _ => None,
+        };
         let reply = match body {
             Body::Join(j) => self.join(id, &user, &entry, j.room).await,
             Body::Leave(l) => self.leave(&user, &entry, l.room).await,
@@ -159,6 +178,9 @@ impl Session {
             }
             Ok(None) => Flow::Continue,
             Err(Refusal(code, message)) => {
+                if let Some(room) = room_name.as_deref().and_then(|n| self.hub.room(n)) {
+                    room.stats.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 tracing::debug!(session = self.handle.id, user = %user, request = id, kind = name, ?code, %message, "request refused");
                 self.reject(id, code, message)
             }
@@ -231,6 +253,7 @@ impl Session {
                     member: true,
                 }))
                 .await?;
+                room.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 room
             }
         };
@@ -276,6 +299,7 @@ impl Session {
                 member: false,
             }))
             .await?;
+            room.members.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let mut st = entry.lock();
             st.rooms.remove(&room.id);
             for s in &st.sessions {
@@ -292,6 +316,7 @@ impl Session {
     }
 
     async fn publish(&self, id: u64, user: &Arc<str>, entry: &Arc<UserEntry>, p: proto::Publish) -> Reply {
+        let received = std::time::Instant::now();
         let room = self.member_room(entry, &p.room)?;
         if p.client_msg_id.len() > MAX_CLIENT_MSG_ID {
             return Err(Refusal::new(
@@ -303,6 +328,7 @@ impl Session {
             return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable; the message was not stored"));
         }
         if !self.hub.take_publish_token(entry) {
+            self.hub.metrics.rate_limited("publish");
             let rate = self.hub.limits.publish_rate_per_min;
             return Err(Refusal::new(
                 ErrorCode::RateLimited,
@@ -329,6 +355,7 @@ impl Session {
                 IdemCheck::Fresh => {}
                 IdemCheck::InFlight => return Ok(None),
                 IdemCheck::Stored(room, seq, ts_ms) => {
+                    self.hub.metrics.duplicates.increment(1);
                     return Ok(Some(Body::PublishAck(proto::PublishAck {
                         room: room.name.to_string(),
                         seq,
@@ -370,6 +397,7 @@ impl Session {
                     client_msg_id: p.client_msg_id,
                     sender: user.clone(),
                     permit: inflight,
+                    received,
                 })),
             });
         });
@@ -393,7 +421,9 @@ impl Session {
             let from = below.saturating_sub(limit - 1).max(1);
             (from, below, from > 1 && below >= 1)
         };
+        let started = std::time::Instant::now();
         let messages = if from <= to { room.read_messages(self.hub.store.as_ref(), from, to)? } else { Vec::new() };
+        self.hub.metrics.history_read.record(started.elapsed().as_secs_f64());
         Ok(Some(Body::HistoryPage(proto::HistoryPage { room: h.room, messages, head_seq: head, has_more })))
     }
 
@@ -429,6 +459,7 @@ impl Session {
         let room = self.member_room(entry, &t.room)?;
         // Clients refresh the indicator every few seconds; a flood is refused.
         if !self.take_typing_token() {
+            self.hub.metrics.rate_limited("typing");
             return Err(Refusal::new(ErrorCode::RateLimited, "typing updates are limited to 4 per second"));
         }
         self.hub.typing(&room, user, t.active, Some(self.handle.id));

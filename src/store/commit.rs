@@ -101,6 +101,11 @@ impl<C: Send + 'static> CommitQueue<C> {
         self.tx.reserve().await.ok()
     }
 
+    /// Writes waiting in the queue.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Whether the store has failed (writes are refused until restart).
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
@@ -131,6 +136,9 @@ async fn run<C: Send + 'static>(
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     let mut items = Vec::with_capacity(64);
+    let batch_size = metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE);
+    let sync_seconds = metrics::histogram!(crate::metrics::COMMIT_SYNC_SECONDS);
+    let failures = metrics::counter!(crate::metrics::COMMIT_FAILURES);
     loop {
         let first = match durability {
             Durability::Batch { interval } if unsynced => {
@@ -156,6 +164,7 @@ async fn run<C: Send + 'static>(
             }
         }
         let size = items.len();
+        batch_size.record(size as f64);
         let mut batch = Batch::default();
         let mut completions = Vec::with_capacity(size);
         for p in items.drain(..) {
@@ -174,16 +183,20 @@ async fn run<C: Send + 'static>(
         } else {
             let st = store.clone();
             let sync_each = durability == Durability::Fsync;
+            let sync_seconds = sync_seconds.clone();
             let r = tokio::task::spawn_blocking(move || {
                 st.write(&batch)?;
                 if sync_each {
+                    let started = Instant::now();
                     st.sync()?;
+                    sync_seconds.record(started.elapsed().as_secs_f64());
                 }
                 Ok::<_, StoreError>(())
             })
             .await
             .unwrap_or_else(|e| Err(StoreError::Db(format!("writer thread failed: {e}"))));
             if let Err(e) = &r {
+                failures.increment(1);
                 failed.store(true, Ordering::Release);
                 tracing::error!(error = %e, batch = size, "group commit failed; refusing writes until restart");
             }

@@ -232,30 +232,40 @@ pub struct Process {
     pub child: Child,
     pub addr: String,
     pub tls: Option<String>,
+    /// Every stderr line after the listening line.
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Process {
     /// Starts `chatd serve` on `dir` and waits until it listens.
     pub fn start(dir: &Path, extra: &[&str]) -> Process {
+        Self::start_with_env(dir, extra, &[("RUST_LOG", "warn")])
+    }
+
+    /// Starts `chatd serve` with extra environment variables.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
             .args(["serve", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--publish-rate", "0", "--data"])
             .arg(dir)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("chatd starts");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = logs.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
             let mut tx = Some(tx);
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("chatd listening: tcp ")
-                    && let Some(t) = tx.take()
-                {
-                    let _ = t.send(rest.to_string());
+                match line.strip_prefix("chatd listening: tcp ") {
+                    Some(rest) if tx.is_some() => {
+                        let _ = tx.take().unwrap().send(rest.to_string());
+                    }
+                    _ => sink.lock().unwrap().push(line),
                 }
             }
         });
@@ -263,7 +273,12 @@ impl Process {
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words[0].to_string();
         let tls = words.iter().position(|w| *w == "tls").map(|i| words[i + 1].to_string());
-        Process { child, addr, tls }
+        Process { child, addr, tls, logs }
+    }
+
+    /// Log lines printed so far (after the listening line).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
     }
 
     pub fn kill9(&mut self) {

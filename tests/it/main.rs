@@ -5,7 +5,9 @@
 
 mod chat;
 mod common;
+mod deploy;
 mod durability;
+mod ops;
 mod presence;
 mod protocol;
 mod resume;

@@ -1,0 +1,215 @@
+//! Operations: metrics after a scripted session, admin endpoints and their
+//! token, structured logs, the shutdown GoAway.
+//!
+//! Metrics are process-wide; nextest runs each test in its own process, and
+//! the checks below compare against a scrape taken before the session.
+
+use std::collections::HashMap;
+
+use chatd::proto::{self, Body, CloseReason, ErrorCode};
+
+use crate::common::*;
+
+/// Parses Prometheus text into `name{labels}` → value.
+fn parse(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn scrape(s: &TestServer) -> HashMap<String, f64> {
+    let (status, body) = http_get(&s.http, "/metrics").await;
+    assert_eq!(status, 200);
+    parse(&body)
+}
+
+fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
+    m.get(key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_a_scripted_session() {
+    let s = TestServer::start().await;
+    let before = scrape(&s).await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    ann.call(2, Body::Join(proto::Join { room: "m".into() })).await;
+    let (mut bob, _) = s.raw_user("bob").await;
+    bob.call(2, Body::Join(proto::Join { room: "m".into() })).await;
+    for i in 0..5 {
+        let p =
+            proto::Publish { room: "m".into(), client_msg_id: format!("k{i}"), text: "x".into(), ..Default::default() };
+        assert!(matches!(ann.call(10 + i, Body::Publish(p)).await, Body::PublishAck(_)));
+    }
+    let dup = proto::Publish { room: "m".into(), client_msg_id: "k0".into(), ..Default::default() };
+    assert!(matches!(ann.call(20, Body::Publish(dup)).await, Body::PublishAck(a) if a.duplicate));
+    expect_error(
+        &bob.call(21, Body::History(proto::History { room: "elsewhere".into(), ..Default::default() })).await,
+        ErrorCode::Forbidden,
+    );
+    assert!(matches!(
+        bob.call(22, Body::History(proto::History { room: "m".into(), ..Default::default() })).await,
+        Body::HistoryPage(_)
+    ));
+    let after = scrape(&s).await;
+    let delta = |k: &str| get(&after, k) - get(&before, k);
+
+    assert_eq!(delta("chatd_messages_published_total"), 5.0);
+    assert_eq!(delta("chatd_publish_duplicates_total"), 1.0);
+    assert_eq!(delta("chatd_messages_delivered_total"), 10.0, "5 messages x 2 sessions");
+    assert_eq!(delta("chatd_errors_total{code=\"FORBIDDEN\"}"), 1.0);
+    assert_eq!(get(&after, "chatd_connections{transport=\"tcp\"}"), 2.0);
+    assert_eq!(get(&after, "chatd_sessions"), 2.0);
+    assert_eq!(get(&after, "chatd_users_online"), 2.0);
+    assert_eq!(get(&after, "chatd_rooms_active"), 1.0);
+    assert!(delta("chatd_frames_received_total{transport=\"tcp\"}") >= 11.0);
+    assert!(delta("chatd_bytes_sent_total{transport=\"tcp\"}") > 0.0);
+    assert_eq!(delta("chatd_publish_ack_seconds_count"), 5.0);
+    assert_eq!(delta("chatd_publish_delivery_seconds_count"), 5.0);
+    assert_eq!(delta("chatd_history_read_seconds_count"), 1.0);
+    assert!(delta("chatd_commit_batch_size_count") >= 1.0, "group commits were measured");
+    assert!(delta("chatd_commit_sync_seconds_count") >= 1.0, "fsyncs were timed");
+    assert!(get(&after, "chatd_publish_ack_seconds_bucket{le=\"+Inf\"}") >= 5.0, "a real histogram");
+    assert_eq!(get(&after, "chatd_storage_healthy"), 1.0);
+    assert!(get(&after, "chatd_storage_bytes") > 0.0);
+    assert_eq!(get(&after, "chatd_durability_info{mode=\"fsync\"}"), 1.0);
+
+    drop(ann);
+    drop(bob);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while get(&scrape(&s).await, "chatd_connections{transport=\"tcp\"}") != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "connections gauge returns to 0");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let end = scrape(&s).await;
+    assert_eq!(get(&end, "chatd_sessions"), 0.0);
+    assert_eq!(get(&end, "chatd_users_online"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_metric_is_exported() {
+    let s = TestServer::start().await;
+    // Make the lazily-created series exist.
+    let (c, _) = s.client("ann").await;
+    c.join("r").await.unwrap();
+    c.publish("r", "x").await.unwrap();
+    let (_, body) = http_get(&s.http, "/metrics").await;
+    for name in chatd::metrics::ALL {
+        let lazily_labelled = [chatd::metrics::ERRORS, chatd::metrics::CLOSES, chatd::metrics::RATE_LIMITED];
+        if lazily_labelled.contains(name) {
+            continue;
+        }
+        assert!(body.contains(name), "{name} is missing from /metrics");
+    }
+}
+
+const ADMIN: &str = "an-admin-token-0123456789";
+
+async fn admin_get(s: &TestServer, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(&s.http).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_need_the_admin_token() {
+    let off = TestServer::start().await;
+    assert_eq!(admin_get(&off, "/admin/rooms", Some(ADMIN)).await.0, 404, "off without a configured token");
+
+    let s = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
+    let user_jwt = s.token("ann");
+    for path in ["/admin/rooms", "/admin/rooms/r", "/admin/connections"] {
+        assert_eq!(admin_get(&s, path, None).await.0, 401, "{path} without a token");
+        assert_eq!(admin_get(&s, path, Some("wrong-token-wrong-token")).await.0, 401, "{path} with a wrong token");
+        assert_eq!(admin_get(&s, path, Some(&user_jwt)).await.0, 401, "{path} with a user's token");
+    }
+    let (c, _) = s.client("ann").await;
+    c.join("busy").await.unwrap();
+    c.join("quiet").await.unwrap();
+    for i in 0..3 {
+        c.publish("busy", &format!("{i}")).await.unwrap();
+    }
+    let (status, v) = admin_get(&s, "/admin/rooms?top=1", Some(ADMIN)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["total"], 2);
+    let top = &v["rooms"][0];
+    assert_eq!(
+        (top["room"].as_str(), top["head_seq"].as_u64(), top["members"].as_u64()),
+        (Some("busy"), Some(3), Some(1))
+    );
+    assert!(top["messages_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(top["p99_publish_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(top["online_sessions"], 1);
+    let (status, v) = admin_get(&s, "/admin/rooms/busy", Some(ADMIN)).await;
+    assert_eq!((status, v["online_users"].clone()), (200, serde_json::json!(["ann"])));
+    assert_eq!(admin_get(&s, "/admin/rooms/nope", Some(ADMIN)).await.0, 404);
+    let (status, v) = admin_get(&s, "/admin/connections", Some(ADMIN)).await;
+    assert_eq!(status, 200);
+    let conn = &v["connections"][0];
+    assert_eq!(
+        (conn["user"].as_str(), conn["transport"].as_str(), conn["device"].as_str()),
+        (Some("ann"), Some("tcp"), Some("rust"))
+    );
+    assert!(conn["frames_in"].as_u64().unwrap() >= 6 && conn["bytes_out"].as_u64().unwrap() > 0, "{conn}");
+    assert!(conn["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_connection_fields() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Process::start_with_env(data.path(), &["--log-format", "json"], &[("RUST_LOG", "info")]);
+    let mut r = Raw::connect(&server.addr).await;
+    r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: "not-a-token".into(), ..Default::default() }))
+        .await;
+    assert!(r.closed().await);
+    let (mut ok, _) = {
+        let mut r = Raw::connect(&server.addr).await;
+        let w = r.hello(&token_for(data.path(), "ann"), vec![]).await;
+        (r, w)
+    };
+    ok.call(2, Body::Ping(proto::Ping { nonce: 1 })).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    let (failed, started) = loop {
+        let lines = server.log_lines();
+        let parsed: Vec<serde_json::Value> = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        assert_eq!(parsed.len(), lines.len(), "every log line is JSON: {lines:?}");
+        let find = |msg: &str| parsed.iter().find(|v| v["fields"]["message"] == msg).cloned();
+        if let (Some(a), Some(b)) = (find("authentication failed"), find("session started")) {
+            break (a, b);
+        }
+        assert!(std::time::Instant::now() < deadline, "log lines did not appear: {lines:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(failed["span"]["transport"], "tcp", "{failed}");
+    assert!(failed["span"]["id"].is_number() && failed["span"]["peer"].as_str().unwrap().starts_with("127.0.0.1"));
+    assert!(failed["fields"]["error"].as_str().unwrap().contains("malformed"));
+    assert_eq!(started["span"]["user"], "ann", "{started}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_says_goaway_shutdown_with_a_retry_hint() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Process::start(data.path(), &[]);
+    let mut r = Raw::connect(&server.addr).await;
+    r.hello(&token_for(data.path(), "ann"), vec![]).await;
+    let pid = server.child.id().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    match r.recv().await.body {
+        Some(Body::GoAway(g)) => {
+            assert_eq!(g.reason(), CloseReason::Shutdown);
+            assert_eq!(g.retry_after_ms, 1000);
+        }
+        other => panic!("expected GoAway, got {other:?}"),
+    }
+    assert!(r.closed().await);
+    assert!(server.child.wait().unwrap().success());
+}
