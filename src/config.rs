@@ -174,6 +174,9 @@ impl Config {
         if !(256..=16 << 20).contains(&self.max_frame_bytes) {
             return Err(ConfigError("max_frame_bytes must be between 256 and 16777216".into()));
         }
+        if self.heartbeat_ms == 0 {
+            return Err(ConfigError("heartbeat_ms must be greater than 0".into()));
+        }
         if self.cert.is_some() != self.key.is_some() {
             return Err(ConfigError("cert and key: give both, or neither".into()));
         }

@@ -1,1 +1,973 @@
+// chatd-client.js — a small client for chatd's WebSocket protocol (JSON text
+// messages, protocol version 1). No dependencies, no build step: an ES module
+// for browsers (and Node >= 20 given a WebSocket implementation).
+//
+//   import { ChatdClient } from './chatd-client.js';
+//   const client = new ChatdClient({ url: 'ws://127.0.0.1:7480/ws', token });
+//   client.addEventListener('message', (e) => console.log(e.detail.sender, e.detail.text));
+//   await client.connect();
+//   await client.join('general');
+//   const ack = await client.publish('general', 'hello');
+//
+// What it guarantees (the same as the Rust client, clients/rust/src/conn.rs
+// and cursor.rs):
+//  * per room, each message is delivered once and in seq order: a seq at or
+//    below the room's cursor is dropped; a seq beyond cursor + 1 is a gap,
+//    which is paged in with a forward History before later events are
+//    released;
+//  * if the connection drops, it reconnects with backoff (waiting at least
+//    GoAway.retryAfterMs), resumes every room from its cursor
+//    (Hello.resume), and re-sends every request that got no reply with the
+//    same id (a publish keeps its clientMsgId, so the server answers a retry
+//    of a stored message with the original seq and duplicate = true);
+//  * it never reconnects after GoAway{CLOSE_REASON_AUTH_FAILED} (or an
+//    UNAUTHENTICATED / UNSUPPORTED_VERSION answer to Hello);
+//  * it answers the server's Ping with a Pong of the same nonce, and pings
+//    the server every Welcome.heartbeatMs to notice a dead network.
+//
+// Values: the proto3 JSON mapping omits default values; this client fills
+// them in (a missing `complete` is `false`, a missing `seq` is 0, ...), and
+// turns 64-bit seqs and timestamps (strings on the wire) into Numbers
+// (exact up to 2^53). `data` (bytes) stays a base64 string; see toBase64 /
+// fromBase64.
 
+/** The protocol version this client speaks. */
+export const PROTOCOL_VERSION = 1;
+
+/** Request id of Hello (the first frame of every connection). */
+const HELLO_ID = 1;
+/** Longest wait for Welcome. */
+const HELLO_TIMEOUT_MS = 10_000;
+/** Largest page the server returns; used to fill gaps. */
+const GAP_PAGE = 1000;
+
+/**
+ * Error codes (`Error.code`) as names.
+ * @enum {string}
+ */
+export const ErrorCode = Object.freeze({
+  UNSPECIFIED: 'ERROR_CODE_UNSPECIFIED',
+  BAD_REQUEST: 'ERROR_CODE_BAD_REQUEST',
+  UNAUTHENTICATED: 'ERROR_CODE_UNAUTHENTICATED',
+  FORBIDDEN: 'ERROR_CODE_FORBIDDEN',
+  NOT_FOUND: 'ERROR_CODE_NOT_FOUND',
+  RATE_LIMITED: 'ERROR_CODE_RATE_LIMITED',
+  TOO_LARGE: 'ERROR_CODE_TOO_LARGE',
+  UNSUPPORTED_VERSION: 'ERROR_CODE_UNSUPPORTED_VERSION',
+  SERVER_BUSY: 'ERROR_CODE_SERVER_BUSY',
+  INTERNAL: 'ERROR_CODE_INTERNAL',
+});
+
+/**
+ * Close reasons (`GoAway.reason`) as names.
+ * @enum {string}
+ */
+export const CloseReason = Object.freeze({
+  UNSPECIFIED: 'CLOSE_REASON_UNSPECIFIED',
+  SHUTDOWN: 'CLOSE_REASON_SHUTDOWN',
+  IDLE_TIMEOUT: 'CLOSE_REASON_IDLE_TIMEOUT',
+  SLOW_CONSUMER: 'CLOSE_REASON_SLOW_CONSUMER',
+  CAPACITY: 'CLOSE_REASON_CAPACITY',
+  PROTOCOL_ERROR: 'CLOSE_REASON_PROTOCOL_ERROR',
+  AUTH_FAILED: 'CLOSE_REASON_AUTH_FAILED',
+  AUTH_EXPIRED: 'CLOSE_REASON_AUTH_EXPIRED',
+});
+
+const ERROR_NAMES = Object.values(ErrorCode);
+const CLOSE_NAMES = Object.values(CloseReason);
+
+/**
+ * A request the server refused (`detail.code` is an {@link ErrorCode} name),
+ * or a local failure: `code` is then `CLOSED` (the client was closed or gave
+ * up), `TIMEOUT` (no Welcome in time) or `CONNECTION` (could not connect).
+ */
+export class ChatdError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
+  constructor(code, message) {
+    super(message ? `${code}: ${message}` : code);
+    this.name = 'ChatdError';
+    /** @type {string} */
+    this.code = code;
+    /** The server's human-readable text. */
+    this.serverMessage = message || '';
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Typedefs (the JSON shapes, after defaults are filled in).
+
+/**
+ * @typedef {object} RoomState
+ * @property {string} room
+ * @property {number} headSeq  seq of the room's last message (0: empty)
+ * @property {number} readSeq  the user's read marker; unread = headSeq - readSeq
+ */
+/**
+ * @typedef {object} Welcome
+ * @property {string} user
+ * @property {string} sessionId
+ * @property {number} protocolVersion
+ * @property {RoomState[]} rooms  every room the user is a member of
+ * @property {number} heartbeatMs
+ * @property {number} maxFrameBytes
+ * @property {string} server
+ */
+/** @typedef {{state: RoomState, online: string[]}} Joined */
+/** @typedef {{room: string}} Left */
+/**
+ * @typedef {object} PublishAck
+ * @property {string} room
+ * @property {number} seq
+ * @property {number} tsMs
+ * @property {string} clientMsgId
+ * @property {boolean} duplicate  true: a retry of an already stored message
+ */
+/**
+ * @typedef {object} Message
+ * @property {string} room
+ * @property {number} seq
+ * @property {string} sender
+ * @property {number} tsMs  server time, Unix milliseconds
+ * @property {string} clientMsgId
+ * @property {string} text
+ * @property {string} data  base64 ('' when none)
+ */
+/** @typedef {{room: string, messages: Message[], headSeq: number, hasMore: boolean}} HistoryPage */
+/** @typedef {{room: string, headSeq: number, complete: boolean}} Synced */
+/** @typedef {{room: string, user: string, active: boolean}} Typing */
+/** @typedef {{room: string, user: string, seq: number}} ReadReceipt */
+/** @typedef {{room: string, user: string, online: boolean, devices: number}} Presence */
+/** @typedef {{code: string, message: string}} ServerError */
+/** @typedef {{reason: string, message: string, retryAfterMs: number}} GoAway */
+/** @typedef {{room: string, afterSeq: number}} Cursor */
+
+// ---------------------------------------------------------------------------
+// JSON mapping helpers.
+
+const num = (v) => (v === undefined || v === null || v === '' ? 0 : Number(v));
+const str = (v) => (v === undefined || v === null ? '' : String(v));
+const bool = (v) => v === true;
+const enumName = (v, names, fallback) => (typeof v === 'number' ? names[v] || fallback : v ? String(v) : fallback);
+
+/** @returns {RoomState} */
+const roomState = (v = {}) => ({ room: str(v.room), headSeq: num(v.headSeq), readSeq: num(v.readSeq) });
+
+/** @returns {Message} */
+const message = (v = {}) => ({
+  room: str(v.room),
+  seq: num(v.seq),
+  sender: str(v.sender),
+  tsMs: num(v.tsMs),
+  clientMsgId: str(v.clientMsgId),
+  text: str(v.text),
+  data: str(v.data),
+});
+
+/** Fills in the defaults of a body, by its JSON name. */
+const NORMALIZE = {
+  welcome: (v) => ({
+    user: str(v.user),
+    sessionId: str(v.sessionId),
+    protocolVersion: num(v.protocolVersion),
+    rooms: (v.rooms || []).map(roomState),
+    heartbeatMs: num(v.heartbeatMs),
+    maxFrameBytes: num(v.maxFrameBytes),
+    server: str(v.server),
+  }),
+  joined: (v) => ({ state: roomState(v.state), online: (v.online || []).map(str) }),
+  left: (v) => ({ room: str(v.room) }),
+  publishAck: (v) => ({
+    room: str(v.room),
+    seq: num(v.seq),
+    tsMs: num(v.tsMs),
+    clientMsgId: str(v.clientMsgId),
+    duplicate: bool(v.duplicate),
+  }),
+  message,
+  historyPage: (v) => ({
+    room: str(v.room),
+    messages: (v.messages || []).map(message),
+    headSeq: num(v.headSeq),
+    hasMore: bool(v.hasMore),
+  }),
+  synced: (v) => ({ room: str(v.room), headSeq: num(v.headSeq), complete: bool(v.complete) }),
+  typing: (v) => ({ room: str(v.room), user: str(v.user), active: bool(v.active) }),
+  readReceipt: (v) => ({ room: str(v.room), user: str(v.user), seq: num(v.seq) }),
+  presence: (v) => ({ room: str(v.room), user: str(v.user), online: bool(v.online), devices: num(v.devices) }),
+  // Nonces are echoed exactly as received (a string: 64-bit).
+  ping: (v) => ({ nonce: str(v.nonce ?? '0') }),
+  pong: (v) => ({ nonce: str(v.nonce ?? '0') }),
+  error: (v) => ({ code: enumName(v.code, ERROR_NAMES, ErrorCode.UNSPECIFIED), message: str(v.message) }),
+  goAway: (v) => ({
+    reason: enumName(v.reason, CLOSE_NAMES, CloseReason.UNSPECIFIED),
+    message: str(v.message),
+    retryAfterMs: num(v.retryAfterMs),
+  }),
+};
+
+/**
+ * Parses one text frame: `{id, kind, body}` with the body's defaults filled
+ * in, or `null` for something that is not an Envelope.
+ * @param {string} text
+ * @returns {{id: number, kind: string, body: any} | null}
+ */
+export function parseEnvelope(text) {
+  let env;
+  try {
+    env = JSON.parse(text);
+  } catch {
+    return null;
+  }
+  if (!env || typeof env !== 'object') return null;
+  const id = num(env.id);
+  for (const key of Object.keys(env)) {
+    if (key === 'id') continue;
+    const norm = NORMALIZE[key];
+    const v = env[key] && typeof env[key] === 'object' ? env[key] : {};
+    return { id, kind: key, body: norm ? norm(v) : v };
+  }
+  return { id, kind: '', body: null };
+}
+
+/**
+ * Base64 of bytes (for `Publish.data`).
+ * @param {Uint8Array} bytes
+ * @returns {string}
+ */
+export function toBase64(bytes) {
+  let s = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(s);
+}
+
+/**
+ * Bytes of a base64 string (for `Message.data`).
+ * @param {string} b64
+ * @returns {Uint8Array}
+ */
+export function fromBase64(b64) {
+  const s = atob(b64 || '');
+  const out = new Uint8Array(s.length);
+  for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+  return out;
+}
+
+/** A random id for `Publish.clientMsgId` (works outside secure contexts). */
+export function newClientMsgId() {
+  const c = globalThis.crypto;
+  if (c && typeof c.getRandomValues === 'function') {
+    const b = c.getRandomValues(new Uint8Array(16));
+    return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+  }
+  return `${Date.now().toString(16)}-${Math.random().toString(16).slice(2)}${Math.random().toString(16).slice(2)}`;
+}
+
+// ---------------------------------------------------------------------------
+// Per-room delivery order (a port of clients/rust/src/cursor.rs).
+
+/**
+ * Cursors of every room the client knows: the last seq handed to the
+ * application. A message at or below it is a duplicate and dropped; the next
+ * seq is delivered; a later one is a gap, so the room holds further events
+ * back until the gap is paged in with a forward History.
+ *
+ * `out` arrays receive deliverable events: `{type: 'message', value}` or
+ * `{type: 'synced', value}`. Methods that may need a fetch return
+ * `{fetchAfter: seq}` (fetch messages with seq > fetchAfter) or `null`.
+ */
+export class Cursors {
+  constructor() {
+    /** @type {Map<string, {last: number, held: Array<{type: string, value: any}> | null}>} */
+    this.rooms = new Map();
+  }
+
+  /** Sets a room's cursor; never moves an existing cursor backwards. */
+  track(room, last) {
+    const r = this.rooms.get(room);
+    if (r) r.last = Math.max(r.last, last);
+    else this.rooms.set(room, { last, held: null });
+  }
+
+  /** Forgets a room (left). */
+  forget(room) {
+    this.rooms.delete(room);
+  }
+
+  /** Whether the room is tracked. */
+  knows(room) {
+    return this.rooms.has(room);
+  }
+
+  /** The last seq delivered in `room` (undefined when unknown). */
+  last(room) {
+    return this.rooms.get(room)?.last;
+  }
+
+  /** Every room with its cursor, sorted by room, for `Hello.resume`. @returns {Cursor[]} */
+  resume() {
+    return [...this.rooms.entries()]
+      .map(([room, r]) => ({ room, afterSeq: r.last }))
+      .sort((a, b) => (a.room < b.room ? -1 : a.room > b.room ? 1 : 0));
+  }
+
+  /** Drops gap fills in progress (the connection was lost; the resume replays from the cursor). */
+  resetGaps() {
+    for (const r of this.rooms.values()) r.held = null;
+  }
+
+  /**
+   * A live or replayed message.
+   * @param {Message} m
+   * @param {Array<{type: string, value: any}>} out
+   * @returns {{fetchAfter: number} | null}
+   */
+  onMessage(m, out) {
+    let r = this.rooms.get(m.room);
+    if (!r) {
+      // An unknown room starts at its first message.
+      r = { last: Math.max(0, m.seq - 1), held: null };
+      this.rooms.set(m.room, r);
+    }
+    if (r.held) {
+      r.held.push({ type: 'message', value: m });
+      return null;
+    }
+    if (m.seq <= r.last) return null;
+    if (m.seq === r.last + 1) {
+      r.last = m.seq;
+      out.push({ type: 'message', value: m });
+      return null;
+    }
+    const after = r.last;
+    r.held = [{ type: 'message', value: m }];
+    return { fetchAfter: after };
+  }
+
+  /**
+   * A `Synced`: delivered in order with the room's messages.
+   * @param {Synced} s
+   * @param {Array<{type: string, value: any}>} out
+   */
+  onSynced(s, out) {
+    const r = this.rooms.get(s.room);
+    if (r && r.held) r.held.push({ type: 'synced', value: s });
+    else out.push({ type: 'synced', value: s });
+  }
+
+  /**
+   * A history page fetched to fill a gap in `room`.
+   * @param {string} room
+   * @param {HistoryPage} page
+   * @param {Array<{type: string, value: any}>} out
+   * @returns {{fetchAfter: number} | null}
+   */
+  onGapPage(room, page, out) {
+    const r = this.rooms.get(room);
+    if (!r || !r.held) return null;
+    // The page fills the gap up to the first held message; the held events
+    // then follow in the order the server sent them.
+    const firstHeld = r.held.find((e) => e.type === 'message')?.value.seq ?? Infinity;
+    const before = r.last;
+    for (const m of page.messages) {
+      if (m.seq === r.last + 1 && m.seq < firstHeld) {
+        r.last = m.seq;
+        out.push({ type: 'message', value: m });
+      }
+    }
+    if (r.last + 1 < firstHeld && page.hasMore && r.last > before) {
+      return { fetchAfter: r.last };
+    }
+    const held = r.held;
+    r.held = null;
+    for (const e of held) {
+      if (e.type === 'message') {
+        if (e.value.seq <= r.last) continue;
+        // A hole the log cannot fill (the page ended before it) is skipped
+        // rather than waited for forever.
+        r.last = e.value.seq;
+      }
+      out.push(e);
+    }
+    return null;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The client.
+
+/**
+ * @typedef {object} ChatdClientOptions
+ * @property {string} url  WebSocket URL, e.g. `ws://127.0.0.1:7480/ws`
+ *   (in a page served by chatd: `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`)
+ * @property {string | (() => string | Promise<string>)} token  the JWT, or a
+ *   function called before every (re)connect that returns one (to refresh an
+ *   expiring token)
+ * @property {string} [device='web']  device label
+ * @property {Cursor[] | Record<string, number>} [resume]  rooms the
+ *   application already has, up to a seq (e.g. a saved {@link ChatdClient#cursors})
+ * @property {boolean} [reconnect=true]  reconnect when the connection drops
+ * @property {number} [maxBackoffMs=5000]  longest wait between reconnect attempts
+ * @property {boolean} [heartbeat=true]  ping every Welcome.heartbeatMs and
+ *   drop (then reconnect) a connection that does not answer within one interval
+ * @property {typeof WebSocket} [WebSocket]  WebSocket implementation
+ *   (default: the global one)
+ */
+
+/**
+ * A chatd connection that survives disconnects.
+ *
+ * Events (each a `CustomEvent`; the payload is `event.detail`):
+ * - `connected` — {@link Welcome} plus `reconnected` (false the first
+ *   time), after every (re)connect
+ * - `disconnected` — `{reason, willReconnect, goAway?}`
+ * - `statechange` — `{state, retryInMs?}`; state is one of `idle`,
+ *   `connecting`, `connected`, `reconnecting`, `closed`
+ * - `message` — {@link Message}, per room exactly once and in seq order
+ * - `synced` — {@link Synced}, the end of a resume replay for a room
+ * - `presence` — {@link Presence}
+ * - `typing` — {@link Typing}
+ * - `readreceipt` — {@link ReadReceipt} pushed by the server
+ * - `goaway` — {@link GoAway}, just before the server closes
+ * - `servererror` — {@link ServerError} not tied to a request of yours
+ *   (e.g. a refused `typing`, a resume cursor for a room you left)
+ *
+ * @extends EventTarget
+ */
+export class ChatdClient extends EventTarget {
+  /** @param {ChatdClientOptions} options */
+  constructor(options) {
+    super();
+    const o = options || {};
+    if (!o.url) throw new TypeError('ChatdClient: url is required');
+    if (!o.token) throw new TypeError('ChatdClient: token is required');
+    /** WebSocket URL. */
+    this.url = o.url;
+    /** The token, or a function returning one; may be replaced before a reconnect. */
+    this.token = o.token;
+    /** Device label sent in Hello. */
+    this.device = o.device || 'web';
+    this.reconnect = o.reconnect !== false;
+    this.maxBackoffMs = o.maxBackoffMs ?? 5000;
+    this.heartbeat = o.heartbeat !== false;
+    this._WS = o.WebSocket || null;
+    /** @type {Welcome | null} The latest Welcome. */
+    this.welcome = null;
+
+    this._cursors = new Cursors();
+    for (const c of normalizeResume(o.resume)) this._cursors.track(c.room, c.afterSeq);
+    /** Requests waiting for a reply, by id: re-sent after a reconnect. */
+    this._pending = new Map();
+    /** History requests sent by the client itself to fill gaps: id -> room. */
+    this._gapFetches = new Map();
+    /** Ids of the client's own heartbeat pings. */
+    this._pings = new Set();
+    this._nextId = HELLO_ID + 1;
+    this._state = 'idle';
+    this._conn = null;
+    this._closed = false;
+    this._wake = null;
+    this._hbTimer = null;
+  }
+
+  /** Connection state: `idle`, `connecting`, `connected`, `reconnecting` or `closed`. */
+  get state() {
+    return this._state;
+  }
+
+  /** The user id from the latest Welcome ('' before the first). */
+  get user() {
+    return this.welcome ? this.welcome.user : '';
+  }
+
+  /**
+   * Adds a listener that receives `event.detail`; returns a function that
+   * removes it.
+   * @param {string} type
+   * @param {(detail: any) => void} fn
+   * @returns {() => void}
+   */
+  on(type, fn) {
+    const h = (e) => fn(e.detail);
+    this.addEventListener(type, h);
+    return () => this.removeEventListener(type, h);
+  }
+
+  /**
+   * Opens the connection and completes the handshake. Rejects (with a
+   * {@link ChatdError}) when the first attempt fails; once connected, the
+   * client reconnects by itself.
+   * @returns {Promise<Welcome>}
+   */
+  async connect() {
+    if (this._state !== 'idle' && this._state !== 'closed') {
+      throw new ChatdError('BAD_STATE', `connect() while ${this._state}`);
+    }
+    this._closed = false;
+    this._setState('connecting');
+    try {
+      return await this._open();
+    } catch (e) {
+      this._conn = null;
+      this._setState('closed');
+      throw e.error || e;
+    }
+  }
+
+  /**
+   * Joins a room (idempotent) and subscribes every session of the user.
+   * @param {string} room
+   * @returns {Promise<Joined>}
+   */
+  join(room) {
+    return this._request({ join: { room } });
+  }
+
+  /**
+   * Leaves a room; the user's sessions stop receiving it.
+   * @param {string} room
+   * @returns {Promise<Left>}
+   */
+  leave(room) {
+    return this._request({ leave: { room } });
+  }
+
+  /**
+   * Publishes a message. The ack comes once the message is durable. A
+   * unique `clientMsgId` is generated unless given; it is kept for retries
+   * (after a reconnect, the server answers a retry of a stored message with
+   * its original seq and `duplicate: true`).
+   * @param {string} room
+   * @param {string} text
+   * @param {{data?: Uint8Array | string, clientMsgId?: string}} [opts]
+   *   `data`: bytes, or a base64 string
+   * @returns {Promise<PublishAck>}
+   */
+  publish(room, text, opts = {}) {
+    const body = { room, clientMsgId: opts.clientMsgId || newClientMsgId(), text: text || '' };
+    if (opts.data && opts.data.length) body.data = typeof opts.data === 'string' ? opts.data : toBase64(opts.data);
+    return this._request({ publish: body });
+  }
+
+  /**
+   * A page of a room's history, always in ascending seq order.
+   * `forward: false` (default): the newest `limit` messages with seq <
+   * `beforeSeq` (0: up to the head). `forward: true`: the oldest `limit`
+   * messages with seq > `afterSeq` (0: from the start). `limit` 0 means 100,
+   * at most 1000. These messages do not go through the cursors (no
+   * `message` events).
+   * @param {{room: string, beforeSeq?: number, afterSeq?: number, limit?: number, forward?: boolean}} q
+   * @returns {Promise<HistoryPage>}
+   */
+  history(q) {
+    const h = { room: q.room };
+    if (q.beforeSeq) h.beforeSeq = String(q.beforeSeq);
+    if (q.afterSeq) h.afterSeq = String(q.afterSeq);
+    if (q.limit) h.limit = q.limit;
+    if (q.forward) h.forward = true;
+    return this._request({ history: h });
+  }
+
+  /**
+   * Moves the user's read marker to `seq` (clamped to the head, never
+   * backwards).
+   * @param {string} room
+   * @param {number} seq
+   * @returns {Promise<ReadReceipt>}
+   */
+  markRead(room, seq) {
+    return this._request({ markRead: { room, seq: String(seq) } });
+  }
+
+  /**
+   * Tells the room's other members that the user is (or stopped) typing.
+   * Fire-and-forget: dropped while disconnected; a refusal comes back as a
+   * `servererror` event.
+   * @param {string} room
+   * @param {boolean} active
+   */
+  typing(room, active) {
+    if (this._state !== 'connected') return;
+    this._send(0, { typing: active ? { room, active: true } : { room } });
+  }
+
+  /** Closes the connection for good; requests waiting for a reply are rejected. */
+  close() {
+    if (this._closed && this._state === 'closed') return;
+    this._closed = true;
+    const conn = this._conn;
+    this._conn = null;
+    this._stopHeartbeat();
+    if (conn && !conn.welcomed && conn.fail) {
+      conn.fail(new ChatdError('CLOSED', 'client closed'), true); // a connect() under way rejects now
+    } else if (conn) {
+      detach(conn.ws);
+      try {
+        conn.ws.close(1000, 'client closed');
+      } catch {
+        /* already closed */
+      }
+    }
+    if (this._wake) this._wake();
+    this._failAll(new ChatdError('CLOSED', 'client closed'));
+    this._setState('closed');
+  }
+
+  /**
+   * The last seq delivered per room (save it to resume later with the
+   * `resume` option).
+   * @returns {Record<string, number>}
+   */
+  cursors() {
+    const o = {};
+    for (const c of this._cursors.resume()) o[c.room] = c.afterSeq;
+    return o;
+  }
+
+  // -------------------------------------------------------------------------
+  // Internals.
+
+  _setState(state, extra = {}) {
+    const changed = this._state !== state;
+    this._state = state;
+    if (changed || extra.retryInMs !== undefined) this._emit('statechange', { state, ...extra });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _send(id, body, conn = this._conn) {
+    if (!conn) return false;
+    const env = id ? { id: String(id), ...body } : body;
+    try {
+      conn.ws.send(JSON.stringify(env));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  _request(body) {
+    if (this._closed || this._state === 'closed') return Promise.reject(new ChatdError('CLOSED', 'client closed'));
+    return new Promise((resolve, reject) => {
+      const id = this._nextId++;
+      this._pending.set(id, { body, resolve, reject });
+      // While disconnected it waits in _pending and goes out after Welcome.
+      if (this._state === 'connected') this._send(id, body);
+    });
+  }
+
+  _failAll(err) {
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of pending) p.reject(err);
+  }
+
+  /**
+   * One connection attempt. Resolves with Welcome once it is accepted;
+   * rejects with `{error, fatal, wait}`.
+   */
+  async _open() {
+    const token = typeof this.token === 'function' ? await this.token() : this.token;
+    const WS = this._WS || globalThis.WebSocket;
+    if (!WS) throw { error: new ChatdError('CONNECTION', 'no WebSocket implementation'), fatal: true };
+    if (this._closed) throw { error: new ChatdError('CLOSED', 'client closed'), fatal: true };
+    return new Promise((resolve, reject) => {
+      let ws;
+      try {
+        ws = new WS(this.url);
+      } catch (e) {
+        reject({ error: new ChatdError('CONNECTION', String(e && e.message ? e.message : e)), fatal: false });
+        return;
+      }
+      const conn = { ws, welcomed: false, goAway: null, helloError: null, lastRecv: Date.now(), pingSentAt: 0 };
+      this._conn = conn;
+      const timer = setTimeout(() => {
+        if (conn.welcomed) return;
+        fail(new ChatdError('TIMEOUT', `no welcome within ${HELLO_TIMEOUT_MS / 1000} s`), false);
+      }, HELLO_TIMEOUT_MS);
+      const fail = (error, fatal) => {
+        clearTimeout(timer);
+        if (this._conn === conn) this._conn = null;
+        detach(ws);
+        try {
+          ws.close();
+        } catch {
+          /* ignore */
+        }
+        reject({ error, fatal, wait: conn.goAway ? conn.goAway.retryAfterMs : 0 });
+      };
+      conn.fail = fail;
+      ws.onopen = () => {
+        const hello = { protocolVersion: PROTOCOL_VERSION, token, device: this.device };
+        const resume = this._cursors.resume().map((c) => (c.afterSeq ? { room: c.room, afterSeq: String(c.afterSeq) } : { room: c.room }));
+        if (resume.length) hello.resume = resume;
+        this._send(HELLO_ID, { hello }, conn);
+      };
+      ws.onmessage = (ev) => {
+        if (this._conn !== conn) return;
+        conn.lastRecv = Date.now();
+        if (typeof ev.data !== 'string') return; // we only speak JSON
+        const env = parseEnvelope(ev.data);
+        if (!env) return;
+        if (conn.welcomed) {
+          this._onFrame(conn, env);
+          return;
+        }
+        if (env.kind === 'welcome') {
+          clearTimeout(timer);
+          conn.welcomed = true;
+          this._accept(conn, env.body);
+          resolve(env.body);
+        } else if (env.kind === 'error') {
+          conn.helloError = env.body;
+        } else if (env.kind === 'goAway') {
+          conn.goAway = env.body;
+          this._emit('goaway', env.body);
+        } else if (env.kind === 'ping') {
+          this._send(env.id, { pong: env.body }, conn);
+        }
+      };
+      ws.onerror = () => {
+        /* a close event follows */
+      };
+      ws.onclose = (ev) => {
+        if (this._conn !== conn) return;
+        if (conn.welcomed) {
+          this._onLost(conn, closeText(ev));
+          return;
+        }
+        const e = conn.helloError;
+        const authFailed = conn.goAway && conn.goAway.reason === CloseReason.AUTH_FAILED;
+        const fatal =
+          authFailed || (e && (e.code === ErrorCode.UNAUTHENTICATED || e.code === ErrorCode.UNSUPPORTED_VERSION));
+        const error = e
+          ? new ChatdError(e.code, e.message)
+          : conn.goAway
+            ? new ChatdError(conn.goAway.reason, conn.goAway.message)
+            : new ChatdError('CONNECTION', `could not connect to ${this.url} (${closeText(ev)})`);
+        fail(error, !!fatal);
+      };
+    });
+  }
+
+  /** A Welcome arrived on `conn`: the connection is live. */
+  _accept(conn, w) {
+    const reconnected = this.welcome !== null;
+    this.welcome = w;
+    // Rooms joined elsewhere start live from their head; rooms the user is no
+    // longer a member of are forgotten.
+    const member = new Set(w.rooms.map((r) => r.room));
+    for (const r of w.rooms) if (!this._cursors.knows(r.room)) this._cursors.track(r.room, r.headSeq);
+    for (const c of this._cursors.resume()) if (!member.has(c.room)) this._cursors.forget(c.room);
+    this._setState('connected');
+    this._startHeartbeat(conn, w.heartbeatMs);
+    // Requests that got no reply (or were made while away) go out again,
+    // with the same ids and bodies (so the same clientMsgIds), before
+    // anything the application sends on `connected`.
+    for (const id of [...this._pending.keys()].sort((a, b) => a - b)) {
+      this._send(id, this._pending.get(id).body, conn);
+    }
+    this._emit('connected', { ...w, reconnected });
+  }
+
+  _onFrame(conn, { id, kind, body }) {
+    if (id !== 0) {
+      if (this._gapFetches.has(id)) {
+        const room = this._gapFetches.get(id);
+        this._gapFetches.delete(id);
+        // An error (e.g. the room was left meanwhile) releases what was held.
+        const page = kind === 'historyPage' ? body : { room, messages: [], headSeq: 0, hasMore: false };
+        const out = [];
+        const action = this._cursors.onGapPage(room, page, out);
+        this._deliver(out);
+        if (action) this._fetchGap(room, action.fetchAfter);
+        return;
+      }
+      if (this._pings.delete(id)) return;
+      const p = this._pending.get(id);
+      if (p) {
+        this._pending.delete(id);
+        if (kind === 'error') {
+          p.reject(new ChatdError(body.code, body.message));
+          return;
+        }
+        if (kind === 'joined') {
+          // A known room keeps its cursor: a resume replay may still be under way.
+          if (!this._cursors.knows(body.state.room)) this._cursors.track(body.state.room, body.state.headSeq);
+        } else if (kind === 'left') {
+          this._cursors.forget(body.room);
+        }
+        p.resolve(body);
+        return;
+      }
+      if (kind === 'error') this._emit('servererror', { ...body, id });
+      return;
+    }
+    switch (kind) {
+      case 'message': {
+        const out = [];
+        const action = this._cursors.onMessage(body, out);
+        this._deliver(out);
+        if (action) this._fetchGap(body.room, action.fetchAfter);
+        break;
+      }
+      case 'synced': {
+        const out = [];
+        this._cursors.onSynced(body, out);
+        this._deliver(out);
+        break;
+      }
+      case 'ping':
+        this._send(0, { pong: { nonce: body.nonce } }, conn);
+        break;
+      case 'readReceipt':
+        this._emit('readreceipt', body);
+        break;
+      case 'presence':
+        this._emit('presence', body);
+        break;
+      case 'typing':
+        this._emit('typing', body);
+        break;
+      case 'error':
+        this._emit('servererror', body);
+        break;
+      case 'goAway':
+        conn.goAway = body;
+        this._emit('goaway', body);
+        // The server closes next; do not wait for it.
+        this._onLost(conn, `${body.reason}: ${body.message}`);
+        break;
+      default:
+        break;
+    }
+  }
+
+  _deliver(out) {
+    for (const e of out) this._emit(e.type, e.value);
+  }
+
+  _fetchGap(room, after) {
+    const id = this._nextId++;
+    const h = { room, limit: GAP_PAGE, forward: true };
+    if (after) h.afterSeq = String(after);
+    this._gapFetches.set(id, room);
+    this._send(id, { history: h });
+  }
+
+  _startHeartbeat(conn, heartbeatMs) {
+    this._stopHeartbeat();
+    if (!this.heartbeat) return;
+    const every = heartbeatMs > 0 ? heartbeatMs : 30_000;
+    this._hbTimer = setInterval(() => {
+      if (this._conn !== conn) return;
+      // Nothing heard since the previous ping, a whole interval ago: the
+      // network is gone (a dead TCP connection can take minutes to close).
+      // Measured from the ping, so timers throttled in a background tab do
+      // not cause false alarms.
+      if (conn.pingSentAt && conn.lastRecv < conn.pingSentAt && Date.now() - conn.pingSentAt >= every * 0.9) {
+        this._onLost(conn, 'no answer to heartbeat');
+        return;
+      }
+      const id = this._nextId++;
+      this._pings.add(id);
+      conn.pingSentAt = Date.now();
+      this._send(id, { ping: { nonce: String(id) } }, conn);
+    }, every);
+  }
+
+  _stopHeartbeat() {
+    if (this._hbTimer) clearInterval(this._hbTimer);
+    this._hbTimer = null;
+  }
+
+  /** The live connection `conn` ended. */
+  _onLost(conn, reason) {
+    if (this._conn !== conn) return;
+    this._conn = null;
+    this._stopHeartbeat();
+    detach(conn.ws);
+    try {
+      conn.ws.close();
+    } catch {
+      /* ignore */
+    }
+    this._cursors.resetGaps();
+    this._gapFetches.clear();
+    this._pings.clear();
+    if (this._closed) return;
+    const ga = conn.goAway;
+    if ((ga && ga.reason === CloseReason.AUTH_FAILED) || !this.reconnect) {
+      this._giveUp(reason, ga);
+      return;
+    }
+    this._emit('disconnected', { reason, willReconnect: true, goAway: ga || undefined });
+    this._reconnectLoop(ga ? ga.retryAfterMs : 0);
+  }
+
+  _giveUp(reason, goAway) {
+    this._closed = true;
+    this._failAll(new ChatdError('CLOSED', reason));
+    this._setState('closed');
+    this._emit('disconnected', { reason, willReconnect: false, goAway: goAway || undefined });
+  }
+
+  async _reconnectLoop(firstWait) {
+    let wait = firstWait;
+    let backoff = 100;
+    for (;;) {
+      this._setState('reconnecting', { retryInMs: wait });
+      await this._sleep(wait);
+      if (this._closed) return;
+      try {
+        await this._open();
+        return;
+      } catch (e) {
+        if (this._closed) return;
+        if (e.fatal) {
+          this._giveUp(e.error ? e.error.message : String(e), undefined);
+          return;
+        }
+        wait = Math.max(e.wait || 0, backoff + Math.floor(Math.random() * 100));
+        backoff = Math.min(backoff * 2, this.maxBackoffMs);
+      }
+    }
+  }
+
+  /** Sleeps `ms`, cut short by close() or by the browser coming back online. */
+  _sleep(ms) {
+    return new Promise((resolve) => {
+      const g = globalThis;
+      const done = () => {
+        clearTimeout(t);
+        if (g.removeEventListener) g.removeEventListener('online', done);
+        this._wake = null;
+        resolve();
+      };
+      const t = setTimeout(done, ms);
+      if (g.addEventListener && g.window === g) g.addEventListener('online', done);
+      this._wake = done;
+    });
+  }
+}
+
+function normalizeResume(resume) {
+  if (!resume) return [];
+  if (Array.isArray(resume)) return resume.map((c) => ({ room: String(c.room), afterSeq: num(c.afterSeq) }));
+  return Object.entries(resume).map(([room, seq]) => ({ room, afterSeq: num(seq) }));
+}
+
+function detach(ws) {
+  ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+}
+
+function closeText(ev) {
+  if (!ev) return 'closed';
+  return ev.reason ? `closed ${ev.code}: ${ev.reason}` : `closed ${ev.code ?? ''}`.trim();
+}

@@ -99,7 +99,8 @@ impl Session {
             session_id: format!("s{}", self.handle.id),
             protocol_version: PROTOCOL_VERSION,
             rooms,
-            heartbeat_ms: limits.heartbeat.as_millis() as u32,
+            // A client pinging at this interval must never look idle.
+            heartbeat_ms: limits.heartbeat.min(limits.idle_timeout / 2).as_millis() as u32,
             max_frame_bytes: limits.max_frame_bytes as u32,
             server: self.hub.server_name.clone(),
         };
@@ -257,32 +258,70 @@ impl Session {
                 room
             }
         };
-        let mut st = entry.lock();
-        st.rooms.insert(room.id, room.clone());
-        let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
-        for s in &st.sessions {
-            if s.id != self.handle.id {
-                room.subscribe_live(s, None);
+        let devices = {
+            let mut st = entry.lock();
+            st.rooms.insert(room.id, room.clone());
+            let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
+            for s in &st.sessions {
+                if s.id != self.handle.id {
+                    room.subscribe_live(s, None);
+                }
             }
-        }
-        let mut online = room.online_users();
-        if let Err(i) = online.binary_search_by(|u| u.as_str().cmp(user)) {
-            online.insert(i, user.to_string());
-        }
-        // The Joined reply is queued under the room's lock before this
-        // session's subscription exists, so it precedes every live message.
-        let reply = |head: u64| {
-            let state = proto::RoomState { room: name.clone(), head_seq: head, read_seq: read_seq.min(head) };
-            encode_frame(&Envelope::new(id, Body::Joined(proto::Joined { state: Some(state), online: online.clone() })))
+            let mut online = room.online_users();
+            if let Err(i) = online.binary_search_by(|u| u.as_str().cmp(user)) {
+                online.insert(i, user.to_string());
+            }
+            // The Joined reply is queued under the room's lock before this
+            // session's subscription exists, so it precedes every live message.
+            let reply = |head: u64| {
+                let state = proto::RoomState { room: name.clone(), head_seq: head, read_seq: read_seq.min(head) };
+                encode_frame(&Envelope::new(id, Body::Joined(proto::Joined { state: Some(state), online: online.clone() })))
+            };
+            room.subscribe_live(&self.handle, Some(&reply));
+            st.sessions.len()
         };
-        room.subscribe_live(&self.handle, Some(&reply));
-        let devices = st.sessions.len();
-        drop(st);
         if existing_member.is_none() {
             self.hub.presence(&room, user, devices, Some(self.handle.id));
+            if let Ok(Access::Direct(a, b)) = access_of(&name) {
+                let other = if **user == *a { b } else { a };
+                self.add_direct_peer(&room, &other).await?;
+            }
         }
         tracing::debug!(session = self.handle.id, user = %user, room = %name, "joined");
         Ok(None)
+    }
+
+    /// Starting a direct conversation makes the other user a member too, so
+    /// it reaches them: their sessions subscribe and get a `Joined` push
+    /// (`id = 0`), and it is in their `Welcome` from then on.
+    async fn add_direct_peer(&self, room: &Arc<Room>, other: &str) -> Result<(), Refusal> {
+        let entry = self.hub.user(other);
+        if entry.lock().rooms.contains_key(&room.id) {
+            return Ok(());
+        }
+        self.commit(Write::Membership(MembershipChange {
+            user: other.to_string(),
+            room_name: room.name.to_string(),
+            room: room.id,
+            member: true,
+        }))
+        .await?;
+        let mut st = entry.lock();
+        if st.rooms.insert(room.id, room.clone()).is_some() {
+            return Ok(());
+        }
+        room.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
+        let online = room.online_users();
+        for s in &st.sessions {
+            let push = |head: u64| {
+                let state = proto::RoomState { room: room.name.to_string(), head_seq: head, read_seq: read_seq.min(head) };
+                encode_frame(&Envelope::push(Body::Joined(proto::Joined { state: Some(state), online: online.clone() })))
+            };
+            room.subscribe_live(s, Some(&push));
+        }
+        tracing::debug!(room = %room.name, user = other, "added to a direct conversation");
+        Ok(())
     }
 
     async fn leave(&self, user: &Arc<str>, entry: &Arc<UserEntry>, name: String) -> Reply {

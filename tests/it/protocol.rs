@@ -271,3 +271,29 @@ async fn health_and_readiness_are_served_over_http() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(http_get(&s.http, "/nope").await.0, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_a_direct_conversation_reaches_the_other_user() {
+    let s = TestServer::start().await;
+    let (mut bob, w) = s.raw_user("bob").await;
+    assert!(w.rooms.is_empty());
+    let (mut ann, _) = s.raw_user("ann").await;
+    assert!(matches!(ann.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, Body::Joined(_)));
+    // Bob is now a member: his session is told, then gets the messages.
+    let env = bob.recv().await;
+    match env.body {
+        Some(Body::Joined(j)) => {
+            assert_eq!(env.id, 0, "a push");
+            assert_eq!(j.state.unwrap().room, "dm:ann:bob");
+        }
+        other => panic!("expected a Joined push, got {other:?}"),
+    }
+    ann.call(3, Body::Publish(proto::Publish { room: "dm:ann:bob".into(), text: "psst".into(), ..Default::default() })).await;
+    assert_eq!(bob.next_message().await.text, "psst");
+    // And the conversation is in his rooms from now on.
+    let (_, w) = s.raw_user("bob").await;
+    assert_eq!(w.rooms.iter().map(|r| r.room.as_str()).collect::<Vec<_>>(), vec!["dm:ann:bob"]);
+    // Nobody else was added.
+    let (_, w) = s.raw_user("eve").await;
+    assert!(w.rooms.is_empty());
+}

@@ -294,8 +294,10 @@ impl State {
                     Body::Error(e) => Err(ClientError::Server { code: e.code(), message: e.message }),
                     other => {
                         match &other {
+                            // A room already tracked keeps its cursor: a
+                            // resume replay may still be under way for it.
                             Body::Joined(j) => {
-                                if let Some(s) = &j.state {
+                                if let Some(s) = j.state.as_ref().filter(|s| !self.cursors.knows(&s.room)) {
                                     self.cursors.track(&s.room, s.head_seq);
                                 }
                             }
@@ -323,6 +325,13 @@ impl State {
                 let mut out = Vec::new();
                 self.cursors.on_synced(s, &mut out);
                 self.emit(out).await;
+            }
+            // Added to a room by someone else (a direct conversation).
+            Body::Joined(j) => {
+                if let Some(s) = j.state.as_ref().filter(|s| !self.cursors.knows(&s.room)) {
+                    self.cursors.track(&s.room, s.head_seq);
+                }
+                let _ = self.events.send(Event::Added(j)).await;
             }
             Body::Ping(p) => conn.send(&Envelope::new(0, Body::Pong(proto::Pong { nonce: p.nonce }))),
             Body::ReadReceipt(r) => {

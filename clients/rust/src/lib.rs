@@ -143,6 +143,9 @@ pub enum Event {
     Disconnected(String),
     /// The server said `GoAway`.
     GoAway(proto::GoAway),
+    /// Someone else made this user a member of a room (a direct
+    /// conversation was started with them).
+    Added(proto::Joined),
 }
 
 /// A request for the connection task.

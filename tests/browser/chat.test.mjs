@@ -1,0 +1,709 @@
+// Real-browser tests of the chatd web client (clients/web) against a real
+// chatd server, plus Node unit tests of chatd-client.js.
+//
+//   npm install --prefix tests/browser      # once: playwright-core
+//   node --test tests/browser/
+//
+// Environment:
+//   CHATD_BIN            chatd binary          (default target/debug/chatd)
+//   CHAT_BIN             chat CLI binary       (default target/debug/chat)
+//   CHROMIUM             Chromium executable   (default /usr/bin/chromium)
+//   CHATD_WEB_EMBEDDED=1 test the web files built into chatd (no --web-dir)
+//   CI=true              a missing browser or playwright-core is a failure, not a skip
+//
+// Every wait is bounded; nothing sleeps for a fixed time to decide a result.
+// The last line printed is `browser: N passed, N failed`.
+
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+import { ChatdClient, Cursors, parseEnvelope } from '../../clients/web/chatd-client.js';
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const REPO = resolve(HERE, '../..');
+const CHATD = process.env.CHATD_BIN || join(REPO, 'target/debug/chatd');
+const CHAT = process.env.CHAT_BIN || join(REPO, 'target/debug/chat');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const CI = process.env.CI === 'true';
+const EMBEDDED = process.env.CHATD_WEB_EMBEDDED === '1';
+const ROOM = 'general';
+
+// ---------------------------------------------------------------------------
+// Reporting: count results and print the summary line on its own.
+
+const results = { passed: 0, failed: 0 };
+
+/** Prints a line (under `node --test` it shows as a `# line` comment). */
+function say(line) {
+  console.log(line);
+}
+
+after(() => say(`browser: ${results.passed} passed, ${results.failed} failed`));
+
+/** `test()` that also counts its result for the summary line. */
+function check(name, options, fn) {
+  return test(name, options, async (t) => {
+    try {
+      await fn(t);
+      results.passed++;
+    } catch (e) {
+      results.failed++;
+      throw e;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers.
+
+/** Polls `cond` until it returns a truthy value; fails after `timeout` ms. */
+async function waitUntil(cond, { timeout = 10_000, what = 'condition', interval = 25 } = {}) {
+  const end = Date.now() + timeout;
+  for (;;) {
+    const v = await cond();
+    if (v) return v;
+    if (Date.now() > end) throw new Error(`timed out after ${timeout} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, interval));
+  }
+}
+
+/** Rejects after `ms` with `what` unless `p` settles first. */
+function within(p, ms, what) {
+  let t;
+  return Promise.race([
+    p,
+    new Promise((_, rej) => {
+      t = setTimeout(() => rej(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+    }),
+  ]).finally(() => clearTimeout(t));
+}
+
+// ===========================================================================
+// d. Unit tests of chatd-client.js (Node, no server, no browser).
+
+/** An in-memory WebSocket: the test plays the server. */
+class FakeSocket {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.sent = [];
+    this.readyState = 0;
+    this.closed = false;
+    FakeSocket.all.push(this);
+    setTimeout(() => {
+      if (this.closed) return;
+      this.readyState = 1;
+      this.onopen && this.onopen({});
+    }, 0);
+  }
+  send(text) {
+    if (this.closed) return;
+    this.sent.push(JSON.parse(text));
+  }
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    this.readyState = 3;
+    setTimeout(() => this.onclose && this.onclose({ code: 1000, reason: '' }), 0);
+  }
+  // Test side:
+  push(env) {
+    this.onmessage && this.onmessage({ data: JSON.stringify(env) });
+  }
+  drop(code = 1006) {
+    this.closed = true;
+    this.readyState = 3;
+    this.onclose && this.onclose({ code, reason: '' });
+  }
+  take(kind) {
+    const i = this.sent.findIndex((e) => kind in e);
+    return i < 0 ? null : this.sent.splice(i, 1)[0];
+  }
+}
+
+function fakeClient(opts = {}) {
+  FakeSocket.all = [];
+  const c = new ChatdClient({ url: 'ws://test/ws', token: 'T', WebSocket: FakeSocket, heartbeat: false, ...opts });
+  const events = [];
+  for (const type of ['message', 'synced', 'connected', 'disconnected', 'goaway', 'servererror', 'presence', 'typing', 'readreceipt']) {
+    c.addEventListener(type, (e) => events.push({ type, ...e.detail }));
+  }
+  return { c, events, sock: () => FakeSocket.all[FakeSocket.all.length - 1] };
+}
+
+async function handshake(sock, rooms = []) {
+  await waitUntil(() => sock().sent.length > 0, { timeout: 2000, what: 'hello' });
+  const hello = sock().take('hello');
+  sock().push({ id: hello.id, welcome: { user: 'ann', sessionId: 's1', protocolVersion: 1, rooms, heartbeatMs: 30000 } });
+  return hello;
+}
+
+const msg = (room, seq, extra = {}) => ({ room, seq: String(seq), sender: 'bob', tsMs: '1700000000000', text: `m${seq}`, ...extra });
+const seqsOf = (events, room = 'r') => events.filter((e) => e.type === 'message' && e.room === room).map((e) => e.seq);
+
+describe('chatd-client.js (unit)', () => {
+  check('Cursors: duplicates are dropped and order kept', {}, () => {
+    const c = new Cursors();
+    c.track('r', 2);
+    const out = [];
+    for (const s of [1, 2, 3, 3, 4, 2]) assert.equal(c.onMessage({ room: 'r', seq: s }, out), null);
+    assert.deepEqual(out.map((e) => e.value.seq), [3, 4]);
+    assert.deepEqual(c.resume(), [{ room: 'r', afterSeq: 4 }]);
+  });
+
+  check('Cursors: a gap is paged in before later events are released', {}, () => {
+    const c = new Cursors();
+    c.track('r', 10);
+    const out = [];
+    assert.deepEqual(c.onMessage({ room: 'r', seq: 20 }, out), { fetchAfter: 10 });
+    c.onMessage({ room: 'r', seq: 21 }, out);
+    c.onSynced({ room: 'r', headSeq: 21, complete: false }, out);
+    c.onMessage({ room: 'r', seq: 22 }, out);
+    assert.equal(out.length, 0, 'held behind the gap');
+    const page = (a, b, more) => ({ room: 'r', messages: Array.from({ length: b - a + 1 }, (_, i) => ({ room: 'r', seq: a + i })), headSeq: 22, hasMore: more });
+    assert.deepEqual(c.onGapPage('r', page(11, 15, true), out), { fetchAfter: 15 });
+    assert.equal(c.onGapPage('r', page(16, 22, false), out), null);
+    assert.deepEqual(out.map((e) => (e.type === 'synced' ? 0 : e.value.seq)), [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 0, 22]);
+    assert.equal(c.last('r'), 22);
+  });
+
+  check('Cursors: an unknown room starts at its first message', {}, () => {
+    const c = new Cursors();
+    const out = [];
+    assert.equal(c.onMessage({ room: 'new', seq: 7 }, out), null);
+    assert.deepEqual(out.map((e) => e.value.seq), [7]);
+  });
+
+  check('JSON mapping: defaults filled in, 64-bit strings become numbers', {}, () => {
+    assert.deepEqual(parseEnvelope('{"synced":{"room":"r","headSeq":"8"}}'), { id: 0, kind: 'synced', body: { room: 'r', headSeq: 8, complete: false } });
+    assert.deepEqual(parseEnvelope('{"id":"3","publishAck":{"room":"r","seq":"1","tsMs":"5","clientMsgId":"k"}}').body, {
+      room: 'r', seq: 1, tsMs: 5, clientMsgId: 'k', duplicate: false,
+    });
+    assert.deepEqual(parseEnvelope('{"presence":{"room":"r","user":"ann"}}').body, { room: 'r', user: 'ann', online: false, devices: 0 });
+    assert.equal(parseEnvelope('{"id":7,"error":{"code":3}}').body.code, 'ERROR_CODE_FORBIDDEN');
+    assert.equal(parseEnvelope('not json'), null);
+  });
+
+  check('client: live duplicates dropped, a gap is filled with History before later messages', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient({ resume: { r: 10 } });
+    const connected = c.connect();
+    const hello = await handshake(sock, [{ room: 'r', headSeq: '10', readSeq: '10' }]);
+    assert.deepEqual(hello.hello, { protocolVersion: 1, token: 'T', device: 'web', resume: [{ room: 'r', afterSeq: '10' }] });
+    await connected;
+    sock().push({ message: msg('r', 11) });
+    sock().push({ message: msg('r', 11) }); // duplicate
+    sock().push({ message: msg('r', 14) }); // gap: 12, 13 missing
+    const h = sock().take('history');
+    assert.deepEqual(h.history, { room: 'r', afterSeq: '11', limit: 1000, forward: true });
+    sock().push({ message: msg('r', 15) });
+    sock().push({ synced: { room: 'r', headSeq: '15' } });
+    assert.deepEqual(seqsOf(events), [11], 'later messages wait for the gap');
+    sock().push({ id: h.id, historyPage: { room: 'r', messages: [msg('r', 12), msg('r', 13), msg('r', 14)], headSeq: '15' } });
+    sock().push({ message: msg('r', 15) }); // duplicate after the fill
+    sock().push({ message: msg('r', 16) });
+    assert.deepEqual(seqsOf(events), [11, 12, 13, 14, 15, 16]);
+    const order = events.filter((e) => e.type === 'message' || e.type === 'synced').map((e) => (e.type === 'synced' ? `synced:${e.complete}` : e.seq));
+    assert.deepEqual(order, [11, 12, 13, 14, 15, 'synced:false', 16]);
+    assert.deepEqual(c.cursors(), { r: 16 });
+    c.close();
+  });
+
+  check('client: answers ping with the same nonce; server errors become events', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    sock().push({ ping: { nonce: '18446744073709551615' } });
+    assert.deepEqual(sock().take('pong'), { pong: { nonce: '18446744073709551615' } });
+    sock().push({ error: { code: 'ERROR_CODE_FORBIDDEN', message: 'resume: not a member of room x' } });
+    assert.equal(events.find((e) => e.type === 'servererror').code, 'ERROR_CODE_FORBIDDEN');
+    const j = c.join('nope');
+    const req = sock().take('join');
+    sock().push({ id: req.id, error: { code: 'ERROR_CODE_FORBIDDEN', message: 'no' } });
+    await assert.rejects(j, (e) => e.code === 'ERROR_CODE_FORBIDDEN');
+    c.close();
+  });
+
+  check('client: reconnects after GoAway, resumes, re-sends unanswered requests with the same ids', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock, [{ room: 'r', headSeq: '4', readSeq: '4' }]);
+    await p;
+    sock().push({ message: msg('r', 5) });
+    const pub = c.publish('r', 'hello');
+    const first = sock().take('publish');
+    assert.ok(first.publish.clientMsgId, 'a clientMsgId is generated');
+    const hist = c.history({ room: 'r', beforeSeq: 5, limit: 2 });
+    const firstHist = sock().take('history');
+    const t0 = Date.now();
+    const first_sock = sock();
+    first_sock.push({ goAway: { reason: 'CLOSE_REASON_SHUTDOWN', message: 'bye', retryAfterMs: 150 } });
+    assert.equal(events.find((e) => e.type === 'goaway').retryAfterMs, 150);
+    assert.equal(c.state, 'reconnecting');
+    // A request made while away waits for the new connection.
+    const mark = c.markRead('r', 5);
+    await waitUntil(() => FakeSocket.all.length === 2, { timeout: 2000, what: 'reconnect' });
+    assert.ok(Date.now() - t0 >= 140, 'waited retryAfterMs before reconnecting');
+    const hello = await handshake(sock, [{ room: 'r', headSeq: '6', readSeq: '4' }]);
+    assert.deepEqual(hello.hello.resume, [{ room: 'r', afterSeq: '5' }]);
+    // Re-sent in id order, same ids and bodies, then the new one.
+    const again = sock().take('publish');
+    assert.equal(again.id, first.id);
+    assert.deepEqual(again.publish, first.publish);
+    assert.deepEqual(sock().take('history'), firstHist);
+    const mr = sock().take('markRead');
+    assert.ok(Number(mr.id) > Number(firstHist.id));
+    sock().push({ message: msg('r', 5) }); // replay overlap: dropped
+    sock().push({ message: msg('r', 6, { sender: 'ann', clientMsgId: first.publish.clientMsgId }) });
+    sock().push({ synced: { room: 'r', headSeq: '6', complete: true } });
+    sock().push({ id: again.id, publishAck: { room: 'r', seq: '6', tsMs: '1', clientMsgId: first.publish.clientMsgId, duplicate: true } });
+    sock().push({ id: firstHist.id, historyPage: { room: 'r', messages: [msg('r', 3), msg('r', 4)], headSeq: '6', hasMore: true } });
+    sock().push({ id: mr.id, readReceipt: { room: 'r', user: 'ann', seq: '5' } });
+    const ack = await pub;
+    assert.equal(ack.seq, 6);
+    assert.equal(ack.duplicate, true);
+    assert.deepEqual((await hist).messages.map((m) => m.seq), [3, 4]);
+    assert.equal((await mark).seq, 5);
+    assert.deepEqual(seqsOf(events), [5, 6]);
+    assert.equal(events.filter((e) => e.type === 'connected').length, 2);
+    c.close();
+    assert.equal(first_sock.closed, true);
+  });
+
+  check('client: no reconnect after AUTH_FAILED; pending requests are rejected', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    const j = c.join('r');
+    sock().push({ goAway: { reason: 'CLOSE_REASON_AUTH_FAILED', message: 'token revoked' } });
+    await assert.rejects(j, (e) => e.code === 'CLOSED');
+    assert.equal(c.state, 'closed');
+    const d = events.find((e) => e.type === 'disconnected');
+    assert.equal(d.willReconnect, false);
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(FakeSocket.all.length, 1, 'did not reconnect');
+  });
+
+  check('client: connect() rejects on a refused token', { timeout: 5000 }, async () => {
+    const { c, sock } = fakeClient();
+    const p = c.connect();
+    await waitUntil(() => sock().sent.length > 0, { timeout: 2000, what: 'hello' });
+    sock().push({ id: '1', error: { code: 'ERROR_CODE_UNAUTHENTICATED', message: 'token expired' } });
+    sock().push({ goAway: { reason: 'CLOSE_REASON_AUTH_FAILED', message: 'token expired' } });
+    sock().drop(1000);
+    await assert.rejects(p, (e) => e.code === 'ERROR_CODE_UNAUTHENTICATED');
+    assert.equal(c.state, 'closed');
+  });
+});
+
+// ===========================================================================
+// a–c. The web app in a real browser, against a real server.
+
+/** Starts chatd; resolves once it prints its listening line. */
+function startServer(dataDir, { tcp = 0, http = 0 } = {}) {
+  const args = ['serve', '--data', dataDir, '--tcp', `127.0.0.1:${tcp}`, '--http', `127.0.0.1:${http}`, '--dev-auth', '--publish-rate', '0'];
+  if (!EMBEDDED) args.push('--web-dir', join(REPO, 'clients/web'));
+  const proc = spawn(CHATD, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, NO_COLOR: '1', RUST_LOG: process.env.RUST_LOG || 'warn' } });
+  const srv = { proc, log: [], exited: null };
+  srv.exited = new Promise((res) => proc.on('exit', (code, signal) => res({ code, signal })));
+  return within(
+    new Promise((res, rej) => {
+      proc.on('error', rej);
+      proc.on('exit', (code) => rej(new Error(`chatd exited (${code}) before listening:\n${srv.log.join('\n')}`)));
+      createInterface({ input: proc.stderr }).on('line', (line) => {
+        srv.log.push(line);
+        const m = /chatd listening: tcp 127\.0\.0\.1:(\d+) http 127\.0\.0\.1:(\d+)/.exec(line);
+        if (m) {
+          srv.tcp = Number(m[1]);
+          srv.http = Number(m[2]);
+          res(srv);
+        }
+      });
+    }),
+    15_000,
+    'chatd to start',
+  );
+}
+
+async function stopServer(srv) {
+  if (!srv || srv.proc.exitCode !== null || srv.proc.signalCode !== null) return;
+  srv.proc.kill('SIGTERM');
+  try {
+    await within(srv.exited, 15_000, 'chatd to shut down after SIGTERM');
+  } catch (e) {
+    srv.proc.kill('SIGKILL');
+    throw e;
+  }
+}
+
+/** The interactive `chat` CLI in a room: collects `[room #seq] sender: text` lines. */
+function startCli(tcp, token, room) {
+  const proc = spawn(CHAT, ['--server', `127.0.0.1:${tcp}`, '--token', token, '--room', room], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const cli = { proc, lines: [], messages: [], stderr: [] };
+  createInterface({ input: proc.stdout }).on('line', (line) => {
+    cli.lines.push(line);
+    const m = /^\[(\S+) #(\d+)\] ([^:]+): (.*)$/.exec(line);
+    if (m) cli.messages.push({ room: m[1], seq: Number(m[2]), sender: m[3], text: m[4] });
+  });
+  createInterface({ input: proc.stderr }).on('line', (line) => cli.stderr.push(line));
+  cli.say = (text) => proc.stdin.write(`${text}\n`);
+  return cli;
+}
+
+/** `chat ... send ROOM TEXT`: one publish in a fresh process; returns the seq. */
+function cliSend(tcp, token, room, text) {
+  return new Promise((res, rej) => {
+    const p = spawn(CHAT, ['--server', `127.0.0.1:${tcp}`, '--token', token, 'send', room, text], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (err += d));
+    const t = setTimeout(() => p.kill('SIGKILL'), 15_000);
+    p.on('exit', (code) => {
+      clearTimeout(t);
+      const m = /sent \S+ #(\d+)/.exec(out);
+      if (code === 0 && m) res(Number(m[1]));
+      else rej(new Error(`chat send exited ${code}: ${out}${err}`));
+    });
+  });
+}
+
+/** The messages a page shows for `room`, in DOM order. */
+function shown(page, room) {
+  return page.$$eval(`.msg[data-room="${room}"][data-seq]`, (els) =>
+    els.map((el) => ({ seq: Number(el.dataset.seq), sender: el.dataset.sender, text: el.querySelector('.msg-text').textContent })),
+  );
+}
+
+/** Waits until the page shows every text in `texts` for `room`. */
+async function waitForTexts(page, room, texts, timeout = 15_000) {
+  try {
+    await page.waitForFunction(
+      ({ room, texts }) => {
+        const have = new Set([...document.querySelectorAll(`.msg[data-room="${room}"][data-seq] .msg-text`)].map((e) => e.textContent));
+        return texts.every((t) => have.has(t));
+      },
+      { room, texts },
+      { timeout, polling: 50 },
+    );
+  } catch (e) {
+    const got = (await shown(page, room)).map((m) => `#${m.seq} ${m.text}`);
+    throw new Error(`${e.message}\nwanted: ${JSON.stringify(texts)}\npage shows: ${JSON.stringify(got)}`);
+  }
+}
+
+/**
+ * Checks what a page shows: seqs 1..n in order with no gap or duplicate,
+ * each expected text exactly once, in the order it was sent by its sender.
+ */
+function assertTimeline(list, expected, who) {
+  const seqs = list.map((m) => m.seq);
+  assert.deepEqual(seqs, Array.from({ length: list.length }, (_, i) => i + 1), `${who}: seqs must be 1..n, contiguous, no duplicate: ${seqs}`);
+  for (const t of expected) {
+    assert.equal(list.filter((m) => m.text === t).length, 1, `${who}: "${t}" must appear exactly once`);
+  }
+  const bySender = {};
+  for (const e of expected) (bySender[e.split(' ')[0]] ||= []).push(e);
+  for (const [sender, texts] of Object.entries(bySender)) {
+    const order = list.filter((m) => texts.includes(m.text)).map((m) => m.text);
+    assert.deepEqual(order, texts, `${who}: ${sender}'s messages in the order sent`);
+  }
+}
+
+const state = (page) => page.locator('#conn-state').getAttribute('data-state');
+
+async function login(ctx, name) {
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => console.error(`[${name} page error]`, e));
+  await page.goto(`http://127.0.0.1:${env.server.http}/`);
+  await page.locator('#dev-name').waitFor({ state: 'visible', timeout: 10_000 });
+  await page.fill('#dev-name', name);
+  await page.click('#dev-login button[type=submit]');
+  await page.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 10_000 });
+  assert.equal(await page.locator('#me-name').textContent(), name);
+  return page;
+}
+
+async function joinRoom(page, room) {
+  await page.fill('#join-input', room);
+  await page.press('#join-input', 'Enter');
+  await page.locator(`.room-item.active[data-room="${room}"]`).waitFor({ timeout: 10_000 });
+}
+
+async function sendFromPage(page, text) {
+  await page.fill('#composer-input', text);
+  await page.press('#composer-input', 'Enter');
+}
+
+const env = { server: null, data: null, browser: null, ctxA: null, ctxB: null, pageA: null, pageB: null, cli: null, carolToken: null, sent: [] };
+
+// What is missing to run the browser tests, if anything.
+let playwright = null;
+let missing = '';
+try {
+  playwright = await import('playwright-core');
+} catch (e) {
+  missing = `playwright-core is not installed (run: npm install --prefix ${relative(HERE)}): ${e.message}`;
+}
+if (!missing && !existsSync(CHROMIUM)) missing = `no Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`;
+if (!missing && !existsSync(CHATD)) missing = `no chatd binary at ${CHATD} (set CHATD_BIN)`;
+if (!missing && !existsSync(CHAT)) missing = `no chat CLI binary at ${CHAT} (set CHAT_BIN)`;
+function relative(p) {
+  return p.startsWith(process.cwd()) ? p.slice(process.cwd().length + 1) || '.' : p;
+}
+
+if (missing) {
+  const banner = `\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n!!! BROWSER TESTS ${CI ? 'FAILED' : 'SKIPPED'}: ${missing}\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n`;
+  say(banner);
+}
+
+if (missing && CI) {
+  check('browser tests can run (CI=true)', {}, () => {
+    throw new Error(`CI=true and ${missing}`);
+  });
+}
+
+describe('web client in Chromium against chatd', { skip: missing ? `SKIPPED: ${missing}` : false }, () => {
+  before(async () => {
+    try {
+      await setUp();
+    } catch (e) {
+      // The tests of this suite will not run; count the failure here.
+      results.failed++;
+      throw e;
+    }
+  });
+
+  async function setUp() {
+    env.data = mkdtempSync(join(tmpdir(), 'chatd-browser-'));
+    env.server = await startServer(env.data);
+    env.browser = await within(
+      playwright.chromium.launch({
+        executablePath: CHROMIUM,
+        // launch() gives the browser a fresh temporary profile (user-data-dir);
+        // each user below gets an isolated context (own storage) in it.
+        args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'],
+      }),
+      30_000,
+      'Chromium to start',
+    );
+    env.ctxA = await env.browser.newContext({ viewport: { width: 1200, height: 760 } });
+    env.ctxB = await env.browser.newContext({ viewport: { width: 1200, height: 760 } });
+    env.ctxA.setDefaultTimeout(15_000);
+    env.ctxB.setDefaultTimeout(15_000);
+    env.carolToken = execFileSync(CHATD, ['token', '--data', env.data, '--user', 'carol'], { encoding: 'utf8' }).trim();
+  }
+
+  after(async () => {
+    if (env.cli) env.cli.proc.kill('SIGTERM');
+    if (env.browser) await env.browser.close().catch(() => {});
+    await stopServer(env.server).catch(() => {});
+    if (env.data) rmSync(env.data, { recursive: true, force: true });
+  });
+
+  check('a. two pages and the CLI chat in one room: every message once, in order, everywhere', { timeout: 60_000 }, async () => {
+    env.pageA = await login(env.ctxA, 'ann');
+    env.pageB = await login(env.ctxB, 'bob');
+    await joinRoom(env.pageA, ROOM);
+    await joinRoom(env.pageB, ROOM);
+    env.cli = startCli(env.server.tcp, env.carolToken, ROOM);
+    // The CLI joins the room at start; its join shows up as presence.
+    await env.pageA.locator('#online [data-user="carol"]').waitFor({ timeout: 10_000 });
+
+    const rounds = [
+      ['ann', 'ann says hello'],
+      ['bob', 'bob says hi'],
+      ['carol', 'carol waves from the terminal'],
+      ['ann', 'ann asks how everyone is'],
+      ['carol', 'carol is fine'],
+      ['bob', 'bob is fine too'],
+    ];
+    for (const [who, text] of rounds) {
+      if (who === 'ann') await sendFromPage(env.pageA, text);
+      else if (who === 'bob') await sendFromPage(env.pageB, text);
+      else env.cli.say(text);
+      env.sent.push(text);
+      // Each message lands before the next is sent, so the expected order is known.
+      await waitForTexts(env.pageA, ROOM, [text]);
+      await waitForTexts(env.pageB, ROOM, [text]);
+    }
+    for (const [name, page] of [['ann', env.pageA], ['bob', env.pageB]]) {
+      assertTimeline(await shown(page, ROOM), env.sent, `${name}'s page`);
+    }
+    // The CLI saw the pages' messages (and its own), once each, in order.
+    await waitUntil(() => env.sent.every((t) => env.cli.messages.some((m) => m.text === t)), { timeout: 10_000, what: 'the CLI to print every message' });
+    assertTimeline(env.cli.messages.filter((m) => m.room === ROOM), env.sent, 'carol (CLI)');
+    const senders = Object.fromEntries(env.cli.messages.map((m) => [m.text, m.sender]));
+    assert.equal(senders['ann says hello'], 'ann');
+    assert.equal(senders['bob says hi'], 'bob');
+    // Viewing the room marks it read: no unread badge for the open room.
+    assert.equal(await env.pageB.locator(`.room-item[data-room="${ROOM}"] .badge`).count(), 0);
+    await env.pageB.screenshot({ path: '/tmp/chatd-web.png' });
+  });
+
+  check('b. typing indicator and presence', { timeout: 60_000 }, async () => {
+    const { pageA, pageB } = env;
+    await pageB.locator('#online [data-user="ann"]').waitFor({ timeout: 10_000 });
+    // Typing in ann's page shows in bob's, and goes away when ann sends.
+    await pageA.locator('#composer-input').click();
+    await pageA.locator('#composer-input').pressSequentially('I am typ', { delay: 30 });
+    await pageB.locator('#typing', { hasText: 'ann is typing' }).waitFor({ timeout: 10_000 });
+    await pageB.screenshot({ path: '/tmp/chatd-web-typing.png' });
+    await pageA.locator('#composer-input').pressSequentially('ing a message', { delay: 10 });
+    await pageA.press('#composer-input', 'Enter');
+    env.sent.push('I am typing a message');
+    await waitForTexts(pageB, ROOM, ['I am typing a message']);
+    await waitUntil(async () => !(await pageB.locator('#typing').textContent()).includes('ann'), { timeout: 10_000, what: '"ann is typing" to go away after sending' });
+    // bob's page shows ann online; closing ann's page makes her go offline.
+    assert.equal(await pageB.locator('#online [data-user="ann"]').count(), 1);
+    await pageA.close();
+    await pageB.locator('#online [data-user="ann"]').waitFor({ state: 'detached', timeout: 10_000 });
+    // Opening the app again signs ann back in (saved token), reopens the
+    // room and loads its history; bob sees her online again.
+    const page = await env.ctxA.newPage();
+    await page.goto(`http://127.0.0.1:${env.server.http}/`);
+    await page.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 10_000 });
+    await page.locator(`.room-item.active[data-room="${ROOM}"]`).waitFor({ timeout: 10_000 });
+    await waitForTexts(page, ROOM, env.sent);
+    assertTimeline(await shown(page, ROOM), env.sent, "ann's reopened page");
+    await pageB.locator('#online [data-user="ann"]').waitFor({ timeout: 10_000 });
+    env.pageA = page;
+  });
+
+  check('c. server restart mid-conversation: pages reconnect and resume with no gap or duplicate', { timeout: 90_000 }, async () => {
+    assert.ok(env.pageA && env.pageB && env.server, 'the earlier tests set up both pages and the server');
+    const { pageA, pageB, cli } = env;
+    const { tcp, http } = env.server;
+    await stopServer(env.server);
+    await waitUntil(async () => (await state(pageA)) !== 'connected' && (await state(pageB)) !== 'connected', { timeout: 10_000, what: 'both pages to notice the shutdown' });
+    // ann's browser also loses the network (while the server is down, so no
+    // reconnect can slip in): she stays away until we give it back.
+    await env.ctxA.setOffline(true);
+    // While disconnected ann writes a message: it waits and goes out on reconnect.
+    await sendFromPage(pageA, 'ann wrote this while offline');
+    await pageA.locator('.msg.pending', { hasText: 'ann wrote this while offline' }).waitFor({ timeout: 5000 });
+
+    env.server = await startServer(env.data, { tcp, http });
+    // Published right after the restart, while ann's page is still away.
+    const s1 = await cliSend(tcp, env.carolToken, ROOM, 'carol after restart one');
+    const s2 = await cliSend(tcp, env.carolToken, ROOM, 'carol after restart two');
+    assert.equal(s2, s1 + 1);
+    env.sent.push('carol after restart one', 'carol after restart two');
+    await pageB.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 20_000 });
+    await sendFromPage(pageB, 'bob after restart');
+    env.sent.push('bob after restart');
+    await waitForTexts(pageB, ROOM, ['carol after restart two', 'bob after restart']);
+    assert.notEqual(await state(pageA), 'connected', "ann's page must still be away: these messages were published while it was disconnected");
+    assert.equal(await pageA.locator('.msg[data-seq]', { hasText: 'carol after restart one' }).count(), 0);
+
+    // ann's network comes back: she reconnects, resumes from her cursor, and her queued message goes out.
+    await env.ctxA.setOffline(false);
+    await pageA.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 20_000 });
+    env.sent.push('ann wrote this while offline');
+    await waitForTexts(pageA, ROOM, env.sent);
+    await sendFromPage(pageA, 'ann is back');
+    cli.say('carol sees everyone is back');
+    env.sent.push('ann is back', 'carol sees everyone is back');
+
+    for (const [name, page] of [['ann', pageA], ['bob', pageB]]) {
+      await waitForTexts(page, ROOM, env.sent, 20_000);
+      assert.equal(await page.locator('.msg.pending').count(), 0, `${name}: nothing left pending`);
+    }
+    // The last two were sent concurrently: only each sender's own order is fixed.
+    for (const [name, page] of [['ann', pageA], ['bob', pageB]]) {
+      const list = await shown(page, ROOM);
+      assertTimeline(list, env.sent, `${name}'s page after the restart`);
+      assert.equal(list.length, env.sent.length, `${name}: nothing extra`);
+    }
+    // The interactive CLI lived through the restart too.
+    await waitUntil(() => env.sent.every((t) => cli.messages.some((m) => m.text === t)), { timeout: 20_000, what: 'the CLI to print every message after the restart' });
+    const cliRoom = cli.messages.filter((m) => m.room === ROOM);
+    assert.deepEqual(cliRoom.map((m) => m.seq), Array.from({ length: cliRoom.length }, (_, i) => i + 1), 'CLI: contiguous seqs');
+    await pageA.screenshot({ path: '/tmp/chatd-web-after-restart.png' });
+  });
+
+  check('e. unread badges, read markers that persist, and a direct conversation', { timeout: 60_000 }, async () => {
+    assert.ok(env.pageA && env.pageB && env.server, 'the earlier tests set up both pages and the server');
+    const { pageA, pageB } = env;
+    await joinRoom(pageA, 'random');
+    await joinRoom(pageB, 'random');
+    await pageB.click(`.room-item[data-room="${ROOM}"] button`);
+    await pageB.locator(`.room-item.active[data-room="${ROOM}"]`).waitFor();
+    await sendFromPage(pageA, 'ann in random one');
+    await sendFromPage(pageA, 'ann in random two');
+    // bob is looking at another room: random gets an unread badge of 2.
+    await pageB.locator('.room-item[data-room="random"] .badge', { hasText: /^2$/ }).waitFor({ timeout: 10_000 });
+    // Viewing it marks it read.
+    await pageB.click('.room-item[data-room="random"] button');
+    await waitForTexts(pageB, 'random', ['ann in random one', 'ann in random two']);
+    await pageB.locator('.room-item[data-room="random"] .badge').waitFor({ state: 'detached' });
+    await pageB.waitForFunction(() => {
+      const el = document.querySelector('.room-item[data-room="random"]');
+      return el && Number(el.dataset.head) >= 2 && el.dataset.read === el.dataset.head;
+    }, null, { timeout: 10_000, polling: 50 });
+    // The read marker is on the server: after a reload (looking at general), random has no badge.
+    await pageB.click(`.room-item[data-room="${ROOM}"] button`);
+    await pageB.reload();
+    await pageB.locator('#conn-state[data-state="connected"]').waitFor();
+    await pageB.locator(`.room-item.active[data-room="${ROOM}"]`).waitFor();
+    await pageB.locator('.room-item[data-room="random"]').waitFor();
+    assert.equal(await pageB.locator('.room-item[data-room="random"] .badge').count(), 0, 'random was read before the reload');
+    // A message arriving while bob is away from random, seen after the reload.
+    await sendFromPage(pageA, 'ann in random three');
+    await pageB.locator('.room-item[data-room="random"] .badge', { hasText: /^1$/ }).waitFor({ timeout: 10_000 });
+
+    // Direct conversation: dm:ann:bob (ids sorted), whoever opens it.
+    await pageB.fill('#dm-input', 'ann');
+    await pageB.press('#dm-input', 'Enter');
+    await pageB.locator('.room-item.active[data-room="dm:ann:bob"]').waitFor({ timeout: 10_000 });
+    assert.equal((await pageB.locator('.room-item.active[data-room="dm:ann:bob"] .room-name').textContent()).trim(), 'ann');
+    await sendFromPage(pageB, 'bob whispers to ann');
+    await pageA.fill('#dm-input', 'bob');
+    await pageA.press('#dm-input', 'Enter');
+    await pageA.locator('.room-item.active[data-room="dm:ann:bob"]').waitFor({ timeout: 10_000 });
+    await waitForTexts(pageA, 'dm:ann:bob', ['bob whispers to ann']);
+    await sendFromPage(pageA, 'ann whispers back');
+    await waitForTexts(pageB, 'dm:ann:bob', ['bob whispers to ann', 'ann whispers back']);
+    assertTimeline(await shown(pageB, 'dm:ann:bob'), ['bob whispers to ann', 'ann whispers back'], "bob's DM");
+  });
+
+  check('f. scrolling back through history loads older pages with no gap', { timeout: 60_000 }, async () => {
+    assert.ok(env.pageA && env.pageB && env.server, 'the earlier tests set up both pages and the server');
+    const { pageB } = env;
+    const N = 130;
+    const cli = startCli(env.server.tcp, env.carolToken, 'history');
+    try {
+      await waitUntil(() => cli.stderr.some((l) => l.includes('connected')), { timeout: 10_000, what: 'the CLI to connect' });
+      for (let i = 1; i <= N; i++) cli.say(`history line ${i}`);
+      await waitUntil(() => cli.messages.filter((m) => m.room === 'history').length >= N, { timeout: 20_000, what: `the CLI to publish ${N} lines` });
+    } finally {
+      cli.proc.kill('SIGTERM');
+    }
+    await joinRoom(pageB, 'history');
+    // The newest page first.
+    await waitForTexts(pageB, 'history', [`history line ${N}`]);
+    const first = await shown(pageB, 'history');
+    assert.ok(first.length < N, `only the newest page is loaded at first (${first.length})`);
+    assert.equal(await pageB.locator('#load-older').isVisible(), true, '"Load older messages" is offered');
+    // Scroll to the top until the beginning of the room shows.
+    for (let round = 0; round < 10; round++) {
+      const before = (await shown(pageB, 'history')).length;
+      if (before >= N) break;
+      await pageB.locator('#messages').evaluate((el) => {
+        el.scrollTop = 0;
+        el.dispatchEvent(new Event('scroll'));
+      });
+      await waitUntil(async () => (await shown(pageB, 'history')).length > before, { timeout: 10_000, what: 'older messages to load on scroll' });
+    }
+    const all = await shown(pageB, 'history');
+    assertTimeline(all, Array.from({ length: N }, (_, i) => `history line ${i + 1}`), "bob's history");
+    await pageB.locator('#history-start').waitFor({ state: 'visible' });
+  });
+});
