@@ -275,7 +275,10 @@ impl Session {
             // session's subscription exists, so it precedes every live message.
             let reply = |head: u64| {
                 let state = proto::RoomState { room: name.clone(), head_seq: head, read_seq: read_seq.min(head) };
-                encode_frame(&Envelope::new(id, Body::Joined(proto::Joined { state: Some(state), online: online.clone() })))
+                encode_frame(&Envelope::new(
+                    id,
+                    Body::Joined(proto::Joined { state: Some(state), online: online.clone() }),
+                ))
             };
             room.subscribe_live(&self.handle, Some(&reply));
             st.sessions.len()
@@ -315,8 +318,12 @@ impl Session {
         let online = room.online_users();
         for s in &st.sessions {
             let push = |head: u64| {
-                let state = proto::RoomState { room: room.name.to_string(), head_seq: head, read_seq: read_seq.min(head) };
-                encode_frame(&Envelope::push(Body::Joined(proto::Joined { state: Some(state), online: online.clone() })))
+                let state =
+                    proto::RoomState { room: room.name.to_string(), head_seq: head, read_seq: read_seq.min(head) };
+                encode_frame(&Envelope::push(Body::Joined(proto::Joined {
+                    state: Some(state),
+                    online: online.clone(),
+                })))
             };
             room.subscribe_live(s, Some(&push));
         }

@@ -15,8 +15,14 @@ fn the_web_client_works_in_a_real_browser() {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let missing = [
         (Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success()), "node"),
-        (root.join("tests/browser/node_modules/playwright-core").exists(), "playwright-core (npm ci --prefix tests/browser)"),
-        (Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(), "chromium (apt-get install chromium)"),
+        (
+            root.join("tests/browser/node_modules/playwright-core").exists(),
+            "playwright-core (npm ci --prefix tests/browser)",
+        ),
+        (
+            Path::new("/usr/bin/chromium").exists() || std::env::var_os("CHROMIUM").is_some(),
+            "chromium (apt-get install chromium)",
+        ),
         (chat.exists(), "the chat binary (cargo build --workspace)"),
     ]
     .into_iter()

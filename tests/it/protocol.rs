@@ -288,7 +288,8 @@ async fn starting_a_direct_conversation_reaches_the_other_user() {
         }
         other => panic!("expected a Joined push, got {other:?}"),
     }
-    ann.call(3, Body::Publish(proto::Publish { room: "dm:ann:bob".into(), text: "psst".into(), ..Default::default() })).await;
+    ann.call(3, Body::Publish(proto::Publish { room: "dm:ann:bob".into(), text: "psst".into(), ..Default::default() }))
+        .await;
     assert_eq!(bob.next_message().await.text, "psst");
     // And the conversation is in his rooms from now on.
     let (_, w) = s.raw_user("bob").await;
