@@ -45,7 +45,7 @@ fn the_web_client_works_in_a_real_browser() {
         .expect("node runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let summary = stdout.lines().chain(stderr.lines()).filter(|l| l.contains("browser:")).next_back().unwrap_or("");
+    let summary = stdout.lines().chain(stderr.lines()).rfind(|l| l.contains("browser:")).unwrap_or("");
     eprintln!("{summary}");
     assert!(out.status.success(), "browser tests failed:\n{stdout}\n{stderr}");
     assert!(!stdout.contains("SKIPPED") || !ci, "browser tests skipped under CI:\n{stdout}");
