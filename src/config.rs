@@ -70,6 +70,8 @@ pub struct Config {
     pub max_sessions_per_user: usize,
     /// Rooms per user.
     pub max_rooms_per_user: usize,
+    /// Open connections before new ones get `GoAway{CAPACITY}`.
+    pub max_connections: usize,
     /// Idempotency keys are kept at least this long, in hours.
     pub idempotency_hours: u64,
     /// Time allowed for a graceful shutdown, in ms.
@@ -117,6 +119,7 @@ impl Default for Config {
             slow_consumer_timeout_ms: l.slow_consumer_timeout.as_millis() as u64,
             max_sessions_per_user: l.max_sessions_per_user,
             max_rooms_per_user: l.max_rooms_per_user,
+            max_connections: l.max_connections,
             idempotency_hours: 24,
             shutdown_timeout_ms: 10_000,
             dev_auth: false,
@@ -165,6 +168,7 @@ impl Config {
             ("cache_mb", self.cache_mb),
             ("max_sessions_per_user", self.max_sessions_per_user as u64),
             ("max_rooms_per_user", self.max_rooms_per_user as u64),
+            ("max_connections", self.max_connections as u64),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -227,6 +231,7 @@ impl Config {
             slow_consumer_timeout: Duration::from_millis(self.slow_consumer_timeout_ms),
             max_sessions_per_user: self.max_sessions_per_user,
             max_rooms_per_user: self.max_rooms_per_user,
+            max_connections: self.max_connections,
         }
     }
 }
@@ -325,6 +330,7 @@ pub const FIELDS: &[Field] = &[
     field("slow_consumer_timeout_ms", Kind::Int, "How long a session may stay behind before GoAway{SLOW_CONSUMER}."),
     field("max_sessions_per_user", Kind::Int, "Sessions one user may have open."),
     field("max_rooms_per_user", Kind::Int, "Rooms one user may be a member of."),
+    field("max_connections", Kind::Int, "Open connections (all transports) before new ones get GoAway{CAPACITY}."),
     field("idempotency_hours", Kind::Int, "How long a client_msg_id is remembered (at least 24 h is promised)."),
     field("shutdown_timeout_ms", Kind::Int, "Deadline of a graceful shutdown."),
     field(

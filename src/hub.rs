@@ -46,6 +46,9 @@ pub struct Limits {
     pub max_sessions_per_user: usize,
     /// Rooms one user may be a member of.
     pub max_rooms_per_user: usize,
+    /// Open connections (all transports) before new ones get
+    /// `GoAway{CAPACITY}`.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +66,7 @@ impl Default for Limits {
             slow_consumer_timeout: Duration::from_secs(30),
             max_sessions_per_user: 64,
             max_rooms_per_user: 10_000,
+            max_connections: 50_000,
         }
     }
 }
@@ -353,6 +357,11 @@ impl Hub {
     pub fn register_connection(&self, handle: &Arc<SessionHandle>) {
         self.metrics.transport(handle.stats.transport).connections.increment(1.0);
         self.connections.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id, Arc::downgrade(handle));
+    }
+
+    /// Open connections now.
+    pub fn connection_count(&self) -> usize {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Forgets a closed connection (idempotent).

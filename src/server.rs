@@ -246,7 +246,11 @@ impl Server {
         // and acked when it comes back.
         let (tx, rx) = oneshot::channel();
         if let Some(slot) = self.hub.commits.reserve().await {
-            slot.send(Pending { write: Write::Barrier, completion: Completion::Notify(tx) });
+            slot.send(Pending {
+                write: Write::Barrier,
+                completion: Completion::Notify(tx),
+                epoch: self.hub.commits.epoch(),
+            });
             let _ = tokio::time::timeout_at(deadline, rx).await;
         }
         self.shutdown.go_away.cancel();
@@ -261,11 +265,19 @@ impl Server {
             let _ = t.await;
         }
         let _ = self.http_task.await;
-        let store = self.hub.store.clone();
-        match tokio::task::spawn_blocking(move || store.sync()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "final sync failed"),
-            Err(e) => tracing::error!(error = %e, "final sync task failed"),
+        let failed = self.hub.commits.has_failed();
+        if failed {
+            // Everything acknowledged was synced before the failure; a failed
+            // store (sled after an I/O error) may never finish another flush.
+            tracing::error!("storage has failed: skipping the final sync");
+        } else {
+            let store = self.hub.store.clone();
+            match tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(move || store.sync())).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "final sync failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "final sync task failed"),
+                Err(_) => tracing::error!("final sync did not finish before the shutdown deadline"),
+            }
         }
         // Nothing is queued any more (readers stopped before the barrier).
         // The commit and fan-out stages hold the hub, and with it the store:
@@ -276,7 +288,13 @@ impl Server {
         self.commit_task.abort();
         let _ = self.commit_task.await;
         drop(self.app);
-        drop(self.hub);
+        if failed {
+            // Dropping a failed sled store flushes again and can block
+            // forever; the process is exiting, so let the OS reclaim it.
+            std::mem::forget(self.hub);
+        } else {
+            drop(self.hub);
+        }
         tracing::info!("shutdown complete");
     }
 }

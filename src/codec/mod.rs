@@ -2,10 +2,13 @@
 //! `Envelope` per frame on TCP and TLS (design.md §3).
 //!
 //! The server, the Rust client and the load tester all use this one codec.
-//! Decoding is check-then-allocate: tokio-util's `LengthDelimitedCodec`
-//! compares the announced length with `max_frame_bytes` before it reserves
-//! space for the body, so a 4 GiB prefix costs nothing but an error. An
-//! incomplete frame is a normal state, not an error.
+//! Decoding is check-then-allocate: the announced length is compared with
+//! `max_frame_bytes` as soon as the prefix is in, so a 4 GiB prefix costs
+//! nothing but an error; and the buffer grows only as bytes arrive (never by
+//! the announced length), so a peer that announces 60 KB and trickles bytes
+//! holds only what it sent. Complete frames are cut by tokio-util's
+//! `LengthDelimitedCodec`. An incomplete frame is a normal state, not an
+//! error.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
@@ -65,8 +68,10 @@ pub struct FrameReader<R> {
     max: usize,
 }
 
-/// Initial read buffer; grown on demand by the codec.
+/// Initial read buffer; it grows as data arrives.
 const INITIAL_READ_BUF: usize = 512;
+/// Most the buffer grows by for one read.
+const READ_CHUNK: usize = 16 * 1024;
 /// When an idle buffer has grown past this, it is released instead of kept.
 const SHRINK_ABOVE: usize = 16 * 1024;
 
@@ -83,8 +88,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.decode_buffered()? {
                 return Ok(Some(frame));
             }
+            // What the frame in progress still lacks (or the rest of its
+            // prefix); the buffer grows by at most a chunk at a time.
+            let missing = match self.announced() {
+                Some(n) => PREFIX_LEN + n - self.buf.len(),
+                None => PREFIX_LEN - self.buf.len(),
+            };
             if self.buf.capacity() == 0 {
                 self.buf.reserve(INITIAL_READ_BUF);
+            } else if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(missing.clamp(4096, READ_CHUNK));
             }
             let n = self.io.read_buf(&mut self.buf).await.map_err(FrameError::Io)?;
             if n == 0 {
@@ -93,8 +106,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The body length announced by a buffered prefix, if one is in.
+    fn announced(&self) -> Option<usize> {
+        let head: [u8; PREFIX_LEN] = self.buf.get(..PREFIX_LEN)?.try_into().ok()?;
+        Some(u32::from_be_bytes(head) as usize)
+    }
+
     /// A frame that is already complete in the buffer, without reading.
     pub fn decode_buffered(&mut self) -> Result<Option<BytesMut>, FrameError> {
+        match self.announced() {
+            None => return Ok(None),
+            Some(n) if n > self.max => return Err(FrameError::TooLarge { max: self.max }),
+            // Handing an incomplete frame to the codec would make it reserve
+            // the whole announced body.
+            Some(n) if self.buf.len() < PREFIX_LEN + n => return Ok(None),
+            Some(_) => {}
+        }
         match self.codec.decode(&mut self.buf) {
             Ok(Some(frame)) => {
                 if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
@@ -213,6 +240,20 @@ mod tests {
         let mut reader = FrameReader::new(rx, 65536);
         assert!(matches!(reader.read_frame().await, Err(FrameError::TooLarge { max: 65536 })));
         assert!(reader.buf.capacity() < 65536, "no allocation sized from the prefix");
+    }
+
+    #[tokio::test]
+    async fn a_trickled_frame_holds_only_what_arrived() {
+        use tokio::io::AsyncWriteExt;
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        tx.write_all(&60_000u32.to_be_bytes()).await.unwrap();
+        tx.write_all(&[1u8; 100]).await.unwrap();
+        let mut reader = FrameReader::new(rx, 65536);
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), reader.read_frame()).await.is_err());
+        assert!(reader.buf.capacity() <= READ_CHUNK, "capacity {} follows the bytes received", reader.buf.capacity());
+        // The rest arrives: the frame comes out whole.
+        tx.write_all(&vec![1u8; 59_900]).await.unwrap();
+        assert_eq!(reader.read_frame().await.unwrap().unwrap().len(), 60_000);
     }
 
     #[tokio::test]

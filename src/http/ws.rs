@@ -197,6 +197,7 @@ async fn write_loop(
                     break;
                 }
                 Err(_) => {
+                    hub.metrics.slow_disconnects.increment(1);
                     tracing::warn!(
                         session = handle.id,
                         user = handle.user(),

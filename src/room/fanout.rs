@@ -57,6 +57,10 @@ pub struct PublishDone {
 /// Runs the fan-out until the group commit stops.
 pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
     while let Some(batch) = rx.recv().await {
+        if batch.recovered {
+            hub.commits.recovered();
+            continue;
+        }
         for c in batch.completions {
             match c {
                 Completion::Publish(p) => match &batch.result {

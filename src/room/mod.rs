@@ -112,8 +112,8 @@ pub struct Room {
     pub id: RoomId,
     /// Name, as clients know it.
     pub name: Arc<str>,
-    /// Next seq to assign.
-    next_seq: Mutex<u64>,
+    /// Next seq to assign, and the commit epoch it belongs to.
+    next_seq: Mutex<(u64, u64)>,
     /// Highest seq committed and handed to subscribers: the head that
     /// clients may read.
     dispatched: AtomicU64,
@@ -143,7 +143,7 @@ impl Room {
         Room {
             id,
             name,
-            next_seq: Mutex::new(head + 1),
+            next_seq: Mutex::new((head + 1, 0)),
             dispatched: AtomicU64::new(head),
             subs: Mutex::new(HashMap::new()),
             slow_consumer_events: AtomicU64::new(0),
@@ -204,10 +204,17 @@ impl Room {
 
     /// Assigns the next seq and runs `submit` with it while holding the seq
     /// lock, so submissions reach the commit queue in seq order.
-    pub fn assign_seq<R>(&self, submit: impl FnOnce(u64) -> R) -> R {
-        let mut next = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = *next;
-        *next += 1;
+    ///
+    /// `epoch` is the commit epoch (see `store::commit`): after the store
+    /// failed and recovered, seqs handed out before are void, and the room
+    /// continues from its durable head, which is then its readable head.
+    pub fn assign_seq<R>(&self, epoch: u64, submit: impl FnOnce(u64) -> R) -> R {
+        let mut state = self.next_seq.lock().unwrap_or_else(|e| e.into_inner());
+        if state.1 != epoch {
+            *state = (self.head() + 1, epoch);
+        }
+        let seq = state.0;
+        state.0 += 1;
         submit(seq)
     }
 

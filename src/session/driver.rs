@@ -59,6 +59,16 @@ const SHUTDOWN_RETRY_AFTER_MS: u32 = 1000;
 /// Reads and handles requests until the connection ends or the session
 /// closes; at shutdown, waits for the server's signal and says `GoAway`.
 pub async fn serve_requests<S: Source>(session: &mut Session, source: &mut S, shutdown: &Shutdown) {
+    let max = session.hub().limits.max_connections;
+    if session.hub().connection_count() > max {
+        static FULL: crate::logs::Throttle = crate::logs::Throttle::new(1000);
+        if let Some(suppressed) = FULL.allow() {
+            tracing::warn!(max, suppressed, "connection limit reached; refusing new connections");
+        }
+        session.go_away_after(CloseReason::Capacity, "the server is at its connection limit; try again later", 5000);
+        session.close();
+        return;
+    }
     let reading = shutdown.readers.token();
     read_loop(session, source, &shutdown.stop_reading).await;
     drop(reading);

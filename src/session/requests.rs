@@ -211,7 +211,7 @@ impl Session {
             .reserve()
             .await
             .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
-        permit.send(Pending { write, completion: Completion::Notify(tx) });
+        permit.send(Pending { write, completion: Completion::Notify(tx), epoch: self.hub.commits.epoch() });
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Refusal::new(ErrorCode::Internal, format!("not stored: {e}"))),
@@ -413,7 +413,8 @@ impl Session {
             }
         }
         let ts_ms = now_ms();
-        room.assign_seq(|seq| {
+        let epoch = self.hub.commits.epoch();
+        room.assign_seq(epoch, |seq| {
             let message = proto::Message {
                 room: p.room,
                 seq,
@@ -445,6 +446,7 @@ impl Session {
                     permit: inflight,
                     received,
                 })),
+                epoch,
             });
         });
         Ok(None)
@@ -468,8 +470,32 @@ impl Session {
             (from, below, from > 1 && below >= 1)
         };
         let started = std::time::Instant::now();
-        let messages = if from <= to { room.read_messages(self.hub.store.as_ref(), from, to)? } else { Vec::new() };
+        let mut messages = if from <= to { room.read_messages(self.hub.store.as_ref(), from, to)? } else { Vec::new() };
         self.hub.metrics.history_read.record(started.elapsed().as_secs_f64());
+        // A page must fit in one frame of max_frame_bytes (what Welcome
+        // promised the client): keep the messages nearest the cursor and say
+        // there is more. One message always fits (it came in one frame).
+        let budget = self.hub.limits.max_frame_bytes.saturating_sub(256);
+        let mut used = 0;
+        let fits = |m: &proto::Message, used: &mut usize| {
+            let len = m.encoded_len() + 8;
+            let ok = *used == 0 || *used + len <= budget;
+            if ok {
+                *used += len;
+            }
+            ok
+        };
+        let has_more = if h.forward {
+            let keep = messages.iter().take_while(|m| fits(m, &mut used)).count();
+            let cut = keep < messages.len();
+            messages.truncate(keep);
+            has_more || cut
+        } else {
+            let keep = messages.iter().rev().take_while(|m| fits(m, &mut used)).count();
+            let cut = keep < messages.len();
+            messages.drain(..messages.len() - keep);
+            has_more || cut
+        };
         Ok(Some(Body::HistoryPage(proto::HistoryPage { room: h.room, messages, head_seq: head, has_more })))
     }
 

@@ -9,13 +9,18 @@
 //! the sessions attached to their writes. While one batch syncs, the next
 //! one gathers in the channel: the batch size grows with the load.
 //!
-//! A failed write or sync is not retried: the batch and everything after it
-//! is reported failed, so no later write can leave a gap in a room's seqs,
-//! and nothing is ever acknowledged that is not stored. The store stays
-//! failed until the server restarts (reported by `/readyz` and the logs).
+//! A failed write or sync is not retried: the batch and everything queued
+//! behind it is reported failed, and nothing is ever acknowledged that is
+//! not stored. While failed, the writer probes the store every second; once
+//! a probe succeeds it sends a recovery marker down the pipeline. When the
+//! fan-out reaches it, every earlier batch is settled, so it opens a new
+//! *epoch* and clears the failure ([`CommitQueue::recovered`]). Each write
+//! carries the epoch in force when its seq was assigned; the writer drops
+//! writes of an older epoch, and a room seeing a new epoch restarts its seqs
+//! from its durable head — so no gap and no reused seq is ever stored.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -69,6 +74,8 @@ pub struct Pending<C> {
     pub write: Write,
     /// Handed back with the outcome.
     pub completion: C,
+    /// The commit epoch the write belongs to ([`CommitQueue::epoch`]).
+    pub epoch: u64,
 }
 
 /// The outcome of one batch, in the order the writes were submitted.
@@ -79,17 +86,20 @@ pub struct Committed<C> {
     pub result: Result<(), Arc<StoreError>>,
     /// Writes in the batch (for metrics and logs).
     pub size: usize,
+    /// A recovery marker: the store works again (no completions).
+    pub recovered: bool,
 }
 
 /// Where sessions submit writes.
 pub struct CommitQueue<C> {
     tx: mpsc::Sender<Pending<C>>,
     failed: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
 }
 
 impl<C> Clone for CommitQueue<C> {
     fn clone(&self) -> Self {
-        CommitQueue { tx: self.tx.clone(), failed: self.failed.clone() }
+        CommitQueue { tx: self.tx.clone(), failed: self.failed.clone(), epoch: self.epoch.clone() }
     }
 }
 
@@ -106,7 +116,19 @@ impl<C: Send + 'static> CommitQueue<C> {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Whether the store has failed (writes are refused until restart).
+    /// The current commit epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Called by the fan-out when it reaches a recovery marker: every batch
+    /// before it is settled, so a new epoch starts and writes flow again.
+    pub fn recovered(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.failed.store(false, Ordering::Release);
+    }
+
+    /// Whether the store has failed (writes are refused until it recovers).
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
@@ -122,9 +144,13 @@ pub fn start<C: Send + 'static>(
 ) -> (CommitQueue<C>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue_len);
     let failed = Arc::new(AtomicBool::new(false));
-    let handle = tokio::spawn(run(store, durability, rx, out, failed.clone()));
-    (CommitQueue { tx, failed }, handle)
+    let epoch = Arc::new(AtomicU64::new(0));
+    let handle = tokio::spawn(run(store, durability, rx, out, failed.clone(), epoch.clone()));
+    (CommitQueue { tx, failed, epoch }, handle)
 }
+
+/// How often a failed store is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 async fn run<C: Send + 'static>(
     store: Arc<dyn Store>,
@@ -132,28 +158,70 @@ async fn run<C: Send + 'static>(
     mut rx: mpsc::Receiver<Pending<C>>,
     out: mpsc::Sender<Committed<C>>,
     failed: Arc<AtomicBool>,
+    epoch: Arc<AtomicU64>,
 ) {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
+    // A recovery marker is on its way to the fan-out.
+    let mut marker_sent = false;
+    // A probe of a failed store still running (a poisoned store may never
+    // answer; one stuck probe is enough).
+    let mut probing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
     let mut items = Vec::with_capacity(64);
     let batch_size = metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE);
     let sync_seconds = metrics::histogram!(crate::metrics::COMMIT_SYNC_SECONDS);
     let failures = metrics::counter!(crate::metrics::COMMIT_FAILURES);
     loop {
-        let first = match durability {
-            Durability::Batch { interval } if unsynced => {
-                let wait = interval.saturating_sub(last_sync.elapsed());
-                match tokio::time::timeout(wait, rx.recv()).await {
-                    Ok(item) => item,
-                    Err(_) => {
-                        sync_now(&store, &failed).await;
-                        last_sync = Instant::now();
-                        unsynced = false;
-                        continue;
+        let is_failed = failed.load(Ordering::Acquire);
+        if !is_failed {
+            marker_sent = false;
+        }
+        let wait = if is_failed && !marker_sent {
+            Some(PROBE_EVERY)
+        } else if let Durability::Batch { interval } = durability
+            && unsynced
+        {
+            Some(interval.saturating_sub(last_sync.elapsed()))
+        } else {
+            None
+        };
+        let first = match wait {
+            Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(item) => item,
+                Err(_) if is_failed => {
+                    let probe = match probing.take() {
+                        Some(h) if !h.is_finished() => {
+                            probing = Some(h);
+                            continue;
+                        }
+                        Some(h) => h.await,
+                        None => {
+                            let st = store.clone();
+                            probing = Some(tokio::task::spawn_blocking(move || st.probe()));
+                            continue;
+                        }
+                    };
+                    if matches!(probe, Ok(Ok(()))) {
+                        tracing::info!("storage works again; resuming writes");
+                        if out
+                            .send(Committed { completions: Vec::new(), result: Ok(()), size: 0, recovered: true })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        marker_sent = true;
                     }
+                    continue;
                 }
-            }
-            _ => rx.recv().await,
+                Err(_) => {
+                    sync_now(&store, &failed).await;
+                    last_sync = Instant::now();
+                    unsynced = false;
+                    continue;
+                }
+            },
+            None => rx.recv().await,
         };
         let Some(first) = first else { break };
         items.push(first);
@@ -163,11 +231,32 @@ async fn run<C: Send + 'static>(
                 Err(_) => break,
             }
         }
-        let size = items.len();
+        // Writes of an older epoch (seqs assigned before a failure) or made
+        // while the store is failed are not written: they fail first.
+        let current = epoch.load(Ordering::Acquire);
+        let refuse_all = failed.load(Ordering::Acquire);
+        let (stale, fresh): (Vec<_>, Vec<_>) = items.drain(..).partition(|p| refuse_all || p.epoch != current);
+        if !stale.is_empty() {
+            let size = stale.len();
+            let err = StoreError::Db("storage failed; this write was not stored".into());
+            let done = Committed {
+                completions: stale.into_iter().map(|p| p.completion).collect(),
+                result: Err(Arc::new(err)),
+                size,
+                recovered: false,
+            };
+            if out.send(done).await.is_err() {
+                break;
+            }
+        }
+        if fresh.is_empty() {
+            continue;
+        }
+        let size = fresh.len();
         batch_size.record(size as f64);
         let mut batch = Batch::default();
         let mut completions = Vec::with_capacity(size);
-        for p in items.drain(..) {
+        for p in fresh {
             match p.write {
                 Write::Append(a) => batch.appends.push(a),
                 Write::Membership(m) => batch.memberships.push(m),
@@ -176,9 +265,7 @@ async fn run<C: Send + 'static>(
             }
             completions.push(p.completion);
         }
-        let result = if failed.load(Ordering::Acquire) {
-            Err(Arc::new(StoreError::Db("storage failed earlier; restart the server once it is fixed".into())))
-        } else if batch.is_empty() {
+        let result = if batch.is_empty() {
             Ok(())
         } else {
             let st = store.clone();
@@ -198,7 +285,7 @@ async fn run<C: Send + 'static>(
             if let Err(e) = &r {
                 failures.increment(1);
                 failed.store(true, Ordering::Release);
-                tracing::error!(error = %e, batch = size, "group commit failed; refusing writes until restart");
+                tracing::error!(error = %e, batch = size, "group commit failed; refusing writes until storage works again");
             }
             unsynced |= r.is_ok() && !sync_each;
             r.map_err(Arc::new)
@@ -211,7 +298,7 @@ async fn run<C: Send + 'static>(
             last_sync = Instant::now();
             unsynced = false;
         }
-        if out.send(Committed { completions, result, size }).await.is_err() {
+        if out.send(Committed { completions, result, size, recovered: false }).await.is_err() {
             break;
         }
     }
@@ -246,6 +333,7 @@ mod tests {
             permit.send(Pending {
                 write: Write::Append(crate::store::contract::append(1, seq, "ann", "")),
                 completion: seq,
+                epoch: queue.epoch(),
             });
         }
         drop(queue);
@@ -288,15 +376,15 @@ mod tests {
     async fn a_failed_write_fails_its_batch_and_everything_after() {
         let (out_tx, mut out_rx) = mpsc::channel(16);
         let (queue, _h) = start::<u64>(Arc::new(FailingStore), Durability::Fsync, 16, out_tx);
-        queue
-            .reserve()
-            .await
-            .unwrap()
-            .send(Pending { write: Write::Append(crate::store::contract::append(1, 1, "ann", "")), completion: 1 });
+        queue.reserve().await.unwrap().send(Pending {
+            write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
+            completion: 1,
+            epoch: 0,
+        });
         let c = out_rx.recv().await.unwrap();
         assert!(c.result.is_err());
         assert!(queue.has_failed());
-        queue.reserve().await.unwrap().send(Pending { write: Write::Barrier, completion: 2 });
+        queue.reserve().await.unwrap().send(Pending { write: Write::Barrier, completion: 2, epoch: 0 });
         assert!(out_rx.recv().await.unwrap().result.is_err());
     }
 }

@@ -145,6 +145,11 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything written so far durable (flush + fdatasync).
     fn sync(&self) -> Result<(), StoreError>;
 
+    /// Checks that a write can be made durable now (after a failure).
+    fn probe(&self) -> Result<(), StoreError> {
+        self.sync()
+    }
+
     /// The encoded `Message`s of `room` with `from <= seq <= to`, ascending.
     fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError>;
 

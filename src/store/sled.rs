@@ -251,6 +251,12 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn probe(&self) -> Result<(), StoreError> {
+        let meta = self.db.open_tree("meta")?;
+        meta.insert("probe", &crate::session::now_ms().to_be_bytes()[..])?;
+        self.sync()
+    }
+
     fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError> {
         if from > to {
             return Ok(Vec::new());

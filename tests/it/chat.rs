@@ -237,3 +237,52 @@ async fn joining_twice_just_answers_joined_with_online_members() {
     let j = ann.join("r").await.unwrap();
     assert_eq!(j.state.unwrap(), proto::RoomState { room: "r".into(), head_seq: 1, read_seq: 0 });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_page_fits_in_one_frame_and_pages_on() {
+    let s = TestServer::start().await;
+    let (c, _) = s.client("ann").await;
+    c.join("big").await.unwrap();
+    for i in 0..20 {
+        let p = proto::Publish {
+            room: "big".into(),
+            client_msg_id: format!("b{i}"),
+            data: vec![b'x'; 20_000].into(),
+            ..Default::default()
+        };
+        c.publish_message(p).await.unwrap();
+    }
+    // 20 messages of 20 kB do not fit in one 64 kB frame: pages of 3.
+    let p = c
+        .history(proto::History { room: "big".into(), forward: true, limit: 100, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!((p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), p.has_more), (vec![1, 2, 3], true));
+    let p = c.history(proto::History { room: "big".into(), limit: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(
+        (p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), p.has_more),
+        (vec![18, 19, 20], true),
+        "the newest, nearest the cursor"
+    );
+    // Paging on reaches everything.
+    let mut after = 0;
+    let mut seen = 0;
+    loop {
+        let p = c
+            .history(proto::History {
+                room: "big".into(),
+                forward: true,
+                after_seq: after,
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        seen += p.messages.len();
+        after = p.messages.last().map_or(after, |m| m.seq);
+        if !p.has_more {
+            break;
+        }
+    }
+    assert_eq!(seen, 20);
+}

@@ -144,7 +144,8 @@ impl Raw {
     }
 
     pub async fn send_bytes(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).await.unwrap();
+        // The server may already have closed on us; that is its right.
+        let _ = self.writer.write_all(bytes).await;
     }
 
     /// The next envelope; panics after `WAIT`.
@@ -279,6 +280,11 @@ impl Process {
     /// Log lines printed so far (after the listening line).
     pub fn log_lines(&self) -> Vec<String> {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn try_wait_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn kill9(&mut self) {

@@ -1,0 +1,156 @@
+//! Limits (design.md §5): each one refuses with its documented error, keeps
+//! the connection where it should, counts in the metrics, and leaves other
+//! users alone.
+
+use chatd::proto::{self, Body, CloseReason, ErrorCode};
+
+use crate::common::*;
+
+fn go_away(body: &Body) -> CloseReason {
+    match body {
+        Body::GoAway(g) => g.reason(),
+        other => panic!("expected go_away, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_rate_limit_refuses_without_disconnecting_and_only_that_user() {
+    let s = TestServer::start_with(|c| {
+        c.publish_rate = 60;
+        c.publish_burst = 5;
+    })
+    .await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    ann.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let (mut bob, _) = s.raw_user("bob").await;
+    bob.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let publish =
+        |i: u64| Body::Publish(proto::Publish { room: "r".into(), text: format!("{i}"), ..Default::default() });
+    let mut limited = 0;
+    for i in 0..8 {
+        match ann.call(10 + i, publish(i)).await {
+            Body::PublishAck(_) => {}
+            Body::Error(e) if e.code() == ErrorCode::RateLimited => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(limited, 3, "a burst of 5, then refusals");
+    // Still connected, and bob has his own bucket.
+    assert!(matches!(ann.call(30, Body::Ping(proto::Ping { nonce: 1 })).await, Body::Pong(_)));
+    assert!(matches!(bob.call(31, publish(99)).await, Body::PublishAck(_)));
+    let (_, metrics) = http_get(&s.http, "/metrics").await;
+    assert!(metrics.contains("chatd_rate_limited_total{kind=\"publish\"} 3"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_sessions_for_one_user_are_refused() {
+    let s = TestServer::start_with(|c| c.max_sessions_per_user = 2).await;
+    let (_a, _) = s.raw_user("ann").await;
+    let (_b, _) = s.raw_user("ann").await;
+    let mut third = s.raw().await;
+    third.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: s.token("ann"), ..Default::default() })).await;
+    expect_error(third.recv().await.body.as_ref().unwrap(), ErrorCode::ServerBusy);
+    assert_eq!(go_away(third.recv().await.body.as_ref().unwrap()), CloseReason::Capacity);
+    assert!(third.closed().await);
+    // Another user is fine.
+    s.raw_user("bob").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_rooms_for_one_user_are_refused() {
+    let s = TestServer::start_with(|c| c.max_rooms_per_user = 2).await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    for (i, room) in ["a", "b"].iter().enumerate() {
+        assert!(matches!(
+            ann.call(2 + i as u64, Body::Join(proto::Join { room: room.to_string() })).await,
+            Body::Joined(_)
+        ));
+    }
+    let msg = expect_error(&ann.call(9, Body::Join(proto::Join { room: "c".into() })).await, ErrorCode::Forbidden);
+    assert!(msg.contains("2 rooms"), "{msg}");
+    // Rejoining a room one is in is not a new membership.
+    assert!(matches!(ann.call(10, Body::Join(proto::Join { room: "a".into() })).await, Body::Joined(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_get_goaway_capacity() {
+    let s = TestServer::start_with(|c| c.max_connections = 3).await;
+    let (_a, _) = s.raw_user("a").await;
+    let (_b, _) = s.raw_user("b").await;
+    let _c = s.raw().await;
+    let mut over = s.raw().await;
+    match over.recv().await.body {
+        Some(Body::GoAway(g)) => {
+            assert_eq!(g.reason(), CloseReason::Capacity);
+            assert!(g.retry_after_ms > 0);
+        }
+        other => panic!("expected GoAway{{CAPACITY}}, got {other:?}"),
+    }
+    assert!(over.closed().await);
+    // Over WebSocket too.
+    // (It has not spoken yet, so the GoAway comes in protobuf, the default.)
+    let mut ws = Ws::connect(&s.http).await;
+    match ws.recv().await {
+        Received::Binary(env) => {
+            assert!(matches!(env.body, Some(Body::GoAway(g)) if g.reason() == CloseReason::Capacity))
+        }
+        other => panic!("expected GoAway{{CAPACITY}}, got {other:?}"),
+    }
+    // Once one leaves, a new connection is served again.
+    drop(_c);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut r = s.raw().await;
+        r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: s.token("d"), ..Default::default() })).await;
+        if matches!(r.recv().await.body, Some(Body::Welcome(_))) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a slot never freed up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (_, metrics) = http_get(&s.http, "/metrics").await;
+    assert!(!metrics.contains("chatd_closes_total{reason=\"CAPACITY\"} 0"), "capacity refusals are counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
+    let s = TestServer::start_with(|c| {
+        c.outbound_max_frames = 8;
+        c.outbound_max_bytes = 16 * 1024;
+        c.slow_consumer_timeout_ms = 500;
+    })
+    .await;
+    let mut slow = Raw::connect_small(&s.addr).await;
+    slow.hello(&s.token("slow"), vec![]).await;
+    slow.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let (publisher, _) = s.client("pub").await;
+    publisher.join("r").await.unwrap();
+    let payload = bytes::Bytes::from(vec![b'z'; 8192]);
+    // Keep the room busy well past the bound while the slow reader reads nothing.
+    let started = std::time::Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < std::time::Duration::from_secs(2) {
+        let p = proto::Publish {
+            room: "r".into(),
+            client_msg_id: format!("{i}"),
+            data: payload.clone(),
+            ..Default::default()
+        };
+        publisher.publish_message(p).await.unwrap();
+        i += 1;
+    }
+    // The publisher never waited on the slow reader; the slow reader was let go.
+    let mut saw_goaway = false;
+    while let Some(env) = slow.try_recv().await {
+        if let Some(Body::GoAway(g)) = env.body {
+            assert_eq!(g.reason(), CloseReason::SlowConsumer);
+            saw_goaway = true;
+        }
+    }
+    let (_, metrics) = http_get(&s.http, "/metrics").await;
+    assert!(
+        saw_goaway || metrics.contains("chatd_slow_consumer_disconnects_total 1"),
+        "closed as a slow consumer (GoAway, or the write deadline when its socket was full)"
+    );
+    assert!(!metrics.contains("chatd_slow_consumer_disconnects_total 0"), "{metrics}");
+}
