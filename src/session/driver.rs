@@ -87,14 +87,17 @@ pub async fn serve_requests<S: Source>(session: &mut Session, source: &mut S, sh
 }
 
 async fn handle(session: &mut Session, incoming: Incoming) -> Flow {
+    // Handling a request is a large future (a publish or join in flight);
+    // boxed, it is allocated per request instead of sizing every idle
+    // connection's task for it.
     match incoming {
         Incoming::Protobuf(frame) => {
             session.count_received(frame.len());
-            session.on_frame(&frame).await
+            Box::pin(session.on_frame(&frame)).await
         }
         Incoming::Json(env, size) => {
             session.count_received(size);
-            session.on_envelope(env).await
+            Box::pin(session.on_envelope(env)).await
         }
         Incoming::Malformed { id, reason } => session.on_malformed(id, reason),
         Incoming::Broken(e) => session.on_frame_error(&e),

@@ -11,22 +11,8 @@ use std::process::Command;
 fn the_web_client_works_in_a_real_browser() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let chatd = Path::new(env!("CARGO_BIN_EXE_chatd"));
-    let chat = chatd.with_file_name("chat");
     let ci = std::env::var("CI").as_deref() == Ok("true");
-    if !chat.exists() {
-        // The `chat` CLI (the test's TCP client) belongs to another package of
-        // the workspace, which the test run does not build: build it here, into
-        // the same target directory (cargo has released its lock by now).
-        let target_dir = chatd.parent().and_then(Path::parent).expect("target/<profile>/chatd");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "chat-client", "--bin", "chat"])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(root)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the chat CLI failed");
-    }
+    let chat = crate::common::workspace_bin("chat-client", "chat");
     let missing = [
         (Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success()), "node"),
         (

@@ -423,3 +423,24 @@ pub enum Received {
     Closed(Option<u16>),
     Failed,
 }
+
+/// A binary of another workspace package (`chat`, `chat-bench`), built into
+/// this test run's target directory if it is not there yet: the test run
+/// builds only this package's binaries, and cargo has released its lock by
+/// the time tests run.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let chatd = Path::new(env!("CARGO_BIN_EXE_chatd"));
+    let path = chatd.with_file_name(bin);
+    if !path.exists() {
+        let target_dir = chatd.parent().and_then(Path::parent).expect("target/<profile>/chatd");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", package, "--bin", bin])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building {bin} failed");
+    }
+    path
+}

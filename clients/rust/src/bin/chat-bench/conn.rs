@@ -68,6 +68,16 @@ pub struct Conn {
     next_id: u64,
 }
 
+/// Connects from 127.0.0.(1 + n % spread) when `spread > 1`.
+async fn dial(addr: SocketAddr, spread: u8, n: usize) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    if spread > 1 && addr.is_ipv4() {
+        let ip = Ipv4Addr::new(127, 0, 0, 1 + (n % spread as usize) as u8);
+        socket.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+    }
+    socket.connect(addr).await
+}
+
 /// Opens connection number `n` for `user`, says Hello (with `resume`), and
 /// waits for Welcome.
 pub async fn open(
@@ -82,12 +92,15 @@ pub async fn open(
         .with_context(|| format!("resolving {}", c.server))?
         .next()
         .ok_or_else(|| anyhow!("{} resolves to nothing", c.server))?;
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    if c.src_ips > 1 && addr.is_ipv4() {
-        let ip = Ipv4Addr::new(127, 0, 0, 1 + (n % c.src_ips as usize) as u8);
-        socket.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+    let tcp = match dial(addr, c.src_ips, n).await {
+        // One source address has ~28k ephemeral ports to a given server
+        // port; when they run out, spread over 127.0.0.2.. by ourselves.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && addr.ip().is_loopback() && c.src_ips <= 1 => {
+            dial(addr, 250, n).await
+        }
+        other => other,
     }
-    let tcp = socket.connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    .with_context(|| format!("connecting to {addr}"))?;
     tcp.set_nodelay(true)?;
     let (r, w): (Box<dyn AsyncRead + Unpin + Send>, Writer) = if c.tls {
         let opts = chat_client::TlsOptions { ca: c.ca.clone(), server_name: None };

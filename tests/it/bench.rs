@@ -1,0 +1,91 @@
+//! `chat-bench` works: each scenario runs briefly against a test server,
+//! verifies what it received, and writes the documented JSON.
+
+use std::process::Command;
+
+use crate::common::*;
+
+fn run(s: &TestServer, args: &[&str]) -> serde_json::Value {
+    run_at(s, &s.addr, args)
+}
+
+fn run_at(s: &TestServer, addr: &str, args: &[&str]) -> serde_json::Value {
+    let bench = workspace_bin("chat-client", "chat-bench");
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = Command::new(bench)
+        .args(["--server", addr, "--data"])
+        .arg(&s.dir)
+        .args(if args.contains(&"--duration") {
+            &["--warmup", "0.5"][..]
+        } else {
+            &["--duration", "1", "--warmup", "0.5"][..]
+        })
+        .arg("--json")
+        .arg(out.path())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "chat-bench {args:?}: {}\n{}",
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path()).unwrap()).unwrap();
+    for key in [
+        "scenario",
+        "duration_s",
+        "delivered_per_sec",
+        "acks_per_sec",
+        "latency_us",
+        "gaps",
+        "duplicates",
+        "out_of_order",
+        "errors",
+        "params",
+    ] {
+        assert!(v.get(key).is_some(), "{key} is in the JSON");
+    }
+    assert_eq!(
+        (v["gaps"].as_u64(), v["duplicates"].as_u64(), v["out_of_order"].as_u64()),
+        (Some(0), Some(0), Some(0)),
+        "{v}"
+    );
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_verifies() {
+    let s = TestServer::start().await;
+    let v = tokio::task::block_in_place(|| run(&s, &["fanout", "--subscribers", "5", "--inflight", "16"]));
+    assert!(v["delivered_per_sec"].as_f64().unwrap() > 0.0 && v["latency_us"]["p99"].as_u64().is_some(), "{v}");
+    let v = tokio::task::block_in_place(|| run(&s, &["rooms", "--rooms", "4", "--members", "2", "--publishers", "2"]));
+    assert!(v["delivered_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    let v =
+        tokio::task::block_in_place(|| run(&s, &["durable", "--publishers", "2", "--inflight", "8", "--rooms", "2"]));
+    assert!(v["acks_per_sec"].as_f64().unwrap() > 0.0 && v["ack_latency_us"]["p50"].as_u64().is_some(), "{v}");
+    let v = tokio::task::block_in_place(|| run(&s, &["connections", "--connections", "50"]));
+    assert_eq!(v["params"]["connections"], 50);
+    assert_eq!(v["errors"], 0);
+    let v = tokio::task::block_in_place(|| {
+        run(&s, &["--duration", "3", "resume", "--clients", "5", "--rate", "200", "--away", "0.3"])
+    });
+    assert!(v["rounds"].as_u64().unwrap() >= 1 && v["catch_up_ms"]["max"].as_u64().is_some(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_runs_over_tls() {
+    let s = TestServer::start_with(|c| {
+        c.dev_tls = true;
+        c.tls = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let ca = s.dir.join("tls/dev-cert.pem");
+    let ca = ca.to_str().unwrap();
+    let tls = s.tls.clone().unwrap();
+    let v = tokio::task::block_in_place(|| {
+        run_at(&s, &tls, &["--tls", "--ca", ca, "fanout", "--subscribers", "3", "--inflight", "8"])
+    });
+    assert_eq!(v["params"]["tls"], true);
+    assert!(v["delivered_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+}
