@@ -161,6 +161,23 @@ async fn admin_endpoints_need_the_admin_token() {
     );
     assert!(conn["frames_in"].as_u64().unwrap() >= 6 && conn["bytes_out"].as_u64().unwrap() > 0, "{conn}");
     assert!(conn["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // The TLS reload is an admin request too: refused without the token,
+    // and a conflict on a server without TLS.
+    assert_eq!(admin_post(&s, "/admin/tls/reload", Some("wrong-token-wrong-token")).await.0, 401);
+    let (status, v) = admin_post(&s, "/admin/tls/reload", Some(ADMIN)).await;
+    assert_eq!((status, v["error"].as_str()), (409, Some("TLS is not configured")));
+}
+
+async fn admin_post(s: &TestServer, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(&s.http).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap_or(serde_json::Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
