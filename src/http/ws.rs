@@ -197,12 +197,7 @@ async fn write_loop(
                     break;
                 }
                 Err(_) => {
-                    hub.metrics.slow_disconnects.increment(1);
-                    tracing::warn!(
-                        session = handle.id,
-                        user = handle.user(),
-                        "peer accepted nothing for {slow:?}; closing as a slow consumer"
-                    );
+                    handle.write_stalled(&hub);
                     break;
                 }
             }

@@ -68,12 +68,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: Arc<Hub>, handle: Arc<SessionHan
                     break;
                 }
                 Err(_) => {
-                    hub.metrics.slow_disconnects.increment(1);
-                    tracing::warn!(
-                        session = handle.id,
-                        user = handle.user(),
-                        "peer accepted nothing for {slow:?}; closing as a slow consumer"
-                    );
+                    handle.write_stalled(&hub);
                     break;
                 }
             }

@@ -135,6 +135,19 @@ impl SessionHandle {
         }
     }
 
+    /// A write that did not complete within the slow-consumer timeout: the
+    /// peer accepts nothing, so the connection is given up (no GoAway can be
+    /// written to a full socket).
+    pub fn write_stalled(&self, hub: &Hub) {
+        hub.metrics.slow_disconnects.increment(1);
+        let slow = hub.limits.slow_consumer_timeout;
+        tracing::warn!(
+            session = self.id,
+            user = self.user(),
+            "peer accepted nothing for {slow:?}; closing as a slow consumer"
+        );
+    }
+
     /// The oldest moment a lagging room of this session fell behind.
     pub fn lagging_since(&self) -> Option<std::time::Instant> {
         let l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());

@@ -102,30 +102,22 @@ impl Outbound {
 
     /// Queues a live frame if it fits within the bounds.
     pub fn offer(&self, frame: impl Into<Frame>) -> Result<(), Rejected> {
-        let frame = frame.into();
-        let mut q = self.lock();
-        if q.closing
-            || q.frames.len() >= self.limits.max_frames
-            || (q.bytes + frame.len() > self.limits.max_bytes && !q.frames.is_empty())
-        {
-            return Err(Rejected);
-        }
-        let was_empty = q.frames.is_empty();
-        q.bytes += frame.len();
-        q.frames.push_back(frame);
-        drop(q);
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Ok(())
+        self.enqueue(frame.into(), true)
     }
 
     /// Queues a reply or control frame regardless of the bounds. Fails only
     /// when the connection is closing.
     pub fn push(&self, frame: impl Into<Frame>) -> Result<(), Rejected> {
-        let frame = frame.into();
+        self.enqueue(frame.into(), false)
+    }
+
+    /// Appends a frame (within the bounds if `bounded`) and wakes the
+    /// writer when the queue was empty.
+    fn enqueue(&self, frame: Frame, bounded: bool) -> Result<(), Rejected> {
         let mut q = self.lock();
-        if q.closing {
+        let full = q.frames.len() >= self.limits.max_frames
+            || (q.bytes + frame.len() > self.limits.max_bytes && !q.frames.is_empty());
+        if q.closing || (bounded && full) {
             return Err(Rejected);
         }
         let was_empty = q.frames.is_empty();
