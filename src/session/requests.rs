@@ -255,6 +255,13 @@ impl Session {
                 }))
                 .await?;
                 room.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The other user of a direct room is made a member before
+                // the reply goes out, so nothing the joiner does next finds
+                // them outside it.
+                if let Ok(Access::Direct(a, b)) = access_of(&name) {
+                    let other = if **user == *a { b } else { a };
+                    self.add_direct_peer(&room, &other).await?;
+                }
                 room
             }
         };
@@ -285,10 +292,6 @@ impl Session {
         };
         if existing_member.is_none() {
             self.hub.presence(&room, user, devices, Some(self.handle.id));
-            if let Ok(Access::Direct(a, b)) = access_of(&name) {
-                let other = if **user == *a { b } else { a };
-                self.add_direct_peer(&room, &other).await?;
-            }
         }
         tracing::debug!(session = self.handle.id, user = %user, room = %name, "joined");
         Ok(None)

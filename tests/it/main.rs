@@ -14,6 +14,7 @@ mod hostile;
 mod limits;
 mod ops;
 mod presence;
+mod properties;
 mod protocol;
 mod resume;
 mod tls;

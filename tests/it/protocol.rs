@@ -298,3 +298,15 @@ async fn starting_a_direct_conversation_reaches_the_other_user() {
     let (_, w) = s.raw_user("eve").await;
     assert!(w.rooms.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_other_user_of_a_started_dm_can_publish_at_once() {
+    let s = TestServer::start().await;
+    let (mut a, _) = s.raw_user("a").await;
+    let (mut b, _) = s.raw_user("b").await;
+    assert!(matches!(a.call(2, Body::Join(proto::Join { room: "dm:a:b".into() })).await, Body::Joined(_)));
+    let reply = b
+        .call(3, Body::Publish(proto::Publish { room: "dm:a:b".into(), text: "hi".into(), ..Default::default() }))
+        .await;
+    assert!(matches!(reply, Body::PublishAck(_)), "{reply:?}");
+}
