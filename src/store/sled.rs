@@ -61,6 +61,10 @@ impl SledStore {
     /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
+        // A store that existed must still have our format marker after the
+        // open: sled recovers an unreadable log as an empty database, and
+        // taking that for a new store would silently start over.
+        let existed = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
         let db = open_db(dir, cache_bytes)?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
@@ -81,6 +85,13 @@ impl SledStore {
                 if foreign {
                     return Err(StoreError::Corrupt(format!(
                         "{} holds a sled database that chatd did not create",
+                        dir.display()
+                    )));
+                }
+                if existed {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds a sled database whose contents could not be read (corrupted?); \
+                         refusing to start over it — move it aside to start with an empty store",
                         dir.display()
                     )));
                 }
@@ -372,6 +383,24 @@ mod tests {
         let _first = SledStore::open(dir.path(), 8 << 20).unwrap();
         let err = SledStore::open(dir.path(), 8 << 20).err().expect("must refuse");
         assert!(matches!(err, StoreError::InUse(_)), "{err}");
+    }
+
+    #[test]
+    fn a_corrupted_store_is_refused_not_taken_for_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut b = Batch::default();
+            b.appends.push(super::super::contract::append(1, 1, "ann", "k"));
+            store.write(&b).unwrap();
+            store.sync().unwrap();
+        }
+        let db = dir.path().join("db");
+        let len = std::fs::metadata(&db).unwrap().len() as usize;
+        let garbage: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(151).wrapping_add(7)).collect();
+        std::fs::write(&db, garbage).unwrap();
+        let err = SledStore::open(dir.path(), 8 << 20).err().expect("a corrupted store must be refused");
+        assert!(err.to_string().contains("could not be read"), "{err}");
     }
 
     #[test]

@@ -210,3 +210,30 @@ async fn a_full_disk_fails_publishes_cleanly_and_a_restart_keeps_every_ack() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A corrupted data directory stops the server at start with a clear
+/// message — no panic, and no silent fresh start over the old data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_data_directory_fails_at_start_with_a_clear_message() {
+    let data = tempfile::tempdir().unwrap();
+    {
+        let mut server = Process::start(data.path(), &[]);
+        let mut r = Raw::connect(&server.addr).await;
+        r.hello(&token_for(data.path(), "ann"), vec![]).await;
+        r.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+        r.call(3, publish(1)).await;
+        assert!(server.terminate().success());
+    }
+    let db = data.path().join("store/db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    std::fs::write(&db, (0..len).map(|i| (i as u8).wrapping_mul(151).wrapping_add(7)).collect::<Vec<u8>>()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .args(["serve", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data"])
+        .arg(data.path())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused to start");
+    assert!(stderr.contains("could not be read") && !stderr.contains("panicked"), "{stderr}");
+}
