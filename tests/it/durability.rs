@@ -50,8 +50,8 @@ async fn a_restart_keeps_messages_memberships_markers_and_idempotency() {
     assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=101).collect::<Vec<_>>());
 }
 
-/// Publishers pipelining into several rooms, with unique keys; returns the
-/// acks received before the connection died, by key.
+/// One publisher pipelining `n` messages round-robin into `rooms`, with keys
+/// `user-counter`; returns the acks received before the connection died.
 async fn publish_until_cut(
     addr: String,
     token: String,
@@ -60,40 +60,8 @@ async fn publish_until_cut(
     n: u64,
     acked_so_far: Arc<AtomicUsize>,
 ) -> HashMap<String, (String, u64)> {
-    let mut r = Raw::connect(&addr).await;
-    r.hello(&token, vec![]).await;
-    for (i, room) in rooms.iter().enumerate() {
-        r.call(2 + i as u64, Body::Join(proto::Join { room: room.clone() })).await;
-    }
-    let mut acks = HashMap::new();
-    let mut wire = BytesMut::new();
-    for i in 0..n {
-        let room = &rooms[i as usize % rooms.len()];
-        let p = proto::Publish {
-            room: room.clone(),
-            client_msg_id: format!("{user}-{i}"),
-            text: format!("{i}"),
-            ..Default::default()
-        };
-        put_frame(&mut wire, &Envelope::new(1000 + i, Body::Publish(p)));
-    }
-    // Write in the background so acks are read while the server ingests.
-    let mut w = r.writer;
-    tokio::spawn(async move {
-        let _ = w.write_all(&wire).await;
-        std::future::pending::<()>().await;
-    });
-    loop {
-        let Ok(Ok(Some(f))) = tokio::time::timeout(WAIT, r.reader.read_frame()).await else { break };
-        if let Ok(Envelope { body: Some(Body::PublishAck(a)), .. }) = chatd::codec::decode_envelope(&f) {
-            acks.insert(a.client_msg_id.clone(), (a.room, a.seq));
-            acked_so_far.fetch_add(1, Ordering::Relaxed);
-            if acks.len() as u64 == n {
-                break;
-            }
-        }
-    }
-    acks
+    let keys = (0..n).map(|i| (format!("{user}-{i}"), rooms[i as usize % rooms.len()].clone())).collect();
+    publish_keys(addr, token, keys, acked_so_far).await
 }
 
 /// Waits until `counter` reaches `n` (or panics after a while).
