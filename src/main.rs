@@ -116,6 +116,9 @@ fn init_logging(config: &Config) {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives while the server starts must
+    // still mean a graceful stop, not the default (immediate) termination.
+    let signals = Signals::install()?;
     let server = chatd::server::Server::start(&config).await.context("starting chatd")?;
     let tls = server.tls_addr.map(|a| format!(" tls {a}")).unwrap_or_default();
     eprintln!(
@@ -125,31 +128,47 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.data.display(),
         config.durability
     );
-    wait_for_shutdown(&server).await?;
+    signals.wait_for_shutdown(&server).await;
     server.shutdown().await;
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the TLS certificate.
-async fn wait_for_shutdown(server: &chatd::server::Server) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => {
-                tracing::info!("SIGTERM received");
-                return Ok(());
-            }
-            _ = int.recv() => {
-                tracing::info!("SIGINT received");
-                return Ok(());
-            }
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP received: reloading the TLS certificate");
-                if let Err(e) = server.reload_tls() {
-                    tracing::warn!(error = %e, "TLS reload did not happen");
+/// The signals chatd handles.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the TLS
+    /// certificate.
+    async fn wait_for_shutdown(mut self, server: &chatd::server::Server) {
+        let Signals { term, int, hup } = &mut self;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM received");
+                    return;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT received");
+                    return;
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading the TLS certificate");
+                    if let Err(e) = server.reload_tls() {
+                        tracing::warn!(error = %e, "TLS reload did not happen");
+                    }
                 }
             }
         }

@@ -75,9 +75,11 @@ async fn too_many_rooms_for_one_user_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_get_goaway_capacity() {
     let s = TestServer::start_with(|c| c.max_connections = 3).await;
+    // Three connections, each registered for sure (its Welcome came back),
+    // before the fourth arrives.
     let (_a, _) = s.raw_user("a").await;
     let (_b, _) = s.raw_user("b").await;
-    let _c = s.raw().await;
+    let (_c, _) = s.raw_user("c").await;
     let mut over = s.raw().await;
     match over.recv().await.body {
         Some(Body::GoAway(g)) => {
@@ -126,10 +128,12 @@ async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
     let (publisher, _) = s.client("pub").await;
     publisher.join("r").await.unwrap();
     let payload = bytes::Bytes::from(vec![b'z'; 8192]);
-    // Keep the room busy well past the bound while the slow reader reads nothing.
-    let started = std::time::Instant::now();
+    // Keep the room busy while the slow reader reads nothing, until the
+    // server has let it go (however long filling the socket buffers takes
+    // on a busy machine; bounded).
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
     let mut i = 0u64;
-    while started.elapsed() < std::time::Duration::from_secs(2) {
+    loop {
         let p = proto::Publish {
             room: "r".into(),
             client_msg_id: format!("{i}"),
@@ -138,6 +142,12 @@ async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
         };
         publisher.publish_message(p).await.unwrap();
         i += 1;
+        if i.is_multiple_of(50)
+            && http_get(&s.http, "/metrics").await.1.contains("chatd_slow_consumer_disconnects_total 1")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slow reader was never let go ({i} messages)");
     }
     // The publisher never waited on the slow reader; the slow reader was let go.
     let mut saw_goaway = false;
