@@ -5,6 +5,12 @@ use std::process::Command;
 
 use crate::common::*;
 
+/// Messages (or acks) seen over the whole run, warm-up and drain included:
+/// whether the scenario worked, not how fast (that is the bench's job).
+fn total(v: &serde_json::Value, timeline: &str) -> u64 {
+    v[timeline].as_array().map_or(0, |a| a.iter().filter_map(|x| x.as_u64()).sum())
+}
+
 fn run(s: &TestServer, args: &[&str]) -> serde_json::Value {
     run_at(s, &s.addr, args)
 }
@@ -58,12 +64,12 @@ fn run_at(s: &TestServer, addr: &str, args: &[&str]) -> serde_json::Value {
 async fn every_scenario_runs_and_verifies() {
     let s = TestServer::start().await;
     let v = tokio::task::block_in_place(|| run(&s, &["fanout", "--subscribers", "5", "--inflight", "16"]));
-    assert!(v["delivered_per_sec"].as_f64().unwrap() > 0.0 && v["latency_us"]["p99"].as_u64().is_some(), "{v}");
+    assert!(total(&v, "delivered_timeline") > 0, "{v}");
     let v = tokio::task::block_in_place(|| run(&s, &["rooms", "--rooms", "4", "--members", "2", "--publishers", "2"]));
-    assert!(v["delivered_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(total(&v, "delivered_timeline") > 0, "{v}");
     let v =
         tokio::task::block_in_place(|| run(&s, &["durable", "--publishers", "2", "--inflight", "8", "--rooms", "2"]));
-    assert!(v["acks_per_sec"].as_f64().unwrap() > 0.0 && v["ack_latency_us"]["p50"].as_u64().is_some(), "{v}");
+    assert!(total(&v, "ack_timeline") > 0, "{v}");
     let v = tokio::task::block_in_place(|| run(&s, &["connections", "--connections", "50"]));
     assert_eq!(v["params"]["connections"], 50);
     assert_eq!(v["errors"], 0);
@@ -87,5 +93,5 @@ async fn the_bench_runs_over_tls() {
         run_at(&s, &tls, &["--tls", "--ca", ca, "fanout", "--subscribers", "3", "--inflight", "8"])
     });
     assert_eq!(v["params"]["tls"], true);
-    assert!(v["delivered_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(total(&v, "delivered_timeline") > 0, "{v}");
 }

@@ -270,7 +270,16 @@ impl Process {
                 }
             }
         });
-        let line = rx.recv_timeout(WAIT).expect("chatd prints its address");
+        let line = match rx.recv_timeout(WAIT) {
+            Ok(line) => line,
+            Err(e) => {
+                let status = child.try_wait();
+                panic!(
+                    "chatd did not print its address ({e}); exit: {status:?}; its output: {:?}",
+                    logs.lock().unwrap()
+                );
+            }
+        };
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words[0].to_string();
         let tls = words.iter().position(|w| *w == "tls").map(|i| words[i + 1].to_string());
