@@ -247,6 +247,28 @@ async fn sigterm_under_load_drains_acks_and_exits_cleanly() {
     check_log(&server.addr, &token_for(tmp.path(), "checker"), &rooms, &acked).await;
 }
 
+/// Connects, says Hello and joins `rooms`; `None` if the server went away.
+async fn setup(addr: &str, token: &str, rooms: &[&String]) -> Option<Raw> {
+    let s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (rd, w) = s.into_split();
+    let mut r = Raw { reader: chatd::codec::FrameReader::new(rd, 1 << 20), writer: w };
+    r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: token.into(), ..Default::default() })).await;
+    if !matches!(r.try_recv().await?.body, Some(Body::Welcome(_))) {
+        return None;
+    }
+    for (i, room) in rooms.iter().enumerate() {
+        let id = 2 + i as u64;
+        r.send(id, Body::Join(proto::Join { room: room.to_string() })).await;
+        loop {
+            let env = r.try_recv().await?;
+            if env.id == id {
+                break;
+            }
+        }
+    }
+    Some(r)
+}
+
 /// Publishes `keys` (user-counter keys, each with its room) pipelined, in
 /// order; returns the acks received before the connection ended or all came.
 async fn publish_keys(
@@ -258,14 +280,12 @@ async fn publish_keys(
     if keys.is_empty() {
         return HashMap::new();
     }
-    let mut r = Raw::connect(&addr).await;
-    r.hello(&token, vec![]).await;
     let mut rooms: Vec<&String> = keys.iter().map(|(_, room)| room).collect();
     rooms.sort();
     rooms.dedup();
-    for (i, room) in rooms.iter().enumerate() {
-        r.call(2 + i as u64, Body::Join(proto::Join { room: room.to_string() })).await;
-    }
+    // The server may be killed at any moment, this publisher's own
+    // handshake included: then it simply got no acks.
+    let Some(mut r) = setup(&addr, &token, &rooms).await else { return HashMap::new() };
     let mut wire = BytesMut::new();
     for (i, (key, room)) in keys.iter().enumerate() {
         let p =
