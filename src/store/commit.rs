@@ -12,20 +12,23 @@
 //! A failed write or sync is not retried: the batch and everything queued
 //! behind it is reported failed, and nothing is ever acknowledged that is
 //! not stored. While failed, the writer probes the store every second; once
-//! a probe succeeds it sends a recovery marker down the pipeline. When the
+//! a probe succeeds it removes whatever the failed batch left in the store
+//! (a write can land and its sync fail: [`Store::truncate`] from the batch's
+//! first seq in each room) and sends a recovery marker down the pipeline. When the
 //! fan-out reaches it, every earlier batch is settled, so it opens a new
 //! *epoch* and clears the failure ([`CommitQueue::recovered`]). Each write
 //! carries the epoch in force when its seq was assigned; the writer drops
 //! writes of an older epoch, and a room seeing a new epoch restarts its seqs
 //! from its durable head — so no gap and no reused seq is ever stored.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{Append, Batch, MembershipChange, ReadMarker, Store, StoreError};
+use super::{Append, Batch, MembershipChange, ReadMarker, RoomId, Store, StoreError};
 
 /// The largest number of writes in one batch.
 pub const MAX_BATCH_OPS: usize = 4096;
@@ -168,6 +171,10 @@ async fn run<C: Send + 'static>(
     // answer; one stuck probe is enough).
     let mut probing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
     let mut items = Vec::with_capacity(64);
+    // Per room, the first seq of a failed batch: everything from there on
+    // was never acknowledged, but may be partly in the store. It is removed
+    // before writes resume, since those seqs will be handed out again.
+    let mut failed_tails: HashMap<RoomId, u64> = HashMap::new();
     let batch_size = metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE);
     let sync_seconds = metrics::histogram!(crate::metrics::COMMIT_SYNC_SECONDS);
     let failures = metrics::counter!(crate::metrics::COMMIT_FAILURES);
@@ -197,11 +204,22 @@ async fn run<C: Send + 'static>(
                         Some(h) => h.await,
                         None => {
                             let st = store.clone();
-                            probing = Some(tokio::task::spawn_blocking(move || st.probe()));
+                            let tails = failed_tails.clone();
+                            probing = Some(tokio::task::spawn_blocking(move || {
+                                st.probe()?;
+                                for (&room, &from) in &tails {
+                                    let n = st.truncate(room, from)?;
+                                    if n > 0 {
+                                        tracing::info!(room, from, removed = n, "dropped unacknowledged messages");
+                                    }
+                                }
+                                st.sync()
+                            }));
                             continue;
                         }
                     };
                     if matches!(probe, Ok(Ok(()))) {
+                        failed_tails.clear();
                         tracing::info!("storage works again; resuming writes");
                         if out
                             .send(Committed { completions: Vec::new(), result: Ok(()), size: 0, recovered: true })
@@ -265,6 +283,10 @@ async fn run<C: Send + 'static>(
             }
             completions.push(p.completion);
         }
+        let mut firsts: HashMap<RoomId, u64> = HashMap::new();
+        for a in &batch.appends {
+            firsts.entry(a.room).or_insert(a.seq);
+        }
         let result = if batch.is_empty() {
             Ok(())
         } else {
@@ -283,6 +305,10 @@ async fn run<C: Send + 'static>(
             .await
             .unwrap_or_else(|e| Err(StoreError::Db(format!("writer thread failed: {e}"))));
             if let Err(e) = &r {
+                for (room, seq) in firsts {
+                    let first = failed_tails.entry(room).or_insert(seq);
+                    *first = (*first).min(seq);
+                }
                 failures.increment(1);
                 failed.store(true, Ordering::Release);
                 tracing::error!(error = %e, batch = size, "group commit failed; refusing writes until storage works again");
@@ -357,6 +383,9 @@ mod tests {
         }
         fn sync(&self) -> Result<(), StoreError> {
             Ok(())
+        }
+        fn truncate(&self, _: u64, _: u64) -> Result<usize, StoreError> {
+            Ok(0)
         }
         fn read_range(&self, _: u64, _: u64, _: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
             Ok(vec![])

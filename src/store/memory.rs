@@ -82,6 +82,15 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
+        let mut g = self.lock();
+        let tail = g.messages.split_off(&(room, from));
+        let (gone, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = tail.into_iter().partition(|((r, _), _)| *r == room);
+        g.messages.extend(keep);
+        g.idem.retain(|_, rec| !(rec.room == room && gone.contains_key(&(room, rec.seq))));
+        Ok(gone.len())
+    }
+
     fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError> {
         if from > to {
             return Ok(Vec::new());

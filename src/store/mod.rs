@@ -145,10 +145,18 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything written so far durable (flush + fdatasync).
     fn sync(&self) -> Result<(), StoreError>;
 
-    /// Checks that a write can be made durable now (after a failure).
+    /// Checks that a write can be made durable now (after a failure). A
+    /// store that cannot recover in place may reopen itself here.
     fn probe(&self) -> Result<(), StoreError> {
         self.sync()
     }
+
+    /// Removes the messages of `room` with `seq >= from`, and the
+    /// idempotency records that point at them; returns how many messages.
+    /// After a failed group commit the writer calls this for every room the
+    /// batch touched: the batch may be partly in the store although it was
+    /// never acknowledged, and its seqs are about to be handed out again.
+    fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError>;
 
     /// The encoded `Message`s of `room` with `from <= seq <= to`, ascending.
     fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError>;
@@ -291,5 +299,16 @@ pub(crate) mod contract {
         assert_eq!(store.expire_idempotency(1003).unwrap(), 2);
         assert_eq!(store.lookup_idempotent("ann", "c1").unwrap(), None);
         assert!(store.lookup_idempotent("ann", "c3").unwrap().is_some());
+
+        // A failed commit's tail goes, with its idempotency records; other
+        // rooms and earlier messages stay.
+        assert_eq!(store.truncate(1, 4).unwrap(), 2);
+        assert_eq!(store.read_range(1, 1, 10).unwrap().len(), 3);
+        assert_eq!(store.lookup_idempotent("ann", "c4").unwrap(), None);
+        assert!(store.lookup_idempotent("ann", "c3").unwrap().is_some());
+        assert_eq!(store.read_range(2, 1, 1).unwrap().len(), 1);
+        assert_eq!(store.truncate(1, 4).unwrap(), 0);
+        let heads: Vec<_> = store.load().unwrap().rooms.iter().map(|r| (r.id, r.head)).collect();
+        assert!(heads.contains(&(1, 3)) && heads.contains(&(2, 1)), "{heads:?}");
     }
 }

@@ -18,9 +18,16 @@
 //! idempotency records (never the other way round for an acknowledged
 //! message, which waited for `sync`). `load` repairs this by re-indexing the
 //! tail of each room's log.
+//!
+//! After an I/O error (a full disk) sled fails every later write until it is
+//! reopened; the commit writer's probe does that ([`SledStore::reopen`] says
+//! how a failed instance is set aside), so the server recovers in place
+//! when space returns.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -43,17 +50,26 @@ impl From<sled::Error> for StoreError {
     }
 }
 
-/// The sled-backed store.
-pub struct SledStore {
+/// The trees of one open sled database.
+struct Trees {
     db: sled::Db,
     messages: sled::Tree,
     rooms: sled::Tree,
     members: sled::Tree,
     reads: sled::Tree,
     idem: sled::Tree,
+    meta: sled::Tree,
     /// sled's data file, opened once so `sync` is one `fdatasync`.
     data_file: File,
+}
+
+/// The sled-backed store.
+pub struct SledStore {
+    /// `None` only while a failed database is being replaced by a reopened
+    /// one (or reopening failed; the next probe tries again).
+    trees: RwLock<Option<Trees>>,
     path: PathBuf,
+    cache_bytes: u64,
 }
 
 impl SledStore {
@@ -61,6 +77,50 @@ impl SledStore {
     /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
+        Ok(SledStore { trees: RwLock::new(Some(Trees::open(dir, cache_bytes)?)), path: dir.to_path_buf(), cache_bytes })
+    }
+
+    /// Runs `f` on the open database.
+    fn with<R>(&self, f: impl FnOnce(&Trees) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        match self.trees.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(t) => f(t),
+            None => Err(StoreError::Db("the database failed and could not be reopened yet".into())),
+        }
+    }
+
+    /// Replaces the database with a freshly opened one.
+    ///
+    /// sled 0.34 keeps the first I/O error it meets (its "global error") and
+    /// fails every later write, so after a full disk or an I/O error the only
+    /// way back is a new instance. The old one cannot be dropped: its final
+    /// flush waits forever for the write that failed (0.34.7,
+    /// `make_stable_inner`). So it is leaked — its cache memory and idle
+    /// threads stay — and its descriptors of the data file are pointed at
+    /// `/dev/null`, which releases its lock on the file and makes sure it can
+    /// never write into the reopened database. What the reopened database
+    /// holds is what reached the disk; the commit writer then truncates what
+    /// was never acknowledged.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut trees = self.trees.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = trees.take() {
+            let Trees { db, messages, rooms, members, reads, idem, meta, data_file } = old;
+            drop(data_file);
+            std::mem::forget((db, messages, rooms, members, reads, idem, meta));
+            let detached = detach_file(&self.path.join("db"))?;
+            tracing::warn!(path = %self.path.display(), detached, "reopening the database after a storage failure");
+        }
+        *trees = Some(Trees::open(&self.path, self.cache_bytes)?);
+        Ok(())
+    }
+
+    /// Where the database lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Trees {
+    fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         // A store that existed must still have our format marker after the
         // open: sled recovers an unreadable log as an empty database, and
         // taking that for a new store would silently start over.
@@ -100,15 +160,15 @@ impl SledStore {
             }
         }
         let data_file = File::open(dir.join("db"))?;
-        Ok(SledStore {
+        Ok(Trees {
             messages: db.open_tree("messages")?,
             rooms: db.open_tree("rooms")?,
             members: db.open_tree("members")?,
             reads: db.open_tree("reads")?,
             idem: db.open_tree("idem")?,
+            meta,
             db,
             data_file,
-            path: dir.to_path_buf(),
         })
     }
 
@@ -131,8 +191,7 @@ impl SledStore {
         let range = message_key(room, from)..=message_key(room, head);
         for kv in self.messages.range(range).rev() {
             let (k, v) = kv?;
-            let msg = proto::Message::decode(v.as_ref())
-                .map_err(|e| StoreError::Corrupt(format!("message {k:?} does not decode: {e}")))?;
+            let msg = decode_message(&k, &v)?;
             if msg.client_msg_id.is_empty() {
                 continue;
             }
@@ -148,10 +207,37 @@ impl SledStore {
         Ok(repaired)
     }
 
-    /// Where the database lives.
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
     }
+}
+
+fn decode_message(k: &[u8], v: &[u8]) -> Result<proto::Message, StoreError> {
+    proto::Message::decode(v).map_err(|e| StoreError::Corrupt(format!("message {k:?} does not decode: {e}")))
+}
+
+/// Points every descriptor this process holds on `file` at `/dev/null`
+/// (Linux: found through `/proc/self/fd`); returns how many.
+fn detach_file(file: &Path) -> Result<usize, StoreError> {
+    let target = std::fs::canonicalize(file)?;
+    let null = File::options().read(true).write(true).open("/dev/null")?;
+    let mut detached = 0;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if std::fs::read_link(entry.path()).is_ok_and(|p| p == target) {
+            // SAFETY: dup2 replaces the descriptor atomically; the owner (the
+            // leaked sled instance) keeps a valid descriptor number, which now
+            // refers to /dev/null instead of the database file.
+            if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            detached += 1;
+        }
+    }
+    Ok(detached)
 }
 
 /// How long `open` waits for the lock of a store that is being closed.
@@ -188,122 +274,168 @@ fn room_id_of(v: &[u8]) -> Result<RoomId, StoreError> {
 
 impl Store for SledStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let mut snap = Snapshot::default();
-        let mut repaired = 0;
-        for kv in self.rooms.iter() {
-            let (k, v) = kv?;
-            let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
-            let id = room_id_of(&v)?;
-            let head = self.head_of(id)?;
-            repaired += self.repair_idempotency(id, head)?;
-            snap.rooms.push(RoomRecord { name, id, head });
-        }
-        if repaired > 0 {
-            self.sync()?;
-            tracing::warn!(repaired, "re-indexed idempotency records lost in a crash");
-        }
-        for kv in self.members.iter() {
-            let (k, _) = kv?;
-            let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
-            snap.memberships.push((user.to_string(), room_id_of(room)?));
-        }
-        for kv in self.reads.iter() {
-            let (k, v) = kv?;
-            let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
-            snap.read_markers.push((user.to_string(), room_id_of(room)?, room_id_of(&v)?));
-        }
-        Ok(snap)
+        self.with(|t| {
+            let mut snap = Snapshot::default();
+            let mut repaired = 0;
+            for kv in t.rooms.iter() {
+                let (k, v) = kv?;
+                let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
+                let id = room_id_of(&v)?;
+                let head = t.head_of(id)?;
+                repaired += t.repair_idempotency(id, head)?;
+                snap.rooms.push(RoomRecord { name, id, head });
+            }
+            if repaired > 0 {
+                t.sync()?;
+                tracing::warn!(repaired, "re-indexed idempotency records lost in a crash");
+            }
+            for kv in t.members.iter() {
+                let (k, _) = kv?;
+                let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+                snap.memberships.push((user.to_string(), room_id_of(room)?));
+            }
+            for kv in t.reads.iter() {
+                let (k, v) = kv?;
+                let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+                snap.read_markers.push((user.to_string(), room_id_of(room)?, room_id_of(&v)?));
+            }
+            Ok(snap)
+        })
     }
 
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
-        // Rooms and memberships first: a message is never stored for a room
-        // whose name could be lost.
-        if !batch.memberships.is_empty() {
-            let mut rooms = sled::Batch::default();
-            let mut members = sled::Batch::default();
-            for m in &batch.memberships {
-                rooms.insert(m.room_name.as_bytes(), &m.room.to_be_bytes()[..]);
-                let key = user_key(&m.user, &m.room.to_be_bytes());
-                if m.member {
-                    members.insert(key, &[][..]);
-                } else {
-                    members.remove(key);
+        self.with(|t| {
+            // Rooms and memberships first: a message is never stored for a
+            // room whose name could be lost.
+            if !batch.memberships.is_empty() {
+                let mut rooms = sled::Batch::default();
+                let mut members = sled::Batch::default();
+                for m in &batch.memberships {
+                    rooms.insert(m.room_name.as_bytes(), &m.room.to_be_bytes()[..]);
+                    let key = user_key(&m.user, &m.room.to_be_bytes());
+                    if m.member {
+                        members.insert(key, &[][..]);
+                    } else {
+                        members.remove(key);
+                    }
                 }
+                t.rooms.apply_batch(rooms)?;
+                t.members.apply_batch(members)?;
             }
-            self.rooms.apply_batch(rooms)?;
-            self.members.apply_batch(members)?;
-        }
-        if !batch.appends.is_empty() {
-            let mut messages = sled::Batch::default();
-            let mut idem = sled::Batch::default();
-            for a in &batch.appends {
-                messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref());
-                if !a.client_msg_id.is_empty() {
-                    let rec = IdempotencyRecord { room: a.room, seq: a.seq, ts_ms: a.ts_ms };
-                    idem.insert(user_key(&a.sender, a.client_msg_id.as_bytes()), &rec.encode()[..]);
+            if !batch.appends.is_empty() {
+                let mut messages = sled::Batch::default();
+                let mut idem = sled::Batch::default();
+                for a in &batch.appends {
+                    messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref());
+                    if !a.client_msg_id.is_empty() {
+                        let rec = IdempotencyRecord { room: a.room, seq: a.seq, ts_ms: a.ts_ms };
+                        idem.insert(user_key(&a.sender, a.client_msg_id.as_bytes()), &rec.encode()[..]);
+                    }
                 }
+                t.messages.apply_batch(messages)?;
+                t.idem.apply_batch(idem)?;
             }
-            self.messages.apply_batch(messages)?;
-            self.idem.apply_batch(idem)?;
-        }
-        if !batch.read_markers.is_empty() {
-            let mut reads = sled::Batch::default();
-            for r in &batch.read_markers {
-                reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..]);
+            if !batch.read_markers.is_empty() {
+                let mut reads = sled::Batch::default();
+                for r in &batch.read_markers {
+                    reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..]);
+                }
+                t.reads.apply_batch(reads)?;
             }
-            self.reads.apply_batch(reads)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file.sync_data()?;
-        Ok(())
+        self.with(Trees::sync)
     }
 
     fn probe(&self) -> Result<(), StoreError> {
-        let meta = self.db.open_tree("meta")?;
-        meta.insert("probe", &crate::session::now_ms().to_be_bytes()[..])?;
-        self.sync()
+        let probe = |t: &Trees| {
+            t.meta.insert("probe", &crate::session::now_ms().to_be_bytes()[..])?;
+            t.sync()
+        };
+        match self.with(probe) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "storage probe failed; reopening the database");
+                self.reopen()?;
+                self.with(probe)
+            }
+        }
+    }
+
+    fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
+        self.with(|t| {
+            let mut messages = sled::Batch::default();
+            let mut idem = sled::Batch::default();
+            let mut removed = 0;
+            for kv in t.messages.range(message_key(room, from)..=message_key(room, u64::MAX)) {
+                let (k, v) = kv?;
+                let msg = decode_message(&k, &v)?;
+                if !msg.client_msg_id.is_empty() {
+                    let key = user_key(&msg.sender, msg.client_msg_id.as_bytes());
+                    let points_here = t
+                        .idem
+                        .get(&key)?
+                        .and_then(|r| IdempotencyRecord::decode(&r))
+                        .is_some_and(|r| r.room == room && r.seq == msg.seq);
+                    if points_here {
+                        idem.remove(key);
+                    }
+                }
+                messages.remove(k);
+                removed += 1;
+            }
+            // Idempotency records first: a crash in between leaves messages
+            // without records, which `load` re-indexes, never a record that
+            // points at a seq about to be reused.
+            t.idem.apply_batch(idem)?;
+            t.messages.apply_batch(messages)?;
+            Ok(removed)
+        })
     }
 
     fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError> {
         if from > to {
             return Ok(Vec::new());
         }
-        self.messages
-            .range(message_key(room, from)..=message_key(room, to))
-            .map(|kv| kv.map(|(_, v)| Bytes::copy_from_slice(&v)).map_err(StoreError::from))
-            .collect()
+        self.with(|t| {
+            t.messages
+                .range(message_key(room, from)..=message_key(room, to))
+                .map(|kv| kv.map(|(_, v)| Bytes::copy_from_slice(&v)).map_err(StoreError::from))
+                .collect()
+        })
     }
 
     fn lookup_idempotent(&self, sender: &str, client_msg_id: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        match self.idem.get(user_key(sender, client_msg_id.as_bytes()))? {
+        self.with(|t| match t.idem.get(user_key(sender, client_msg_id.as_bytes()))? {
             Some(v) => {
                 let rec = IdempotencyRecord::decode(&v)
                     .ok_or_else(|| StoreError::Corrupt(format!("idempotency record of {sender} is malformed")))?;
                 // A record whose message was lost to a crash is no record.
-                Ok(self.messages.contains_key(message_key(rec.room, rec.seq))?.then_some(rec))
+                Ok(t.messages.contains_key(message_key(rec.room, rec.seq))?.then_some(rec))
             }
             None => Ok(None),
-        }
+        })
     }
 
     fn expire_idempotency(&self, before_ts_ms: u64) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for kv in self.idem.iter() {
-            let (k, v) = kv?;
-            if IdempotencyRecord::decode(&v).is_none_or(|r| r.ts_ms < before_ts_ms) {
-                self.idem.remove(k)?;
-                n += 1;
+        self.with(|t| {
+            let mut n = 0;
+            for kv in t.idem.iter() {
+                let (k, v) = kv?;
+                if IdempotencyRecord::decode(&v).is_none_or(|r| r.ts_ms < before_ts_ms) {
+                    t.idem.remove(k)?;
+                    n += 1;
+                }
             }
-        }
-        Ok(n)
+            Ok(n)
+        })
     }
 
     fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.with(|t| Ok(t.db.size_on_disk()?)).unwrap_or(0)
     }
 }
 
@@ -367,8 +499,13 @@ mod tests {
             }
             store.write(&b).unwrap();
             // Simulate the crash window: the idem batch of the last commit is gone.
-            store.idem.remove(user_key("ann", b"c3")).unwrap();
-            store.idem.remove(user_key("ann", b"c2")).unwrap();
+            store
+                .with(|t| {
+                    t.idem.remove(user_key("ann", b"c3"))?;
+                    t.idem.remove(user_key("ann", b"c2"))?;
+                    Ok(())
+                })
+                .unwrap();
             store.sync().unwrap();
         }
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();

@@ -409,6 +409,9 @@ impl chatd::store::Store for LossyStore {
     fn sync(&self) -> Result<(), chatd::store::StoreError> {
         self.inner.sync()
     }
+    fn truncate(&self, room: u64, from: u64) -> Result<usize, chatd::store::StoreError> {
+        self.inner.truncate(room, from)
+    }
     fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, chatd::store::StoreError> {
         self.inner.read_range(room, from, to)
     }

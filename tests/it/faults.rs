@@ -1,10 +1,10 @@
 //! Storage faults: a store that stops taking writes makes publishes fail
-//! with a clear error — never an ack for a message that is not stored. With
-//! a store that can recover (the switchable one below), the server resumes
-//! by itself when writes work again, continuing every room's seqs without a
-//! gap. sled 0.34 poisons itself after an I/O error (its "global error"), so
-//! after a real full disk the server stays not-ready until it is restarted;
-//! the restart then finds every acknowledged message and continues.
+//! with a clear error — never an ack for a message that is not stored. When
+//! writes work again the server resumes by itself, continuing every room's
+//! seqs without a gap, and whatever a failed commit left in the store is
+//! gone (a write can land and its sync fail). Shown with a switchable
+//! memory store (failing writes, or only failing syncs) and with sled on a
+//! real full disk, which sled survives only by being reopened.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,11 +15,13 @@ use chatd::store::{Batch, IdempotencyRecord, Snapshot, Store, StoreError};
 
 use crate::common::*;
 
-/// A memory store whose writes fail while `broken` is set.
+/// A memory store whose writes and syncs fail while `broken` is set; with
+/// `writes_land`, a failing write is still applied (only its sync fails).
 #[derive(Default)]
 struct Switchable {
     inner: MemoryStore,
     broken: AtomicBool,
+    writes_land: bool,
 }
 
 impl Switchable {
@@ -37,11 +39,17 @@ impl Store for Switchable {
         self.inner.load()
     }
     fn write(&self, b: &Batch) -> Result<(), StoreError> {
-        self.check()?;
+        if !self.writes_land {
+            self.check()?;
+        }
         self.inner.write(b)
     }
     fn sync(&self) -> Result<(), StoreError> {
         self.check()
+    }
+    fn truncate(&self, room: u64, from: u64) -> Result<usize, StoreError> {
+        self.check()?;
+        self.inner.truncate(room, from)
     }
     fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
         self.inner.read_range(room, from, to)
@@ -68,8 +76,21 @@ fn publish(i: u64) -> Body {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_store_refuses_publishes_and_recovers_without_a_gap() {
+    recovers_without_a_gap(Switchable::default()).await;
+}
+
+/// The write of the failed commit lands and only its sync fails: the
+/// message is in the store, unacknowledged, and its seq is handed out again
+/// after recovery. The retry of its key must not be taken for a duplicate
+/// of whatever gets that seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_leaves_nothing_behind_once_storage_recovers() {
+    recovers_without_a_gap(Switchable { writes_land: true, ..Default::default() }).await;
+}
+
+async fn recovers_without_a_gap(store: Switchable) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Arc::new(Switchable::default());
+    let store = Arc::new(store);
     let secret = chatd::auth::load_or_create_secret(tmp.path()).unwrap();
     let server = chatd::server::Server::start_with_store(
         &test_config(tmp.path()),
@@ -128,9 +149,11 @@ async fn a_failing_store_refuses_publishes_and_recovers_without_a_gap() {
     server.shutdown().await;
 }
 
-/// A real full disk: the data directory on a 24 MiB tmpfs, filled up.
+/// A real full disk: the data directory on a 24 MiB tmpfs, filled up. When
+/// space returns, the server reopens sled by itself and continues without a
+/// gap; a restart afterwards finds exactly the acknowledged messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_fails_publishes_cleanly_and_a_restart_keeps_every_ack() {
+async fn a_full_disk_fails_publishes_cleanly_and_the_server_recovers_when_space_returns() {
     let mnt = tempfile::tempdir().unwrap();
     let mounted = std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
@@ -156,39 +179,70 @@ async fn a_full_disk_fails_publishes_cleanly_and_a_restart_keeps_every_ack() {
     r.hello(&token_for(&data, "ann"), vec![]).await;
     r.call(2, Body::Join(proto::Join { room: "r".into() })).await;
     let payload = bytes::Bytes::from(vec![b'f'; 32 * 1024]);
-    let mut acked = Vec::new();
-    let mut refused = 0;
-    for i in 0..2000u64 {
-        let p = proto::Publish {
+    let big = |key: String| {
+        Body::Publish(proto::Publish {
             room: "r".into(),
-            client_msg_id: format!("big{i}"),
+            client_msg_id: key,
             data: payload.clone(),
             ..Default::default()
-        };
-        match r.call(10 + i, Body::Publish(p)).await {
+        })
+    };
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..2000u64 {
+        match r.call(10 + i, big(format!("big{i}"))).await {
             Body::PublishAck(a) => {
-                assert_eq!(refused, 0, "no ack once storage has failed");
+                assert!(refused.is_empty(), "no ack once storage has failed");
                 acked.push((format!("big{i}"), a.seq));
             }
             Body::Error(e) => {
                 assert!(matches!(e.code(), ErrorCode::Internal | ErrorCode::ServerBusy), "{e:?}");
-                refused += 1;
-                if refused >= 5 {
+                refused.push(format!("big{i}"));
+                if refused.len() >= 5 {
                     break;
                 }
             }
             other => panic!("{other:?}"),
         }
     }
-    assert!(refused >= 5 && !acked.is_empty(), "the disk filled up after {} acks", acked.len());
+    assert!(refused.len() >= 5 && !acked.is_empty(), "the disk filled up after {} acks", acked.len());
     assert!(server.try_wait_alive(), "a full disk does not crash the server");
-    // Space returns; the server is restarted on the same data.
+
+    // Space returns: the server reopens its store and takes writes again.
     let grown = std::process::Command::new("mount").args(["-o", "remount,size=256m"]).arg(mnt.path()).status().unwrap();
     assert!(grown.success());
-    assert!(server.terminate().success(), "a clean stop even after the storage failure");
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    let retry = refused[0].clone();
+    let ack = loop {
+        match r.call(50_000, big(retry.clone())).await {
+            Body::PublishAck(a) => break a,
+            Body::Error(e) => assert!(matches!(e.code(), ErrorCode::Internal | ErrorCode::ServerBusy), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never recovered: {:?}", server.log_lines());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(!ack.duplicate, "the refused message was never stored, so its retry is new");
+    assert_eq!(ack.seq, acked.len() as u64 + 1, "the seqs continue from the last acknowledged message");
+    acked.push((retry, ack.seq));
+    assert_eq!(stored_messages(&mut r).await, acked, "exactly the acknowledged messages, in order");
+
+    // And a restart on the same data finds the same.
+    assert!(server.terminate().success(), "a clean stop after the recovery");
     let server = Process::start(&data, &["--cache-mb", "8"]);
     let mut r = Raw::connect(&server.addr).await;
     r.hello(&token_for(&data, "ann"), vec![]).await;
+    assert_eq!(stored_messages(&mut r).await, acked, "every acknowledged message survived the restart, nothing else");
+    let next =
+        proto::Publish { room: "r".into(), client_msg_id: "after".into(), text: "ok".into(), ..Default::default() };
+    match r.call(200_000, Body::Publish(next)).await {
+        Body::PublishAck(a) => assert_eq!(a.seq, acked.len() as u64 + 1, "the seqs continue without a gap"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Every message of room `r` as (client_msg_id, seq), paging through history.
+async fn stored_messages(r: &mut Raw) -> Vec<(String, u64)> {
     let mut stored = Vec::new();
     let mut after = 0;
     loop {
@@ -202,13 +256,7 @@ async fn a_full_disk_fails_publishes_cleanly_and_a_restart_keeps_every_ack() {
             break;
         }
     }
-    assert_eq!(&stored[..acked.len()], &acked[..], "every acknowledged message survived, in order");
-    let next =
-        proto::Publish { room: "r".into(), client_msg_id: "after".into(), text: "ok".into(), ..Default::default() };
-    match r.call(200_000, Body::Publish(next)).await {
-        Body::PublishAck(a) => assert_eq!(a.seq, stored.len() as u64 + 1, "the seqs continue without a gap"),
-        other => panic!("{other:?}"),
-    }
+    stored
 }
 
 /// A corrupted data directory stops the server at start with a clear
