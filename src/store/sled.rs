@@ -20,9 +20,10 @@
 //! tail of each room's log.
 //!
 //! After an I/O error (a full disk) sled fails every later write until it is
-//! reopened; the commit writer's probe does that ([`SledStore::reopen`] says
-//! how a failed instance is set aside), so the server recovers in place
-//! when space returns.
+//! reopened; the commit writer's probe does that once a scratch file shows
+//! the disk takes writes again ([`SledStore::reopen`] says how a failed
+//! instance is set aside), so the server recovers in place when space
+//! returns.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -218,6 +219,26 @@ fn decode_message(k: &[u8], v: &[u8]) -> Result<proto::Message, StoreError> {
     proto::Message::decode(v).map_err(|e| StoreError::Corrupt(format!("message {k:?} does not decode: {e}")))
 }
 
+/// Free space a recovering store must find before it reopens: a few of
+/// sled's I/O buffers, so the fresh instance does not fail (and leak) again
+/// at once.
+const PROBE_BYTES: usize = 16 << 20;
+
+/// Writes and syncs [`PROBE_BYTES`] in a scratch file in `dir`, then removes it.
+fn check_writable(dir: &Path) -> Result<(), StoreError> {
+    use std::io::Write as _;
+    let path = dir.join("probe.tmp");
+    let written = File::create(&path).and_then(|mut f| {
+        let chunk = vec![0u8; 1 << 20];
+        for _ in 0..PROBE_BYTES / chunk.len() {
+            f.write_all(&chunk)?;
+        }
+        f.sync_data()
+    });
+    let _ = std::fs::remove_file(&path);
+    Ok(written?)
+}
+
 /// Points every descriptor this process holds on `file` at `/dev/null`
 /// (Linux: found through `/proc/self/fd`); returns how many.
 fn detach_file(file: &Path) -> Result<usize, StoreError> {
@@ -351,18 +372,16 @@ impl Store for SledStore {
     }
 
     fn probe(&self) -> Result<(), StoreError> {
-        let probe = |t: &Trees| {
+        // Only called after a failure, when the instance is most likely
+        // poisoned — and a poisoned instance can block forever in a flush, so
+        // it is not asked. A plain file says whether the disk takes writes
+        // again; then a fresh instance takes over.
+        check_writable(&self.path)?;
+        self.reopen()?;
+        self.with(|t| {
             t.meta.insert("probe", &crate::session::now_ms().to_be_bytes()[..])?;
             t.sync()
-        };
-        match self.with(probe) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::debug!(error = %e, "storage probe failed; reopening the database");
-                self.reopen()?;
-                self.with(probe)
-            }
-        }
+        })
     }
 
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
