@@ -34,7 +34,7 @@ fn fan_out_one_message(b: Bencher, sessions: usize) {
         let mut m = msg.clone();
         m.seq = seq;
         let frame = Frame::shared(message_frame(&m.encode_to_vec()));
-        room.fan_out(seq, &frame);
+        room.fan_out(&[(seq, frame)]);
         // Drain like the writers do, so queues never fill.
         for h in &handles {
             sink.clear();

@@ -59,6 +59,8 @@ pub const PUBLISH_DELIVERY_SECONDS: &str = "chatd_publish_delivery_seconds";
 pub const COMMIT_BATCH_SIZE: &str = "chatd_commit_batch_size";
 /// Time of a group commit's flush + fdatasync, seconds.
 pub const COMMIT_SYNC_SECONDS: &str = "chatd_commit_sync_seconds";
+/// Time of a group commit's writes into the store (before the sync), seconds.
+pub const COMMIT_WRITE_SECONDS: &str = "chatd_commit_write_seconds";
 /// Group commits that failed (storage errors).
 pub const COMMIT_FAILURES: &str = "chatd_commit_failures_total";
 /// Time to read one history page, seconds.
@@ -100,6 +102,7 @@ pub const ALL: &[&str] = &[
     PUBLISH_DELIVERY_SECONDS,
     COMMIT_BATCH_SIZE,
     COMMIT_SYNC_SECONDS,
+    COMMIT_WRITE_SECONDS,
     COMMIT_FAILURES,
     HISTORY_READ_SECONDS,
     STORAGE_BYTES,

@@ -1,7 +1,9 @@
 //! The fan-out stage: takes committed batches from the group commit, in
-//! commit order, and for each message raises the room's head, offers the one
-//! shared frame to the room's subscribers, then acknowledges the publisher
-//! (and any retry of the same `client_msg_id` that arrived meanwhile).
+//! commit order, and for each room in a batch raises the room's head, offers
+//! the messages' shared frames to the room's subscribers (one queue lock and
+//! at most one writer wake-up per subscriber per batch), then acknowledges
+//! the publishers (and any retry of the same `client_msg_id` that arrived
+//! meanwhile).
 //!
 //! Acks are sent only here, so only after the batch is durable. Because one
 //! task consumes batches in order and each room's appends are in seq order
@@ -56,6 +58,7 @@ pub struct PublishDone {
 
 /// Runs the fan-out until the group commit stops.
 pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
+    let mut published = Vec::new();
     while let Some(batch) = rx.recv().await {
         if batch.recovered {
             hub.commits.recovered();
@@ -64,24 +67,46 @@ pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
         for c in batch.completions {
             match c {
                 Completion::Publish(p) => match &batch.result {
-                    Ok(()) => deliver(&hub, *p),
+                    Ok(()) => published.push(*p),
                     Err(e) => fail(&hub, *p, e),
                 },
                 Completion::Notify(tx) => {
+                    // Whoever waits (a join about to subscribe at the head)
+                    // must see every message committed before its write.
+                    deliver(&hub, &mut published);
                     let _ = tx.send(batch.result.clone());
                 }
             }
         }
+        deliver(&hub, &mut published);
     }
 }
 
-fn deliver(hub: &Hub, p: PublishDone) {
-    let frame = Frame::shared(message_frame(&p.message));
-    let delivered = p.room.fan_out(p.seq, &frame);
+/// Delivers the committed publishes (in commit order), each room's run as
+/// one [`Room::fan_out`], then acknowledges them.
+fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
+    if published.is_empty() {
+        return;
+    }
+    // A stable sort keeps each room's messages in seq order.
+    published.sort_by_key(|p| p.room.id);
     let m = &hub.metrics;
-    m.publish_delivery.record(p.received.elapsed().as_secs_f64());
-    m.delivered.increment(delivered);
-    m.published.increment(1);
+    let mut frames = Vec::new();
+    for run in published.chunk_by(|a, b| a.room.id == b.room.id) {
+        frames.clear();
+        frames.extend(run.iter().map(|p| (p.seq, Frame::shared(message_frame(&p.message)))));
+        let delivered = run[0].room.fan_out(&frames);
+        m.delivered.increment(delivered);
+    }
+    m.published.increment(published.len() as u64);
+    for p in published.drain(..) {
+        m.publish_delivery.record(p.received.elapsed().as_secs_f64());
+        acknowledge(hub, p);
+    }
+}
+
+fn acknowledge(hub: &Hub, p: PublishDone) {
+    let m = &hub.metrics;
     let ack = |id: u64, duplicate: bool| {
         encode_frame(&Envelope::new(
             id,

@@ -268,23 +268,30 @@ impl Room {
         self.subs().len()
     }
 
-    /// Offers the committed message `seq` to every live subscriber; those
-    /// whose queue is full start catching up. Never waits. Returns how many
-    /// sessions it was queued to.
-    pub fn fan_out(self: &Arc<Self>, seq: u64, frame: &Frame) -> u64 {
+    /// Offers committed messages — `(seq, frame)` in seq order, one
+    /// committed batch — to every live subscriber, each under one lock of its
+    /// queue; a subscriber whose queue fills starts catching up from the first
+    /// message that did not fit. Never waits. Returns how many deliveries it
+    /// queued.
+    pub fn fan_out(self: &Arc<Self>, messages: &[(u64, Frame)]) -> u64 {
+        let Some(&(last, _)) = messages.last() else { return 0 };
         let mut delivered = 0;
-        self.dispatched.store(seq, Ordering::Release);
+        self.dispatched.store(last, Ordering::Release);
         let mut lagging = Vec::new();
         {
             let mut subs = self.subs();
             for sub in subs.values_mut() {
-                if let Mode::Live = sub.mode
-                    && seq > sub.delivered
-                {
-                    if sub.session.outbound.offer(frame.clone()).is_ok() {
-                        sub.delivered = seq;
-                        delivered += 1;
-                    } else {
+                if let Mode::Live = sub.mode {
+                    let todo = &messages[messages.partition_point(|(seq, _)| *seq <= sub.delivered)..];
+                    if todo.is_empty() {
+                        continue;
+                    }
+                    let n = sub.session.outbound.offer_many(todo.iter().map(|(_, f)| f));
+                    if n > 0 {
+                        sub.delivered = todo[n - 1].0;
+                        delivered += n as u64;
+                    }
+                    if n < todo.len() {
                         sub.mode = Mode::CatchingUp { synced: None, since: Instant::now() };
                         self.slow_consumer_events.fetch_add(1, Ordering::Relaxed);
                         lagging.push(sub.session.clone());

@@ -177,6 +177,7 @@ async fn run<C: Send + 'static>(
     let mut failed_tails: HashMap<RoomId, u64> = HashMap::new();
     let batch_size = metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE);
     let sync_seconds = metrics::histogram!(crate::metrics::COMMIT_SYNC_SECONDS);
+    let write_seconds = metrics::histogram!(crate::metrics::COMMIT_WRITE_SECONDS);
     let failures = metrics::counter!(crate::metrics::COMMIT_FAILURES);
     loop {
         let is_failed = failed.load(Ordering::Acquire);
@@ -293,8 +294,11 @@ async fn run<C: Send + 'static>(
             let st = store.clone();
             let sync_each = durability == Durability::Fsync;
             let sync_seconds = sync_seconds.clone();
+            let write_seconds = write_seconds.clone();
             let r = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
                 st.write(&batch)?;
+                write_seconds.record(started.elapsed().as_secs_f64());
                 if sync_each {
                     let started = Instant::now();
                     st.sync()?;
