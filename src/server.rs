@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -119,7 +118,7 @@ impl Server {
         let fanout_task = tokio::spawn(fanout::run(hub.clone(), committed_rx));
 
         let tls = match config.tls_addr() {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| StartError::Io(format!("tls {addr}: {e}")))?),
+            Some(addr) => Some(crate::net::tcp::listen(addr).map_err(|e| StartError::Io(format!("tls {addr}: {e}")))?),
             None => None,
         };
         let tls_addr = match &tls {
@@ -127,9 +126,9 @@ impl Server {
             None => None,
         };
         let tcp =
-            TcpListener::bind(config.tcp).await.map_err(|e| StartError::Io(format!("tcp {}: {e}", config.tcp)))?;
+            crate::net::tcp::listen(config.tcp).map_err(|e| StartError::Io(format!("tcp {}: {e}", config.tcp)))?;
         let http =
-            TcpListener::bind(config.http).await.map_err(|e| StartError::Io(format!("http {}: {e}", config.http)))?;
+            crate::net::tcp::listen(config.http).map_err(|e| StartError::Io(format!("http {}: {e}", config.http)))?;
         let tcp_addr = tcp.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
         let http_addr = http.local_addr().map_err(|e| StartError::Io(e.to_string()))?;
 

@@ -7,12 +7,26 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
 use crate::session::driver::Shutdown;
+
+/// Pending connections the kernel holds for a listener before `accept`
+/// (capped by `net.core.somaxconn`). Thousands of clients reconnect at once
+/// after a restart; tokio's default of 1024 drops the rest of such a storm
+/// into SYN retransmits (1 s, then 3 s, ...).
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds a listener on `addr` with [`LISTEN_BACKLOG`].
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Accepts until `stop_accepting` is cancelled. Connection tasks are tracked
 /// by `tracker` and follow `shutdown`.
