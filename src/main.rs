@@ -16,6 +16,11 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use chatd::config::{Config, FIELDS, Kind};
 
+/// sled's copy-on-write nodes allocate and free on every insert; mimalloc
+/// keeps that off glibc's arena locks (see the `mimalloc` note in Cargo.toml).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn cli() -> Command {
     let mut serve = Command::new("serve")
         .about("Run the server")
