@@ -86,18 +86,18 @@ pub async fn serve_requests<S: Source>(session: &mut Session, source: &mut S, sh
     session.close();
 }
 
+/// Handles one incoming message. A large future (a publish or join in
+/// flight): the read loop boxes it, so it is allocated per request instead
+/// of sizing every idle connection's task for it.
 async fn handle(session: &mut Session, incoming: Incoming) -> Flow {
-    // Handling a request is a large future (a publish or join in flight);
-    // boxed, it is allocated per request instead of sizing every idle
-    // connection's task for it.
     match incoming {
         Incoming::Protobuf(frame) => {
             session.count_received(frame.len());
-            Box::pin(session.on_frame(&frame)).await
+            session.on_frame(&frame).await
         }
         Incoming::Json(env, size) => {
             session.count_received(size);
-            Box::pin(session.on_envelope(env)).await
+            session.on_envelope(env).await
         }
         Incoming::Malformed { id, reason } => session.on_malformed(id, reason),
         Incoming::Broken(e) => session.on_frame_error(&e),
@@ -105,27 +105,32 @@ async fn handle(session: &mut Session, incoming: Incoming) -> Flow {
     }
 }
 
+/// The request loop. Every connection's task holds this future for its
+/// whole life, so it keeps little across its waits: the limits it needs, not
+/// a copy of them all, and request handling in a box of its own.
 async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &CancellationToken) {
-    let limits = session.hub().limits.clone();
-    let first = tokio::select! {
-        r = tokio::time::timeout(limits.handshake_timeout, source.next()) => r,
-        _ = stop.cancelled() => return,
+    let (handshake_timeout, idle_timeout) = {
+        let limits = &session.hub().limits;
+        (limits.handshake_timeout, limits.idle_timeout)
     };
-    let flow = match first {
-        Err(_) => session.on_handshake_timeout(),
-        Ok(incoming) => handle(session, incoming).await,
+    let flow = tokio::select! {
+        r = tokio::time::timeout(handshake_timeout, source.next()) => match r {
+            Err(_) => session.on_handshake_timeout(),
+            Ok(incoming) => Box::pin(handle(session, incoming)).await,
+        },
+        _ = stop.cancelled() => return,
     };
     if flow == Flow::Close {
         return;
     }
-    let quiet = limits.idle_timeout / 2;
+    let quiet = idle_timeout / 2;
     let mut pinged = false;
     loop {
         let expires_in = session
             .token_expiry()
             .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::unix_now())))
             .unwrap_or(Duration::MAX);
-        let wait = if pinged { limits.idle_timeout - quiet } else { quiet };
+        let wait = if pinged { idle_timeout - quiet } else { quiet };
         let next = tokio::select! {
             r = tokio::time::timeout(wait.min(expires_in), source.next()) => r,
             _ = stop.cancelled() => return,
@@ -140,7 +145,7 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
             }
             Ok(incoming) => {
                 pinged = false;
-                handle(session, incoming).await
+                Box::pin(handle(session, incoming)).await
             }
         };
         if flow == Flow::Close {
