@@ -134,7 +134,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Frees the read buffer if it holds no bytes, so a reader that waits
+    /// for readability before its next read (an idle connection) keeps no
+    /// buffer meanwhile; the next `read_frame` takes a small one again.
+    /// Returns whether the buffer is empty.
+    pub fn release_if_empty(&mut self) -> bool {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            true
+        } else {
+            false
+        }
+    }
+
     /// The wrapped stream.
+    pub fn get_ref(&self) -> &R {
+        &self.io
+    }
+
+    /// The wrapped stream, mutably.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.io
     }
@@ -230,6 +248,22 @@ mod tests {
             writer.await.unwrap();
             assert!(reader.read_frame().await.unwrap().is_none());
         }
+    }
+
+    #[tokio::test]
+    async fn the_buffer_is_released_between_frames_but_never_with_bytes_in_it() {
+        let mut bytes = encode_frame(&Envelope::new(1, Body::Ping(Default::default()))).to_vec();
+        let first_len = bytes.len();
+        let second = encode_frame(&Envelope::new(2, Body::Ping(Default::default())));
+        bytes.extend_from_slice(&second[..3]);
+        let mut reader = FrameReader::new(&bytes[..], 65536);
+        assert!(reader.read_frame().await.unwrap().is_some());
+        assert!(!reader.release_if_empty(), "the start of the next frame is kept");
+        assert_eq!(reader.buf.len(), 3);
+        let mut reader = FrameReader::new(&bytes[..first_len], 65536);
+        assert!(reader.read_frame().await.unwrap().is_some());
+        assert!(reader.release_if_empty());
+        assert_eq!(reader.buf.capacity(), 0, "an idle reader holds no buffer");
     }
 
     #[tokio::test]

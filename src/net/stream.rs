@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::Instrument as _;
 
-use crate::codec::FrameReader;
+use crate::codec::{FrameError, FrameReader};
 use crate::hub::Hub;
 use crate::session::driver::{Incoming, Shutdown, Source, serve_requests};
 use crate::session::{Session, SessionHandle};
@@ -20,11 +20,39 @@ use crate::session::{Session, SessionHandle};
 /// connections keep no large buffer.
 const KEEP_WRITE_BUF: usize = 64 * 1024;
 
+/// A stream that can say when it has bytes to read without being handed a
+/// buffer to read them into.
+pub trait Readable {
+    /// Resolves when a read would not block (or has an error to report).
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Readable for tokio::net::tcp::OwnedReadHalf {
+    async fn readable(&self) -> std::io::Result<()> {
+        tokio::net::tcp::OwnedReadHalf::readable(self).await
+    }
+}
+
+/// TLS decrypts in records, so readiness of the socket says nothing about
+/// plaintext: read at once.
+impl<T: Send + Sync> Readable for tokio::io::ReadHalf<T> {
+    async fn readable(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Length-prefixed frames from a byte stream.
 struct Frames<R>(FrameReader<R>);
 
-impl<R: AsyncRead + Unpin + Send> Source for Frames<R> {
+impl<R: AsyncRead + Readable + Unpin + Send + Sync> Source for Frames<R> {
     async fn next(&mut self) -> Incoming {
+        // Between frames an idle connection keeps no read buffer: wait for
+        // bytes first, then take one (~0.5 KiB less per idle connection).
+        if self.0.release_if_empty()
+            && let Err(e) = self.0.get_ref().readable().await
+        {
+            return Incoming::Broken(FrameError::Io(e));
+        }
         match self.0.read_frame().await {
             Ok(Some(frame)) => Incoming::Protobuf(frame.freeze()),
             Ok(None) => Incoming::End,
@@ -36,7 +64,7 @@ impl<R: AsyncRead + Unpin + Send> Source for Frames<R> {
 /// Serves one connection until it closes.
 pub async fn serve<R, W>(hub: Arc<Hub>, reader: R, writer: W, transport: &'static str, peer: String, shutdown: Shutdown)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + Readable + Unpin + Send + Sync + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut session = Session::new(hub.clone(), transport, peer.clone());
