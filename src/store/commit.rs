@@ -11,14 +11,15 @@
 //!
 //! A failed write or sync is not retried: the batch and everything queued
 //! behind it is reported failed, and nothing is ever acknowledged that is
-//! not stored. While failed, the writer probes the store every second; once
-//! a probe succeeds it removes whatever the failed batch left in the store
-//! (a write can land and its sync fail: [`Store::truncate`] from the batch's
-//! first seq in each room) and sends a recovery marker down the pipeline. When the
-//! fan-out reaches it, every earlier batch is settled, so it opens a new
-//! *epoch* and clears the failure ([`CommitQueue::recovered`]). Each write
-//! carries the epoch in force when its seq was assigned; the writer drops
-//! writes of an older epoch, and a room seeing a new epoch restarts its seqs
+//! not stored. While failed, the writer probes the store (after a second,
+//! then less often while it keeps failing). Once a probe succeeds it removes
+//! whatever the failed batches left in the store (a write can land and its
+//! sync fail: [`Store::truncate`] from a failed batch's first seq in each
+//! room) and sends a recovery marker down the pipeline. When the fan-out
+//! reaches it, every earlier batch is settled, so it opens a new *epoch* and
+//! clears the failure ([`CommitQueue::recovered`]). Each write carries the
+//! epoch in force when its seq was assigned; the writer drops writes of an
+//! older epoch, and a room seeing a new epoch restarts its seqs
 //! from its durable head — so no gap and no reused seq is ever stored.
 
 use std::collections::HashMap;
@@ -152,8 +153,12 @@ pub fn start<C: Send + 'static>(
     (CommitQueue { tx, failed, epoch }, handle)
 }
 
-/// How often a failed store is probed.
+/// How soon a failed store is first probed; each failed probe doubles the
+/// wait, up to [`PROBE_MAX`] (a probe of the sled store writes a 16 MiB
+/// scratch file, which a long outage should not repeat every second).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The longest wait between probes.
+const PROBE_MAX: Duration = Duration::from_secs(8);
 
 async fn run<C: Send + 'static>(
     store: Arc<dyn Store>,
@@ -170,6 +175,7 @@ async fn run<C: Send + 'static>(
     // A probe of a failed store still running (a poisoned store may never
     // answer; one stuck probe is enough).
     let mut probing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
+    let mut probe_wait = PROBE_EVERY;
     let mut items = Vec::with_capacity(64);
     // Per room, the first seq of a failed batch: everything from there on
     // was never acknowledged, but may be partly in the store. It is removed
@@ -185,7 +191,7 @@ async fn run<C: Send + 'static>(
             marker_sent = false;
         }
         let wait = if is_failed && !marker_sent {
-            Some(PROBE_EVERY)
+            Some(probe_wait)
         } else if let Durability::Batch { interval } = durability
             && unsynced
         {
@@ -219,7 +225,12 @@ async fn run<C: Send + 'static>(
                             continue;
                         }
                     };
+                    if let Ok(Err(e)) = &probe {
+                        probe_wait = (probe_wait * 2).min(PROBE_MAX);
+                        tracing::debug!(error = %e, retry_in = ?probe_wait, "storage still failing");
+                    }
                     if matches!(probe, Ok(Ok(()))) {
+                        probe_wait = PROBE_EVERY;
                         failed_tails.clear();
                         tracing::info!("storage works again; resuming writes");
                         if out
