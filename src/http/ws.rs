@@ -16,7 +16,6 @@ use bytes::Bytes;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tracing::Instrument as _;
 
 use crate::codec::FrameError;
 use crate::hub::Hub;
@@ -42,14 +41,13 @@ struct Shared {
 /// Serves one upgraded WebSocket until it closes.
 pub async fn serve(hub: Arc<Hub>, socket: WebSocket, peer: String, shutdown: Shutdown) {
     let (sink, stream) = socket.split();
-    let mut session = Session::new(hub.clone(), "ws", peer.clone());
+    tracing::debug!(transport = "ws", %peer, "connection opened");
+    let mut session = Session::new(hub.clone(), "ws", peer);
     let handle = session.handle().clone();
-    let span = tracing::info_span!("conn", id = handle.id, transport = "ws", %peer, user = tracing::field::Empty);
-    tracing::debug!(parent: &span, "connection opened");
     let shared = Arc::new(Shared { json: AtomicBool::new(false), close_code: AtomicU16::new(CLOSE_NORMAL) });
-    let writer = tokio::spawn(write_loop(hub.clone(), handle.clone(), sink, shared.clone()).instrument(span.clone()));
-    let mut source = Messages { stream, shared: shared.clone(), max: hub.limits.max_frame_bytes };
-    serve_requests(&mut session, &mut source, &shutdown).instrument(span.clone()).await;
+    let writer = tokio::spawn(write_loop(hub.clone(), handle.clone(), sink, shared.clone()));
+    let mut source = Messages { stream, shared: shared.clone(), max: hub.limits.max_frame_bytes, session: handle.id };
+    serve_requests(&mut session, &mut source, &shutdown).await;
     if shutdown.go_away.is_cancelled() {
         shared.close_code.compare_exchange(CLOSE_NORMAL, CLOSE_GOING_AWAY, Ordering::AcqRel, Ordering::Acquire).ok();
     }
@@ -62,7 +60,7 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, peer: String, shutdown: Shu
         let _ = tokio::time::timeout(LINGER, async { while source.stream.next().await.is_some() {} }).await;
         tokio::time::sleep(LINGER).await;
     }
-    tracing::debug!(parent: &span, "connection closed");
+    tracing::debug!(session = handle.id, "connection closed");
 }
 
 /// How long a closing connection keeps reading so the peer gets our close.
@@ -72,6 +70,8 @@ struct Messages {
     stream: SplitStream<WebSocket>,
     shared: Arc<Shared>,
     max: usize,
+    /// The session's id, for the log lines about its stream.
+    session: u64,
 }
 
 impl Source for Messages {
@@ -107,12 +107,12 @@ impl Messages {
         let inner = e.into_inner();
         match inner.downcast_ref::<tungstenite::Error>() {
             Some(tungstenite::Error::Capacity(c)) => {
-                tracing::info!(error = %c, "websocket message over the limit; closing with 1009");
+                tracing::info!(session = self.session, error = %c, "websocket message over the limit; closing with 1009");
                 self.shared.close_code.store(CLOSE_TOO_BIG, Ordering::Release);
                 Incoming::Broken(FrameError::TooLarge { max: self.max })
             }
             Some(tungstenite::Error::Protocol(p)) => {
-                tracing::info!(error = %p, "websocket protocol violation; closing with 1002");
+                tracing::info!(session = self.session, error = %p, "websocket protocol violation; closing with 1002");
                 self.shared.close_code.store(CLOSE_PROTOCOL_ERROR, Ordering::Release);
                 Incoming::Broken(FrameError::Io(std::io::Error::other(p.to_string())))
             }

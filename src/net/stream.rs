@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tracing::Instrument as _;
 
 use crate::codec::{FrameError, FrameReader};
 use crate::hub::Hub;
@@ -67,16 +66,14 @@ where
     R: AsyncRead + Readable + Unpin + Send + Sync + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let mut session = Session::new(hub.clone(), transport, peer.clone());
+    tracing::debug!(transport, %peer, "connection opened");
+    let mut session = Session::new(hub.clone(), transport, peer);
     let handle = session.handle().clone();
-    // Every line logged for this connection carries these fields.
-    let span = tracing::info_span!("conn", id = handle.id, transport, %peer, user = tracing::field::Empty);
-    tracing::debug!(parent: &span, "connection opened");
-    let writer_task = tokio::spawn(write_loop(hub.clone(), handle.clone(), writer).instrument(span.clone()));
+    let writer_task = tokio::spawn(write_loop(hub.clone(), handle.clone(), writer));
     let mut source = Frames(FrameReader::new(reader, hub.limits.max_frame_bytes));
-    serve_requests(&mut session, &mut source, &shutdown).instrument(span.clone()).await;
+    serve_requests(&mut session, &mut source, &shutdown).await;
     let _ = writer_task.await;
-    tracing::debug!(parent: &span, "connection closed");
+    tracing::debug!(session = handle.id, "connection closed");
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(hub: Arc<Hub>, handle: Arc<SessionHandle>, mut w: W) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use super::{Flow, Session};
 use crate::codec::FrameError;
@@ -116,7 +117,10 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
     let flow = tokio::select! {
         r = tokio::time::timeout(handshake_timeout, source.next()) => match r {
             Err(_) => session.on_handshake_timeout(),
-            Ok(incoming) => Box::pin(handle(session, incoming)).await,
+            Ok(incoming) => {
+                let span = session.span();
+                Box::pin(handle(session, incoming).instrument(span)).await
+            },
         },
         _ = stop.cancelled() => return,
     };
@@ -145,7 +149,10 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
             }
             Ok(incoming) => {
                 pinged = false;
-                Box::pin(handle(session, incoming)).await
+                {
+                    let span = session.span();
+                    Box::pin(handle(session, incoming).instrument(span)).await
+                }
             }
         };
         if flow == Flow::Close {

@@ -207,6 +207,26 @@ impl Session {
         t.bytes_in.increment(bytes as u64);
     }
 
+    /// The span of one request: every line logged while it is handled
+    /// carries the connection's ids. A span is made per request rather than
+    /// held for the connection's life, because a live span keeps its
+    /// formatted fields (~0.5 KiB) on every idle connection; lines logged
+    /// outside a request name the session themselves.
+    pub fn span(&self) -> tracing::Span {
+        let h = &self.handle;
+        let span = tracing::info_span!(
+            "conn",
+            id = h.id,
+            transport = self.transport,
+            peer = %h.stats.peer,
+            user = tracing::field::Empty
+        );
+        if let Some(user) = h.user.get() {
+            span.record("user", &**user);
+        }
+        span
+    }
+
     /// The handle the writer drains.
     pub fn handle(&self) -> &Arc<SessionHandle> {
         &self.handle
