@@ -147,6 +147,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether bytes of a next frame are already read (the next
+    /// `read_frame` may not have to wait).
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
     /// The wrapped stream.
     pub fn get_ref(&self) -> &R {
         &self.io

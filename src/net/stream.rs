@@ -44,6 +44,10 @@ impl<T: Send + Sync> Readable for tokio::io::ReadHalf<T> {
 struct Frames<R>(FrameReader<R>);
 
 impl<R: AsyncRead + Readable + Unpin + Send + Sync> Source for Frames<R> {
+    fn has_buffered(&self) -> bool {
+        self.0.has_buffered()
+    }
+
     async fn next(&mut self) -> Incoming {
         // Between frames an idle connection keeps no read buffer: wait for
         // bytes first, then take one (~0.5 KiB less per idle connection).

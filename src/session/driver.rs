@@ -40,6 +40,12 @@ pub enum Incoming {
 pub trait Source: Send {
     /// The next message.
     fn next(&mut self) -> impl Future<Output = Incoming> + Send;
+
+    /// Whether part of the next message is already received, so the request
+    /// loop is in a burst rather than about to wait (false if unknown).
+    fn has_buffered(&self) -> bool {
+        false
+    }
 }
 
 /// The signals of a graceful shutdown, in the order the server gives them.
@@ -114,11 +120,15 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
         let limits = &session.hub().limits;
         (limits.handshake_timeout, limits.idle_timeout)
     };
+    // The span of the requests of the current burst (frames already read),
+    // made once per burst and dropped before the loop waits, so an idle
+    // connection holds none.
+    let mut span: Option<tracing::Span> = None;
     let flow = tokio::select! {
         r = tokio::time::timeout(handshake_timeout, source.next()) => match r {
             Err(_) => session.on_handshake_timeout(),
             Ok(incoming) => {
-                let span = session.span();
+                let span = span.insert(session.span()).clone();
                 Box::pin(handle(session, incoming).instrument(span)).await
             },
         },
@@ -135,6 +145,9 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
             .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::unix_now())))
             .unwrap_or(Duration::MAX);
         let wait = if pinged { idle_timeout - quiet } else { quiet };
+        if !source.has_buffered() {
+            span = None;
+        }
         let next = tokio::select! {
             r = tokio::time::timeout(wait.min(expires_in), source.next()) => r,
             _ = stop.cancelled() => return,
@@ -149,10 +162,8 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
             }
             Ok(incoming) => {
                 pinged = false;
-                {
-                    let span = session.span();
-                    Box::pin(handle(session, incoming).instrument(span)).await
-                }
+                let span = span.get_or_insert_with(|| session.span()).clone();
+                Box::pin(handle(session, incoming).instrument(span)).await
             }
         };
         if flow == Flow::Close {

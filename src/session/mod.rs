@@ -207,11 +207,12 @@ impl Session {
         t.bytes_in.increment(bytes as u64);
     }
 
-    /// The span of one request: every line logged while it is handled
-    /// carries the connection's ids. A span is made per request rather than
-    /// held for the connection's life, because a live span keeps its
-    /// formatted fields (~0.5 KiB) on every idle connection; lines logged
-    /// outside a request name the session themselves.
+    /// The span of a burst of requests: every line logged while they are
+    /// handled carries the connection's ids. The request loop makes one per
+    /// burst rather than holding one for the connection's life, because a
+    /// live span keeps its formatted fields (~0.5 KiB) on every idle
+    /// connection; lines logged outside a request name the session
+    /// themselves.
     pub fn span(&self) -> tracing::Span {
         let h = &self.handle;
         let span = tracing::info_span!(
