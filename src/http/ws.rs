@@ -45,13 +45,19 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, peer: String, shutdown: Shu
     let mut session = Session::new(hub.clone(), "ws", peer);
     let handle = session.handle().clone();
     let shared = Arc::new(Shared { json: AtomicBool::new(false), close_code: AtomicU16::new(CLOSE_NORMAL) });
-    let writer = tokio::spawn(write_loop(hub.clone(), handle.clone(), sink, shared.clone()));
     let mut source = Messages { stream, shared: shared.clone(), max: hub.limits.max_frame_bytes, session: handle.id };
-    serve_requests(&mut session, &mut source, &shutdown).await;
-    if shutdown.go_away.is_cancelled() {
-        shared.close_code.compare_exchange(CLOSE_NORMAL, CLOSE_GOING_AWAY, Ordering::AcqRel, Ordering::Acquire).ok();
-    }
-    let _ = writer.await;
+    // Reader and writer share the connection's task (see `net::stream::serve`).
+    let reader = async {
+        serve_requests(&mut session, &mut source, &shutdown).await;
+        // Before the writer, polled next, sees the closed queue and closes.
+        if shutdown.go_away.is_cancelled() {
+            shared
+                .close_code
+                .compare_exchange(CLOSE_NORMAL, CLOSE_GOING_AWAY, Ordering::AcqRel, Ordering::Acquire)
+                .ok();
+        }
+    };
+    tokio::join!(reader, write_loop(hub.clone(), handle.clone(), sink, shared.clone()));
     // Lingering close: a socket closed with unread input (the rest of an
     // oversize message) is reset, and the reset makes the peer's kernel drop
     // our close frame unread. The WebSocket cannot be read past a framing
