@@ -1,5 +1,7 @@
 //! Group commit: one writer turns every pending write from every room into
-//! one batch, one `apply_batch` per tree and one sync (design.md §4).
+//! one batch, written in one go and made durable by one sync (design.md §4;
+//! how the sled store writes a batch, and why not with `apply_batch`, is in
+//! [`super::sled`]).
 //!
 //! Sessions hand writes in through a bounded channel, so a publisher that
 //! outruns the disk waits for a slot (and, behind it, TCP backpressure slows

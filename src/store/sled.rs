@@ -13,11 +13,21 @@
 //! reach the disk's cache (sled issues 1351, 1452), so `sync` follows it
 //! with `fdatasync` on the data file.
 //!
-//! Each tree's `apply_batch` is atomic across a crash, but two trees' batches
-//! are two steps: a crash can keep a batch's messages and lose its
-//! idempotency records (never the other way round for an acknowledged
-//! message, which waited for `sync`). `load` repairs this by re-indexing the
-//! tail of each room's log.
+//! A group commit is written as single inserts in a fixed order — room
+//! names and memberships, then messages (each room's in seq order), then
+//! their idempotency records, then read markers — not with `apply_batch`.
+//! sled recovers a prefix of its log (it stops at the first torn or missing
+//! segment), so a crash keeps a prefix of that order: never a message
+//! without its room's name, never a gap in a room's seqs, and at most the
+//! idempotency records of the tail missing, which `load` re-indexes. A
+//! message kept that was never acknowledged is a publish whose ack was lost:
+//! its retry finds it by its idempotency key. `apply_batch` would make each
+//! tree's part atomic, but measured twice the cost per insert, and while it
+//! runs every read in the process waits (sled's global reader/writer lock,
+//! which the first `apply_batch` switches on for good) — the idempotency
+//! lookup of every publish included. Readers never see a half-written batch
+//! either way: history and catch-up read only up to a room's dispatched
+//! head.
 //!
 //! After an I/O error (a full disk) sled fails every later write until it is
 //! reopened; the commit writer's probe does that once a scratch file shows
@@ -326,42 +336,27 @@ impl Store for SledStore {
 
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with(|t| {
-            // Rooms and memberships first: a message is never stored for a
-            // room whose name could be lost.
-            if !batch.memberships.is_empty() {
-                let mut rooms = sled::Batch::default();
-                let mut members = sled::Batch::default();
-                for m in &batch.memberships {
-                    rooms.insert(m.room_name.as_bytes(), &m.room.to_be_bytes()[..]);
-                    let key = user_key(&m.user, &m.room.to_be_bytes());
-                    if m.member {
-                        members.insert(key, &[][..]);
-                    } else {
-                        members.remove(key);
-                    }
+            // The order is what a crash keeps a prefix of (module docs):
+            // rooms and memberships first, so a message is never stored for
+            // a room whose name could be lost; records after their messages.
+            for m in &batch.memberships {
+                t.rooms.insert(m.room_name.as_bytes(), &m.room.to_be_bytes()[..])?;
+                let key = user_key(&m.user, &m.room.to_be_bytes());
+                if m.member {
+                    t.members.insert(key, &[][..])?;
+                } else {
+                    t.members.remove(key)?;
                 }
-                t.rooms.apply_batch(rooms)?;
-                t.members.apply_batch(members)?;
             }
-            if !batch.appends.is_empty() {
-                let mut messages = sled::Batch::default();
-                let mut idem = sled::Batch::default();
-                for a in &batch.appends {
-                    messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref());
-                    if !a.client_msg_id.is_empty() {
-                        let rec = IdempotencyRecord { room: a.room, seq: a.seq, ts_ms: a.ts_ms };
-                        idem.insert(user_key(&a.sender, a.client_msg_id.as_bytes()), &rec.encode()[..]);
-                    }
-                }
-                t.messages.apply_batch(messages)?;
-                t.idem.apply_batch(idem)?;
+            for a in &batch.appends {
+                t.messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref())?;
             }
-            if !batch.read_markers.is_empty() {
-                let mut reads = sled::Batch::default();
-                for r in &batch.read_markers {
-                    reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..]);
-                }
-                t.reads.apply_batch(reads)?;
+            for a in batch.appends.iter().filter(|a| !a.client_msg_id.is_empty()) {
+                let rec = IdempotencyRecord { room: a.room, seq: a.seq, ts_ms: a.ts_ms };
+                t.idem.insert(user_key(&a.sender, a.client_msg_id.as_bytes()), &rec.encode()[..])?;
+            }
+            for r in &batch.read_markers {
+                t.reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..])?;
             }
             Ok(())
         })
@@ -386,9 +381,8 @@ impl Store for SledStore {
 
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
         self.with(|t| {
-            let mut messages = sled::Batch::default();
-            let mut idem = sled::Batch::default();
-            let mut removed = 0;
+            let mut messages = Vec::new();
+            let mut idem = Vec::new();
             for kv in t.messages.range(message_key(room, from)..=message_key(room, u64::MAX)) {
                 let (k, v) = kv?;
                 let msg = decode_message(&k, &v)?;
@@ -400,18 +394,22 @@ impl Store for SledStore {
                         .and_then(|r| IdempotencyRecord::decode(&r))
                         .is_some_and(|r| r.room == room && r.seq == msg.seq);
                     if points_here {
-                        idem.remove(key);
+                        idem.push(key);
                     }
                 }
-                messages.remove(k);
-                removed += 1;
+                messages.push(k);
             }
             // Idempotency records first: a crash in between leaves messages
             // without records, which `load` re-indexes, never a record that
-            // points at a seq about to be reused.
-            t.idem.apply_batch(idem)?;
-            t.messages.apply_batch(messages)?;
-            Ok(removed)
+            // points at a seq about to be reused. Then the messages from the
+            // newest back, so a crash part way leaves the log contiguous.
+            for key in idem {
+                t.idem.remove(key)?;
+            }
+            for key in messages.iter().rev() {
+                t.messages.remove(key)?;
+            }
+            Ok(messages.len())
         })
     }
 
