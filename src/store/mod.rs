@@ -3,8 +3,9 @@
 //! Everything that must survive a restart goes through [`Store`]: message
 //! appends, room names, memberships, read markers and the idempotency window.
 //! Writes arrive as one [`Batch`] per group commit ([`commit`]), so a batch is
-//! one sync, whatever the number of rooms in it. Reads (`read_range`, `lookup_idempotent`) are point or range lookups
-//! that never wait for the writer.
+//! one sync, whatever the number of rooms in it. Reads (`read_range`,
+//! `lookup_idempotent`) are point or range lookups that never wait for the
+//! writer.
 //!
 //! Two implementations: [`sled::SledStore`] (the server's, design.md §4) and
 //! [`memory::MemoryStore`] (tests and benches).
