@@ -130,7 +130,7 @@ impl Messages {
 /// Parses a text message as the JSON mapping of `Envelope`.
 pub fn decode_json(text: &str) -> Incoming {
     match serde_json::from_str::<Envelope>(text) {
-        Ok(env) => Incoming::Json(env, text.len()),
+        Ok(env) => Incoming::Json(Box::new(env), text.len()),
         Err(e) => {
             // Name the request in the error if its id is readable.
             let id = serde_json::from_str::<serde_json::Value>(text)
@@ -338,7 +338,7 @@ mod tests {
         {
             match decode_json(text) {
                 Incoming::Json(env, _) => {
-                    assert_eq!(env, Envelope::new(5, Body::MarkRead(proto::MarkRead { room: "r".into(), seq: 12 })))
+                    assert_eq!(*env, Envelope::new(5, Body::MarkRead(proto::MarkRead { room: "r".into(), seq: 12 })))
                 }
                 _ => panic!("{text} should decode"),
             }

@@ -5,7 +5,11 @@
 //! queue has room, and gives up on a peer that accepts nothing for the
 //! slow-consumer timeout.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -22,21 +26,25 @@ const KEEP_WRITE_BUF: usize = 64 * 1024;
 /// A stream that can say when it has bytes to read without being handed a
 /// buffer to read them into.
 pub trait Readable {
-    /// Resolves when a read would not block (or has an error to report).
-    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    /// Ready when a read would not block (or has an error to report).
+    /// A poll function rather than an `async fn`: tokio's `readable()`
+    /// future is ~180 bytes, held by every idle connection's task.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
 }
 
 impl Readable for tokio::net::tcp::OwnedReadHalf {
-    async fn readable(&self) -> std::io::Result<()> {
-        tokio::net::tcp::OwnedReadHalf::readable(self).await
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Only the reader polls the read direction, so its waker is the one
+        // tokio keeps.
+        self.as_ref().poll_read_ready(cx)
     }
 }
 
 /// TLS decrypts in records, so readiness of the socket says nothing about
 /// plaintext: read at once.
 impl<T: Send + Sync> Readable for tokio::io::ReadHalf<T> {
-    async fn readable(&self) -> std::io::Result<()> {
-        Ok(())
+    fn poll_readable(&self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -52,7 +60,7 @@ impl<R: AsyncRead + Readable + Unpin + Send + Sync> Source for Frames<R> {
         // Between frames an idle connection keeps no read buffer: wait for
         // bytes first, then take one (~0.5 KiB less per idle connection).
         if self.0.release_if_empty()
-            && let Err(e) = self.0.get_ref().readable().await
+            && let Err(e) = std::future::poll_fn(|cx| self.0.get_ref().poll_readable(cx)).await
         {
             return Incoming::Broken(FrameError::Io(e));
         }
@@ -65,23 +73,35 @@ impl<R: AsyncRead + Readable + Unpin + Send + Sync> Source for Frames<R> {
 }
 
 /// Serves one connection until it closes.
-pub async fn serve<R, W>(hub: Arc<Hub>, reader: R, writer: W, transport: &'static str, peer: String, shutdown: Shutdown)
+pub fn serve<R, W>(
+    hub: Arc<Hub>,
+    reader: R,
+    mut writer: W,
+    transport: &'static str,
+    peer: String,
+    shutdown: Shutdown,
+) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Readable + Unpin + Send + Sync + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     tracing::debug!(transport, %peer, "connection opened");
     let mut session = Session::new(hub.clone(), transport, peer);
-    let handle = session.handle().clone();
     let mut source = Frames(FrameReader::new(reader, hub.limits.max_frame_bytes));
-    // The reader and the writer share the connection's task: a second task
-    // per connection costs ~0.3 KiB on every idle one. A wake-up of either
-    // polls both, which costs the other a readiness check.
-    tokio::join!(serve_requests(&mut session, &mut source, &shutdown), write_loop(hub.clone(), handle.clone(), writer));
-    tracing::debug!(session = handle.id, "connection closed");
+    // A block, not an `async fn`: an `async fn` keeps its arguments and the
+    // locals made from them side by side, and every idle connection's task
+    // would hold both copies (~100 bytes).
+    let handle = session.handle().clone();
+    async move {
+        // The reader and the writer share the connection's task: a second
+        // task per connection costs ~0.3 KiB on every idle one. A wake-up of
+        // either polls both, which costs the other a readiness check.
+        tokio::join!(serve_requests(&mut session, &mut source, &shutdown), write_loop(&hub, &handle, &mut writer));
+        tracing::debug!(session = handle.id, "connection closed");
+    }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(hub: Arc<Hub>, handle: Arc<SessionHandle>, mut w: W) {
+async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w: &mut W) {
     let mut buf = BytesMut::new();
     let slow = hub.limits.slow_consumer_timeout;
     let counters = hub.metrics.transport(handle.stats.transport);
@@ -91,14 +111,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: Arc<Hub>, handle: Arc<SessionHan
             handle.stats.sent(n, buf.len());
             counters.frames_out.increment(n as u64);
             counters.bytes_out.increment(buf.len() as u64);
-            match tokio::time::timeout(slow, w.write_all(&buf)).await {
+            match write_all_within(w, &buf, slow).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(session = handle.id, error = %e, "write failed");
                     break;
                 }
                 Err(_) => {
-                    handle.write_stalled(&hub);
+                    handle.write_stalled(hub);
                     break;
                 }
             }
@@ -111,11 +131,85 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: Arc<Hub>, handle: Arc<SessionHan
             let _ = w.flush().await;
             break;
         }
-        if handle.tend(&hub) {
+        if handle.tend(hub) {
             continue;
         }
         handle.outbound.ready().await;
     }
     handle.outbound.close_with(None);
     let _ = w.shutdown().await;
+}
+
+/// Writes all of `buf`, giving up when the peer takes none of it for
+/// `slow`. The timer is armed only when the socket is full: an idle
+/// connection's task then keeps no room for one (~120 bytes each), and a
+/// write that does not wait costs no timer registration.
+async fn write_all_within<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &[u8],
+    slow: Duration,
+) -> Result<std::io::Result<()>, tokio::time::error::Elapsed> {
+    let mut done = 0;
+    let immediate = std::future::poll_fn(|cx| {
+        while done < buf.len() {
+            match Pin::new(&mut *w).poll_write(cx, &buf[done..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(std::io::ErrorKind::WriteZero.into()))),
+                Poll::Ready(Ok(n)) => done += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Poll::Pending => return Poll::Ready(None),
+            }
+        }
+        Poll::Ready(Some(Ok(())))
+    })
+    .await;
+    match immediate {
+        Some(r) => Ok(r),
+        None => Box::pin(tokio::time::timeout(slow, w.write_all(&buf[done..]))).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_that_fits_completes_at_once() {
+        let (mut w, mut peer) = tokio::io::duplex(4096);
+        let r = write_all_within(&mut w, b"hello", Duration::from_secs(60)).await;
+        assert!(matches!(r, Ok(Ok(()))));
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_write_larger_than_the_socket_completes_as_the_peer_reads() {
+        let (mut w, mut peer) = tokio::io::duplex(64);
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 10_000];
+            peer.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let r = write_all_within(&mut w, &data, Duration::from_secs(60)).await;
+        assert!(matches!(r, Ok(Ok(()))));
+        assert_eq!(reader.await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_takes_nothing_runs_into_the_deadline() {
+        let (mut w, _peer) = tokio::io::duplex(64);
+        let r = write_all_within(&mut w, &[7u8; 1000], Duration::from_millis(50)).await;
+        assert!(r.is_err(), "the unread peer must time the write out");
+    }
+
+    #[tokio::test]
+    async fn a_closed_peer_is_a_write_error() {
+        let (mut w, peer) = tokio::io::duplex(64);
+        drop(peer);
+        let r = write_all_within(&mut w, b"x", Duration::from_secs(60)).await;
+        assert!(matches!(r, Ok(Err(_))));
+    }
 }

@@ -21,8 +21,9 @@ pub enum Incoming {
     /// A protobuf-encoded envelope (a TCP frame or a WebSocket binary message).
     Protobuf(bytes::Bytes),
     /// An envelope decoded from JSON (a WebSocket text message), and the
-    /// message's size in bytes.
-    Json(Envelope, usize),
+    /// message's size in bytes. Boxed: an `Envelope` is ~150 bytes, and the
+    /// request loop of every idle connection holds room for one `Incoming`.
+    Json(Box<Envelope>, usize),
     /// A message that could not be decoded; `id` if it could be read.
     Malformed {
         /// Request id, 0 if unknown.
@@ -104,7 +105,7 @@ async fn handle(session: &mut Session, incoming: Incoming) -> Flow {
         }
         Incoming::Json(env, size) => {
             session.count_received(size);
-            session.on_envelope(env).await
+            session.on_envelope(*env).await
         }
         Incoming::Malformed { id, reason } => session.on_malformed(id, reason),
         Incoming::Broken(e) => session.on_frame_error(&e),
