@@ -67,6 +67,11 @@ impl Default for OutboundLimits {
     }
 }
 
+/// A drain of at most this many frames takes the queue's buffer with it: an
+/// idle connection keeps none (its last frames were a few replies), while a
+/// busy one keeps its buffer instead of regrowing it for every batch.
+const SMALL_DRAIN: usize = 16;
+
 #[derive(Default)]
 struct Queue {
     frames: VecDeque<Frame>,
@@ -192,12 +197,27 @@ impl Outbound {
         let mut q = self.lock();
         out.reserve(q.bytes);
         let n = q.frames.len();
+        if n <= SMALL_DRAIN {
+            // Copied outside the lock, and the queue's buffer goes with it.
+            let frames = std::mem::take(&mut q.frames);
+            q.bytes = 0;
+            let closing = q.closing;
+            drop(q);
+            for f in &frames {
+                out.extend_from_slice(&f.wire);
+            }
+            return self.drained(n, closing);
+        }
         for f in q.frames.drain(..) {
             out.extend_from_slice(&f.wire);
         }
         q.bytes = 0;
         let closing = q.closing;
         drop(q);
+        self.drained(n, closing)
+    }
+
+    fn drained(&self, n: usize, closing: bool) -> (usize, bool) {
         if n > 0 {
             self.drained.notify_waiters();
         }
@@ -209,7 +229,11 @@ impl Outbound {
     pub fn drain_frames(&self, out: &mut Vec<Frame>) -> bool {
         let mut q = self.lock();
         let n = q.frames.len();
-        out.extend(q.frames.drain(..));
+        if n <= SMALL_DRAIN {
+            out.extend(std::mem::take(&mut q.frames));
+        } else {
+            out.extend(q.frames.drain(..));
+        }
         q.bytes = 0;
         let closing = q.closing;
         drop(q);
@@ -310,6 +334,29 @@ mod tests {
         let mut out = BytesMut::new();
         assert_eq!(q.drain_into(&mut out), (2, true));
         assert_eq!(&out[..], b"abye");
+    }
+
+    #[test]
+    fn small_drains_release_the_buffer_large_ones_keep_it_and_both_keep_order() {
+        let q = Outbound::new(OutboundLimits::default());
+        for n in [1, SMALL_DRAIN, SMALL_DRAIN + 1, 100] {
+            let frames: Vec<Bytes> = (0..n).map(|i| Bytes::from(format!("{i},"))).collect();
+            for f in &frames {
+                q.push(f.clone()).unwrap();
+            }
+            let mut out = BytesMut::new();
+            assert_eq!(q.drain_into(&mut out), (n, false));
+            assert_eq!(out, frames.concat(), "{n} frames in order");
+            let kept = q.lock().frames.capacity();
+            assert_eq!(kept == 0, n <= SMALL_DRAIN, "{n} frames drained, {kept} slots kept");
+            let mut v = Vec::new();
+            for f in &frames {
+                q.push(f.clone()).unwrap();
+            }
+            q.drain_frames(&mut v);
+            assert_eq!(v.iter().map(|f| f.wire.clone()).collect::<Vec<_>>(), frames);
+            q.lock().frames = VecDeque::new();
+        }
     }
 
     #[tokio::test]
