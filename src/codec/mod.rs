@@ -6,14 +6,12 @@
 //! `max_frame_bytes` as soon as the prefix is in, so a 4 GiB prefix costs
 //! nothing but an error; and the buffer grows only as bytes arrive (never by
 //! the announced length), so a peer that announces 60 KB and trickles bytes
-//! holds only what it sent. Complete frames are cut by tokio-util's
-//! `LengthDelimitedCodec`. An incomplete frame is a normal state, not an
-//! error.
+//! holds only what it sent. A complete frame is split off the buffer without
+//! a copy. An incomplete frame is a normal state, not an error.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 use crate::proto::Envelope;
 
@@ -48,22 +46,12 @@ impl std::fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
-/// The length-delimited codec configured for chatd frames.
-pub fn length_codec(max_frame_bytes: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .big_endian()
-        .length_field_length(PREFIX_LEN)
-        .max_frame_length(max_frame_bytes)
-        .new_codec()
-}
-
 /// Reads whole frames from a byte stream.
 ///
 /// The buffer starts small and grows only as large frames arrive, so an idle
 /// connection holds a few hundred bytes, not a fixed 8 KiB.
 pub struct FrameReader<R> {
     io: R,
-    codec: LengthDelimitedCodec,
     buf: BytesMut,
     max: usize,
 }
@@ -78,7 +66,7 @@ const SHRINK_ABOVE: usize = 16 * 1024;
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps `io`, refusing frames larger than `max_frame_bytes`.
     pub fn new(io: R, max_frame_bytes: usize) -> Self {
-        FrameReader { io, codec: length_codec(max_frame_bytes), buf: BytesMut::new(), max: max_frame_bytes }
+        FrameReader { io, buf: BytesMut::new(), max: max_frame_bytes }
     }
 
     /// The next complete frame (without its prefix), or `Ok(None)` at a clean
@@ -114,24 +102,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// A frame that is already complete in the buffer, without reading.
     pub fn decode_buffered(&mut self) -> Result<Option<BytesMut>, FrameError> {
-        match self.announced() {
+        let n = match self.announced() {
             None => return Ok(None),
             Some(n) if n > self.max => return Err(FrameError::TooLarge { max: self.max }),
-            // Handing an incomplete frame to the codec would make it reserve
-            // the whole announced body.
             Some(n) if self.buf.len() < PREFIX_LEN + n => return Ok(None),
-            Some(_) => {}
+            Some(n) => n,
+        };
+        self.buf.advance(PREFIX_LEN);
+        let frame = self.buf.split_to(n);
+        if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+            self.buf = BytesMut::new();
         }
-        match self.codec.decode(&mut self.buf) {
-            Ok(Some(frame)) => {
-                if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
-                    self.buf = BytesMut::new();
-                }
-                Ok(Some(frame))
-            }
-            Ok(None) => Ok(None),
-            Err(_) => Err(FrameError::TooLarge { max: self.max }),
-        }
+        Ok(Some(frame))
     }
 
     /// Frees the read buffer if it holds no bytes, so a reader that waits

@@ -9,7 +9,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -111,7 +110,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
             handle.stats.sent(n, buf.len());
             counters.frames_out.increment(n as u64);
             counters.bytes_out.increment(buf.len() as u64);
-            match write_all_within(w, &buf, slow).await {
+            // The timer is armed only when the socket is full: an idle
+            // connection's task then keeps no room for one (~120 bytes), and
+            // a write that does not wait costs no timer registration.
+            let mut done = 0;
+            let r = match std::future::poll_fn(|cx| Poll::Ready(write_now(w, &buf, &mut done, cx))).await {
+                Some(r) => Ok(r),
+                None => Box::pin(tokio::time::timeout(slow, w.write_all(&buf[done..]))).await,
+            };
+            match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(session = handle.id, error = %e, "write failed");
@@ -140,32 +147,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
     let _ = w.shutdown().await;
 }
 
-/// Writes all of `buf`, giving up when the peer takes none of it for
-/// `slow`. The timer is armed only when the socket is full: an idle
-/// connection's task then keeps no room for one (~120 bytes each), and a
-/// write that does not wait costs no timer registration.
-async fn write_all_within<W: AsyncWrite + Unpin>(
+/// Writes as much of `buf[*done..]` as the stream takes without waiting:
+/// `Some` when all of it is written (or the write failed), `None` when the
+/// stream is full (a wake-up is then registered with `cx`).
+fn write_now<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &[u8],
-    slow: Duration,
-) -> Result<std::io::Result<()>, tokio::time::error::Elapsed> {
-    let mut done = 0;
-    let immediate = std::future::poll_fn(|cx| {
-        while done < buf.len() {
-            match Pin::new(&mut *w).poll_write(cx, &buf[done..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(std::io::ErrorKind::WriteZero.into()))),
-                Poll::Ready(Ok(n)) => done += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e))),
-                Poll::Pending => return Poll::Ready(None),
-            }
+    done: &mut usize,
+    cx: &mut Context<'_>,
+) -> Option<std::io::Result<()>> {
+    while *done < buf.len() {
+        match Pin::new(&mut *w).poll_write(cx, &buf[*done..]) {
+            Poll::Ready(Ok(0)) => return Some(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => *done += n,
+            Poll::Ready(Err(e)) => return Some(Err(e)),
+            Poll::Pending => return None,
         }
-        Poll::Ready(Some(Ok(())))
-    })
-    .await;
-    match immediate {
-        Some(r) => Ok(r),
-        None => Box::pin(tokio::time::timeout(slow, w.write_all(&buf[done..]))).await,
     }
+    Some(Ok(()))
 }
 
 #[cfg(test)]
@@ -174,42 +173,48 @@ mod tests {
 
     use super::*;
 
+    fn write_now_noop(w: &mut tokio::io::DuplexStream, buf: &[u8], done: &mut usize) -> Option<std::io::Result<()>> {
+        write_now(w, buf, done, &mut Context::from_waker(std::task::Waker::noop()))
+    }
+
     #[tokio::test]
     async fn a_write_that_fits_completes_at_once() {
         let (mut w, mut peer) = tokio::io::duplex(4096);
-        let r = write_all_within(&mut w, b"hello", Duration::from_secs(60)).await;
-        assert!(matches!(r, Ok(Ok(()))));
+        let mut done = 0;
+        assert!(matches!(write_now_noop(&mut w, b"hello", &mut done), Some(Ok(()))));
+        assert_eq!(done, 5);
         let mut got = [0u8; 5];
         peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
     }
 
     #[tokio::test]
-    async fn a_write_larger_than_the_socket_completes_as_the_peer_reads() {
+    async fn a_full_stream_says_so_and_the_write_resumes_where_it_stopped() {
         let (mut w, mut peer) = tokio::io::duplex(64);
-        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
-        let reader = tokio::spawn(async move {
-            let mut got = vec![0u8; 10_000];
-            peer.read_exact(&mut got).await.unwrap();
-            got
-        });
-        let r = write_all_within(&mut w, &data, Duration::from_secs(60)).await;
-        assert!(matches!(r, Ok(Ok(()))));
-        assert_eq!(reader.await.unwrap(), data);
-    }
-
-    #[tokio::test]
-    async fn a_peer_that_takes_nothing_runs_into_the_deadline() {
-        let (mut w, _peer) = tokio::io::duplex(64);
-        let r = write_all_within(&mut w, &[7u8; 1000], Duration::from_millis(50)).await;
-        assert!(r.is_err(), "the unread peer must time the write out");
+        let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut done = 0;
+        let mut got = Vec::new();
+        loop {
+            match write_now_noop(&mut w, &data, &mut done) {
+                Some(r) => break r.unwrap(),
+                None => {
+                    assert_eq!(done - got.len(), 64, "the stream took what fits, then was full");
+                    let mut chunk = vec![0u8; 64];
+                    peer.read_exact(&mut chunk).await.unwrap();
+                    got.extend(chunk);
+                }
+            }
+        }
+        let mut rest = vec![0u8; done - got.len()];
+        peer.read_exact(&mut rest).await.unwrap();
+        got.extend(rest);
+        assert_eq!(got, data);
     }
 
     #[tokio::test]
     async fn a_closed_peer_is_a_write_error() {
         let (mut w, peer) = tokio::io::duplex(64);
         drop(peer);
-        let r = write_all_within(&mut w, b"x", Duration::from_secs(60)).await;
-        assert!(matches!(r, Ok(Err(_))));
+        assert!(matches!(write_now_noop(&mut w, b"x", &mut 0), Some(Err(_))));
     }
 }

@@ -6,6 +6,7 @@
 //! and a writer that drains the session's queue.
 
 use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -133,28 +134,32 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
                 Box::pin(handle(session, incoming).instrument(span)).await
             },
         },
-        _ = stop.cancelled() => return,
+        _ = stopped(stop) => return,
     };
     if flow == Flow::Close {
         return;
     }
-    let quiet = idle_timeout / 2;
     let mut pinged = false;
     loop {
-        let expires_in = session
-            .token_expiry()
-            .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::unix_now())))
-            .unwrap_or(Duration::MAX);
-        let wait = if pinged { idle_timeout - quiet } else { quiet };
+        // Computed in a block so that only the flag outlives the wait.
+        let (limit, expiring) = {
+            let quiet = idle_timeout / 2;
+            let wait = if pinged { idle_timeout - quiet } else { quiet };
+            let expires_in = session
+                .token_expiry()
+                .map(|exp| Duration::from_secs(exp.saturating_sub(crate::auth::unix_now())))
+                .unwrap_or(Duration::MAX);
+            (wait.min(expires_in), expires_in <= wait)
+        };
         if !source.has_buffered() {
             span = None;
         }
         let next = tokio::select! {
-            r = tokio::time::timeout(wait.min(expires_in), source.next()) => r,
-            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(limit, source.next()) => r,
+            _ = stopped(stop) => return,
         };
         let flow = match next {
-            Err(_) if expires_in <= wait => session.on_token_expired(),
+            Err(_) if expiring => session.on_token_expired(),
             Err(_) if pinged => session.on_idle_timeout(),
             Err(_) => {
                 session.on_quiet();
@@ -170,5 +175,23 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
         if flow == Flow::Close {
             return;
         }
+    }
+}
+
+/// Ready once the server stops reading. It registers no waker of its own
+/// (`cancelled()` would hold a 72-byte waiter in every idle connection):
+/// the server wakes every connection's writer after cancelling
+/// ([`wake_all_for_shutdown`]), and a connection's task polls its reader
+/// together with its writer (`tokio::join!` polls every branch on each
+/// wake-up).
+fn stopped(stop: &CancellationToken) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |_| if stop.is_cancelled() { Poll::Ready(()) } else { Poll::Pending })
+}
+
+/// Wakes every connection's task after `Shutdown::stop_reading` was
+/// cancelled, so that its request loop sees it (see [`stopped`]).
+pub fn wake_all_for_shutdown(hub: &crate::hub::Hub) {
+    for handle in hub.connections() {
+        handle.outbound.wake();
     }
 }

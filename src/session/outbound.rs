@@ -243,9 +243,11 @@ impl Outbound {
         closing
     }
 
-    /// Waits until frames are queued or the queue closes.
-    pub async fn ready(&self) {
-        self.ready.notified().await
+    /// Resolves when frames are queued, the queue closes, or the writer is
+    /// woken. A plain `Notified` rather than an `async fn` around one: each
+    /// idle connection's task holds it.
+    pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
     }
 
     /// Waits until the queue is closed.

@@ -229,4 +229,10 @@ async fn sigterm_says_goaway_shutdown_with_a_retry_hint() {
     }
     assert!(r.closed().await);
     assert!(server.child.wait().unwrap().success());
+    // An idle connection's request loop has no waiter of its own on the
+    // shutdown signal; the server wakes it. Had it not, the reader would
+    // have held the shutdown until its deadline.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let lines = server.log_lines();
+    assert!(!lines.iter().any(|l| l.contains("did not stop in time")), "{lines:?}");
 }
