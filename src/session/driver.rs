@@ -6,7 +6,6 @@
 //! and a writer that drains the session's queue.
 
 use std::future::Future;
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -122,6 +121,7 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
         let limits = &session.hub().limits;
         (limits.handshake_timeout, limits.idle_timeout)
     };
+    let me = session.handle().clone();
     // The span of the requests of the current burst (frames already read),
     // made once per burst and dropped before the loop waits, so an idle
     // connection holds none.
@@ -134,7 +134,7 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
                 Box::pin(handle(session, incoming).instrument(span)).await
             },
         },
-        _ = stopped(stop) => return,
+        _ = me.stopped(stop) => return,
     };
     if flow == Flow::Close {
         return;
@@ -156,7 +156,7 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
         }
         let next = tokio::select! {
             r = tokio::time::timeout(limit, source.next()) => r,
-            _ = stopped(stop) => return,
+            _ = me.stopped(stop) => return,
         };
         let flow = match next {
             Err(_) if expiring => session.on_token_expired(),
@@ -178,20 +178,10 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
     }
 }
 
-/// Ready once the server stops reading. It registers no waker of its own
-/// (`cancelled()` would hold a 72-byte waiter in every idle connection):
-/// the server wakes every connection's writer after cancelling
-/// ([`wake_all_for_shutdown`]), and a connection's task polls its reader
-/// together with its writer (`tokio::join!` polls every branch on each
-/// wake-up).
-fn stopped(stop: &CancellationToken) -> impl Future<Output = ()> + '_ {
-    std::future::poll_fn(move |_| if stop.is_cancelled() { Poll::Ready(()) } else { Poll::Pending })
-}
-
-/// Wakes every connection's task after `Shutdown::stop_reading` was
-/// cancelled, so that its request loop sees it (see [`stopped`]).
+/// Wakes every connection's request loop after `Shutdown::stop_reading`
+/// was cancelled (see [`super::SessionHandle::stopped`]).
 pub fn wake_all_for_shutdown(hub: &crate::hub::Hub) {
     for handle in hub.connections() {
-        handle.outbound.wake();
+        handle.wake_reader();
     }
 }

@@ -9,11 +9,14 @@ pub mod outbound;
 mod requests;
 pub mod stats;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, FrameError, encode_frame};
 use crate::hub::{Hub, UserEntry};
@@ -38,6 +41,10 @@ pub struct SessionHandle {
     pub inflight: Arc<Semaphore>,
     /// Who, from where, and how much.
     pub stats: stats::ConnStats,
+    /// The request loop's waker for the shutdown signal: the loop checks the
+    /// signal instead of holding a 72-byte waiter on it in every idle
+    /// connection's task, and shutdown wakes it here.
+    reader: futures_util::task::AtomicWaker,
 }
 
 impl SessionHandle {
@@ -50,8 +57,30 @@ impl SessionHandle {
             user: OnceLock::new(),
             lagging: Mutex::new(Vec::new()),
             has_lagging: AtomicBool::new(false),
+            reader: futures_util::task::AtomicWaker::new(),
             inflight: Arc::new(Semaphore::new(limits.max_inflight_publishes)),
         }
+    }
+
+    /// Ready once `stop` is cancelled; [`SessionHandle::wake_reader`] wakes
+    /// it after the cancel.
+    pub fn stopped<'a>(&'a self, stop: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |cx| {
+            if !stop.is_cancelled() {
+                self.reader.register(cx.waker());
+                // A cancel between the check and the registration woke
+                // nobody: check again.
+                if !stop.is_cancelled() {
+                    return Poll::Pending;
+                }
+            }
+            Poll::Ready(())
+        })
+    }
+
+    /// Wakes the request loop waiting in [`SessionHandle::stopped`].
+    pub fn wake_reader(&self) {
+        self.reader.wake();
     }
 
     /// The authenticated user ("" before `Welcome`).

@@ -229,10 +229,57 @@ async fn sigterm_says_goaway_shutdown_with_a_retry_hint() {
     }
     assert!(r.closed().await);
     assert!(server.child.wait().unwrap().success());
-    // An idle connection's request loop has no waiter of its own on the
-    // shutdown signal; the server wakes it. Had it not, the reader would
-    // have held the shutdown until its deadline.
+    // An idle connection's request loop holds no waiter on the shutdown
+    // signal; the server wakes it. Had it not, the reader would have held
+    // the shutdown until its deadline.
     std::thread::sleep(std::time::Duration::from_millis(100));
     let lines = server.log_lines();
     assert!(!lines.iter().any(|l| l.contains("did not stop in time")), "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_the_reader_of_a_connection_whose_writer_is_blocked() {
+    // The request loop holds no waiter on the shutdown signal; shutdown wakes
+    // it directly. A wake-up through the writer would be lost while the
+    // writer waits on a full socket (here for up to two minutes).
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Process::start(
+        data.path(),
+        &[
+            "--outbound-max-frames",
+            "8",
+            "--outbound-max-bytes",
+            "16384",
+            "--slow-consumer-timeout-ms",
+            "120000",
+            "--shutdown-timeout-ms",
+            "3000",
+        ],
+    );
+    let mut slow = Raw::connect_small(&server.addr).await;
+    slow.hello(&token_for(data.path(), "slow"), vec![]).await;
+    slow.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let mut publisher = Raw::connect(&server.addr).await;
+    publisher.hello(&token_for(data.path(), "pub"), vec![]).await;
+    publisher.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    // 12 MiB: more than the slow reader's socket buffers hold (Linux grows a
+    // loopback send buffer to tcp_wmem's 4 MiB at most), so its writer ends
+    // up waiting on a full socket.
+    let payload = bytes::Bytes::from(vec![b'z'; 8192]);
+    for i in 0..1536u64 {
+        let p = proto::Publish {
+            room: "r".into(),
+            client_msg_id: format!("{i}"),
+            data: payload.clone(),
+            ..Default::default()
+        };
+        assert!(matches!(publisher.call(3 + i, Body::Publish(p)).await, Body::PublishAck(_)));
+    }
+    let pid = server.child.id().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(server.child.wait().unwrap().success());
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let lines = server.log_lines();
+    assert!(!lines.iter().any(|l| l.contains("readers did not stop in time")), "{lines:?}");
+    drop(slow);
 }
