@@ -116,7 +116,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
             let mut done = 0;
             let r = match std::future::poll_fn(|cx| Poll::Ready(write_now(w, &buf, &mut done, cx))).await {
                 Some(r) => Ok(r),
-                None => Box::pin(tokio::time::timeout(slow, w.write_all(&buf[done..]))).await,
+                None => {
+                    let rest = async {
+                        w.write_all(&buf[done..]).await?;
+                        w.flush().await
+                    };
+                    Box::pin(tokio::time::timeout(slow, rest)).await
+                }
             };
             match r {
                 Ok(Ok(())) => {}
@@ -147,9 +153,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
     let _ = w.shutdown().await;
 }
 
-/// Writes as much of `buf[*done..]` as the stream takes without waiting:
-/// `Some` when all of it is written (or the write failed), `None` when the
-/// stream is full (a wake-up is then registered with `cx`).
+/// Writes as much of `buf[*done..]` as the stream takes without waiting,
+/// then flushes: `Some` when all of it is out (or the write failed), `None`
+/// when the stream is full (a wake-up is then registered with `cx`).
+///
+/// The flush matters for TLS: tokio-rustls accepts plaintext and reports it
+/// written while records it could not send yet stay in rustls's buffer, so
+/// without it the tail of a batch would wait for the next batch. On TCP it
+/// is a no-op.
 fn write_now<W: AsyncWrite + Unpin>(
     w: &mut W,
     buf: &[u8],
@@ -164,7 +175,10 @@ fn write_now<W: AsyncWrite + Unpin>(
             Poll::Pending => return None,
         }
     }
-    Some(Ok(()))
+    match Pin::new(&mut *w).poll_flush(cx) {
+        Poll::Ready(r) => Some(r),
+        Poll::Pending => None,
+    }
 }
 
 #[cfg(test)]
@@ -209,6 +223,39 @@ mod tests {
         peer.read_exact(&mut rest).await.unwrap();
         got.extend(rest);
         assert_eq!(got, data);
+    }
+
+    /// Takes every write into a buffer and sends it only on flush, as
+    /// tokio-rustls does with records a full socket did not take.
+    #[derive(Default)]
+    struct Buffering {
+        pending: Vec<u8>,
+        sent: Vec<u8>,
+    }
+
+    impl AsyncWrite for Buffering {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            self.pending.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let this = &mut *self;
+            this.sent.append(&mut this.pending);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[test]
+    fn what_a_stream_buffers_is_flushed_with_the_write() {
+        let mut w = Buffering::default();
+        let r = write_now(&mut w, b"tail of a batch", &mut 0, &mut Context::from_waker(std::task::Waker::noop()));
+        assert!(matches!(r, Some(Ok(()))));
+        assert_eq!(w.sent, b"tail of a batch");
     }
 
     #[tokio::test]
