@@ -18,10 +18,6 @@ use crate::hub::Hub;
 use crate::session::driver::{Incoming, Shutdown, Source, serve_requests};
 use crate::session::{Session, SessionHandle};
 
-/// A write buffer grown past this is released once written, so idle
-/// connections keep no large buffer.
-const KEEP_WRITE_BUF: usize = 64 * 1024;
-
 /// A stream that can say when it has bytes to read without being handed a
 /// buffer to read them into.
 pub trait Readable {
@@ -70,6 +66,9 @@ impl<R: AsyncRead + Readable + Unpin + Send + Sync> Source for Frames<R> {
         }
     }
 }
+
+/// A write buffer grown past this is released once written.
+const KEEP_WRITE_BUF: usize = 64 * 1024;
 
 /// Serves one connection until it closes.
 pub fn serve<R, W>(
@@ -147,6 +146,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
         if handle.tend(hub) {
             continue;
         }
+        // Nothing to write: an idle connection keeps no write buffer. A busy
+        // one keeps it from write to write (freeing it after every write
+        // cost 3-5% in S1 at 1024 in flight).
+        buf = BytesMut::new();
         handle.outbound.ready().await;
     }
     handle.outbound.close_with(None);
