@@ -77,48 +77,76 @@ struct Bucket {
     at: Instant,
 }
 
-/// The rooms a user is a member of, sorted by id. A sorted `Vec` rather than
-/// a `HashMap`: a user in one room holds a 16-byte slot instead of a
-/// ~100-byte table (idle memory per connection, issue 6); lookups are a
-/// binary search, and joins and leaves are rare next to messages.
-#[derive(Default)]
-pub struct RoomSet(Vec<(RoomId, Arc<Room>)>);
+/// Values by room id, sorted by id: a user's rooms and read markers. A
+/// sorted `Vec` rather than a `HashMap`: a user in one room holds a 16-byte
+/// slot instead of a ~100-byte table, and an empty map is 24 bytes instead of
+/// 48 (idle memory per connection, issue 6). Lookups are a binary search;
+/// joins, leaves and read markers are rare next to messages.
+pub struct RoomMap<V>(Vec<(RoomId, V)>);
 
-impl RoomSet {
+impl<V> Default for RoomMap<V> {
+    fn default() -> Self {
+        RoomMap(Vec::new())
+    }
+}
+
+impl<V> RoomMap<V> {
     fn find(&self, id: RoomId) -> Result<usize, usize> {
         self.0.binary_search_by_key(&id, |(i, _)| *i)
     }
 
-    /// Adds `room` under `id`; returns the room it replaced, if any.
-    pub fn insert(&mut self, id: RoomId, room: Arc<Room>) -> Option<Arc<Room>> {
+    fn add(&mut self, at: usize, id: RoomId, value: V) {
+        // The first entry gets one slot, not `Vec`'s usual four.
+        if self.0.capacity() == 0 {
+            self.0.reserve_exact(1);
+        }
+        self.0.insert(at, (id, value));
+    }
+
+    /// Sets the value for `id`; returns the one it replaced, if any.
+    pub fn insert(&mut self, id: RoomId, value: V) -> Option<V> {
         match self.find(id) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, room)),
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
-                if self.0.capacity() == 0 {
-                    self.0.reserve_exact(1);
-                }
-                self.0.insert(i, (id, room));
+                self.add(i, id, value);
                 None
             }
         }
     }
 
-    /// Removes the room `id`.
-    pub fn remove(&mut self, id: &RoomId) -> Option<Arc<Room>> {
+    /// The value for `id`, inserting `value` first if there is none.
+    pub fn get_or_insert(&mut self, id: RoomId, value: V) -> &mut V {
+        let i = match self.find(id) {
+            Ok(i) => i,
+            Err(i) => {
+                self.add(i, id, value);
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// The value for `id`.
+    pub fn get(&self, id: &RoomId) -> Option<&V> {
+        self.find(*id).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Removes the value for `id`.
+    pub fn remove(&mut self, id: &RoomId) -> Option<V> {
         self.find(*id).ok().map(|i| self.0.remove(i).1)
     }
 
-    /// Whether the room `id` is in the set.
+    /// Whether `id` has a value.
     pub fn contains_key(&self, id: &RoomId) -> bool {
         self.find(*id).is_ok()
     }
 
-    /// The rooms, by id.
-    pub fn values(&self) -> impl Iterator<Item = &Arc<Room>> {
-        self.0.iter().map(|(_, r)| r)
+    /// The values, by room id.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
     }
 
-    /// How many rooms.
+    /// How many entries.
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -133,9 +161,9 @@ impl RoomSet {
 #[derive(Default)]
 pub struct UserState {
     /// Rooms the user is a member of.
-    pub rooms: RoomSet,
+    pub rooms: RoomMap<Arc<Room>>,
     /// Read markers by room.
-    pub read: HashMap<RoomId, u64>,
+    pub read: RoomMap<u64>,
     /// Sessions online.
     pub sessions: Vec<Arc<SessionHandle>>,
     bucket: Option<Bucket>,
@@ -460,5 +488,30 @@ impl Hub {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_maps_stay_sorted_and_behave_like_maps() {
+        let mut m = RoomMap::default();
+        assert!(m.is_empty());
+        for id in [7, 3, 9, 1] {
+            assert_eq!(m.insert(id, id * 10), None);
+        }
+        assert_eq!(m.insert(3, 33), Some(30), "insert replaces and returns the old value");
+        assert_eq!(m.values().copied().collect::<Vec<_>>(), [10, 33, 70, 90], "by room id");
+        assert_eq!(m.get(&9), Some(&90));
+        assert!(m.get(&4).is_none() && !m.contains_key(&4) && m.contains_key(&1));
+        *m.get_or_insert(4, 0) += 5;
+        *m.get_or_insert(4, 0) += 5;
+        assert_eq!(m.get(&4), Some(&10));
+        assert_eq!(m.remove(&7), Some(70));
+        assert_eq!(m.remove(&7), None);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m.values().copied().collect::<Vec<_>>(), [10, 33, 10, 90]);
     }
 }

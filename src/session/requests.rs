@@ -516,7 +516,7 @@ impl Session {
         self.commit(Write::ReadMarker(ReadMarker { user: user.to_string(), room: room.id, seq })).await?;
         let moved = {
             let mut st = entry.lock();
-            let marker = st.read.entry(room.id).or_insert(0);
+            let marker = st.read.get_or_insert(room.id, 0);
             let moved = seq > *marker;
             *marker = (*marker).max(seq);
             moved.then_some(*marker)
