@@ -164,3 +164,21 @@ async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
     );
     assert!(!metrics.contains("chatd_slow_consumer_disconnects_total 0"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_task_stays_in_tokio_s_1_kib_task_cell() {
+    // Idle memory per connection (issue 6): tokio allocates a task as one
+    // 128-byte-aligned cell, 112 bytes of header, trailer and wrappers
+    // around the future (-Zprint-type-sizes). At most 912 bytes of future
+    // keep it at 1,024 bytes; the next cell, and allocator size class, is
+    // 1,280. The connection's task is this future for its whole life.
+    let s = TestServer::start().await;
+    let hub = s.server.as_ref().unwrap().hub().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (sock, _) = listener.accept().await.unwrap();
+    let (r, w) = sock.into_split();
+    let task = chatd::net::stream::serve(hub, r, w, "tcp", "test".into(), Default::default());
+    let size = std::mem::size_of_val(&task);
+    assert!(size <= 912, "a TCP connection's future is {size} bytes: its task no longer fits a 1 KiB cell");
+}
