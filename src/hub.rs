@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::auth::Auth;
+use crate::idmap::IdMap;
 use crate::room::Room;
 use crate::room::fanout::Completion;
 use crate::session::SessionHandle;
@@ -77,93 +78,13 @@ struct Bucket {
     at: Instant,
 }
 
-/// Values by room id, sorted by id: a user's rooms and read markers. A
-/// sorted `Vec` rather than a `HashMap`: a user in one room holds a 16-byte
-/// slot instead of a ~100-byte table, and an empty map is 24 bytes instead of
-/// 48 (idle memory per connection, issue 6). Lookups are a binary search;
-/// joins, leaves and read markers are rare next to messages.
-pub struct RoomMap<V>(Vec<(RoomId, V)>);
-
-impl<V> Default for RoomMap<V> {
-    fn default() -> Self {
-        RoomMap(Vec::new())
-    }
-}
-
-impl<V> RoomMap<V> {
-    fn find(&self, id: RoomId) -> Result<usize, usize> {
-        self.0.binary_search_by_key(&id, |(i, _)| *i)
-    }
-
-    fn add(&mut self, at: usize, id: RoomId, value: V) {
-        // The first entry gets one slot, not `Vec`'s usual four.
-        if self.0.capacity() == 0 {
-            self.0.reserve_exact(1);
-        }
-        self.0.insert(at, (id, value));
-    }
-
-    /// Sets the value for `id`; returns the one it replaced, if any.
-    pub fn insert(&mut self, id: RoomId, value: V) -> Option<V> {
-        match self.find(id) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
-            Err(i) => {
-                self.add(i, id, value);
-                None
-            }
-        }
-    }
-
-    /// The value for `id`, inserting `value` first if there is none.
-    pub fn get_or_insert(&mut self, id: RoomId, value: V) -> &mut V {
-        let i = match self.find(id) {
-            Ok(i) => i,
-            Err(i) => {
-                self.add(i, id, value);
-                i
-            }
-        };
-        &mut self.0[i].1
-    }
-
-    /// The value for `id`.
-    pub fn get(&self, id: &RoomId) -> Option<&V> {
-        self.find(*id).ok().map(|i| &self.0[i].1)
-    }
-
-    /// Removes the value for `id`.
-    pub fn remove(&mut self, id: &RoomId) -> Option<V> {
-        self.find(*id).ok().map(|i| self.0.remove(i).1)
-    }
-
-    /// Whether `id` has a value.
-    pub fn contains_key(&self, id: &RoomId) -> bool {
-        self.find(*id).is_ok()
-    }
-
-    /// The values, by room id.
-    pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.0.iter().map(|(_, v)| v)
-    }
-
-    /// How many entries.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 /// What is known about one user.
 #[derive(Default)]
 pub struct UserState {
     /// Rooms the user is a member of.
-    pub rooms: RoomMap<Arc<Room>>,
+    pub rooms: IdMap<Arc<Room>>,
     /// Read markers by room.
-    pub read: RoomMap<u64>,
+    pub read: IdMap<u64>,
     /// Sessions online.
     pub sessions: Vec<Arc<SessionHandle>>,
     bucket: Option<Bucket>,
@@ -488,30 +409,5 @@ impl Hub {
             }
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn room_maps_stay_sorted_and_behave_like_maps() {
-        let mut m = RoomMap::default();
-        assert!(m.is_empty());
-        for id in [7, 3, 9, 1] {
-            assert_eq!(m.insert(id, id * 10), None);
-        }
-        assert_eq!(m.insert(3, 33), Some(30), "insert replaces and returns the old value");
-        assert_eq!(m.values().copied().collect::<Vec<_>>(), [10, 33, 70, 90], "by room id");
-        assert_eq!(m.get(&9), Some(&90));
-        assert!(m.get(&4).is_none() && !m.contains_key(&4) && m.contains_key(&1));
-        *m.get_or_insert(4, 0) += 5;
-        *m.get_or_insert(4, 0) += 5;
-        assert_eq!(m.get(&4), Some(&10));
-        assert_eq!(m.remove(&7), Some(70));
-        assert_eq!(m.remove(&7), None);
-        assert_eq!(m.len(), 4);
-        assert_eq!(m.values().copied().collect::<Vec<_>>(), [10, 33, 10, 90]);
     }
 }

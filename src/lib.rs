@@ -27,6 +27,8 @@
 //! * [`store`] — the [`store::Store`] trait, [`store::sled`],
 //!   [`store::memory`], [`store::commit`] (group commit and durability).
 //! * [`hub`] — the state sessions share: rooms, users, memberships.
+//! * [`idmap`] — the small id-keyed map behind a room's subscribers and a
+//!   user's rooms and read markers.
 //! * [`auth`] — HS256 tokens and the secret file.
 //! * [`net`] — listeners and the stream driver; [`http`] — the HTTP side.
 //! * [`config`], [`server`] — configuration and wiring.
@@ -44,6 +46,8 @@ pub mod config;
 pub mod http;
 #[cfg(feature = "server")]
 pub mod hub;
+#[cfg(feature = "server")]
+pub mod idmap;
 #[cfg(feature = "server")]
 pub mod logs;
 #[cfg(feature = "server")]

@@ -34,6 +34,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 
 use crate::codec::{PREFIX_LEN, encode_frame};
+use crate::idmap::IdMap;
 use crate::proto::{self, Body, Envelope};
 use crate::session::SessionHandle;
 use crate::session::outbound::Frame;
@@ -105,74 +106,6 @@ struct Subscriber {
     mode: Mode,
 }
 
-/// A room's subscribers, sorted by session id. A sorted `Vec` rather than a
-/// `HashMap`: a room with one subscriber costs one 40-byte slot instead of a
-/// ~220-byte table (idle memory per connection, issue 6), the fan-out walks
-/// contiguous memory, and since session ids only grow a new subscriber is
-/// appended. Removal moves the tail: microseconds even for 10,000.
-#[derive(Default)]
-struct Subscribers(Vec<Subscriber>);
-
-impl Subscribers {
-    fn find(&self, id: u64) -> Result<usize, usize> {
-        self.0.binary_search_by_key(&id, |s| s.session.id)
-    }
-
-    fn get(&self, id: u64) -> Option<&Subscriber> {
-        self.find(id).ok().map(|i| &self.0[i])
-    }
-
-    fn get_mut(&mut self, id: u64) -> Option<&mut Subscriber> {
-        self.find(id).ok().map(|i| &mut self.0[i])
-    }
-
-    /// Adds `sub`, replacing the subscriber of the same session.
-    fn insert(&mut self, sub: Subscriber) {
-        match self.find(sub.session.id) {
-            Ok(i) => self.0[i] = sub,
-            Err(i) => self.add(i, sub),
-        }
-    }
-
-    /// Adds `sub` unless its session is subscribed already.
-    fn insert_if_absent(&mut self, sub: Subscriber) {
-        if let Err(i) = self.find(sub.session.id) {
-            self.add(i, sub);
-        }
-    }
-
-    fn add(&mut self, at: usize, sub: Subscriber) {
-        // A room's first subscriber gets one slot, not `Vec`'s usual four
-        // (a 48-byte allocation instead of 160: most rooms are small).
-        if self.0.capacity() == 0 {
-            self.0.reserve_exact(1);
-        }
-        self.0.insert(at, sub);
-    }
-
-    fn remove(&mut self, id: u64) {
-        if let Ok(i) = self.find(id) {
-            self.0.remove(i);
-            // A room that emptied out keeps no large buffer.
-            if self.0.capacity() > 4 * self.0.len().max(4) {
-                self.0.shrink_to(2 * self.0.len());
-            }
-        }
-    }
-
-    fn iter(&self) -> std::slice::Iter<'_, Subscriber> {
-        self.0.iter()
-    }
-
-    fn iter_mut(&mut self) -> std::slice::IterMut<'_, Subscriber> {
-        self.0.iter_mut()
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-}
-
 /// One room.
 pub struct Room {
     /// Numeric id, the key prefix of its log.
@@ -184,7 +117,8 @@ pub struct Room {
     /// Highest seq committed and handed to subscribers: the head that
     /// clients may read.
     dispatched: AtomicU64,
-    subs: Mutex<Subscribers>,
+    /// By session id.
+    subs: Mutex<IdMap<Subscriber>>,
     /// Times a subscriber's queue was full and it fell back to the log.
     slow_consumer_events: AtomicU64,
     /// Users typing now, with when their indicator expires. A `Vec`: a
@@ -213,7 +147,7 @@ impl Room {
             name,
             next_seq: Mutex::new((head + 1, 0)),
             dispatched: AtomicU64::new(head),
-            subs: Mutex::new(Subscribers::default()),
+            subs: Mutex::new(IdMap::default()),
             slow_consumer_events: AtomicU64::new(0),
             typing: Mutex::new(Vec::new()),
             stats: Default::default(),
@@ -266,7 +200,7 @@ impl Room {
         self.slow_consumer_events.load(Ordering::Relaxed)
     }
 
-    fn subs(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+    fn subs(&self) -> std::sync::MutexGuard<'_, IdMap<Subscriber>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -300,7 +234,7 @@ impl Room {
         if let Some(reply) = reply {
             let _ = session.outbound.push(reply(head));
         }
-        subs.insert_if_absent(Subscriber { session: session.clone(), delivered: head, mode: Mode::Live });
+        subs.get_or_insert(session.id, Subscriber { session: session.clone(), delivered: head, mode: Mode::Live });
         head
     }
 
@@ -312,7 +246,7 @@ impl Room {
         let after = after.min(self.head());
         let catching_up = synced.is_some() || after < self.head();
         let mode = if catching_up { Mode::CatchingUp { synced, since: Instant::now() } } else { Mode::Live };
-        subs.insert(Subscriber { session: session.clone(), delivered: after, mode });
+        subs.insert(session.id, Subscriber { session: session.clone(), delivered: after, mode });
         drop(subs);
         if catching_up {
             session.mark_lagging(self);
@@ -321,12 +255,12 @@ impl Room {
 
     /// Removes `session`; it receives nothing more from this room.
     pub fn unsubscribe(&self, session_id: u64) {
-        self.subs().remove(session_id);
+        self.subs().remove(&session_id);
     }
 
     /// Users with at least one session subscribed, sorted.
     pub fn online_users(&self) -> Vec<String> {
-        let mut users: Vec<String> = self.subs().iter().map(|s| s.session.user().to_string()).collect();
+        let mut users: Vec<String> = self.subs().values().map(|s| s.session.user().to_string()).collect();
         users.sort();
         users.dedup();
         users
@@ -349,7 +283,7 @@ impl Room {
         let mut lagging = Vec::new();
         {
             let mut subs = self.subs();
-            for sub in subs.iter_mut() {
+            for sub in subs.values_mut() {
                 if let Mode::Live = sub.mode {
                     let todo = &messages[messages.partition_point(|(seq, _)| *seq <= sub.delivered)..];
                     if todo.is_empty() {
@@ -377,7 +311,7 @@ impl Room {
     /// Offers an ephemeral push (typing, read receipt) to every live
     /// subscriber but `except`; a full queue just misses it.
     pub fn broadcast_ephemeral(&self, frame: &Frame, except: Option<u64>) {
-        for sub in self.subs().iter() {
+        for sub in self.subs().values() {
             if Some(sub.session.id) != except && matches!(sub.mode, Mode::Live) {
                 let _ = sub.session.outbound.offer(frame.clone());
             }
@@ -395,7 +329,7 @@ impl Room {
     ) -> Result<CatchUp, StoreError> {
         let from = {
             let subs = self.subs();
-            match subs.get(session.id) {
+            match subs.get(&session.id) {
                 Some(Subscriber { delivered, mode: Mode::CatchingUp { .. }, .. }) => *delivered,
                 _ => return Ok(CatchUp::Done),
             }
@@ -420,7 +354,7 @@ impl Room {
         };
 
         let mut subs = self.subs();
-        let Some(sub) = subs.get_mut(session.id) else {
+        let Some(sub) = subs.get_mut(&session.id) else {
             return Ok(CatchUp::Done);
         };
         let Mode::CatchingUp { synced, .. } = sub.mode else {
@@ -449,7 +383,7 @@ impl Room {
 
     /// When `session` started catching up here, if it is.
     pub fn lagging_since(&self, session_id: u64) -> Option<Instant> {
-        match self.subs().get(session_id) {
+        match self.subs().get(&session_id) {
             Some(Subscriber { mode: Mode::CatchingUp { since, .. }, .. }) => Some(*since),
             _ => None,
         }
@@ -471,37 +405,6 @@ impl Room {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subscribers_stay_sorted_unique_and_findable() {
-        let limits = crate::hub::Limits::default();
-        let session = |id| Arc::new(SessionHandle::new(id, &limits, "tcp", String::new()));
-        let sub = |id, delivered| Subscriber { session: session(id), delivered, mode: Mode::Live };
-        let mut subs = Subscribers::default();
-        for id in [5, 1, 9, 3, 7] {
-            subs.insert(sub(id, 0));
-        }
-        subs.insert(sub(3, 30));
-        subs.insert_if_absent(sub(9, 90));
-        let ids = |subs: &Subscribers| subs.iter().map(|s| s.session.id).collect::<Vec<_>>();
-        assert_eq!(ids(&subs), [1, 3, 5, 7, 9]);
-        assert_eq!(subs.get(3).map(|s| s.delivered), Some(30), "insert replaces");
-        assert_eq!(subs.get(9).map(|s| s.delivered), Some(0), "insert_if_absent keeps");
-        assert!(subs.get(4).is_none());
-        subs.get_mut(7).unwrap().delivered = 70;
-        subs.remove(5);
-        subs.remove(4);
-        assert_eq!(ids(&subs), [1, 3, 7, 9]);
-        assert_eq!(subs.get(7).map(|s| s.delivered), Some(70));
-        for id in 100..1100 {
-            subs.insert(sub(id, 0));
-        }
-        for id in 100..1100 {
-            subs.remove(id);
-        }
-        assert_eq!(subs.len(), 4);
-        assert!(subs.0.capacity() <= 16, "an emptied room gives its buffer back ({})", subs.0.capacity());
-    }
 
     #[test]
     fn message_frames_match_a_full_envelope_encoding() {
