@@ -237,7 +237,7 @@ impl Server {
         self.app.serving.store(false, Ordering::Release);
         self.stop_accepting.cancel();
         self.shutdown.stop_reading.cancel();
-        // Request loops have no waiter of their own on the signal.
+        // Request loops check the token rather than wait on it: wake them.
         crate::session::driver::wake_all_for_shutdown(&self.hub);
         self.shutdown.readers.close();
         if tokio::time::timeout_at(deadline, self.shutdown.readers.wait()).await.is_err() {

@@ -197,23 +197,21 @@ impl Outbound {
         let mut q = self.lock();
         out.reserve(q.bytes);
         let n = q.frames.len();
+        q.bytes = 0;
+        let closing = q.closing;
         if n <= SMALL_DRAIN {
             // Copied outside the lock, and the queue's buffer goes with it.
             let frames = std::mem::take(&mut q.frames);
-            q.bytes = 0;
-            let closing = q.closing;
             drop(q);
             for f in &frames {
                 out.extend_from_slice(&f.wire);
             }
-            return self.drained(n, closing);
+        } else {
+            for f in q.frames.drain(..) {
+                out.extend_from_slice(&f.wire);
+            }
+            drop(q);
         }
-        for f in q.frames.drain(..) {
-            out.extend_from_slice(&f.wire);
-        }
-        q.bytes = 0;
-        let closing = q.closing;
-        drop(q);
         self.drained(n, closing)
     }
 
