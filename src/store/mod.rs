@@ -11,6 +11,7 @@
 //! [`memory::MemoryStore`] (tests and benches).
 
 pub mod commit;
+pub mod idem;
 pub mod memory;
 pub mod sled;
 
@@ -199,7 +200,9 @@ pub fn split_user_key(key: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 impl IdempotencyRecord {
-    /// Fixed 24-byte encoding: room, seq, ts (u64 BE each).
+    /// Fixed 24-byte encoding: room, seq, ts (u64 BE each). The value of the
+    /// sled store's per-key records in its previous format, read when such a
+    /// store is upgraded.
     pub fn encode(&self) -> [u8; 24] {
         let mut v = [0u8; 24];
         v[..8].copy_from_slice(&self.room.to_be_bytes());

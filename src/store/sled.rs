@@ -6,8 +6,12 @@
 //! * `rooms` — room name → room id.
 //! * `members` — `user ‖ 0 ‖ room_id` → empty.
 //! * `reads` — `user ‖ 0 ‖ room_id` → read seq (u64 BE).
-//! * `idem` — `user ‖ 0 ‖ client_msg_id` → room, seq, ts (the idempotency window).
-//! * `meta` — `format` → [`FORMAT`], so a foreign directory is refused.
+//! * `idem_journal` — record number (u64 BE) → the idempotency entries of
+//!   one group commit (the idempotency window; [`super::idem`] says why it
+//!   is a journal with an index in memory and not a record per key).
+//! * `meta` — `format` → [`FORMAT`], so a foreign directory is refused. A
+//!   store of the previous format ([`FORMAT_1`], a record per key in `idem`)
+//!   is upgraded when it opens.
 //!
 //! Durability: sled's `flush` writes with `sync_file_range`, which does not
 //! reach the disk's cache (sled issues 1351, 1452), so `sync` follows it
@@ -15,11 +19,11 @@
 //!
 //! A group commit is written as single inserts in a fixed order — room
 //! names and memberships, then messages (each room's in seq order), then
-//! their idempotency records, then read markers — not with `apply_batch`.
+//! their idempotency journal record, then read markers — not with `apply_batch`.
 //! sled recovers a prefix of its log (it stops at the first torn or missing
 //! segment), so a crash keeps a prefix of that order: never a message
 //! without its room's name, never a gap in a room's seqs, and at most the
-//! idempotency records of the tail missing, which `load` re-indexes. A
+//! journal record of the tail missing, which `load` re-indexes. A
 //! message kept that was never acknowledged is a publish whose ack was lost:
 //! its retry finds it by its idempotency key. `apply_batch` would make each
 //! tree's part atomic, but measured twice the cost per insert, and while it
@@ -38,18 +42,30 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 use prost::Message as _;
 
+use super::idem::{self, Entry, IdemIndex, Loc};
 use super::{
-    Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key, split_user_key, user_key,
+    Append, Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key, split_user_key,
+    user_key,
 };
 use crate::proto;
 
-/// Written to `meta/format` in a new store; anything else is refused.
-pub const FORMAT: &[u8] = b"chatd-store-1";
+/// Written to `meta/format` in a new store; anything but this and
+/// [`FORMAT_1`] is refused.
+pub const FORMAT: &[u8] = b"chatd-store-2";
+
+/// The previous format: the idempotency window as one `idem` record per key
+/// (`user ‖ 0 ‖ client_msg_id` → [`IdempotencyRecord::encode`]). Upgraded
+/// in place when opened.
+pub const FORMAT_1: &[u8] = b"chatd-store-1";
+
+/// The tree of the idempotency journal.
+const JOURNAL: &str = "idem_journal";
 
 /// How far back `load` looks for messages whose idempotency records were
 /// lost in a crash: at least the largest batch the group commit writes.
@@ -68,7 +84,7 @@ struct Trees {
     rooms: sled::Tree,
     members: sled::Tree,
     reads: sled::Tree,
-    idem: sled::Tree,
+    journal: sled::Tree,
     meta: sled::Tree,
     /// sled's data file, opened once so `sync` is one `fdatasync`.
     data_file: File,
@@ -81,6 +97,10 @@ pub struct SledStore {
     trees: RwLock<Option<Trees>>,
     path: PathBuf,
     cache_bytes: u64,
+    /// The idempotency window's index (see [`super::idem`]).
+    index: Mutex<IdemIndex>,
+    /// Number of the next journal record. Only grows, also across a reopen.
+    next_record: AtomicU64,
 }
 
 impl SledStore {
@@ -88,7 +108,90 @@ impl SledStore {
     /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
-        Ok(SledStore { trees: RwLock::new(Some(Trees::open(dir, cache_bytes)?)), path: dir.to_path_buf(), cache_bytes })
+        let trees = Trees::open(dir, cache_bytes)?;
+        let mut index = IdemIndex::new(idem::MAX_IDS_PER_USER);
+        let mut next_record = 0;
+        for kv in trees.journal.iter() {
+            let (k, v) = kv?;
+            next_record = record_number(&k)? + 1;
+            for e in decode_record(&k, &v)? {
+                index.insert(e.user, e.client_msg_id, e.loc());
+            }
+        }
+        if !index.is_empty() {
+            tracing::info!(ids = index.len(), "idempotency window loaded");
+        }
+        Ok(SledStore {
+            trees: RwLock::new(Some(trees)),
+            path: dir.to_path_buf(),
+            cache_bytes,
+            index: Mutex::new(index),
+            next_record: AtomicU64::new(next_record),
+        })
+    }
+
+    fn index(&self) -> MutexGuard<'_, IdemIndex> {
+        // Every change to the index is complete before the next one starts,
+        // so a panic elsewhere cannot leave it half-updated.
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `entries` as journal records (several when they exceed
+    /// [`idem::RECORD_BYTES`]).
+    fn put_journal<'a>(&self, t: &Trees, entries: impl Iterator<Item = Entry<'a>>) -> Result<(), StoreError> {
+        let mut record = Vec::new();
+        for e in entries {
+            e.encode(&mut record);
+            if record.len() >= idem::RECORD_BYTES {
+                self.put_record(t, &record)?;
+                record.clear();
+            }
+        }
+        if !record.is_empty() {
+            self.put_record(t, &record)?;
+        }
+        Ok(())
+    }
+
+    fn put_record(&self, t: &Trees, record: &[u8]) -> Result<(), StoreError> {
+        let n = self.next_record.fetch_add(1, Ordering::Relaxed);
+        t.journal.insert(&n.to_be_bytes()[..], record)?;
+        Ok(())
+    }
+
+    /// Re-creates the journal entries lost between the messages and the
+    /// journal record of the last group commit before a crash.
+    fn repair_idempotency(&self, t: &Trees, room: RoomId, head: u64) -> Result<usize, StoreError> {
+        let mut lost = Vec::new();
+        let from = head.saturating_sub(REPAIR_WINDOW) + 1;
+        let range = message_key(room, from)..=message_key(room, head);
+        for kv in t.messages.range(range).rev() {
+            let (k, v) = kv?;
+            let msg = decode_message(&k, &v)?;
+            if msg.client_msg_id.is_empty() {
+                continue;
+            }
+            let loc = Loc { room, seq: msg.seq };
+            if self.index().candidates(&msg.sender, &msg.client_msg_id).contains(&loc) {
+                // Batches are synced in order, so everything older is indexed.
+                break;
+            }
+            lost.push(msg);
+        }
+        lost.reverse();
+        let entries = lost.iter().map(|m| Entry {
+            room,
+            seq: m.seq,
+            ts_ms: m.ts_ms,
+            user: &m.sender,
+            client_msg_id: &m.client_msg_id,
+        });
+        self.put_journal(t, entries.clone())?;
+        let mut index = self.index();
+        for e in entries {
+            index.insert(e.user, e.client_msg_id, e.loc());
+        }
+        Ok(lost.len())
     }
 
     /// Runs `f` on the open database.
@@ -114,9 +217,9 @@ impl SledStore {
     fn reopen(&self) -> Result<(), StoreError> {
         let mut trees = self.trees.write().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = trees.take() {
-            let Trees { db, messages, rooms, members, reads, idem, meta, data_file } = old;
+            let Trees { db, messages, rooms, members, reads, journal, meta, data_file } = old;
             drop(data_file);
-            std::mem::forget((db, messages, rooms, members, reads, idem, meta));
+            std::mem::forget((db, messages, rooms, members, reads, journal, meta));
             let detached = detach_file(&self.path.join("db"))?;
             tracing::warn!(path = %self.path.display(), detached, "reopening the database after a storage failure");
         }
@@ -137,9 +240,11 @@ impl Trees {
         // taking that for a new store would silently start over.
         let existed = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
         let db = open_db(dir, cache_bytes)?;
+        let data_file = File::open(dir.join("db"))?;
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
             Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) if v.as_ref() == FORMAT_1 => upgrade_from_format_1(&db, &meta, &data_file)?,
             Some(v) => {
                 return Err(StoreError::Corrupt(format!(
                     "{} holds store format {:?}, this build reads {:?}",
@@ -170,13 +275,12 @@ impl Trees {
                 db.flush()?;
             }
         }
-        let data_file = File::open(dir.join("db"))?;
         Ok(Trees {
             messages: db.open_tree("messages")?,
             rooms: db.open_tree("rooms")?,
             members: db.open_tree("members")?,
             reads: db.open_tree("reads")?,
-            idem: db.open_tree("idem")?,
+            journal: db.open_tree(JOURNAL)?,
             meta,
             db,
             data_file,
@@ -194,30 +298,6 @@ impl Trees {
         })
     }
 
-    /// Re-creates idempotency records lost between the messages batch and the
-    /// idem batch of the last group commit before a crash.
-    fn repair_idempotency(&self, room: RoomId, head: u64) -> Result<usize, StoreError> {
-        let mut repaired = 0;
-        let from = head.saturating_sub(REPAIR_WINDOW) + 1;
-        let range = message_key(room, from)..=message_key(room, head);
-        for kv in self.messages.range(range).rev() {
-            let (k, v) = kv?;
-            let msg = decode_message(&k, &v)?;
-            if msg.client_msg_id.is_empty() {
-                continue;
-            }
-            let key = user_key(&msg.sender, msg.client_msg_id.as_bytes());
-            if self.idem.contains_key(&key)? {
-                // Batches are synced in order, so everything older is indexed.
-                break;
-            }
-            let rec = IdempotencyRecord { room, seq: msg.seq, ts_ms: msg.ts_ms };
-            self.idem.insert(key, &rec.encode()[..])?;
-            repaired += 1;
-        }
-        Ok(repaired)
-    }
-
     fn sync(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.data_file.sync_data()?;
@@ -227,6 +307,59 @@ impl Trees {
 
 fn decode_message(k: &[u8], v: &[u8]) -> Result<proto::Message, StoreError> {
     proto::Message::decode(v).map_err(|e| StoreError::Corrupt(format!("message {k:?} does not decode: {e}")))
+}
+
+fn decode_record<'a>(k: &[u8], v: &'a [u8]) -> Result<Vec<Entry<'a>>, StoreError> {
+    idem::decode_record(v).ok_or_else(|| StoreError::Corrupt(format!("idempotency journal record {k:?} is malformed")))
+}
+
+fn record_number(k: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(k.try_into().map_err(|_| corrupt_key(k))?))
+}
+
+/// The journal entries of a batch's appends that carry a key.
+fn journal_entries(appends: &[Append]) -> impl Iterator<Item = Entry<'_>> + Clone {
+    appends.iter().filter(|a| !a.client_msg_id.is_empty()).map(|a| Entry {
+        room: a.room,
+        seq: a.seq,
+        ts_ms: a.ts_ms,
+        user: &a.sender,
+        client_msg_id: &a.client_msg_id,
+    })
+}
+
+/// Moves a [`FORMAT_1`] store's idempotency records into the journal, in
+/// timestamp order, then marks the store [`FORMAT`]. Written in that order,
+/// a crash part way leaves a format-1 store, and the upgrade starts over.
+fn upgrade_from_format_1(db: &sled::Db, meta: &sled::Tree, data_file: &File) -> Result<(), StoreError> {
+    let old = db.open_tree("idem")?;
+    let journal = db.open_tree(JOURNAL)?;
+    journal.clear()?;
+    let mut ids = Vec::new();
+    for kv in old.iter() {
+        let (k, v) = kv?;
+        let (user, key) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+        let key = std::str::from_utf8(key).map_err(|_| corrupt_key(&k))?;
+        let rec = IdempotencyRecord::decode(&v).ok_or_else(|| corrupt_key(&k))?;
+        ids.push((rec.ts_ms, rec.room, rec.seq, user.to_string(), key.to_string()));
+    }
+    ids.sort();
+    let mut record = Vec::new();
+    let mut n = 0u64;
+    for (i, (ts_ms, room, seq, user, key)) in ids.iter().enumerate() {
+        Entry { room: *room, seq: *seq, ts_ms: *ts_ms, user, client_msg_id: key }.encode(&mut record);
+        if record.len() >= idem::RECORD_BYTES || i + 1 == ids.len() {
+            journal.insert(&n.to_be_bytes()[..], &record[..])?;
+            n += 1;
+            record.clear();
+        }
+    }
+    meta.insert("format", FORMAT)?;
+    db.drop_tree("idem")?;
+    db.flush()?;
+    data_file.sync_data()?;
+    tracing::info!(ids = ids.len(), "store upgraded from chatd-store-1: the idempotency window is now a journal");
+    Ok(())
 }
 
 /// Free space a recovering store must find before it reopens: a few of
@@ -313,7 +446,7 @@ impl Store for SledStore {
                 let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
                 let id = room_id_of(&v)?;
                 let head = t.head_of(id)?;
-                repaired += t.repair_idempotency(id, head)?;
+                repaired += self.repair_idempotency(t, id, head)?;
                 snap.rooms.push(RoomRecord { name, id, head });
             }
             if repaired > 0 {
@@ -351,12 +484,15 @@ impl Store for SledStore {
             for a in &batch.appends {
                 t.messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref())?;
             }
-            for a in batch.appends.iter().filter(|a| !a.client_msg_id.is_empty()) {
-                let rec = IdempotencyRecord { room: a.room, seq: a.seq, ts_ms: a.ts_ms };
-                t.idem.insert(user_key(&a.sender, a.client_msg_id.as_bytes()), &rec.encode()[..])?;
-            }
+            self.put_journal(t, journal_entries(&batch.appends))?;
             for r in &batch.read_markers {
                 t.reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..])?;
+            }
+            // In the index once written (readable), as the per-key record
+            // was: the hub keeps the key in flight until the sync.
+            let mut index = self.index();
+            for e in journal_entries(&batch.appends) {
+                index.insert(e.user, e.client_msg_id, e.loc());
             }
             Ok(())
         })
@@ -382,30 +518,25 @@ impl Store for SledStore {
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
         self.with(|t| {
             let mut messages = Vec::new();
-            let mut idem = Vec::new();
+            let mut keyed = Vec::new();
             for kv in t.messages.range(message_key(room, from)..=message_key(room, u64::MAX)) {
                 let (k, v) = kv?;
                 let msg = decode_message(&k, &v)?;
                 if !msg.client_msg_id.is_empty() {
-                    let key = user_key(&msg.sender, msg.client_msg_id.as_bytes());
-                    let points_here = t
-                        .idem
-                        .get(&key)?
-                        .and_then(|r| IdempotencyRecord::decode(&r))
-                        .is_some_and(|r| r.room == room && r.seq == msg.seq);
-                    if points_here {
-                        idem.push(key);
-                    }
+                    keyed.push(msg);
                 }
                 messages.push(k);
             }
-            // Idempotency records first: a crash in between leaves messages
-            // without records, which `load` re-indexes, never a record that
-            // points at a seq about to be reused. Then the messages from the
-            // newest back, so a crash part way leaves the log contiguous.
-            for key in idem {
-                t.idem.remove(key)?;
+            // The journal keeps its entries for these seqs until they
+            // expire: a lookup checks the message an entry points at, so
+            // once the seq holds another message the entry answers nothing.
+            let mut index = self.index();
+            for m in &keyed {
+                index.remove(&m.sender, &m.client_msg_id, Loc { room, seq: m.seq });
             }
+            drop(index);
+            // From the newest back, so a crash part way leaves the log
+            // contiguous.
             for key in messages.iter().rev() {
                 t.messages.remove(key)?;
             }
@@ -426,28 +557,52 @@ impl Store for SledStore {
     }
 
     fn lookup_idempotent(&self, sender: &str, client_msg_id: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.with(|t| match t.idem.get(user_key(sender, client_msg_id.as_bytes()))? {
-            Some(v) => {
-                let rec = IdempotencyRecord::decode(&v)
-                    .ok_or_else(|| StoreError::Corrupt(format!("idempotency record of {sender} is malformed")))?;
-                // A record whose message was lost to a crash is no record.
-                Ok(t.messages.contains_key(message_key(rec.room, rec.seq))?.then_some(rec))
+        let candidates = self.index().candidates(sender, client_msg_id);
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        self.with(|t| {
+            for loc in candidates {
+                let key = message_key(loc.room, loc.seq);
+                let Some(v) = t.messages.get(key)? else { continue };
+                let msg = decode_message(&key, &v)?;
+                if msg.sender == sender && msg.client_msg_id == client_msg_id {
+                    return Ok(Some(IdempotencyRecord { room: loc.room, seq: loc.seq, ts_ms: msg.ts_ms }));
+                }
             }
-            None => Ok(None),
+            Ok(None)
         })
     }
 
     fn expire_idempotency(&self, before_ts_ms: u64) -> Result<usize, StoreError> {
         self.with(|t| {
-            let mut n = 0;
-            for kv in t.idem.iter() {
+            let mut expired = 0;
+            // Records are in commit order, so the expired ones are at the
+            // front; a record partly expired is rewritten with the rest.
+            for kv in t.journal.iter() {
                 let (k, v) = kv?;
-                if IdempotencyRecord::decode(&v).is_none_or(|r| r.ts_ms < before_ts_ms) {
-                    t.idem.remove(k)?;
-                    n += 1;
+                let entries = decode_record(&k, &v)?;
+                if entries.iter().all(|e| e.ts_ms >= before_ts_ms) {
+                    break;
+                }
+                let mut rest = Vec::new();
+                let mut index = self.index();
+                for e in entries {
+                    if e.ts_ms < before_ts_ms {
+                        index.remove(e.user, e.client_msg_id, e.loc());
+                        expired += 1;
+                    } else {
+                        e.encode(&mut rest);
+                    }
+                }
+                drop(index);
+                if rest.is_empty() {
+                    t.journal.remove(k)?;
+                } else {
+                    t.journal.insert(k, rest)?;
                 }
             }
-            Ok(n)
+            Ok(expired)
         })
     }
 
@@ -489,46 +644,125 @@ mod tests {
         assert_eq!((snap.rooms[0].id, snap.rooms[0].head), (7, 1));
     }
 
+    /// A batch of `ann`'s messages in room 1 with keys `c<seq>`, as the
+    /// server encodes them (sender and key inside the message).
+    fn keyed_batch(seqs: std::ops::RangeInclusive<u64>, sender: &str) -> Batch {
+        let mut b = Batch::default();
+        b.memberships.push(super::super::MembershipChange {
+            user: sender.into(),
+            room_name: "r".into(),
+            room: 1,
+            member: true,
+        });
+        for seq in seqs {
+            b.appends.push(super::super::contract::append(1, seq, sender, &format!("c{seq}")));
+        }
+        b
+    }
+
     #[test]
     fn lost_idempotency_records_are_rebuilt_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = SledStore::open(dir.path(), 8 << 20).unwrap();
-            let mut b = Batch::default();
-            b.memberships.push(super::super::MembershipChange {
-                user: "ann".into(),
-                room_name: "r".into(),
-                room: 1,
-                member: true,
-            });
-            for seq in 1..=3 {
-                let msg = proto::Message {
-                    room: "r".into(),
-                    seq,
-                    sender: "ann".into(),
-                    ts_ms: 5,
-                    client_msg_id: format!("c{seq}"),
-                    ..Default::default()
-                };
-                let mut a = super::super::contract::append(1, seq, "ann", &format!("c{seq}"));
-                a.message = Bytes::from(msg.encode_to_vec());
-                b.appends.push(a);
+            store.write(&keyed_batch(1..=3, "ann")).unwrap();
+            // Simulate the crash window: the journal record of the last
+            // commit is gone, its messages are not.
+            store.with(|t| Ok(t.journal.clear()?)).unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.lookup_idempotent("ann", "c3").unwrap(), None, "not indexed before load repairs it");
+        store.load().unwrap();
+        assert_eq!(store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq), Some(3));
+        assert_eq!(store.lookup_idempotent("ann", "c2").unwrap().map(|r| r.seq), Some(2));
+        drop(store);
+        // The repair was written to the journal: the next start has it
+        // without repairing again.
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.lookup_idempotent("ann", "c1").unwrap().map(|r| r.seq), Some(1));
+    }
+
+    #[test]
+    fn the_idempotency_window_is_rebuilt_from_the_journal_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            for seq in 1..=300 {
+                store.write(&keyed_batch(seq..=seq, "ann")).unwrap();
             }
-            store.write(&b).unwrap();
-            // Simulate the crash window: the idem batch of the last commit is gone.
+            store.sync().unwrap();
+            assert_eq!(store.expire_idempotency(1000 + 101).unwrap(), 100);
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let seq_of = |k: &str| store.lookup_idempotent("ann", k).unwrap().map(|r| (r.seq, r.ts_ms));
+        assert_eq!(seq_of("c100"), None, "expired before the restart");
+        assert_eq!(seq_of("c101"), Some((101, 1101)));
+        assert_eq!(seq_of("c300"), Some((300, 1300)));
+        assert_eq!(store.index().len(), 200);
+        assert_eq!(store.lookup_idempotent("bob", "c300").unwrap(), None);
+        // New records continue after the old ones rather than overwriting them.
+        store.write(&keyed_batch(301..=301, "ann")).unwrap();
+        store.sync().unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.index().len(), 201);
+    }
+
+    #[test]
+    fn a_journal_entry_whose_seq_was_truncated_and_reused_answers_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            store.write(&keyed_batch(1..=4, "ann")).unwrap();
+            assert_eq!(store.truncate(1, 4).unwrap(), 1);
+            store.write(&keyed_batch(4..=4, "bob")).unwrap();
+            store.sync().unwrap();
+        }
+        // The journal still holds ann's entry for seq 4; the message there
+        // is bob's now.
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.lookup_idempotent("ann", "c4").unwrap(), None);
+        assert_eq!(store.lookup_idempotent("bob", "c4").unwrap().map(|r| r.seq), Some(4));
+        assert_eq!(store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq), Some(3));
+    }
+
+    #[test]
+    fn a_store_of_the_previous_format_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Build what the previous release wrote: format 1, one `idem`
+            // record per key, no journal.
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            store.write(&keyed_batch(1..=2, "ann")).unwrap();
             store
                 .with(|t| {
-                    t.idem.remove(user_key("ann", b"c3"))?;
-                    t.idem.remove(user_key("ann", b"c2"))?;
+                    t.journal.clear()?;
+                    let old = t.db.open_tree("idem")?;
+                    for seq in 1..=2 {
+                        let rec = IdempotencyRecord { room: 1, seq, ts_ms: 1000 + seq };
+                        old.insert(user_key("ann", format!("c{seq}").as_bytes()), &rec.encode()[..])?;
+                    }
+                    t.meta.insert("format", FORMAT_1)?;
                     Ok(())
                 })
                 .unwrap();
             store.sync().unwrap();
         }
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();
-        store.load().unwrap();
-        assert_eq!(store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq), Some(3));
-        assert_eq!(store.lookup_idempotent("ann", "c2").unwrap().map(|r| r.seq), Some(2));
+        assert_eq!(
+            store.lookup_idempotent("ann", "c2").unwrap(),
+            Some(IdempotencyRecord { room: 1, seq: 2, ts_ms: 1002 })
+        );
+        assert_eq!(store.lookup_idempotent("ann", "c1").unwrap().map(|r| r.seq), Some(1));
+        store
+            .with(|t| {
+                assert_eq!(t.meta.get("format")?.as_deref(), Some(FORMAT));
+                assert!(!t.db.tree_names().iter().any(|n| n.as_ref() == b"idem"), "the old tree is dropped");
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]
