@@ -67,6 +67,10 @@ pub const FORMAT_1: &[u8] = b"chatd-store-1";
 /// The tree of the idempotency journal.
 const JOURNAL: &str = "idem_journal";
 
+/// `meta` key of the last expiry's cutoff (Unix ms, u64 BE): keyed
+/// messages older than it have no journal entry on purpose.
+const EXPIRED_BEFORE: &str = "idem_expired_before";
+
 /// How far back `load` looks for messages whose idempotency records were
 /// lost in a crash: at least the largest batch the group commit writes.
 const REPAIR_WINDOW: u64 = super::commit::MAX_BATCH_OPS as u64;
@@ -160,14 +164,19 @@ impl SledStore {
     }
 
     /// Re-creates the journal entries lost between the messages and the
-    /// journal record of the last group commit before a crash.
-    fn repair_idempotency(&self, t: &Trees, room: RoomId, head: u64) -> Result<usize, StoreError> {
+    /// journal record of the last group commit before a crash. Messages
+    /// older than the last expiry's cutoff are past the window: their
+    /// entries were expired, not lost.
+    fn repair_idempotency(&self, t: &Trees, room: RoomId, head: u64, expired_before: u64) -> Result<usize, StoreError> {
         let mut lost = Vec::new();
         let from = head.saturating_sub(REPAIR_WINDOW) + 1;
         let range = message_key(room, from)..=message_key(room, head);
         for kv in t.messages.range(range).rev() {
             let (k, v) = kv?;
             let msg = decode_message(&k, &v)?;
+            if msg.ts_ms < expired_before {
+                break;
+            }
             if msg.client_msg_id.is_empty() {
                 continue;
             }
@@ -192,6 +201,34 @@ impl SledStore {
             index.insert(e.user, e.client_msg_id, e.loc());
         }
         Ok(lost.len())
+    }
+
+    /// Removes the journal entries of `room` with `seq >= from`. They are
+    /// the newest records' (truncation follows a failed commit), so the scan
+    /// runs from the end and stops at records older than `oldest_ts_ms`
+    /// (less a minute, for a clock that stepped back).
+    fn drop_journal_entries(&self, t: &Trees, room: RoomId, from: u64, oldest_ts_ms: u64) -> Result<(), StoreError> {
+        let stop_below = oldest_ts_ms.saturating_sub(60_000);
+        for kv in t.journal.iter().rev() {
+            let (k, v) = kv?;
+            let entries = decode_record(&k, &v)?;
+            if entries.iter().all(|e| e.ts_ms < stop_below) {
+                break;
+            }
+            if !entries.iter().any(|e| e.room == room && e.seq >= from) {
+                continue;
+            }
+            let mut rest = Vec::new();
+            for e in entries.iter().filter(|e| !(e.room == room && e.seq >= from)) {
+                e.encode(&mut rest);
+            }
+            if rest.is_empty() {
+                t.journal.remove(k)?;
+            } else {
+                t.journal.insert(k, rest)?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `f` on the open database.
@@ -441,12 +478,13 @@ impl Store for SledStore {
         self.with(|t| {
             let mut snap = Snapshot::default();
             let mut repaired = 0;
+            let expired_before = t.meta.get(EXPIRED_BEFORE)?.map_or(Ok(0), |v| record_number(&v))?;
             for kv in t.rooms.iter() {
                 let (k, v) = kv?;
                 let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
                 let id = room_id_of(&v)?;
                 let head = t.head_of(id)?;
-                repaired += self.repair_idempotency(t, id, head)?;
+                repaired += self.repair_idempotency(t, id, head, expired_before)?;
                 snap.rooms.push(RoomRecord { name, id, head });
             }
             if repaired > 0 {
@@ -527,16 +565,21 @@ impl Store for SledStore {
                 }
                 messages.push(k);
             }
-            // The journal keeps its entries for these seqs until they
-            // expire: a lookup checks the message an entry points at, so
-            // once the seq holds another message the entry answers nothing.
+            // Journal entries first: a crash in between leaves messages
+            // without entries, which `load` re-indexes, never an entry for a
+            // seq about to be handed out again — `load`'s repair stops at the
+            // first message it finds indexed, so such an entry would hide
+            // the messages below it.
+            if let Some(oldest) = keyed.iter().map(|m| m.ts_ms).min() {
+                self.drop_journal_entries(t, room, from, oldest)?;
+            }
             let mut index = self.index();
             for m in &keyed {
                 index.remove(&m.sender, &m.client_msg_id, Loc { room, seq: m.seq });
             }
             drop(index);
-            // From the newest back, so a crash part way leaves the log
-            // contiguous.
+            // Then the messages from the newest back, so a crash part way
+            // leaves the log contiguous.
             for key in messages.iter().rev() {
                 t.messages.remove(key)?;
             }
@@ -601,6 +644,10 @@ impl Store for SledStore {
                 } else {
                     t.journal.insert(k, rest)?;
                 }
+            }
+            let recorded = t.meta.get(EXPIRED_BEFORE)?.map_or(Ok(0), |v| record_number(&v))?;
+            if before_ts_ms > recorded {
+                t.meta.insert(EXPIRED_BEFORE, &before_ts_ms.to_be_bytes()[..])?;
             }
             Ok(expired)
         })
@@ -726,6 +773,54 @@ mod tests {
         assert_eq!(store.lookup_idempotent("ann", "c4").unwrap(), None);
         assert_eq!(store.lookup_idempotent("bob", "c4").unwrap().map(|r| r.seq), Some(4));
         assert_eq!(store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq), Some(3));
+    }
+
+    #[test]
+    fn after_a_truncation_a_crash_before_the_journal_record_loses_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            store.write(&keyed_batch(1..=2, "ann")).unwrap();
+            // A commit that failed: written, never acknowledged, truncated.
+            let mut failed = Batch::default();
+            failed.appends.push(super::super::contract::append(1, 3, "carol", "k1"));
+            failed.appends.push(super::super::contract::append(1, 4, "ann", "c4"));
+            store.write(&failed).unwrap();
+            assert_eq!(store.truncate(1, 3).unwrap(), 2);
+            // The next commit reuses the seqs; a crash keeps its messages but
+            // not its journal record.
+            store
+                .with(|t| {
+                    for (seq, user, key) in [(3, "dave", "x"), (4, "ann", "c4"), (5, "carol", "k1")] {
+                        let a = super::super::contract::append(1, seq, user, key);
+                        t.messages.insert(&message_key(1, seq)[..], a.message.as_ref())?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        store.load().unwrap();
+        for (user, key, seq) in [("dave", "x", 3), ("ann", "c4", 4), ("carol", "k1", 5), ("ann", "c1", 1)] {
+            assert_eq!(store.lookup_idempotent(user, key).unwrap().map(|r| r.seq), Some(seq), "{user}/{key}");
+        }
+    }
+
+    #[test]
+    fn expired_keys_are_not_taken_for_lost_ones_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            store.write(&keyed_batch(1..=3, "ann")).unwrap();
+            assert_eq!(store.expire_idempotency(5000).unwrap(), 3);
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        store.load().unwrap();
+        assert!(store.index().is_empty(), "expired keys came back");
+        assert_eq!(store.lookup_idempotent("ann", "c3").unwrap(), None);
+        assert!(store.with(|t| Ok(t.journal.is_empty())).unwrap());
     }
 
     #[test]
