@@ -155,7 +155,7 @@ pub fn json_text(frame: &Frame) -> Bytes {
             Bytes::from_static(b"{}")
         }
     };
-    match &frame.json {
+    match frame.json_cell() {
         Some(cell) => cell.get_or_init(encode).clone(),
         None => encode(),
     }

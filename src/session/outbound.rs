@@ -11,7 +11,7 @@
 //!
 //! Each [`Frame`] holds the TCP encoding (length prefix + protobuf
 //! envelope); a fanned-out message is one allocation shared by every queue,
-//! plus one slot for its JSON text that the first WebSocket JSON recipient
+//! with a slot for its JSON text that the first WebSocket JSON recipient
 //! fills and the others reuse — one encoding per wire format.
 
 use std::collections::VecDeque;
@@ -21,34 +21,66 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
 /// One queued frame.
+///
+/// A frame for many recipients is one `Arc`: queuing it for a recipient and
+/// dropping it after the write are one atomic count each. (As a `Bytes` plus
+/// an `Arc` for the JSON slot it was two each, on two cache lines that the
+/// fan-out and every writer thread pass back and forth.)
 #[derive(Clone, Debug)]
-pub struct Frame {
-    /// Length prefix + protobuf `Envelope`, as written on TCP and TLS.
-    pub wire: Bytes,
-    /// For a frame shared by many recipients: its JSON text, made once.
-    pub json: Option<Arc<OnceLock<Bytes>>>,
+pub struct Frame(Repr);
+
+#[derive(Clone, Debug)]
+enum Repr {
+    /// A reply or control frame for one connection.
+    One(Bytes),
+    /// A fanned-out message or room push.
+    Shared(Arc<SharedFrame>),
+}
+
+#[derive(Debug)]
+struct SharedFrame {
+    wire: Bytes,
+    /// Its JSON text, made by the first WebSocket JSON recipient.
+    json: OnceLock<Bytes>,
 }
 
 impl Frame {
     /// A frame for many recipients (a fanned-out message).
     pub fn shared(wire: Bytes) -> Self {
-        Frame { wire, json: Some(Arc::new(OnceLock::new())) }
+        Frame(Repr::Shared(Arc::new(SharedFrame { wire, json: OnceLock::new() })))
+    }
+
+    /// Length prefix + protobuf `Envelope`, as written on TCP and TLS.
+    pub fn wire(&self) -> &Bytes {
+        match &self.0 {
+            Repr::One(wire) => wire,
+            Repr::Shared(s) => &s.wire,
+        }
+    }
+
+    /// For a frame shared by many recipients: the slot for its JSON text.
+    pub fn json_cell(&self) -> Option<&OnceLock<Bytes>> {
+        match &self.0 {
+            Repr::One(_) => None,
+            Repr::Shared(s) => Some(&s.json),
+        }
     }
 
     /// The protobuf envelope without the length prefix (a WebSocket binary
     /// message).
     pub fn envelope(&self) -> Bytes {
-        self.wire.slice(crate::codec::PREFIX_LEN.min(self.wire.len())..)
+        let wire = self.wire();
+        wire.slice(crate::codec::PREFIX_LEN.min(wire.len())..)
     }
 
     fn len(&self) -> usize {
-        self.wire.len()
+        self.wire().len()
     }
 }
 
 impl From<Bytes> for Frame {
     fn from(wire: Bytes) -> Self {
-        Frame { wire, json: None }
+        Frame(Repr::One(wire))
     }
 }
 
@@ -204,11 +236,11 @@ impl Outbound {
             let frames = std::mem::take(&mut q.frames);
             drop(q);
             for f in &frames {
-                out.extend_from_slice(&f.wire);
+                out.extend_from_slice(f.wire());
             }
         } else {
             for f in q.frames.drain(..) {
-                out.extend_from_slice(&f.wire);
+                out.extend_from_slice(f.wire());
             }
             drop(q);
         }
@@ -354,7 +386,7 @@ mod tests {
                 q.push(f.clone()).unwrap();
             }
             q.drain_frames(&mut v);
-            assert_eq!(v.iter().map(|f| f.wire.clone()).collect::<Vec<_>>(), frames);
+            assert_eq!(v.iter().map(|f| f.wire().clone()).collect::<Vec<_>>(), frames);
             q.lock().frames = VecDeque::new();
         }
     }
