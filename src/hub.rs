@@ -356,7 +356,7 @@ impl Hub {
 
     /// Registers an open connection.
     pub fn register_connection(&self, handle: &Arc<SessionHandle>) {
-        self.metrics.transport(handle.stats.transport).connections.increment(1.0);
+        self.metrics.transport(handle.transport()).connections.increment(1.0);
         self.connections.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id, Arc::downgrade(handle));
     }
 
@@ -369,7 +369,7 @@ impl Hub {
     pub fn deregister_connection(&self, id: u64) {
         let removed = self.connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         if let Some(h) = removed.and_then(|w| w.upgrade()) {
-            self.metrics.transport(h.stats.transport).connections.decrement(1.0);
+            self.metrics.transport(h.transport()).connections.decrement(1.0);
         }
     }
 

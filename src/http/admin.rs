@@ -137,7 +137,7 @@ pub(super) async fn connections(
                 "session": h.id,
                 "user": h.user(),
                 "device": s.device.get(),
-                "transport": s.transport,
+                "transport": h.transport(),
                 "remote": &s.peer,
                 "connected_since_ms": s.connected_at_ms,
                 "last_activity_ms": s.last_activity_ms.load(Ordering::Relaxed),

@@ -102,7 +102,7 @@ where
 async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w: &mut W) {
     let mut buf = BytesMut::new();
     let slow = hub.limits.slow_consumer_timeout;
-    let counters = hub.metrics.transport(handle.stats.transport);
+    let counters = hub.metrics.transport(handle.transport());
     loop {
         let (n, closing) = handle.outbound.drain_into(&mut buf);
         if n > 0 {

@@ -68,7 +68,7 @@ impl Session {
         let user: Arc<str> = claims.sub.into();
         let _ = self.handle.user.set(user.clone());
         tracing::Span::current().record("user", &*user);
-        let _ = self.handle.stats.device.set(h.device.clone());
+        let _ = self.handle.stats.device.set(h.device.as_str().into());
         let entry = self.hub.user(&user);
         let limits = &self.hub.limits;
 

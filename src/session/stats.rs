@@ -6,13 +6,15 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One connection's statistics.
+///
+/// Every open connection has one, so its strings are boxed slices
+/// (benches/README.md, idle memory per connection). The transport is kept
+/// by the session handle.
 pub struct ConnStats {
-    /// "tcp", "tls" or "ws".
-    pub transport: &'static str,
     /// Remote address.
-    pub peer: String,
+    pub peer: Box<str>,
     /// `Hello.device`, once known.
-    pub device: OnceLock<String>,
+    pub device: OnceLock<Box<str>>,
     /// Unix ms when the connection was accepted.
     pub connected_at_ms: u64,
     /// Unix ms of the last frame received.
@@ -29,11 +31,10 @@ pub struct ConnStats {
 
 impl ConnStats {
     /// Statistics of a connection accepted now.
-    pub fn new(transport: &'static str, peer: String) -> Self {
+    pub fn new(peer: String) -> Self {
         let now = super::now_ms();
         ConnStats {
-            transport,
-            peer,
+            peer: peer.into_boxed_str(),
             device: OnceLock::new(),
             connected_at_ms: now,
             last_activity_ms: AtomicU64::new(now),
