@@ -44,6 +44,8 @@ pub struct Config {
     pub cache_mb: u64,
     /// Writes the group commit may have queued before publishers wait.
     pub commit_queue: usize,
+    /// Threads serving connections; 0: one per core but one (at least 1).
+    pub workers: usize,
     /// Largest frame, in bytes.
     pub max_frame_bytes: usize,
     /// Time allowed for `Hello`, in ms.
@@ -106,6 +108,7 @@ impl Default for Config {
             batch_sync_ms: 10,
             cache_mb: 128,
             commit_queue: 16384,
+            workers: 0,
             max_frame_bytes: l.max_frame_bytes,
             handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
             idle_timeout_ms: l.idle_timeout.as_millis() as u64,
@@ -142,6 +145,19 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Threads for the connection runtime: `workers`, or with 0 one per
+    /// core but one. The group-commit writer and sled's I/O threads are
+    /// busy whenever messages flow and run beside the workers; leaving them
+    /// a core measured +13% in fan-out with `fsync` and +30% with `none` on
+    /// a 2-core machine (benches/README.md, fifth session), where 2 workers
+    /// preempted the writer and woke each other for every delivery.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            n => n,
+        }
     }
 
     /// The durability mode.
@@ -317,6 +333,11 @@ pub const FIELDS: &[Field] = &[
     field("batch_sync_ms", Kind::Int, "With durability = \"batch\": milliseconds between syncs."),
     field("cache_mb", Kind::Int, "sled page cache, MiB."),
     field("commit_queue", Kind::Int, "Writes queued for the group commit before publishers wait."),
+    field(
+        "workers",
+        Kind::Int,
+        "Threads serving connections; 0: one per core, less one for the group commit and storage I/O (at least 1).",
+    ),
     field("max_frame_bytes", Kind::Int, "Largest frame or WebSocket message, bytes."),
     field("handshake_timeout_ms", Kind::Int, "Time allowed for the TLS handshake and for Hello."),
     field("idle_timeout_ms", Kind::Int, "Silence before GoAway{IDLE_TIMEOUT}; a Ping is sent after half of it."),
@@ -484,5 +505,14 @@ mod fields {
         assert!(err.contains("idle_timeout_ms"), "{err}");
         let err = Config::build(None, &[("log_format", toml::Value::String("xml".into()))]).unwrap_err().to_string();
         assert!(err.contains("log_format"), "{err}");
+    }
+
+    #[test]
+    fn workers_default_to_one_core_less_and_an_explicit_count_is_kept() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = Config::default().worker_threads();
+        assert_eq!(auto, cores.saturating_sub(1).max(1));
+        let c = Config::build(None, &[("workers", toml::Value::Integer(3))]).unwrap();
+        assert_eq!(c.worker_threads(), 3);
     }
 }

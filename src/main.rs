@@ -84,7 +84,11 @@ fn main() -> anyhow::Result<()> {
             let file = m.get_one::<String>("config").map(PathBuf::from);
             let config = Config::build(file.as_deref(), &overrides(m)?)?;
             init_logging(&config);
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads())
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
         }
         Some(("token", m)) => {
             let data = PathBuf::from(m.get_one::<String>("data").expect("has a default"));

@@ -194,7 +194,8 @@ impl Server {
         if config.dev_auth {
             tracing::warn!(%http_addr, "DEV LOGIN IS ON: anyone who can reach {http_addr} can mint a token for any user (--dev-auth); never use this in production");
         }
-        tracing::info!(%tcp_addr, %http_addr, tls_addr = ?tls_addr, %durability, rooms, "chatd serving");
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(%tcp_addr, %http_addr, tls_addr = ?tls_addr, %durability, rooms, workers, "chatd serving");
         Ok(Server {
             tcp_addr,
             http_addr,
