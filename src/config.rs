@@ -134,6 +134,9 @@ impl Default for Config {
     }
 }
 
+/// Most connection threads `workers` may ask for.
+const MAX_WORKERS: usize = 1024;
+
 /// A configuration that cannot be used; the message names the field.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -190,6 +193,14 @@ impl Config {
             if v == 0 {
                 return Err(ConfigError(format!("{name} must be greater than 0")));
             }
+        }
+        if self.workers > MAX_WORKERS {
+            return Err(ConfigError(format!("workers must be at most {MAX_WORKERS} (0: one per core less one)")));
+        }
+        // A queue must be able to fall below half full for a lagging session
+        // to catch up (`Outbound::has_room_for_live`).
+        if self.outbound_max_frames < 2 || self.outbound_max_bytes < 2 {
+            return Err(ConfigError("outbound_max_frames and outbound_max_bytes must be at least 2".into()));
         }
         if !(256..=16 << 20).contains(&self.max_frame_bytes) {
             return Err(ConfigError("max_frame_bytes must be between 256 and 16777216".into()));
@@ -514,5 +525,15 @@ mod fields {
         assert_eq!(auto, cores.saturating_sub(1).max(1));
         let c = Config::build(None, &[("workers", toml::Value::Integer(3))]).unwrap();
         assert_eq!(c.worker_threads(), 3);
+        let err = Config::build(None, &[("workers", toml::Value::Integer(100_000))]).unwrap_err();
+        assert!(err.to_string().contains("workers must be at most"), "{err}");
+    }
+
+    #[test]
+    fn an_outbound_queue_too_small_to_drain_below_half_is_refused() {
+        for field in ["outbound_max_frames", "outbound_max_bytes"] {
+            let err = Config::build(None, &[(field, toml::Value::Integer(1))]).unwrap_err();
+            assert!(err.to_string().contains("must be at least 2"), "{field}: {err}");
+        }
     }
 }

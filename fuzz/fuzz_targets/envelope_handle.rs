@@ -39,7 +39,7 @@ fn setup() -> &'static Setup {
 fuzz_target!(|input: &[u8]| {
     let s = setup();
     s.rt.block_on(async {
-        let mut session = Session::new(s.server.hub().clone(), "fuzz", "fuzz".into());
+        let mut session = Session::new(s.server.hub().clone(), "tcp", "fuzz".into());
         let hello = Hello { protocol_version: 1, token: s.token.clone(), ..Default::default() };
         assert_eq!(session.on_envelope(Envelope::new(1, Body::Hello(hello))).await, Flow::Continue);
         let mut rest = input;

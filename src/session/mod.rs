@@ -56,11 +56,13 @@ pub struct SessionHandle {
 const TRANSPORTS: [&str; 3] = ["tcp", "tls", "ws"];
 
 impl SessionHandle {
-    /// A handle for a new connection; `transport` is "tcp", "tls" or "ws".
+    /// A handle for a new connection; `transport` is "tcp", "tls" or "ws"
+    /// (anything else is taken for "tcp").
     pub fn new(id: u64, limits: &crate::hub::Limits, transport: &'static str, peer: String) -> Self {
         SessionHandle {
             stats: stats::ConnStats::new(peer),
-            transport: TRANSPORTS.iter().position(|t| *t == transport).expect("a known transport") as u8,
+            // Any other name is counted as TCP, as the metrics do.
+            transport: TRANSPORTS.iter().position(|t| *t == transport).unwrap_or(0) as u8,
             id,
             outbound: Outbound::new(limits.outbound),
             user: OnceLock::new(),
