@@ -23,7 +23,8 @@
 //! crash, or one whose seq was truncated and handed out again never answers
 //! wrongly.
 //!
-//! Memory: about 60 bytes per id in the window. A user keeps at most
+//! Memory: about 60 bytes per id in the window, plus ~0.4 KiB for each user
+//! with any (the user's maps start with room for a few). A user keeps at most
 //! [`MAX_IDS_PER_USER`] ids (design.md §3: "at least 24 h or 100k ids per
 //! user"), so one publisher flooding the server cannot grow it without
 //! bound; ordinary users keep everything from the last 24 h.
