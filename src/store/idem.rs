@@ -23,11 +23,11 @@
 //! crash, or one whose seq was truncated and handed out again never answers
 //! wrongly.
 //!
-//! Memory: about 60 bytes per id in the window, plus ~0.4 KiB for each user
-//! with any (the user's maps start with room for a few). A user keeps at most
-//! [`MAX_IDS_PER_USER`] ids (design.md §3: "at least 24 h or 100k ids per
-//! user"), so one publisher flooding the server cannot grow it without
-//! bound; ordinary users keep everything from the last 24 h.
+//! Memory: about 60 bytes per id in the window, plus ~0.2 KiB for each user
+//! with any (a user with few ids has no maps: see [`SMALL_WINDOW`]). A user
+//! keeps at most [`MAX_IDS_PER_USER`] ids (design.md §3: "at least 24 h or
+//! 100k ids per user"), so one publisher flooding the server cannot grow it
+//! without bound; ordinary users keep everything from the last 24 h.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
@@ -71,23 +71,69 @@ impl Hasher for PassThrough {
     }
 }
 
+/// A user's window is searched by scanning while it holds at most this many
+/// ids; past it, it gets hash maps. Most users publish a few messages a day,
+/// and the maps would triple what each of them costs.
+const SMALL_WINDOW: usize = 16;
+
 /// One user's ids, in publish order.
 #[derive(Default)]
 struct UserWindow {
-    /// Hash of `client_msg_id` → where it went. One entry per hash.
-    by_hash: HashMap<u64, Loc, BuildHasherDefault<PassThrough>>,
-    /// Older entries whose hash another entry took over: a real 64-bit
+    /// Every entry, oldest first: the window itself, and what the per-user
+    /// bound drops first.
+    order: VecDeque<(u64, Loc)>,
+    /// Lookup maps over `order`, once it has grown past [`SMALL_WINDOW`].
+    by_hash: Option<Box<ByHash>>,
+}
+
+/// The entries of a large window by hash.
+#[derive(Default)]
+struct ByHash {
+    /// Hash of `client_msg_id` → the newest entry with it.
+    newest: HashMap<u64, Loc, BuildHasherDefault<PassThrough>>,
+    /// Older entries whose hash a newer entry took over: a real 64-bit
     /// collision, or a stale entry (its message truncated) and the retry
     /// that replaced it. Almost always empty.
     displaced: Vec<(u64, Loc)>,
-    /// Every entry, oldest first: what the per-user bound drops first.
-    order: VecDeque<(u64, Loc)>,
+}
+
+impl ByHash {
+    fn holds(&self, hash: u64, loc: Loc) -> bool {
+        self.newest.get(&hash) == Some(&loc) || self.displaced.contains(&(hash, loc))
+    }
+
+    /// Adds an entry not yet held, as the newest with its hash.
+    fn add(&mut self, hash: u64, loc: Loc) {
+        if let Some(old) = self.newest.insert(hash, loc) {
+            self.displaced.push((hash, old));
+        }
+    }
+
+    /// Drops `(hash, loc)`.
+    fn forget(&mut self, hash: u64, loc: Loc) {
+        if self.newest.get(&hash) == Some(&loc) {
+            match self.displaced.iter().rposition(|(h, _)| *h == hash) {
+                Some(i) => {
+                    let (_, older) = self.displaced.remove(i);
+                    self.newest.insert(hash, older);
+                }
+                None => {
+                    self.newest.remove(&hash);
+                }
+            }
+        } else if let Some(i) = self.displaced.iter().position(|e| *e == (hash, loc)) {
+            self.displaced.remove(i);
+        }
+    }
 }
 
 impl UserWindow {
     /// Whether `(hash, loc)` is in the window.
     fn holds(&self, hash: u64, loc: Loc) -> bool {
-        self.by_hash.get(&hash) == Some(&loc) || self.displaced.contains(&(hash, loc))
+        match &self.by_hash {
+            Some(maps) => maps.holds(hash, loc),
+            None => self.order.contains(&(hash, loc)),
+        }
     }
 
     /// Adds an entry; false when the same entry is already there (the
@@ -97,10 +143,18 @@ impl UserWindow {
         if self.holds(hash, loc) {
             return false;
         }
-        if let Some(old) = self.by_hash.insert(hash, loc) {
-            self.displaced.push((hash, old));
-        }
         self.order.push_back((hash, loc));
+        match &mut self.by_hash {
+            Some(maps) => maps.add(hash, loc),
+            None if self.order.len() > SMALL_WINDOW => {
+                let mut maps = Box::<ByHash>::default();
+                for &(h, l) in &self.order {
+                    maps.add(h, l);
+                }
+                self.by_hash = Some(maps);
+            }
+            None => {}
+        }
         true
     }
 
@@ -120,27 +174,32 @@ impl UserWindow {
             self.order.pop_back();
         } else if let Some(i) = self.order.iter().position(|e| *e == target) {
             self.order.remove(i);
-        } else {
-            return false;
         }
-        self.forget(hash, loc);
+        if let Some(maps) = &mut self.by_hash {
+            maps.forget(hash, loc);
+        }
         true
     }
 
-    /// Drops `(hash, loc)` from the lookup maps.
-    fn forget(&mut self, hash: u64, loc: Loc) {
-        if self.by_hash.get(&hash) == Some(&loc) {
-            match self.displaced.iter().rposition(|(h, _)| *h == hash) {
-                Some(i) => {
-                    let (_, older) = self.displaced.remove(i);
-                    self.by_hash.insert(hash, older);
-                }
-                None => {
-                    self.by_hash.remove(&hash);
-                }
-            }
-        } else if let Some(i) = self.displaced.iter().position(|e| *e == (hash, loc)) {
-            self.displaced.remove(i);
+    /// Drops the oldest entry (the per-user bound).
+    fn drop_oldest(&mut self) {
+        if let Some((hash, loc)) = self.order.pop_front()
+            && let Some(maps) = &mut self.by_hash
+        {
+            maps.forget(hash, loc);
+        }
+    }
+
+    /// The entries with `hash`, newest first.
+    fn with_hash(&self, hash: u64) -> Vec<Loc> {
+        match &self.by_hash {
+            Some(maps) => match maps.newest.get(&hash) {
+                Some(first) => std::iter::once(*first)
+                    .chain(maps.displaced.iter().rev().filter(|(h, _)| *h == hash).map(|(_, l)| *l))
+                    .collect(),
+                None => Vec::new(),
+            },
+            None => self.order.iter().rev().filter(|(h, _)| *h == hash).map(|(_, l)| *l).collect(),
         }
     }
 }
@@ -180,10 +239,8 @@ impl IdemIndex {
             return;
         }
         self.len += 1;
-        if window.order.len() > self.per_user
-            && let Some((h, l)) = window.order.pop_front()
-        {
-            window.forget(h, l);
+        if window.order.len() > self.per_user {
+            window.drop_oldest();
             self.len -= 1;
         }
     }
@@ -192,11 +249,7 @@ impl IdemIndex {
     /// candidate must be confirmed against the stored message.
     pub fn candidates(&self, user: &str, client_msg_id: &str) -> Vec<Loc> {
         let Some(window) = self.users.get(user) else { return Vec::new() };
-        let hash = self.hasher.hash_one(client_msg_id);
-        let Some(first) = window.by_hash.get(&hash) else { return Vec::new() };
-        let mut out = vec![*first];
-        out.extend(window.displaced.iter().rev().filter(|(h, _)| *h == hash).map(|(_, l)| *l));
-        out
+        window.with_hash(self.hasher.hash_one(client_msg_id))
     }
 
     /// Removes the entry for `user`'s `client_msg_id` at `loc`, if it is
@@ -370,5 +423,66 @@ mod tests {
         let last = bad_utf8.len() - 1;
         bad_utf8[last] = 0xff;
         assert!(decode_record(&bad_utf8).is_none());
+    }
+
+    #[test]
+    fn agrees_with_a_plain_list_through_small_and_large_windows() {
+        // A reference model: per user, the entries in order. Random inserts
+        // (a few keys, so keys repeat at other seqs), removals of present,
+        // absent and dropped entries, and the per-user bound, across the
+        // switch from scanning to maps and back down.
+        const CAP: usize = 40;
+        let mut ix = IdemIndex::new(CAP);
+        let mut model: HashMap<&str, Vec<(String, Loc)>> = HashMap::new();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        };
+        for step in 0..20_000 {
+            let user = ["ann", "bob", "cid"][next(3) as usize];
+            let key = format!("k{}", next(12));
+            let l = loc(next(2), next(30));
+            let entries = model.entry(user).or_default();
+            match next(10) {
+                0..=5 => {
+                    ix.insert(user, &key, l);
+                    if !entries.iter().any(|(k, e)| *k == key && *e == l) {
+                        entries.push((key.clone(), l));
+                        if entries.len() > CAP {
+                            entries.remove(0);
+                        }
+                    }
+                }
+                6..=7 if !entries.is_empty() => {
+                    // Remove a present entry, oldest or newest or any.
+                    let i = match next(3) {
+                        0 => 0,
+                        1 => entries.len() - 1,
+                        _ => next(entries.len() as u64) as usize,
+                    };
+                    let (k, e) = entries.remove(i);
+                    ix.remove(user, &k, e);
+                }
+                _ => {
+                    ix.remove(user, &key, l);
+                    entries.retain(|(k, e)| !(*k == key && *e == l));
+                }
+            }
+            for (u, entries) in &model {
+                for k in 0..12 {
+                    let key = format!("k{k}");
+                    let want: Vec<Loc> = entries.iter().rev().filter(|(kk, _)| *kk == key).map(|(_, e)| *e).collect();
+                    let mut got = ix.candidates(u, &key);
+                    let mut want_sorted = want.clone();
+                    got.sort_by_key(|l| (l.room, l.seq));
+                    want_sorted.sort_by_key(|l| (l.room, l.seq));
+                    assert_eq!(got, want_sorted, "step {step}: {u}/{key}");
+                    assert_eq!(ix.candidates(u, &key).first(), want.first(), "step {step}: newest first");
+                }
+            }
+            assert_eq!(ix.len(), model.values().map(Vec::len).sum::<usize>(), "step {step}");
+        }
+        assert!(ix.users.values().any(|w| w.by_hash.is_some()), "the large form was exercised");
     }
 }
