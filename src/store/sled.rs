@@ -140,27 +140,9 @@ impl SledStore {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes `entries` as journal records (several when they exceed
-    /// [`idem::RECORD_BYTES`]).
+    /// Writes `entries` as journal records numbered on from `next_record`.
     fn put_journal<'a>(&self, t: &Trees, entries: impl Iterator<Item = Entry<'a>>) -> Result<(), StoreError> {
-        let mut record = Vec::new();
-        for e in entries {
-            e.encode(&mut record);
-            if record.len() >= idem::RECORD_BYTES {
-                self.put_record(t, &record)?;
-                record.clear();
-            }
-        }
-        if !record.is_empty() {
-            self.put_record(t, &record)?;
-        }
-        Ok(())
-    }
-
-    fn put_record(&self, t: &Trees, record: &[u8]) -> Result<(), StoreError> {
-        let n = self.next_record.fetch_add(1, Ordering::Relaxed);
-        t.journal.insert(&n.to_be_bytes()[..], record)?;
-        Ok(())
+        write_journal(&t.journal, entries, || self.next_record.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Re-creates the journal entries lost between the messages and the
@@ -215,17 +197,8 @@ impl SledStore {
             if entries.iter().all(|e| e.ts_ms < stop_below) {
                 break;
             }
-            if !entries.iter().any(|e| e.room == room && e.seq >= from) {
-                continue;
-            }
-            let mut rest = Vec::new();
-            for e in entries.iter().filter(|e| !(e.room == room && e.seq >= from)) {
-                e.encode(&mut rest);
-            }
-            if rest.is_empty() {
-                t.journal.remove(k)?;
-            } else {
-                t.journal.insert(k, rest)?;
+            if entries.iter().any(|e| e.room == room && e.seq >= from) {
+                keep_in_record(&t.journal, &k, entries.iter().filter(|e| !(e.room == room && e.seq >= from)))?;
             }
         }
         Ok(())
@@ -365,6 +338,46 @@ fn journal_entries(appends: &[Append]) -> impl Iterator<Item = Entry<'_>> + Clon
     })
 }
 
+/// Writes `entries` as journal records, each closed when it reaches
+/// [`idem::RECORD_BYTES`], keyed by the numbers `next` hands out.
+fn write_journal<'a>(
+    journal: &sled::Tree,
+    entries: impl Iterator<Item = Entry<'a>>,
+    mut next: impl FnMut() -> u64,
+) -> Result<(), StoreError> {
+    let mut record = Vec::new();
+    for e in entries {
+        e.encode(&mut record);
+        if record.len() >= idem::RECORD_BYTES {
+            journal.insert(&next().to_be_bytes()[..], &record[..])?;
+            record.clear();
+        }
+    }
+    if !record.is_empty() {
+        journal.insert(&next().to_be_bytes()[..], &record[..])?;
+    }
+    Ok(())
+}
+
+/// Rewrites journal record `key` with only `kept` of its entries, or
+/// removes it when none are left.
+fn keep_in_record<'a>(
+    journal: &sled::Tree,
+    key: &[u8],
+    kept: impl Iterator<Item = &'a Entry<'a>>,
+) -> Result<(), StoreError> {
+    let mut rest = Vec::new();
+    for e in kept {
+        e.encode(&mut rest);
+    }
+    if rest.is_empty() {
+        journal.remove(key)?;
+    } else {
+        journal.insert(key, rest)?;
+    }
+    Ok(())
+}
+
 /// Moves a [`FORMAT_1`] store's idempotency records into the journal, in
 /// timestamp order, then marks the store [`FORMAT`]. Written in that order,
 /// a crash part way leaves a format-1 store, and the upgrade starts over.
@@ -381,16 +394,18 @@ fn upgrade_from_format_1(db: &sled::Db, meta: &sled::Tree, data_file: &File) -> 
         ids.push((rec.ts_ms, rec.room, rec.seq, user.to_string(), key.to_string()));
     }
     ids.sort();
-    let mut record = Vec::new();
+    let entries = ids.iter().map(|(ts_ms, room, seq, user, key)| Entry {
+        room: *room,
+        seq: *seq,
+        ts_ms: *ts_ms,
+        user,
+        client_msg_id: key,
+    });
     let mut n = 0u64;
-    for (i, (ts_ms, room, seq, user, key)) in ids.iter().enumerate() {
-        Entry { room: *room, seq: *seq, ts_ms: *ts_ms, user, client_msg_id: key }.encode(&mut record);
-        if record.len() >= idem::RECORD_BYTES || i + 1 == ids.len() {
-            journal.insert(&n.to_be_bytes()[..], &record[..])?;
-            n += 1;
-            record.clear();
-        }
-    }
+    write_journal(&journal, entries, || {
+        n += 1;
+        n - 1
+    })?;
     meta.insert("format", FORMAT)?;
     db.drop_tree("idem")?;
     db.flush()?;
@@ -628,22 +643,13 @@ impl Store for SledStore {
                 if entries.iter().all(|e| e.ts_ms >= before_ts_ms) {
                     break;
                 }
-                let mut rest = Vec::new();
                 let mut index = self.index();
-                for e in entries {
-                    if e.ts_ms < before_ts_ms {
-                        index.remove(e.user, e.client_msg_id, e.loc());
-                        expired += 1;
-                    } else {
-                        e.encode(&mut rest);
-                    }
+                for e in entries.iter().filter(|e| e.ts_ms < before_ts_ms) {
+                    index.remove(e.user, e.client_msg_id, e.loc());
+                    expired += 1;
                 }
                 drop(index);
-                if rest.is_empty() {
-                    t.journal.remove(k)?;
-                } else {
-                    t.journal.insert(k, rest)?;
-                }
+                keep_in_record(&t.journal, &k, entries.iter().filter(|e| e.ts_ms >= before_ts_ms))?;
             }
             let recorded = t.meta.get(EXPIRED_BEFORE)?.map_or(Ok(0), |v| record_number(&v))?;
             if before_ts_ms > recorded {
