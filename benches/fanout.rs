@@ -9,7 +9,7 @@ use chatd::hub::Limits;
 use chatd::proto::{Body, Envelope, Message};
 use chatd::room::{Room, message_frame};
 use chatd::session::SessionHandle;
-use chatd::session::outbound::Frame;
+use chatd::session::outbound::Run;
 use divan::Bencher;
 use prost::Message as _;
 
@@ -33,8 +33,9 @@ fn fan_out_one_message(b: Bencher, sessions: usize) {
         seq += 1;
         let mut m = msg.clone();
         m.seq = seq;
-        let frame = Frame::shared(message_frame(&m.encode_to_vec()));
-        room.fan_out(&[(seq, frame)]);
+        let frame = message_frame(&m.encode_to_vec());
+        let len = frame.len();
+        room.fan_out(&[seq], &Run::new(frame, &[len]));
         // Drain like the writers do, so queues never fill.
         for h in &handles {
             sink.clear();

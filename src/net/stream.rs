@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::codec::{FrameError, FrameReader};
 use crate::hub::Hub;
 use crate::session::driver::{Incoming, Shutdown, Source, serve_requests};
+use crate::session::outbound::{Drained, Frame};
 use crate::session::{Session, SessionHandle};
 
 /// A stream that can say when it has bytes to read without being handed a
@@ -101,44 +102,53 @@ where
 
 async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w: &mut W) {
     let mut buf = BytesMut::new();
-    let slow = hub.limits.slow_consumer_timeout;
     let counters = hub.metrics.transport(handle.transport());
     loop {
-        let (n, closing) = handle.outbound.drain_into(&mut buf);
-        if n > 0 {
-            handle.stats.sent(n, buf.len());
-            counters.frames_out.increment(n as u64);
-            counters.bytes_out.increment(buf.len() as u64);
-            // The timer is armed only when the socket is full: an idle
-            // connection's task then keeps no room for one (~120 bytes), and
-            // a write that does not wait costs no timer registration.
-            let mut done = 0;
-            let r = match std::future::poll_fn(|cx| Poll::Ready(write_now(w, &buf, &mut done, cx))).await {
-                Some(r) => Ok(r),
-                None => {
-                    let rest = async {
-                        w.write_all(&buf[done..]).await?;
-                        w.flush().await
-                    };
-                    Box::pin(tokio::time::timeout(slow, rest)).await
+        // In a block: the entry written from where it is must not stay
+        // alive while the connection idles.
+        let closing = {
+            // Destructured: every connection's task keeps room for what lives
+            // across the write, padding included.
+            let Drained { frames: n, direct, closing } = handle.outbound.drain_into(&mut buf);
+            if n > 0 {
+                // A single entry (a reply, or a range of a run shared with the
+                // room's other subscribers) is written from where it is.
+                let data: &[u8] = direct.as_ref().map_or(&buf, Frame::wire);
+                handle.stats.sent(n, data.len());
+                counters.frames_out.increment(n as u64);
+                counters.bytes_out.increment(data.len() as u64);
+                // The timer is armed only when the socket is full: an idle
+                // connection's task then keeps no room for one (~120 bytes), and
+                // a write that does not wait costs no timer registration.
+                let mut done = 0;
+                let r = match std::future::poll_fn(|cx| Poll::Ready(write_now(w, data, &mut done, cx))).await {
+                    Some(r) => Ok(r),
+                    None => {
+                        let rest = async {
+                            w.write_all(&data[done..]).await?;
+                            w.flush().await
+                        };
+                        Box::pin(tokio::time::timeout(hub.limits.slow_consumer_timeout, rest)).await
+                    }
+                };
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(session = handle.id, error = %e, "write failed");
+                        break;
+                    }
+                    Err(_) => {
+                        handle.write_stalled(hub);
+                        break;
+                    }
                 }
-            };
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(session = handle.id, error = %e, "write failed");
-                    break;
-                }
-                Err(_) => {
-                    handle.write_stalled(hub);
-                    break;
+                buf.clear();
+                if buf.capacity() > KEEP_WRITE_BUF {
+                    buf = BytesMut::new();
                 }
             }
-            buf.clear();
-            if buf.capacity() > KEEP_WRITE_BUF {
-                buf = BytesMut::new();
-            }
-        }
+            closing
+        };
         if closing {
             let _ = w.flush().await;
             break;

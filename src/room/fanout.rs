@@ -15,12 +15,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
-use super::{Room, message_frame};
+use super::{Room, put_message_frame};
 use crate::codec::encode_frame;
 use crate::hub::Hub;
 use crate::proto::{self, Body, Envelope, ErrorCode};
 use crate::session::SessionHandle;
-use crate::session::outbound::Frame;
+use crate::session::outbound::Run;
 use crate::store::StoreError;
 use crate::store::commit::Committed;
 
@@ -82,8 +82,33 @@ pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
     }
 }
 
-/// Delivers the committed publishes (in commit order), each room's run as
-/// one [`Room::fan_out`], then acknowledges them.
+/// A room's messages from one batch are encoded into runs of about this
+/// many bytes. A subscriber whose queue took only part of a run keeps all of
+/// it alive until written, so a run is kept well below a queue's byte bound.
+const RUN_BYTES: usize = 64 * 1024;
+
+/// A message's push frame is its encoding plus at most this much: the
+/// length prefix, and the envelope's field key and length (16 bytes is room
+/// for both varints).
+const FRAME_OVERHEAD: usize = crate::codec::PREFIX_LEN + 16;
+
+/// How many of the frames of these sizes go into the next run: the first,
+/// then as many as keep the run within [`RUN_BYTES`].
+fn run_len(sizes: impl IntoIterator<Item = usize>) -> usize {
+    let (mut total, mut n) = (0, 0);
+    for size in sizes {
+        if n > 0 && total + size > RUN_BYTES {
+            break;
+        }
+        total += size;
+        n += 1;
+    }
+    n
+}
+
+/// Delivers the committed publishes (in commit order), each room's messages
+/// encoded once into shared runs and offered by [`Room::fan_out`], then
+/// acknowledges them.
 fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
     if published.is_empty() {
         return;
@@ -91,12 +116,23 @@ fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
     // A stable sort keeps each room's messages in seq order.
     published.sort_by_key(|p| p.room.id);
     let m = &hub.metrics;
-    let mut frames = Vec::new();
-    for run in published.chunk_by(|a, b| a.room.id == b.room.id) {
-        frames.clear();
-        frames.extend(run.iter().map(|p| (p.seq, Frame::shared(message_frame(&p.message)))));
-        let delivered = run[0].room.fan_out(&frames);
-        m.delivered.increment(delivered);
+    let (mut seqs, mut ends) = (Vec::new(), Vec::new());
+    for room_run in published.chunk_by(|a, b| a.room.id == b.room.id) {
+        let mut rest = room_run;
+        while !rest.is_empty() {
+            let (part, after) = rest.split_at(run_len(rest.iter().map(|p| p.message.len() + FRAME_OVERHEAD)));
+            rest = after;
+            let mut wire = bytes::BytesMut::with_capacity(part.iter().map(|p| p.message.len() + FRAME_OVERHEAD).sum());
+            seqs.clear();
+            ends.clear();
+            for p in part {
+                put_message_frame(&p.message, &mut wire);
+                seqs.push(p.seq);
+                ends.push(wire.len());
+            }
+            let delivered = part[0].room.fan_out(&seqs, &Run::new(wire.freeze(), &ends));
+            m.delivered.increment(delivered);
+        }
     }
     m.published.increment(published.len() as u64);
     for p in published.drain(..) {
@@ -144,5 +180,19 @@ fn fail(hub: &Hub, p: PublishDone, e: &StoreError) {
         for (session, id) in hub.settle_idempotent(&p.sender, &p.client_msg_id) {
             let _ = session.outbound.push(err(id));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_hold_at_least_one_frame_and_stay_within_their_size() {
+        assert_eq!(run_len([]), 0);
+        assert_eq!(run_len([100; 1000]), RUN_BYTES / 100);
+        assert_eq!(run_len([RUN_BYTES + 1, 1]), 1, "a frame larger than a run is a run of its own");
+        assert_eq!(run_len([1, RUN_BYTES]), 1);
+        assert_eq!(run_len([RUN_BYTES / 2, RUN_BYTES / 2, 1]), 2);
     }
 }

@@ -37,7 +37,7 @@ use crate::codec::{PREFIX_LEN, encode_frame};
 use crate::idmap::IdMap;
 use crate::proto::{self, Body, Envelope};
 use crate::session::SessionHandle;
-use crate::session::outbound::Frame;
+use crate::session::outbound::{Frame, Run};
 use crate::store::{RoomId, Store, StoreError};
 
 /// Field number of `Envelope.message` (checked by a test against prost).
@@ -79,15 +79,23 @@ pub fn access_of(name: &str) -> Result<Access, &'static str> {
 /// Wraps an encoded `Message` into a push frame (prefix + `Envelope{id: 0,
 /// message}`) without decoding it.
 pub fn message_frame(message: &[u8]) -> Bytes {
-    let mut body = BytesMut::with_capacity(16 + message.len());
+    let mut out = BytesMut::with_capacity(PREFIX_LEN + 16 + message.len());
+    put_message_frame(message, &mut out);
+    out.freeze()
+}
+
+/// [`message_frame`], appended to `out`.
+pub fn put_message_frame(message: &[u8], out: &mut BytesMut) {
+    let mut head = [0u8; 16];
+    let mut body = &mut head[..];
     prost::encoding::encode_key(ENVELOPE_MESSAGE_FIELD, prost::encoding::WireType::LengthDelimited, &mut body);
     prost::encoding::encode_varint(message.len() as u64, &mut body);
-    let env_len = body.len() + message.len();
-    let mut out = BytesMut::with_capacity(PREFIX_LEN + env_len);
+    let head_len = 16 - body.len();
+    let env_len = head_len + message.len();
+    out.reserve(PREFIX_LEN + env_len);
     out.put_u32(env_len as u32);
-    out.extend_from_slice(&body);
+    out.extend_from_slice(&head[..head_len]);
     out.extend_from_slice(message);
-    out.freeze()
 }
 
 enum Mode {
@@ -271,13 +279,14 @@ impl Room {
         self.subs().len()
     }
 
-    /// Offers committed messages — `(seq, frame)` in seq order, one
-    /// committed batch — to every live subscriber, each under one lock of its
-    /// queue; a subscriber whose queue fills starts catching up from the first
-    /// message that did not fit. Never waits. Returns how many deliveries it
-    /// queued.
-    pub fn fan_out(self: &Arc<Self>, messages: &[(u64, Frame)]) -> u64 {
-        let Some(&(last, _)) = messages.last() else { return 0 };
+    /// Offers committed messages — the frames of `run`, whose seqs are
+    /// `seqs` (increasing; from one committed batch) — to every live
+    /// subscriber, each under one lock of its queue; a subscriber whose queue
+    /// fills starts catching up from the first message that did not fit.
+    /// Never waits. Returns how many deliveries it queued.
+    pub fn fan_out(self: &Arc<Self>, seqs: &[u64], run: &Arc<Run>) -> u64 {
+        debug_assert_eq!(seqs.len(), run.len());
+        let Some(&last) = seqs.last() else { return 0 };
         let mut delivered = 0;
         self.dispatched.store(last, Ordering::Release);
         let mut lagging = Vec::new();
@@ -285,16 +294,16 @@ impl Room {
             let mut subs = self.subs();
             for sub in subs.values_mut() {
                 if let Mode::Live = sub.mode {
-                    let todo = &messages[messages.partition_point(|(seq, _)| *seq <= sub.delivered)..];
-                    if todo.is_empty() {
+                    let from = seqs.partition_point(|seq| *seq <= sub.delivered);
+                    if from == seqs.len() {
                         continue;
                     }
-                    let n = sub.session.outbound.offer_many(todo.iter().map(|(_, f)| f));
+                    let n = sub.session.outbound.offer_run(run, from);
                     if n > 0 {
-                        sub.delivered = todo[n - 1].0;
+                        sub.delivered = seqs[from + n - 1];
                         delivered += n as u64;
                     }
-                    if n < todo.len() {
+                    if from + n < seqs.len() {
                         sub.mode = Mode::CatchingUp { synced: None, since: Instant::now() };
                         self.slow_consumer_events.fetch_add(1, Ordering::Relaxed);
                         lagging.push(sub.session.clone());

@@ -10,9 +10,13 @@
 //! read (TCP backpressure) instead of growing the queue.
 //!
 //! Each [`Frame`] holds the TCP encoding (length prefix + protobuf
-//! envelope); a fanned-out message is one allocation shared by every queue,
-//! with a slot for its JSON text that the first WebSocket JSON recipient
-//! fills and the others reuse — one encoding per wire format.
+//! envelope). The messages one committed batch adds to a room are encoded
+//! once, back to back in one buffer (a [`Run`]), and every subscriber's queue
+//! takes a range of it: one reference count per subscriber per batch rather
+//! than per message, and a writer whose queue holds just that range writes
+//! it straight from the shared buffer. Each message of a run has a slot for
+//! its JSON text that the first WebSocket JSON recipient fills and the
+//! others reuse — one encoding per wire format.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,12 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
-/// One queued frame.
-///
-/// A frame for many recipients is one `Arc`: queuing it for a recipient and
-/// dropping it after the write are one atomic count each. (As a `Bytes` plus
-/// an `Arc` for the JSON slot it was two each, on two cache lines that the
-/// fan-out and every writer thread pass back and forth.)
+/// One queued entry: a reply or control frame, or a range of a [`Run`].
 #[derive(Clone, Debug)]
 pub struct Frame(Repr);
 
@@ -33,44 +32,119 @@ pub struct Frame(Repr);
 enum Repr {
     /// A reply or control frame for one connection.
     One(Bytes),
-    /// A fanned-out message or room push.
-    Shared(Arc<SharedFrame>),
+    /// Messages `from..to` of a run shared by many recipients.
+    Run { run: Arc<Run>, from: u32, to: u32 },
+}
+
+/// Frames for many recipients, encoded once: a room's messages from one
+/// committed batch (or a single room push), their TCP frames back to back.
+#[derive(Debug)]
+pub struct Run {
+    wire: Bytes,
+    msgs: Box<[RunMessage]>,
 }
 
 #[derive(Debug)]
-struct SharedFrame {
-    wire: Bytes,
+struct RunMessage {
+    /// Where its frame ends in `wire`.
+    end: usize,
     /// Its JSON text, made by the first WebSocket JSON recipient.
     json: OnceLock<Bytes>,
 }
 
-impl Frame {
-    /// A frame for many recipients (a fanned-out message).
-    pub fn shared(wire: Bytes) -> Self {
-        Frame(Repr::Shared(Arc::new(SharedFrame { wire, json: OnceLock::new() })))
+impl Run {
+    /// A run of the frames in `wire`, the i-th ending at `ends[i]`
+    /// (increasing, the last at `wire.len()`).
+    pub fn new(wire: Bytes, ends: &[usize]) -> Arc<Run> {
+        debug_assert!(ends.windows(2).all(|w| w[0] <= w[1]) && ends.last() == Some(&wire.len()));
+        let msgs = ends.iter().map(|&end| RunMessage { end, json: OnceLock::new() }).collect();
+        Arc::new(Run { wire, msgs })
     }
 
-    /// Length prefix + protobuf `Envelope`, as written on TCP and TLS.
-    pub fn wire(&self) -> &Bytes {
+    /// How many frames it holds.
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    fn start(&self, i: usize) -> usize {
+        if i == 0 { 0 } else { self.msgs[i - 1].end }
+    }
+
+    /// Bytes of frame `i`.
+    fn size(&self, i: usize) -> usize {
+        self.msgs[i].end - self.start(i)
+    }
+}
+
+impl Frame {
+    /// A frame for many recipients (a room push).
+    pub fn shared(wire: Bytes) -> Self {
+        let len = wire.len();
+        Frame::range(&Run::new(wire, &[len]), 0, 1)
+    }
+
+    /// Frames `from..to` of `run`.
+    fn range(run: &Arc<Run>, from: usize, to: usize) -> Self {
+        debug_assert!(from < to && to <= run.len());
+        // A run has at most one committed batch of messages (u32 is plenty).
+        Frame(Repr::Run { run: run.clone(), from: from as u32, to: to as u32 })
+    }
+
+    /// Length prefix + protobuf `Envelope`, as written on TCP and TLS (one
+    /// frame after another for a range of several).
+    pub fn wire(&self) -> &[u8] {
         match &self.0 {
             Repr::One(wire) => wire,
-            Repr::Shared(s) => &s.wire,
+            Repr::Run { run, from, to } => &run.wire[run.start(*from as usize)..run.msgs[*to as usize - 1].end],
         }
     }
 
-    /// For a frame shared by many recipients: the slot for its JSON text.
+    /// [`Frame::wire`] as shared bytes (no copy).
+    pub fn wire_bytes(&self) -> Bytes {
+        match &self.0 {
+            Repr::One(wire) => wire.clone(),
+            Repr::Run { run, from, to } => run.wire.slice(run.start(*from as usize)..run.msgs[*to as usize - 1].end),
+        }
+    }
+
+    /// For a single frame shared by many recipients: the slot for its JSON
+    /// text.
     pub fn json_cell(&self) -> Option<&OnceLock<Bytes>> {
         match &self.0 {
             Repr::One(_) => None,
-            Repr::Shared(s) => Some(&s.json),
+            Repr::Run { run, from, to } => (to - from == 1).then(|| &run.msgs[*from as usize].json),
         }
     }
 
     /// The protobuf envelope without the length prefix (a WebSocket binary
-    /// message).
+    /// message) of a single frame.
     pub fn envelope(&self) -> Bytes {
-        let wire = self.wire();
+        let wire = self.wire_bytes();
         wire.slice(crate::codec::PREFIX_LEN.min(wire.len())..)
+    }
+
+    /// How many frames this entry holds.
+    pub fn count(&self) -> usize {
+        match &self.0 {
+            Repr::One(_) => 1,
+            Repr::Run { from, to, .. } => (to - from) as usize,
+        }
+    }
+
+    /// Moves this entry's frames into `out` one by one (for transports
+    /// that send each frame as a message of its own).
+    fn split_into(self, out: &mut Vec<Frame>) {
+        match self.0 {
+            Repr::Run { run, from, to } if to - from > 1 => {
+                out.extend((from..to).map(|i| Frame(Repr::Run { run: run.clone(), from: i, to: i + 1 })));
+            }
+            _ => out.push(self),
+        }
     }
 
     fn len(&self) -> usize {
@@ -118,7 +192,7 @@ impl Default for OutboundLimits {
     }
 }
 
-/// A drain of at most this many frames takes the queue's buffer with it: an
+/// A drain of at most this many entries takes the queue's buffer with it: an
 /// idle connection keeps none (its last frames were a few replies), while a
 /// busy one keeps its buffer instead of regrowing it for every batch.
 const SMALL_DRAIN: usize = 16;
@@ -127,6 +201,10 @@ const SMALL_DRAIN: usize = 16;
 struct Queue {
     frames: VecDeque<Frame>,
     bytes: usize,
+    /// Frames queued (an entry may hold several). At most the frame bound
+    /// plus the replies the reader lets through, far below `u32::MAX`; 32
+    /// bits keep the queue, which every connection holds, at 48 bytes.
+    count: u32,
     /// No more frames are accepted; the writer flushes what is queued and
     /// closes the connection.
     closing: bool,
@@ -140,6 +218,20 @@ pub struct Outbound {
     /// Wakes the request reader when the writer has made room.
     drained: Notify,
     limits: Bounds,
+}
+
+/// What [`Outbound::drain_into`] took.
+#[derive(Debug)]
+pub struct Drained {
+    /// How many frames.
+    pub frames: usize,
+    /// The entry to write when the queue held one (`out` is then
+    /// untouched); `None`: the frames are in `out`. The entry itself rather
+    /// than a `Bytes` of it: slicing a run would cost one more reference
+    /// count.
+    pub direct: Option<Frame>,
+    /// The queue is closing: write what was taken, then close.
+    pub closing: bool,
 }
 
 /// The queue is full (for live offers) or closing.
@@ -163,26 +255,35 @@ impl Outbound {
         self.enqueue(frame.into(), true)
     }
 
-    /// Queues as many of `frames` (in order) as fit within the bounds, under
-    /// one lock and with at most one wake-up of the writer; returns how many.
-    /// A committed batch reaches each subscriber this way, so the writer
-    /// wakes once per batch instead of racing the fan-out frame by frame.
-    pub fn offer_many<'a>(&self, frames: impl IntoIterator<Item = &'a Frame>) -> usize {
+    /// Queues as many frames of `run` from `from` on (in order) as fit
+    /// within the bounds, as one entry, under one lock and with at most one
+    /// wake-up of the writer; returns how many. A committed batch reaches
+    /// each subscriber this way, so the writer wakes once per batch instead
+    /// of racing the fan-out frame by frame.
+    pub fn offer_run(&self, run: &Arc<Run>, from: usize) -> usize {
         let mut q = self.lock();
         if q.closing {
             return 0;
         }
         let was_empty = q.frames.is_empty();
-        let mut n = 0;
-        for f in frames {
-            if q.frames.len() >= self.limits.frames()
-                || (q.bytes + f.len() > self.limits.bytes() && !q.frames.is_empty())
-            {
+        let room = self.limits.frames().saturating_sub(q.count as usize);
+        let mut bytes = q.bytes;
+        let mut to = from;
+        while to < run.len() && to - from < room {
+            let size = run.size(to);
+            // A frame larger than the byte bound still goes through an
+            // empty queue.
+            if bytes + size > self.limits.bytes() && !(was_empty && to == from) {
                 break;
             }
-            q.bytes += f.len();
-            q.frames.push_back(f.clone());
-            n += 1;
+            bytes += size;
+            to += 1;
+        }
+        let n = to - from;
+        if n > 0 {
+            q.bytes = bytes;
+            q.count += n as u32;
+            q.frames.push_back(Frame::range(run, from, to));
         }
         drop(q);
         if was_empty && n > 0 {
@@ -201,13 +302,14 @@ impl Outbound {
     /// writer when the queue was empty.
     fn enqueue(&self, frame: Frame, bounded: bool) -> Result<(), Rejected> {
         let mut q = self.lock();
-        let full = q.frames.len() >= self.limits.frames()
+        let full = q.count as usize >= self.limits.frames()
             || (q.bytes + frame.len() > self.limits.bytes() && !q.frames.is_empty());
         if q.closing || (bounded && full) {
             return Err(Rejected);
         }
         let was_empty = q.frames.is_empty();
         q.bytes += frame.len();
+        q.count += frame.count() as u32;
         q.frames.push_back(frame);
         drop(q);
         if was_empty {
@@ -225,6 +327,7 @@ impl Outbound {
         }
         if let Some(f) = last {
             q.bytes += f.len();
+            q.count += 1;
             q.frames.push_back(f.into());
         }
         q.closing = true;
@@ -244,50 +347,62 @@ impl Outbound {
         self.lock().closing
     }
 
-    /// Moves every queued frame into `out` (one write for the writer) and
-    /// returns how many there were and whether the queue is closing.
-    pub fn drain_into(&self, out: &mut BytesMut) -> (usize, bool) {
+    /// Takes every queued frame for one write: a single entry as its own
+    /// bytes (a reply, or a range of a shared run: written without a copy),
+    /// several copied into `out` in order.
+    pub fn drain_into(&self, out: &mut BytesMut) -> Drained {
         let mut q = self.lock();
-        out.reserve(q.bytes);
-        let n = q.frames.len();
-        q.bytes = 0;
+        let entries = q.frames.len();
+        let frames = std::mem::take(&mut q.count) as usize;
+        let bytes = std::mem::take(&mut q.bytes);
         let closing = q.closing;
-        if n <= SMALL_DRAIN {
-            // Copied outside the lock, and the queue's buffer goes with it.
-            let frames = std::mem::take(&mut q.frames);
+        let mut direct = None;
+        if entries <= SMALL_DRAIN {
+            // Used outside the lock, and the queue's buffer goes with it.
+            let taken = std::mem::take(&mut q.frames);
             drop(q);
-            for f in &frames {
-                out.extend_from_slice(f.wire());
+            if entries == 1 {
+                direct = taken.into_iter().next();
+            } else {
+                out.reserve(bytes);
+                for f in &taken {
+                    out.extend_from_slice(f.wire());
+                }
             }
         } else {
+            out.reserve(bytes);
             for f in q.frames.drain(..) {
                 out.extend_from_slice(f.wire());
             }
             drop(q);
         }
-        self.drained(n, closing)
-    }
-
-    fn drained(&self, n: usize, closing: bool) -> (usize, bool) {
-        if n > 0 {
+        if frames > 0 {
             self.drained.notify_waiters();
         }
-        (n, closing)
+        Drained { frames, direct, closing }
     }
 
-    /// Moves every queued frame into `out` (for transports that send frames
-    /// one message each) and returns whether the queue is closing.
+    /// Moves every queued frame into `out`, one frame per element (for
+    /// transports that send each frame as a message of its own), and returns
+    /// whether the queue is closing.
     pub fn drain_frames(&self, out: &mut Vec<Frame>) -> bool {
         let mut q = self.lock();
         let n = q.frames.len();
-        if n <= SMALL_DRAIN {
-            out.extend(std::mem::take(&mut q.frames));
-        } else {
-            out.extend(q.frames.drain(..));
-        }
         q.bytes = 0;
+        q.count = 0;
         let closing = q.closing;
-        drop(q);
+        if n <= SMALL_DRAIN {
+            let taken = std::mem::take(&mut q.frames);
+            drop(q);
+            for f in taken {
+                f.split_into(out);
+            }
+        } else {
+            for f in q.frames.drain(..) {
+                f.split_into(out);
+            }
+            drop(q);
+        }
         if n > 0 {
             self.drained.notify_waiters();
         }
@@ -315,13 +430,13 @@ impl Outbound {
     /// Frames and bytes queued now.
     pub fn depth(&self) -> (usize, usize) {
         let q = self.lock();
-        (q.frames.len(), q.bytes)
+        (q.count as usize, q.bytes)
     }
 
     /// Whether live offers would be refused for lack of room.
     pub fn has_room_for_live(&self) -> bool {
         let q = self.lock();
-        q.frames.len() < self.limits.frames() / 2 && q.bytes < self.limits.bytes() / 2
+        (q.count as usize) < self.limits.frames() / 2 && q.bytes < self.limits.bytes() / 2
     }
 
     /// Waits while the queue is over its bounds (the client is not reading),
@@ -331,7 +446,7 @@ impl Outbound {
             let waiter = self.drained.notified();
             {
                 let q = self.lock();
-                if q.closing || (q.frames.len() < self.limits.frames() && q.bytes < self.limits.bytes()) {
+                if q.closing || ((q.count as usize) < self.limits.frames() && q.bytes < self.limits.bytes()) {
                     return;
                 }
             }
@@ -344,6 +459,30 @@ impl Outbound {
 mod tests {
     use super::*;
 
+    /// Drains like the TCP writer: the bytes it would write, how many
+    /// frames, whether they came without a copy, and whether closing.
+    fn drain(q: &Outbound) -> (Vec<u8>, usize, bool, bool) {
+        let mut out = BytesMut::new();
+        let d = q.drain_into(&mut out);
+        let direct = d.direct.is_some();
+        if let Some(b) = d.direct {
+            assert!(out.is_empty(), "a direct drain leaves the buffer alone");
+            out.extend_from_slice(b.wire());
+        }
+        (out.to_vec(), d.frames, direct, d.closing)
+    }
+
+    /// A run of `frames`, as the fan-out builds one.
+    fn run_of(frames: &[&[u8]]) -> Arc<Run> {
+        let mut ends = Vec::new();
+        let mut wire = Vec::new();
+        for f in frames {
+            wire.extend_from_slice(f);
+            ends.push(wire.len());
+        }
+        Run::new(Bytes::from(wire), &ends)
+    }
+
     #[test]
     fn live_offers_respect_both_bounds_replies_do_not() {
         let q = Outbound::new(OutboundLimits { max_frames: 3, max_bytes: 10 });
@@ -352,23 +491,36 @@ mod tests {
         assert_eq!(q.offer(Bytes::from_static(b"ccc")), Err(Rejected), "byte bound");
         assert!(q.push(Bytes::from_static(b"reply")).is_ok(), "replies are never dropped");
         assert_eq!(q.depth(), (3, 13));
-        let mut out = BytesMut::new();
-        assert_eq!(q.drain_into(&mut out), (3, false));
-        assert_eq!(&out[..], b"aaaabbbbreply");
+        assert_eq!(drain(&q), (b"aaaabbbbreply".to_vec(), 3, false, false));
+        assert_eq!(q.depth(), (0, 0));
         assert!(q.offer(Bytes::from_static(b"dd")).is_ok());
     }
 
     #[test]
-    fn offer_many_takes_what_fits_in_order() {
+    fn offer_run_takes_what_fits_in_order_as_one_entry() {
         let q = Outbound::new(OutboundLimits { max_frames: 3, max_bytes: 100 });
         q.push(Bytes::from_static(b"r")).unwrap();
-        let frames: Vec<Frame> = [&b"a"[..], b"b", b"c"].iter().map(|f| Frame::from(Bytes::from_static(f))).collect();
-        assert_eq!(q.offer_many(&frames), 2, "the frame bound leaves room for two");
-        let mut out = BytesMut::new();
-        assert_eq!(q.drain_into(&mut out), (3, false));
-        assert_eq!(&out[..], b"rab");
+        let run = run_of(&[b"a", b"b", b"c"]);
+        assert_eq!(q.offer_run(&run, 0), 2, "the frame bound leaves room for two");
+        assert_eq!(q.depth(), (3, 3));
+        assert_eq!(q.lock().frames.len(), 2, "the run's frames are one entry");
+        assert_eq!(drain(&q), (b"rab".to_vec(), 3, false, false));
+        assert_eq!(q.offer_run(&run, 2), 1, "the rest, from where the queue stopped");
+        assert_eq!(drain(&q), (b"c".to_vec(), 1, true, false));
         q.close_with(None);
-        assert_eq!(q.offer_many(&frames), 0, "nothing once closing");
+        assert_eq!(q.offer_run(&run, 0), 0, "nothing once closing");
+    }
+
+    #[test]
+    fn offer_run_keeps_the_byte_bound() {
+        let q = Outbound::new(OutboundLimits { max_frames: 100, max_bytes: 6 });
+        let run = run_of(&[b"aa", b"bb", b"cc", b"dd"]);
+        assert_eq!(q.offer_run(&run, 1), 3, "6 bytes from the second frame on");
+        assert_eq!(q.offer_run(&run, 0), 0, "a full queue takes nothing");
+        assert_eq!(drain(&q), (b"bbccdd".to_vec(), 3, true, false), "one range, written from the run");
+        let big = run_of(&[b"0123456789", b"x"]);
+        assert_eq!(q.offer_run(&big, 0), 1, "a frame over the byte bound still goes through an empty queue");
+        assert_eq!(q.offer_run(&big, 1), 0);
     }
 
     #[test]
@@ -384,22 +536,42 @@ mod tests {
         q.push(Bytes::from_static(b"a")).unwrap();
         q.close_with(Some(Bytes::from_static(b"bye")));
         assert_eq!(q.push(Bytes::from_static(b"late")), Err(Rejected));
-        let mut out = BytesMut::new();
-        assert_eq!(q.drain_into(&mut out), (2, true));
-        assert_eq!(&out[..], b"abye");
+        assert_eq!(drain(&q), (b"abye".to_vec(), 2, false, true));
+    }
+
+    #[test]
+    fn per_message_transports_get_each_frame_of_a_run_with_its_json_slot() {
+        let run = run_of(&[b"\0\0\0\x01a", b"\0\0\0\x01b", b"\0\0\0\x01c"]);
+        let (one, two) = (Outbound::new(OutboundLimits::default()), Outbound::new(OutboundLimits::default()));
+        for q in [&one, &two] {
+            q.push(Bytes::from_static(b"reply")).unwrap();
+            assert_eq!(q.offer_run(&run, 0), 3);
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        one.drain_frames(&mut a);
+        two.drain_frames(&mut b);
+        assert_eq!(
+            a.iter().map(|f| f.wire().to_vec()).collect::<Vec<_>>(),
+            [&b"reply"[..], b"\0\0\0\x01a", b"\0\0\0\x01b", b"\0\0\0\x01c"]
+        );
+        assert_eq!(a[2].envelope(), Bytes::from_static(b"b"));
+        assert!(a[0].json_cell().is_none(), "a reply is encoded for its one recipient");
+        for (x, y) in a[1..].iter().zip(&b[1..]) {
+            assert!(std::ptr::eq(x.json_cell().unwrap(), y.json_cell().unwrap()), "one JSON slot per message");
+        }
+        assert!(!std::ptr::eq(a[1].json_cell().unwrap(), a[2].json_cell().unwrap()));
+        assert_eq!(one.depth(), (0, 0));
     }
 
     #[test]
     fn small_drains_release_the_buffer_large_ones_keep_it_and_both_keep_order() {
         let q = Outbound::new(OutboundLimits::default());
-        for n in [1, SMALL_DRAIN, SMALL_DRAIN + 1, 100] {
+        for n in [1, 2, SMALL_DRAIN, SMALL_DRAIN + 1, 100] {
             let frames: Vec<Bytes> = (0..n).map(|i| Bytes::from(format!("{i},"))).collect();
             for f in &frames {
                 q.push(f.clone()).unwrap();
             }
-            let mut out = BytesMut::new();
-            assert_eq!(q.drain_into(&mut out), (n, false));
-            assert_eq!(out, frames.concat(), "{n} frames in order");
+            assert_eq!(drain(&q), (frames.concat(), n, n == 1, false), "{n} frames in order");
             let kept = q.lock().frames.capacity();
             assert_eq!(kept == 0, n <= SMALL_DRAIN, "{n} frames drained, {kept} slots kept");
             let mut v = Vec::new();
@@ -407,7 +579,7 @@ mod tests {
                 q.push(f.clone()).unwrap();
             }
             q.drain_frames(&mut v);
-            assert_eq!(v.iter().map(|f| f.wire().clone()).collect::<Vec<_>>(), frames);
+            assert_eq!(v.iter().map(Frame::wire_bytes).collect::<Vec<_>>(), frames);
             q.lock().frames = VecDeque::new();
         }
     }
@@ -420,7 +592,7 @@ mod tests {
         let waiter = tokio::spawn(async move { q2.wait_writable().await });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        q.drain_into(&mut BytesMut::new());
+        drain(&q);
         waiter.await.unwrap();
     }
 }

@@ -182,3 +182,35 @@ async fn an_idle_connection_task_stays_in_tokio_s_1_kib_task_cell() {
     let size = std::mem::size_of_val(&task);
     assert!(size <= 912, "a TCP connection's future is {size} bytes: its task no longer fits a 1 KiB cell");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
+    // Idle memory per connection (issue 6): a connection whose queue held
+    // one range of a room's run writes it from the shared buffer; once
+    // written, the idle connection must not keep the run alive.
+    let s = TestServer::start().await;
+    let hub = s.server.as_ref().unwrap().hub().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (sock, _) = listener.accept().await.unwrap();
+    let (r, w) = sock.into_split();
+    let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
+    tokio::spawn(chatd::net::stream::serve(hub.clone(), r, w, "tcp", "test".into(), Default::default()));
+    let handle = loop {
+        if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
+            break h;
+        }
+        tokio::task::yield_now().await;
+    };
+    let run = chatd::session::outbound::Run::new(bytes::Bytes::from_static(b"onetwothree"), &[3, 6, 11]);
+    assert_eq!(handle.outbound.offer_run(&run, 1), 2);
+    let mut got = [0u8; 8];
+    tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
+    assert_eq!(&got, b"twothree", "the range, written from the run");
+    // Were it kept until the connection's next write, it would go only when
+    // the handshake timeout closes the connection.
+    while std::sync::Arc::strong_count(&run) > 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(!handle.outbound.is_closing(), "the run outlived the write: it went only with the connection");
+}
