@@ -106,6 +106,29 @@ fn run_len(sizes: impl IntoIterator<Item = usize>) -> usize {
     n
 }
 
+/// Encodes one room's messages (`(seq, encoded Message)` of each item, in
+/// seq order) into runs of at most [`RUN_BYTES`] (or one message), and hands
+/// each run to `f` with its seqs.
+fn encode_runs<T>(items: &[T], message: impl Fn(&T) -> (u64, &[u8]), mut f: impl FnMut(&[u64], &Arc<Run>)) {
+    let (mut seqs, mut ends) = (Vec::new(), Vec::new());
+    let mut rest = items;
+    while !rest.is_empty() {
+        let size = |t: &T| message(t).1.len() + FRAME_OVERHEAD;
+        let (part, after) = rest.split_at(run_len(rest.iter().map(size)));
+        rest = after;
+        let mut wire = bytes::BytesMut::with_capacity(part.iter().map(size).sum());
+        seqs.clear();
+        ends.clear();
+        for t in part {
+            let (seq, msg) = message(t);
+            put_message_frame(msg, &mut wire);
+            seqs.push(seq);
+            ends.push(wire.len());
+        }
+        f(&seqs, &Run::new(wire.freeze(), &ends));
+    }
+}
+
 /// Delivers the committed publishes (in commit order), each room's messages
 /// encoded once into shared runs and offered by [`Room::fan_out`], then
 /// acknowledges them.
@@ -116,23 +139,15 @@ fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
     // A stable sort keeps each room's messages in seq order.
     published.sort_by_key(|p| p.room.id);
     let m = &hub.metrics;
-    let (mut seqs, mut ends) = (Vec::new(), Vec::new());
     for room_run in published.chunk_by(|a, b| a.room.id == b.room.id) {
-        let mut rest = room_run;
-        while !rest.is_empty() {
-            let (part, after) = rest.split_at(run_len(rest.iter().map(|p| p.message.len() + FRAME_OVERHEAD)));
-            rest = after;
-            let mut wire = bytes::BytesMut::with_capacity(part.iter().map(|p| p.message.len() + FRAME_OVERHEAD).sum());
-            seqs.clear();
-            ends.clear();
-            for p in part {
-                put_message_frame(&p.message, &mut wire);
-                seqs.push(p.seq);
-                ends.push(wire.len());
-            }
-            let delivered = part[0].room.fan_out(&seqs, &Run::new(wire.freeze(), &ends));
-            m.delivered.increment(delivered);
-        }
+        let room = &room_run[0].room;
+        encode_runs(
+            room_run,
+            |p| (p.seq, &p.message[..]),
+            |seqs, run| {
+                m.delivered.increment(room.fan_out(seqs, run));
+            },
+        );
     }
     m.published.increment(published.len() as u64);
     for p in published.drain(..) {
@@ -194,5 +209,26 @@ mod tests {
         assert_eq!(run_len([RUN_BYTES + 1, 1]), 1, "a frame larger than a run is a run of its own");
         assert_eq!(run_len([1, RUN_BYTES]), 1);
         assert_eq!(run_len([RUN_BYTES / 2, RUN_BYTES / 2, 1]), 2);
+    }
+
+    #[test]
+    fn a_rooms_messages_become_runs_of_their_push_frames_in_seq_order() {
+        let big = vec![7u8; RUN_BYTES / 2];
+        let msgs: Vec<(u64, Vec<u8>)> =
+            (10..20).map(|seq| (seq, if seq % 4 == 0 { big.clone() } else { vec![seq as u8; 5] })).collect();
+        let mut runs = Vec::new();
+        encode_runs(&msgs, |(seq, m)| (*seq, &m[..]), |seqs, run| runs.push((seqs.to_vec(), run.clone())));
+        assert!(runs.len() > 1, "the large messages do not fit one run");
+        let seqs: Vec<u64> = runs.iter().flat_map(|(s, _)| s.clone()).collect();
+        assert_eq!(seqs, (10..20).collect::<Vec<_>>(), "every message once, in order");
+        let mut i = 0;
+        for (seqs, run) in &runs {
+            assert_eq!(seqs.len(), run.len());
+            assert!(run.len() == 1 || run.wire_len() <= RUN_BYTES, "a run of {} bytes", run.wire_len());
+            for k in 0..run.len() {
+                assert_eq!(run.frame(k), &super::super::message_frame(&msgs[i].1)[..], "frame of seq {}", msgs[i].0);
+                i += 1;
+            }
+        }
     }
 }

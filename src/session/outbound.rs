@@ -71,6 +71,24 @@ impl Run {
         self.msgs.is_empty()
     }
 
+    /// Bytes of all its frames.
+    pub fn wire_len(&self) -> usize {
+        self.wire.len()
+    }
+
+    /// Frame `i`: length prefix + protobuf `Envelope`.
+    pub fn frame(&self, i: usize) -> &[u8] {
+        &self.wire[self.start(i)..self.msgs[i].end]
+    }
+
+    /// Frames `from..to` in a run of their own (a copy).
+    fn copy_range(&self, from: usize, to: usize) -> Arc<Run> {
+        let start = self.start(from);
+        let wire = Bytes::copy_from_slice(&self.wire[start..self.msgs[to - 1].end]);
+        let ends: Vec<usize> = self.msgs[from..to].iter().map(|m| m.end - start).collect();
+        Run::new(wire, &ends)
+    }
+
     fn start(&self, i: usize) -> usize {
         if i == 0 { 0 } else { self.msgs[i - 1].end }
     }
@@ -104,14 +122,6 @@ impl Frame {
         }
     }
 
-    /// [`Frame::wire`] as shared bytes (no copy).
-    pub fn wire_bytes(&self) -> Bytes {
-        match &self.0 {
-            Repr::One(wire) => wire.clone(),
-            Repr::Run { run, from, to } => run.wire.slice(run.start(*from as usize)..run.msgs[*to as usize - 1].end),
-        }
-    }
-
     /// For a single frame shared by many recipients: the slot for its JSON
     /// text.
     pub fn json_cell(&self) -> Option<&OnceLock<Bytes>> {
@@ -124,8 +134,15 @@ impl Frame {
     /// The protobuf envelope without the length prefix (a WebSocket binary
     /// message) of a single frame.
     pub fn envelope(&self) -> Bytes {
-        let wire = self.wire_bytes();
-        wire.slice(crate::codec::PREFIX_LEN.min(wire.len())..)
+        debug_assert_eq!(self.count(), 1, "one frame is one message");
+        let skip = |start: usize, end: usize| (start + crate::codec::PREFIX_LEN).min(end);
+        match &self.0 {
+            Repr::One(wire) => wire.slice(skip(0, wire.len())..),
+            Repr::Run { run, from, to } => {
+                let end = run.msgs[*to as usize - 1].end;
+                run.wire.slice(skip(run.start(*from as usize), end)..end)
+            }
+        }
     }
 
     /// How many frames this entry holds.
@@ -141,7 +158,8 @@ impl Frame {
     fn split_into(self, out: &mut Vec<Frame>) {
         match self.0 {
             Repr::Run { run, from, to } if to - from > 1 => {
-                out.extend((from..to).map(|i| Frame(Repr::Run { run: run.clone(), from: i, to: i + 1 })));
+                out.extend((from..to - 1).map(|i| Frame(Repr::Run { run: run.clone(), from: i, to: i + 1 })));
+                out.push(Frame(Repr::Run { run, from: to - 1, to }));
             }
             _ => out.push(self),
         }
@@ -283,7 +301,16 @@ impl Outbound {
         if n > 0 {
             q.bytes = bytes;
             q.count += n as u32;
-            q.frames.push_back(Frame::range(run, from, to));
+            // A range shares the run only when it is all of it. Part of one
+            // (a subscriber falling behind, or joined mid-batch) is copied:
+            // the queue's byte bound counts only what it took, and must
+            // bound what it keeps alive.
+            let entry = if n == run.len() {
+                Frame::range(run, from, to)
+            } else {
+                Frame::range(&run.copy_range(from, to), 0, n)
+            };
+            q.frames.push_back(entry);
         }
         drop(q);
         if was_empty && n > 0 {
@@ -518,9 +545,37 @@ mod tests {
         assert_eq!(q.offer_run(&run, 1), 3, "6 bytes from the second frame on");
         assert_eq!(q.offer_run(&run, 0), 0, "a full queue takes nothing");
         assert_eq!(drain(&q), (b"bbccdd".to_vec(), 3, true, false), "one range, written from the run");
-        let big = run_of(&[b"0123456789", b"x"]);
-        assert_eq!(q.offer_run(&big, 0), 1, "a frame over the byte bound still goes through an empty queue");
-        assert_eq!(q.offer_run(&big, 1), 0);
+        let big = run_of(&[b"x", b"0123456789", b"y"]);
+        assert_eq!(q.offer_run(&big, 1), 1, "a frame over the byte bound still goes through an empty queue");
+        assert_eq!(q.offer_run(&big, 2), 0);
+    }
+
+    #[test]
+    fn the_frame_bound_counts_frames_not_entries() {
+        let q = Outbound::new(OutboundLimits { max_frames: 4, max_bytes: 100 });
+        assert_eq!(q.offer_run(&run_of(&[b"a", b"b", b"c"]), 0), 3);
+        assert!(!q.has_room_for_live(), "3 of 4 frames queued, in one entry");
+        assert!(q.offer(Bytes::from_static(b"d")).is_ok());
+        assert_eq!(q.offer(Bytes::from_static(b"e")), Err(Rejected));
+        assert_eq!(q.offer_run(&run_of(&[b"f"]), 0), 0);
+        assert_eq!(q.depth(), (4, 4));
+    }
+
+    #[test]
+    fn part_of_a_run_is_copied_so_the_queue_keeps_only_what_it_counts() {
+        let q = Outbound::new(OutboundLimits { max_frames: 2, max_bytes: 100 });
+        let run = run_of(&[b"aa", b"bb", b"cc"]);
+        assert_eq!(q.offer_run(&run, 0), 2);
+        assert_eq!(Arc::strong_count(&run), 1, "the queue holds a copy of the two frames it took");
+        assert_eq!(drain(&q), (b"aabb".to_vec(), 2, true, false));
+        assert_eq!(q.offer_run(&run, 2), 1);
+        assert_eq!(Arc::strong_count(&run), 1, "nor of the last one");
+        assert_eq!(drain(&q), (b"cc".to_vec(), 1, true, false));
+        assert_eq!(q.offer_run(&run, 0), 2);
+        let whole = run_of(&[b"dd"]);
+        let other = Outbound::new(OutboundLimits::default());
+        assert_eq!(other.offer_run(&whole, 0), 1);
+        assert_eq!(Arc::strong_count(&whole), 2, "a whole run is shared, not copied");
     }
 
     #[test]
@@ -579,7 +634,7 @@ mod tests {
                 q.push(f.clone()).unwrap();
             }
             q.drain_frames(&mut v);
-            assert_eq!(v.iter().map(Frame::wire_bytes).collect::<Vec<_>>(), frames);
+            assert_eq!(v.iter().map(|f| f.wire().to_vec()).collect::<Vec<_>>(), frames);
             q.lock().frames = VecDeque::new();
         }
     }
