@@ -5,12 +5,13 @@
 //! drains. No chat logic lives in a transport.
 
 pub mod driver;
+pub mod join;
 pub mod outbound;
 mod requests;
 pub mod stats;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 
@@ -43,10 +44,13 @@ pub struct SessionHandle {
     pub inflight: Arc<Semaphore>,
     /// Who, from where, and how much.
     pub stats: stats::ConnStats,
-    /// The request loop's waker for the shutdown signal: the loop checks the
+    /// The connection task's waker, kept by [`join::join`]: the halves'
+    /// wakers wake it, and so does shutdown (the request loop checks the
     /// signal instead of holding a 72-byte waiter on it in every idle
-    /// connection's task, and shutdown wakes it here.
+    /// connection's task).
     reader: futures_util::task::AtomicWaker,
+    /// Which halves of the connection's task are due ([`join`]'s flags).
+    wakes: AtomicU8,
     /// Index into [`TRANSPORTS`]: one byte in the padding after
     /// `has_lagging`, where a `&'static str` took 16.
     transport: u8,
@@ -69,28 +73,21 @@ impl SessionHandle {
             lagging: Mutex::new(None),
             has_lagging: AtomicBool::new(false),
             reader: futures_util::task::AtomicWaker::new(),
+            wakes: AtomicU8::new(0),
             inflight: Arc::new(Semaphore::new(limits.max_inflight_publishes)),
         }
     }
 
     /// Ready once `stop` is cancelled; [`SessionHandle::wake_reader`] wakes
-    /// it after the cancel.
+    /// it after the cancel. Registers no waker of its own: it must run in
+    /// the request-loop half of [`join::join`], whose waker shutdown wakes.
     pub fn stopped<'a>(&'a self, stop: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
-        std::future::poll_fn(move |cx| {
-            if !stop.is_cancelled() {
-                self.reader.register(cx.waker());
-                // A cancel between the check and the registration woke
-                // nobody: check again.
-                if !stop.is_cancelled() {
-                    return Poll::Pending;
-                }
-            }
-            Poll::Ready(())
-        })
+        std::future::poll_fn(move |_| if stop.is_cancelled() { Poll::Ready(()) } else { Poll::Pending })
     }
 
     /// Wakes the request loop waiting in [`SessionHandle::stopped`].
     pub fn wake_reader(&self) {
+        self.wakes.fetch_or(join::READER, Ordering::AcqRel);
         self.reader.wake();
     }
 

@@ -1,0 +1,245 @@
+//! Runs a connection's request loop and its writer in the connection's one
+//! task, and polls each only when something woke it.
+//!
+//! `tokio::join!` polls both halves whenever the task wakes. For a busy
+//! subscriber nearly every wake is for the writer (a committed batch to
+//! send), and polling the request loop alongside it — its `select!`, idle
+//! timer, socket readiness and shutdown check — cost about as much as the
+//! write itself outside the kernel. Here each half gets a waker of its own
+//! that marks the half as due and then wakes the task; both wakers point at
+//! the connection's [`SessionHandle`] (tagged in the pointer's low bits), so
+//! they need no allocation of their own. The task's own waker is kept in the
+//! handle's reader slot, which is also how shutdown wakes the request loop
+//! ([`SessionHandle::wake_reader`]).
+
+use std::future::Future;
+use std::mem::ManuallyDrop;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+
+use super::SessionHandle;
+
+/// The request loop is due to be polled.
+pub(super) const READER: u8 = 1;
+/// The writer is due to be polled.
+pub(super) const WRITER: u8 = 2;
+
+// The tags live in the low bits of the handle's address.
+const _: () = assert!(std::mem::align_of::<SessionHandle>() > (READER | WRITER) as usize);
+
+/// Runs `reader` and `writer` to completion, each polled only after its own
+/// waker was woken (both on the first poll). `reader` may wait on
+/// [`SessionHandle::stopped`], which relies on this.
+///
+/// A future of its own rather than an `async fn`: that would keep its
+/// arguments and their pinned copies side by side, and every idle
+/// connection's task holds this future.
+pub fn join<'a, R, W>(handle: &'a Arc<SessionHandle>, reader: R, writer: W) -> Join<'a, R, W>
+where
+    R: Future<Output = ()>,
+    W: Future<Output = ()>,
+{
+    Join { handle, reader, writer, reader_done: false, writer_done: false, first: true }
+}
+
+/// See [`join`].
+pub struct Join<'a, R, W> {
+    handle: &'a Arc<SessionHandle>,
+    reader: R,
+    writer: W,
+    reader_done: bool,
+    writer_done: bool,
+    first: bool,
+}
+
+impl<R: Future<Output = ()>, W: Future<Output = ()>> Future for Join<'_, R, W> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `reader` and `writer` are pinned with `self`: they are
+        // never moved out or replaced, and `Join` has no `Drop` that could.
+        let this = unsafe { self.get_unchecked_mut() };
+        let handle = this.handle;
+        // Registered before the flags are read: a half woken after the read
+        // wakes this waker, so no wake is lost.
+        handle.reader.register(cx.waker());
+        let mut due = handle.wakes.swap(0, Ordering::AcqRel);
+        if std::mem::take(&mut this.first) {
+            due = READER | WRITER;
+        }
+        if !this.reader_done && due & READER != 0 {
+            let waker = half_waker(handle, READER);
+            // SAFETY: see above.
+            let reader = unsafe { Pin::new_unchecked(&mut this.reader) };
+            this.reader_done = reader.poll(&mut Context::from_waker(&waker)).is_ready();
+        }
+        // The request loop may just have queued a reply or closed the
+        // queue: the writer sees it in this same poll.
+        if due & WRITER == 0 {
+            due |= handle.wakes.fetch_and(!WRITER, Ordering::AcqRel) & WRITER;
+        }
+        if !this.writer_done && due & WRITER != 0 {
+            let waker = half_waker(handle, WRITER);
+            // SAFETY: see above.
+            let writer = unsafe { Pin::new_unchecked(&mut this.writer) };
+            this.writer_done = writer.poll(&mut Context::from_waker(&waker)).is_ready();
+        }
+        if this.reader_done && this.writer_done { Poll::Ready(()) } else { Poll::Pending }
+    }
+}
+
+/// The waker of one half, borrowing `handle`'s reference (no count is
+/// taken; a clone takes one).
+fn half_waker(handle: &Arc<SessionHandle>, half: u8) -> ManuallyDrop<Waker> {
+    let tagged = (Arc::as_ptr(handle) as usize | usize::from(half)) as *const ();
+    // SAFETY: the vtable's functions treat the pointer as a tagged
+    // `Arc<SessionHandle>`; the borrowed one is never dropped (ManuallyDrop)
+    // and `handle` outlives it.
+    ManuallyDrop::new(unsafe { Waker::from_raw(RawWaker::new(tagged, &VTABLE)) })
+}
+
+static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake_by_ref, drop_waker);
+
+fn untag(tagged: *const ()) -> (*const SessionHandle, u8) {
+    let bits = tagged as usize;
+    ((bits & !usize::from(READER | WRITER)) as *const SessionHandle, (bits as u8) & (READER | WRITER))
+}
+
+unsafe fn clone(tagged: *const ()) -> RawWaker {
+    // SAFETY: `tagged` came from `half_waker` or a clone, so the handle is
+    // alive (the borrowed `Arc` or this waker's own count keeps it).
+    unsafe { Arc::increment_strong_count(untag(tagged).0) };
+    RawWaker::new(tagged, &VTABLE)
+}
+
+unsafe fn wake(tagged: *const ()) {
+    // SAFETY: as in `clone`; this waker owns a count, given back after.
+    unsafe {
+        wake_by_ref(tagged);
+        drop_waker(tagged);
+    }
+}
+
+unsafe fn wake_by_ref(tagged: *const ()) {
+    let (handle, half) = untag(tagged);
+    // SAFETY: as in `clone`.
+    let handle = unsafe { &*handle };
+    handle.wakes.fetch_or(half, Ordering::AcqRel);
+    handle.reader.wake();
+}
+
+unsafe fn drop_waker(tagged: *const ()) {
+    // SAFETY: as in `clone`; this waker owns the count it gives back.
+    unsafe { Arc::decrement_strong_count(untag(tagged).0) };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// A task's waker that records whether it was woken.
+    struct Woken(AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Polls a future by hand, as the runtime would.
+    struct Task<F> {
+        future: Pin<Box<F>>,
+        woken: Arc<Woken>,
+    }
+
+    impl<F: Future<Output = ()>> Task<F> {
+        fn new(future: F) -> Self {
+            Task { future: Box::pin(future), woken: Arc::new(Woken(AtomicBool::new(false))) }
+        }
+
+        fn poll(&mut self) -> Poll<()> {
+            self.woken.0.store(false, Ordering::Relaxed);
+            let waker = Waker::from(self.woken.clone());
+            self.future.as_mut().poll(&mut Context::from_waker(&waker))
+        }
+
+        fn is_woken(&self) -> bool {
+            self.woken.0.load(Ordering::Relaxed)
+        }
+    }
+
+    /// A half that counts its polls and finishes after `n` notifications.
+    async fn half(polls: &AtomicUsize, notify: &Notify, n: usize) {
+        for _ in 0..n {
+            polls.fetch_add(1, Ordering::Relaxed);
+            notify.notified().await;
+        }
+    }
+
+    fn handle() -> Arc<SessionHandle> {
+        Arc::new(SessionHandle::new(1, &crate::hub::Limits::default(), "tcp", String::new()))
+    }
+
+    fn polls(r: &AtomicUsize, w: &AtomicUsize) -> (usize, usize) {
+        (r.load(Ordering::Relaxed), w.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn each_half_is_polled_only_when_its_own_waker_fired() {
+        let h = handle();
+        let (r, w) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let (r_notify, w_notify) = (Notify::new(), Notify::new());
+        let mut task = Task::new(join(&h, half(&r, &r_notify, 2), half(&w, &w_notify, 3)));
+        assert!(task.poll().is_pending());
+        assert_eq!(polls(&r, &w), (1, 1), "both halves run on the first poll");
+        for round in 2..=3 {
+            w_notify.notify_one();
+            assert!(task.is_woken(), "a half's wake wakes the task");
+            assert!(task.poll().is_pending());
+            assert_eq!(polls(&r, &w), (1, round), "the request loop is not polled for the writer");
+        }
+        assert!(!task.is_woken());
+        r_notify.notify_one();
+        assert!(task.poll().is_pending());
+        assert_eq!(polls(&r, &w), (2, 3));
+        r_notify.notify_one();
+        w_notify.notify_one();
+        assert!(task.poll().is_ready(), "both halves woken, both polled, both done");
+        drop(task);
+        assert_eq!(Arc::strong_count(&h), 1, "no waker kept a count on the handle");
+    }
+
+    #[test]
+    fn a_wake_between_polls_is_not_lost() {
+        let h = handle();
+        let notify = Notify::new();
+        let w = AtomicUsize::new(0);
+        let mut task = Task::new(join(&h, async {}, half(&w, &notify, 1)));
+        assert!(task.poll().is_pending());
+        notify.notify_one();
+        assert!(task.is_woken());
+        assert!(task.poll().is_ready());
+    }
+
+    #[test]
+    fn shutdown_wakes_the_request_loop() {
+        let h = handle();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (w, w_notify) = (AtomicUsize::new(0), Notify::new());
+        let mut task = Task::new(join(&h, h.stopped(&stop), half(&w, &w_notify, 1)));
+        assert!(task.poll().is_pending());
+        stop.cancel();
+        h.wake_reader();
+        assert!(task.is_woken());
+        assert!(task.poll().is_pending(), "the request loop is done; the writer still waits");
+        assert_eq!(w.load(Ordering::Relaxed), 1, "and was not polled again");
+        w_notify.notify_one();
+        assert!(task.poll().is_ready());
+    }
+}
