@@ -57,7 +57,10 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, peer: String, shutdown: Shu
                 .ok();
         }
     };
-    crate::session::join::join(&handle, reader, write_loop(hub.clone(), handle.clone(), sink, shared.clone())).await;
+    // tokio-tungstenite wakes both directions' wakers on any socket event.
+    let io = crate::session::join::Io::Separate;
+    crate::session::join::join(&handle, io, reader, write_loop(hub.clone(), handle.clone(), sink, shared.clone()))
+        .await;
     // Lingering close: a socket closed with unread input (the rest of an
     // oversize message) is reset, and the reset makes the peer's kernel drop
     // our close frame unread. The WebSocket cannot be read past a framing

@@ -16,13 +16,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::codec::{FrameError, FrameReader};
 use crate::hub::Hub;
 use crate::session::driver::{Incoming, Shutdown, Source, serve_requests};
-use crate::session::join::join;
+use crate::session::join::{Io, join};
 use crate::session::outbound::{Drained, Frame};
 use crate::session::{Session, SessionHandle};
 
 /// A stream that can say when it has bytes to read without being handed a
 /// buffer to read them into.
 pub trait Readable {
+    /// Whether the read half shares its resource with the write half (see
+    /// [`Io::Shared`]).
+    const SHARES_IO: bool = false;
+
     /// Ready when a read would not block (or has an error to report).
     /// A poll function rather than an `async fn`: tokio's `readable()`
     /// future is ~180 bytes, held by every idle connection's task.
@@ -40,6 +44,10 @@ impl Readable for tokio::net::tcp::OwnedReadHalf {
 /// TLS decrypts in records, so readiness of the socket says nothing about
 /// plaintext: read at once.
 impl<T: Send + Sync> Readable for tokio::io::ReadHalf<T> {
+    // tokio-rustls's read may write (an alert, before it fails), leaving
+    // the reader's waker in the socket's write slot.
+    const SHARES_IO: bool = true;
+
     fn poll_readable(&self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
@@ -95,7 +103,8 @@ where
     async move {
         // The reader and the writer share the connection's task: a second
         // task per connection costs ~0.3 KiB on every idle one.
-        join(&handle, serve_requests(&mut session, &mut source, &shutdown), write_loop(&hub, &handle, &mut writer))
+        let io = if R::SHARES_IO { Io::Shared } else { Io::Separate };
+        join(&handle, io, serve_requests(&mut session, &mut source, &shutdown), write_loop(&hub, &handle, &mut writer))
             .await;
         tracing::debug!(session = handle.id, "connection closed");
     }
@@ -151,7 +160,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
             closing
         };
         if closing {
-            let _ = w.flush().await;
+            // Bounded: a peer that reads nothing must not hold the task.
+            let _ = Box::pin(tokio::time::timeout(hub.limits.slow_consumer_timeout, w.flush())).await;
             break;
         }
         if handle.tend(hub) {
@@ -164,7 +174,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
         handle.outbound.ready().await;
     }
     handle.outbound.close_with(None);
-    let _ = w.shutdown().await;
+    // TLS says close_notify here, which a full socket would hold forever.
+    let _ = Box::pin(tokio::time::timeout(hub.limits.slow_consumer_timeout, w.shutdown())).await;
 }
 
 /// Writes as much of `buf[*done..]` as the stream takes without waiting,

@@ -9,8 +9,13 @@
 //! that marks the half as due and then wakes the task; both wakers point at
 //! the connection's [`SessionHandle`] (tagged in the pointer's low bits), so
 //! they need no allocation of their own. The task's own waker is kept in the
-//! handle's reader slot, which is also how shutdown wakes the request loop
-//! ([`SessionHandle::wake_reader`]).
+//! handle ([`SessionHandle::wake_reader`] wakes the request loop through it
+//! at shutdown).
+//!
+//! Halves that share one resource ([`Io::Shared`]: TLS, whose read half may
+//! write an alert to the socket) can leave each other's waker in it; they
+//! are both polled on every wake, as `tokio::join!` does. So is the
+//! remaining half once the other has finished, whatever woke the task.
 
 use std::future::Future;
 use std::mem::ManuallyDrop;
@@ -29,19 +34,30 @@ pub(super) const WRITER: u8 = 2;
 // The tags live in the low bits of the handle's address.
 const _: () = assert!(std::mem::align_of::<SessionHandle>() > (READER | WRITER) as usize);
 
+/// What the two halves of a connection wait on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    /// Each its own direction of the socket (TCP; WebSocket, whose stream
+    /// wakes both directions' wakers on any event).
+    Separate,
+    /// One resource: a wake may be for either half.
+    Shared,
+}
+
 /// Runs `reader` and `writer` to completion, each polled only after its own
-/// waker was woken (both on the first poll). `reader` may wait on
-/// [`SessionHandle::stopped`], which relies on this.
+/// waker was woken (both on the first poll, and on every poll with
+/// [`Io::Shared`]). `reader` may wait on [`SessionHandle::stopped`], which
+/// relies on this.
 ///
 /// A future of its own rather than an `async fn`: that would keep its
 /// arguments and their pinned copies side by side, and every idle
 /// connection's task holds this future.
-pub fn join<'a, R, W>(handle: &'a Arc<SessionHandle>, reader: R, writer: W) -> Join<'a, R, W>
+pub fn join<'a, R, W>(handle: &'a Arc<SessionHandle>, io: Io, reader: R, writer: W) -> Join<'a, R, W>
 where
     R: Future<Output = ()>,
     W: Future<Output = ()>,
 {
-    Join { handle, reader, writer, reader_done: false, writer_done: false, first: true }
+    Join { handle, reader, writer, reader_done: false, writer_done: false, first: true, io }
 }
 
 /// See [`join`].
@@ -52,6 +68,7 @@ pub struct Join<'a, R, W> {
     reader_done: bool,
     writer_done: bool,
     first: bool,
+    io: Io,
 }
 
 impl<R: Future<Output = ()>, W: Future<Output = ()>> Future for Join<'_, R, W> {
@@ -64,9 +81,11 @@ impl<R: Future<Output = ()>, W: Future<Output = ()>> Future for Join<'_, R, W> {
         let handle = this.handle;
         // Registered before the flags are read: a half woken after the read
         // wakes this waker, so no wake is lost.
-        handle.reader.register(cx.waker());
+        handle.task.register(cx.waker());
         let mut due = handle.wakes.swap(0, Ordering::AcqRel);
-        if std::mem::take(&mut this.first) {
+        // A finished half may have left its waker where the other half's
+        // belonged: every wake then goes to the one still running.
+        if std::mem::take(&mut this.first) || this.io == Io::Shared || this.reader_done || this.writer_done {
             due = READER | WRITER;
         }
         if !this.reader_done && due & READER != 0 {
@@ -93,7 +112,7 @@ impl<R: Future<Output = ()>, W: Future<Output = ()>> Future for Join<'_, R, W> {
 /// The waker of one half, borrowing `handle`'s reference (no count is
 /// taken; a clone takes one).
 fn half_waker(handle: &Arc<SessionHandle>, half: u8) -> ManuallyDrop<Waker> {
-    let tagged = (Arc::as_ptr(handle) as usize | usize::from(half)) as *const ();
+    let tagged = Arc::as_ptr(handle).map_addr(|a| a | usize::from(half)).cast::<()>();
     // SAFETY: the vtable's functions treat the pointer as a tagged
     // `Arc<SessionHandle>`; the borrowed one is never dropped (ManuallyDrop)
     // and `handle` outlives it.
@@ -103,8 +122,8 @@ fn half_waker(handle: &Arc<SessionHandle>, half: u8) -> ManuallyDrop<Waker> {
 static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake_by_ref, drop_waker);
 
 fn untag(tagged: *const ()) -> (*const SessionHandle, u8) {
-    let bits = tagged as usize;
-    ((bits & !usize::from(READER | WRITER)) as *const SessionHandle, (bits as u8) & (READER | WRITER))
+    let tags = usize::from(READER | WRITER);
+    (tagged.map_addr(|a| a & !tags).cast::<SessionHandle>(), (tagged.addr() & tags) as u8)
 }
 
 unsafe fn clone(tagged: *const ()) -> RawWaker {
@@ -127,7 +146,7 @@ unsafe fn wake_by_ref(tagged: *const ()) {
     // SAFETY: as in `clone`.
     let handle = unsafe { &*handle };
     handle.wakes.fetch_or(half, Ordering::AcqRel);
-    handle.reader.wake();
+    handle.task.wake();
 }
 
 unsafe fn drop_waker(tagged: *const ()) {
@@ -137,6 +156,7 @@ unsafe fn drop_waker(tagged: *const ()) {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::pin;
     use std::sync::atomic::{AtomicBool, AtomicUsize};
 
     use tokio::sync::Notify;
@@ -176,10 +196,16 @@ mod tests {
 
     /// A half that counts its polls and finishes after `n` notifications.
     async fn half(polls: &AtomicUsize, notify: &Notify, n: usize) {
-        for _ in 0..n {
+        let mut waits = pin!(async {
+            for _ in 0..n {
+                notify.notified().await;
+            }
+        });
+        std::future::poll_fn(|cx| {
             polls.fetch_add(1, Ordering::Relaxed);
-            notify.notified().await;
-        }
+            waits.as_mut().poll(cx)
+        })
+        .await
     }
 
     fn handle() -> Arc<SessionHandle> {
@@ -195,7 +221,7 @@ mod tests {
         let h = handle();
         let (r, w) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let (r_notify, w_notify) = (Notify::new(), Notify::new());
-        let mut task = Task::new(join(&h, half(&r, &r_notify, 2), half(&w, &w_notify, 3)));
+        let mut task = Task::new(join(&h, Io::Separate, half(&r, &r_notify, 2), half(&w, &w_notify, 3)));
         assert!(task.poll().is_pending());
         assert_eq!(polls(&r, &w), (1, 1), "both halves run on the first poll");
         for round in 2..=3 {
@@ -207,7 +233,7 @@ mod tests {
         assert!(!task.is_woken());
         r_notify.notify_one();
         assert!(task.poll().is_pending());
-        assert_eq!(polls(&r, &w), (2, 3));
+        assert_eq!(polls(&r, &w), (2, 3), "nor the writer for the request loop");
         r_notify.notify_one();
         w_notify.notify_one();
         assert!(task.poll().is_ready(), "both halves woken, both polled, both done");
@@ -216,11 +242,64 @@ mod tests {
     }
 
     #[test]
+    fn halves_sharing_one_resource_are_both_polled_on_every_wake() {
+        let h = handle();
+        let (r, w) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let (r_notify, w_notify) = (Notify::new(), Notify::new());
+        let mut task = Task::new(join(&h, Io::Shared, half(&r, &r_notify, 1), half(&w, &w_notify, 2)));
+        assert!(task.poll().is_pending());
+        w_notify.notify_one();
+        assert!(task.poll().is_pending());
+        assert_eq!(polls(&r, &w), (2, 2));
+    }
+
+    #[test]
+    fn a_writer_woken_by_the_request_loop_runs_in_the_same_poll() {
+        let h = handle();
+        let (w, w_notify) = (AtomicUsize::new(0), Notify::new());
+        let mut replied = false;
+        let reader = std::future::poll_fn(|_| {
+            // A request handled: its reply queued for the writer.
+            if !std::mem::replace(&mut replied, true) {
+                w_notify.notify_one();
+            }
+            Poll::<()>::Pending
+        });
+        let mut task = Task::new(join(&h, Io::Separate, reader, half(&w, &w_notify, 2)));
+        assert!(task.poll().is_pending());
+        assert_eq!(w.load(Ordering::Relaxed), 1);
+        w_notify.notify_one();
+        assert!(task.poll().is_pending());
+        assert_eq!(w.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn once_a_half_is_done_any_wake_reaches_the_other() {
+        // A TLS read half that wrote an alert on its way to an error left its
+        // waker in the socket's write slot, in place of the writer's.
+        let h = handle();
+        let stale = std::sync::Mutex::new(None::<Waker>);
+        let reader = std::future::poll_fn(|cx| {
+            *stale.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Ready(())
+        });
+        let writable = AtomicBool::new(false);
+        let writer =
+            std::future::poll_fn(|_| if writable.load(Ordering::Relaxed) { Poll::Ready(()) } else { Poll::Pending });
+        let mut task = Task::new(join(&h, Io::Separate, reader, writer));
+        assert!(task.poll().is_pending());
+        writable.store(true, Ordering::Relaxed);
+        stale.lock().unwrap().take().unwrap().wake();
+        assert!(task.is_woken());
+        assert!(task.poll().is_ready(), "the writer ran on the finished reader's wake");
+    }
+
+    #[test]
     fn a_wake_between_polls_is_not_lost() {
         let h = handle();
         let notify = Notify::new();
         let w = AtomicUsize::new(0);
-        let mut task = Task::new(join(&h, async {}, half(&w, &notify, 1)));
+        let mut task = Task::new(join(&h, Io::Separate, async {}, half(&w, &notify, 1)));
         assert!(task.poll().is_pending());
         notify.notify_one();
         assert!(task.is_woken());
@@ -228,17 +307,29 @@ mod tests {
     }
 
     #[test]
+    fn a_cloned_waker_dropped_unwoken_gives_its_count_back() {
+        let h = handle();
+        let waker = half_waker(&h, WRITER);
+        let clone = (*waker).clone();
+        assert_eq!(Arc::strong_count(&h), 2);
+        assert!(clone.will_wake(&waker) && !clone.will_wake(&half_waker(&h, READER)), "the halves' wakers differ");
+        drop(clone);
+        assert_eq!(Arc::strong_count(&h), 1);
+        assert_eq!(h.wakes.load(Ordering::Relaxed), 0, "dropping wakes nothing");
+    }
+
+    #[test]
     fn shutdown_wakes_the_request_loop() {
         let h = handle();
         let stop = tokio_util::sync::CancellationToken::new();
         let (w, w_notify) = (AtomicUsize::new(0), Notify::new());
-        let mut task = Task::new(join(&h, h.stopped(&stop), half(&w, &w_notify, 1)));
+        let mut task = Task::new(join(&h, Io::Separate, h.stopped(&stop), half(&w, &w_notify, 1)));
         assert!(task.poll().is_pending());
         stop.cancel();
         h.wake_reader();
         assert!(task.is_woken());
         assert!(task.poll().is_pending(), "the request loop is done; the writer still waits");
-        assert_eq!(w.load(Ordering::Relaxed), 1, "and was not polled again");
+        assert_eq!(w.load(Ordering::Relaxed), 1, "and was not polled for it");
         w_notify.notify_one();
         assert!(task.poll().is_ready());
     }

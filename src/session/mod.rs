@@ -48,7 +48,7 @@ pub struct SessionHandle {
     /// wakers wake it, and so does shutdown (the request loop checks the
     /// signal instead of holding a 72-byte waiter on it in every idle
     /// connection's task).
-    reader: futures_util::task::AtomicWaker,
+    task: futures_util::task::AtomicWaker,
     /// Which halves of the connection's task are due ([`join`]'s flags).
     wakes: AtomicU8,
     /// Index into [`TRANSPORTS`]: one byte in the padding after
@@ -72,7 +72,7 @@ impl SessionHandle {
             user: OnceLock::new(),
             lagging: Mutex::new(None),
             has_lagging: AtomicBool::new(false),
-            reader: futures_util::task::AtomicWaker::new(),
+            task: futures_util::task::AtomicWaker::new(),
             wakes: AtomicU8::new(0),
             inflight: Arc::new(Semaphore::new(limits.max_inflight_publishes)),
         }
@@ -81,14 +81,14 @@ impl SessionHandle {
     /// Ready once `stop` is cancelled; [`SessionHandle::wake_reader`] wakes
     /// it after the cancel. Registers no waker of its own: it must run in
     /// the request-loop half of [`join::join`], whose waker shutdown wakes.
-    pub fn stopped<'a>(&'a self, stop: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
+    pub(crate) fn stopped<'a>(&'a self, stop: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
         std::future::poll_fn(move |_| if stop.is_cancelled() { Poll::Ready(()) } else { Poll::Pending })
     }
 
     /// Wakes the request loop waiting in [`SessionHandle::stopped`].
     pub fn wake_reader(&self) {
         self.wakes.fetch_or(join::READER, Ordering::AcqRel);
-        self.reader.wake();
+        self.task.wake();
     }
 
     /// "tcp", "tls" or "ws".
