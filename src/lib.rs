@@ -11,7 +11,7 @@
 //!                                                                     ▼
 //!                         room (assigns seq) ─► store::commit (group commit: one batch,
 //!                                                 one sync, store::sled) ─► room::fanout
-//!                                                                     │ one encoded frame (Bytes)
+//!                                                                     │ a room's run of frames, encoded once
 //!                                                                     ▼
 //!                         session::outbound (bounded queue per connection; a full
 //!                           queue catches up from the log later) ─► net::stream (writer:
@@ -21,7 +21,8 @@
 //! * [`proto`] — the generated `chat.v1` types; [`codec`] — framing. These
 //!   two are all the client needs (built without the `server` feature).
 //! * [`session`] — one session per connection; [`session::outbound`] — its
-//!   bounded queue.
+//!   bounded queue; [`session::join`] — its reader and writer in one task,
+//!   each polled when woken.
 //! * [`room`] — seq assignment, subscribers, catch-up; [`room::fanout`] —
 //!   delivery and acks after commit.
 //! * [`store`] — the [`store::Store`] trait, [`store::sled`],
