@@ -318,6 +318,45 @@ mod tests {
         assert_eq!(h.wakes.load(Ordering::Relaxed), 0, "dropping wakes nothing");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn halves_woken_from_other_threads_while_polled_all_finish() {
+        // Wakes race the polls from two other threads; a lost one would
+        // leave a half waiting for a permit that is already there.
+        const N: usize = 20_000;
+        let h = handle();
+        let (r_sem, w_sem) = (Arc::new(tokio::sync::Semaphore::new(0)), Arc::new(tokio::sync::Semaphore::new(0)));
+        let take = |sem: Arc<tokio::sync::Semaphore>| async move {
+            for _ in 0..N {
+                sem.acquire().await.unwrap().forget();
+            }
+        };
+        let task = {
+            let (h, r, w) = (h.clone(), take(r_sem.clone()), take(w_sem.clone()));
+            tokio::spawn(async move { join(&h, Io::Separate, r, w).await })
+        };
+        let feeders: Vec<_> = [r_sem, w_sem]
+            .into_iter()
+            .map(|sem| {
+                std::thread::spawn(move || {
+                    for i in 0..N {
+                        sem.add_permits(1);
+                        if i % 64 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for f in feeders {
+            f.join().unwrap();
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(60), task)
+            .await
+            .expect("both halves finish: no wake was lost")
+            .unwrap();
+        assert_eq!(Arc::strong_count(&h), 1, "no waker kept a count on the handle");
+    }
+
     #[test]
     fn shutdown_wakes_the_request_loop() {
         let h = handle();
