@@ -111,9 +111,9 @@ fn run_len(sizes: impl IntoIterator<Item = usize>) -> usize {
 /// each run to `f` with its seqs.
 fn encode_runs<T>(items: &[T], message: impl Fn(&T) -> (u64, &[u8]), mut f: impl FnMut(&[u64], &Arc<Run>)) {
     let (mut seqs, mut ends) = (Vec::new(), Vec::new());
+    let size = |t: &T| message(t).1.len() + FRAME_OVERHEAD;
     let mut rest = items;
     while !rest.is_empty() {
-        let size = |t: &T| message(t).1.len() + FRAME_OVERHEAD;
         let (part, after) = rest.split_at(run_len(rest.iter().map(size)));
         rest = after;
         let mut wire = bytes::BytesMut::with_capacity(part.iter().map(size).sum());

@@ -78,24 +78,25 @@ impl Run {
 
     /// Frame `i`: length prefix + protobuf `Envelope`.
     pub fn frame(&self, i: usize) -> &[u8] {
-        &self.wire[self.start(i)..self.msgs[i].end]
+        &self.wire[self.span(i, i + 1)]
     }
 
     /// Frames `from..to` in a run of their own (a copy).
     fn copy_range(&self, from: usize, to: usize) -> Arc<Run> {
-        let start = self.start(from);
-        let wire = Bytes::copy_from_slice(&self.wire[start..self.msgs[to - 1].end]);
-        let ends: Vec<usize> = self.msgs[from..to].iter().map(|m| m.end - start).collect();
-        Run::new(wire, &ends)
+        let span = self.span(from, to);
+        let ends: Vec<usize> = self.msgs[from..to].iter().map(|m| m.end - span.start).collect();
+        Run::new(Bytes::copy_from_slice(&self.wire[span]), &ends)
     }
 
-    fn start(&self, i: usize) -> usize {
-        if i == 0 { 0 } else { self.msgs[i - 1].end }
+    /// Where frames `from..to` (`from < to`) lie in `wire`.
+    fn span(&self, from: usize, to: usize) -> std::ops::Range<usize> {
+        let start = if from == 0 { 0 } else { self.msgs[from - 1].end };
+        start..self.msgs[to - 1].end
     }
 
     /// Bytes of frame `i`.
     fn size(&self, i: usize) -> usize {
-        self.msgs[i].end - self.start(i)
+        self.span(i, i + 1).len()
     }
 }
 
@@ -118,7 +119,7 @@ impl Frame {
     pub fn wire(&self) -> &[u8] {
         match &self.0 {
             Repr::One(wire) => wire,
-            Repr::Run { run, from, to } => &run.wire[run.start(*from as usize)..run.msgs[*to as usize - 1].end],
+            Repr::Run { run, from, to } => &run.wire[run.span(*from as usize, *to as usize)],
         }
     }
 
@@ -135,14 +136,11 @@ impl Frame {
     /// message) of a single frame.
     pub fn envelope(&self) -> Bytes {
         debug_assert_eq!(self.count(), 1, "one frame is one message");
-        let skip = |start: usize, end: usize| (start + crate::codec::PREFIX_LEN).min(end);
-        match &self.0 {
-            Repr::One(wire) => wire.slice(skip(0, wire.len())..),
-            Repr::Run { run, from, to } => {
-                let end = run.msgs[*to as usize - 1].end;
-                run.wire.slice(skip(run.start(*from as usize), end)..end)
-            }
-        }
+        let (wire, span) = match &self.0 {
+            Repr::One(wire) => (wire, 0..wire.len()),
+            Repr::Run { run, from, to } => (&run.wire, run.span(*from as usize, *to as usize)),
+        };
+        wire.slice((span.start + crate::codec::PREFIX_LEN).min(span.end)..span.end)
     }
 
     /// How many frames this entry holds.
@@ -236,6 +234,19 @@ pub struct Outbound {
     /// Wakes the request reader when the writer has made room.
     drained: Notify,
     limits: Bounds,
+}
+
+/// Hands every queued entry to `f`, in order, and releases the lock. A small
+/// drain is handed over outside the lock and takes the queue's buffer with
+/// it; a large one keeps the buffer for the next batch.
+fn take_entries(mut q: std::sync::MutexGuard<'_, Queue>, f: impl FnMut(Frame)) {
+    if q.frames.len() <= SMALL_DRAIN {
+        let taken = std::mem::take(&mut q.frames);
+        drop(q);
+        taken.into_iter().for_each(f);
+    } else {
+        q.frames.drain(..).for_each(f);
+    }
 }
 
 /// What [`Outbound::drain_into`] took.
@@ -384,25 +395,10 @@ impl Outbound {
         let bytes = std::mem::take(&mut q.bytes);
         let closing = q.closing;
         let mut direct = None;
-        if entries <= SMALL_DRAIN {
-            // Used outside the lock, and the queue's buffer goes with it.
-            let taken = std::mem::take(&mut q.frames);
-            drop(q);
-            if entries == 1 {
-                direct = taken.into_iter().next();
-            } else {
-                out.reserve(bytes);
-                for f in &taken {
-                    out.extend_from_slice(f.wire());
-                }
-            }
-        } else {
+        if entries > 1 {
             out.reserve(bytes);
-            for f in q.frames.drain(..) {
-                out.extend_from_slice(f.wire());
-            }
-            drop(q);
         }
+        take_entries(q, |f| if entries == 1 { direct = Some(f) } else { out.extend_from_slice(f.wire()) });
         if frames > 0 {
             self.drained.notify_waiters();
         }
@@ -418,18 +414,7 @@ impl Outbound {
         q.bytes = 0;
         q.count = 0;
         let closing = q.closing;
-        if n <= SMALL_DRAIN {
-            let taken = std::mem::take(&mut q.frames);
-            drop(q);
-            for f in taken {
-                f.split_into(out);
-            }
-        } else {
-            for f in q.frames.drain(..) {
-                f.split_into(out);
-            }
-            drop(q);
-        }
+        take_entries(q, |f| f.split_into(out));
         if n > 0 {
             self.drained.notify_waiters();
         }
