@@ -15,8 +15,25 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_messages_memberships_markers_and_idempotency() {
+    restart_keeps_everything("fsync").await;
+}
+
+/// `batch` and `none` write small group commits on a worker, not on the
+/// blocking pool (store::commit): the same through a clean restart, which
+/// syncs whatever the mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_keeps_everything_with_batch_and_none_durability() {
+    restart_keeps_everything("batch").await;
+    restart_keeps_everything("none").await;
+}
+
+async fn restart_keeps_everything(durability: &str) {
+    let mode = |c: &mut chatd::config::Config| {
+        c.durability = durability.into();
+        c.batch_sync_ms = 3_600_000;
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let s = TestServer::start_in(tmp.path(), |_| {}).await;
+    let s = TestServer::start_in(tmp.path(), mode).await;
     let (c, _) = s.client("ann").await;
     c.join("r").await.unwrap();
     c.join("dm:ann:bob").await.unwrap();
@@ -31,7 +48,7 @@ async fn a_restart_keeps_messages_memberships_markers_and_idempotency() {
     c.close();
     s.stop().await;
 
-    let s = TestServer::start_in(tmp.path(), |_| {}).await;
+    let s = TestServer::start_in(tmp.path(), mode).await;
     let (c, _) = s.client("ann").await;
     let mut rooms = c.welcome().rooms.clone();
     rooms.sort_by(|a, b| a.room.cmp(&b.room));
@@ -47,7 +64,7 @@ async fn a_restart_keeps_messages_memberships_markers_and_idempotency() {
     assert_eq!(c.publish("r", "next").await.unwrap().seq, 101, "the seq continues");
     let page =
         c.history(proto::History { room: "r".into(), forward: true, limit: 1000, ..Default::default() }).await.unwrap();
-    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=101).collect::<Vec<_>>());
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=101).collect::<Vec<_>>(), "{durability}");
 }
 
 /// One publisher pipelining `n` messages round-robin into `rooms`, with keys
