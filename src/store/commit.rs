@@ -390,12 +390,16 @@ mod tests {
         assert_eq!(store.read_range(1, 1, 1000).unwrap().len(), 100);
     }
 
-    struct FailingStore;
+    /// A store whose writes fail: with an error, or (`true`) by panicking.
+    struct FailingStore(bool);
     impl Store for FailingStore {
         fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
             Ok(Default::default())
         }
         fn write(&self, _: &Batch) -> Result<(), StoreError> {
+            if self.0 {
+                panic!("store bug")
+            }
             Err(StoreError::Io(std::io::Error::other("disk full")))
         }
         fn sync(&self) -> Result<(), StoreError> {
@@ -421,7 +425,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_fails_its_batch_and_everything_after() {
         let (out_tx, mut out_rx) = mpsc::channel(16);
-        let (queue, _h) = start::<u64>(Arc::new(FailingStore), Durability::Fsync, 16, out_tx);
+        let (queue, _h) = start::<u64>(Arc::new(FailingStore(false)), Durability::Fsync, 16, out_tx);
         queue.reserve().await.unwrap().send(Pending {
             write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
             completion: 1,
@@ -434,34 +438,6 @@ mod tests {
         assert!(out_rx.recv().await.unwrap().result.is_err());
     }
 
-    struct PanickingStore;
-    impl Store for PanickingStore {
-        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
-            Ok(Default::default())
-        }
-        fn write(&self, _: &Batch) -> Result<(), StoreError> {
-            panic!("store bug")
-        }
-        fn sync(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-        fn truncate(&self, _: u64, _: u64) -> Result<usize, StoreError> {
-            Ok(0)
-        }
-        fn read_range(&self, _: u64, _: u64, _: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
-            Ok(vec![])
-        }
-        fn lookup_idempotent(&self, _: &str, _: &str) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
-            Ok(None)
-        }
-        fn expire_idempotency(&self, _: u64) -> Result<usize, StoreError> {
-            Ok(0)
-        }
-        fn size_on_disk(&self) -> u64 {
-            0
-        }
-    }
-
     /// A panic in the store must not end the writer: the publishes of its
     /// batch would never be answered, and every later one would be refused
     /// as if the server were stopping.
@@ -469,7 +445,7 @@ mod tests {
     async fn a_panic_in_a_write_fails_its_batch_and_the_writer_goes_on() {
         for durability in [Durability::None, Durability::Fsync] {
             let (out_tx, mut out_rx) = mpsc::channel(16);
-            let (queue, handle) = start::<u64>(Arc::new(PanickingStore), durability, 16, out_tx);
+            let (queue, handle) = start::<u64>(Arc::new(FailingStore(true)), durability, 16, out_tx);
             queue.reserve().await.unwrap().send(Pending {
                 write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
                 completion: 1,
