@@ -136,7 +136,7 @@ pub(super) async fn connections(
             let row = json!({
                 "session": h.id,
                 "user": h.user(),
-                "device": s.device.get(),
+                "device": h.device(),
                 "transport": h.transport(),
                 "remote": &s.peer,
                 "connected_since_ms": s.connected_at_ms,

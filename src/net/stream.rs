@@ -41,6 +41,13 @@ impl Readable for tokio::net::tcp::OwnedReadHalf {
     }
 }
 
+impl Readable for super::tcp::Reader {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // As for a read half: only the reader polls the read direction.
+        self.socket().poll_read_ready(cx)
+    }
+}
+
 /// TLS decrypts in records, so readiness of the socket says nothing about
 /// plaintext: read at once.
 impl<T: Send + Sync> Readable for tokio::io::ReadHalf<T> {
@@ -77,10 +84,31 @@ impl<R: AsyncRead + Readable + Unpin + Send + Sync> Source for Frames<R> {
     }
 }
 
+/// The connection task's hold on its session: takes the socket back from
+/// the session's queue when the task ends, however it ends (the queue lives
+/// on while rooms still hold the session).
+struct Connection(Arc<SessionHandle>);
+
+impl std::ops::Deref for Connection {
+    type Target = SessionHandle;
+
+    fn deref(&self) -> &SessionHandle {
+        &self.0
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.outbound.set_socket(None);
+    }
+}
+
 /// A write buffer grown past this is released once written.
 const KEEP_WRITE_BUF: usize = 64 * 1024;
 
-/// Serves one connection until it closes.
+/// Serves one connection until it closes. `socket`, for a plain TCP
+/// connection, lets the fan-out write live frames to it while the writer is
+/// idle ([`crate::session::outbound`]).
 pub fn serve<R, W>(
     hub: Arc<Hub>,
     reader: R,
@@ -88,6 +116,7 @@ pub fn serve<R, W>(
     transport: &'static str,
     peer: String,
     shutdown: Shutdown,
+    socket: Option<Arc<tokio::net::TcpStream>>,
 ) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Readable + Unpin + Send + Sync + 'static,
@@ -99,13 +128,21 @@ where
     // A block, not an `async fn`: an `async fn` keeps its arguments and the
     // locals made from them side by side, and every idle connection's task
     // would hold both copies (~100 bytes).
-    let handle = session.handle().clone();
+    let handle = Connection(session.handle().clone());
+    if socket.is_some() {
+        handle.outbound.set_socket(socket);
+    }
     async move {
         // The reader and the writer share the connection's task: a second
         // task per connection costs ~0.3 KiB on every idle one.
         let io = if R::SHARES_IO { Io::Shared } else { Io::Separate };
-        join(&handle, io, serve_requests(&mut session, &mut source, &shutdown), write_loop(&hub, &handle, &mut writer))
-            .await;
+        join(
+            &handle.0,
+            io,
+            serve_requests(&mut session, &mut source, &shutdown),
+            write_loop(&hub, &handle, &mut writer),
+        )
+        .await;
         tracing::debug!(session = handle.id, "connection closed");
     }
 }
@@ -171,6 +208,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
         // one keeps it from write to write (freeing it after every write
         // cost 3-5% in S1 at 1024 in flight).
         buf = BytesMut::new();
+        handle.outbound.writer_idle();
         handle.outbound.ready().await;
     }
     handle.outbound.close_with(None);

@@ -1,11 +1,22 @@
 //! The TCP listener: accepts connections and hands each to the stream
 //! driver in its own task; [`accept_each`] is the accept loop that the TLS
 //! and HTTPS listeners share.
+//!
+//! A connection's socket is shared three ways: by its [`Reader`], its
+//! [`Writer`], and its session's outbound queue, which writes live frames
+//! to it from the fan-out while the writer is idle
+//! ([`crate::session::outbound`]). tokio's owned halves keep their socket to
+//! themselves, hence halves of our own over one `Arc<TcpStream>`.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -38,10 +49,72 @@ pub async fn accept_loop(
     shutdown: Shutdown,
 ) {
     accept_each(listener, stop_accepting, move |stream, peer| {
-        let (r, w) = stream.into_split();
-        tracker.spawn(super::stream::serve(hub.clone(), r, w, "tcp", peer.to_string(), shutdown.clone()));
+        tracker.spawn(serve(hub.clone(), stream, peer.to_string(), shutdown.clone()));
     })
     .await
+}
+
+/// Serves one accepted TCP connection until it closes.
+pub fn serve(hub: Arc<Hub>, stream: TcpStream, peer: String, shutdown: Shutdown) -> impl Future<Output = ()> + Send {
+    let socket = Arc::new(stream);
+    let (r, w) = (Reader(socket.clone()), Writer(socket.clone()));
+    super::stream::serve(hub, r, w, "tcp", peer, shutdown, Some(socket))
+}
+
+/// The read half of a shared TCP socket.
+pub struct Reader(Arc<TcpStream>);
+
+impl Reader {
+    /// The socket.
+    pub fn socket(&self) -> &TcpStream {
+        &self.0
+    }
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            // `try_read` needs initialised memory: zeroing a read's spare
+            // capacity (at most 16 KiB, codec::FrameReader) costs far less
+            // than the read itself.
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale; `try_read` cleared it, so the next
+                // poll registers the waker.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// The write half of a shared TCP socket.
+pub struct Writer(Arc<TcpStream>);
+
+impl AsyncWrite for Writer {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends FIN; the socket closes when its last holder lets go of it.
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
+    }
 }
 
 /// The accept loop every listener shares: hands each connection (with

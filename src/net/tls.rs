@@ -166,7 +166,7 @@ pub async fn accept_loop(
         tracker.spawn(async move {
             let Some(tls) = handshake_within(acceptor, stream, handshake, &peer).await else { return };
             let (r, w) = tokio::io::split(tls);
-            super::stream::serve(hub, r, w, "tls", peer.to_string(), shutdown).await;
+            super::stream::serve(hub, r, w, "tls", peer.to_string(), shutdown, None).await;
         });
     })
     .await

@@ -145,7 +145,14 @@ fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
             room_run,
             |p| (p.seq, &p.message[..]),
             |seqs, run| {
-                m.delivered.increment(room.fan_out(seqs, run));
+                let out = room.fan_out(seqs, run);
+                m.delivered.increment(out.delivered);
+                // Only plain TCP sockets are written from the fan-out.
+                if out.written_bytes > 0 {
+                    let tcp = m.transport("tcp");
+                    tcp.frames_out.increment(out.written_frames);
+                    tcp.bytes_out.increment(out.written_bytes);
+                }
             },
         );
     }

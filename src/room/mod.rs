@@ -147,6 +147,28 @@ pub enum CatchUp {
     More,
 }
 
+/// Most subscribers one fan-out writes to straight from its run
+/// ([`crate::session::outbound`]); the rest are queued for their writers.
+/// The fan-out holds the room's lock, and the fan-out stage its worker, for
+/// each write (a few µs): this bounds both at well under a millisecond in a
+/// room with thousands online.
+pub const MAX_WRITES_PER_FAN_OUT: usize = 128;
+
+/// What [`Room::fan_out`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FannedOut {
+    /// Deliveries taken by subscribers' queues (or written straight to
+    /// their sockets).
+    pub delivered: u64,
+    /// Frames written straight to TCP sockets, and their bytes: the
+    /// writers count the rest when they write it.
+    pub written_frames: u64,
+    /// Bytes of those (and of frames written in part).
+    pub written_bytes: u64,
+    /// Subscribers written to.
+    pub written_to: usize,
+}
+
 impl Room {
     /// A room whose log ends at `head`.
     pub fn new(id: RoomId, name: Arc<str>, head: u64) -> Self {
@@ -283,11 +305,11 @@ impl Room {
     /// `seqs` (increasing; from one committed batch) — to every live
     /// subscriber, each under one lock of its queue; a subscriber whose queue
     /// fills starts catching up from the first message that did not fit.
-    /// Never waits. Returns how many deliveries it queued.
-    pub fn fan_out(self: &Arc<Self>, seqs: &[u64], run: &Arc<Run>) -> u64 {
+    /// Never waits.
+    pub fn fan_out(self: &Arc<Self>, seqs: &[u64], run: &Arc<Run>) -> FannedOut {
         debug_assert_eq!(seqs.len(), run.len());
-        let Some(&last) = seqs.last() else { return 0 };
-        let mut delivered = 0;
+        let mut out = FannedOut::default();
+        let Some(&last) = seqs.last() else { return out };
         self.dispatched.store(last, Ordering::Release);
         let mut lagging = Vec::new();
         {
@@ -298,10 +320,18 @@ impl Room {
                     if from == seqs.len() {
                         continue;
                     }
-                    let n = sub.session.outbound.offer_run(run, from);
+                    let through = out.written_to < MAX_WRITES_PER_FAN_OUT;
+                    let offered = sub.session.outbound.offer_run(run, from, through);
+                    let n = offered.taken;
                     if n > 0 {
                         sub.delivered = seqs[from + n - 1];
-                        delivered += n as u64;
+                        out.delivered += n as u64;
+                    }
+                    if offered.written_bytes > 0 {
+                        out.written_to += 1;
+                        sub.session.stats.sent(offered.written, offered.written_bytes);
+                        out.written_frames += offered.written as u64;
+                        out.written_bytes += offered.written_bytes as u64;
                     }
                     if from + n < seqs.len() {
                         sub.mode = Mode::CatchingUp { synced: None, since: Instant::now() };
@@ -314,7 +344,7 @@ impl Room {
         for s in lagging {
             s.mark_lagging(self);
         }
-        delivered
+        out
     }
 
     /// Offers an ephemeral push (typing, read receipt) to every live
@@ -420,6 +450,35 @@ mod tests {
         let m = proto::Message { room: "r".into(), seq: 9, text: "hi".into(), ..Default::default() };
         let direct = message_frame(&m.encode_to_vec());
         assert_eq!(direct, encode_frame(&Envelope::push(Body::Message(m))));
+    }
+
+    #[tokio::test]
+    async fn a_fan_out_writes_to_a_bounded_number_of_sockets_and_queues_the_rest() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let room = Arc::new(Room::new(1, "r".into(), 0));
+        let limits = crate::hub::Limits::default();
+        let mut peers = Vec::new();
+        let mut sessions = Vec::new();
+        for id in 0..MAX_WRITES_PER_FAN_OUT as u64 + 2 {
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let session = Arc::new(SessionHandle::new(id, &limits, "tcp", "test".into()));
+            session.outbound.set_socket(Some(Arc::new(server)));
+            room.subscribe_live(&session, None);
+            peers.push(client);
+            sessions.push(session);
+        }
+        let frame = message_frame(b"m");
+        let run = Run::new(frame.clone(), &[frame.len()]);
+        let out = room.fan_out(&[1], &run);
+        assert_eq!(out.delivered, sessions.len() as u64);
+        assert_eq!(out.written_to, MAX_WRITES_PER_FAN_OUT);
+        assert_eq!(out.written_frames, MAX_WRITES_PER_FAN_OUT as u64);
+        assert_eq!(out.written_bytes, (MAX_WRITES_PER_FAN_OUT * frame.len()) as u64);
+        let queued = sessions.iter().filter(|s| s.outbound.depth() == (1, frame.len())).count();
+        assert_eq!(queued, 2, "the subscribers past the bound wait for their writers");
+        let written: u64 = sessions.iter().map(|s| s.stats.frames_out.load(Ordering::Relaxed)).sum();
+        assert_eq!(written, MAX_WRITES_PER_FAN_OUT as u64, "counted per connection");
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub struct SessionHandle {
     pub id: u64,
     /// Frames waiting for the writer.
     pub outbound: Outbound,
-    user: OnceLock<Arc<str>>,
+    /// Who, once authenticated: one cell for both, 8 bytes less than two.
+    identity: OnceLock<Identity>,
     /// Rooms where this session is catching up from the log; boxed, as
     /// almost every session has none (16 bytes less in every handle).
     #[expect(clippy::box_collection, reason = "a thin pointer: 8 bytes in every handle instead of 24")]
@@ -56,6 +57,12 @@ pub struct SessionHandle {
     transport: u8,
 }
 
+/// The authenticated user and the device they named in `Hello`.
+struct Identity {
+    user: Arc<str>,
+    device: Box<str>,
+}
+
 /// The transports a connection can use, named as in metrics and logs.
 const TRANSPORTS: [&str; 3] = ["tcp", "tls", "ws"];
 
@@ -69,7 +76,7 @@ impl SessionHandle {
             transport: TRANSPORTS.iter().position(|t| *t == transport).unwrap_or(0) as u8,
             id,
             outbound: Outbound::new(limits.outbound),
-            user: OnceLock::new(),
+            identity: OnceLock::new(),
             lagging: Mutex::new(None),
             has_lagging: AtomicBool::new(false),
             task: futures_util::task::AtomicWaker::new(),
@@ -98,7 +105,18 @@ impl SessionHandle {
 
     /// The authenticated user ("" before `Welcome`).
     pub fn user(&self) -> &str {
-        self.user.get().map_or("", |u| u)
+        self.identity.get().map_or("", |i| &i.user)
+    }
+
+    /// `Hello.device`, once authenticated.
+    pub fn device(&self) -> Option<&str> {
+        self.identity.get().map(|i| &*i.device)
+    }
+
+    /// Records who authenticated, from what device; only the first call
+    /// counts.
+    fn set_identity(&self, user: Arc<str>, device: &str) {
+        let _ = self.identity.set(Identity { user, device: device.into() });
     }
 
     /// Notes that `room` has messages for this session in the log, and wakes
@@ -275,8 +293,8 @@ impl Session {
             peer = %h.stats.peer,
             user = tracing::field::Empty
         );
-        if let Some(user) = h.user.get() {
-            span.record("user", &**user);
+        if let Some(i) = h.identity.get() {
+            span.record("user", &*i.user);
         }
         span
     }

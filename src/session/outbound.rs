@@ -17,11 +17,21 @@
 //! it straight from the shared buffer. Each message of a run has a slot for
 //! its JSON text that the first WebSocket JSON recipient fills and the
 //! others reuse — one encoding per wire format.
+//!
+//! A plain TCP connection also hands its socket to the queue. A live run
+//! offered while the queue is empty and the writer has nothing in hand is
+//! written to the socket at once, from the fan-out, without waking the
+//! connection's task: with many small rooms nearly every delivery finds its
+//! subscriber idle, and waking and polling a task per delivery cost more
+//! than the write (benches/README.md, eighth session). Whatever the socket
+//! does not take is queued for the writer as usual, so the order on the
+//! wire is the order of the queue.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 /// One queued entry: a reply or control frame, or a range of a [`Run`].
@@ -224,6 +234,12 @@ struct Queue {
     /// No more frames are accepted; the writer flushes what is queued and
     /// closes the connection.
     closing: bool,
+    /// The writer has taken frames and not yet written them all: nothing may
+    /// go to the socket ahead of them.
+    writing: bool,
+    /// The connection's socket, for live frames written from the fan-out
+    /// (plain TCP only; TLS and WebSocket frame their bytes in their writer).
+    socket: Option<Arc<TcpStream>>,
 }
 
 /// A bounded queue of encoded frames, drained by the connection's writer.
@@ -249,6 +265,23 @@ fn take_entries(mut q: std::sync::MutexGuard<'_, Queue>, f: impl FnMut(Frame)) {
     }
 }
 
+/// Writes frames `from..to` of `run` to `socket` without waiting, counting
+/// what it wrote into `offered`. Returns what is left to queue when the
+/// socket took some but not all; `None` when it took all (nothing to queue)
+/// or nothing (`offered` then says so, and the frames are queued as usual).
+fn write_to(socket: &TcpStream, run: &Run, from: usize, to: usize, offered: &mut Offered) -> Option<Bytes> {
+    let span = run.span(from, to);
+    // A failed write other than a full socket queues the frames too: the
+    // writer meets the error on its own write and closes the connection.
+    let n = socket.try_write(&run.wire[span.clone()]).unwrap_or(0);
+    if n == 0 {
+        return None;
+    }
+    offered.written_bytes = n;
+    offered.written = run.msgs[from..to].iter().take_while(|m| m.end - span.start <= n).count();
+    (n < span.len()).then(|| Bytes::copy_from_slice(&run.wire[span.start + n..span.end]))
+}
+
 /// What [`Outbound::drain_into`] took.
 #[derive(Debug)]
 pub struct Drained {
@@ -261,6 +294,18 @@ pub struct Drained {
     pub direct: Option<Frame>,
     /// The queue is closing: write what was taken, then close.
     pub closing: bool,
+}
+
+/// What [`Outbound::offer_run`] did with a run's frames.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Offered {
+    /// Frames taken, in order from the first offered: queued for the
+    /// writer, or written (all or in part) straight to the socket.
+    pub taken: usize,
+    /// Of those, frames written whole straight to the socket.
+    pub written: usize,
+    /// Bytes written straight to the socket.
+    pub written_bytes: usize,
 }
 
 /// The queue is full (for live offers) or closing.
@@ -284,15 +329,17 @@ impl Outbound {
         self.enqueue(frame.into(), true)
     }
 
-    /// Queues as many frames of `run` from `from` on (in order) as fit
-    /// within the bounds, as one entry, under one lock and with at most one
-    /// wake-up of the writer; returns how many. A committed batch reaches
-    /// each subscriber this way, so the writer wakes once per batch instead
-    /// of racing the fan-out frame by frame.
-    pub fn offer_run(&self, run: &Arc<Run>, from: usize) -> usize {
+    /// Takes as many frames of `run` from `from` on (in order) as fit
+    /// within the bounds, under one lock and with at most one wake-up of the
+    /// writer. A committed batch reaches each subscriber this way, so the
+    /// writer wakes once per batch instead of racing the fan-out frame by
+    /// frame. With `write_through`, when the queue is empty, the writer idle
+    /// and the socket known, they are written to the socket at once and only
+    /// what it does not take is queued (module docs).
+    pub fn offer_run(&self, run: &Arc<Run>, from: usize, write_through: bool) -> Offered {
         let mut q = self.lock();
         if q.closing {
-            return 0;
+            return Offered::default();
         }
         let was_empty = q.frames.is_empty();
         let room = self.limits.frames().saturating_sub(q.count as usize);
@@ -309,6 +356,26 @@ impl Outbound {
             to += 1;
         }
         let n = to - from;
+        let mut offered = Offered { taken: n, ..Offered::default() };
+        if n > 0
+            && write_through
+            && was_empty
+            && !q.writing
+            && let Some(socket) = &q.socket
+            && let Some(rest) = write_to(socket, run, from, to, &mut offered)
+        {
+            // The socket took part of a frame or more: the rest is queued
+            // as bytes of its own, ahead of anything offered later.
+            q.bytes += rest.len();
+            q.count += (n - offered.written) as u32;
+            q.frames.push_back(Frame(Repr::One(rest)));
+            drop(q);
+            self.ready.notify_one();
+            return offered;
+        }
+        if offered.written_bytes > 0 {
+            return offered;
+        }
         if n > 0 {
             q.bytes = bytes;
             q.count += n as u32;
@@ -327,7 +394,21 @@ impl Outbound {
         if was_empty && n > 0 {
             self.ready.notify_one();
         }
-        n
+        offered
+    }
+
+    /// Gives the queue the connection's socket for live frames written from
+    /// the fan-out, or (`None`) takes it back: a queue outlives its
+    /// connection's task as long as a room holds the session, and must not
+    /// keep the socket open.
+    pub fn set_socket(&self, socket: Option<Arc<TcpStream>>) {
+        self.lock().socket = socket;
+    }
+
+    /// The writer has written everything it took and is about to wait: live
+    /// frames may go straight to the socket again.
+    pub fn writer_idle(&self) {
+        self.lock().writing = false;
     }
 
     /// Queues a reply or control frame regardless of the bounds. Fails only
@@ -394,6 +475,7 @@ impl Outbound {
         let frames = std::mem::take(&mut q.count) as usize;
         let bytes = std::mem::take(&mut q.bytes);
         let closing = q.closing;
+        q.writing = frames > 0;
         let mut direct = None;
         if entries > 1 {
             out.reserve(bytes);
@@ -513,36 +595,40 @@ mod tests {
         let q = Outbound::new(OutboundLimits { max_frames: 3, max_bytes: 100 });
         q.push(Bytes::from_static(b"r")).unwrap();
         let run = run_of(&[b"a", b"b", b"c"]);
-        assert_eq!(q.offer_run(&run, 0), 2, "the frame bound leaves room for two");
+        assert_eq!(q.offer_run(&run, 0, true).taken, 2, "the frame bound leaves room for two");
         assert_eq!(q.depth(), (3, 3));
         assert_eq!(q.lock().frames.len(), 2, "the run's frames are one entry");
         assert_eq!(drain(&q), (b"rab".to_vec(), 3, false, false));
-        assert_eq!(q.offer_run(&run, 2), 1, "the rest, from where the queue stopped");
+        assert_eq!(q.offer_run(&run, 2, true).taken, 1, "the rest, from where the queue stopped");
         assert_eq!(drain(&q), (b"c".to_vec(), 1, true, false));
         q.close_with(None);
-        assert_eq!(q.offer_run(&run, 0), 0, "nothing once closing");
+        assert_eq!(q.offer_run(&run, 0, true).taken, 0, "nothing once closing");
     }
 
     #[test]
     fn offer_run_keeps_the_byte_bound() {
         let q = Outbound::new(OutboundLimits { max_frames: 100, max_bytes: 6 });
         let run = run_of(&[b"aa", b"bb", b"cc", b"dd"]);
-        assert_eq!(q.offer_run(&run, 1), 3, "6 bytes from the second frame on");
-        assert_eq!(q.offer_run(&run, 0), 0, "a full queue takes nothing");
+        assert_eq!(q.offer_run(&run, 1, true).taken, 3, "6 bytes from the second frame on");
+        assert_eq!(q.offer_run(&run, 0, true).taken, 0, "a full queue takes nothing");
         assert_eq!(drain(&q), (b"bbccdd".to_vec(), 3, true, false), "one range, written from the run");
         let big = run_of(&[b"x", b"0123456789", b"y"]);
-        assert_eq!(q.offer_run(&big, 1), 1, "a frame over the byte bound still goes through an empty queue");
-        assert_eq!(q.offer_run(&big, 2), 0);
+        assert_eq!(
+            q.offer_run(&big, 1, true).taken,
+            1,
+            "a frame over the byte bound still goes through an empty queue"
+        );
+        assert_eq!(q.offer_run(&big, 2, true).taken, 0);
     }
 
     #[test]
     fn the_frame_bound_counts_frames_not_entries() {
         let q = Outbound::new(OutboundLimits { max_frames: 4, max_bytes: 100 });
-        assert_eq!(q.offer_run(&run_of(&[b"a", b"b", b"c"]), 0), 3);
+        assert_eq!(q.offer_run(&run_of(&[b"a", b"b", b"c"]), 0, true).taken, 3);
         assert!(!q.has_room_for_live(), "3 of 4 frames queued, in one entry");
         assert!(q.offer(Bytes::from_static(b"d")).is_ok());
         assert_eq!(q.offer(Bytes::from_static(b"e")), Err(Rejected));
-        assert_eq!(q.offer_run(&run_of(&[b"f"]), 0), 0);
+        assert_eq!(q.offer_run(&run_of(&[b"f"]), 0, true).taken, 0);
         assert_eq!(q.depth(), (4, 4));
     }
 
@@ -550,16 +636,16 @@ mod tests {
     fn part_of_a_run_is_copied_so_the_queue_keeps_only_what_it_counts() {
         let q = Outbound::new(OutboundLimits { max_frames: 2, max_bytes: 100 });
         let run = run_of(&[b"aa", b"bb", b"cc"]);
-        assert_eq!(q.offer_run(&run, 0), 2);
+        assert_eq!(q.offer_run(&run, 0, true).taken, 2);
         assert_eq!(Arc::strong_count(&run), 1, "the queue holds a copy of the two frames it took");
         assert_eq!(drain(&q), (b"aabb".to_vec(), 2, true, false));
-        assert_eq!(q.offer_run(&run, 2), 1);
+        assert_eq!(q.offer_run(&run, 2, true).taken, 1);
         assert_eq!(Arc::strong_count(&run), 1, "nor of the last one");
         assert_eq!(drain(&q), (b"cc".to_vec(), 1, true, false));
-        assert_eq!(q.offer_run(&run, 0), 2);
+        assert_eq!(q.offer_run(&run, 0, true).taken, 2);
         let whole = run_of(&[b"dd"]);
         let other = Outbound::new(OutboundLimits::default());
-        assert_eq!(other.offer_run(&whole, 0), 1);
+        assert_eq!(other.offer_run(&whole, 0, true).taken, 1);
         assert_eq!(Arc::strong_count(&whole), 2, "a whole run is shared, not copied");
     }
 
@@ -585,7 +671,7 @@ mod tests {
         let (one, two) = (Outbound::new(OutboundLimits::default()), Outbound::new(OutboundLimits::default()));
         for q in [&one, &two] {
             q.push(Bytes::from_static(b"reply")).unwrap();
-            assert_eq!(q.offer_run(&run, 0), 3);
+            assert_eq!(q.offer_run(&run, 0, true).taken, 3);
         }
         let (mut a, mut b) = (Vec::new(), Vec::new());
         one.drain_frames(&mut a);
@@ -622,6 +708,120 @@ mod tests {
             assert_eq!(v.iter().map(|f| f.wire().to_vec()).collect::<Vec<_>>(), frames);
             q.lock().frames = VecDeque::new();
         }
+    }
+
+    /// A connected pair over loopback: the server's side for the queue, the
+    /// client's to read from.
+    async fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Arc::new(server), client)
+    }
+
+    async fn read_exactly(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0; n];
+        tokio::io::AsyncReadExt::read_exact(client, &mut got).await.unwrap();
+        got
+    }
+
+    /// Whether the writer was woken (without waiting for it).
+    fn writer_woken(q: &Outbound) -> bool {
+        let mut ready = std::pin::pin!(q.ready());
+        let cx = &mut std::task::Context::from_waker(std::task::Waker::noop());
+        std::future::Future::poll(ready.as_mut(), cx).is_ready()
+    }
+
+    #[tokio::test]
+    async fn an_idle_queue_writes_a_run_to_its_socket_without_waking_the_writer() {
+        let (server, mut client) = socket_pair().await;
+        let q = Outbound::new(OutboundLimits::default());
+        q.set_socket(Some(server));
+        let run = run_of(&[b"aa", b"bbb", b"c"]);
+        assert_eq!(q.offer_run(&run, 1, true), Offered { taken: 2, written: 2, written_bytes: 4 });
+        assert_eq!(q.depth(), (0, 0), "nothing queued");
+        assert!(!writer_woken(&q));
+        assert_eq!(read_exactly(&mut client, 4).await, b"bbbc");
+        assert_eq!(Arc::strong_count(&run), 1, "nothing keeps the run");
+    }
+
+    #[tokio::test]
+    async fn frames_the_writer_holds_or_that_wait_in_the_queue_go_first() {
+        let (server, mut client) = socket_pair().await;
+        let q = Outbound::new(OutboundLimits::default());
+        q.set_socket(Some(server.clone()));
+        q.push(Bytes::from_static(b"reply")).unwrap();
+        let run = run_of(&[b"1", b"2"]);
+        assert_eq!(q.offer_run(&run, 0, true), Offered { taken: 2, ..Offered::default() }, "queued behind the reply");
+        let (taken, ..) = drain(&q);
+        assert_eq!(taken, b"reply12");
+        assert_eq!(
+            q.offer_run(&run_of(&[b"3"]), 0, true),
+            Offered { taken: 1, ..Offered::default() },
+            "the writer has not written what it took"
+        );
+        server.try_write(&taken).unwrap();
+        assert_eq!(drain(&q).0, b"3");
+        server.try_write(b"3").unwrap();
+        q.writer_idle();
+        assert_eq!(q.offer_run(&run_of(&[b"4"]), 0, true).written, 1, "written once the writer is idle");
+        assert_eq!(read_exactly(&mut client, 9).await, b"reply1234");
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_takes_what_it_can_and_the_rest_is_queued_in_order() {
+        let (server, mut client) = socket_pair().await;
+        // A small send buffer, and a peer that has not read yet (its receive
+        // buffer does not grow): 1 MiB cannot all fit.
+        socket2::SockRef::from(&*server).set_send_buffer_size(4096).unwrap();
+        let q = Outbound::new(OutboundLimits { max_frames: 100, max_bytes: 2 << 20 });
+        q.set_socket(Some(server.clone()));
+        const FRAME: usize = 256 * 1024;
+        let frames: Vec<Vec<u8>> = (0..4u8).map(|i| vec![b'a' + i; FRAME]).collect();
+        let run = run_of(&frames.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let first = q.offer_run(&run, 0, true);
+        assert_eq!(first.taken, 4);
+        assert!(first.written_bytes > 0 && first.written_bytes < run.wire_len(), "{first:?}");
+        assert_eq!(first.written, first.written_bytes / FRAME, "whole frames written");
+        let rest = run.wire_len() - first.written_bytes;
+        assert_eq!(q.depth(), (4 - first.written, rest));
+        assert!(writer_woken(&q), "the writer must send the rest");
+        let later = run_of(&[b"later"]);
+        assert_eq!(q.offer_run(&later, 0, true), Offered { taken: 1, ..Offered::default() }, "queued behind the rest");
+        let reader = tokio::spawn(async move { read_exactly(&mut client, 4 * FRAME + 5).await });
+        // The writer's part: what was queued, in order.
+        let mut out = BytesMut::new();
+        let d = q.drain_into(&mut out);
+        assert_eq!((d.frames, out.len()), (5 - first.written, rest + 5));
+        let mut data = &out[..];
+        while !data.is_empty() {
+            server.writable().await.unwrap();
+            match server.try_write(data) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(reader.await.unwrap(), [frames.concat(), b"later".to_vec()].concat());
+    }
+
+    #[tokio::test]
+    async fn without_its_socket_or_once_closing_nothing_is_written_from_the_queue() {
+        let (server, client) = socket_pair().await;
+        let q = Outbound::new(OutboundLimits::default());
+        q.set_socket(Some(server.clone()));
+        assert_eq!(q.offer_run(&run_of(&[b"a"]), 0, false), Offered { taken: 1, ..Offered::default() }, "not asked to");
+        drain(&q);
+        q.writer_idle();
+        q.set_socket(None);
+        assert_eq!(q.offer_run(&run_of(&[b"a"]), 0, true), Offered { taken: 1, ..Offered::default() });
+        drain(&q);
+        q.writer_idle();
+        q.close_with(None);
+        assert_eq!(q.offer_run(&run_of(&[b"b"]), 0, true), Offered::default());
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_millis(50), client.peek(&mut byte)).await;
+        assert!(read.is_err(), "nothing reached the socket");
     }
 
     #[tokio::test]

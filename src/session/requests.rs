@@ -66,9 +66,8 @@ impl Session {
             }
         };
         let user: Arc<str> = claims.sub.into();
-        let _ = self.handle.user.set(user.clone());
+        self.handle.set_identity(user.clone(), &h.device);
         tracing::Span::current().record("user", &*user);
-        let _ = self.handle.stats.device.set(h.device.as_str().into());
         let entry = self.hub.user(&user);
         let limits = &self.hub.limits;
 

@@ -2,19 +2,16 @@
 //! where, over what, since when, how much, and how far behind. Updated with
 //! relaxed atomics by the connection's own reader and writer.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One connection's statistics.
 ///
 /// Every open connection has one, so its strings are boxed slices
-/// (benches/README.md, idle memory per connection). The transport is kept
-/// by the session handle.
+/// (benches/README.md, idle memory per connection). The transport, the user
+/// and the device are kept by the session handle.
 pub struct ConnStats {
     /// Remote address.
     pub peer: Box<str>,
-    /// `Hello.device`, once known.
-    pub device: OnceLock<Box<str>>,
     /// Unix ms when the connection was accepted.
     pub connected_at_ms: u64,
     /// Unix ms of the last frame received.
@@ -35,7 +32,6 @@ impl ConnStats {
         let now = super::now_ms();
         ConnStats {
             peer: peer.into_boxed_str(),
-            device: OnceLock::new(),
             connected_at_ms: now,
             last_activity_ms: AtomicU64::new(now),
             frames_in: AtomicU64::new(0),

@@ -177,8 +177,7 @@ async fn an_idle_connection_task_stays_in_tokio_s_1_kib_task_cell() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
     let (sock, _) = listener.accept().await.unwrap();
-    let (r, w) = sock.into_split();
-    let task = chatd::net::stream::serve(hub, r, w, "tcp", "test".into(), Default::default());
+    let task = chatd::net::tcp::serve(hub, sock, "test".into(), Default::default());
     let size = std::mem::size_of_val(&task);
     assert!(size <= 912, "a TCP connection's future is {size} bytes: its task no longer fits a 1 KiB cell");
 }
@@ -195,7 +194,7 @@ async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
     let (sock, _) = listener.accept().await.unwrap();
     let (r, w) = sock.into_split();
     let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
-    tokio::spawn(chatd::net::stream::serve(hub.clone(), r, w, "tcp", "test".into(), Default::default()));
+    tokio::spawn(chatd::net::stream::serve(hub.clone(), r, w, "tcp", "test".into(), Default::default(), None));
     let handle = loop {
         if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
             break h;
@@ -203,7 +202,7 @@ async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
         tokio::task::yield_now().await;
     };
     let run = chatd::session::outbound::Run::new(bytes::Bytes::from_static(b"onetwothree"), &[3, 6, 11]);
-    assert_eq!(handle.outbound.offer_run(&run, 1), 2);
+    assert_eq!(handle.outbound.offer_run(&run, 1, true).taken, 2);
     let mut got = [0u8; 8];
     tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
     assert_eq!(&got, b"twothree", "the range, written from the run");
@@ -213,4 +212,45 @@ async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     assert!(!handle.outbound.is_closing(), "the run outlived the write: it went only with the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_connection_takes_live_frames_straight_from_the_fan_out() {
+    // S3 speed (issue 6): once its writer has written what it had, a TCP
+    // connection's live frames go to its socket from the fan-out, with no
+    // wake-up of its task.
+    let s = TestServer::start().await;
+    let hub = s.server.as_ref().unwrap().hub().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (sock, _) = listener.accept().await.unwrap();
+    let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
+    tokio::spawn(chatd::net::tcp::serve(hub.clone(), sock, "test".into(), Default::default()));
+    let handle = loop {
+        if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
+            break h;
+        }
+        tokio::task::yield_now().await;
+    };
+    handle.outbound.push(bytes::Bytes::from_static(b"reply")).unwrap();
+    let mut expected = b"reply".to_vec();
+    let mut got = vec![0u8; expected.len()];
+    tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
+    // The writer marks itself idle just after its write returns; until then
+    // an offer is queued (and written by the writer, in order).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let run = chatd::session::outbound::Run::new(bytes::Bytes::from_static(b"live"), &[4]);
+    loop {
+        let offered = handle.outbound.offer_run(&run, 0, true);
+        assert_eq!(offered.taken, 1);
+        expected.extend_from_slice(b"live");
+        if offered.written == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the idle writer never let the fan-out write");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let mut got = vec![0u8; expected.len() - 5];
+    tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
+    assert_eq!(got, expected[5..]);
 }

@@ -31,6 +31,86 @@ fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
     m.get(key).copied().unwrap_or(0.0)
 }
 
+/// A raw client that counts the frames and bytes it receives.
+struct Counted {
+    raw: Raw,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Counted {
+    async fn user(s: &TestServer, user: &str) -> Counted {
+        let mut c = Counted { raw: Raw::connect(&s.addr).await, frames: 0, bytes: 0 };
+        let hello = proto::Hello { protocol_version: 1, token: s.token(user), device: "raw".into(), resume: vec![] };
+        assert!(matches!(c.call(1, Body::Hello(hello)).await, Body::Welcome(_)));
+        c
+    }
+
+    async fn recv(&mut self) -> proto::Envelope {
+        let env = self.raw.recv().await;
+        self.frames += 1;
+        self.bytes += (chatd::codec::PREFIX_LEN + prost::Message::encoded_len(&env)) as u64;
+        env
+    }
+
+    /// Sends a request and reads everything up to its reply.
+    async fn call(&mut self, id: u64, body: Body) -> Body {
+        self.raw.send(id, body).await;
+        loop {
+            let env = self.recv().await;
+            if env.id == id {
+                return env.body.expect("reply has a body");
+            }
+        }
+    }
+}
+
+/// Live messages to an idle TCP subscriber are written from the fan-out,
+/// not by the connection's writer: they must be counted all the same, for
+/// the connection and in the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frame_sent_is_counted_however_it_was_written() {
+    let s = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
+    let before = scrape(&s).await;
+    let mut bob = Counted::user(&s, "bob").await;
+    bob.call(2, Body::Join(proto::Join { room: "w".into() })).await;
+    let mut ann = Counted::user(&s, "ann").await;
+    ann.call(2, Body::Join(proto::Join { room: "w".into() })).await;
+    for i in 0..20u64 {
+        let p = proto::Publish {
+            room: "w".into(),
+            client_msg_id: format!("k{i}"),
+            text: "x".repeat(i as usize),
+            ..Default::default()
+        };
+        assert!(matches!(ann.call(10 + i, Body::Publish(p)).await, Body::PublishAck(_)));
+    }
+    let mut seen = 0;
+    while seen < 20 {
+        if let Some(Body::Message(_)) = bob.recv().await.body {
+            seen += 1;
+        }
+    }
+    // Whatever was sent before these replies has been read.
+    for c in [&mut ann, &mut bob] {
+        assert!(matches!(c.call(50, Body::Ping(proto::Ping::default())).await, Body::Pong(_)));
+    }
+    let (status, v) = admin_get(&s, "/admin/connections", Some(ADMIN)).await;
+    assert_eq!(status, 200);
+    for (user, c) in [("ann", &ann), ("bob", &bob)] {
+        let conn = v["connections"].as_array().unwrap().iter().find(|c| c["user"] == user).unwrap();
+        assert_eq!(
+            (conn["frames_out"].as_u64(), conn["bytes_out"].as_u64()),
+            (Some(c.frames), Some(c.bytes)),
+            "{user}"
+        );
+    }
+    let after = scrape(&s).await;
+    let delta = |k: &str| get(&after, k) - get(&before, k);
+    assert_eq!(delta("chatd_frames_sent_total{transport=\"tcp\"}"), (ann.frames + bob.frames) as f64);
+    assert_eq!(delta("chatd_bytes_sent_total{transport=\"tcp\"}"), (ann.bytes + bob.bytes) as f64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_a_scripted_session() {
     let s = TestServer::start().await;
