@@ -151,11 +151,13 @@ impl Config {
     }
 
     /// Threads for the connection runtime: `workers`, or with 0 one per
-    /// core but one. The group-commit writer and sled's I/O threads are
-    /// busy whenever messages flow and run beside the workers; leaving them
-    /// a core measured +13% in fan-out with `fsync` and +30% with `none` on
-    /// a 2-core machine (benches/README.md, fifth session), where 2 workers
-    /// preempted the writer and woke each other for every delivery.
+    /// core but one. The group commit's writes and syncs (on tokio's
+    /// blocking pool; with `none` or `batch`, small batches are written on a
+    /// worker) and sled's I/O threads are busy whenever messages flow and
+    /// run beside the workers; leaving them a core measured +13% in fan-out
+    /// with `fsync` and +30% with `none` on a 2-core machine
+    /// (benches/README.md, fifth session), where 2 workers preempted the
+    /// writer and woke each other for every delivery.
     pub fn worker_threads(&self) -> usize {
         match self.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),

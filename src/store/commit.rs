@@ -6,10 +6,12 @@
 //! Sessions hand writes in through a bounded channel, so a publisher that
 //! outruns the disk waits for a slot (and, behind it, TCP backpressure slows
 //! the client) instead of growing a buffer. The writer runs the blocking
-//! store calls on tokio's blocking pool and passes each committed batch, in
-//! order, to the next stage (the fan-out), together with the completions
-//! the sessions attached to their writes. While one batch syncs, the next
-//! one gathers in the channel: the batch size grows with the load.
+//! store calls on tokio's blocking pool — all but a small batch that no sync
+//! follows, which it writes itself ([`INLINE_WRITE_OPS`] says why) — and
+//! passes each committed batch, in order, to the next stage (the fan-out),
+//! together with the completions the sessions attached to their writes.
+//! While one batch syncs, the next one gathers in the channel: the batch
+//! size grows with the load.
 //!
 //! A failed write or sync is not retried: the batch and everything queued
 //! behind it is reported failed, and nothing is ever acknowledged that is
@@ -154,6 +156,32 @@ pub fn start<C: Send + 'static>(
     let handle = tokio::spawn(run(store, durability, rx, out, failed.clone(), epoch.clone()));
     (CommitQueue { tx, failed, epoch }, handle)
 }
+
+/// The largest batch written on the writer's own task when no sync follows
+/// it (durability `batch` or `none`). sled's insert typically copies into
+/// its log buffers in memory and its own threads write them out, so a small
+/// batch costs less than handing it to the blocking pool and back — two
+/// thread wake-ups on the path of every publish. A larger batch still goes
+/// to the pool, so an inline write holds up the tasks of this worker for
+/// about this many inserts (4.6 µs each in S1 with `none`: 0.15 ms a batch
+/// on average; benches/README.md), and the writer yields after it when more
+/// writes wait. The exceptions: an insert whose leaf is not in sled's cache
+/// reads it from disk, as the reads that sessions make on workers already
+/// may; and sled writes a log item past a quarter of its segment (128 KiB)
+/// — a large value, or a leaf rewritten whole with large values in it — to
+/// a file of its own on the calling thread. [`INLINE_WRITE_BYTES`] keeps
+/// batches of large messages, whose leaves are the ones that grow past
+/// that, off the workers; a small message landing in such a leaf can still
+/// cause one. With 1,000 small rooms this once cut throughput by a third
+/// (7e300b0 took it back): the worker also woke a task for every delivery,
+/// and those wake-ups waited behind the writes. Live frames now go straight
+/// into idle sockets ([`crate::session::outbound`]), and the same load runs
+/// as fast inline as on the pool (benches/README.md, eighth session).
+const INLINE_WRITE_OPS: usize = 64;
+
+/// The most message bytes a batch written on the writer's task may hold
+/// ([`INLINE_WRITE_OPS`]).
+const INLINE_WRITE_BYTES: usize = 64 * 1024;
 
 /// How soon a failed store is first probed; each failed probe doubles the
 /// wait, up to [`PROBE_MAX`] (a probe of the sled store writes a 16 MiB
@@ -301,26 +329,43 @@ async fn run<C: Send + 'static>(
         for a in &batch.appends {
             firsts.entry(a.room).or_insert(a.seq);
         }
+        let mut yield_after = false;
         let result = if batch.is_empty() {
             Ok(())
         } else {
             let st = store.clone();
             let sync_each = durability == Durability::Fsync;
-            let sync_seconds = sync_seconds.clone();
-            let write_seconds = write_seconds.clone();
-            let r = tokio::task::spawn_blocking(move || {
+            let inline = !sync_each
+                && size <= INLINE_WRITE_OPS
+                && batch.appends.iter().map(|a| a.message.len()).sum::<usize>() <= INLINE_WRITE_BYTES;
+            yield_after = inline;
+            let r = if inline {
                 let started = Instant::now();
-                st.write(&batch)?;
-                write_seconds.record(started.elapsed().as_secs_f64());
-                if sync_each {
-                    let started = Instant::now();
-                    st.sync()?;
-                    sync_seconds.record(started.elapsed().as_secs_f64());
+                // A panic in the store fails the batch, as one on the pool
+                // does, instead of ending the writer with publishes unanswered.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.write(&batch)))
+                    .unwrap_or_else(|panic| Err(StoreError::Db(format!("writer panicked: {}", panic_text(&*panic)))));
+                if r.is_ok() {
+                    write_seconds.record(started.elapsed().as_secs_f64());
                 }
-                Ok::<_, StoreError>(())
-            })
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Db(format!("writer thread failed: {e}"))));
+                r
+            } else {
+                let sync_seconds = sync_seconds.clone();
+                let write_seconds = write_seconds.clone();
+                tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
+                    st.write(&batch)?;
+                    write_seconds.record(started.elapsed().as_secs_f64());
+                    if sync_each {
+                        let started = Instant::now();
+                        st.sync()?;
+                        sync_seconds.record(started.elapsed().as_secs_f64());
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Db(format!("writer thread failed: {e}"))))
+            };
             if let Err(e) = &r {
                 for (room, seq) in firsts {
                     let first = failed_tails.entry(room).or_insert(seq);
@@ -344,9 +389,23 @@ async fn run<C: Send + 'static>(
         if out.send(Committed { completions, result, size, recovered: false }).await.is_err() {
             break;
         }
+        // A write on this task did not yield; with more writes waiting (other
+        // workers filled the queue meanwhile) the next batch would not either.
+        if yield_after && !rx.is_empty() {
+            tokio::task::yield_now().await;
+        }
     }
     // Whatever the mode, a clean stop leaves everything durable.
     sync_now(&store, &failed).await;
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "(no message)",
+    }
 }
 
 async fn sync_now(store: &Arc<dyn Store>, failed: &AtomicBool) {
@@ -424,18 +483,111 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_fails_its_batch_and_everything_after() {
-        let (out_tx, mut out_rx) = mpsc::channel(16);
-        let (queue, _h) = start::<u64>(Arc::new(FailingStore(false)), Durability::Fsync, 16, out_tx);
-        queue.reserve().await.unwrap().send(Pending {
-            write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
-            completion: 1,
-            epoch: 0,
-        });
-        let c = out_rx.recv().await.unwrap();
-        assert!(c.result.is_err());
-        assert!(queue.has_failed());
-        queue.reserve().await.unwrap().send(Pending { write: Write::Barrier, completion: 2, epoch: 0 });
-        assert!(out_rx.recv().await.unwrap().result.is_err());
+        // Fsync writes on the blocking pool, None on the writer's task.
+        for durability in [Durability::Fsync, Durability::None] {
+            let (out_tx, mut out_rx) = mpsc::channel(16);
+            let (queue, _h) = start::<u64>(Arc::new(FailingStore(false)), durability, 16, out_tx);
+            queue.reserve().await.unwrap().send(Pending {
+                write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
+                completion: 1,
+                epoch: 0,
+            });
+            let c = out_rx.recv().await.unwrap();
+            assert!(c.result.is_err(), "{durability}");
+            assert!(queue.has_failed(), "{durability}");
+            queue.reserve().await.unwrap().send(Pending { write: Write::Barrier, completion: 2, epoch: 0 });
+            assert!(out_rx.recv().await.unwrap().result.is_err(), "{durability}");
+        }
+    }
+
+    /// Notes each write's size and the thread it ran on.
+    struct ThreadNoting {
+        inner: MemoryStore,
+        writes: std::sync::Mutex<Vec<(usize, std::thread::ThreadId)>>,
+    }
+    impl Store for ThreadNoting {
+        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.inner.load()
+        }
+        fn write(&self, batch: &Batch) -> Result<(), StoreError> {
+            self.writes.lock().unwrap().push((batch.appends.len(), std::thread::current().id()));
+            self.inner.write(batch)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            self.inner.sync()
+        }
+        fn truncate(&self, room: u64, from: u64) -> Result<usize, StoreError> {
+            self.inner.truncate(room, from)
+        }
+        fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
+            self.inner.read_range(room, from, to)
+        }
+        fn lookup_idempotent(
+            &self,
+            user: &str,
+            id: &str,
+        ) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
+            self.inner.lookup_idempotent(user, id)
+        }
+        fn expire_idempotency(&self, before: u64) -> Result<usize, StoreError> {
+            self.inner.expire_idempotency(before)
+        }
+        fn size_on_disk(&self) -> u64 {
+            self.inner.size_on_disk()
+        }
+    }
+
+    /// Queues appends to room 1 with seqs `seqs`, each message `len` bytes,
+    /// without yielding (so the writer, on this thread, takes them as one
+    /// batch).
+    async fn queue_appends(queue: &CommitQueue<u64>, seqs: std::ops::RangeInclusive<u64>, len: usize) {
+        tokio::task::unconstrained(async {
+            for seq in seqs {
+                let mut a = crate::store::contract::append(1, seq, "ann", "");
+                a.message = bytes::Bytes::from(vec![b'x'; len]);
+                queue.reserve().await.unwrap().send(Pending {
+                    write: Write::Append(a),
+                    completion: seq,
+                    epoch: queue.epoch(),
+                });
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn small_unsynced_batches_are_written_on_the_writers_task_and_the_rest_on_the_pool() {
+        let (ops, bytes) = (INLINE_WRITE_OPS as u64, INLINE_WRITE_BYTES);
+        let hour = Duration::from_secs(3600);
+        for durability in [Durability::None, Durability::Batch { interval: hour }, Durability::Fsync] {
+            let store = Arc::new(ThreadNoting { inner: MemoryStore::new(), writes: Default::default() });
+            let (out_tx, mut out_rx) = mpsc::channel(16);
+            let (queue, handle) = start::<u64>(store.clone(), durability, 1024, out_tx);
+            // (seqs, message size) of each batch.
+            let batches = [
+                (1..=ops + 1, 10),                          // one write too many
+                (ops + 2..=2 * ops + 1, 10),                // just small enough
+                (2 * ops + 2..=2 * ops + 2, 10),            // one write
+                (2 * ops + 3..=2 * ops + 4, bytes / 2 + 1), // one byte too many
+                (2 * ops + 5..=2 * ops + 6, bytes / 2),     // just small enough
+            ];
+            for (seqs, len) in batches.clone() {
+                queue_appends(&queue, seqs.clone(), len).await;
+                let c = out_rx.recv().await.unwrap();
+                assert!(c.result.is_ok());
+                assert_eq!(c.completions, seqs.collect::<Vec<_>>(), "{durability}");
+            }
+            drop(queue);
+            handle.await.unwrap();
+            let here = std::thread::current().id();
+            let inline = durability != Durability::Fsync;
+            let writes: Vec<(usize, bool)> =
+                store.writes.lock().unwrap().iter().map(|&(n, thread)| (n, thread == here)).collect();
+            let ops = ops as usize;
+            let expected = vec![(ops + 1, false), (ops, inline), (1, inline), (2, false), (2, inline)];
+            assert_eq!(writes, expected, "{durability}");
+            assert_eq!(store.read_range(1, 1, 1000).unwrap().len(), 2 * ops + 6);
+        }
     }
 
     /// A panic in the store must not end the writer: the publishes of its

@@ -133,8 +133,10 @@ pub struct Snapshot {
 
 /// The storage interface of the data path.
 ///
-/// `write` and `sync` are called from one writer at a time (the group commit)
-/// on a blocking thread; reads may come from any thread concurrently.
+/// `write` and `sync` are called from one writer at a time (the group commit),
+/// on a blocking thread — or, for a small batch that no sync follows, on a
+/// runtime worker ([`commit`]), so a small `write` must not block for long;
+/// reads may come from any thread concurrently.
 pub trait Store: Send + Sync + 'static {
     /// Recovers rooms with their heads, memberships and read markers.
     fn load(&self) -> Result<Snapshot, StoreError>;

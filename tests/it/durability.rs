@@ -18,8 +18,9 @@ async fn a_restart_keeps_messages_memberships_markers_and_idempotency() {
     restart_keeps_everything("fsync").await;
 }
 
-/// `batch` and `none` acknowledge before any sync; a clean stop syncs
-/// whatever the mode, so a clean restart keeps the same.
+/// `batch` and `none` write small group commits on a worker, not on the
+/// blocking pool (store::commit): the same through a clean restart, which
+/// syncs whatever the mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_restart_keeps_everything_with_batch_and_none_durability() {
     restart_keeps_everything("batch").await;
