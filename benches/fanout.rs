@@ -35,7 +35,7 @@ fn fan_out_one_message(b: Bencher, sessions: usize) {
         m.seq = seq;
         let frame = message_frame(&m.encode_to_vec());
         let len = frame.len();
-        room.fan_out(&[seq], &Run::new(frame, &[len]));
+        room.fan_out(&[seq], &Run::new(frame, &[len]), &mut 0);
         // Drain like the writers do, so queues never fill.
         for h in &handles {
             sink.clear();

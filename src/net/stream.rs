@@ -41,13 +41,6 @@ impl Readable for tokio::net::tcp::OwnedReadHalf {
     }
 }
 
-impl Readable for super::tcp::Reader {
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // As for a read half: only the reader polls the read direction.
-        self.socket().poll_read_ready(cx)
-    }
-}
-
 /// TLS decrypts in records, so readiness of the socket says nothing about
 /// plaintext: read at once.
 impl<T: Send + Sync> Readable for tokio::io::ReadHalf<T> {
@@ -116,7 +109,7 @@ pub fn serve<R, W>(
     transport: &'static str,
     peer: String,
     shutdown: Shutdown,
-    socket: Option<Arc<tokio::net::TcpStream>>,
+    socket: Option<Arc<tokio::net::tcp::OwnedWriteHalf>>,
 ) -> impl Future<Output = ()> + Send
 where
     R: AsyncRead + Readable + Unpin + Send + Sync + 'static,

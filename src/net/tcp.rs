@@ -2,11 +2,9 @@
 //! driver in its own task; [`accept_each`] is the accept loop that the TLS
 //! and HTTPS listeners share.
 //!
-//! A connection's socket is shared three ways: by its [`Reader`], its
-//! [`Writer`], and its session's outbound queue, which writes live frames
-//! to it from the fan-out while the writer is idle
-//! ([`crate::session::outbound`]). tokio's owned halves keep their socket to
-//! themselves, hence halves of our own over one `Arc<TcpStream>`.
+//! A connection's write half is shared by its [`Writer`] and its session's
+//! outbound queue, which writes live frames to it from the fan-out while
+//! the writer is idle ([`crate::session::outbound`]).
 
 use std::io;
 use std::pin::Pin;
@@ -16,8 +14,9 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,51 +55,28 @@ pub async fn accept_loop(
 
 /// Serves one accepted TCP connection until it closes.
 pub fn serve(hub: Arc<Hub>, stream: TcpStream, peer: String, shutdown: Shutdown) -> impl Future<Output = ()> + Send {
-    let socket = Arc::new(stream);
-    let (r, w) = (Reader(socket.clone()), Writer(socket.clone()));
-    super::stream::serve(hub, r, w, "tcp", peer, shutdown, Some(socket))
+    let (r, w) = stream.into_split();
+    let w = Arc::new(w);
+    super::stream::serve(hub, r, Writer(w.clone()), "tcp", peer, shutdown, Some(w))
 }
 
-/// The read half of a shared TCP socket.
-pub struct Reader(Arc<TcpStream>);
+/// The write half of a TCP connection, shared with its session's queue.
+pub struct Writer(Arc<OwnedWriteHalf>);
 
-impl Reader {
-    /// The socket.
-    pub fn socket(&self) -> &TcpStream {
-        &self.0
+impl Writer {
+    fn socket(&self) -> &TcpStream {
+        (*self.0).as_ref()
     }
 }
-
-impl AsyncRead for Reader {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        loop {
-            ready!(self.0.poll_read_ready(cx))?;
-            // `try_read` needs initialised memory: zeroing a read's spare
-            // capacity (at most 16 KiB, codec::FrameReader) costs far less
-            // than the read itself.
-            match self.0.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                // Readiness was stale; `try_read` cleared it, so the next
-                // poll registers the waker.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-/// The write half of a shared TCP socket.
-pub struct Writer(Arc<TcpStream>);
 
 impl AsyncWrite for Writer {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         loop {
-            ready!(self.0.poll_write_ready(cx))?;
+            ready!(self.socket().poll_write_ready(cx))?;
             match self.0.try_write(buf) {
                 Ok(n) => return Poll::Ready(Ok(n)),
+                // Readiness was stale; `try_write` cleared it, so the next
+                // poll registers the waker.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -111,9 +87,10 @@ impl AsyncWrite for Writer {
         Poll::Ready(Ok(()))
     }
 
-    /// Sends FIN; the socket closes when its last holder lets go of it.
+    /// Sends FIN now; the shared half would send it only once its last
+    /// holder lets go.
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write))
+        Poll::Ready(socket2::SockRef::from(self.socket()).shutdown(std::net::Shutdown::Write))
     }
 }
 

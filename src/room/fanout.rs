@@ -139,13 +139,14 @@ fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
     // A stable sort keeps each room's messages in seq order.
     published.sort_by_key(|p| p.room.id);
     let m = &hub.metrics;
+    let mut budget = crate::room::WRITE_THROUGH_PER_BATCH;
     for room_run in published.chunk_by(|a, b| a.room.id == b.room.id) {
         let room = &room_run[0].room;
         encode_runs(
             room_run,
             |p| (p.seq, &p.message[..]),
             |seqs, run| {
-                let out = room.fan_out(seqs, run);
+                let out = room.fan_out(seqs, run, &mut budget);
                 m.delivered.increment(out.delivered);
                 // Only plain TCP sockets are written from the fan-out.
                 if out.written_bytes > 0 {

@@ -147,12 +147,24 @@ pub enum CatchUp {
     More,
 }
 
-/// Most subscribers one fan-out writes to straight from its run
-/// ([`crate::session::outbound`]); the rest are queued for their writers.
-/// The fan-out holds the room's lock, and the fan-out stage its worker, for
-/// each write (a few µs): this bounds both at well under a millisecond in a
-/// room with thousands online.
-pub const MAX_WRITES_PER_FAN_OUT: usize = 128;
+/// The most subscribers a room may have for its fan-out to write to their
+/// sockets itself ([`crate::session::outbound`]); a larger room's
+/// messages are queued for the connections' writers, as before. The
+/// fan-out holds the room's lock, and the fan-out stage its worker, for
+/// each such write (a few µs), which this bounds at ~0.1 ms; and in a busy
+/// large room consecutive batches pile up in each writer's queue and go out
+/// in one write — 1 room x 100 subscribers at 1,024 in flight (S1) lost
+/// ~10% when all 100 were written from the fan-out (benches/README.md,
+/// eighth session). The usual chat room is small and mostly idle, where the
+/// write from the fan-out saves waking a task per delivery.
+pub const WRITE_THROUGH_MAX_SUBSCRIBERS: usize = 32;
+
+/// The most sockets the fan-out of one committed batch writes to itself
+/// (across all its rooms; [`Room::fan_out`]'s `budget`): a batch touching
+/// thousands of small rooms would otherwise keep the fan-out stage on its
+/// worker, without yielding, for a send per delivery. Past it, deliveries
+/// are queued for the connections' writers. ~1 ms of sends.
+pub const WRITE_THROUGH_PER_BATCH: usize = 256;
 
 /// What [`Room::fan_out`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -305,8 +317,9 @@ impl Room {
     /// `seqs` (increasing; from one committed batch) — to every live
     /// subscriber, each under one lock of its queue; a subscriber whose queue
     /// fills starts catching up from the first message that did not fit.
-    /// Never waits.
-    pub fn fan_out(self: &Arc<Self>, seqs: &[u64], run: &Arc<Run>) -> FannedOut {
+    /// Never waits. Writes to at most `budget` subscribers' sockets itself
+    /// ([`WRITE_THROUGH_MAX_SUBSCRIBERS`]), and takes those from it.
+    pub fn fan_out(self: &Arc<Self>, seqs: &[u64], run: &Arc<Run>, budget: &mut usize) -> FannedOut {
         debug_assert_eq!(seqs.len(), run.len());
         let mut out = FannedOut::default();
         let Some(&last) = seqs.last() else { return out };
@@ -314,14 +327,14 @@ impl Room {
         let mut lagging = Vec::new();
         {
             let mut subs = self.subs();
+            let small = subs.len() <= WRITE_THROUGH_MAX_SUBSCRIBERS;
             for sub in subs.values_mut() {
                 if let Mode::Live = sub.mode {
                     let from = seqs.partition_point(|seq| *seq <= sub.delivered);
                     if from == seqs.len() {
                         continue;
                     }
-                    let through = out.written_to < MAX_WRITES_PER_FAN_OUT;
-                    let offered = sub.session.outbound.offer_run(run, from, through);
+                    let offered = sub.session.outbound.offer_run(run, from, small && *budget > 0);
                     let n = offered.taken;
                     if n > 0 {
                         sub.delivered = seqs[from + n - 1];
@@ -329,6 +342,7 @@ impl Room {
                     }
                     if offered.written_bytes > 0 {
                         out.written_to += 1;
+                        *budget -= 1;
                         sub.session.stats.sent(offered.written, offered.written_bytes);
                         out.written_frames += offered.written as u64;
                         out.written_bytes += offered.written_bytes as u64;
@@ -453,32 +467,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fan_out_writes_to_a_bounded_number_of_sockets_and_queues_the_rest() {
+    async fn only_a_small_rooms_fan_out_writes_to_sockets_itself() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let room = Arc::new(Room::new(1, "r".into(), 0));
         let limits = crate::hub::Limits::default();
         let mut peers = Vec::new();
         let mut sessions = Vec::new();
-        for id in 0..MAX_WRITES_PER_FAN_OUT as u64 + 2 {
+        let frame = message_frame(b"m");
+        let run = Run::new(frame.clone(), &[frame.len()]);
+        for id in 0..=WRITE_THROUGH_MAX_SUBSCRIBERS as u64 {
             let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
             let session = Arc::new(SessionHandle::new(id, &limits, "tcp", "test".into()));
-            session.outbound.set_socket(Some(Arc::new(server)));
-            room.subscribe_live(&session, None);
+            session.outbound.set_socket(Some(Arc::new(server.into_split().1)));
             peers.push(client);
             sessions.push(session);
         }
-        let frame = message_frame(b"m");
-        let run = Run::new(frame.clone(), &[frame.len()]);
-        let out = room.fan_out(&[1], &run);
-        assert_eq!(out.delivered, sessions.len() as u64);
-        assert_eq!(out.written_to, MAX_WRITES_PER_FAN_OUT);
-        assert_eq!(out.written_frames, MAX_WRITES_PER_FAN_OUT as u64);
-        assert_eq!(out.written_bytes, (MAX_WRITES_PER_FAN_OUT * frame.len()) as u64);
-        let queued = sessions.iter().filter(|s| s.outbound.depth() == (1, frame.len())).count();
-        assert_eq!(queued, 2, "the subscribers past the bound wait for their writers");
-        let written: u64 = sessions.iter().map(|s| s.stats.frames_out.load(Ordering::Relaxed)).sum();
-        assert_eq!(written, MAX_WRITES_PER_FAN_OUT as u64, "counted per connection");
+        let (last, small) = sessions.split_last().unwrap();
+        for s in small {
+            room.subscribe_live(s, None);
+        }
+        let n = small.len() as u64;
+        let mut budget = small.len() + 1;
+        let out = room.fan_out(&[1], &run, &mut budget);
+        let expected = FannedOut {
+            delivered: n,
+            written_frames: n,
+            written_bytes: n * frame.len() as u64,
+            written_to: small.len(),
+        };
+        assert_eq!((out, budget), (expected, 1), "each socket written takes one from the budget");
+        assert!(small.iter().all(|s| s.outbound.depth() == (0, 0)), "nothing queued");
+        let counted: u64 = small.iter().map(|s| s.stats.frames_out.load(Ordering::Relaxed)).sum();
+        assert_eq!(counted, n, "counted per connection");
+
+        let out = room.fan_out(&[2], &run, &mut budget);
+        assert_eq!((out.written_to, budget), (1, 0), "the budget spent, the rest are queued");
+        let queued = small.iter().filter(|s| s.outbound.depth() == (1, frame.len())).count();
+        assert_eq!(queued, small.len() - 1);
+
+        room.subscribe_live(last, None);
+        let out = room.fan_out(&[3], &run, &mut usize::MAX.clone());
+        assert_eq!(out, FannedOut { delivered: n + 1, ..FannedOut::default() }, "one subscriber too many");
+        assert_eq!(last.outbound.depth(), (1, frame.len()), "queued for its writer");
     }
 
     #[test]

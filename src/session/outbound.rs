@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
-use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 /// One queued entry: a reply or control frame, or a range of a [`Run`].
@@ -239,7 +239,7 @@ struct Queue {
     writing: bool,
     /// The connection's socket, for live frames written from the fan-out
     /// (plain TCP only; TLS and WebSocket frame their bytes in their writer).
-    socket: Option<Arc<TcpStream>>,
+    socket: Option<Arc<OwnedWriteHalf>>,
 }
 
 /// A bounded queue of encoded frames, drained by the connection's writer.
@@ -269,7 +269,7 @@ fn take_entries(mut q: std::sync::MutexGuard<'_, Queue>, f: impl FnMut(Frame)) {
 /// what it wrote into `offered`. Returns what is left to queue when the
 /// socket took some but not all; `None` when it took all (nothing to queue)
 /// or nothing (`offered` then says so, and the frames are queued as usual).
-fn write_to(socket: &TcpStream, run: &Run, from: usize, to: usize, offered: &mut Offered) -> Option<Bytes> {
+fn write_to(socket: &OwnedWriteHalf, run: &Run, from: usize, to: usize, offered: &mut Offered) -> Option<Bytes> {
     let span = run.span(from, to);
     // A failed write other than a full socket queues the frames too: the
     // writer meets the error on its own write and closes the connection.
@@ -401,7 +401,7 @@ impl Outbound {
     /// the fan-out, or (`None`) takes it back: a queue outlives its
     /// connection's task as long as a room holds the session, and must not
     /// keep the socket open.
-    pub fn set_socket(&self, socket: Option<Arc<TcpStream>>) {
+    pub fn set_socket(&self, socket: Option<Arc<OwnedWriteHalf>>) {
         self.lock().socket = socket;
     }
 
@@ -551,6 +551,8 @@ impl Outbound {
 
 #[cfg(test)]
 mod tests {
+    use tokio::net::TcpStream;
+
     use super::*;
 
     /// Drains like the TCP writer: the bytes it would write, how many
@@ -712,11 +714,11 @@ mod tests {
 
     /// A connected pair over loopback: the server's side for the queue, the
     /// client's to read from.
-    async fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+    async fn socket_pair() -> (Arc<OwnedWriteHalf>, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (Arc::new(server), client)
+        (Arc::new(server.into_split().1), client)
     }
 
     async fn read_exactly(client: &mut TcpStream, n: usize) -> Vec<u8> {
@@ -773,7 +775,7 @@ mod tests {
         let (server, mut client) = socket_pair().await;
         // A small send buffer, and a peer that has not read yet (its receive
         // buffer does not grow): 1 MiB cannot all fit.
-        socket2::SockRef::from(&*server).set_send_buffer_size(4096).unwrap();
+        socket2::SockRef::from((*server).as_ref()).set_send_buffer_size(4096).unwrap();
         let q = Outbound::new(OutboundLimits { max_frames: 100, max_bytes: 2 << 20 });
         q.set_socket(Some(server.clone()));
         const FRAME: usize = 256 * 1024;

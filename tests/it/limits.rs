@@ -254,3 +254,35 @@ async fn an_idle_tcp_connection_takes_live_frames_straight_from_the_fan_out() {
     tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
     assert_eq!(got, expected[5..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_tcp_connection_releases_its_socket_while_its_session_is_still_held() {
+    // The session's queue holds the socket for the fan-out; a room may hold
+    // the session after its connection ends, and must not keep the socket
+    // open with it.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start().await;
+    let hub = s.server.as_ref().unwrap().hub().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (sock, _) = listener.accept().await.unwrap();
+    let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
+    tokio::spawn(chatd::net::tcp::serve(hub.clone(), sock, "test".into(), Default::default()));
+    let _held = loop {
+        if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
+            break h;
+        }
+        tokio::task::yield_now().await;
+    };
+    // An oversize frame: the server answers with an error and closes.
+    client.write_all(&[0xff; 4]).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.expect("the server closes").unwrap();
+    // A socket closed for good answers data with a reset; a half-closed one
+    // (still open in the queue) takes it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.write_all(b"x").await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "the server's socket stayed open");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
