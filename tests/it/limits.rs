@@ -182,6 +182,31 @@ async fn an_idle_connection_task_stays_in_tokio_s_1_kib_task_cell() {
     assert!(size <= 912, "a TCP connection's future is {size} bytes: its task no longer fits a 1 KiB cell");
 }
 
+/// A connection served straight from `hub` (not through its listener), as
+/// TCP with the socket shared for the fan-out's writes or (`shared` false)
+/// with a writer of its own only; returns the client's end and the session.
+async fn serve_one(
+    hub: &std::sync::Arc<chatd::hub::Hub>,
+    shared: bool,
+) -> (tokio::net::TcpStream, std::sync::Arc<chatd::session::SessionHandle>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+    let (sock, _) = listener.accept().await.unwrap();
+    let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
+    if shared {
+        tokio::spawn(chatd::net::tcp::serve(hub.clone(), sock, "test".into(), Default::default()));
+    } else {
+        let (r, w) = sock.into_split();
+        tokio::spawn(chatd::net::stream::serve(hub.clone(), r, w, "tcp", "test".into(), Default::default(), None));
+    }
+    loop {
+        if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
+            return (client, h);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
     // Idle memory per connection (issue 6): a connection whose queue held
@@ -189,18 +214,7 @@ async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
     // written, the idle connection must not keep the run alive.
     let s = TestServer::start().await;
     let hub = s.server.as_ref().unwrap().hub().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-    let (sock, _) = listener.accept().await.unwrap();
-    let (r, w) = sock.into_split();
-    let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
-    tokio::spawn(chatd::net::stream::serve(hub.clone(), r, w, "tcp", "test".into(), Default::default(), None));
-    let handle = loop {
-        if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
-            break h;
-        }
-        tokio::task::yield_now().await;
-    };
+    let (mut client, handle) = serve_one(&hub, false).await;
     let run = chatd::session::outbound::Run::new(bytes::Bytes::from_static(b"onetwothree"), &[3, 6, 11]);
     assert_eq!(handle.outbound.offer_run(&run, 1, true).taken, 2);
     let mut got = [0u8; 8];
@@ -221,17 +235,7 @@ async fn an_idle_tcp_connection_takes_live_frames_straight_from_the_fan_out() {
     // wake-up of its task.
     let s = TestServer::start().await;
     let hub = s.server.as_ref().unwrap().hub().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-    let (sock, _) = listener.accept().await.unwrap();
-    let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
-    tokio::spawn(chatd::net::tcp::serve(hub.clone(), sock, "test".into(), Default::default()));
-    let handle = loop {
-        if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
-            break h;
-        }
-        tokio::task::yield_now().await;
-    };
+    let (mut client, handle) = serve_one(&hub, true).await;
     handle.outbound.push(bytes::Bytes::from_static(b"reply")).unwrap();
     let mut expected = b"reply".to_vec();
     let mut got = vec![0u8; expected.len()];
@@ -263,17 +267,7 @@ async fn a_closed_tcp_connection_releases_its_socket_while_its_session_is_still_
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = TestServer::start().await;
     let hub = s.server.as_ref().unwrap().hub().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-    let (sock, _) = listener.accept().await.unwrap();
-    let before: Vec<u64> = hub.connections().iter().map(|h| h.id).collect();
-    tokio::spawn(chatd::net::tcp::serve(hub.clone(), sock, "test".into(), Default::default()));
-    let _held = loop {
-        if let Some(h) = hub.connections().into_iter().find(|h| !before.contains(&h.id)) {
-            break h;
-        }
-        tokio::task::yield_now().await;
-    };
+    let (mut client, _held) = serve_one(&hub, true).await;
     // An oversize frame: the server answers with an error and closes.
     client.write_all(&[0xff; 4]).await.unwrap();
     let mut rest = Vec::new();
