@@ -15,7 +15,6 @@ use std::time::Duration;
 use std::net::SocketAddr;
 
 use tokio::io::AsyncWrite;
-
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
