@@ -507,7 +507,8 @@ mod tests {
         assert_eq!(queued, small.len() - 1);
 
         room.subscribe_live(last, None);
-        let out = room.fan_out(&[3], &run, &mut usize::MAX.clone());
+        budget = usize::MAX;
+        let out = room.fan_out(&[3], &run, &mut budget);
         assert_eq!(out, FannedOut { delivered: n + 1, ..FannedOut::default() }, "one subscriber too many");
         assert_eq!(last.outbound.depth(), (1, frame.len()), "queued for its writer");
     }

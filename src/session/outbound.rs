@@ -266,9 +266,8 @@ fn take_entries(mut q: std::sync::MutexGuard<'_, Queue>, f: impl FnMut(Frame)) {
 }
 
 /// Writes frames `from..to` of `run` to `socket` without waiting, counting
-/// what it wrote into `offered`. Returns what is left to queue when the
-/// socket took some but not all; `None` when it took all (nothing to queue)
-/// or nothing (`offered` then says so, and the frames are queued as usual).
+/// what it wrote into `offered` (nothing written: the frames are queued as
+/// usual). Returns what is left when the socket took some but not all.
 fn write_to(socket: &OwnedWriteHalf, run: &Run, from: usize, to: usize, offered: &mut Offered) -> Option<Bytes> {
     let span = run.span(from, to);
     // A failed write other than a full socket queues the frames too: the
@@ -362,19 +361,20 @@ impl Outbound {
             && was_empty
             && !q.writing
             && let Some(socket) = &q.socket
-            && let Some(rest) = write_to(socket, run, from, to, &mut offered)
         {
-            // The socket took part of a frame or more: the rest is queued
-            // as bytes of its own, ahead of anything offered later.
-            q.bytes += rest.len();
-            q.count += (n - offered.written) as u32;
-            q.frames.push_back(Frame(Repr::One(rest)));
-            drop(q);
-            self.ready.notify_one();
-            return offered;
-        }
-        if offered.written_bytes > 0 {
-            return offered;
+            let rest = write_to(socket, run, from, to, &mut offered);
+            if offered.written_bytes > 0 {
+                // The socket took part of a frame or more: the rest is queued
+                // as bytes of its own, ahead of anything offered later.
+                if let Some(rest) = rest {
+                    q.bytes += rest.len();
+                    q.count += (n - offered.written) as u32;
+                    q.frames.push_back(Frame(Repr::One(rest)));
+                    drop(q);
+                    self.ready.notify_one();
+                }
+                return offered;
+            }
         }
         if n > 0 {
             q.bytes = bytes;
