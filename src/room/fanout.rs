@@ -3,7 +3,8 @@
 //! the messages' shared frames to the room's subscribers (one queue lock and
 //! at most one writer wake-up per subscriber per batch), then acknowledges
 //! the publishers (and any retry of the same `client_msg_id` that arrived
-//! meanwhile).
+//! meanwhile). A batch whose fan-out writes many sockets itself is delivered
+//! in slices, each acknowledged before the stage yields its worker.
 //!
 //! Acks are sent only here, so only after the batch is durable. Because one
 //! task consumes batches in order and each room's appends are in seq order
@@ -73,12 +74,12 @@ pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
                 Completion::Notify(tx) => {
                     // Whoever waits (a join about to subscribe at the head)
                     // must see every message committed before its write.
-                    deliver(&hub, &mut published);
+                    deliver(&hub, &mut published).await;
                     let _ = tx.send(batch.result.clone());
                 }
             }
         }
-        deliver(&hub, &mut published);
+        deliver(&hub, &mut published).await;
     }
 }
 
@@ -130,20 +131,26 @@ fn encode_runs<T>(items: &[T], message: impl Fn(&T) -> (u64, &[u8]), mut f: impl
 }
 
 /// Delivers the committed publishes (in commit order), each room's messages
-/// encoded once into shared runs and offered by [`Room::fan_out`], then
-/// acknowledges them.
-fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
+/// encoded once into shared runs and offered by [`Room::fan_out`], and
+/// acknowledges each room's publishes once they are offered. After every
+/// [`crate::room::WRITE_THROUGH_PER_SLICE`] sockets written it acknowledges
+/// what it has delivered so far and yields, so a batch touching thousands of
+/// small rooms neither holds its worker nor its publishers' acks for all of
+/// its sends, and every delivery still takes the write from the fan-out.
+async fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
     if published.is_empty() {
         return;
     }
     // A stable sort keeps each room's messages in seq order.
     published.sort_by_key(|p| p.room.id);
     let m = &hub.metrics;
-    let mut budget = crate::room::WRITE_THROUGH_PER_BATCH;
-    for room_run in published.chunk_by(|a, b| a.room.id == b.room.id) {
-        let room = &room_run[0].room;
+    let mut budget = crate::room::WRITE_THROUGH_PER_SLICE;
+    let mut next = 0;
+    while next < published.len() {
+        let room = &published[next].room;
+        let end = next + published[next..].iter().take_while(|p| p.room.id == room.id).count();
         encode_runs(
-            room_run,
+            &published[next..end],
             |p| (p.seq, &p.message[..]),
             |seqs, run| {
                 let out = room.fan_out(seqs, run, &mut budget);
@@ -156,10 +163,22 @@ fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
                 }
             },
         );
+        next = end;
+        if budget == 0 && next < published.len() {
+            acknowledge_all(hub, published.drain(..next));
+            next = 0;
+            tokio::task::yield_now().await;
+            budget = crate::room::WRITE_THROUGH_PER_SLICE;
+        }
     }
-    m.published.increment(published.len() as u64);
-    for p in published.drain(..) {
-        m.publish_delivery.record(p.received.elapsed().as_secs_f64());
+    acknowledge_all(hub, published.drain(..));
+}
+
+/// Acknowledges delivered publishes, releasing their in-flight permits.
+fn acknowledge_all(hub: &Hub, delivered: impl ExactSizeIterator<Item = PublishDone>) {
+    hub.metrics.published.increment(delivered.len() as u64);
+    for p in delivered {
+        hub.metrics.publish_delivery.record(p.received.elapsed().as_secs_f64());
         acknowledge(hub, p);
     }
 }
@@ -208,7 +227,71 @@ fn fail(hub: &Hub, p: PublishDone, e: &StoreError) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+    use std::task::{Context, Poll, Waker};
+
+    use prost::Message as _;
+
     use super::*;
+    use crate::room::WRITE_THROUGH_PER_SLICE;
+
+    /// A hub over the in-memory store whose fan-out stage is driven by hand.
+    fn hub() -> Hub {
+        let (out, _) = mpsc::channel(1);
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::memory::MemoryStore::new());
+        let (commits, _) = crate::store::commit::start(store.clone(), crate::store::commit::Durability::None, 8, out);
+        let auth = crate::auth::Auth::new(&[7; 32]);
+        Hub::new(crate::hub::Limits::default(), store, commits, auth, Default::default())
+    }
+
+    #[tokio::test]
+    async fn a_batch_past_the_slice_acks_what_it_delivered_then_yields() {
+        let hub = hub();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let publisher = Arc::new(SessionHandle::new(0, &hub.limits, "tcp", "test".into()));
+        let permits = Arc::new(tokio::sync::Semaphore::new(WRITE_THROUGH_PER_SLICE + 1));
+        let (mut peers, mut subscribers, mut published) = (Vec::new(), Vec::new(), Vec::new());
+        // One message in each of one room more than a slice writes, each
+        // room with one subscriber whose socket the fan-out writes to.
+        for i in 0..=WRITE_THROUGH_PER_SLICE {
+            let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let session = Arc::new(SessionHandle::new(i as u64 + 1, &hub.limits, "tcp", "test".into()));
+            session.outbound.set_socket(Some(Arc::new(server.into_split().1)));
+            let room = hub.room_or_create(&format!("r{i}"));
+            room.subscribe_live(&session, None);
+            let message = Bytes::from(
+                proto::Message { room: room.name.to_string(), seq: 1, ..Default::default() }.encode_to_vec(),
+            );
+            published.push(PublishDone {
+                room,
+                seq: 1,
+                ts_ms: 0,
+                message,
+                session: publisher.clone(),
+                request_id: i as u64,
+                client_msg_id: String::new(),
+                sender: "ann".into(),
+                permit: permits.clone().try_acquire_owned().unwrap(),
+                received: std::time::Instant::now(),
+            });
+            peers.push(client);
+            subscribers.push(session);
+        }
+        let written = |s: &SessionHandle| s.stats.frames_out.load(Ordering::Relaxed);
+        let mut delivering = std::pin::pin!(deliver(&hub, &mut published));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(delivering.as_mut().poll(&mut cx).is_pending(), "yields once a slice is written");
+        let (last, slice) = subscribers.split_last().unwrap();
+        assert!(slice.iter().all(|s| written(s) == 1), "a slice of sockets written");
+        assert_eq!((written(last), last.outbound.depth().0), (0, 0), "the rest waits for the next slice");
+        assert_eq!(publisher.outbound.depth().0, WRITE_THROUGH_PER_SLICE, "the slice's publishes acked");
+        assert_eq!(permits.available_permits(), WRITE_THROUGH_PER_SLICE, "their permits released");
+        assert_eq!(delivering.as_mut().poll(&mut cx), Poll::Ready(()));
+        assert_eq!(written(last), 1, "written from the fan-out too, with a fresh budget");
+        assert_eq!(publisher.outbound.depth().0, WRITE_THROUGH_PER_SLICE + 1);
+        assert_eq!(permits.available_permits(), WRITE_THROUGH_PER_SLICE + 1);
+    }
 
     #[test]
     fn runs_hold_at_least_one_frame_and_stay_within_their_size() {

@@ -159,12 +159,12 @@ pub enum CatchUp {
 /// write from the fan-out saves waking a task per delivery.
 pub const WRITE_THROUGH_MAX_SUBSCRIBERS: usize = 32;
 
-/// The most sockets the fan-out of one committed batch writes to itself
-/// (across all its rooms; [`Room::fan_out`]'s `budget`): a batch touching
-/// thousands of small rooms would otherwise keep the fan-out stage on its
-/// worker, without yielding, for a send per delivery. Past it, deliveries
-/// are queued for the connections' writers. ~1 ms of sends.
-pub const WRITE_THROUGH_PER_BATCH: usize = 256;
+/// The most sockets the fan-out writes to itself ([`Room::fan_out`]'s
+/// `budget`) before it acknowledges what it has delivered and yields its
+/// worker (~1 ms of sends): a batch touching thousands of small rooms would
+/// otherwise keep the fan-out stage on its worker for a send per delivery,
+/// and every publisher waiting for the last of them.
+pub const WRITE_THROUGH_PER_SLICE: usize = 256;
 
 /// What [`Room::fan_out`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
