@@ -411,3 +411,13 @@ impl Hub {
         out
     }
 }
+
+/// A hub over the in-memory store, with default limits and no fan-out
+/// stage running (tests drive what they need by hand).
+#[cfg(test)]
+pub(crate) fn test_hub() -> Hub {
+    let (out, _) = tokio::sync::mpsc::channel(1);
+    let store: Arc<dyn Store> = Arc::new(crate::store::memory::MemoryStore::new());
+    let (commits, _) = crate::store::commit::start(store.clone(), crate::store::commit::Durability::None, 8, out);
+    Hub::new(Limits::default(), store, commits, Auth::new(&[7; 32]), Default::default())
+}

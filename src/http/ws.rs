@@ -195,12 +195,14 @@ async fn write_loop(
                 }
                 sink.flush().await
             };
-            let written = tokio::time::timeout(slow, batch).await;
-            handle.stats.sent(count, bytes);
-            counters.frames_out.increment(count as u64);
-            counters.bytes_out.increment(bytes as u64);
-            match written {
-                Ok(Ok(())) => {}
+            // Counted once written: a batch lost with the connection was
+            // never sent.
+            match tokio::time::timeout(slow, batch).await {
+                Ok(Ok(())) => {
+                    handle.stats.sent(count, bytes);
+                    counters.frames_out.increment(count as u64);
+                    counters.bytes_out.increment(bytes as u64);
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(session = handle.id, error = %e, "websocket write failed");
                     break;

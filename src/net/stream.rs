@@ -154,9 +154,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
                 // A single entry (a reply, or a range of a run shared with the
                 // room's other subscribers) is written from where it is.
                 let data: &[u8] = direct.as_ref().map_or(&buf, Frame::wire);
-                handle.stats.sent(n, data.len());
-                counters.frames_out.increment(n as u64);
-                counters.bytes_out.increment(data.len() as u64);
                 // The timer is armed only when the socket is full: an idle
                 // connection's task then keeps no room for one (~120 bytes), and
                 // a write that does not wait costs no timer registration.
@@ -172,7 +169,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
                     }
                 };
                 match r {
-                    Ok(Ok(())) => {}
+                    // Counted once written: a batch lost with the connection
+                    // was never sent.
+                    Ok(Ok(())) => {
+                        handle.stats.sent(n, data.len());
+                        counters.frames_out.increment(n as u64);
+                        counters.bytes_out.increment(data.len() as u64);
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(session = handle.id, error = %e, "write failed");
                         break;
@@ -312,6 +315,43 @@ mod tests {
         let r = write_now(&mut w, b"tail of a batch", &mut 0, &mut Context::from_waker(std::task::Waker::noop()));
         assert!(matches!(r, Some(Ok(()))));
         assert_eq!(w.sent, b"tail of a batch");
+    }
+
+    /// Fails every write, as a socket whose peer reset does.
+    struct Failing;
+
+    impl AsyncWrite for Failing {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_count_as_sent_once_written_and_not_when_the_write_fails() {
+        let hub = crate::hub::test_hub();
+        let sent = |h: &SessionHandle| {
+            use std::sync::atomic::Ordering::Relaxed;
+            (h.stats.frames_out.load(Relaxed), h.stats.bytes_out.load(Relaxed))
+        };
+        for (failing, expected) in [(false, (2, 9)), (true, (0, 0))] {
+            let handle = SessionHandle::new(1, &hub.limits, "tcp", "test".into());
+            handle.outbound.push(bytes::Bytes::from_static(b"four")).unwrap();
+            handle.outbound.close_with(Some(bytes::Bytes::from_static(b"five!")));
+            if failing {
+                write_loop(&hub, &handle, &mut Failing).await;
+            } else {
+                write_loop(&hub, &handle, &mut tokio::io::sink()).await;
+            }
+            assert_eq!(sent(&handle), expected, "failing writer: {failing}");
+        }
     }
 
     #[tokio::test]

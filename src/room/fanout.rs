@@ -235,18 +235,9 @@ mod tests {
     use super::*;
     use crate::room::WRITE_THROUGH_PER_SLICE;
 
-    /// A hub over the in-memory store whose fan-out stage is driven by hand.
-    fn hub() -> Hub {
-        let (out, _) = mpsc::channel(1);
-        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::memory::MemoryStore::new());
-        let (commits, _) = crate::store::commit::start(store.clone(), crate::store::commit::Durability::None, 8, out);
-        let auth = crate::auth::Auth::new(&[7; 32]);
-        Hub::new(crate::hub::Limits::default(), store, commits, auth, Default::default())
-    }
-
     #[tokio::test]
     async fn a_batch_past_the_slice_acks_what_it_delivered_then_yields() {
-        let hub = hub();
+        let hub = crate::hub::test_hub();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let publisher = Arc::new(SessionHandle::new(0, &hub.limits, "tcp", "test".into()));
         let permits = Arc::new(tokio::sync::Semaphore::new(WRITE_THROUGH_PER_SLICE + 1));
