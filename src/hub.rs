@@ -413,7 +413,8 @@ impl Hub {
 }
 
 /// A hub over the in-memory store, with default limits and no fan-out
-/// stage running (tests drive what they need by hand).
+/// stage running (tests drive what they need by hand; committed batches are
+/// dropped). Call it inside a runtime: it starts the group-commit writer.
 #[cfg(test)]
 pub(crate) fn test_hub() -> Hub {
     let (out, _) = tokio::sync::mpsc::channel(1);

@@ -131,12 +131,14 @@ fn encode_runs<T>(items: &[T], message: impl Fn(&T) -> (u64, &[u8]), mut f: impl
 }
 
 /// Delivers the committed publishes (in commit order), each room's messages
-/// encoded once into shared runs and offered by [`Room::fan_out`], and
-/// acknowledges each room's publishes once they are offered. After every
-/// [`crate::room::WRITE_THROUGH_PER_SLICE`] sockets written it acknowledges
-/// what it has delivered so far and yields, so a batch touching thousands of
-/// small rooms neither holds its worker nor its publishers' acks for all of
-/// its sends, and every delivery still takes the write from the fan-out.
+/// encoded once into shared runs and offered by [`Room::fan_out`], then
+/// acknowledges them. A batch touching many small rooms is delivered in
+/// slices: once the fan-out has written [`crate::room::WRITE_THROUGH_PER_SLICE`]
+/// sockets itself, it acknowledges the rooms delivered so far and yields at
+/// the next room boundary, then goes on with a fresh budget — so neither the
+/// worker nor those publishers' acks wait for all of the batch's sends, and
+/// the next slice's small rooms are written from the fan-out again instead
+/// of being queued for their writers.
 async fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
     if published.is_empty() {
         return;

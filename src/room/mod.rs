@@ -160,10 +160,11 @@ pub enum CatchUp {
 pub const WRITE_THROUGH_MAX_SUBSCRIBERS: usize = 32;
 
 /// The most sockets the fan-out writes to itself ([`Room::fan_out`]'s
-/// `budget`) before it acknowledges what it has delivered and yields its
-/// worker (~1 ms of sends): a batch touching thousands of small rooms would
-/// otherwise keep the fan-out stage on its worker for a send per delivery,
-/// and every publisher waiting for the last of them.
+/// `budget`, ~1 ms of sends) before it acknowledges what it has delivered and
+/// yields its worker, at the next room boundary (what is left of the room
+/// it is in is queued for the writers): a batch touching thousands of small
+/// rooms would otherwise keep the fan-out stage on its worker for a send
+/// per delivery, and every publisher waiting for the last of them.
 pub const WRITE_THROUGH_PER_SLICE: usize = 256;
 
 /// What [`Room::fan_out`] did.

@@ -95,20 +95,39 @@ async fn every_frame_sent_is_counted_however_it_was_written() {
     for c in [&mut ann, &mut bob] {
         assert!(matches!(c.call(50, Body::Ping(proto::Ping::default())).await, Body::Pong(_)));
     }
-    let (status, v) = admin_get(&s, "/admin/connections", Some(ADMIN)).await;
-    assert_eq!(status, 200);
-    for (user, c) in [("ann", &ann), ("bob", &bob)] {
-        let conn = v["connections"].as_array().unwrap().iter().find(|c| c["user"] == user).unwrap();
-        assert_eq!(
-            (conn["frames_out"].as_u64(), conn["bytes_out"].as_u64()),
-            (Some(c.frames), Some(c.bytes)),
-            "{user}"
-        );
+    // A frame is counted once its write returns, which can be just after
+    // the client read it (the Pong): wait, bounded, for the counts to agree.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, v) = admin_get(&s, "/admin/connections", Some(ADMIN)).await;
+        assert_eq!(status, 200);
+        let after = scrape(&s).await;
+        let delta = |k: &str| get(&after, k) - get(&before, k);
+        let per_connection: Vec<_> = [("ann", &ann), ("bob", &bob)]
+            .into_iter()
+            .map(|(user, c)| {
+                let conn = v["connections"].as_array().unwrap().iter().find(|c| c["user"] == user).unwrap();
+                ((conn["frames_out"].as_u64(), conn["bytes_out"].as_u64()), (Some(c.frames), Some(c.bytes)))
+            })
+            .collect();
+        let totals = [
+            (delta("chatd_frames_sent_total{transport=\"tcp\"}"), (ann.frames + bob.frames) as f64),
+            (delta("chatd_bytes_sent_total{transport=\"tcp\"}"), (ann.bytes + bob.bytes) as f64),
+        ];
+        if per_connection.iter().all(|(got, want)| got == want) && totals.iter().all(|(got, want)| got == want) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            assert_eq!(
+                per_connection.iter().map(|p| p.0).collect::<Vec<_>>(),
+                per_connection.iter().map(|p| p.1).collect::<Vec<_>>(),
+                "ann, bob"
+            );
+            assert_eq!(totals[0].0, totals[0].1, "frames in the metrics");
+            assert_eq!(totals[1].0, totals[1].1, "bytes in the metrics");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let after = scrape(&s).await;
-    let delta = |k: &str| get(&after, k) - get(&before, k);
-    assert_eq!(delta("chatd_frames_sent_total{transport=\"tcp\"}"), (ann.frames + bob.frames) as f64);
-    assert_eq!(delta("chatd_bytes_sent_total{transport=\"tcp\"}"), (ann.bytes + bob.bytes) as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
