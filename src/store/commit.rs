@@ -481,17 +481,27 @@ mod tests {
         }
     }
 
+    /// Starts a writer over a [`FailingStore`] (panicking if `panics`) and
+    /// submits one append (completion 1).
+    async fn one_append_to_failing_store(
+        panics: bool,
+        durability: Durability,
+    ) -> (CommitQueue<u64>, tokio::task::JoinHandle<()>, mpsc::Receiver<Committed<u64>>) {
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let (queue, handle) = start::<u64>(Arc::new(FailingStore(panics)), durability, 16, out_tx);
+        queue.reserve().await.unwrap().send(Pending {
+            write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
+            completion: 1,
+            epoch: 0,
+        });
+        (queue, handle, out_rx)
+    }
+
     #[tokio::test]
     async fn a_failed_write_fails_its_batch_and_everything_after() {
         // Fsync writes on the blocking pool, None on the writer's task.
         for durability in [Durability::Fsync, Durability::None] {
-            let (out_tx, mut out_rx) = mpsc::channel(16);
-            let (queue, _h) = start::<u64>(Arc::new(FailingStore(false)), durability, 16, out_tx);
-            queue.reserve().await.unwrap().send(Pending {
-                write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
-                completion: 1,
-                epoch: 0,
-            });
+            let (queue, _h, mut out_rx) = one_append_to_failing_store(false, durability).await;
             let c = out_rx.recv().await.unwrap();
             assert!(c.result.is_err(), "{durability}");
             assert!(queue.has_failed(), "{durability}");
@@ -596,13 +606,7 @@ mod tests {
     #[tokio::test]
     async fn a_panic_in_a_write_fails_its_batch_and_the_writer_goes_on() {
         for durability in [Durability::None, Durability::Fsync] {
-            let (out_tx, mut out_rx) = mpsc::channel(16);
-            let (queue, handle) = start::<u64>(Arc::new(FailingStore(true)), durability, 16, out_tx);
-            queue.reserve().await.unwrap().send(Pending {
-                write: Write::Append(crate::store::contract::append(1, 1, "ann", "")),
-                completion: 1,
-                epoch: 0,
-            });
+            let (queue, handle, mut out_rx) = one_append_to_failing_store(true, durability).await;
             let err = out_rx.recv().await.unwrap().result.expect_err("the batch fails").to_string();
             assert!(err.contains("store bug"), "{durability}: {err}");
             assert!(queue.has_failed(), "{durability}");
