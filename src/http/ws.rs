@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 
@@ -164,12 +164,12 @@ pub fn json_text(frame: &Frame) -> Bytes {
     }
 }
 
-async fn write_loop(
-    hub: Arc<Hub>,
-    handle: Arc<SessionHandle>,
-    mut sink: SplitSink<WebSocket, Message>,
-    shared: Arc<Shared>,
-) {
+/// Writes the session's queue to the WebSocket (generic over the sink so
+/// that a test can stand in for the socket).
+async fn write_loop<S>(hub: Arc<Hub>, handle: Arc<SessionHandle>, mut sink: S, shared: Arc<Shared>)
+where
+    S: futures_util::Sink<Message, Error = axum::Error> + Unpin,
+{
     let slow = hub.limits.slow_consumer_timeout;
     let counters = hub.metrics.transport("ws");
     let mut frames = Vec::new();
@@ -238,6 +238,63 @@ async fn write_loop(
 mod tests {
     use super::*;
     use crate::proto::{self, Body, CloseReason, ErrorCode};
+
+    /// A WebSocket whose every write fails (a connection reset).
+    struct Failing;
+    impl futures_util::Sink<Message> for Failing {
+        type Error = axum::Error;
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), axum::Error>> {
+            std::task::Poll::Ready(Err(axum::Error::new(std::io::Error::other("connection reset"))))
+        }
+        fn start_send(self: std::pin::Pin<&mut Self>, _: Message) -> Result<(), axum::Error> {
+            Err(axum::Error::new(std::io::Error::other("connection reset")))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), axum::Error>> {
+            self.poll_ready(cx)
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), axum::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_count_as_sent_once_written_and_not_when_the_write_fails() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let hub = Arc::new(crate::hub::test_hub());
+        let pong = |id| Envelope { id, body: Some(Body::Pong(proto::Pong { nonce: id })) };
+        let (first, last) = (crate::codec::encode_frame(&pong(1)), crate::codec::encode_frame(&pong(300)));
+        // Counted in binary messages: the envelopes without their prefix.
+        let envelopes = first.len() + last.len() - 2 * crate::codec::PREFIX_LEN;
+        for failing in [false, true] {
+            let handle = Arc::new(SessionHandle::new(1, &hub.limits, "ws", "test".into()));
+            handle.outbound.push(first.clone()).unwrap();
+            handle.outbound.close_with(Some(last.clone()));
+            let shared = Arc::new(Shared { json: AtomicBool::new(false), close_code: AtomicU16::new(CLOSE_NORMAL) });
+            let mut written = Vec::new();
+            if failing {
+                write_loop(hub.clone(), handle.clone(), Failing, shared).await;
+            } else {
+                let sink = (&mut written).sink_map_err(|never: std::convert::Infallible| match never {});
+                write_loop(hub.clone(), handle.clone(), sink, shared).await;
+            }
+            let sent = (handle.stats.frames_out.load(Relaxed), handle.stats.bytes_out.load(Relaxed));
+            let expected = if failing { (0, 0) } else { (2, envelopes as u64) };
+            assert_eq!(sent, expected, "failing socket: {failing}");
+            if !failing {
+                let kinds: Vec<_> = written.iter().map(|m| matches!(m, Message::Binary(_))).collect();
+                assert_eq!(kinds, [true, true, false], "two binary messages, then the close");
+            }
+        }
+    }
 
     fn every_body() -> Vec<Body> {
         let state = proto::RoomState { room: "r".into(), head_seq: u64::MAX, read_seq: 7 };
