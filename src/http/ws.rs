@@ -272,13 +272,15 @@ mod tests {
         let hub = Arc::new(crate::hub::test_hub());
         let pong = |id| Envelope { id, body: Some(Body::Pong(proto::Pong { nonce: id })) };
         let (first, last) = (crate::codec::encode_frame(&pong(1)), crate::codec::encode_frame(&pong(300)));
-        // Counted in binary messages: the envelopes without their prefix.
+        // Counted as sent: binary messages (the envelopes without their
+        // prefix) or JSON text, whichever the client last used.
         let envelopes = first.len() + last.len() - 2 * crate::codec::PREFIX_LEN;
-        for failing in [false, true] {
+        let texts = [&first, &last].map(|f| json_text(&Frame::from((*f).clone())).len()).iter().sum::<usize>();
+        for (failing, json) in [(false, false), (false, true), (true, false), (true, true)] {
             let handle = Arc::new(SessionHandle::new(1, &hub.limits, "ws", "test".into()));
             handle.outbound.push(first.clone()).unwrap();
             handle.outbound.close_with(Some(last.clone()));
-            let shared = Arc::new(Shared { json: AtomicBool::new(false), close_code: AtomicU16::new(CLOSE_NORMAL) });
+            let shared = Arc::new(Shared { json: AtomicBool::new(json), close_code: AtomicU16::new(CLOSE_NORMAL) });
             let mut written = Vec::new();
             if failing {
                 write_loop(hub.clone(), handle.clone(), Failing, shared).await;
@@ -287,11 +289,24 @@ mod tests {
                 write_loop(hub.clone(), handle.clone(), sink, shared).await;
             }
             let sent = (handle.stats.frames_out.load(Relaxed), handle.stats.bytes_out.load(Relaxed));
-            let expected = if failing { (0, 0) } else { (2, envelopes as u64) };
-            assert_eq!(sent, expected, "failing socket: {failing}");
+            let expected = match (failing, json) {
+                (true, _) => (0, 0),
+                (false, false) => (2, envelopes as u64),
+                (false, true) => (2, texts as u64),
+            };
+            assert_eq!(sent, expected, "failing socket: {failing}, json: {json}");
             if !failing {
-                let kinds: Vec<_> = written.iter().map(|m| matches!(m, Message::Binary(_))).collect();
-                assert_eq!(kinds, [true, true, false], "two binary messages, then the close");
+                let kinds: Vec<_> = written
+                    .iter()
+                    .map(|m| match m {
+                        Message::Binary(_) => "binary",
+                        Message::Text(_) => "text",
+                        Message::Close(_) => "close",
+                        _ => "other",
+                    })
+                    .collect();
+                let data = if json { "text" } else { "binary" };
+                assert_eq!(kinds, [data, data, "close"], "two messages, then the close");
             }
         }
     }
