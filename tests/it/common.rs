@@ -436,22 +436,33 @@ pub enum Received {
 }
 
 /// A binary of another workspace package (`chat`, `chat-bench`), built into
-/// this test run's target directory if it is not there yet: the test run
-/// builds only this package's binaries, and cargo has released its lock by
-/// the time tests run.
+/// this test run's target directory: the test run builds only this
+/// package's binaries, and cargo has released its lock by the time tests
+/// run. It is built (a no-op when fresh) on each test process's first use,
+/// not only when missing: a binary left from before an edit would otherwise
+/// be tested in place of the code being changed.
 pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let chatd = Path::new(env!("CARGO_BIN_EXE_chatd"));
     let path = chatd.with_file_name(bin);
-    if !path.exists() {
-        let target_dir = chatd.parent().and_then(Path::parent).expect("target/<profile>/chatd");
+    let mut built = BUILT.lock().unwrap();
+    if !built.iter().any(|b| b == bin) {
+        let profile_dir = chatd.parent().expect("target/<profile>/chatd");
+        let target_dir = profile_dir.parent().expect("target/<profile>/chatd");
+        // Cargo's `dev` profile builds into `debug`; the others into their names.
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", package, "--bin", bin])
+            .args(["build", "-p", package, "--bin", bin, "--profile", profile])
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building {bin} failed");
+        built.push(bin.to_string());
     }
     path
 }
