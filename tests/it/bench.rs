@@ -21,6 +21,8 @@ fn run_at(s: &TestServer, addr: &str, args: &[&str]) -> serde_json::Value {
     let status = Command::new(bench)
         .args(["--server", addr, "--data"])
         .arg(&s.dir)
+        // The test server runs in this process, so this is its PID.
+        .args(["--server-pid", &std::process::id().to_string()])
         .args(if args.contains(&"--duration") {
             &["--warmup", "0.5"][..]
         } else {
@@ -51,6 +53,10 @@ fn run_at(s: &TestServer, addr: &str, args: &[&str]) -> serde_json::Value {
         "params",
     ] {
         assert!(v.get(key).is_some(), "{key} is in the JSON");
+    }
+    // With `--server-pid`, every scenario reports what the server used.
+    for key in ["server_cpu_s", "server_rss_bytes", "loadavg_start", "loadavg_end"] {
+        assert!(v[key].as_f64().is_some(), "{args:?}: {key} is reported: {v}");
     }
     assert_eq!(
         (v["gaps"].as_u64(), v["duplicates"].as_u64(), v["out_of_order"].as_u64()),

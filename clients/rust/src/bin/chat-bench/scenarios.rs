@@ -55,6 +55,41 @@ impl Context {
     }
 }
 
+/// What the server did during the measured window, when `--server-pid` is
+/// given. Every scenario reports it (the issue asks for the server's CPU time
+/// in all of them), so it is started and finished in one place.
+struct ServerWatch {
+    cpu: Option<tokio::task::JoinHandle<Option<f64>>>,
+    load_start: Option<f64>,
+    pid: Option<u32>,
+}
+
+impl ServerWatch {
+    /// Reads the load average now and the server's CPU time at the two ends
+    /// of the window, from a task of its own so the scenario need not wait.
+    fn start(c: &Common, shared: &Shared) -> Self {
+        let (from, until) = (shared.measure_from, shared.measure_until);
+        let cpu = c.server_pid.map(|pid| {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(from.into()).await;
+                let before = sys::cpu_seconds(pid);
+                tokio::time::sleep_until(until.into()).await;
+                before.zip(sys::cpu_seconds(pid)).map(|(a, b)| b - a)
+            })
+        });
+        ServerWatch { cpu, load_start: sys::loadavg(), pid: c.server_pid }
+    }
+
+    /// Fills in the result's CPU time, RSS (read now) and load averages.
+    async fn finish(self, result: &mut BenchResult) {
+        if let Some(cpu) = self.cpu {
+            result.server_cpu_s = cpu.await.ok().flatten();
+        }
+        result.server_rss = self.pid.and_then(sys::rss_bytes);
+        result.load = (self.load_start, sys::loadavg());
+    }
+}
+
 /// Prints a progress line every second until the window ends.
 fn progress(shared: Arc<Shared>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -283,14 +318,13 @@ async fn run_pubsub(
     let c = &ctx.common;
     let (warmup, duration) = ctx.timing();
     let shared = Arc::new(Shared::new(warmup, duration));
-    let load_start = sys::loadavg();
+    let server = ServerWatch::start(c, &shared);
     let prog = progress(shared.clone());
     let publishers = pubs.len();
     let mut tasks = Vec::new();
     for s in subs {
         tasks.push(tokio::spawn(subscribe(s, shared.clone(), shared.measure_until + GRACE)));
     }
-    let mut cpu_from = None;
     for (p, conn) in pubs.into_iter().enumerate() {
         let mine: Vec<String> = names
             .iter()
@@ -300,20 +334,12 @@ async fn run_pubsub(
             .collect();
         tasks.push(tokio::spawn(publish(conn, p as u64, mine, rate, inflight, c.size, shared.clone())));
     }
-    if let Some(pid) = c.server_pid {
-        tokio::time::sleep_until(shared.measure_from.into()).await;
-        cpu_from = sys::cpu_seconds(pid);
-        tokio::time::sleep_until(shared.measure_until.into()).await;
-    }
-    let cpu_until = c.server_pid.and_then(sys::cpu_seconds);
     for t in tasks {
         t.await?;
     }
     let _ = prog.await;
     let mut result = BenchResult::collect(scenario, params, &shared, duration);
-    result.server_cpu_s = cpu_from.zip(cpu_until).map(|(a, b)| b - a);
-    result.server_rss = c.server_pid.and_then(sys::rss_bytes);
-    result.load = (load_start, sys::loadavg());
+    server.finish(&mut result).await;
     Ok(result)
 }
 
@@ -332,6 +358,7 @@ pub async fn connections(ctx: &Context, count: usize) -> anyhow::Result<BenchRes
     eprintln!("{count} connections open in {connect_s:.1}s; holding...");
     let rss_open = c.server_pid.and_then(sys::rss_bytes);
     let shared = Arc::new(Shared::new(warmup, duration));
+    let server = ServerWatch::start(c, &shared);
     let prog = progress(shared.clone());
     let mut tasks = Vec::new();
     for conn in conns {
@@ -351,7 +378,7 @@ pub async fn connections(ctx: &Context, count: usize) -> anyhow::Result<BenchRes
     result.extra.insert("server_rss_settled".into(), json!(rss_settled));
     result.extra.insert("rss_per_connection_bytes".into(), json!(per_conn(rss_open)));
     result.extra.insert("rss_per_connection_settled_bytes".into(), json!(per_conn(rss_settled)));
-    result.server_rss = rss_settled;
+    server.finish(&mut result).await;
     Ok(result)
 }
 
@@ -374,6 +401,7 @@ pub async fn resume(ctx: &Context, clients: usize, rate: f64, away: Duration) ->
     let mut publisher = conn::open(c, &ctx.tokens, clients, &ctx.user("p", 0), vec![]).await?;
     publisher.join(&room).await?;
     let shared = Arc::new(Shared::new(warmup, duration));
+    let server = ServerWatch::start(c, &shared);
     let prog = progress(shared.clone());
     let pub_task = tokio::spawn(publish(publisher, 0, vec![room.clone()], rate, 1024, c.size, shared.clone()));
 
@@ -451,5 +479,6 @@ pub async fn resume(ctx: &Context, clients: usize, rate: f64, away: Duration) ->
         json!({"p50": catch_up.value_at_quantile(0.5), "p99": catch_up.value_at_quantile(0.99), "max": catch_up.max(),
                "all_clients_round_max": worst_round_ms}),
     );
+    server.finish(&mut result).await;
     Ok(result)
 }
