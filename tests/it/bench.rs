@@ -69,8 +69,13 @@ fn run_at(s: &TestServer, addr: &str, args: &[&str]) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_verifies() {
     let s = TestServer::start().await;
-    let v = tokio::task::block_in_place(|| run(&s, &["fanout", "--subscribers", "5", "--inflight", "16"]));
+    let plot = s.dir.join("fanout.svg");
+    let v = tokio::task::block_in_place(|| {
+        run(&s, &["fanout", "--subscribers", "5", "--inflight", "16", "--plot", plot.to_str().unwrap()])
+    });
     assert!(total(&v, "delivered_timeline") > 0, "{v}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("delivered/s") && svg.ends_with("</svg>\n"), "{svg}");
     let v = tokio::task::block_in_place(|| run(&s, &["rooms", "--rooms", "4", "--members", "2", "--publishers", "2"]));
     assert!(total(&v, "delivered_timeline") > 0, "{v}");
     let v =
@@ -83,6 +88,24 @@ async fn every_scenario_runs_and_verifies() {
         run(&s, &["--duration", "3", "resume", "--clients", "5", "--rate", "200", "--away", "0.3"])
     });
     assert!(v["rounds"].as_u64().unwrap() >= 1 && v["catch_up_ms"]["max"].as_u64().is_some(), "{v}");
+}
+
+#[test]
+fn a_plot_not_named_svg_is_refused_before_the_run() {
+    let bench = workspace_bin("chat-client", "chat-bench");
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("latency.png");
+    // Nothing listens at this address: the refusal must come before connecting.
+    let out = Command::new(bench)
+        .args(["--server", "127.0.0.1:1", "--token", "unused", "--plot"])
+        .arg(&png)
+        .args(["fanout", "--subscribers", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("the plot is drawn as SVG; name the file .svg"), "{stderr}");
+    assert!(!png.exists(), "no file is written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

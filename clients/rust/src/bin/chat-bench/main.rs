@@ -62,7 +62,8 @@ pub struct Common {
     /// Write the full result as JSON.
     #[arg(long, global = true)]
     pub json: Option<PathBuf>,
-    /// Draw latency distribution and throughput over time (SVG).
+    /// Draw latency distribution and throughput over time, as SVG (the file
+    /// must be named `.svg`).
     #[arg(long, global = true)]
     pub plot: Option<PathBuf>,
     /// Connect over TLS.
@@ -154,6 +155,15 @@ enum Scenario {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     anyhow::ensure!(cli.common.size >= 24, "--size must be at least 24 bytes (timestamp, publisher, counter)");
+    // Checked before the run, not after it: the plot is SVG, and SVG written
+    // to a `.png` would be a file that lies about what it holds.
+    if let Some(path) = &cli.common.plot {
+        anyhow::ensure!(
+            path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")),
+            "--plot {}: the plot is drawn as SVG; name the file .svg (convert it to PNG with e.g. rsvg-convert)",
+            path.display()
+        );
+    }
     sys::raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = rt.block_on(async {
