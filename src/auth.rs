@@ -6,7 +6,13 @@
 //! (a token naming any other algorithm, `none` included, is refused before
 //! its signature is looked at), compares signatures in constant time
 //! (`ring::hmac::verify`), and requires `sub` and `exp`; `nbf` is honoured
-//! when present. A small leeway absorbs clock skew.
+//! when present, with a small leeway for the issuer's clock running ahead.
+//!
+//! `exp` has no leeway: an open session is closed with
+//! `GoAway{AUTH_EXPIRED}` at `exp`, so a `Hello` must be refused from that
+//! same moment on. With a leeway here, a client whose session had just been
+//! expired would be let in again at once, and a client that reconnects on
+//! every close would storm the server for the length of the leeway.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,7 +22,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::hmac;
 
-/// Clock skew tolerated on `exp` and `nbf`.
+/// Clock skew tolerated on `nbf` (never on `exp`: see the module docs).
 pub const LEEWAY_SECS: u64 = 30;
 /// Tokens longer than this are refused unread.
 pub const MAX_TOKEN_BYTES: usize = 4096;
@@ -102,7 +108,7 @@ impl Auth {
             return Err(AuthError::Claims("sub must be 1-62 characters of A-Z a-z 0-9 _ . -"));
         }
         let exp = claims.get("exp").and_then(numeric_date).ok_or(AuthError::Claims("exp is required"))?;
-        if now >= exp.saturating_add(LEEWAY_SECS) {
+        if now >= exp {
             return Err(AuthError::Expired);
         }
         if let Some(nbf) = claims.get("nbf") {
@@ -212,6 +218,22 @@ mod tests {
         let a = Auth::new(b"0123456789abcdef0123456789abcdef");
         let t = a.mint("ann", Duration::from_secs(60), NOW);
         assert_eq!(a.verify(&t, NOW).unwrap(), Claims { sub: "ann".into(), exp: NOW + 60 });
+    }
+
+    #[test]
+    fn a_token_is_refused_from_the_second_of_its_exp_with_no_leeway() {
+        // An open session is closed at `exp`; a Hello must be refused from
+        // the same moment, or a client reconnecting on every close loops.
+        let a = Auth::new(b"0123456789abcdef0123456789abcdef");
+        let t = a.mint("ann", Duration::from_secs(60), NOW);
+        assert!(a.verify(&t, NOW + 59).is_ok());
+        assert_eq!(a.verify(&t, NOW + 60), Err(AuthError::Expired));
+        assert_eq!(a.verify(&t, NOW + 61), Err(AuthError::Expired));
+        // `nbf` keeps its leeway: an issuer whose clock runs a little ahead.
+        let key = b"0123456789abcdef0123456789abcdef";
+        let early =
+            forge(r#"{"alg":"HS256"}"#, &format!(r#"{{"sub":"ann","exp":{},"nbf":{}}}"#, NOW + 900, NOW + 10), key);
+        assert!(a.verify(&early, NOW).is_ok());
     }
 
     #[test]

@@ -104,6 +104,12 @@ impl<R: Future<Output = ()>, W: Future<Output = ()>> Future for Join<'_, R, W> {
             // SAFETY: see above.
             let writer = unsafe { Pin::new_unchecked(&mut this.writer) };
             this.writer_done = writer.poll(&mut Context::from_waker(&waker)).is_ready();
+            if this.writer_done && !this.reader_done {
+                // The connection can carry nothing more: the request loop
+                // must see it ([`SessionHandle::stopped`]) rather than wait
+                // for the peer's next frame.
+                cx.waker().wake_by_ref();
+            }
         }
         if this.reader_done && this.writer_done { Poll::Ready(()) } else { Poll::Pending }
     }

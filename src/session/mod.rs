@@ -85,11 +85,16 @@ impl SessionHandle {
         }
     }
 
-    /// Ready once `stop` is cancelled; [`SessionHandle::wake_reader`] wakes
-    /// it after the cancel. Registers no waker of its own: it must run in
-    /// the request-loop half of [`join::join`], whose waker shutdown wakes.
+    /// Ready once `stop` is cancelled or the outbound queue is closed (the
+    /// writer gave up on the peer, or said `GoAway`): a request loop must not
+    /// keep a session alive that can no longer send anything. Registers no
+    /// waker of its own: it must run in the request-loop half of
+    /// [`join::join`], which shutdown wakes ([`SessionHandle::wake_reader`])
+    /// and which is polled again when the writer half ends.
     pub(crate) fn stopped<'a>(&'a self, stop: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
-        std::future::poll_fn(move |_| if stop.is_cancelled() { Poll::Ready(()) } else { Poll::Pending })
+        std::future::poll_fn(move |_| {
+            if stop.is_cancelled() || self.outbound.is_closing() { Poll::Ready(()) } else { Poll::Pending }
+        })
     }
 
     /// Wakes the request loop waiting in [`SessionHandle::stopped`].
@@ -401,7 +406,7 @@ impl Session {
                 )
             }
             FrameError::Truncated | FrameError::Io(_) => {
-                self.state = State::Closed;
+                self.release();
                 Flow::Close
             }
         }
@@ -452,7 +457,10 @@ impl Session {
         g.retry_after_ms = retry_after_ms;
         self.hub.metrics.close(reason);
         self.handle.outbound.close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
-        self.state = State::Closed;
+        // Released now, not when the writer has flushed the GoAway: the user
+        // is gone from this moment on (presence, limits), and a writer facing
+        // a full socket may take up to the slow-consumer timeout.
+        self.release();
         Flow::Close
     }
 
@@ -472,25 +480,39 @@ impl Session {
         self.go_away(reason, &message)
     }
 
-    /// Leaves every room subscription and the user's session list. Called
-    /// once by the transport when the connection ends.
-    pub fn close(&mut self) {
-        if let State::Ready { entry, user, .. } = std::mem::replace(&mut self.state, State::Closed) {
-            self.hub.metrics.sessions.decrement(1.0);
-            let mut st = entry.lock();
-            st.sessions.retain(|s| s.id != self.handle.id);
-            let last = st.sessions.is_empty();
-            for room in st.rooms.values() {
-                room.unsubscribe(self.handle.id);
-                if last {
-                    if room.is_typing(&user) {
-                        self.hub.typing(room, &user, false, None);
-                    }
-                    self.hub.presence(room, &user, 0, None);
+    /// Leaves every room subscription and the user's session list, and says
+    /// the user went offline where this was their last session. Runs once
+    /// per authenticated session however it ends: whichever of
+    /// [`Session::go_away_after`] and [`Session::close`] comes first takes
+    /// the `Ready` state, and the other finds `Closed`.
+    fn release(&mut self) {
+        let State::Ready { entry, user, .. } = std::mem::replace(&mut self.state, State::Closed) else {
+            return;
+        };
+        let mut st = entry.lock();
+        st.sessions.retain(|s| s.id != self.handle.id);
+        let last = st.sessions.is_empty();
+        for room in st.rooms.values() {
+            room.unsubscribe(self.handle.id);
+            if last {
+                if room.is_typing(&user) {
+                    self.hub.typing(room, &user, false, None);
                 }
+                self.hub.presence(room, &user, 0, None);
             }
-            tracing::debug!(session = self.handle.id, user = %user, "session closed");
         }
+        drop(st);
+        // Last: whoever sees the gauge drop may rely on the presence push
+        // being queued to the room already.
+        self.hub.metrics.sessions.decrement(1.0);
+        tracing::debug!(session = self.handle.id, user = %user, "session released");
+    }
+
+    /// Releases the session (if a `GoAway` has not already) and forgets the
+    /// connection. Called by the transport when the connection ends, and
+    /// again on drop (both steps are idempotent).
+    pub fn close(&mut self) {
+        self.release();
         self.handle.outbound.close_with(None);
         self.hub.deregister_connection(self.handle.id);
     }

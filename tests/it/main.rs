@@ -16,6 +16,7 @@ mod ops;
 mod presence;
 mod properties;
 mod protocol;
+mod release;
 mod resume;
 mod tls;
 mod websocket;

@@ -56,7 +56,7 @@ async fn a_whole_chat_over_tls() {
 }
 
 /// A TLS stream to `addr` trusting `ca`, with `versions`.
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: &str,
     ca: &Path,
     versions: &[&'static rustls::SupportedProtocolVersion],
