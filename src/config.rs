@@ -316,10 +316,20 @@ pub struct Field {
     pub kind: Kind,
     /// One line of documentation.
     pub doc: &'static str,
+    /// For a field unset by default: a value to show, commented out, in
+    /// `config print-default` (a TOML value).
+    pub example: Option<&'static str>,
 }
 
 const fn field(name: &'static str, kind: Kind, doc: &'static str) -> Field {
-    Field { name, kind, doc }
+    Field { name, kind, doc, example: None }
+}
+
+impl Field {
+    /// The same field with an example value for `print-default`.
+    const fn example(self, value: &'static str) -> Field {
+        Field { example: Some(value), ..self }
+    }
 }
 
 /// Every field of [`Config`], in the order `print-default` writes them. A
@@ -332,12 +342,15 @@ pub const FIELDS: &[Field] = &[
         Kind::Text,
         "HTTP listener: WebSocket /ws, web client, /metrics, /healthz, /readyz, /admin; HTTPS when TLS is on.",
     ),
-    field("tls", Kind::Text, "Native protocol over TLS; default 0.0.0.0:7401 when a certificate is configured."),
-    field("cert", Kind::Text, "PEM certificate chain; enables TLS (SIGHUP or POST /admin/tls/reload re-reads it)."),
-    field("key", Kind::Text, "PEM private key: PKCS#8, PKCS#1 or SEC1."),
+    field("tls", Kind::Text, "Native protocol over TLS; default 0.0.0.0:7401 when a certificate is configured.")
+        .example("\"0.0.0.0:7401\""),
+    field("cert", Kind::Text, "PEM certificate chain; enables TLS (SIGHUP or POST /admin/tls/reload re-reads it).")
+        .example("\"/etc/chatd/fullchain.pem\""),
+    field("key", Kind::Text, "PEM private key: PKCS#8, PKCS#1 or SEC1.").example("\"/etc/chatd/privkey.pem\""),
     field("dev_tls", Kind::Bool, "Serve TLS with a self-signed localhost certificate generated once in DATA/tls."),
     field("tls13_only", Kind::Bool, "Offer TLS 1.3 only (default: 1.3 and 1.2)."),
-    field("token_secret", Kind::Text, "HMAC secret for tokens (at least 32 bytes); default: the text in DATA/secret."),
+    field("token_secret", Kind::Text, "HMAC secret for tokens (at least 32 bytes); default: the text in DATA/secret.")
+        .example("\"64 hex characters, or any text of 32 bytes or more\""),
     field(
         "durability",
         Kind::Text,
@@ -372,12 +385,14 @@ pub const FIELDS: &[Field] = &[
         Kind::Bool,
         "Development login POST /dev/token?user=NAME; refused unless http is a loopback address.",
     ),
-    field("web_dir", Kind::Text, "Serve the web client from this directory instead of the built-in copy."),
+    field("web_dir", Kind::Text, "Serve the web client from this directory instead of the built-in copy.")
+        .example("\"clients/web\""),
     field(
         "admin_token",
         Kind::Text,
         "Bearer token for /admin/... (at least 16 characters); unset: admin endpoints are off.",
-    ),
+    )
+    .example("\"a long random string\""),
     field("log_format", Kind::Text, "Logs as text (human-readable) or json."),
     field(
         "log_level",
@@ -453,7 +468,10 @@ impl Config {
             out.push_str(&format!("\n# {}\n", f.doc));
             match defaults.get(f.name) {
                 Some(v) => out.push_str(&format!("{} = {v}\n", f.name)),
-                None => out.push_str(&format!("# {} = \n", f.name)),
+                None => {
+                    let example = f.example.expect("a field unset by default has an example");
+                    out.push_str(&format!("# (unset by default)\n# {} = {example}\n", f.name));
+                }
             }
         }
         out
@@ -501,6 +519,14 @@ mod fields {
         assert_eq!(format!("{c:?}"), format!("{:?}", Config::default()));
         for f in FIELDS {
             assert!(text.contains(f.doc), "{} is documented", f.name);
+        }
+        // Every field unset by default shows an example value, commented
+        // out, of the field's kind.
+        for f in FIELDS.iter().filter(|f| f.example.is_some()) {
+            let line = text.lines().find(|l| l.starts_with(&format!("# {} = ", f.name))).expect("an example line");
+            let value = line.split_once(" = ").unwrap().1;
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).unwrap().remove("v").unwrap();
+            assert!(matches!((f.kind, parsed), (Kind::Text, toml::Value::String(s)) if !s.is_empty()), "{line:?}");
         }
     }
 

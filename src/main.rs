@@ -97,9 +97,11 @@ fn main() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             anyhow::ensure!(chatd::auth::valid_user_id(user), "user id must be 1-62 characters of A-Z a-z 0-9 _ . -");
             let secret = match std::env::var("CHATD_TOKEN_SECRET") {
-                Ok(s) if !s.is_empty() => s,
-                _ => chatd::auth::load_or_create_secret(&data)
-                    .with_context(|| format!("reading the secret in {}", data.display()))?,
+                Ok(s) if !s.is_empty() => {
+                    eprintln!("chatd token: signed with the secret in CHATD_TOKEN_SECRET");
+                    s
+                }
+                _ => token_secret(&data)?,
             };
             let auth = chatd::auth::Auth::new(secret.as_bytes());
             println!("{}", auth.mint(user, ttl, chatd::auth::unix_now()));
@@ -113,10 +115,46 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The secret `chatd token` signs with, saying on stderr which file it is:
+/// a token signed with another secret than the server's is refused, and
+/// nothing else would tell the user why.
+///
+/// A secret is created only for a data directory that does not exist yet
+/// (the server will create its store there and use this secret). A
+/// directory that holds a store but no secret belongs to a server that takes
+/// its secret from elsewhere (`token_secret`), and a directory that exists
+/// without a store is most likely a typo: neither gets a new secret.
+fn token_secret(data: &std::path::Path) -> anyhow::Result<String> {
+    let path = chatd::auth::secret_path(data);
+    if path.exists() {
+        let secret = chatd::auth::load_or_create_secret(data).with_context(|| format!("reading {}", path.display()))?;
+        eprintln!("chatd token: signed with the secret in {}", path.display());
+        return Ok(secret);
+    }
+    anyhow::ensure!(
+        !data.exists(),
+        "{} has no secret, so no chatd server there would accept a token made here. \
+         Point --data (or CHATD_DATA) at the server's data directory, or give the server's \
+         token_secret in CHATD_TOKEN_SECRET",
+        data.display()
+    );
+    let secret =
+        chatd::auth::load_or_create_secret(data).with_context(|| format!("creating a secret in {}", data.display()))?;
+    eprintln!(
+        "chatd token: created a new secret in {}; only `chatd serve --data {}` accepts this token",
+        path.display(),
+        data.display()
+    );
+    Ok(secret)
+}
+
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: a log file or a journal gets
+    // plain text (and NO_COLOR is honoured, https://no-color.org).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if config.log_format == "json" {
         builder.json().with_current_span(true).with_span_list(false).init();
     } else {

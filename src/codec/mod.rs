@@ -135,6 +135,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         !self.buf.is_empty()
     }
 
+    /// The bytes read but not yet returned as a frame. After
+    /// [`FrameError::TooLarge`] they start with the refused prefix, which
+    /// lets a client tell a peer that is not chatd at all (an HTTP server
+    /// answers `HTTP/1.1 400`, whose first four bytes read as ~1.2 GB).
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The wrapped stream.
     pub fn get_ref(&self) -> &R {
         &self.io

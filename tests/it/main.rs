@@ -6,6 +6,7 @@
 mod bench;
 mod browser;
 mod chat;
+mod cli;
 mod common;
 mod deploy;
 mod durability;

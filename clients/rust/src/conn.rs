@@ -69,6 +69,15 @@ impl Conn {
         let reply = tokio::time::timeout(HELLO_TIMEOUT, conn.frames.read_frame())
             .await
             .map_err(|_| ClientError::Connection("no welcome within 10 s".into()))?;
+        if matches!(reply, Err(chatd::codec::FrameError::TooLarge { .. }))
+            && conn.frames.buffered().starts_with(b"HTTP/")
+        {
+            return Err(ClientError::Connection(format!(
+                "{} answered in HTTP: that is chatd's HTTP port (WebSocket, web client, metrics); \
+                 the native protocol is on the TCP port, 7400 by default (--server HOST:7400)",
+                config.addr
+            )));
+        }
         let env = decode(reply)?;
         match env.body {
             Some(Body::Welcome(w)) => Ok((conn, w)),
@@ -352,7 +361,11 @@ impl State {
                 let wait = Duration::from_millis(u64::from(g.retry_after_ms));
                 let _ = self.events.send(Event::GoAway(g)).await;
                 return Some(match reason {
-                    CloseReason::AuthFailed => End::Fatal(why),
+                    // The same token would be refused (an expired one from
+                    // the second of its `exp`): retrying is a loop, not a
+                    // reconnect. The application connects again with a new
+                    // token.
+                    CloseReason::AuthFailed | CloseReason::AuthExpired => End::Fatal(why),
                     _ => End::Lost(why, wait),
                 });
             }

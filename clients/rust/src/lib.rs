@@ -21,7 +21,11 @@
 //! again (a publish keeps its `client_msg_id`, so the server acks a retry of
 //! a stored message as a duplicate instead of storing it twice). Messages
 //! reach the application exactly once and in seq order per room
-//! ([`cursor`]). Framing and the protocol types are chatd's own
+//! ([`cursor`]). It does not reconnect after `GoAway{AUTH_FAILED}` or
+//! `GoAway{AUTH_EXPIRED}`: the same token would be refused, so pending
+//! requests fail with [`ClientError::Closed`] and the event stream ends; the
+//! application connects again with a fresh token, resuming from the
+//! cursors it kept. Framing and the protocol types are chatd's own
 //! (`chatd::codec`, `chatd::proto`).
 
 pub mod conn;
@@ -104,7 +108,8 @@ pub enum ClientError {
     /// Could not connect or lost the connection without reconnecting.
     #[error("connection: {0}")]
     Connection(String),
-    /// The server closed the session for good (bad token, version).
+    /// The server closed the session for good (bad or expired token,
+    /// unsupported version).
     #[error("closed by server: {0}")]
     Closed(String),
     /// The reply was not the kind the request expects.

@@ -90,6 +90,9 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::Send { room, text }) => {
             client.join(&room).await?;
             let ack = client.publish(&room, &text).await?;
+            // One's own message is read: without this it would count as
+            // unread in `chat rooms` and every other client.
+            client.mark_read(&room, ack.seq).await?;
             println!("sent {} #{}{}", ack.room, ack.seq, if ack.duplicate { " (duplicate)" } else { "" });
         }
         Some(Cmd::History { room, limit, before }) => {
@@ -120,22 +123,139 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Vec<String>) -> anyhow::Result<()> {
-    let w = client.welcome();
-    eprintln!("connected as {} ({} rooms); /help for commands", w.user, w.rooms.len());
-    for r in &rooms {
-        client.join(r).await.with_context(|| format!("joining {r}"))?;
+/// Messages shown from a room's history when it becomes the current room.
+const RECENT: u32 = 20;
+
+/// What the interactive mode knows: the rooms the user is in, the current
+/// one, and the last seq printed per room (history and live messages
+/// overlap by the messages published while the history was fetched).
+struct Shell {
+    client: Client,
+    rooms: std::collections::BTreeSet<String>,
+    current: Option<String>,
+    printed: std::collections::HashMap<String, u64>,
+}
+
+impl Shell {
+    /// Prints `m` unless it was printed already.
+    fn print(&mut self, m: &proto::Message) {
+        let last = self.printed.entry(m.room.clone()).or_default();
+        if m.seq > *last {
+            *last = m.seq;
+            println!("{}", line(m));
+        }
     }
-    let mut current = rooms.first().cloned().or_else(|| w.rooms.first().map(|r| r.room.clone()));
+
+    /// Makes `room` current and shows its latest messages.
+    async fn enter(&mut self, room: &str) -> anyhow::Result<()> {
+        self.current = Some(room.to_string());
+        let page =
+            self.client.history(proto::History { room: room.to_string(), limit: RECENT, ..Default::default() }).await?;
+        if page.messages.is_empty() {
+            eprintln!("* {room}: no messages yet");
+        } else {
+            eprintln!("* {room}: the latest {} messages", page.messages.len());
+        }
+        for m in &page.messages {
+            self.print(m);
+        }
+        Ok(())
+    }
+
+    /// The room a command names, or the current one when it names none.
+    fn room_arg(&self, arg: &str) -> anyhow::Result<String> {
+        match (arg, &self.current) {
+            ("", Some(room)) => Ok(room.clone()),
+            ("", None) => anyhow::bail!("no current room; name one, or /join ROOM first"),
+            (room, _) => Ok(room.to_string()),
+        }
+    }
+
+    async fn command(&mut self, cmd: &str, arg: &str, text: &str) -> anyhow::Result<()> {
+        match cmd {
+            "/help" => eprintln!(
+                "/join ROOM  /leave [ROOM]  /room ROOM (switch)  /rooms  /history [N]  /read  /quit; anything else is sent"
+            ),
+            "/join" => {
+                anyhow::ensure!(!arg.is_empty(), "usage: /join ROOM");
+                let j = self.client.join(arg).await?;
+                let st = j.state.unwrap_or_default();
+                eprintln!("* joined {} (head #{}, online: {})", st.room, st.head_seq, j.online.join(", "));
+                self.rooms.insert(st.room.clone());
+                self.enter(&st.room).await?;
+            }
+            "/leave" => {
+                let room = self.room_arg(arg)?;
+                self.client.leave(&room).await?;
+                eprintln!("* left {room}");
+                self.rooms.remove(&room);
+                if self.current.as_deref() == Some(room.as_str()) {
+                    self.current = self.rooms.iter().next().cloned();
+                    match &self.current {
+                        Some(next) => eprintln!("* now in {next}"),
+                        None => eprintln!("* in no room; /join ROOM"),
+                    }
+                }
+            }
+            "/room" => {
+                anyhow::ensure!(!arg.is_empty(), "usage: /room ROOM (one of: {})", self.room_list());
+                anyhow::ensure!(
+                    self.rooms.contains(arg),
+                    "you are not in {arg}; /join {arg} first (your rooms: {})",
+                    self.room_list()
+                );
+                self.enter(arg).await?;
+            }
+            "/rooms" => eprintln!("* your rooms: {}", self.room_list()),
+            "/history" => {
+                let room = self.room_arg("")?;
+                let limit = if arg.is_empty() { RECENT } else { arg.parse().context("usage: /history [N]")? };
+                let page = self.client.history(proto::History { room, limit, ..Default::default() }).await?;
+                page.messages.iter().for_each(|m| println!("{}", line(m)));
+            }
+            "/read" => {
+                let room = self.room_arg("")?;
+                let seq = self.printed.get(&room).copied().unwrap_or(u64::MAX);
+                let r = self.client.mark_read(&room, seq).await?;
+                eprintln!("* read up to #{} in {}", r.seq, r.room);
+            }
+            _ if cmd.starts_with('/') => anyhow::bail!("unknown command {cmd}; /help lists them"),
+            _ => {
+                let room = self.room_arg("")?;
+                let ack = self.client.publish(&room, text).await?;
+                // Sent from here, so read here.
+                self.client.mark_read(&room, ack.seq).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn room_list(&self) -> String {
+        if self.rooms.is_empty() { "none".into() } else { self.rooms.iter().cloned().collect::<Vec<_>>().join(", ") }
+    }
+}
+
+async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Vec<String>) -> anyhow::Result<()> {
+    let w = client.welcome().clone();
+    eprintln!("connected as {} ({} rooms); /help for commands", w.user, w.rooms.len());
+    let mut shell = Shell {
+        client,
+        rooms: w.rooms.iter().map(|r| r.room.clone()).collect(),
+        current: None,
+        printed: Default::default(),
+    };
+    for r in &rooms {
+        shell.client.join(r).await.with_context(|| format!("joining {r}"))?;
+        shell.rooms.insert(r.clone());
+    }
+    if let Some(first) = rooms.first().cloned().or_else(|| w.rooms.first().map(|r| r.room.clone())) {
+        shell.enter(&first).await?;
+    }
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut last_seen: std::collections::HashMap<String, u64> = Default::default();
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
-                Some(Event::Message(m)) => {
-                    last_seen.insert(m.room.clone(), m.seq);
-                    println!("{}", line(&m));
-                }
+                Some(Event::Message(m)) => shell.print(&m),
                 Some(Event::Disconnected(why)) => eprintln!("* disconnected ({why}); reconnecting"),
                 Some(Event::Connected(_)) => {}
                 Some(Event::Synced(s)) => eprintln!("* {} caught up to #{}", s.room, s.head_seq),
@@ -143,6 +263,12 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
                 Some(Event::Presence(p)) => eprintln!("* {} is {} in {}", p.user, if p.online { "online" } else { "offline" }, p.room),
                 Some(Event::ServerError(e)) => eprintln!("* server: {:?}: {}", e.code(), e.message),
                 Some(Event::GoAway(g)) => eprintln!("* server going away: {}", g.message),
+                Some(Event::Added(j)) => {
+                    if let Some(st) = j.state {
+                        eprintln!("* you were added to {}", st.room);
+                        shell.rooms.insert(st.room);
+                    }
+                }
                 Some(_) => {}
                 None => return Ok(()),
             },
@@ -152,51 +278,12 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
                 if l.is_empty() {
                     continue;
                 }
-                let mut parts = l.splitn(2, ' ');
-                let (cmd, arg) = (parts.next().unwrap_or(""), parts.next().unwrap_or("").trim());
-                let result = match cmd {
-                    "/help" => {
-                        eprintln!("/join ROOM  /leave ROOM  /room ROOM (switch)  /history [N]  /read  /quit; anything else is sent");
-                        Ok(())
-                    }
-                    "/quit" => return Ok(()),
-                    "/join" => client.join(arg).await.map(|j| {
-                        let s = j.state.unwrap_or_default();
-                        eprintln!("* joined {} (head #{}, online: {})", s.room, s.head_seq, j.online.join(", "));
-                        current = Some(s.room);
-                    }),
-                    "/leave" => client.leave(arg).await.map(|_| eprintln!("* left {arg}")),
-                    "/room" => {
-                        current = Some(arg.to_string());
-                        Ok(())
-                    }
-                    "/history" => match &current {
-                        Some(room) => client
-                            .history(proto::History { room: room.clone(), limit: arg.parse().unwrap_or(20), ..Default::default() })
-                            .await
-                            .map(|p| p.messages.iter().for_each(|m| println!("{}", line(m)))),
-                        None => {
-                            eprintln!("* no current room; /join ROOM first");
-                            Ok(())
-                        }
-                    },
-                    "/read" => match &current {
-                        Some(room) => {
-                            let seq = last_seen.get(room).copied().unwrap_or(u64::MAX);
-                            client.mark_read(room, seq).await.map(|r| eprintln!("* read up to #{} in {}", r.seq, r.room))
-                        }
-                        None => Ok(()),
-                    },
-                    _ => match &current {
-                        Some(room) => client.publish(room, l).await.map(|_| ()),
-                        None => {
-                            eprintln!("* no current room; /join ROOM first");
-                            Ok(())
-                        }
-                    },
-                };
-                if let Err(e) = result {
-                    eprintln!("* {e}");
+                if l == "/quit" {
+                    return Ok(());
+                }
+                let (cmd, arg) = l.split_once(' ').map_or((l, ""), |(c, a)| (c, a.trim()));
+                if let Err(e) = shell.command(cmd, arg, l).await {
+                    eprintln!("* {e:#}");
                 }
             }
         }
