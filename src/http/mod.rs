@@ -82,8 +82,29 @@ async fn asset(State(app): State<Arc<App>>, name: &'static str) -> Response {
         },
         None => (*embedded).to_string(),
     };
-    ([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    let mut response =
+        ([(header::CONTENT_TYPE, *content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response();
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(name, header::HeaderValue::from_static(value));
+    }
+    response
 }
+
+/// Sent with every file of the web client. The client is same-origin
+/// modules and a stylesheet with no inline code, so the policy allows
+/// nothing else: injected markup cannot run script, and no other site may
+/// frame the page (clickjacking).
+const SECURITY_HEADERS: [(header::HeaderName, &str); 4] = [
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
+         frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'",
+    ),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::REFERRER_POLICY, "no-referrer"),
+];
 
 /// Prometheus text format. Gauges that are cheaper to compute than to keep
 /// up to date are set here, at scrape time.
@@ -145,10 +166,19 @@ struct DevLogin {
 }
 
 /// `POST /dev/token?user=NAME`: a 24 h token, only with `--dev-auth`.
-async fn dev_token(State(app): State<Arc<App>>, Query(q): Query<DevLogin>) -> Response {
+///
+/// The listener being on loopback is not enough: a page on another site can
+/// make the browser post here (DNS rebinding points a foreign name at
+/// 127.0.0.1), so the request's `Host` and, when a browser sends one, its
+/// `Origin` must name a loopback host too.
+async fn dev_token(State(app): State<Arc<App>>, headers: header::HeaderMap, Query(q): Query<DevLogin>) -> Response {
     if !app.dev_auth {
         return (StatusCode::NOT_FOUND, "dev login is off (start chatd with --dev-auth on a loopback address)\n")
             .into_response();
+    }
+    if let Err(why) = loopback_request(&headers) {
+        tracing::warn!(%why, "dev login refused a request not addressed to a loopback name");
+        return (StatusCode::FORBIDDEN, format!("dev login answers only loopback names: {why}\n")).into_response();
     }
     if !crate::auth::valid_user_id(&q.user) {
         return (StatusCode::BAD_REQUEST, "user must be 1-62 characters of A-Z a-z 0-9 _ . -\n").into_response();
@@ -156,6 +186,41 @@ async fn dev_token(State(app): State<Arc<App>>, Query(q): Query<DevLogin>) -> Re
     tracing::warn!(user = %q.user, "dev login minted a token");
     let token = app.hub.auth.mint(&q.user, std::time::Duration::from_secs(86400), crate::auth::unix_now());
     ([(header::CONTENT_TYPE, "text/plain")], token).into_response()
+}
+
+/// Checks that `Host` (required) and `Origin` (when present) name a
+/// loopback host: `localhost`, `*.localhost`, `127.0.0.0/8` or `[::1]`.
+fn loopback_request(headers: &header::HeaderMap) -> Result<(), String> {
+    let text = |name: header::HeaderName| -> Result<Option<&str>, String> {
+        headers.get(&name).map(|v| v.to_str().map_err(|_| format!("{name} is not text"))).transpose()
+    };
+    let host = text(header::HOST)?.ok_or("no Host header")?;
+    if !is_loopback_authority(host) {
+        return Err(format!("Host {host:?}"));
+    }
+    if let Some(origin) = text(header::ORIGIN)? {
+        let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
+        if !is_loopback_authority(authority) {
+            return Err(format!("Origin {origin:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `host[:port]` names a loopback host.
+fn is_loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        },
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let host = host.to_ascii_lowercase();
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Serves the router over HTTPS (and wss): `axum::serve` is plain TCP only,
@@ -200,4 +265,37 @@ pub async fn serve_https(
     .await;
     tracker.close();
     tracker.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_authority;
+
+    #[test]
+    fn only_loopback_names_count_as_loopback() {
+        for ok in [
+            "localhost",
+            "localhost:7480",
+            "LOCALHOST:1",
+            "app.localhost:80",
+            "127.0.0.1:7480",
+            "127.3.4.5",
+            "[::1]:7480",
+            "[::1]",
+        ] {
+            assert!(is_loopback_authority(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:7480",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:7480",
+            "10.0.0.1:7480",
+            "[::2]:7480",
+            "[::1]x",
+            "",
+            "0.0.0.0:7480",
+        ] {
+            assert!(!is_loopback_authority(bad), "{bad}");
+        }
+    }
 }

@@ -328,15 +328,23 @@ pub async fn http_post(addr: &str, path: &str) -> (u16, String) {
 }
 
 async fn http_request(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http_raw(addr, method, path, &format!("Host: {addr}\r\n")).await;
+    (status, body)
+}
+
+/// A bare HTTP/1.1 request without a body; `headers` are whole lines, each
+/// ending in CRLF, and must include `Host`. Returns the status, the header
+/// block (names as sent, one `name: value` per line) and the body.
+pub async fn http_raw(addr: &str, method: &str, path: &str, headers: &str) -> (u16, String, String) {
     use tokio::io::AsyncReadExt;
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let req = format!("{method} {path} HTTP/1.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
     tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
     let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 /// A WebSocket client speaking JSON (or protobuf in binary messages).

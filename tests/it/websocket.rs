@@ -204,6 +204,58 @@ async fn the_dev_login_is_off_by_default() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_login_answers_only_requests_addressed_to_a_loopback_name() {
+    // DNS rebinding: a foreign name resolved to 127.0.0.1 reaches the
+    // loopback listener, but its Host (and a browser's Origin) give it away.
+    let s = TestServer::start_with(|c| c.dev_auth = true).await;
+    let port = s.http.rsplit_once(':').unwrap().1;
+    let post = |headers: String| {
+        let http = s.http.clone();
+        async move { http_raw(&http, "POST", "/dev/token?user=ann", &headers).await }
+    };
+    for refused in [
+        format!("Host: evil.example:{port}\r\n"),
+        format!("Host: localhost.evil.example:{port}\r\n"),
+        String::new(),
+        format!("Host: 127.0.0.1:{port}\r\nOrigin: http://evil.example\r\n"),
+        format!("Host: localhost:{port}\r\nOrigin: null\r\n"),
+    ] {
+        let (status, _, body) = post(refused.clone()).await;
+        // No Host at all may be refused by HTTP/1.1 itself (400) first.
+        let expected = if refused.is_empty() { [400, 403] } else { [403, 403] };
+        assert!(expected.contains(&status), "{refused:?}: {status} {body}");
+        assert!(!body.starts_with("ey"), "{refused:?}: no token: {body}");
+    }
+    for allowed in [
+        format!("Host: 127.0.0.1:{port}\r\n"),
+        format!("Host: localhost:{port}\r\nOrigin: http://localhost:{port}\r\n"),
+        format!("Host: [::1]:{port}\r\nOrigin: http://127.0.0.1:{port}\r\n"),
+    ] {
+        let (status, _, body) = post(allowed.clone()).await;
+        assert_eq!(status, 200, "{allowed:?}: {body}");
+        assert_eq!(body.trim().split('.').count(), 3, "{allowed:?}: a JWT: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_client_is_served_with_a_content_security_policy() {
+    let s = TestServer::start().await;
+    for path in ["/", "/app.js", "/chatd-client.js", "/style.css"] {
+        let (status, head, _) = http_raw(&s.http, "GET", path, &format!("Host: {}\r\n", s.http)).await;
+        assert_eq!(status, 200, "{path}");
+        let head = head.to_ascii_lowercase();
+        for expected in [
+            "content-security-policy: default-src 'self'; script-src 'self'",
+            "frame-ancestors 'none'",
+            "x-frame-options: deny",
+            "x-content-type-options: nosniff",
+        ] {
+            assert!(head.contains(expected), "{path}: no {expected:?} in\n{head}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dev_login_is_refused_on_a_public_address() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = test_config(tmp.path());
