@@ -5,6 +5,8 @@ import { ChatdClient, ChatdError, ErrorCode, newClientMsgId } from './chatd-clie
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'chatd.token';
+const DEV_USER_KEY = 'chatd.devUser'; // set when signed in through the dev login
+const EXPIRED_NOTICE = 'Your session expired — sign in again';
 const ROOM_KEY = 'chatd.room';
 const PAGE = 50; // messages per history page
 const TYPING_REFRESH_MS = 3000; // resend "typing" while the user keeps typing
@@ -630,6 +632,8 @@ function wire(c) {
     invalidate('typing', 'header', 'sidebar');
   });
   c.on('connected', (w) => {
+    // The client may have got a new token from getToken: a reload uses it.
+    if (client === c && typeof c.token === 'string') localStorage.setItem(TOKEN_KEY, c.token);
     me = w.user;
     const member = new Set(w.rooms.map((r) => r.room));
     for (const st of w.rooms) {
@@ -697,30 +701,48 @@ function wire(c) {
     toast(`Server: ${e.message || e.code}`);
   });
   c.on('disconnected', (d) => {
-    if (!d.willReconnect) {
-      toast(`Disconnected: ${d.reason}`);
-      if (d.goAway && d.goAway.reason === 'CLOSE_REASON_AUTH_FAILED') signOut(`Your session ended: ${d.goAway.message}`);
-      else if (/AUTH/.test(d.reason)) signOut(`Your session ended: ${d.reason}`);
+    if (d.willReconnect || client !== c) return;
+    if (d.expired) {
+      sessionExpired();
+      return;
+    }
+    toast(`Disconnected: ${d.reason}`);
+    const code = d.error ? d.error.code : '';
+    if (code === 'GET_TOKEN' || /AUTH/.test(code) || /AUTH/.test(d.reason)) {
+      signOut(`Your session ended: ${d.error ? d.error.serverMessage || d.error.message : d.reason}`);
     }
   });
 }
 
-async function start(token) {
+/**
+ * Signs in with `token`. `devUser`: the name it was minted for by the dev
+ * login, which can then mint a new one whenever it expires.
+ */
+async function start(token, devUser = '') {
   if (client) client.close();
   const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
-  const c = new ChatdClient({ url, token, device: 'web' });
+  const getToken = devUser ? () => devLogin(devUser) : undefined;
+  const c = new ChatdClient({ url, token, getToken, device: 'web' });
   client = c;
   wire(c);
   let backoff = 500;
   for (;;) {
     try {
       const w = await c.connect();
-      localStorage.setItem(TOKEN_KEY, token);
+      localStorage.setItem(TOKEN_KEY, typeof c.token === 'string' ? c.token : token);
+      if (devUser) localStorage.setItem(DEV_USER_KEY, devUser);
+      else localStorage.removeItem(DEV_USER_KEY);
       showApp(w);
       return;
     } catch (e) {
       if (client !== c) return;
-      const fatal = e instanceof ChatdError && (e.code === ErrorCode.UNAUTHENTICATED || e.code === ErrorCode.UNSUPPORTED_VERSION || e.code === 'CLOSE_REASON_AUTH_FAILED');
+      if (e instanceof ChatdError && e.expired) {
+        sessionExpired();
+        return;
+      }
+      const fatal =
+        e instanceof ChatdError &&
+        (e.code === ErrorCode.UNAUTHENTICATED || e.code === ErrorCode.UNSUPPORTED_VERSION || e.code === 'CLOSE_REASON_AUTH_FAILED' || e.code === 'GET_TOKEN');
       if (fatal) {
         signOut(`Sign-in failed: ${e.serverMessage || e.message}`);
         return;
@@ -759,24 +781,38 @@ function showApp(w) {
   invalidate('sidebar', 'header', 'messages', 'typing');
 }
 
-function showLogin(error) {
+/** The sign-in screen showing `error` (with `notice`: a plain message, not styled as an error). */
+function showLogin(error, notice = false) {
   $('app').hidden = true;
   $('login').hidden = false;
   const err = $('login-error');
   err.hidden = !error;
   err.textContent = error || '';
+  err.classList.toggle('notice', notice);
   ($('dev-login').hidden ? $('token-input') : $('dev-name')).focus();
 }
 
-function signOut(error) {
+/**
+ * Back to the sign-in screen, forgetting the token. `clearInput`: also
+ * empty the token box (a token that expired or was signed out of is of no
+ * further use; a refused one stays there to be corrected).
+ */
+function signOut(error, { clearInput = false, notice = false } = {}) {
   const c = client;
   client = null;
   if (c) c.close();
   localStorage.removeItem(TOKEN_KEY);
+  localStorage.removeItem(DEV_USER_KEY);
+  if (clearInput) $('token-input').value = '';
   rooms.clear();
   active = null;
   me = '';
-  showLogin(error);
+  showLogin(error, notice);
+}
+
+/** The token expired and no new one can be had: the user signs in again. */
+function sessionExpired() {
+  signOut(EXPIRED_NOTICE, { clearInput: true, notice: true });
 }
 
 async function probeDevLogin() {
@@ -807,7 +843,7 @@ function bind() {
     try {
       const token = await devLogin(name);
       $('login-error').hidden = true;
-      await start(token);
+      await start(token, name);
     } catch (err) {
       showLogin(errorText(err));
     }
@@ -817,7 +853,7 @@ function bind() {
     const token = $('token-input').value.trim();
     if (token) start(token);
   });
-  $('logout').addEventListener('click', () => signOut(''));
+  $('logout').addEventListener('click', () => signOut('', { clearInput: true }));
   $('join-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const v = $('join-input').value;
@@ -870,7 +906,7 @@ async function boot() {
   $('dev-login').hidden = !dev;
   $('login-or').hidden = !dev;
   const token = localStorage.getItem(TOKEN_KEY);
-  if (token) start(token);
+  if (token) start(token, (dev && localStorage.getItem(DEV_USER_KEY)) || '');
   else showLogin('');
 }
 

@@ -20,10 +20,36 @@
 //    (Hello.resume), and re-sends every request that got no reply with the
 //    same id (a publish keeps its clientMsgId, so the server answers a retry
 //    of a stored message with the original seq and duplicate = true);
-//  * it never reconnects after GoAway{CLOSE_REASON_AUTH_FAILED} (or an
-//    UNAUTHENTICATED / UNSUPPORTED_VERSION answer to Hello);
+//  * it never retries with a token the server refused or ended a session
+//    for (GoAway{CLOSE_REASON_AUTH_EXPIRED}, GoAway{CLOSE_REASON_AUTH_FAILED},
+//    an UNAUTHENTICATED answer to Hello): it asks `getToken` for a new one,
+//    or gives up (see Tokens below); nor after UNSUPPORTED_VERSION;
 //  * it answers the server's Ping with a Pong of the same nonce, and pings
 //    the server every Welcome.heartbeatMs to notice a dead network.
+//
+// Tokens. chatd ends a session when its token's `exp` passes
+// (GoAway{CLOSE_REASON_AUTH_EXPIRED}) and refuses an expired token in Hello
+// (UNAUTHENTICATED "token has expired", then GoAway{CLOSE_REASON_AUTH_FAILED}),
+// so a client that outlives its token needs a way to get another:
+//
+//   new ChatdClient({ url, token, getToken: () => fetch('/my/token').then((r) => r.text()) });
+//
+// `getToken` (an async function returning a token) is called
+//  (a) shortly before the token in use expires, when it is a JWT with an
+//      `exp` claim (read locally, unverified): at exp minus the larger of
+//      10% of its remaining life and 5 s. The new token is kept for the next
+//      connection; a failure here is not fatal (it is tried again at (b));
+//  (b) when the server ends the session with AUTH_EXPIRED (unless a token
+//      from (a) is waiting): the client reconnects at once with the new
+//      token and resumes every room from its cursor, as after any drop;
+//  (c) once when the server refuses a token in Hello (or ends a session with
+//      AUTH_FAILED): the client tries once more with the new token.
+// Without `getToken`, or when it throws, returns no token, returns a token
+// that expires no later than the one that just expired, or its token is
+// refused too, the client gives up: state `closed`, and a `disconnected`
+// event with `willReconnect: false`, the `error`, and `expired: true` when
+// the token expiring was the cause. A `token` function (called before every
+// connect) also serves as `getToken` when that is not given.
 //
 // Values: the proto3 JSON mapping omits default values; this client fills
 // them in (a missing `complete` is `false`, a missing `seq` is 0, ...), and
@@ -40,6 +66,10 @@ const HELLO_ID = 1;
 const HELLO_TIMEOUT_MS = 10_000;
 /** Largest page the server returns; used to fill gaps. */
 const GAP_PAGE = 1000;
+/** A new token is fetched at least this long before the current one expires. */
+const REFRESH_LEAD_MS = 5000;
+/** setTimeout fires at once for delays above 2^31 - 1 ms; longer waits are chained. */
+const MAX_TIMER_MS = 0x7fffffff;
 
 /**
  * Error codes (`Error.code`) as names.
@@ -77,9 +107,12 @@ const ERROR_NAMES = Object.values(ErrorCode);
 const CLOSE_NAMES = Object.values(CloseReason);
 
 /**
- * A request the server refused (`detail.code` is an {@link ErrorCode} name),
- * or a local failure: `code` is then `CLOSED` (the client was closed or gave
- * up), `TIMEOUT` (no Welcome in time) or `CONNECTION` (could not connect).
+ * A request the server refused (`code` is an {@link ErrorCode} name), a
+ * connection the server ended (`code` is a {@link CloseReason} name), or a
+ * local failure: `code` is then `CLOSED` (the client was closed or gave up),
+ * `TIMEOUT` (no Welcome in time), `CONNECTION` (could not connect) or
+ * `GET_TOKEN` (`getToken` or the `token` function failed or returned no
+ * usable token).
  */
 export class ChatdError extends Error {
   /**
@@ -93,8 +126,23 @@ export class ChatdError extends Error {
     this.code = code;
     /** The server's human-readable text. */
     this.serverMessage = message || '';
+    /**
+     * True when this error ends a session because its token expired (and no
+     * new token could be had): the user has to sign in again.
+     */
+    this.expired = false;
   }
 }
+
+/** Makes a ChatdError with `expired` set. */
+function chatdError(code, message, expired) {
+  const e = new ChatdError(code, message);
+  e.expired = !!expired;
+  return e;
+}
+
+/** How the server words an expired token in Error / GoAway messages. */
+const EXPIRED_TEXT = /\bexpired\b/i;
 
 // ---------------------------------------------------------------------------
 // Typedefs (the JSON shapes, after defaults are filled in).
@@ -257,6 +305,35 @@ export function fromBase64(b64) {
   return out;
 }
 
+/**
+ * The `exp` claim (Unix seconds) of a JWT, read without verifying it; `null`
+ * when the token is not a JWT or has no numeric `exp`.
+ * @param {string} token
+ * @returns {number | null}
+ */
+export function tokenExpiry(token) {
+  if (typeof token !== 'string') return null;
+  const parts = token.split('.');
+  if (parts.length !== 3) return null;
+  try {
+    const b64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
+    const bytes = fromBase64(b64 + '='.repeat((4 - (b64.length % 4)) % 4));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    const exp = claims && typeof claims === 'object' ? claims.exp : undefined;
+    return typeof exp === 'number' && Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether `fresh` can replace `stale`, a token the server ended a session for. */
+function newerThan(fresh, stale) {
+  if (fresh === stale) return false;
+  const a = tokenExpiry(fresh);
+  const b = tokenExpiry(stale);
+  return a === null || b === null || a > b;
+}
+
 /** A random id for `Publish.clientMsgId` (works outside secure contexts). */
 export function newClientMsgId() {
   const c = globalThis.crypto;
@@ -404,9 +481,14 @@ export class Cursors {
  * @typedef {object} ChatdClientOptions
  * @property {string} url  WebSocket URL, e.g. `ws://127.0.0.1:7480/ws`
  *   (in a page served by chatd: `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`)
- * @property {string | (() => string | Promise<string>)} token  the JWT, or a
- *   function called before every (re)connect that returns one (to refresh an
- *   expiring token)
+ * @property {string | (() => string | Promise<string>)} [token]  the JWT, or a
+ *   function called before every (re)connect that returns one; required
+ *   unless `getToken` is given
+ * @property {() => Promise<string>} [getToken]  returns a new token: called
+ *   shortly before the token in use expires, when the server ends the
+ *   session with AUTH_EXPIRED, and once when it refuses a token (see the
+ *   Tokens section at the top of this file). Without it, an expired or
+ *   refused token ends the client (state `closed`).
  * @property {string} [device='web']  device label
  * @property {Cursor[] | Record<string, number>} [resume]  rooms the
  *   application already has, up to a seq (e.g. a saved {@link ChatdClient#cursors})
@@ -424,7 +506,10 @@ export class Cursors {
  * Events (each a `CustomEvent`; the payload is `event.detail`):
  * - `connected` — {@link Welcome} plus `reconnected` (false the first
  *   time), after every (re)connect
- * - `disconnected` — `{reason, willReconnect, goAway?}`
+ * - `disconnected` — `{reason, willReconnect, goAway?, error?, expired}`:
+ *   `error` ({@link ChatdError}) when the client gave up; `expired` is true
+ *   when the token expired (with `willReconnect: false`: no new token could
+ *   be had, so the user has to sign in again)
  * - `statechange` — `{state, retryInMs?}`; state is one of `idle`,
  *   `connecting`, `connected`, `reconnecting`, `closed`
  * - `message` — {@link Message}, per room exactly once and in seq order
@@ -444,11 +529,12 @@ export class ChatdClient extends EventTarget {
     super();
     const o = options || {};
     if (!o.url) throw new TypeError('ChatdClient: url is required');
-    if (!o.token) throw new TypeError('ChatdClient: token is required');
+    if (!o.token && typeof o.getToken !== 'function') throw new TypeError('ChatdClient: token or getToken is required');
     /** WebSocket URL. */
     this.url = o.url;
-    /** The token, or a function returning one; may be replaced before a reconnect. */
-    this.token = o.token;
+    this._token = o.token || null;
+    /** Where new tokens come from; null: an expired or refused token ends the client. */
+    this.getToken = typeof o.getToken === 'function' ? o.getToken : typeof o.token === 'function' ? o.token : null;
     /** Device label sent in Hello. */
     this.device = o.device || 'web';
     this.reconnect = o.reconnect !== false;
@@ -472,6 +558,26 @@ export class ChatdClient extends EventTarget {
     this._closed = false;
     this._wake = null;
     this._hbTimer = null;
+    /** The newest token from getToken, used for every attempt until a Welcome accepts it. */
+    this._fresh = null;
+    /** The getToken call in flight (one at a time). */
+    this._tokenFetch = null;
+    this._refreshTimer = null;
+  }
+
+  /**
+   * The token (or token function) for the next connection. A token string
+   * from getToken replaces it once the server has accepted it; setting it
+   * drops a new token fetched meanwhile.
+   * @type {string | (() => string | Promise<string>) | null}
+   */
+  get token() {
+    return this._token;
+  }
+
+  set token(v) {
+    this._token = v;
+    this._fresh = null;
   }
 
   /** Connection state: `idle`, `connecting`, `connected`, `reconnecting` or `closed`. */
@@ -499,8 +605,9 @@ export class ChatdClient extends EventTarget {
 
   /**
    * Opens the connection and completes the handshake. Rejects (with a
-   * {@link ChatdError}) when the first attempt fails; once connected, the
-   * client reconnects by itself.
+   * {@link ChatdError}) when the first attempt fails (after one retry with
+   * a token from `getToken` if the server refused the token); once
+   * connected, the client reconnects by itself.
    * @returns {Promise<Welcome>}
    */
   async connect() {
@@ -510,7 +617,7 @@ export class ChatdClient extends EventTarget {
     this._closed = false;
     this._setState('connecting');
     try {
-      return await this._open();
+      return await this._attempt(null);
     } catch (e) {
       this._conn = null;
       this._setState('closed');
@@ -602,6 +709,7 @@ export class ChatdClient extends EventTarget {
     const conn = this._conn;
     this._conn = null;
     this._stopHeartbeat();
+    this._stopRefresh();
     if (conn && !conn.welcomed && conn.fail) {
       conn.fail(new ChatdError('CLOSED', 'client closed'), true); // a connect() under way rejects now
     } else if (conn) {
@@ -669,11 +777,140 @@ export class ChatdClient extends EventTarget {
   }
 
   /**
+   * Connects with the current token; if the server refuses it, once more
+   * with a token from getToken. With `renew` (`{stale, expired}`: the server
+   * just ended a session for the token `stale`), a newer token is obtained
+   * first. Resolves with Welcome; rejects like {@link ChatdClient#_open}.
+   */
+  async _attempt(renew) {
+    let expired = !!(renew && renew.expired);
+    // Whether the token about to be sent came from a getToken call made for
+    // this attempt: such a token being refused too ends it.
+    let fetched = false;
+    if (renew && !(this._fresh && newerThan(this._fresh, renew.stale))) {
+      await this._newToken(expired, renew.stale);
+      fetched = true;
+    }
+    for (;;) {
+      try {
+        return await this._open();
+      } catch (e) {
+        if (!e.auth || !this.getToken || fetched || this._closed) {
+          if (e.auth) {
+            this._fresh = null; // refused: never to be sent again
+            if (expired && e.error) e.error.expired = true;
+          }
+          throw e;
+        }
+        expired = expired || !!(e.error && e.error.expired);
+        this._fresh = null;
+        await this._newToken(expired, null);
+        fetched = true;
+      }
+    }
+  }
+
+  /** Calls getToken, one call at a time (a pre-fetch and an expiry share it). */
+  _fetchToken() {
+    if (!this._tokenFetch) {
+      const p = Promise.resolve().then(() => this.getToken());
+      this._tokenFetch = p;
+      const done = () => {
+        if (this._tokenFetch === p) this._tokenFetch = null;
+      };
+      p.then(done, done);
+    }
+    return this._tokenFetch;
+  }
+
+  /**
+   * A new token from getToken, kept in `_fresh`; a failure rejects with a
+   * fatal `GET_TOKEN` error. `stale`: a token it must be newer than.
+   */
+  async _newToken(expired, stale) {
+    let t;
+    try {
+      t = await this._fetchToken();
+    } catch (err) {
+      throw tokenFailure(`getToken failed: ${errorText(err)}`, expired);
+    }
+    if (typeof t !== 'string' || !t) throw tokenFailure('getToken returned no token', expired);
+    if (stale && !newerThan(t, stale)) {
+      throw tokenFailure('getToken returned a token that expires no later than the expired one', expired);
+    }
+    if (this._closed) throw { error: new ChatdError('CLOSED', 'client closed'), fatal: true };
+    this._fresh = t;
+    return t;
+  }
+
+  /**
+   * The token to send in the next Hello: a string when it is at hand (so
+   * the socket opens without waiting a tick), else a promise.
+   * @returns {string | Promise<string>}
+   */
+  _helloToken() {
+    if (this._fresh) return this._fresh;
+    if (typeof this._token === 'function') return this._callToken(this._token);
+    if (this._token) return this._token;
+    return this._newToken(false, null);
+  }
+
+  async _callToken(fn) {
+    let t;
+    try {
+      t = await fn();
+    } catch (err) {
+      throw tokenFailure(`the token function failed: ${errorText(err)}`, false);
+    }
+    if (typeof t !== 'string' || !t) throw tokenFailure('the token function returned no token', false);
+    return t;
+  }
+
+  /**
+   * Fetches a new token shortly before the one `conn` was accepted with
+   * expires (at most once per accepted connection, so a skewed clock cannot
+   * make it loop). The server still ends the session at `exp`; the new
+   * token saves a getToken round trip then.
+   */
+  _scheduleRefresh(conn) {
+    this._stopRefresh();
+    if (!this.getToken) return;
+    const exp = tokenExpiry(conn.token);
+    if (exp === null) return;
+    const arm = () => {
+      this._refreshTimer = null;
+      const left = exp * 1000 - Date.now();
+      const due = left - Math.max(left * 0.1, REFRESH_LEAD_MS);
+      if (due > 0) {
+        this._refreshTimer = setTimeout(arm, Math.min(due, MAX_TIMER_MS));
+        return;
+      }
+      if (this._conn !== conn || this._fresh) return;
+      this._fetchToken().then(
+        (t) => {
+          if (!this._closed && !this._fresh && typeof t === 'string' && t) this._fresh = t;
+        },
+        () => {
+          /* asked again when the server ends the session */
+        },
+      );
+    };
+    arm();
+  }
+
+  _stopRefresh() {
+    if (this._refreshTimer) clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+  }
+
+  /**
    * One connection attempt. Resolves with Welcome once it is accepted;
-   * rejects with `{error, fatal, wait}`.
+   * rejects with `{error, fatal, auth, wait}` (`auth`: the server refused
+   * the token).
    */
   async _open() {
-    const token = typeof this.token === 'function' ? await this.token() : this.token;
+    const next = this._helloToken();
+    const token = typeof next === 'string' ? next : await next;
     const WS = this._WS || globalThis.WebSocket;
     if (!WS) throw { error: new ChatdError('CONNECTION', 'no WebSocket implementation'), fatal: true };
     if (this._closed) throw { error: new ChatdError('CLOSED', 'client closed'), fatal: true };
@@ -685,13 +922,13 @@ export class ChatdClient extends EventTarget {
         reject({ error: new ChatdError('CONNECTION', String(e && e.message ? e.message : e)), fatal: false });
         return;
       }
-      const conn = { ws, welcomed: false, goAway: null, helloError: null, lastRecv: Date.now(), pingSentAt: 0 };
+      const conn = { ws, token, welcomed: false, goAway: null, helloError: null, lastRecv: Date.now(), pingSentAt: 0 };
       this._conn = conn;
       const timer = setTimeout(() => {
         if (conn.welcomed) return;
         fail(new ChatdError('TIMEOUT', `no welcome within ${HELLO_TIMEOUT_MS / 1000} s`), false);
       }, HELLO_TIMEOUT_MS);
-      const fail = (error, fatal) => {
+      const fail = (error, fatal, auth = false) => {
         clearTimeout(timer);
         if (this._conn === conn) this._conn = null;
         detach(ws);
@@ -700,7 +937,7 @@ export class ChatdClient extends EventTarget {
         } catch {
           /* ignore */
         }
-        reject({ error, fatal, wait: conn.goAway ? conn.goAway.retryAfterMs : 0 });
+        reject({ error, fatal, auth, wait: conn.goAway ? conn.goAway.retryAfterMs : 0 });
       };
       conn.fail = fail;
       ws.onopen = () => {
@@ -743,15 +980,20 @@ export class ChatdClient extends EventTarget {
           return;
         }
         const e = conn.helloError;
-        const authFailed = conn.goAway && conn.goAway.reason === CloseReason.AUTH_FAILED;
-        const fatal =
-          authFailed || (e && (e.code === ErrorCode.UNAUTHENTICATED || e.code === ErrorCode.UNSUPPORTED_VERSION));
+        const ga = conn.goAway;
+        const auth =
+          !!(ga && (ga.reason === CloseReason.AUTH_FAILED || ga.reason === CloseReason.AUTH_EXPIRED)) ||
+          !!(e && e.code === ErrorCode.UNAUTHENTICATED);
+        const fatal = auth || !!(e && e.code === ErrorCode.UNSUPPORTED_VERSION);
         const error = e
           ? new ChatdError(e.code, e.message)
-          : conn.goAway
-            ? new ChatdError(conn.goAway.reason, conn.goAway.message)
+          : ga
+            ? new ChatdError(ga.reason, ga.message)
             : new ChatdError('CONNECTION', `could not connect to ${this.url} (${closeText(ev)})`);
-        fail(error, !!fatal);
+        if (auth) {
+          error.expired = (ga && ga.reason === CloseReason.AUTH_EXPIRED) || EXPIRED_TEXT.test(e ? e.message : ga.message);
+        }
+        fail(error, fatal, auth);
       };
     });
   }
@@ -765,8 +1007,13 @@ export class ChatdClient extends EventTarget {
     const member = new Set(w.rooms.map((r) => r.room));
     for (const r of w.rooms) if (!this._cursors.knows(r.room)) this._cursors.track(r.room, r.headSeq);
     for (const c of this._cursors.resume()) if (!member.has(c.room)) this._cursors.forget(c.room);
+    if (this._fresh && conn.token === this._fresh) {
+      this._fresh = null;
+      if (typeof this._token !== 'function') this._token = conn.token;
+    }
     this._setState('connected');
     this._startHeartbeat(conn, w.heartbeatMs);
+    this._scheduleRefresh(conn);
     // Requests that got no reply (or were made while away) go out again,
     // with the same ids and bodies (so the same clientMsgIds), before
     // anything the application sends on `connected`.
@@ -892,6 +1139,7 @@ export class ChatdClient extends EventTarget {
     if (this._conn !== conn) return;
     this._conn = null;
     this._stopHeartbeat();
+    this._stopRefresh();
     detach(conn.ws);
     try {
       conn.ws.close();
@@ -903,22 +1151,42 @@ export class ChatdClient extends EventTarget {
     this._pings.clear();
     if (this._closed) return;
     const ga = conn.goAway;
-    if ((ga && ga.reason === CloseReason.AUTH_FAILED) || !this.reconnect) {
-      this._giveUp(reason, ga);
+    const expired = !!ga && ga.reason === CloseReason.AUTH_EXPIRED;
+    const refused = !!ga && ga.reason === CloseReason.AUTH_FAILED;
+    if ((expired || refused) && (!this.getToken || !this.reconnect)) {
+      // Reconnecting with the same token would be refused (or, within a
+      // server's clock-skew leeway, accepted and ended again at once).
+      const why = expired
+        ? `session expired: the token expired${this.getToken ? '' : ' and there is no getToken to get a new one'}`
+        : reason;
+      this._giveUp(why, ga, chatdError(ga.reason, ga.message, expired));
       return;
     }
-    this._emit('disconnected', { reason, willReconnect: true, goAway: ga || undefined });
-    this._reconnectLoop(ga ? ga.retryAfterMs : 0);
+    if (!this.reconnect) {
+      this._giveUp(reason, ga, new ChatdError('CONNECTION', reason));
+      return;
+    }
+    this._emit('disconnected', { reason, willReconnect: true, goAway: ga || undefined, expired });
+    if (expired || refused) this._reconnectLoop(0, { stale: conn.token, expired });
+    else this._reconnectLoop(ga ? ga.retryAfterMs : 0, null);
   }
 
-  _giveUp(reason, goAway) {
+  _giveUp(reason, goAway, error) {
     this._closed = true;
+    this._stopRefresh();
     this._failAll(new ChatdError('CLOSED', reason));
     this._setState('closed');
-    this._emit('disconnected', { reason, willReconnect: false, goAway: goAway || undefined });
+    this._emit('disconnected', {
+      reason,
+      willReconnect: false,
+      goAway: goAway || undefined,
+      error,
+      expired: !!(error && error.expired),
+    });
   }
 
-  async _reconnectLoop(firstWait) {
+  /** Reconnects until it works or fails for good; `renew` as in {@link ChatdClient#_attempt}. */
+  async _reconnectLoop(firstWait, renew) {
     let wait = firstWait;
     let backoff = 100;
     for (;;) {
@@ -926,12 +1194,12 @@ export class ChatdClient extends EventTarget {
       await this._sleep(wait);
       if (this._closed) return;
       try {
-        await this._open();
+        await this._attempt(renew);
         return;
       } catch (e) {
         if (this._closed) return;
         if (e.fatal) {
-          this._giveUp(e.error ? e.error.message : String(e), undefined);
+          this._giveUp(e.error ? e.error.message : String(e), undefined, e.error);
           return;
         }
         wait = Math.max(e.wait || 0, backoff + Math.floor(Math.random() * 100));
@@ -961,6 +1229,15 @@ function normalizeResume(resume) {
   if (!resume) return [];
   if (Array.isArray(resume)) return resume.map((c) => ({ room: String(c.room), afterSeq: num(c.afterSeq) }));
   return Object.entries(resume).map(([room, seq]) => ({ room, afterSeq: num(seq) }));
+}
+
+/** A getToken (or token function) failure: ends the client. */
+function tokenFailure(message, expired) {
+  return { error: chatdError('GET_TOKEN', message, expired), fatal: true, auth: false };
+}
+
+function errorText(err) {
+  return err && err.message ? err.message : String(err);
 }
 
 function detach(ws) {

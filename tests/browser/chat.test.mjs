@@ -1,7 +1,8 @@
 // Real-browser tests of the chatd web client (clients/web) against a real
-// chatd server, plus Node unit tests of chatd-client.js.
+// chatd server, plus Node tests of chatd-client.js against a fake server
+// and against a real chatd (token expiry).
 //
-//   npm install --prefix tests/browser      # once: playwright-core
+//   npm install --prefix tests/browser      # once: playwright-core, ws
 //   node --test tests/browser/
 //
 // Environment:
@@ -12,18 +13,22 @@
 //   CI=true              a missing browser or playwright-core is a failure, not a skip
 //
 // Every wait is bounded; nothing sleeps for a fixed time to decide a result.
+// That something does not happen (a reconnect after an expired token) is
+// watched for over a bounded window, failing as soon as it does happen.
 // The last line printed is `browser: N passed, N failed`.
 
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { spawn, execFile, execFileSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 
-import { ChatdClient, Cursors, parseEnvelope } from '../../clients/web/chatd-client.js';
+import { ChatdClient, Cursors, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const REPO = resolve(HERE, '../..');
@@ -33,6 +38,11 @@ const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const CI = process.env.CI === 'true';
 const EMBEDDED = process.env.CHATD_WEB_EMBEDDED === '1';
 const ROOM = 'general';
+const EXPIRED_NOTICE = 'Your session expired — sign in again';
+/** The policy chatd serves the web client with; the pages must work under it. */
+const CSP =
+  "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; " +
+  "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'";
 
 // ---------------------------------------------------------------------------
 // Reporting: count results and print the summary line on its own.
@@ -71,6 +81,20 @@ async function waitUntil(cond, { timeout = 10_000, what = 'condition', interval 
     if (Date.now() > end) throw new Error(`timed out after ${timeout} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, interval));
   }
+}
+
+/**
+ * Watches for `ms`: returns the first truthy value of `bad` (something that
+ * must not happen, seen early), or null once the window passed without it.
+ */
+async function watchFor(ms, bad, interval = 25) {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    const v = await bad();
+    if (v) return v;
+    await new Promise((r) => setTimeout(r, interval));
+  }
+  return null;
 }
 
 /** Rejects after `ms` with `what` unless `p` settles first. */
@@ -142,6 +166,17 @@ async function handshake(sock, rooms = []) {
   const hello = sock().take('hello');
   sock().push({ id: hello.id, welcome: { user: 'ann', sessionId: 's1', protocolVersion: 1, rooms, heartbeatMs: 30000 } });
   return hello;
+}
+
+/** An unsigned token shaped like a JWT (the fake server does not check it). */
+const fakeJwt = (exp, sub = 'ann') =>
+  `${Buffer.from('{"alg":"HS256","typ":"JWT"}').toString('base64url')}.${Buffer.from(JSON.stringify({ sub, exp })).toString('base64url')}.c2ln`;
+
+/** The fake server refuses the Hello on the newest socket as chatd does. */
+function refuseHello(sock, message = 'token has expired') {
+  sock.push({ id: '1', error: { code: 'ERROR_CODE_UNAUTHENTICATED', message } });
+  sock.push({ goAway: { reason: 'CLOSE_REASON_AUTH_FAILED', message } });
+  sock.drop(1000);
 }
 
 const msg = (room, seq, extra = {}) => ({ room, seq: String(seq), sender: 'bob', tsMs: '1700000000000', text: `m${seq}`, ...extra });
@@ -301,6 +336,306 @@ describe('chatd-client.js (unit)', () => {
     await assert.rejects(p, (e) => e.code === 'ERROR_CODE_UNAUTHENTICATED');
     assert.equal(c.state, 'closed');
   });
+
+  check('tokenExpiry: the exp claim of a JWT; null for anything else', {}, () => {
+    assert.equal(tokenExpiry(fakeJwt(1700000000)), 1700000000);
+    assert.equal(tokenExpiry('not-a-jwt'), null);
+    assert.equal(tokenExpiry('a.b.c'), null);
+    assert.equal(tokenExpiry(`x.${Buffer.from('{"exp":"soon"}').toString('base64url')}.y`), null);
+    assert.equal(tokenExpiry(`x.${Buffer.from('{"sub":"ann"}').toString('base64url')}.y`), null);
+    assert.equal(tokenExpiry(undefined), null);
+  });
+
+  check('client: GoAway AUTH_EXPIRED without getToken gives up at once, as an expiry', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    const j = c.join('r');
+    sock().push({ goAway: { reason: 'CLOSE_REASON_AUTH_EXPIRED', message: 'token expired; reconnect with a fresh token' } });
+    // Decided synchronously: a client about to retry would be `reconnecting`.
+    assert.equal(c.state, 'closed');
+    const d = events.find((e) => e.type === 'disconnected');
+    assert.equal(d.willReconnect, false);
+    assert.equal(d.expired, true);
+    assert.equal(d.error.code, 'CLOSE_REASON_AUTH_EXPIRED');
+    assert.equal(d.error.expired, true);
+    assert.match(d.reason, /session expired/);
+    await assert.rejects(j, (e) => e.code === 'CLOSED');
+    assert.equal(FakeSocket.all.length, 1, 'no second connection');
+  });
+
+  check('client: getToken is called shortly before exp, and its token is used after GoAway AUTH_EXPIRED', { timeout: 10_000 }, async () => {
+    const exp = Math.ceil(Date.now() / 1000) + 6;
+    const t1 = fakeJwt(exp);
+    const t2 = fakeJwt(exp + 3600);
+    const calls = [];
+    const { c, events, sock } = fakeClient({
+      token: t1,
+      getToken: async () => {
+        calls.push(Date.now());
+        return t2;
+      },
+    });
+    const p = c.connect();
+    await handshake(sock, [{ room: 'r', headSeq: '3', readSeq: '3' }]);
+    await p;
+    const welcomedAt = Date.now();
+    await waitUntil(() => calls.length > 0, { timeout: 5000, what: 'getToken before expiry' });
+    // 6-7 s left: due at exp minus max(10%, 5 s), i.e. 1-2 s after Welcome.
+    assert.ok(calls[0] - welcomedAt >= 900, `not before it is due (${calls[0] - welcomedAt} ms after Welcome)`);
+    assert.ok(calls[0] <= exp * 1000 - 4900, 'at least 5 s before exp');
+    assert.equal(FakeSocket.all.length, 1, 'fetching a token does not reconnect');
+    sock().push({ message: msg('r', 4) });
+    sock().push({ goAway: { reason: 'CLOSE_REASON_AUTH_EXPIRED', message: 'token expired' } });
+    const d = events.find((e) => e.type === 'disconnected');
+    assert.equal(d.willReconnect, true);
+    assert.equal(d.expired, true);
+    await waitUntil(() => FakeSocket.all.length === 2, { timeout: 2000, what: 'the reconnect' });
+    const hello = await handshake(sock, [{ room: 'r', headSeq: '5', readSeq: '3' }]);
+    assert.equal(hello.hello.token, t2, 'the new token');
+    assert.deepEqual(hello.hello.resume, [{ room: 'r', afterSeq: '4' }]);
+    assert.equal(calls.length, 1, 'the token fetched before expiry was used');
+    await waitUntil(() => c.state === 'connected', { timeout: 2000, what: 'connected again' });
+    assert.equal(c.token, t2);
+    sock().push({ message: msg('r', 5) });
+    assert.deepEqual(seqsOf(events), [4, 5]);
+    c.close();
+  });
+
+  check('client: a refused Hello gets one new token from getToken, and a second refusal ends it', { timeout: 5000 }, async () => {
+    let calls = 0;
+    const ok = fakeClient({ token: 'old', getToken: async () => `new${++calls}` });
+    const p = ok.c.connect();
+    await waitUntil(() => ok.sock().sent.length > 0, { timeout: 2000, what: 'hello' });
+    refuseHello(ok.sock());
+    await waitUntil(() => FakeSocket.all.length === 2, { timeout: 2000, what: 'a second try' });
+    const hello = await handshake(ok.sock);
+    assert.equal(hello.hello.token, 'new1');
+    await p;
+    assert.equal(calls, 1);
+    assert.equal(ok.c.token, 'new1');
+    ok.c.close();
+
+    calls = 0;
+    const bad = fakeClient({ token: 'old', getToken: async () => `new${++calls}` });
+    const q = bad.c.connect();
+    await waitUntil(() => bad.sock().sent.length > 0, { timeout: 2000, what: 'hello' });
+    refuseHello(bad.sock());
+    await waitUntil(() => FakeSocket.all.length === 2 && bad.sock().sent.length > 0, { timeout: 2000, what: 'a second hello' });
+    assert.equal(bad.sock().take('hello').hello.token, 'new1');
+    refuseHello(bad.sock());
+    await assert.rejects(q, (e) => e.code === 'ERROR_CODE_UNAUTHENTICATED' && e.expired === true);
+    assert.equal(bad.c.state, 'closed');
+    assert.equal(calls, 1, 'getToken asked once');
+    assert.equal(FakeSocket.all.length, 2, 'two attempts, no more');
+  });
+
+  check('client: getToken failing, or handing back the expired token, ends the client with GET_TOKEN', { timeout: 5000 }, async () => {
+    for (const [getToken, why] of [
+      [async () => Promise.reject(new Error('backend down')), /getToken failed: backend down/],
+      [async () => fakeJwt(4102444800), /expires no later/],
+    ]) {
+      const { c, events, sock } = fakeClient({ token: fakeJwt(4102444800), getToken });
+      const p = c.connect();
+      await handshake(sock);
+      await p;
+      sock().push({ goAway: { reason: 'CLOSE_REASON_AUTH_EXPIRED', message: 'token expired' } });
+      await waitUntil(() => c.state === 'closed', { timeout: 2000, what: 'the client to give up' });
+      const d = events.filter((e) => e.type === 'disconnected').pop();
+      assert.equal(d.willReconnect, false);
+      assert.equal(d.expired, true);
+      assert.equal(d.error.code, 'GET_TOKEN');
+      assert.match(d.reason, why);
+      assert.equal(FakeSocket.all.length, 1, 'no connection with a token that cannot work');
+    }
+  });
+});
+
+// ===========================================================================
+// chatd-client.js in Node against a real chatd: token expiry.
+
+/** A WebSocket for Node: the global one (Node >= 22), else the `ws` package. */
+const NodeWebSocket = globalThis.WebSocket || (await import('ws').then((m) => m.WebSocket, () => null));
+const nodeMissing = !existsSync(CHATD)
+  ? `no chatd binary at ${CHATD} (set CHATD_BIN)`
+  : !NodeWebSocket
+    ? 'no WebSocket for Node (npm ci --prefix tests/browser installs ws)'
+    : '';
+if (nodeMissing) say(`\n!!! chatd-client.js AGAINST CHATD ${CI ? 'FAILED' : 'SKIPPED'}: ${nodeMissing}\n`);
+if (nodeMissing && CI) {
+  check('chatd-client.js against chatd can run (CI=true)', {}, () => {
+    throw new Error(`CI=true and ${nodeMissing}`);
+  });
+}
+
+/** `chatd token` for `user` with lifetime `ttl` (e.g. `2s`, `1h`). */
+function mintToken(dataDir, user, ttl) {
+  return execFileSync(CHATD, ['token', '--data', dataDir, '--user', user, '--ttl', ttl], { encoding: 'utf8' }).trim();
+}
+
+async function mintTokenAsync(dataDir, user, ttl) {
+  const { stdout } = await promisify(execFile)(CHATD, ['token', '--data', dataDir, '--user', user, '--ttl', ttl], { encoding: 'utf8' });
+  return stdout.trim();
+}
+
+/** A token signed with the server's secret, with any claims (an `exp` long past, for one). */
+function signToken(dataDir, claims) {
+  const key = readFileSync(join(dataDir, 'secret'), 'utf8').replace(/\n$/, '');
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
+  const signed = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  return `${signed}.${createHmac('sha256', key).update(signed).digest('base64url')}`;
+}
+
+/** A WebSocket class that records every connection it opens. */
+function countingWebSocket() {
+  const opened = [];
+  class Counting extends NodeWebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      opened.push(Date.now());
+      // ws emits 'error' when a socket is closed mid-handshake: keep it from being unhandled.
+      if (typeof this.on === 'function') this.on('error', () => {});
+    }
+  }
+  return { WebSocket: Counting, opened };
+}
+
+function recordEvents(c) {
+  const events = [];
+  for (const type of ['message', 'connected', 'disconnected', 'goaway', 'statechange']) {
+    c.addEventListener(type, (e) => events.push({ type, at: Date.now(), ...e.detail }));
+  }
+  return events;
+}
+
+describe('chatd-client.js against chatd: token expiry', { skip: nodeMissing ? `SKIPPED: ${nodeMissing}` : false }, () => {
+  const local = { server: null, data: null, clients: [] };
+  const url = () => `ws://127.0.0.1:${local.server.http}/ws`;
+  const client = (opts) => {
+    const c = new ChatdClient({ url: url(), heartbeat: false, WebSocket: NodeWebSocket, ...opts });
+    local.clients.push(c);
+    return c;
+  };
+
+  before(async () => {
+    local.data = mkdtempSync(join(tmpdir(), 'chatd-client-'));
+    local.server = await startServer(local.data);
+  });
+
+  after(async () => {
+    for (const c of local.clients) c.close();
+    await stopServer(local.server).catch(() => {});
+    if (local.data) rmSync(local.data, { recursive: true, force: true });
+  });
+
+  check('an expired session without getToken: GoAway AUTH_EXPIRED, then no further connection attempt', { timeout: 30_000 }, async () => {
+    const { WebSocket, opened } = countingWebSocket();
+    const c = client({ token: mintToken(local.data, 'erin', '2s'), WebSocket });
+    const events = recordEvents(c);
+    await c.connect();
+    await c.join('expiry-a');
+    const d = await waitUntil(() => events.find((e) => e.type === 'disconnected'), { timeout: 10_000, what: 'the session to end at exp' });
+    const ga = events.find((e) => e.type === 'goaway');
+    assert.equal(ga && ga.reason, 'CLOSE_REASON_AUTH_EXPIRED');
+    assert.equal(d.willReconnect, false);
+    assert.equal(d.expired, true);
+    assert.match(d.reason, /session expired/);
+    assert.equal(c.state, 'closed');
+    // A storm was ~64 attempts a second; the client's first backoff steps
+    // are 100-400 ms. Any attempt in this window fails the test at once.
+    const again = await watchFor(1500, () => opened.length > 1 || events.some((e) => e.type === 'statechange' && /connecting/.test(e.state) && e.at > d.at));
+    assert.equal(again, null, `no connection attempt after the expiry (sockets opened: ${opened.length})`);
+    await assert.rejects(c.join('expiry-a'), (e) => e.code === 'CLOSED');
+  });
+
+  check('with getToken the session carries on across the expiry: no gap, no duplicate', { timeout: 30_000 }, async () => {
+    const room = 'expiry-b';
+    const first = mintToken(local.data, 'fay', '3s');
+    const calls = [];
+    const { WebSocket, opened } = countingWebSocket();
+    const a = client({
+      token: first,
+      WebSocket,
+      getToken: async () => {
+        calls.push(Date.now());
+        return mintTokenAsync(local.data, 'fay', '1h');
+      },
+    });
+    const events = recordEvents(a);
+    const b = client({ token: mintToken(local.data, 'gus', '1h') });
+    await a.connect();
+    await a.join(room);
+    await b.connect();
+    await b.join(room);
+    const received = () => events.filter((e) => e.type === 'message' && e.room === room);
+    const sent = [];
+    const publish = async (text) => sent.push({ seq: (await b.publish(room, text)).seq, text });
+
+    await publish('gus before the expiry');
+    await waitUntil(() => received().length === 1, { timeout: 5000, what: 'the first message' });
+    const ga = await waitUntil(() => events.find((e) => e.type === 'goaway'), { timeout: 10_000, what: 'GoAway at exp' });
+    assert.equal(ga.reason, 'CLOSE_REASON_AUTH_EXPIRED');
+    // Published after the expiry, while fay is away or just back (resumed from her cursor).
+    await publish('gus after the expiry one');
+    await waitUntil(() => events.filter((e) => e.type === 'connected').length === 2, { timeout: 10_000, what: 'fay to reconnect' });
+    await publish('gus after the expiry two');
+    await waitUntil(() => received().length >= 3, { timeout: 10_000, what: 'every message' });
+
+    assert.deepEqual(received().map((m) => [m.seq, m.text]), sent.map((m) => [m.seq, m.text]), 'each message once, in order');
+    assert.deepEqual(sent.map((m) => m.seq), [sent[0].seq, sent[0].seq + 1, sent[0].seq + 2], 'contiguous seqs');
+    const d = events.find((e) => e.type === 'disconnected');
+    assert.equal(d.willReconnect, true);
+    assert.equal(d.expired, true);
+    assert.ok(calls.length >= 1 && calls[0] < ga.at, 'getToken was called before the expiry');
+    assert.equal(calls.length, 1, 'one new token');
+    assert.equal(opened.length, 2, 'one reconnect');
+    assert.equal(a.state, 'connected');
+    assert.equal(a.user, 'fay');
+    assert.notEqual(a.token, first);
+    assert.ok(tokenExpiry(a.token) > tokenExpiry(first), 'the session runs on the new token');
+  });
+
+  check('a token refused at Hello: getToken is asked once; without it, or refused again, the client gives up', { timeout: 30_000 }, async () => {
+    // Long past any clock-skew leeway the server may allow.
+    const stale = signToken(local.data, { sub: 'hank', exp: Math.floor(Date.now() / 1000) - 3600 });
+
+    const plain = countingWebSocket();
+    const c1 = client({ token: stale, WebSocket: plain.WebSocket });
+    await assert.rejects(c1.connect(), (e) => e.code === 'ERROR_CODE_UNAUTHENTICATED' && e.expired === true);
+    assert.equal(c1.state, 'closed');
+    assert.equal(plain.opened.length, 1);
+
+    let calls = 0;
+    const renewed = countingWebSocket();
+    const c2 = client({
+      token: stale,
+      WebSocket: renewed.WebSocket,
+      getToken: () => {
+        calls++;
+        return mintTokenAsync(local.data, 'hank', '1h');
+      },
+    });
+    const w = await c2.connect();
+    assert.equal(w.user, 'hank');
+    assert.equal(calls, 1);
+    assert.equal(renewed.opened.length, 2);
+
+    calls = 0;
+    const refused = countingWebSocket();
+    const c3 = client({
+      token: stale,
+      WebSocket: refused.WebSocket,
+      getToken: async () => {
+        calls++;
+        return signToken(local.data, { sub: 'hank', exp: Math.floor(Date.now() / 1000) - 3600 + calls });
+      },
+    });
+    await assert.rejects(c3.connect(), (e) => e.code === 'ERROR_CODE_UNAUTHENTICATED' && e.expired === true);
+    assert.equal(calls, 1, 'getToken asked once');
+    assert.equal(refused.opened.length, 2, 'two attempts, no more');
+    assert.equal(c3.state, 'closed');
+  });
 });
 
 // ===========================================================================
@@ -419,9 +754,32 @@ function assertTimeline(list, expected, who) {
 
 const state = (page) => page.locator('#conn-state').getAttribute('data-state');
 
+/**
+ * Records in `window.__cspViolations` whatever the page's
+ * Content-Security-Policy blocks. (The policy is the server's: a page
+ * fulfilled by page.route() instead loses its loopback address, and
+ * Chromium's local-network checks then block its WebSocket.)
+ */
+async function watchCsp(page) {
+  await page.addInitScript(() => {
+    window.__cspViolations = [];
+    document.addEventListener('securitypolicyviolation', (e) => window.__cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`));
+  });
+}
+
+const cspViolations = (page) => page.evaluate(() => window.__cspViolations);
+
+/** Checks the page was served with {@link CSP}, when this chatd sends one. */
+function checkServedCsp(response) {
+  const served = response && response.headers()['content-security-policy'];
+  if (served) assert.equal(served, CSP, 'the policy the web client is written for');
+  else say('note: this chatd serves no Content-Security-Policy; CSP violations could not be checked');
+}
+
 async function login(ctx, name) {
   const page = await ctx.newPage();
   page.on('pageerror', (e) => console.error(`[${name} page error]`, e));
+  await watchCsp(page);
   await page.goto(`http://127.0.0.1:${env.server.http}/`);
   await page.locator('#dev-name').waitFor({ state: 'visible', timeout: 10_000 });
   await page.fill('#dev-name', name);
@@ -705,5 +1063,94 @@ describe('web client in Chromium against chatd', { skip: missing ? `SKIPPED: ${m
     const all = await shown(pageB, 'history');
     assertTimeline(all, Array.from({ length: N }, (_, i) => `history line ${i + 1}`), "bob's history");
     await pageB.locator('#history-start').waitFor({ state: 'visible' });
+    assert.deepEqual(await cspViolations(pageB), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('g. a pasted token that expires: the sign-in screen says so, the box is empty, no reconnect loop', { timeout: 60_000 }, async () => {
+    assert.ok(env.server, 'the server is up');
+    const ctx = await env.browser.newContext({ viewport: { width: 1200, height: 760 } });
+    try {
+      const page = await ctx.newPage();
+      page.on('pageerror', (e) => console.error('[ivy page error]', e));
+      const sockets = [];
+      page.on('websocket', (ws) => sockets.push(ws.url()));
+      await watchCsp(page);
+      checkServedCsp(await page.goto(`http://127.0.0.1:${env.server.http}/`));
+      await page.locator('#token-input').waitFor({ state: 'visible', timeout: 10_000 });
+      const token = mintToken(env.data, 'ivy', '3s');
+      await page.fill('#token-input', token);
+      await page.click('#token-login button[type=submit]');
+      await page.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 10_000 });
+      assert.equal(await page.locator('#me-name').textContent(), 'ivy');
+      await joinRoom(page, 'expiry-web');
+
+      const notice = page.locator('#login-error', { hasText: EXPIRED_NOTICE });
+      await notice.waitFor({ state: 'visible', timeout: 15_000 });
+      assert.equal((await notice.textContent()).trim(), EXPIRED_NOTICE, 'plain words, no error code');
+      assert.equal(await page.locator('#app').isVisible(), false);
+      assert.equal(await page.inputValue('#token-input'), '', 'the token box is cleared');
+      assert.equal(await page.evaluate(() => localStorage.getItem('chatd.token')), null, 'the stored token is forgotten');
+      assert.equal(sockets.length, 1);
+      const loop = await watchFor(1500, () => sockets.length > 1);
+      assert.equal(loop, null, `no reconnect after the expiry (WebSockets opened: ${sockets.length})`);
+
+      // A page reloaded with the expired token still stored (a tab left
+      // open overnight): one refused attempt, then the same notice.
+      await page.evaluate((t) => localStorage.setItem('chatd.token', t), token);
+      const before = sockets.length;
+      await page.reload();
+      await notice.waitFor({ state: 'visible', timeout: 15_000 });
+      assert.equal(await page.inputValue('#token-input'), '');
+      assert.equal(await page.evaluate(() => localStorage.getItem('chatd.token')), null);
+      const reloadLoop = await watchFor(1500, () => sockets.length - before > 1);
+      assert.equal(reloadLoop, null, `one attempt with the expired token (WebSockets opened since the reload: ${sockets.length - before})`);
+      await page.screenshot({ path: '/tmp/chatd-web-expired.png' });
+      assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+    } finally {
+      await ctx.close();
+    }
+  });
+
+  check('h. a dev login carries on across its token\'s expiry with a new token', { timeout: 60_000 }, async () => {
+    assert.ok(env.server, 'the server is up');
+    const ctx = await env.browser.newContext({ viewport: { width: 1200, height: 760 } });
+    try {
+      const page = await ctx.newPage();
+      page.on('pageerror', (e) => console.error('[jo page error]', e));
+      const sockets = [];
+      page.on('websocket', (ws) => sockets.push(ws.url()));
+      await watchCsp(page);
+      // The first dev token is short-lived (the server's last 24 h); later
+      // ones come from the server as usual.
+      const first = mintToken(env.data, 'jo', '3s');
+      let minted = 0;
+      await page.route(/\/dev\/token\?user=jo$/, (route) => {
+        minted++;
+        if (minted === 1) return route.fulfill({ status: 200, contentType: 'text/plain', body: first });
+        return route.continue();
+      });
+      await page.goto(`http://127.0.0.1:${env.server.http}/`);
+      await page.locator('#dev-name').waitFor({ state: 'visible', timeout: 10_000 });
+      await page.fill('#dev-name', 'jo');
+      await page.click('#dev-login button[type=submit]');
+      await page.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 10_000 });
+      await joinRoom(page, 'expiry-dev');
+      await sendFromPage(page, 'jo before the expiry');
+      await waitForTexts(page, 'expiry-dev', ['jo before the expiry']);
+
+      await waitUntil(() => sockets.length >= 2, { timeout: 15_000, what: 'the reconnect at the expiry' });
+      await page.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 10_000 });
+      assert.ok(minted >= 2, 'a new token was minted for jo');
+      await sendFromPage(page, 'jo after the expiry');
+      await waitForTexts(page, 'expiry-dev', ['jo before the expiry', 'jo after the expiry']);
+      assertTimeline(await shown(page, 'expiry-dev'), ['jo before the expiry', 'jo after the expiry'], "jo's page");
+      assert.equal(await page.locator('#login').isVisible(), false, 'still signed in');
+      const stored = await page.evaluate(() => localStorage.getItem('chatd.token'));
+      assert.ok(tokenExpiry(stored) > tokenExpiry(first), 'the new token is stored for a reload');
+      assert.equal(sockets.length, 2, 'one reconnect');
+      assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+    } finally {
+      await ctx.close();
+    }
   });
 });
