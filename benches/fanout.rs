@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use chatd::codec::encode_frame;
+use chatd::delivery::Run;
+use chatd::delivery::Subscriber;
+use chatd::delivery::message_frame;
 use chatd::hub::Limits;
 use chatd::proto::{Body, Envelope, Message};
-use chatd::room::{Room, message_frame};
-use chatd::session::SessionHandle;
-use chatd::session::outbound::Run;
+use chatd::room::Room;
 use divan::Bencher;
 use prost::Message as _;
 
@@ -21,8 +22,8 @@ fn main() {
 fn fan_out_one_message(b: Bencher, sessions: usize) {
     let limits = Limits::default();
     let room = Arc::new(Room::new(1, "r".into(), 0));
-    let handles: Vec<Arc<SessionHandle>> =
-        (0..sessions).map(|i| Arc::new(SessionHandle::new(i as u64, &limits, "tcp", String::new()))).collect();
+    let handles: Vec<Arc<Subscriber>> =
+        (0..sessions).map(|i| Arc::new(Subscriber::new(i as u64, limits.outbound, 1, "tcp", String::new()))).collect();
     for h in &handles {
         room.subscribe_live(h, None);
     }

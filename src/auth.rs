@@ -16,7 +16,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -67,10 +67,7 @@ pub struct Auth {
     key: hmac::Key,
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+pub use crate::time::unix_now;
 
 /// User ids are the `sub` of a token: 1–62 characters of `[A-Za-z0-9_.-]`,
 /// so that `dm:<a>:<b>` is always a valid room name (design.md §3) and ids

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::OutboundLimits;
 use crate::hub::Limits;
-use crate::session::OutboundLimits;
 use crate::store::commit::Durability;
 
 /// Everything `chatd serve` can be told.

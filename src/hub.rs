@@ -12,15 +12,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::auth::Auth;
+use crate::delivery::{Frame, Subscriber};
 use crate::idmap::IdMap;
+use crate::pipeline::{Completion, Pipeline};
 use crate::room::Room;
-use crate::room::fanout::Completion;
-use crate::session::SessionHandle;
-use crate::session::outbound::Frame;
 use crate::store::commit::CommitQueue;
 use crate::store::{RoomId, Snapshot, Store};
 
-/// Limits and timings that sessions apply (design.md §5).
+/// Limits and timings that sessions apply (ARCHITECTURE.md, "Limits").
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Largest frame accepted or sent.
@@ -40,7 +39,7 @@ pub struct Limits {
     /// Publishes of one session awaiting their ack.
     pub max_inflight_publishes: usize,
     /// Outbound queue bounds.
-    pub outbound: crate::session::outbound::OutboundLimits,
+    pub outbound: crate::delivery::OutboundLimits,
     /// How long a session may stay behind before `GoAway{SLOW_CONSUMER}`.
     pub slow_consumer_timeout: Duration,
     /// Sessions one user may have open.
@@ -86,7 +85,7 @@ pub struct UserState {
     /// Read markers by room.
     pub read: IdMap<u64>,
     /// Sessions online.
-    pub sessions: Vec<Arc<SessionHandle>>,
+    pub sessions: Vec<Arc<Subscriber>>,
     bucket: Option<Bucket>,
 }
 
@@ -107,18 +106,16 @@ impl UserEntry {
     }
 }
 
-type IdemKey = (Arc<str>, String);
-/// Retries of a key in flight: the session and the retry's request id.
-type IdemWaiters = Vec<(Arc<SessionHandle>, u64)>;
-
 /// Shared server state.
 pub struct Hub {
     /// Limits in force.
     pub limits: Limits,
-    /// The store (reads go straight to it; writes through `commits`).
+    /// The store (reads go straight to it; writes through the pipeline's
+    /// group commit).
     pub store: Arc<dyn Store>,
-    /// The group commit's queue.
-    pub commits: CommitQueue<Completion>,
+    /// The group commit, the fan-out's handles and the idempotency keys in
+    /// flight.
+    pub pipeline: Arc<Pipeline>,
     /// Token verifier.
     pub auth: Auth,
     /// `Welcome.server`.
@@ -127,14 +124,11 @@ pub struct Hub {
     rooms_by_id: RwLock<HashMap<RoomId, Arc<Room>>>,
     next_room_id: AtomicU64,
     users: Mutex<HashMap<Arc<str>, Arc<UserEntry>>>,
-    /// Publishes committed-but-not-yet-acked by key, with the retries that
-    /// arrived meanwhile (answered with the same seq once it is durable).
-    idem_in_flight: Mutex<HashMap<IdemKey, IdemWaiters>>,
     next_session_id: AtomicU64,
     /// Rooms with a typing indicator on, for the expiry sweep.
     typing_rooms: Mutex<HashMap<RoomId, Arc<Room>>>,
     /// Every open connection, for the admin view.
-    connections: Mutex<HashMap<u64, std::sync::Weak<SessionHandle>>>,
+    connections: Mutex<HashMap<u64, std::sync::Weak<Subscriber>>>,
     /// Metric handles.
     pub metrics: crate::metrics::Metrics,
 }
@@ -184,21 +178,21 @@ impl Hub {
                 e.lock().read.insert(room, seq);
             }
         }
+        let metrics = crate::metrics::Metrics::new();
         Hub {
             limits,
             store,
-            commits,
+            pipeline: Arc::new(Pipeline::new(commits, metrics.clone())),
             auth,
             server_name: format!("chatd/{}", env!("CARGO_PKG_VERSION")),
             rooms: RwLock::new(rooms),
             rooms_by_id: RwLock::new(by_id),
             next_room_id: AtomicU64::new(max_id + 1),
             users: Mutex::new(users),
-            idem_in_flight: Mutex::new(HashMap::new()),
             next_session_id: AtomicU64::new(1),
             typing_rooms: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
-            metrics: crate::metrics::Metrics::new(),
+            metrics,
         }
     }
 
@@ -277,13 +271,13 @@ impl Hub {
         &self,
         sender: &Arc<str>,
         client_msg_id: &str,
-        session: &Arc<SessionHandle>,
+        session: &Arc<Subscriber>,
         request_id: u64,
     ) -> Result<IdemCheck, crate::store::StoreError> {
         let key = (sender.clone(), client_msg_id.to_string());
         // The lookup runs under the in-flight lock: a key leaves the map only
         // after its message is stored, so it is always in one or the other.
-        let mut map = self.idem_in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.pipeline.in_flight.lock();
         if let Some(waiters) = map.get_mut(&key) {
             waiters.push((session.clone(), request_id));
             return Ok(IdemCheck::InFlight);
@@ -296,12 +290,6 @@ impl Hub {
         }
         map.insert(key, Vec::new());
         Ok(IdemCheck::Fresh)
-    }
-
-    /// Ends the flight of a key; returns the retries waiting for it.
-    pub fn settle_idempotent(&self, sender: &Arc<str>, client_msg_id: &str) -> IdemWaiters {
-        let key = (sender.clone(), client_msg_id.to_string());
-        self.idem_in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key).unwrap_or_default()
     }
 
     /// Turns `user`'s typing indicator in `room` on (until the TTL passes) or
@@ -355,7 +343,7 @@ impl Hub {
     }
 
     /// Registers an open connection.
-    pub fn register_connection(&self, handle: &Arc<SessionHandle>) {
+    pub fn register_connection(&self, handle: &Arc<Subscriber>) {
         self.metrics.transport(handle.transport()).connections.increment(1.0);
         self.connections.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id, Arc::downgrade(handle));
     }
@@ -374,7 +362,7 @@ impl Hub {
     }
 
     /// Every open connection.
-    pub fn connections(&self) -> Vec<Arc<SessionHandle>> {
+    pub fn connections(&self) -> Vec<Arc<Subscriber>> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(|w| w.upgrade()).collect()
     }
 
@@ -397,7 +385,7 @@ impl Hub {
     }
 
     /// Every online session (for shutdown).
-    pub fn all_sessions(&self) -> Vec<Arc<SessionHandle>> {
+    pub fn all_sessions(&self) -> Vec<Arc<Subscriber>> {
         let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen = HashSet::new();
         let mut out = Vec::new();

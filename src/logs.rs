@@ -21,7 +21,7 @@ impl Throttle {
     /// `Some(n)` if this event should be logged, `n` being how many were
     /// suppressed since the last one logged; `None` to stay quiet.
     pub fn allow(&self) -> Option<u64> {
-        let now = crate::session::now_ms();
+        let now = crate::time::now_ms();
         let next = self.next_ms.load(Ordering::Relaxed);
         if now >= next
             && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::AcqRel, Ordering::Relaxed).is_ok()

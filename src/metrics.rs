@@ -144,6 +144,7 @@ pub fn install() -> PrometheusHandle {
 }
 
 /// Per-transport counters.
+#[derive(Clone)]
 pub struct TransportMetrics {
     /// Open connections.
     pub connections: Gauge,
@@ -169,7 +170,8 @@ impl TransportMetrics {
     }
 }
 
-/// Handles for the hot paths.
+/// Handles for the hot paths. Cloned handles count into the same metrics.
+#[derive(Clone)]
 pub struct Metrics {
     /// Messages stored and acked.
     pub published: Counter,

@@ -17,7 +17,7 @@ use crate::config::{Config, ConfigError};
 use crate::http::App;
 use crate::hub::Hub;
 use crate::net::tls::{Certificates, TlsSettings};
-use crate::room::fanout::{self, Completion};
+use crate::pipeline::{self, Completion};
 use crate::session::driver::Shutdown;
 use crate::store::commit::{self, Pending, Write};
 use crate::store::sled::SledStore;
@@ -115,7 +115,7 @@ impl Server {
             commit::start::<Completion>(store.clone(), durability, config.commit_queue, committed_tx);
         let rooms = snapshot.rooms.len();
         let hub = Arc::new(Hub::new(config.limits(), store, commits, auth, snapshot));
-        let fanout_task = tokio::spawn(fanout::run(hub.clone(), committed_rx));
+        let fanout_task = tokio::spawn(pipeline::fanout::run(hub.pipeline.clone(), committed_rx));
 
         let tls = match config.tls_addr() {
             Some(addr) => Some(crate::net::tcp::listen(addr).map_err(|e| StartError::Io(format!("tls {addr}: {e}")))?),
@@ -247,11 +247,11 @@ impl Server {
         // Every write queued before this barrier is committed, fanned out
         // and acked when it comes back.
         let (tx, rx) = oneshot::channel();
-        if let Some(slot) = self.hub.commits.reserve().await {
+        if let Some(slot) = self.hub.pipeline.commits.reserve().await {
             slot.send(Pending {
                 write: Write::Barrier,
                 completion: Completion::Notify(tx),
-                epoch: self.hub.commits.epoch(),
+                epoch: self.hub.pipeline.commits.epoch(),
             });
             let _ = tokio::time::timeout_at(deadline, rx).await;
         }
@@ -267,7 +267,7 @@ impl Server {
             let _ = t.await;
         }
         let _ = self.http_task.await;
-        let failed = self.hub.commits.has_failed();
+        let failed = self.hub.pipeline.commits.has_failed();
         if failed {
             // Everything acknowledged was synced before the failure; a failed
             // store (sled after an I/O error) may never finish another flush.
@@ -324,7 +324,7 @@ async fn expire_idempotency(hub: Arc<Hub>, keep: Duration) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        let before = crate::session::now_ms().saturating_sub(keep.as_millis() as u64);
+        let before = crate::time::now_ms().saturating_sub(keep.as_millis() as u64);
         let store = hub.store.clone();
         match tokio::task::spawn_blocking(move || store.expire_idempotency(before)).await {
             Ok(Ok(n)) if n > 0 => tracing::info!(expired = n, "idempotency records expired"),

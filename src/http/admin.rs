@@ -117,7 +117,7 @@ pub(super) async fn connections(
     if let Err(r) = authorize(&app, &headers) {
         return *r;
     }
-    let now = crate::session::now_ms();
+    let now = crate::time::now_ms();
     let mut rows: Vec<(f64, Value)> = app
         .hub
         .connections()

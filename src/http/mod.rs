@@ -119,8 +119,8 @@ async fn render_metrics(State(app): State<Arc<App>>) -> Response {
     metrics::gauge!(m::ROOMS).set(rooms.len() as f64);
     metrics::gauge!(m::ROOMS_ACTIVE).set(active as f64);
     metrics::counter!(m::SLOW_CONSUMER_EVENTS).absolute(slow);
-    metrics::gauge!(m::COMMIT_QUEUE_DEPTH).set(hub.commits.depth() as f64);
-    metrics::gauge!(m::STORAGE_HEALTHY).set(if hub.commits.has_failed() { 0.0 } else { 1.0 });
+    metrics::gauge!(m::COMMIT_QUEUE_DEPTH).set(hub.pipeline.commits.depth() as f64);
+    metrics::gauge!(m::STORAGE_HEALTHY).set(if hub.pipeline.commits.has_failed() { 0.0 } else { 1.0 });
     metrics::gauge!(m::DURABILITY, "mode" => app.durability.clone()).set(1.0);
     let store = hub.store.clone();
     let size = tokio::task::spawn_blocking(move || store.size_on_disk()).await.unwrap_or(0);
@@ -137,7 +137,7 @@ async fn healthz() -> &'static str {
 async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, String) {
     if !app.serving.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "not serving (starting or shutting down)\n".into())
-    } else if app.hub.commits.has_failed() {
+    } else if app.hub.pipeline.commits.has_failed() {
         (StatusCode::SERVICE_UNAVAILABLE, "storage failed; see the logs\n".into())
     } else {
         (StatusCode::OK, format!("ready: {} rooms\n", app.hub.room_count()))

@@ -18,11 +18,12 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 
 use crate::codec::FrameError;
+use crate::delivery::Frame;
+use crate::delivery::Subscriber;
 use crate::hub::Hub;
 use crate::proto::Envelope;
+use crate::session::Session;
 use crate::session::driver::{Incoming, Shutdown, Source, serve_requests};
-use crate::session::outbound::Frame;
-use crate::session::{Session, SessionHandle};
 
 /// Close codes (RFC 6455 §7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
@@ -166,7 +167,7 @@ pub fn json_text(frame: &Frame) -> Bytes {
 
 /// Writes the session's queue to the WebSocket (generic over the sink so
 /// that a test can stand in for the socket).
-async fn write_loop<S>(hub: Arc<Hub>, handle: Arc<SessionHandle>, mut sink: S, shared: Arc<Shared>)
+async fn write_loop<S>(hub: Arc<Hub>, handle: Arc<Subscriber>, mut sink: S, shared: Arc<Shared>)
 where
     S: futures_util::Sink<Message, Error = axum::Error> + Unpin,
 {
@@ -208,7 +209,7 @@ where
                     break;
                 }
                 Err(_) => {
-                    handle.write_stalled(&hub);
+                    crate::session::writer::write_stalled(&handle, &hub);
                     break;
                 }
             }
@@ -225,7 +226,7 @@ where
             let _ = tokio::time::timeout(slow, sink.send(close)).await;
             break;
         }
-        if handle.tend(&hub) {
+        if crate::session::writer::tend(&handle, &hub) {
             continue;
         }
         handle.outbound.ready().await;
@@ -277,7 +278,7 @@ mod tests {
         let envelopes = first.len() + last.len() - 2 * crate::codec::PREFIX_LEN;
         let texts = [&first, &last].map(|f| json_text(&Frame::from((*f).clone())).len()).iter().sum::<usize>();
         for (failing, json) in [(false, false), (false, true), (true, false), (true, true)] {
-            let handle = Arc::new(SessionHandle::new(1, &hub.limits, "ws", "test".into()));
+            let handle = Arc::new(Subscriber::new(1, hub.limits.outbound, 1, "ws", "test".into()));
             handle.outbound.push(first.clone()).unwrap();
             handle.outbound.close_with(Some(last.clone()));
             let shared = Arc::new(Shared { json: AtomicBool::new(json), close_code: AtomicU16::new(CLOSE_NORMAL) });

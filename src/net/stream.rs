@@ -14,11 +14,12 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::codec::{FrameError, FrameReader};
+use crate::delivery::Subscriber;
+use crate::delivery::{Drained, Frame};
 use crate::hub::Hub;
+use crate::session::Session;
 use crate::session::driver::{Incoming, Shutdown, Source, serve_requests};
 use crate::session::join::{Io, join};
-use crate::session::outbound::{Drained, Frame};
-use crate::session::{Session, SessionHandle};
 
 /// A stream that can say when it has bytes to read without being handed a
 /// buffer to read them into.
@@ -80,12 +81,12 @@ impl<R: AsyncRead + Readable + Unpin + Send + Sync> Source for Frames<R> {
 /// The connection task's hold on its session: takes the socket back from
 /// the session's queue when the task ends, however it ends (the queue lives
 /// on while rooms still hold the session).
-struct Connection(Arc<SessionHandle>);
+struct Connection(Arc<Subscriber>);
 
 impl std::ops::Deref for Connection {
-    type Target = SessionHandle;
+    type Target = Subscriber;
 
-    fn deref(&self) -> &SessionHandle {
+    fn deref(&self) -> &Subscriber {
         &self.0
     }
 }
@@ -101,7 +102,7 @@ const KEEP_WRITE_BUF: usize = 64 * 1024;
 
 /// Serves one connection until it closes. `socket`, for a plain TCP
 /// connection, lets the fan-out write live frames to it while the writer is
-/// idle ([`crate::session::outbound`]).
+/// idle ([`crate::delivery::queue`]).
 pub fn serve<R, W>(
     hub: Arc<Hub>,
     reader: R,
@@ -140,7 +141,7 @@ where
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w: &mut W) {
+async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &Subscriber, w: &mut W) {
     let mut buf = BytesMut::new();
     let counters = hub.metrics.transport(handle.transport());
     loop {
@@ -181,7 +182,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
                         break;
                     }
                     Err(_) => {
-                        handle.write_stalled(hub);
+                        crate::session::writer::write_stalled(handle, hub);
                         break;
                     }
                 }
@@ -197,7 +198,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(hub: &Hub, handle: &SessionHandle, w:
             let _ = Box::pin(tokio::time::timeout(hub.limits.slow_consumer_timeout, w.flush())).await;
             break;
         }
-        if handle.tend(hub) {
+        if crate::session::writer::tend(handle, hub) {
             continue;
         }
         // Nothing to write: an idle connection keeps no write buffer. A busy
@@ -337,12 +338,12 @@ mod tests {
     #[tokio::test]
     async fn frames_count_as_sent_once_written_and_not_when_the_write_fails() {
         let hub = crate::hub::test_hub();
-        let sent = |h: &SessionHandle| {
+        let sent = |h: &Subscriber| {
             use std::sync::atomic::Ordering::Relaxed;
             (h.stats.frames_out.load(Relaxed), h.stats.bytes_out.load(Relaxed))
         };
         for (failing, expected) in [(false, (2, 9)), (true, (0, 0))] {
-            let handle = SessionHandle::new(1, &hub.limits, "tcp", "test".into());
+            let handle = Subscriber::new(1, hub.limits.outbound, 1, "tcp", "test".into());
             handle.outbound.push(bytes::Bytes::from_static(b"four")).unwrap();
             handle.outbound.close_with(Some(bytes::Bytes::from_static(b"five!")));
             if failing {

@@ -3,7 +3,7 @@
 //! A [`Room`] assigns each publish the next seq (under `log`, in the same
 //! critical section that queues the append, so the commit queue holds a
 //! room's appends in seq order). Once committed, the fan-out stage
-//! ([`fanout`]) offers the message — encoded once, a shared `Bytes` — to
+//! (`pipeline::fanout`) offers the message — encoded once, a shared `Bytes` — to
 //! every subscribed session with [`Room::fan_out`].
 //!
 //! Each subscriber has a delivery cursor (`delivered`): the highest seq it
@@ -22,7 +22,6 @@
 //! it live and offers the next seq, or the catch-up sees the new head and
 //! reads that seq from the log (it was committed before it was dispatched).
 
-pub mod fanout;
 pub mod stats;
 
 use std::sync::Arc;
@@ -30,18 +29,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use prost::Message as _;
 
-use crate::codec::{PREFIX_LEN, encode_frame};
+use crate::codec::encode_frame;
+use crate::delivery::{Behind, CatchUp, Frame, Run, Subscriber, message_frame};
 use crate::idmap::IdMap;
 use crate::proto::{self, Body, Envelope};
-use crate::session::SessionHandle;
-use crate::session::outbound::{Frame, Run};
 use crate::store::{RoomId, Store, StoreError};
-
-/// Field number of `Envelope.message` (checked by a test against prost).
-const ENVELOPE_MESSAGE_FIELD: u32 = 18;
 
 /// Whether `name` is a valid room name: `[A-Za-z0-9_.:-]{1,128}`.
 pub fn valid_room_name(name: &str) -> bool {
@@ -76,28 +71,6 @@ pub fn access_of(name: &str) -> Result<Access, &'static str> {
     }
 }
 
-/// Wraps an encoded `Message` into a push frame (prefix + `Envelope{id: 0,
-/// message}`) without decoding it.
-pub fn message_frame(message: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(PREFIX_LEN + 16 + message.len());
-    put_message_frame(message, &mut out);
-    out.freeze()
-}
-
-/// [`message_frame`], appended to `out`.
-pub fn put_message_frame(message: &[u8], out: &mut BytesMut) {
-    let mut head = [0u8; 16];
-    let mut body = &mut head[..];
-    prost::encoding::encode_key(ENVELOPE_MESSAGE_FIELD, prost::encoding::WireType::LengthDelimited, &mut body);
-    prost::encoding::encode_varint(message.len() as u64, &mut body);
-    let head_len = 16 - body.len();
-    let env_len = head_len + message.len();
-    out.reserve(PREFIX_LEN + env_len);
-    out.put_u32(env_len as u32);
-    out.extend_from_slice(&head[..head_len]);
-    out.extend_from_slice(message);
-}
-
 enum Mode {
     Live,
     CatchingUp {
@@ -108,8 +81,10 @@ enum Mode {
     },
 }
 
-struct Subscriber {
-    session: Arc<SessionHandle>,
+/// One subscriber's place in a room: how far it has been given the log, and
+/// whether it is live or catching up.
+struct Subscription {
+    session: Arc<Subscriber>,
     delivered: u64,
     mode: Mode,
 }
@@ -126,7 +101,7 @@ pub struct Room {
     /// clients may read.
     dispatched: AtomicU64,
     /// By session id.
-    subs: Mutex<IdMap<Subscriber>>,
+    subs: Mutex<IdMap<Subscription>>,
     /// Times a subscriber's queue was full and it fell back to the log.
     slow_consumer_events: AtomicU64,
     /// Users typing now, with when their indicator expires. A `Vec`: a
@@ -138,17 +113,8 @@ pub struct Room {
     pub members: AtomicU64,
 }
 
-/// What a catch-up step achieved.
-#[derive(Debug, PartialEq, Eq)]
-pub enum CatchUp {
-    /// The subscriber is live again (or gone).
-    Done,
-    /// Its queue filled up; call again once it drains.
-    More,
-}
-
 /// The most subscribers a room may have for its fan-out to write to their
-/// sockets itself ([`crate::session::outbound`]); a larger room's
+/// sockets itself ([`crate::delivery::queue`]); a larger room's
 /// messages are queued for the connections' writers, as before. The
 /// fan-out holds the room's lock, and the fan-out stage its worker, for
 /// each such write (a few µs), which this bounds at ~0.1 ms; and in a busy
@@ -243,7 +209,7 @@ impl Room {
         self.slow_consumer_events.load(Ordering::Relaxed)
     }
 
-    fn subs(&self) -> std::sync::MutexGuard<'_, IdMap<Subscriber>> {
+    fn subs(&self) -> std::sync::MutexGuard<'_, IdMap<Subscription>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -271,28 +237,28 @@ impl Room {
     /// Subscribes `session` live from the current head, first queueing the
     /// frame `reply(head)` (a `Joined`) so it precedes every live message.
     /// Returns the head.
-    pub fn subscribe_live(&self, session: &Arc<SessionHandle>, reply: Option<&dyn Fn(u64) -> Bytes>) -> u64 {
+    pub fn subscribe_live(&self, session: &Arc<Subscriber>, reply: Option<&dyn Fn(u64) -> Bytes>) -> u64 {
         let mut subs = self.subs();
         let head = self.head();
         if let Some(reply) = reply {
             let _ = session.outbound.push(reply(head));
         }
-        subs.get_or_insert(session.id, Subscriber { session: session.clone(), delivered: head, mode: Mode::Live });
+        subs.get_or_insert(session.id, Subscription { session: session.clone(), delivered: head, mode: Mode::Live });
         head
     }
 
     /// Subscribes `session` from `after` (it has every message up to it):
     /// the missed part is read from the log by its writer. With
     /// `synced = Some(complete)` the replay ends with `Synced` (a resume).
-    pub fn subscribe_from(self: &Arc<Self>, session: &Arc<SessionHandle>, after: u64, synced: Option<bool>) {
+    pub fn subscribe_from(self: &Arc<Self>, session: &Arc<Subscriber>, after: u64, synced: Option<bool>) {
         let mut subs = self.subs();
         let after = after.min(self.head());
         let catching_up = synced.is_some() || after < self.head();
         let mode = if catching_up { Mode::CatchingUp { synced, since: Instant::now() } } else { Mode::Live };
-        subs.insert(session.id, Subscriber { session: session.clone(), delivered: after, mode });
+        subs.insert(session.id, Subscription { session: session.clone(), delivered: after, mode });
         drop(subs);
         if catching_up {
-            session.mark_lagging(self);
+            session.mark_lagging(self.clone());
         }
     }
 
@@ -357,7 +323,7 @@ impl Room {
             }
         }
         for s in lagging {
-            s.mark_lagging(self);
+            s.mark_lagging(self.clone());
         }
         out
     }
@@ -374,9 +340,9 @@ impl Room {
 
     /// Moves `session` towards the head by up to `max` messages read from the
     /// log. Runs on the session's writer. Counts what it queued in `queued`.
-    pub fn catch_up(
+    fn catch_up_subscriber(
         &self,
-        session: &SessionHandle,
+        session: &Subscriber,
         store: &dyn Store,
         max: u64,
         queued: &mut u64,
@@ -384,7 +350,7 @@ impl Room {
         let from = {
             let subs = self.subs();
             match subs.get(&session.id) {
-                Some(Subscriber { delivered, mode: Mode::CatchingUp { .. }, .. }) => *delivered,
+                Some(Subscription { delivered, mode: Mode::CatchingUp { .. }, .. }) => *delivered,
                 _ => return Ok(CatchUp::Done),
             }
         };
@@ -436,9 +402,9 @@ impl Room {
     }
 
     /// When `session` started catching up here, if it is.
-    pub fn lagging_since(&self, session_id: u64) -> Option<Instant> {
+    fn subscriber_lagging_since(&self, session_id: u64) -> Option<Instant> {
         match self.subs().get(&session_id) {
-            Some(Subscriber { mode: Mode::CatchingUp { since, .. }, .. }) => Some(*since),
+            Some(Subscription { mode: Mode::CatchingUp { since, .. }, .. }) => Some(*since),
             _ => None,
         }
     }
@@ -456,22 +422,35 @@ impl Room {
     }
 }
 
+impl Behind for Room {
+    fn key(&self) -> u64 {
+        self.id
+    }
+
+    fn catch_up(
+        &self,
+        sub: &Subscriber,
+        store: &dyn Store,
+        step: u64,
+        queued: &mut u64,
+    ) -> Result<CatchUp, StoreError> {
+        self.catch_up_subscriber(sub, store, step, queued)
+    }
+
+    fn lagging_since(&self, sub: u64) -> Option<Instant> {
+        self.subscriber_lagging_since(sub)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn message_frames_match_a_full_envelope_encoding() {
-        let m = proto::Message { room: "r".into(), seq: 9, text: "hi".into(), ..Default::default() };
-        let direct = message_frame(&m.encode_to_vec());
-        assert_eq!(direct, encode_frame(&Envelope::push(Body::Message(m))));
-    }
 
     #[tokio::test]
     async fn only_a_small_rooms_fan_out_writes_to_sockets_itself() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let room = Arc::new(Room::new(1, "r".into(), 0));
-        let limits = crate::hub::Limits::default();
+        let limits = crate::delivery::OutboundLimits::default();
         let mut peers = Vec::new();
         let mut sessions = Vec::new();
         let frame = message_frame(b"m");
@@ -479,7 +458,7 @@ mod tests {
         for id in 0..=WRITE_THROUGH_MAX_SUBSCRIBERS as u64 {
             let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
-            let session = Arc::new(SessionHandle::new(id, &limits, "tcp", "test".into()));
+            let session = Arc::new(Subscriber::new(id, limits, 1, "tcp", "test".into()));
             session.outbound.set_socket(Some(Arc::new(server.into_split().1)));
             peers.push(client);
             sessions.push(session);

@@ -179,7 +179,7 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
 }
 
 /// Wakes every connection's request loop after `Shutdown::stop_reading`
-/// was cancelled (see [`super::SessionHandle::stopped`]).
+/// was cancelled (see `Subscriber::stopped` in [`super::join`]).
 pub fn wake_all_for_shutdown(hub: &crate::hub::Hub) {
     for handle in hub.connections() {
         handle.wake_reader();

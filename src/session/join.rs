@@ -7,9 +7,9 @@
 //! timer, socket readiness and shutdown check — cost about as much as the
 //! write itself outside the kernel. Here each half gets a waker of its own
 //! that marks the half as due and then wakes the task; both wakers point at
-//! the connection's [`SessionHandle`] (tagged in the pointer's low bits), so
+//! the connection's [`Subscriber`] (tagged in the pointer's low bits), so
 //! they need no allocation of their own. The task's own waker is kept in the
-//! handle ([`SessionHandle::wake_reader`] wakes the request loop through it
+//! handle ([`Subscriber::wake_reader`] wakes the request loop through it
 //! at shutdown).
 //!
 //! Halves that share one resource ([`Io::Shared`]: TLS, whose read half may
@@ -24,7 +24,29 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
-use super::SessionHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::Subscriber;
+
+impl Subscriber {
+    /// Ready once `stop` is cancelled or the outbound queue is closed (the
+    /// writer gave up on the peer, or said `GoAway`): a request loop must not
+    /// keep a session alive that can no longer send anything. Registers no
+    /// waker of its own: it must run in the request-loop half of [`join`],
+    /// which shutdown wakes ([`Subscriber::wake_reader`]) and which is polled
+    /// again when the writer half ends.
+    pub(crate) fn stopped<'a>(&'a self, stop: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
+        std::future::poll_fn(move |_| {
+            if stop.is_cancelled() || self.outbound.is_closing() { Poll::Ready(()) } else { Poll::Pending }
+        })
+    }
+
+    /// Wakes the request loop waiting in `Subscriber::stopped`.
+    pub fn wake_reader(&self) {
+        self.wakes.fetch_or(READER, Ordering::AcqRel);
+        self.task.wake();
+    }
+}
 
 /// The request loop is due to be polled.
 pub(super) const READER: u8 = 1;
@@ -32,7 +54,7 @@ pub(super) const READER: u8 = 1;
 pub(super) const WRITER: u8 = 2;
 
 // The tags live in the low bits of the handle's address.
-const _: () = assert!(std::mem::align_of::<SessionHandle>() > (READER | WRITER) as usize);
+const _: () = assert!(std::mem::align_of::<Subscriber>() > (READER | WRITER) as usize);
 
 /// What the two halves of a connection wait on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,13 +68,13 @@ pub enum Io {
 
 /// Runs `reader` and `writer` to completion, each polled only after its own
 /// waker was woken (both on the first poll, and on every poll with
-/// [`Io::Shared`]). `reader` may wait on [`SessionHandle::stopped`], which
+/// [`Io::Shared`]). `reader` may wait on `Subscriber::stopped`, which
 /// relies on this.
 ///
 /// A future of its own rather than an `async fn`: that would keep its
 /// arguments and their pinned copies side by side, and every idle
 /// connection's task holds this future.
-pub fn join<'a, R, W>(handle: &'a Arc<SessionHandle>, io: Io, reader: R, writer: W) -> Join<'a, R, W>
+pub fn join<'a, R, W>(handle: &'a Arc<Subscriber>, io: Io, reader: R, writer: W) -> Join<'a, R, W>
 where
     R: Future<Output = ()>,
     W: Future<Output = ()>,
@@ -62,7 +84,7 @@ where
 
 /// See [`join`].
 pub struct Join<'a, R, W> {
-    handle: &'a Arc<SessionHandle>,
+    handle: &'a Arc<Subscriber>,
     reader: R,
     writer: W,
     reader_done: bool,
@@ -106,7 +128,7 @@ impl<R: Future<Output = ()>, W: Future<Output = ()>> Future for Join<'_, R, W> {
             this.writer_done = writer.poll(&mut Context::from_waker(&waker)).is_ready();
             if this.writer_done && !this.reader_done {
                 // The connection can carry nothing more: the request loop
-                // must see it ([`SessionHandle::stopped`]) rather than wait
+                // must see it ([`Subscriber::stopped`]) rather than wait
                 // for the peer's next frame.
                 cx.waker().wake_by_ref();
             }
@@ -117,19 +139,19 @@ impl<R: Future<Output = ()>, W: Future<Output = ()>> Future for Join<'_, R, W> {
 
 /// The waker of one half, borrowing `handle`'s reference (no count is
 /// taken; a clone takes one).
-fn half_waker(handle: &Arc<SessionHandle>, half: u8) -> ManuallyDrop<Waker> {
+fn half_waker(handle: &Arc<Subscriber>, half: u8) -> ManuallyDrop<Waker> {
     let tagged = Arc::as_ptr(handle).map_addr(|a| a | usize::from(half)).cast::<()>();
     // SAFETY: the vtable's functions treat the pointer as a tagged
-    // `Arc<SessionHandle>`; the borrowed one is never dropped (ManuallyDrop)
+    // `Arc<Subscriber>`; the borrowed one is never dropped (ManuallyDrop)
     // and `handle` outlives it.
     ManuallyDrop::new(unsafe { Waker::from_raw(RawWaker::new(tagged, &VTABLE)) })
 }
 
 static VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake_by_ref, drop_waker);
 
-fn untag(tagged: *const ()) -> (*const SessionHandle, u8) {
+fn untag(tagged: *const ()) -> (*const Subscriber, u8) {
     let tags = usize::from(READER | WRITER);
-    (tagged.map_addr(|a| a & !tags).cast::<SessionHandle>(), (tagged.addr() & tags) as u8)
+    (tagged.map_addr(|a| a & !tags).cast::<Subscriber>(), (tagged.addr() & tags) as u8)
 }
 
 unsafe fn clone(tagged: *const ()) -> RawWaker {
@@ -214,8 +236,8 @@ mod tests {
         .await
     }
 
-    fn handle() -> Arc<SessionHandle> {
-        Arc::new(SessionHandle::new(1, &crate::hub::Limits::default(), "tcp", String::new()))
+    fn handle() -> Arc<Subscriber> {
+        Arc::new(Subscriber::new(1, Default::default(), 1, "tcp", String::new()))
     }
 
     fn polls(r: &AtomicUsize, w: &AtomicUsize) -> (usize, usize) {

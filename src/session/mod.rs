@@ -1,235 +1,22 @@
 //! The session core: authentication, limits and request dispatch, shared by
-//! every transport (design.md §1). A transport reads frames and hands their
-//! bytes to [`Session::on_frame`]; everything the session sends goes into its
-//! [`SessionHandle`]'s [`Outbound`] queue, which the transport's writer
-//! drains. No chat logic lives in a transport.
+//! every transport (ARCHITECTURE.md, "Data path"). A transport reads frames
+//! and hands their bytes to [`Session::on_frame`]; everything the session
+//! sends goes into its [`Subscriber`]'s outbound queue, which the
+//! transport's writer drains. No chat logic lives in a transport.
 
 pub mod driver;
 pub mod join;
-pub mod outbound;
 mod requests;
-pub mod stats;
+pub mod writer;
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, FrameError, encode_frame};
+use crate::delivery::Subscriber;
 use crate::hub::{Hub, UserEntry};
 use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode};
-use crate::room::{CatchUp, Room};
-pub use outbound::{Outbound, OutboundLimits};
-
-/// Messages read from the log per catch-up step.
-const CATCH_UP_STEP: u64 = 256;
-
-/// The part of a session that rooms and the fan-out see.
-pub struct SessionHandle {
-    /// Server-unique id.
-    pub id: u64,
-    /// Frames waiting for the writer.
-    pub outbound: Outbound,
-    /// Who, once authenticated: one cell for both, 8 bytes less than two.
-    identity: OnceLock<Identity>,
-    /// Rooms where this session is catching up from the log; boxed, as
-    /// almost every session has none (16 bytes less in every handle).
-    #[expect(clippy::box_collection, reason = "a thin pointer: 8 bytes in every handle instead of 24")]
-    lagging: Mutex<Option<Box<Vec<Arc<Room>>>>>,
-    has_lagging: AtomicBool,
-    /// Bounds publishes awaiting their ack.
-    pub inflight: Arc<Semaphore>,
-    /// Who, from where, and how much.
-    pub stats: stats::ConnStats,
-    /// The connection task's waker, kept by [`join::join`]: the halves'
-    /// wakers wake it, and so does shutdown (the request loop checks the
-    /// signal instead of holding a 72-byte waiter on it in every idle
-    /// connection's task).
-    task: futures_util::task::AtomicWaker,
-    /// Which halves of the connection's task are due ([`join`]'s flags).
-    wakes: AtomicU8,
-    /// Index into [`TRANSPORTS`]: one byte in the padding after
-    /// `has_lagging`, where a `&'static str` took 16.
-    transport: u8,
-}
-
-/// The authenticated user and the device they named in `Hello`.
-struct Identity {
-    user: Arc<str>,
-    device: Box<str>,
-}
-
-/// The transports a connection can use, named as in metrics and logs.
-const TRANSPORTS: [&str; 3] = ["tcp", "tls", "ws"];
-
-impl SessionHandle {
-    /// A handle for a new connection; `transport` is "tcp", "tls" or "ws"
-    /// (anything else is taken for "tcp").
-    pub fn new(id: u64, limits: &crate::hub::Limits, transport: &'static str, peer: String) -> Self {
-        SessionHandle {
-            stats: stats::ConnStats::new(peer),
-            // Any other name is counted as TCP, as the metrics do.
-            transport: TRANSPORTS.iter().position(|t| *t == transport).unwrap_or(0) as u8,
-            id,
-            outbound: Outbound::new(limits.outbound),
-            identity: OnceLock::new(),
-            lagging: Mutex::new(None),
-            has_lagging: AtomicBool::new(false),
-            task: futures_util::task::AtomicWaker::new(),
-            wakes: AtomicU8::new(0),
-            inflight: Arc::new(Semaphore::new(limits.max_inflight_publishes)),
-        }
-    }
-
-    /// Ready once `stop` is cancelled or the outbound queue is closed (the
-    /// writer gave up on the peer, or said `GoAway`): a request loop must not
-    /// keep a session alive that can no longer send anything. Registers no
-    /// waker of its own: it must run in the request-loop half of
-    /// [`join::join`], which shutdown wakes ([`SessionHandle::wake_reader`])
-    /// and which is polled again when the writer half ends.
-    pub(crate) fn stopped<'a>(&'a self, stop: &'a CancellationToken) -> impl Future<Output = ()> + 'a {
-        std::future::poll_fn(move |_| {
-            if stop.is_cancelled() || self.outbound.is_closing() { Poll::Ready(()) } else { Poll::Pending }
-        })
-    }
-
-    /// Wakes the request loop waiting in [`SessionHandle::stopped`].
-    pub fn wake_reader(&self) {
-        self.wakes.fetch_or(join::READER, Ordering::AcqRel);
-        self.task.wake();
-    }
-
-    /// "tcp", "tls" or "ws".
-    pub fn transport(&self) -> &'static str {
-        TRANSPORTS[usize::from(self.transport)]
-    }
-
-    /// The authenticated user ("" before `Welcome`).
-    pub fn user(&self) -> &str {
-        self.identity.get().map_or("", |i| &i.user)
-    }
-
-    /// `Hello.device`, once authenticated.
-    pub fn device(&self) -> Option<&str> {
-        self.identity.get().map(|i| &*i.device)
-    }
-
-    /// Records who authenticated, from what device; only the first call
-    /// counts.
-    fn set_identity(&self, user: Arc<str>, device: &str) {
-        let _ = self.identity.set(Identity { user, device: device.into() });
-    }
-
-    /// Notes that `room` has messages for this session in the log, and wakes
-    /// the writer to fetch them.
-    pub fn mark_lagging(&self, room: &Arc<Room>) {
-        let mut l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
-        let rooms = l.get_or_insert_default();
-        if !rooms.iter().any(|r| r.id == room.id) {
-            rooms.push(room.clone());
-        }
-        self.has_lagging.store(true, Ordering::Release);
-        drop(l);
-        self.outbound.wake();
-    }
-
-    /// Whether any room is catching up.
-    pub fn is_lagging(&self) -> bool {
-        self.has_lagging.load(Ordering::Acquire)
-    }
-
-    /// One catch-up step for every lagging room; returns the rooms still
-    /// behind. Called by the writer when its queue has room.
-    pub fn catch_up(&self, hub: &Hub, step: u64) -> Result<usize, crate::store::StoreError> {
-        let rooms: Vec<Arc<Room>> =
-            self.lagging.lock().unwrap_or_else(|e| e.into_inner()).as_deref().cloned().unwrap_or_default();
-        let mut done = Vec::new();
-        let mut queued = 0;
-        for room in &rooms {
-            if !self.outbound.has_room_for_live() {
-                break;
-            }
-            let step = room.catch_up(self, hub.store.as_ref(), step, &mut queued);
-            hub.metrics.delivered.increment(queued);
-            queued = 0;
-            if step? == CatchUp::Done {
-                done.push(room.id);
-            }
-        }
-        // A room may have fallen behind again since its step said Done (the
-        // fan-out found the queue full); its `mark_lagging` then saw it still
-        // listed. Drop only rooms that are live now; the fan-out's
-        // `mark_lagging` waits for this lock, so none is lost in between.
-        let mut l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
-        let behind = match l.as_mut() {
-            Some(rooms) => {
-                rooms.retain(|r| !done.contains(&r.id) || r.lagging_since(self.id).is_some());
-                rooms.len()
-            }
-            None => 0,
-        };
-        if behind == 0 {
-            *l = None;
-        }
-        self.has_lagging.store(behind > 0, Ordering::Release);
-        Ok(behind)
-    }
-
-    /// The writer's chores between writes: closes a session that stayed
-    /// behind past the slow-consumer timeout, and feeds lagging rooms from
-    /// the log. Returns true when frames were queued (write again at once).
-    pub fn tend(&self, hub: &Hub) -> bool {
-        if !self.is_lagging() {
-            return false;
-        }
-        let slow = hub.limits.slow_consumer_timeout;
-        if let Some(since) = self.lagging_since()
-            && since.elapsed() > slow
-        {
-            tracing::warn!(
-                session = self.id,
-                user = self.user(),
-                "behind for more than {slow:?}; closing as a slow consumer"
-            );
-            let g = proto::GoAway::new(CloseReason::SlowConsumer, "could not keep up with the rooms' messages");
-            hub.metrics.close(CloseReason::SlowConsumer);
-            hub.metrics.slow_disconnects.increment(1);
-            self.outbound.close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
-            return true;
-        }
-        match self.catch_up(hub, CATCH_UP_STEP) {
-            Ok(_) => self.outbound.depth().0 > 0,
-            Err(e) => {
-                tracing::error!(session = self.id, error = %e, "catch-up from the log failed; closing");
-                self.outbound.close_with(Some(error_frame(0, ErrorCode::Internal, format!("catch-up failed: {e}"))));
-                true
-            }
-        }
-    }
-
-    /// A write that did not complete within the slow-consumer timeout: the
-    /// peer accepts nothing, so the connection is given up (no GoAway can be
-    /// written to a full socket).
-    pub fn write_stalled(&self, hub: &Hub) {
-        hub.metrics.slow_disconnects.increment(1);
-        let slow = hub.limits.slow_consumer_timeout;
-        tracing::warn!(
-            session = self.id,
-            user = self.user(),
-            "peer accepted nothing for {slow:?}; closing as a slow consumer"
-        );
-    }
-
-    /// The oldest moment a lagging room of this session fell behind.
-    pub fn lagging_since(&self) -> Option<std::time::Instant> {
-        let l = self.lagging.lock().unwrap_or_else(|e| e.into_inner());
-        l.iter().flat_map(|rooms| rooms.iter()).filter_map(|r| r.lagging_since(self.id)).min()
-    }
-}
 
 /// What the transport should do after a frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -250,7 +37,7 @@ enum State {
 /// One connection's session state, owned by its reader.
 pub struct Session {
     hub: Arc<Hub>,
-    handle: Arc<SessionHandle>,
+    handle: Arc<Subscriber>,
     state: State,
     transport: &'static str,
     /// Token bucket for `Typing` (tokens, last refill).
@@ -264,7 +51,14 @@ const TYPING_BURST: f64 = 8.0;
 impl Session {
     /// A session for a new connection on `transport` ("tcp", "tls", "ws").
     pub fn new(hub: Arc<Hub>, transport: &'static str, peer: String) -> Self {
-        let handle = Arc::new(SessionHandle::new(hub.next_session_id(), &hub.limits, transport, peer));
+        let limits = &hub.limits;
+        let handle = Arc::new(Subscriber::new(
+            hub.next_session_id(),
+            limits.outbound,
+            limits.max_inflight_publishes,
+            transport,
+            peer,
+        ));
         hub.register_connection(&handle);
         Session {
             hub,
@@ -298,14 +92,14 @@ impl Session {
             peer = %h.stats.peer,
             user = tracing::field::Empty
         );
-        if let Some(i) = h.identity.get() {
-            span.record("user", &*i.user);
+        if !h.user().is_empty() {
+            span.record("user", h.user());
         }
         span
     }
 
     /// The handle the writer drains.
-    pub fn handle(&self) -> &Arc<SessionHandle> {
+    pub fn handle(&self) -> &Arc<Subscriber> {
         &self.handle
     }
 
@@ -430,7 +224,7 @@ impl Session {
 
     /// Silent for half the idle timeout: ask the client to prove it is there.
     pub fn on_quiet(&mut self) {
-        let ping = Envelope::push(Body::Ping(proto::Ping { nonce: crate::auth::unix_now() }));
+        let ping = Envelope::push(Body::Ping(proto::Ping { nonce: crate::time::unix_now() }));
         let _ = self.handle.outbound.push(encode_frame(&ping));
     }
 
@@ -527,23 +321,4 @@ impl Drop for Session {
 /// An `Error` reply frame.
 pub fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> Bytes {
     encode_frame(&Envelope::new(id, Body::Error(proto::Error::new(code, message))))
-}
-
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_session_handle_stays_in_a_320_byte_allocation() {
-        // Idle memory per connection (issue 6): the handle lives in an
-        // `Arc` (two counts, 16 bytes, before it). mimalloc's size classes
-        // around it are 256, 320 and 384 bytes; at 376 it took 384, now 320.
-        let size = std::mem::size_of::<SessionHandle>() + 16;
-        assert!(size <= 320, "Arc<SessionHandle> is {size} bytes: past mimalloc's 320-byte class");
-    }
 }

@@ -5,15 +5,16 @@ use std::sync::Arc;
 use prost::Message as _;
 use tokio::sync::oneshot;
 
-use super::{Flow, Session, State, error_frame, now_ms};
+use super::{Flow, Session, State, error_frame};
 use crate::codec::encode_frame;
+use crate::delivery::Frame;
 use crate::hub::{IdemCheck, UserEntry};
+use crate::pipeline::{Completion, PublishDone};
 use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
-use crate::room::fanout::{Completion, PublishDone};
 use crate::room::{Access, Room, access_of, valid_room_name};
-use crate::session::outbound::Frame;
 use crate::store::commit::{Pending, Write};
 use crate::store::{Append, MembershipChange, ReadMarker, StoreError};
+use crate::time::now_ms;
 
 /// Most bytes in a `client_msg_id`.
 const MAX_CLIENT_MSG_ID: usize = 128;
@@ -200,17 +201,18 @@ impl Session {
 
     /// Submits a non-message write and waits until it is durable.
     async fn commit(&self, write: Write) -> Result<(), Refusal> {
-        if self.hub.commits.has_failed() {
+        if self.hub.pipeline.commits.has_failed() {
             return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable"));
         }
         let (tx, rx) = oneshot::channel();
         let permit = self
             .hub
+            .pipeline
             .commits
             .reserve()
             .await
             .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
-        permit.send(Pending { write, completion: Completion::Notify(tx), epoch: self.hub.commits.epoch() });
+        permit.send(Pending { write, completion: Completion::Notify(tx), epoch: self.hub.pipeline.commits.epoch() });
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Refusal::new(ErrorCode::Internal, format!("not stored: {e}"))),
@@ -372,7 +374,7 @@ impl Session {
                 format!("client_msg_id is longer than {MAX_CLIENT_MSG_ID} bytes"),
             ));
         }
-        if self.hub.commits.has_failed() {
+        if self.hub.pipeline.commits.has_failed() {
             return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable; the message was not stored"));
         }
         if !self.hub.take_publish_token(entry) {
@@ -394,6 +396,7 @@ impl Session {
             .map_err(|_| Refusal::new(ErrorCode::ServerBusy, "closing"))?;
         let slot = self
             .hub
+            .pipeline
             .commits
             .reserve()
             .await
@@ -415,7 +418,7 @@ impl Session {
             }
         }
         let ts_ms = now_ms();
-        let epoch = self.hub.commits.epoch();
+        let epoch = self.hub.pipeline.commits.epoch();
         room.assign_seq(epoch, |seq| {
             let message = proto::Message {
                 room: p.room,

@@ -175,7 +175,7 @@ pub fn start<C: Send + 'static>(
 /// cause one. With 1,000 small rooms this once cut throughput by a third
 /// (7e300b0 took it back): the worker also woke a task for every delivery,
 /// and those wake-ups waited behind the writes. Live frames now go straight
-/// into idle sockets ([`crate::session::outbound`]), and the same load runs
+/// into idle sockets (`delivery::queue`), and the same load runs
 /// as fast inline as on the pool (benches/README.md, eighth session).
 const INLINE_WRITE_OPS: usize = 64;
 

@@ -563,7 +563,7 @@ impl Store for SledStore {
         check_writable(&self.path)?;
         self.reopen()?;
         self.with(|t| {
-            t.meta.insert("probe", &crate::session::now_ms().to_be_bytes()[..])?;
+            t.meta.insert("probe", &crate::time::now_ms().to_be_bytes()[..])?;
             t.sync()
         })
     }

@@ -188,7 +188,7 @@ async fn an_idle_connection_task_stays_in_tokio_s_1_kib_task_cell() {
 async fn serve_one(
     hub: &std::sync::Arc<chatd::hub::Hub>,
     shared: bool,
-) -> (tokio::net::TcpStream, std::sync::Arc<chatd::session::SessionHandle>) {
+) -> (tokio::net::TcpStream, std::sync::Arc<chatd::delivery::Subscriber>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
     let (sock, _) = listener.accept().await.unwrap();
@@ -215,7 +215,7 @@ async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
     let s = TestServer::start().await;
     let hub = s.server.as_ref().unwrap().hub().clone();
     let (mut client, handle) = serve_one(&hub, false).await;
-    let run = chatd::session::outbound::Run::new(bytes::Bytes::from_static(b"onetwothree"), &[3, 6, 11]);
+    let run = chatd::delivery::Run::new(bytes::Bytes::from_static(b"onetwothree"), &[3, 6, 11]);
     assert_eq!(handle.outbound.offer_run(&run, 1, true).taken, 2);
     let mut got = [0u8; 8];
     tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
@@ -243,7 +243,7 @@ async fn an_idle_tcp_connection_takes_live_frames_straight_from_the_fan_out() {
     // The writer marks itself idle just after its write returns; until then
     // an offer is queued (and written by the writer, in order).
     let deadline = tokio::time::Instant::now() + WAIT;
-    let run = chatd::session::outbound::Run::new(bytes::Bytes::from_static(b"live"), &[4]);
+    let run = chatd::delivery::Run::new(bytes::Bytes::from_static(b"live"), &[4]);
     loop {
         let offered = handle.outbound.offer_run(&run, 0, true);
         assert_eq!(offered.taken, 1);

@@ -12,6 +12,7 @@ mod deploy;
 mod durability;
 mod faults;
 mod hostile;
+mod layers;
 mod limits;
 mod ops;
 mod presence;

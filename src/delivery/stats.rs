@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 ///
 /// Every open connection has one, so its strings are boxed slices
 /// (benches/README.md, idle memory per connection). The transport, the user
-/// and the device are kept by the session handle.
+/// and the device are kept by the [`super::Subscriber`].
 pub struct ConnStats {
     /// Remote address.
     pub peer: Box<str>,
@@ -29,7 +29,7 @@ pub struct ConnStats {
 impl ConnStats {
     /// Statistics of a connection accepted now.
     pub fn new(peer: String) -> Self {
-        let now = super::now_ms();
+        let now = crate::time::now_ms();
         ConnStats {
             peer: peer.into_boxed_str(),
             connected_at_ms: now,
@@ -45,7 +45,7 @@ impl ConnStats {
     pub fn received(&self, bytes: usize) {
         self.frames_in.fetch_add(1, Ordering::Relaxed);
         self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
-        self.last_activity_ms.store(super::now_ms(), Ordering::Relaxed);
+        self.last_activity_ms.store(crate::time::now_ms(), Ordering::Relaxed);
     }
 
     /// Counts a written batch.

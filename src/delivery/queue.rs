@@ -2,186 +2,39 @@
 //! meets a connection.
 //!
 //! Live messages are *offered* ([`Outbound::offer`]): if the queue is at its
-//! frame or byte bound the offer fails at once and the room marks the session
-//! as lagging (it catches up from the log later, design.md §5). Replies and
-//! control frames are *pushed* ([`Outbound::push`]) and never dropped: the
-//! request reader bounds them by waiting ([`Outbound::wait_writable`]) before
-//! it takes the next request, so a client that does not read stops being
-//! read (TCP backpressure) instead of growing the queue.
-//!
-//! Each [`Frame`] holds the TCP encoding (length prefix + protobuf
-//! envelope). The messages one committed batch adds to a room are encoded
-//! once, back to back in one buffer (a [`Run`]), and every subscriber's queue
-//! takes a range of it: one reference count per subscriber per batch rather
-//! than per message, and a writer whose queue holds just that range writes
-//! it straight from the shared buffer. Each message of a run has a slot for
-//! its JSON text that the first WebSocket JSON recipient fills and the
-//! others reuse — one encoding per wire format.
+//! frame or byte bound the offer fails at once and the room marks the
+//! subscriber as lagging (it catches up from the log later; ARCHITECTURE.md,
+//! "Never wait for a slow recipient"). Replies and control frames are
+//! *pushed* ([`Outbound::push`]) and never dropped: the request reader bounds
+//! them by waiting ([`Outbound::wait_writable`]) before it takes the next
+//! request, so a client that does not read stops being read (TCP
+//! backpressure) instead of growing the queue.
 //!
 //! A plain TCP connection also hands its socket to the queue. A live run
 //! offered while the queue is empty and the writer has nothing in hand is
 //! written to the socket at once, from the fan-out, without waking the
 //! connection's task: with many small rooms nearly every delivery finds its
 //! subscriber idle, and waking and polling a task per delivery cost more
-//! than the write (benches/README.md, eighth session). Whatever the socket
-//! does not take is queued for the writer as usual, so the order on the
-//! wire is the order of the queue.
+//! than the write (benches/README.md, "Findings that shaped the code").
+//! Whatever the socket does not take is queued for the writer as usual, so
+//! the order on the wire is the order of the queue. The write itself is the
+//! transport's ([`SendNow`], implemented by `net::tcp`).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-/// One queued entry: a reply or control frame, or a range of a [`Run`].
-#[derive(Clone, Debug)]
-pub struct Frame(Repr);
+use super::frame::{Frame, Repr, Run};
 
-#[derive(Clone, Debug)]
-enum Repr {
-    /// A reply or control frame for one connection.
-    One(Bytes),
-    /// Messages `from..to` of a run shared by many recipients.
-    Run { run: Arc<Run>, from: u32, to: u32 },
-}
-
-/// Frames for many recipients, encoded once: a room's messages from one
-/// committed batch (or a single room push), their TCP frames back to back.
-#[derive(Debug)]
-pub struct Run {
-    wire: Bytes,
-    msgs: Box<[RunMessage]>,
-}
-
-#[derive(Debug)]
-struct RunMessage {
-    /// Where its frame ends in `wire`.
-    end: usize,
-    /// Its JSON text, made by the first WebSocket JSON recipient.
-    json: OnceLock<Bytes>,
-}
-
-impl Run {
-    /// A run of the frames in `wire`, the i-th ending at `ends[i]`
-    /// (increasing, the last at `wire.len()`).
-    pub fn new(wire: Bytes, ends: &[usize]) -> Arc<Run> {
-        debug_assert!(ends.windows(2).all(|w| w[0] <= w[1]) && ends.last() == Some(&wire.len()));
-        let msgs = ends.iter().map(|&end| RunMessage { end, json: OnceLock::new() }).collect();
-        Arc::new(Run { wire, msgs })
-    }
-
-    /// How many frames it holds.
-    pub fn len(&self) -> usize {
-        self.msgs.len()
-    }
-
-    /// Whether it holds none.
-    pub fn is_empty(&self) -> bool {
-        self.msgs.is_empty()
-    }
-
-    /// Bytes of all its frames.
-    pub fn wire_len(&self) -> usize {
-        self.wire.len()
-    }
-
-    /// Frame `i`: length prefix + protobuf `Envelope`.
-    pub fn frame(&self, i: usize) -> &[u8] {
-        &self.wire[self.span(i, i + 1)]
-    }
-
-    /// Frames `from..to` in a run of their own (a copy).
-    fn copy_range(&self, from: usize, to: usize) -> Arc<Run> {
-        let span = self.span(from, to);
-        let ends: Vec<usize> = self.msgs[from..to].iter().map(|m| m.end - span.start).collect();
-        Run::new(Bytes::copy_from_slice(&self.wire[span]), &ends)
-    }
-
-    /// Where frames `from..to` (`from < to`) lie in `wire`.
-    fn span(&self, from: usize, to: usize) -> std::ops::Range<usize> {
-        let start = if from == 0 { 0 } else { self.msgs[from - 1].end };
-        start..self.msgs[to - 1].end
-    }
-
-    /// Bytes of frame `i`.
-    fn size(&self, i: usize) -> usize {
-        self.span(i, i + 1).len()
-    }
-}
-
-impl Frame {
-    /// A frame for many recipients (a room push).
-    pub fn shared(wire: Bytes) -> Self {
-        let len = wire.len();
-        Frame::range(&Run::new(wire, &[len]), 0, 1)
-    }
-
-    /// Frames `from..to` of `run`.
-    fn range(run: &Arc<Run>, from: usize, to: usize) -> Self {
-        debug_assert!(from < to && to <= run.len());
-        // A run has at most one committed batch of messages (u32 is plenty).
-        Frame(Repr::Run { run: run.clone(), from: from as u32, to: to as u32 })
-    }
-
-    /// Length prefix + protobuf `Envelope`, as written on TCP and TLS (one
-    /// frame after another for a range of several).
-    pub fn wire(&self) -> &[u8] {
-        match &self.0 {
-            Repr::One(wire) => wire,
-            Repr::Run { run, from, to } => &run.wire[run.span(*from as usize, *to as usize)],
-        }
-    }
-
-    /// For a single frame shared by many recipients: the slot for its JSON
-    /// text.
-    pub fn json_cell(&self) -> Option<&OnceLock<Bytes>> {
-        match &self.0 {
-            Repr::One(_) => None,
-            Repr::Run { run, from, to } => (to - from == 1).then(|| &run.msgs[*from as usize].json),
-        }
-    }
-
-    /// The protobuf envelope without the length prefix (a WebSocket binary
-    /// message) of a single frame.
-    pub fn envelope(&self) -> Bytes {
-        debug_assert_eq!(self.count(), 1, "one frame is one message");
-        let (wire, span) = match &self.0 {
-            Repr::One(wire) => (wire, 0..wire.len()),
-            Repr::Run { run, from, to } => (&run.wire, run.span(*from as usize, *to as usize)),
-        };
-        wire.slice((span.start + crate::codec::PREFIX_LEN).min(span.end)..span.end)
-    }
-
-    /// How many frames this entry holds.
-    pub fn count(&self) -> usize {
-        match &self.0 {
-            Repr::One(_) => 1,
-            Repr::Run { from, to, .. } => (to - from) as usize,
-        }
-    }
-
-    /// Moves this entry's frames into `out` one by one (for transports
-    /// that send each frame as a message of its own).
-    fn split_into(self, out: &mut Vec<Frame>) {
-        match self.0 {
-            Repr::Run { run, from, to } if to - from > 1 => {
-                out.extend((from..to - 1).map(|i| Frame(Repr::Run { run: run.clone(), from: i, to: i + 1 })));
-                out.push(Frame(Repr::Run { run, from: to - 1, to }));
-            }
-            _ => out.push(self),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.wire().len()
-    }
-}
-
-impl From<Bytes> for Frame {
-    fn from(wire: Bytes) -> Self {
-        Frame(Repr::One(wire))
-    }
+/// A socket the fan-out may write to without waiting: implemented by the TCP
+/// transport (`net::tcp`), so that this layer names no transport code.
+pub trait SendNow {
+    /// Sends what the socket takes at once without waiting; 0 when it is
+    /// full or failed (the writer meets a failure on its own write).
+    fn send_now(&self, data: &[u8]) -> usize;
 }
 
 /// Bounds of one queue.
@@ -270,14 +123,7 @@ fn take_entries(mut q: std::sync::MutexGuard<'_, Queue>, f: impl FnMut(Frame)) {
 /// usual). Returns what is left when the socket took some but not all.
 fn write_to(socket: &OwnedWriteHalf, run: &Run, from: usize, to: usize, offered: &mut Offered) -> Option<Bytes> {
     let span = run.span(from, to);
-    // A failed write other than a full socket queues the frames too: the
-    // writer meets the error on its own write and closes the connection.
-    // A plain `send` on the non-blocking socket, not tokio's `try_write`:
-    // that first reads the socket's readiness word, a cache miss for each of
-    // thousands of idle sockets (3.4% of the server in S3). Readiness left
-    // stale by a send that filled the socket costs the writer one `send`
-    // that finds it full, which then clears it.
-    let n = socket2::SockRef::from(socket.as_ref()).send(&run.wire[span.clone()]).unwrap_or(0);
+    let n = socket.send_now(&run.wire[span.clone()]);
     if n == 0 {
         return None;
     }

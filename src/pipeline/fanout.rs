@@ -13,73 +13,38 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{Room, put_message_frame};
+use super::{Completion, Pipeline, PublishDone};
 use crate::codec::encode_frame;
-use crate::hub::Hub;
+use crate::delivery::{Run, put_message_frame};
 use crate::proto::{self, Body, Envelope, ErrorCode};
-use crate::session::SessionHandle;
-use crate::session::outbound::Run;
 use crate::store::StoreError;
 use crate::store::commit::Committed;
 
-/// What the fan-out does with a write once its batch is committed.
-pub enum Completion {
-    /// A message: deliver it, then ack the publisher.
-    Publish(Box<PublishDone>),
-    /// Anything else: wake whoever waits for it.
-    Notify(oneshot::Sender<Result<(), Arc<StoreError>>>),
-}
-
-/// The parts of a publish needed after its commit.
-pub struct PublishDone {
-    /// Its room.
-    pub room: Arc<Room>,
-    /// Assigned seq.
-    pub seq: u64,
-    /// Server timestamp.
-    pub ts_ms: u64,
-    /// The encoded `Message`.
-    pub message: Bytes,
-    /// The publishing session.
-    pub session: Arc<SessionHandle>,
-    /// Request id of the `Publish`.
-    pub request_id: u64,
-    /// Idempotency key (empty: none).
-    pub client_msg_id: String,
-    /// Sender user id.
-    pub sender: Arc<str>,
-    /// Bounds the publisher's in-flight publishes; released with the ack.
-    pub permit: OwnedSemaphorePermit,
-    /// When the `Publish` was read, for the latency histograms.
-    pub received: std::time::Instant,
-}
-
 /// Runs the fan-out until the group commit stops.
-pub async fn run(hub: Arc<Hub>, mut rx: mpsc::Receiver<Committed<Completion>>) {
+pub async fn run(pipeline: Arc<Pipeline>, mut rx: mpsc::Receiver<Committed<Completion>>) {
     let mut published = Vec::new();
     while let Some(batch) = rx.recv().await {
         if batch.recovered {
-            hub.commits.recovered();
+            pipeline.commits.recovered();
             continue;
         }
         for c in batch.completions {
             match c {
                 Completion::Publish(p) => match &batch.result {
                     Ok(()) => published.push(*p),
-                    Err(e) => fail(&hub, *p, e),
+                    Err(e) => fail(&pipeline, *p, e),
                 },
                 Completion::Notify(tx) => {
                     // Whoever waits (a join about to subscribe at the head)
                     // must see every message committed before its write.
-                    deliver(&hub, &mut published).await;
+                    deliver(&pipeline, &mut published).await;
                     let _ = tx.send(batch.result.clone());
                 }
             }
         }
-        deliver(&hub, &mut published).await;
+        deliver(&pipeline, &mut published).await;
     }
 }
 
@@ -139,13 +104,13 @@ fn encode_runs<T>(items: &[T], message: impl Fn(&T) -> (u64, &[u8]), mut f: impl
 /// worker nor those publishers' acks wait for all of the batch's sends, and
 /// the next slice's small rooms are written from the fan-out again instead
 /// of being queued for their writers.
-async fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
+async fn deliver(pipeline: &Pipeline, published: &mut Vec<PublishDone>) {
     if published.is_empty() {
         return;
     }
     // A stable sort keeps each room's messages in seq order.
     published.sort_by_key(|p| p.room.id);
-    let m = &hub.metrics;
+    let m = &pipeline.metrics;
     let mut budget = crate::room::WRITE_THROUGH_PER_SLICE;
     let mut next = 0;
     while next < published.len() {
@@ -167,26 +132,26 @@ async fn deliver(hub: &Hub, published: &mut Vec<PublishDone>) {
         );
         next = end;
         if budget == 0 && next < published.len() {
-            acknowledge_all(hub, published.drain(..next));
+            acknowledge_all(pipeline, published.drain(..next));
             next = 0;
             tokio::task::yield_now().await;
             budget = crate::room::WRITE_THROUGH_PER_SLICE;
         }
     }
-    acknowledge_all(hub, published.drain(..));
+    acknowledge_all(pipeline, published.drain(..));
 }
 
 /// Acknowledges delivered publishes, releasing their in-flight permits.
-fn acknowledge_all(hub: &Hub, delivered: impl ExactSizeIterator<Item = PublishDone>) {
-    hub.metrics.published.increment(delivered.len() as u64);
+fn acknowledge_all(pipeline: &Pipeline, delivered: impl ExactSizeIterator<Item = PublishDone>) {
+    pipeline.metrics.published.increment(delivered.len() as u64);
     for p in delivered {
-        hub.metrics.publish_delivery.record(p.received.elapsed().as_secs_f64());
-        acknowledge(hub, p);
+        pipeline.metrics.publish_delivery.record(p.received.elapsed().as_secs_f64());
+        acknowledge(pipeline, p);
     }
 }
 
-fn acknowledge(hub: &Hub, p: PublishDone) {
-    let m = &hub.metrics;
+fn acknowledge(pipeline: &Pipeline, p: PublishDone) {
+    let m = &pipeline.metrics;
     let ack = |id: u64, duplicate: bool| {
         encode_frame(&Envelope::new(
             id,
@@ -204,24 +169,24 @@ fn acknowledge(hub: &Hub, p: PublishDone) {
     m.publish_ack.record(latency.as_secs_f64());
     p.room.stats.record_publish(latency, p.ts_ms / 1000);
     if !p.client_msg_id.is_empty() {
-        for (session, id) in hub.settle_idempotent(&p.sender, &p.client_msg_id) {
+        for (session, id) in pipeline.in_flight.settle(&p.sender, &p.client_msg_id) {
             m.duplicates.increment(1);
             let _ = session.outbound.push(ack(id, true));
         }
     }
 }
 
-fn fail(hub: &Hub, p: PublishDone, e: &StoreError) {
+fn fail(pipeline: &Pipeline, p: PublishDone, e: &StoreError) {
     let err = |id| {
         encode_frame(&Envelope::new(
             id,
             Body::Error(proto::Error::new(ErrorCode::Internal, format!("message not stored: {e}"))),
         ))
     };
-    hub.metrics.error(ErrorCode::Internal);
+    pipeline.metrics.error(ErrorCode::Internal);
     let _ = p.session.outbound.push(err(p.request_id));
     if !p.client_msg_id.is_empty() {
-        for (session, id) in hub.settle_idempotent(&p.sender, &p.client_msg_id) {
+        for (session, id) in pipeline.in_flight.settle(&p.sender, &p.client_msg_id) {
             let _ = session.outbound.push(err(id));
         }
     }
@@ -234,14 +199,18 @@ mod tests {
 
     use prost::Message as _;
 
+    use bytes::Bytes;
+
     use super::*;
+    use crate::delivery::{Subscriber, message_frame};
     use crate::room::WRITE_THROUGH_PER_SLICE;
 
     #[tokio::test]
     async fn a_batch_past_the_slice_acks_what_it_delivered_then_yields() {
         let hub = crate::hub::test_hub();
+        let limits = hub.limits.outbound;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let publisher = Arc::new(SessionHandle::new(0, &hub.limits, "tcp", "test".into()));
+        let publisher = Arc::new(Subscriber::new(0, limits, 1, "tcp", "test".into()));
         let permits = Arc::new(tokio::sync::Semaphore::new(WRITE_THROUGH_PER_SLICE + 1));
         let (mut peers, mut subscribers, mut published) = (Vec::new(), Vec::new(), Vec::new());
         // One message in each of one room more than a slice writes, each
@@ -249,7 +218,7 @@ mod tests {
         for i in 0..=WRITE_THROUGH_PER_SLICE {
             let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
             let (server, _) = listener.accept().await.unwrap();
-            let session = Arc::new(SessionHandle::new(i as u64 + 1, &hub.limits, "tcp", "test".into()));
+            let session = Arc::new(Subscriber::new(i as u64 + 1, limits, 1, "tcp", "test".into()));
             session.outbound.set_socket(Some(Arc::new(server.into_split().1)));
             let room = hub.room_or_create(&format!("r{i}"));
             room.subscribe_live(&session, None);
@@ -271,8 +240,8 @@ mod tests {
             peers.push(client);
             subscribers.push(session);
         }
-        let written = |s: &SessionHandle| s.stats.frames_out.load(Ordering::Relaxed);
-        let mut delivering = std::pin::pin!(deliver(&hub, &mut published));
+        let written = |s: &Subscriber| s.stats.frames_out.load(Ordering::Relaxed);
+        let mut delivering = std::pin::pin!(deliver(&hub.pipeline, &mut published));
         let mut cx = Context::from_waker(Waker::noop());
         assert!(delivering.as_mut().poll(&mut cx).is_pending(), "yields once a slice is written");
         let (last, slice) = subscribers.split_last().unwrap();
@@ -310,7 +279,7 @@ mod tests {
             assert_eq!(seqs.len(), run.len());
             assert!(run.len() == 1 || run.wire_len() <= RUN_BYTES, "a run of {} bytes", run.wire_len());
             for k in 0..run.len() {
-                assert_eq!(run.frame(k), &super::super::message_frame(&msgs[i].1)[..], "frame of seq {}", msgs[i].0);
+                assert_eq!(run.frame(k), &message_frame(&msgs[i].1)[..], "frame of seq {}", msgs[i].0);
                 i += 1;
             }
         }

@@ -1,0 +1,75 @@
+//! The publish pipeline after the append is queued: the group commit's
+//! completions, the fan-out stage that delivers committed messages and then
+//! acknowledges them, and the idempotency keys in flight between the two
+//! (ARCHITECTURE.md, "Data path").
+//!
+//! Below the hub and above rooms: a session submits a publish through
+//! [`Pipeline::commits`] with a [`Completion`]; the group commit
+//! (`store::commit`) makes the batch durable and hands the completions to
+//! [`fanout::run`], which raises each room's head, offers the messages to
+//! the room's subscribers, and only then acks the publishers and any retry
+//! of the same key that arrived meanwhile ([`idempotency::InFlight`]).
+
+pub mod fanout;
+pub mod idempotency;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
+use crate::delivery::Subscriber;
+use crate::metrics::Metrics;
+use crate::room::Room;
+use crate::store::StoreError;
+use crate::store::commit::CommitQueue;
+
+/// What the pipeline shares between the sessions that submit writes and the
+/// fan-out stage that completes them.
+pub struct Pipeline {
+    /// The group commit's queue: every write to the store goes through it.
+    pub commits: CommitQueue<Completion>,
+    /// Idempotency keys whose publish is committed but not yet acked.
+    pub in_flight: idempotency::InFlight,
+    /// Metric handles (the hub's, shared).
+    pub metrics: Metrics,
+}
+
+impl Pipeline {
+    /// A pipeline over `commits`, counting into `metrics`.
+    pub fn new(commits: CommitQueue<Completion>, metrics: Metrics) -> Self {
+        Pipeline { commits, in_flight: Default::default(), metrics }
+    }
+}
+
+/// What the fan-out does with a write once its batch is committed.
+pub enum Completion {
+    /// A message: deliver it, then ack the publisher.
+    Publish(Box<PublishDone>),
+    /// Anything else: wake whoever waits for it.
+    Notify(oneshot::Sender<Result<(), Arc<StoreError>>>),
+}
+
+/// The parts of a publish needed after its commit.
+pub struct PublishDone {
+    /// Its room.
+    pub room: Arc<Room>,
+    /// Assigned seq.
+    pub seq: u64,
+    /// Server timestamp.
+    pub ts_ms: u64,
+    /// The encoded `Message`.
+    pub message: Bytes,
+    /// The publishing session.
+    pub session: Arc<Subscriber>,
+    /// Request id of the `Publish`.
+    pub request_id: u64,
+    /// Idempotency key (empty: none).
+    pub client_msg_id: String,
+    /// Sender user id.
+    pub sender: Arc<str>,
+    /// Bounds the publisher's in-flight publishes; released with the ack.
+    pub permit: OwnedSemaphorePermit,
+    /// When the `Publish` was read, for the latency histograms.
+    pub received: std::time::Instant,
+}
