@@ -2,7 +2,8 @@
 //! flush + fdatasync per batch of 1, 16 or 256), on sled in a temporary
 //! directory. Per-message figures are the batch time divided by its size.
 //! `write_32` isolates the sled write of a group commit (no sync) with and
-//! without idempotency records (each a second insert per message).
+//! without idempotency keys (the commit's journal record and the in-memory
+//! index).
 
 use bytes::Bytes;
 use chatd::store::sled::SledStore;
