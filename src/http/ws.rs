@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
@@ -18,12 +19,12 @@ use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 
 use crate::codec::FrameError;
-use crate::delivery::Frame;
-use crate::delivery::Subscriber;
+use crate::delivery::{Frame, Outbound};
 use crate::hub::Hub;
 use crate::proto::Envelope;
 use crate::session::Session;
 use crate::session::driver::{Incoming, Shutdown, Source, serve_requests};
+use crate::session::writer::{self, Sink, WriteError, Written};
 
 /// Close codes (RFC 6455 §7.4.1).
 const CLOSE_NORMAL: u16 = 1000;
@@ -60,8 +61,8 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, peer: String, shutdown: Shu
     };
     // tokio-tungstenite wakes both directions' wakers on any socket event.
     let io = crate::session::join::Io::Separate;
-    crate::session::join::join(&handle, io, reader, write_loop(hub.clone(), handle.clone(), sink, shared.clone()))
-        .await;
+    let mut sink = WsSink { sink, shared: shared.clone(), frames: Vec::new() };
+    crate::session::join::join(&handle, io, reader, writer::run(&hub, &handle, &mut sink)).await;
     // Lingering close: a socket closed with unread input (the rest of an
     // oversize message) is reset, and the reset makes the peer's kernel drop
     // our close frame unread. The WebSocket cannot be read past a framing
@@ -165,79 +166,74 @@ pub fn json_text(frame: &Frame) -> Bytes {
     }
 }
 
-/// Writes the session's queue to the WebSocket (generic over the sink so
-/// that a test can stand in for the socket).
-async fn write_loop<S>(hub: Arc<Hub>, handle: Arc<Subscriber>, mut sink: S, shared: Arc<Shared>)
+/// A WebSocket as the writer stage's [`Sink`]: one message per frame,
+/// binary protobuf or JSON text after the client's last message, written as
+/// one batch (fed, then flushed once). Generic over the socket so that a test
+/// can stand in for it.
+struct WsSink<S> {
+    sink: S,
+    shared: Arc<Shared>,
+    /// The batch being written, kept from write to write.
+    frames: Vec<Frame>,
+}
+
+impl<S> Sink for WsSink<S>
 where
     S: futures_util::Sink<Message, Error = axum::Error> + Unpin,
 {
-    let slow = hub.limits.slow_consumer_timeout;
-    let counters = hub.metrics.transport("ws");
-    let mut frames = Vec::new();
-    loop {
-        let closing = handle.outbound.drain_frames(&mut frames);
-        if !frames.is_empty() {
-            let json = shared.json.load(Ordering::Acquire);
-            let count = frames.len();
-            let mut bytes = 0;
-            let batch = async {
-                for f in frames.drain(..) {
-                    let msg = if json {
-                        let text = Utf8Bytes::try_from(json_text(&f)).expect("serde_json writes UTF-8");
-                        bytes += text.len();
-                        Message::Text(text)
-                    } else {
-                        let bin = f.envelope();
-                        bytes += bin.len();
-                        Message::Binary(bin)
-                    };
-                    // Buffered; the flush below writes the whole batch.
-                    sink.feed(msg).await?;
-                }
-                sink.flush().await
-            };
-            // Counted once written: a batch lost with the connection was
-            // never sent.
-            match tokio::time::timeout(slow, batch).await {
-                Ok(Ok(())) => {
-                    handle.stats.sent(count, bytes);
-                    counters.frames_out.increment(count as u64);
-                    counters.bytes_out.increment(bytes as u64);
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(session = handle.id, error = %e, "websocket write failed");
-                    break;
-                }
-                Err(_) => {
-                    crate::session::writer::write_stalled(&handle, &hub);
-                    break;
-                }
+    async fn write(&mut self, queue: &Outbound, deadline: Duration) -> Result<Written, WriteError> {
+        let closing = queue.drain_frames(&mut self.frames);
+        if self.frames.is_empty() {
+            return Ok(Written { closing, ..Written::default() });
+        }
+        let json = self.shared.json.load(Ordering::Acquire);
+        let frames = self.frames.len();
+        let mut bytes = 0;
+        let (sink, batch) = (&mut self.sink, &mut self.frames);
+        let write = async {
+            for f in batch.drain(..) {
+                let msg = if json {
+                    let text = Utf8Bytes::try_from(json_text(&f)).expect("serde_json writes UTF-8");
+                    bytes += text.len();
+                    Message::Text(text)
+                } else {
+                    let bin = f.envelope();
+                    bytes += bin.len();
+                    Message::Binary(bin)
+                };
+                // Buffered; the flush below writes the whole batch.
+                sink.feed(msg).await?;
             }
+            sink.flush().await
+        };
+        match tokio::time::timeout(deadline, write).await {
+            Ok(Ok(())) => Ok(Written { frames, bytes, closing }),
+            Ok(Err(e)) => Err(WriteError::Failed(e.to_string())),
+            Err(_) => Err(WriteError::Stalled),
         }
-        if closing {
-            let code = shared.close_code.load(Ordering::Acquire);
-            let reason = match code {
-                CLOSE_TOO_BIG => "message too big",
-                CLOSE_PROTOCOL_ERROR => "protocol error",
-                CLOSE_GOING_AWAY => "server shutting down",
-                _ => "",
-            };
-            let close = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
-            let _ = tokio::time::timeout(slow, sink.send(close)).await;
-            break;
-        }
-        if crate::session::writer::tend(&handle, &hub) {
-            continue;
-        }
-        handle.outbound.ready().await;
     }
-    handle.outbound.close_with(None);
-    let _ = sink.close().await;
+
+    async fn close(&mut self, deadline: Duration) {
+        let code = self.shared.close_code.load(Ordering::Acquire);
+        let reason = match code {
+            CLOSE_TOO_BIG => "message too big",
+            CLOSE_PROTOCOL_ERROR => "protocol error",
+            CLOSE_GOING_AWAY => "server shutting down",
+            _ => "",
+        };
+        let close = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+        let _ = tokio::time::timeout(deadline, self.sink.send(close)).await;
+    }
+
+    async fn shutdown(&mut self, deadline: Duration) {
+        let _ = tokio::time::timeout(deadline, self.sink.close()).await;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::Subscriber;
     use crate::proto::{self, Body, CloseReason, ErrorCode};
 
     /// A WebSocket whose every write fails (a connection reset).
@@ -284,10 +280,10 @@ mod tests {
             let shared = Arc::new(Shared { json: AtomicBool::new(json), close_code: AtomicU16::new(CLOSE_NORMAL) });
             let mut written = Vec::new();
             if failing {
-                write_loop(hub.clone(), handle.clone(), Failing, shared).await;
+                writer::run(&hub, &handle, &mut WsSink { sink: Failing, shared, frames: Vec::new() }).await;
             } else {
                 let sink = (&mut written).sink_map_err(|never: std::convert::Infallible| match never {});
-                write_loop(hub.clone(), handle.clone(), sink, shared).await;
+                writer::run(&hub, &handle, &mut WsSink { sink, shared, frames: Vec::new() }).await;
             }
             let sent = (handle.stats.frames_out.load(Relaxed), handle.stats.bytes_out.load(Relaxed));
             let expected = match (failing, json) {
