@@ -1,13 +1,13 @@
 //! The server's store: sled 0.34 with an explicit `fdatasync`.
 //!
-//! Trees (design.md §4):
+//! Trees (ARCHITECTURE.md, "Storage"):
 //! * `messages` — `room_id ‖ seq` (u64 BE each) → encoded `Message`. One tree
 //!   for every room: sled rewrites its meta map for every new tree.
 //! * `rooms` — room name → room id.
 //! * `members` — `user ‖ 0 ‖ room_id` → empty.
 //! * `reads` — `user ‖ 0 ‖ room_id` → read seq (u64 BE).
 //! * `idem_journal` — record number (u64 BE) → the idempotency entries of
-//!   one group commit (the idempotency window; [`super::idem`] says why it
+//!   one group commit (the idempotency window; [`crate::store::idem`] says why it
 //!   is a journal with an index in memory and not a record per key).
 //! * `meta` — `format` → [`FORMAT`], so a foreign directory is refused. A
 //!   store of the previous format ([`FORMAT_1`], a record per key in `idem`)
@@ -38,60 +38,35 @@
 //! the disk takes writes again ([`SledStore::reopen`] says how a failed
 //! instance is set aside), so the server recovers in place when space
 //! returns.
+//!
+//! Files: [`trees`] opens the database and checks its format, [`journal`]
+//! keeps the idempotency window, [`upgrade`] converts older formats, and
+//! [`recovery`] reopens the database after a storage failure.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod journal;
+mod recovery;
+mod trees;
+mod upgrade;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
-use prost::Message as _;
 
-use super::idem::{self, Entry, IdemIndex, Loc};
+use self::journal::{EXPIRED_BEFORE, decode_record, journal_entries, keep_in_record, record_number};
+use self::recovery::check_writable;
+pub use self::trees::{FORMAT, FORMAT_1};
+use self::trees::{Trees, corrupt_key, decode_message, room_id_of};
+use super::idem::{self, IdemIndex, Loc};
 use super::{
-    Append, Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key, split_user_key,
-    user_key,
+    Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key, split_user_key, user_key,
 };
-use crate::proto;
-
-/// Written to `meta/format` in a new store; anything but this and
-/// [`FORMAT_1`] is refused.
-pub const FORMAT: &[u8] = b"chatd-store-2";
-
-/// The previous format: the idempotency window as one `idem` record per key
-/// (`user ‖ 0 ‖ client_msg_id` → [`IdempotencyRecord::encode`]). Upgraded
-/// in place when opened.
-pub const FORMAT_1: &[u8] = b"chatd-store-1";
-
-/// The tree of the idempotency journal.
-const JOURNAL: &str = "idem_journal";
-
-/// `meta` key of the last expiry's cutoff (Unix ms, u64 BE): keyed
-/// messages older than it have no journal entry on purpose.
-const EXPIRED_BEFORE: &str = "idem_expired_before";
-
-/// How far back `load` looks for messages whose idempotency records were
-/// lost in a crash: at least the largest batch the group commit writes.
-const REPAIR_WINDOW: u64 = super::commit::MAX_BATCH_OPS as u64;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         StoreError::Db(e.to_string())
     }
-}
-
-/// The trees of one open sled database.
-struct Trees {
-    db: sled::Db,
-    messages: sled::Tree,
-    rooms: sled::Tree,
-    members: sled::Tree,
-    reads: sled::Tree,
-    journal: sled::Tree,
-    meta: sled::Tree,
-    /// sled's data file, opened once so `sync` is one `fdatasync`.
-    data_file: File,
 }
 
 /// The sled-backed store.
@@ -101,7 +76,7 @@ pub struct SledStore {
     trees: RwLock<Option<Trees>>,
     path: PathBuf,
     cache_bytes: u64,
-    /// The idempotency window's index (see [`super::idem`]).
+    /// The idempotency window's index (see [`crate::store::idem`]).
     index: Mutex<IdemIndex>,
     /// Number of the next journal record. Only grows, also across a reopen.
     next_record: AtomicU64,
@@ -140,70 +115,6 @@ impl SledStore {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes `entries` as journal records numbered on from `next_record`.
-    fn put_journal<'a>(&self, t: &Trees, entries: impl Iterator<Item = Entry<'a>>) -> Result<(), StoreError> {
-        write_journal(&t.journal, entries, || self.next_record.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// Re-creates the journal entries lost between the messages and the
-    /// journal record of the last group commit before a crash. Messages
-    /// older than the last expiry's cutoff are past the window: their
-    /// entries were expired, not lost.
-    fn repair_idempotency(&self, t: &Trees, room: RoomId, head: u64, expired_before: u64) -> Result<usize, StoreError> {
-        let mut lost = Vec::new();
-        let from = head.saturating_sub(REPAIR_WINDOW) + 1;
-        let range = message_key(room, from)..=message_key(room, head);
-        for kv in t.messages.range(range).rev() {
-            let (k, v) = kv?;
-            let msg = decode_message(&k, &v)?;
-            if msg.ts_ms < expired_before {
-                break;
-            }
-            if msg.client_msg_id.is_empty() {
-                continue;
-            }
-            let loc = Loc { room, seq: msg.seq };
-            if self.index().candidates(&msg.sender, &msg.client_msg_id).contains(&loc) {
-                // Batches are synced in order, so everything older is indexed.
-                break;
-            }
-            lost.push(msg);
-        }
-        lost.reverse();
-        let entries = lost.iter().map(|m| Entry {
-            room,
-            seq: m.seq,
-            ts_ms: m.ts_ms,
-            user: &m.sender,
-            client_msg_id: &m.client_msg_id,
-        });
-        self.put_journal(t, entries.clone())?;
-        let mut index = self.index();
-        for e in entries {
-            index.insert(e.user, e.client_msg_id, e.loc());
-        }
-        Ok(lost.len())
-    }
-
-    /// Removes the journal entries of `room` with `seq >= from`. They are
-    /// the newest records' (truncation follows a failed commit), so the scan
-    /// runs from the end and stops at records older than `oldest_ts_ms`
-    /// (less a minute, for a clock that stepped back).
-    fn drop_journal_entries(&self, t: &Trees, room: RoomId, from: u64, oldest_ts_ms: u64) -> Result<(), StoreError> {
-        let stop_below = oldest_ts_ms.saturating_sub(60_000);
-        for kv in t.journal.iter().rev() {
-            let (k, v) = kv?;
-            let entries = decode_record(&k, &v)?;
-            if entries.iter().all(|e| e.ts_ms < stop_below) {
-                break;
-            }
-            if entries.iter().any(|e| e.room == room && e.seq >= from) {
-                keep_in_record(&t.journal, &k, entries.iter().filter(|e| !(e.room == room && e.seq >= from)))?;
-            }
-        }
-        Ok(())
-    }
-
     /// Runs `f` on the open database.
     fn with<R>(&self, f: impl FnOnce(&Trees) -> Result<R, StoreError>) -> Result<R, StoreError> {
         match self.trees.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -212,280 +123,10 @@ impl SledStore {
         }
     }
 
-    /// Replaces the database with a freshly opened one.
-    ///
-    /// sled 0.34 keeps the first I/O error it meets (its "global error") and
-    /// fails every later write, so after a full disk or an I/O error the only
-    /// way back is a new instance. The old one cannot be dropped: its final
-    /// flush waits forever for the write that failed (0.34.7,
-    /// `make_stable_inner`). So it is leaked — its cache memory and idle
-    /// threads stay — and its descriptors of the data file are pointed at
-    /// `/dev/null`, which releases its lock on the file and makes sure it can
-    /// never write into the reopened database. What the reopened database
-    /// holds is what reached the disk; the commit writer then truncates what
-    /// was never acknowledged.
-    fn reopen(&self) -> Result<(), StoreError> {
-        let mut trees = self.trees.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = trees.take() {
-            let Trees { db, messages, rooms, members, reads, journal, meta, data_file } = old;
-            drop(data_file);
-            std::mem::forget((db, messages, rooms, members, reads, journal, meta));
-            let detached = detach_file(&self.path.join("db"))?;
-            tracing::warn!(path = %self.path.display(), detached, "reopening the database after a storage failure");
-        }
-        *trees = Some(Trees::open(&self.path, self.cache_bytes)?);
-        Ok(())
-    }
-
     /// Where the database lives.
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-impl Trees {
-    fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        // A store that existed must still have our format marker after the
-        // open: sled recovers an unreadable log as an empty database, and
-        // taking that for a new store would silently start over.
-        let existed = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
-        let db = open_db(dir, cache_bytes)?;
-        let data_file = File::open(dir.join("db"))?;
-        let meta = db.open_tree("meta")?;
-        match meta.get("format")? {
-            Some(v) if v.as_ref() == FORMAT => {}
-            Some(v) if v.as_ref() == FORMAT_1 => upgrade_from_format_1(&db, &meta, &data_file)?,
-            Some(v) => {
-                return Err(StoreError::Corrupt(format!(
-                    "{} holds store format {:?}, this build reads {:?}",
-                    dir.display(),
-                    String::from_utf8_lossy(&v),
-                    String::from_utf8_lossy(FORMAT)
-                )));
-            }
-            None => {
-                let foreign = db.tree_names().iter().any(|n| {
-                    let n = n.as_ref();
-                    n != b"__sled__default" && n != b"meta" && !db.open_tree(n).map(|t| t.is_empty()).unwrap_or(true)
-                }) || !db.is_empty();
-                if foreign {
-                    return Err(StoreError::Corrupt(format!(
-                        "{} holds a sled database that chatd did not create",
-                        dir.display()
-                    )));
-                }
-                if existed {
-                    return Err(StoreError::Corrupt(format!(
-                        "{} holds a sled database whose contents could not be read (corrupted?); \
-                         refusing to start over it — move it aside to start with an empty store",
-                        dir.display()
-                    )));
-                }
-                meta.insert("format", FORMAT)?;
-                db.flush()?;
-            }
-        }
-        Ok(Trees {
-            messages: db.open_tree("messages")?,
-            rooms: db.open_tree("rooms")?,
-            members: db.open_tree("members")?,
-            reads: db.open_tree("reads")?,
-            journal: db.open_tree(JOURNAL)?,
-            meta,
-            db,
-            data_file,
-        })
-    }
-
-    fn head_of(&self, room: RoomId) -> Result<u64, StoreError> {
-        let range = message_key(room, 0)..=message_key(room, u64::MAX);
-        Ok(match self.messages.range(range).next_back() {
-            Some(kv) => {
-                let (k, _) = kv?;
-                u64::from_be_bytes(k[8..16].try_into().map_err(|_| corrupt_key(&k))?)
-            }
-            None => 0,
-        })
-    }
-
-    fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        self.data_file.sync_data()?;
-        Ok(())
-    }
-}
-
-fn decode_message(k: &[u8], v: &[u8]) -> Result<proto::Message, StoreError> {
-    proto::Message::decode(v).map_err(|e| StoreError::Corrupt(format!("message {k:?} does not decode: {e}")))
-}
-
-fn decode_record<'a>(k: &[u8], v: &'a [u8]) -> Result<Vec<Entry<'a>>, StoreError> {
-    idem::decode_record(v).ok_or_else(|| StoreError::Corrupt(format!("idempotency journal record {k:?} is malformed")))
-}
-
-fn record_number(k: &[u8]) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(k.try_into().map_err(|_| corrupt_key(k))?))
-}
-
-/// The journal entries of a batch's appends that carry a key.
-fn journal_entries(appends: &[Append]) -> impl Iterator<Item = Entry<'_>> + Clone {
-    appends.iter().filter(|a| !a.client_msg_id.is_empty()).map(|a| Entry {
-        room: a.room,
-        seq: a.seq,
-        ts_ms: a.ts_ms,
-        user: &a.sender,
-        client_msg_id: &a.client_msg_id,
-    })
-}
-
-/// Writes `entries` as journal records, each closed when it reaches
-/// [`idem::RECORD_BYTES`], keyed by the numbers `next` hands out.
-fn write_journal<'a>(
-    journal: &sled::Tree,
-    entries: impl Iterator<Item = Entry<'a>>,
-    mut next: impl FnMut() -> u64,
-) -> Result<(), StoreError> {
-    let mut record = Vec::new();
-    for e in entries {
-        e.encode(&mut record);
-        if record.len() >= idem::RECORD_BYTES {
-            journal.insert(&next().to_be_bytes()[..], &record[..])?;
-            record.clear();
-        }
-    }
-    if !record.is_empty() {
-        journal.insert(&next().to_be_bytes()[..], &record[..])?;
-    }
-    Ok(())
-}
-
-/// Rewrites journal record `key` with only `kept` of its entries, or
-/// removes it when none are left.
-fn keep_in_record<'a>(
-    journal: &sled::Tree,
-    key: &[u8],
-    kept: impl Iterator<Item = &'a Entry<'a>>,
-) -> Result<(), StoreError> {
-    let mut rest = Vec::new();
-    for e in kept {
-        e.encode(&mut rest);
-    }
-    if rest.is_empty() {
-        journal.remove(key)?;
-    } else {
-        journal.insert(key, rest)?;
-    }
-    Ok(())
-}
-
-/// Moves a [`FORMAT_1`] store's idempotency records into the journal, in
-/// timestamp order, then marks the store [`FORMAT`]. Written in that order,
-/// a crash part way leaves a format-1 store, and the upgrade starts over.
-fn upgrade_from_format_1(db: &sled::Db, meta: &sled::Tree, data_file: &File) -> Result<(), StoreError> {
-    let old = db.open_tree("idem")?;
-    let journal = db.open_tree(JOURNAL)?;
-    journal.clear()?;
-    let mut ids = Vec::new();
-    for kv in old.iter() {
-        let (k, v) = kv?;
-        let (user, key) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
-        let key = std::str::from_utf8(key).map_err(|_| corrupt_key(&k))?;
-        let rec = IdempotencyRecord::decode(&v).ok_or_else(|| corrupt_key(&k))?;
-        ids.push((rec.ts_ms, rec.room, rec.seq, user.to_string(), key.to_string()));
-    }
-    ids.sort();
-    let entries = ids.iter().map(|(ts_ms, room, seq, user, key)| Entry {
-        room: *room,
-        seq: *seq,
-        ts_ms: *ts_ms,
-        user,
-        client_msg_id: key,
-    });
-    let mut n = 0u64;
-    write_journal(&journal, entries, || {
-        n += 1;
-        n - 1
-    })?;
-    meta.insert("format", FORMAT)?;
-    db.drop_tree("idem")?;
-    db.flush()?;
-    data_file.sync_data()?;
-    tracing::info!(ids = ids.len(), "store upgraded from chatd-store-1: the idempotency window is now a journal");
-    Ok(())
-}
-
-/// Free space a recovering store must find before it reopens: a few of
-/// sled's I/O buffers, so the fresh instance does not fail (and leak) again
-/// at once.
-const PROBE_BYTES: usize = 16 << 20;
-
-/// Writes and syncs [`PROBE_BYTES`] in a scratch file in `dir`, then removes it.
-fn check_writable(dir: &Path) -> Result<(), StoreError> {
-    use std::io::Write as _;
-    let path = dir.join("probe.tmp");
-    let written = File::create(&path).and_then(|mut f| {
-        let chunk = vec![0u8; 1 << 20];
-        for _ in 0..PROBE_BYTES / chunk.len() {
-            f.write_all(&chunk)?;
-        }
-        f.sync_data()
-    });
-    let _ = std::fs::remove_file(&path);
-    Ok(written?)
-}
-
-/// Points every descriptor this process holds on `file` at `/dev/null`
-/// (Linux: found through `/proc/self/fd`); returns how many.
-fn detach_file(file: &Path) -> Result<usize, StoreError> {
-    let target = std::fs::canonicalize(file)?;
-    let null = File::options().read(true).write(true).open("/dev/null")?;
-    let mut detached = 0;
-    for entry in std::fs::read_dir("/proc/self/fd")? {
-        let entry = entry?;
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if std::fs::read_link(entry.path()).is_ok_and(|p| p == target) {
-            // SAFETY: dup2 replaces the descriptor atomically; the owner (the
-            // leaked sled instance) keeps a valid descriptor number, which now
-            // refers to /dev/null instead of the database file.
-            if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            detached += 1;
-        }
-    }
-    Ok(detached)
-}
-
-/// How long `open` waits for the lock of a store that is being closed.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Opens the sled database, waiting briefly for its lock: sled writes its
-/// I/O buffers from a thread pool whose last jobs may still hold the file
-/// for a moment after the previous owner closed it (a quick restart).
-fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    loop {
-        let opened = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open();
-        match opened {
-            Ok(db) => return Ok(db),
-            // sled reports a held lock only as text (config.rs, 0.34.7).
-            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
-                if std::time::Instant::now() >= deadline {
-                    return Err(StoreError::InUse(dir.display().to_string()));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => return Err(StoreError::Corrupt(format!("cannot open sled database in {}: {e}", dir.display()))),
-        }
-    }
-}
-
-fn corrupt_key(k: &[u8]) -> StoreError {
-    StoreError::Corrupt(format!("malformed key {k:?}"))
-}
-
-fn room_id_of(v: &[u8]) -> Result<RoomId, StoreError> {
-    Ok(u64::from_be_bytes(v.try_into().map_err(|_| corrupt_key(v))?))
 }
 
 impl Store for SledStore {

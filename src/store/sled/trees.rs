@@ -1,0 +1,141 @@
+//! Opening the database: the trees, the format marker, the file lock.
+
+use std::fs::File;
+use std::path::Path;
+
+use prost::Message as _;
+
+use super::journal::JOURNAL;
+use super::upgrade::upgrade_from_format_1;
+use crate::proto;
+use crate::store::{RoomId, StoreError, message_key};
+
+/// Written to `meta/format` in a new store; anything but this and
+/// [`FORMAT_1`] is refused.
+pub const FORMAT: &[u8] = b"chatd-store-2";
+
+/// The previous format: the idempotency window as one `idem` record per key
+/// (`user ‖ 0 ‖ client_msg_id` → [`IdempotencyRecord::encode`]). Upgraded
+/// in place when opened.
+pub const FORMAT_1: &[u8] = b"chatd-store-1";
+
+/// The trees of one open sled database.
+pub(super) struct Trees {
+    pub(super) db: sled::Db,
+    pub(super) messages: sled::Tree,
+    pub(super) rooms: sled::Tree,
+    pub(super) members: sled::Tree,
+    pub(super) reads: sled::Tree,
+    pub(super) journal: sled::Tree,
+    pub(super) meta: sled::Tree,
+    /// sled's data file, opened once so `sync` is one `fdatasync`.
+    pub(super) data_file: File,
+}
+
+impl Trees {
+    pub(super) fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        // A store that existed must still have our format marker after the
+        // open: sled recovers an unreadable log as an empty database, and
+        // taking that for a new store would silently start over.
+        let existed = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
+        let db = open_db(dir, cache_bytes)?;
+        let data_file = File::open(dir.join("db"))?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("format")? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) if v.as_ref() == FORMAT_1 => upgrade_from_format_1(&db, &meta, &data_file)?,
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "{} holds store format {:?}, this build reads {:?}",
+                    dir.display(),
+                    String::from_utf8_lossy(&v),
+                    String::from_utf8_lossy(FORMAT)
+                )));
+            }
+            None => {
+                let foreign = db.tree_names().iter().any(|n| {
+                    let n = n.as_ref();
+                    n != b"__sled__default" && n != b"meta" && !db.open_tree(n).map(|t| t.is_empty()).unwrap_or(true)
+                }) || !db.is_empty();
+                if foreign {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds a sled database that chatd did not create",
+                        dir.display()
+                    )));
+                }
+                if existed {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds a sled database whose contents could not be read (corrupted?); \
+                         refusing to start over it — move it aside to start with an empty store",
+                        dir.display()
+                    )));
+                }
+                meta.insert("format", FORMAT)?;
+                db.flush()?;
+            }
+        }
+        Ok(Trees {
+            messages: db.open_tree("messages")?,
+            rooms: db.open_tree("rooms")?,
+            members: db.open_tree("members")?,
+            reads: db.open_tree("reads")?,
+            journal: db.open_tree(JOURNAL)?,
+            meta,
+            db,
+            data_file,
+        })
+    }
+
+    pub(super) fn head_of(&self, room: RoomId) -> Result<u64, StoreError> {
+        let range = message_key(room, 0)..=message_key(room, u64::MAX);
+        Ok(match self.messages.range(range).next_back() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                u64::from_be_bytes(k[8..16].try_into().map_err(|_| corrupt_key(&k))?)
+            }
+            None => 0,
+        })
+    }
+
+    pub(super) fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        Ok(())
+    }
+}
+
+/// How long `open` waits for the lock of a store that is being closed.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the sled database, waiting briefly for its lock: sled writes its
+/// I/O buffers from a thread pool whose last jobs may still hold the file
+/// for a moment after the previous owner closed it (a quick restart).
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // sled reports a held lock only as text (config.rs, 0.34.7).
+            Err(sled::Error::Io(io)) if io.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::InUse(dir.display().to_string()));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(StoreError::Corrupt(format!("cannot open sled database in {}: {e}", dir.display()))),
+        }
+    }
+}
+
+pub(super) fn decode_message(k: &[u8], v: &[u8]) -> Result<proto::Message, StoreError> {
+    proto::Message::decode(v).map_err(|e| StoreError::Corrupt(format!("message {k:?} does not decode: {e}")))
+}
+
+pub(super) fn corrupt_key(k: &[u8]) -> StoreError {
+    StoreError::Corrupt(format!("malformed key {k:?}"))
+}
+
+pub(super) fn room_id_of(v: &[u8]) -> Result<RoomId, StoreError> {
+    Ok(u64::from_be_bytes(v.try_into().map_err(|_| corrupt_key(v))?))
+}
