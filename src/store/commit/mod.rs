@@ -1,13 +1,13 @@
 //! Group commit: one writer turns every pending write from every room into
-//! one batch, written in one go and made durable by one sync (design.md §4;
-//! how the sled store writes a batch, and why not with `apply_batch`, is in
-//! [`super::sled`]).
+//! one batch, written in one go and made durable by one sync
+//! (ARCHITECTURE.md, "Ack after fsync"; how the sled store writes a batch,
+//! and why not with `apply_batch`, is in [`super::sled`]).
 //!
 //! Sessions hand writes in through a bounded channel, so a publisher that
 //! outruns the disk waits for a slot (and, behind it, TCP backpressure slows
 //! the client) instead of growing a buffer. The writer runs the blocking
 //! store calls on tokio's blocking pool — all but a small batch that no sync
-//! follows, which it writes itself ([`INLINE_WRITE_OPS`] says why) — and
+//! follows, which it writes itself (`writer::INLINE_WRITE_OPS` says why) — and
 //! passes each committed batch, in order, to the next stage (the fan-out),
 //! together with the completions the sessions attached to their writes.
 //! While one batch syncs, the next one gathers in the channel: the batch
@@ -25,20 +25,25 @@
 //! epoch in force when its seq was assigned; the writer drops writes of an
 //! older epoch, and a room seeing a new epoch restarts its seqs
 //! from its durable head — so no gap and no reused seq is ever stored.
+//!
+//! [`writer`] gathers, writes and syncs batches; [`recovery`] is the
+//! failure state machine (probes, the failed tails to remove, the marker).
 
-use std::collections::HashMap;
+mod recovery;
+mod writer;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{Append, Batch, MembershipChange, ReadMarker, RoomId, Store, StoreError};
+use super::{Append, MembershipChange, ReadMarker, Store, StoreError};
 
 /// The largest number of writes in one batch.
 pub const MAX_BATCH_OPS: usize = 4096;
 
-/// When a write counts as committed (design.md §4, `--durability`).
+/// When a write counts as committed (`--durability`; ARCHITECTURE.md, "Ack after fsync").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
     /// Ack after the group commit is flushed and fdatasync'ed.
@@ -153,276 +158,15 @@ pub fn start<C: Send + 'static>(
     let (tx, rx) = mpsc::channel(queue_len);
     let failed = Arc::new(AtomicBool::new(false));
     let epoch = Arc::new(AtomicU64::new(0));
-    let handle = tokio::spawn(run(store, durability, rx, out, failed.clone(), epoch.clone()));
+    let handle = tokio::spawn(writer::run(store, durability, rx, out, failed.clone(), epoch.clone()));
     (CommitQueue { tx, failed, epoch }, handle)
-}
-
-/// The largest batch written on the writer's own task when no sync follows
-/// it (durability `batch` or `none`). sled's insert typically copies into
-/// its log buffers in memory and its own threads write them out, so a small
-/// batch costs less than handing it to the blocking pool and back — two
-/// thread wake-ups on the path of every publish. A larger batch still goes
-/// to the pool, so an inline write holds up the tasks of this worker for
-/// about this many inserts (4.6 µs each in S1 with `none`: 0.15 ms a batch
-/// on average; benches/README.md), and the writer yields after it when more
-/// writes wait. The exceptions: an insert whose leaf is not in sled's cache
-/// reads it from disk, as the reads that sessions make on workers already
-/// may; and sled writes a log item past a quarter of its segment (128 KiB)
-/// — a large value, or a leaf rewritten whole with large values in it — to
-/// a file of its own on the calling thread. [`INLINE_WRITE_BYTES`] keeps
-/// batches of large messages, whose leaves are the ones that grow past
-/// that, off the workers; a small message landing in such a leaf can still
-/// cause one. With 1,000 small rooms this once cut throughput by a third
-/// (7e300b0 took it back): the worker also woke a task for every delivery,
-/// and those wake-ups waited behind the writes. Live frames now go straight
-/// into idle sockets (`delivery::queue`), and the same load runs
-/// as fast inline as on the pool (benches/README.md, eighth session).
-const INLINE_WRITE_OPS: usize = 64;
-
-/// The most message bytes a batch written on the writer's task may hold
-/// ([`INLINE_WRITE_OPS`]).
-const INLINE_WRITE_BYTES: usize = 64 * 1024;
-
-/// How soon a failed store is first probed; each failed probe doubles the
-/// wait, up to [`PROBE_MAX`] (a probe of the sled store writes a 16 MiB
-/// scratch file, which a long outage should not repeat every second).
-const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// The longest wait between probes.
-const PROBE_MAX: Duration = Duration::from_secs(8);
-
-async fn run<C: Send + 'static>(
-    store: Arc<dyn Store>,
-    durability: Durability,
-    mut rx: mpsc::Receiver<Pending<C>>,
-    out: mpsc::Sender<Committed<C>>,
-    failed: Arc<AtomicBool>,
-    epoch: Arc<AtomicU64>,
-) {
-    let mut last_sync = Instant::now();
-    let mut unsynced = false;
-    // A recovery marker is on its way to the fan-out.
-    let mut marker_sent = false;
-    // A probe of a failed store still running (a poisoned store may never
-    // answer; one stuck probe is enough).
-    let mut probing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
-    let mut probe_wait = PROBE_EVERY;
-    let mut items = Vec::with_capacity(64);
-    // Per room, the first seq of a failed batch: everything from there on
-    // was never acknowledged, but may be partly in the store. It is removed
-    // before writes resume, since those seqs will be handed out again.
-    let mut failed_tails: HashMap<RoomId, u64> = HashMap::new();
-    let batch_size = metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE);
-    let sync_seconds = metrics::histogram!(crate::metrics::COMMIT_SYNC_SECONDS);
-    let write_seconds = metrics::histogram!(crate::metrics::COMMIT_WRITE_SECONDS);
-    let failures = metrics::counter!(crate::metrics::COMMIT_FAILURES);
-    loop {
-        let is_failed = failed.load(Ordering::Acquire);
-        if !is_failed {
-            marker_sent = false;
-        }
-        let wait = if is_failed && !marker_sent {
-            Some(probe_wait)
-        } else if let Durability::Batch { interval } = durability
-            && unsynced
-        {
-            Some(interval.saturating_sub(last_sync.elapsed()))
-        } else {
-            None
-        };
-        let first = match wait {
-            Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
-                Ok(item) => item,
-                Err(_) if is_failed => {
-                    let probe = match probing.take() {
-                        Some(h) if !h.is_finished() => {
-                            probing = Some(h);
-                            continue;
-                        }
-                        Some(h) => h.await,
-                        None => {
-                            let st = store.clone();
-                            let tails = failed_tails.clone();
-                            probing = Some(tokio::task::spawn_blocking(move || {
-                                st.probe()?;
-                                for (&room, &from) in &tails {
-                                    let n = st.truncate(room, from)?;
-                                    if n > 0 {
-                                        tracing::info!(room, from, removed = n, "dropped unacknowledged messages");
-                                    }
-                                }
-                                st.sync()
-                            }));
-                            continue;
-                        }
-                    };
-                    if let Ok(Err(e)) = &probe {
-                        probe_wait = (probe_wait * 2).min(PROBE_MAX);
-                        tracing::debug!(error = %e, retry_in = ?probe_wait, "storage still failing");
-                    }
-                    if matches!(probe, Ok(Ok(()))) {
-                        probe_wait = PROBE_EVERY;
-                        failed_tails.clear();
-                        tracing::info!("storage works again; resuming writes");
-                        if out
-                            .send(Committed { completions: Vec::new(), result: Ok(()), size: 0, recovered: true })
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                        marker_sent = true;
-                    }
-                    continue;
-                }
-                Err(_) => {
-                    sync_now(&store, &failed).await;
-                    last_sync = Instant::now();
-                    unsynced = false;
-                    continue;
-                }
-            },
-            None => rx.recv().await,
-        };
-        let Some(first) = first else { break };
-        items.push(first);
-        while items.len() < MAX_BATCH_OPS {
-            match rx.try_recv() {
-                Ok(item) => items.push(item),
-                Err(_) => break,
-            }
-        }
-        // Writes of an older epoch (seqs assigned before a failure) or made
-        // while the store is failed are not written: they fail first.
-        let current = epoch.load(Ordering::Acquire);
-        let refuse_all = failed.load(Ordering::Acquire);
-        let (stale, fresh): (Vec<_>, Vec<_>) = items.drain(..).partition(|p| refuse_all || p.epoch != current);
-        if !stale.is_empty() {
-            let size = stale.len();
-            let err = StoreError::Db("storage failed; this write was not stored".into());
-            let done = Committed {
-                completions: stale.into_iter().map(|p| p.completion).collect(),
-                result: Err(Arc::new(err)),
-                size,
-                recovered: false,
-            };
-            if out.send(done).await.is_err() {
-                break;
-            }
-        }
-        if fresh.is_empty() {
-            continue;
-        }
-        let size = fresh.len();
-        batch_size.record(size as f64);
-        let mut batch = Batch::default();
-        let mut completions = Vec::with_capacity(size);
-        for p in fresh {
-            match p.write {
-                Write::Append(a) => batch.appends.push(a),
-                Write::Membership(m) => batch.memberships.push(m),
-                Write::ReadMarker(r) => batch.read_markers.push(r),
-                Write::Barrier => {}
-            }
-            completions.push(p.completion);
-        }
-        let mut firsts: HashMap<RoomId, u64> = HashMap::new();
-        for a in &batch.appends {
-            firsts.entry(a.room).or_insert(a.seq);
-        }
-        let mut yield_after = false;
-        let result = if batch.is_empty() {
-            Ok(())
-        } else {
-            let st = store.clone();
-            let sync_each = durability == Durability::Fsync;
-            let inline = !sync_each
-                && size <= INLINE_WRITE_OPS
-                && batch.appends.iter().map(|a| a.message.len()).sum::<usize>() <= INLINE_WRITE_BYTES;
-            yield_after = inline;
-            let r = if inline {
-                let started = Instant::now();
-                // A panic in the store fails the batch, as one on the pool
-                // does, instead of ending the writer with publishes unanswered.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| st.write(&batch)))
-                    .unwrap_or_else(|panic| Err(StoreError::Db(format!("writer panicked: {}", panic_text(&*panic)))));
-                if r.is_ok() {
-                    write_seconds.record(started.elapsed().as_secs_f64());
-                }
-                r
-            } else {
-                let sync_seconds = sync_seconds.clone();
-                let write_seconds = write_seconds.clone();
-                tokio::task::spawn_blocking(move || {
-                    let started = Instant::now();
-                    st.write(&batch)?;
-                    write_seconds.record(started.elapsed().as_secs_f64());
-                    if sync_each {
-                        let started = Instant::now();
-                        st.sync()?;
-                        sync_seconds.record(started.elapsed().as_secs_f64());
-                    }
-                    Ok::<_, StoreError>(())
-                })
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Db(format!("writer thread failed: {e}"))))
-            };
-            if let Err(e) = &r {
-                for (room, seq) in firsts {
-                    let first = failed_tails.entry(room).or_insert(seq);
-                    *first = (*first).min(seq);
-                }
-                failures.increment(1);
-                failed.store(true, Ordering::Release);
-                tracing::error!(error = %e, batch = size, "group commit failed; refusing writes until storage works again");
-            }
-            unsynced |= r.is_ok() && !sync_each;
-            r.map_err(Arc::new)
-        };
-        if let Durability::Batch { interval } = durability
-            && unsynced
-            && last_sync.elapsed() >= interval
-        {
-            sync_now(&store, &failed).await;
-            last_sync = Instant::now();
-            unsynced = false;
-        }
-        if out.send(Committed { completions, result, size, recovered: false }).await.is_err() {
-            break;
-        }
-        // A write on this task did not yield; with more writes waiting (other
-        // workers filled the queue meanwhile) the next batch would not either.
-        if yield_after && !rx.is_empty() {
-            tokio::task::yield_now().await;
-        }
-    }
-    // Whatever the mode, a clean stop leaves everything durable.
-    sync_now(&store, &failed).await;
-}
-
-/// The message of a caught panic.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
-    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-        (Some(s), _) => s,
-        (_, Some(s)) => s,
-        _ => "(no message)",
-    }
-}
-
-async fn sync_now(store: &Arc<dyn Store>, failed: &AtomicBool) {
-    let st = store.clone();
-    match tokio::task::spawn_blocking(move || st.sync()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            failed.store(true, Ordering::Release);
-            tracing::error!(error = %e, "store sync failed");
-        }
-        Err(e) => tracing::error!(error = %e, "store sync task failed"),
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::writer::{INLINE_WRITE_BYTES, INLINE_WRITE_OPS};
     use super::*;
+    use crate::store::Batch;
     use crate::store::memory::MemoryStore;
 
     #[tokio::test]
