@@ -1,6 +1,13 @@
-//! Configuration: one serde [`Config`] with documented defaults (design.md
-//! §6). Precedence, highest first: command-line flag, environment variable
-//! (`CHATD_...`), TOML file (`--config`), built-in default.
+//! Configuration: one serde [`Config`] with documented defaults
+//! (ARCHITECTURE.md, "Operations"). Precedence, highest first: command-line
+//! flag, environment variable (`CHATD_...`), TOML file (`--config`),
+//! built-in default.
+//!
+//! Every field is declared once, in the [`config!`] invocation below: its
+//! doc line, type, default, and what makes its value valid. The struct, its
+//! `Default`, the table behind `config print-default`, the flags and
+//! environment variables (`main.rs`) and the per-field checks of
+//! [`Config::validate`] all come from that declaration.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,124 +19,240 @@ use crate::delivery::OutboundLimits;
 use crate::hub::Limits;
 use crate::store::commit::Durability;
 
-/// Everything `chatd serve` can be told.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// Data directory (sled store and the token secret).
-    pub data: PathBuf,
-    /// Native protocol listener (length-framed protobuf over TCP).
-    pub tcp: SocketAddr,
-    /// HTTP listener (WebSocket, web client, health); HTTPS when TLS is on.
-    pub http: SocketAddr,
-    /// Native protocol over TLS; on by default (0.0.0.0:7401) when a
-    /// certificate is configured.
-    pub tls: Option<SocketAddr>,
-    /// PEM certificate chain for TLS.
-    pub cert: Option<PathBuf>,
-    /// PEM private key for TLS (PKCS#8, PKCS#1 or SEC1).
-    pub key: Option<PathBuf>,
-    /// Generate (once) a self-signed certificate for localhost in the data
-    /// directory and serve TLS with it.
-    pub dev_tls: bool,
-    /// Offer TLS 1.3 only (default: 1.3 and 1.2).
-    pub tls13_only: bool,
-    /// HMAC secret for tokens; default: the `secret` file in the data dir.
-    pub token_secret: Option<String>,
-    /// `fsync` (ack after group commit + fdatasync), `batch`, or `none`.
-    pub durability: String,
-    /// With `durability = "batch"`: milliseconds between syncs.
-    pub batch_sync_ms: u64,
-    /// sled page cache in MiB.
-    pub cache_mb: u64,
-    /// Writes the group commit may have queued before publishers wait.
-    pub commit_queue: usize,
-    /// Threads serving connections; 0: one per core but one (at least 1).
-    pub workers: usize,
-    /// Largest frame, in bytes.
-    pub max_frame_bytes: usize,
-    /// Time allowed for `Hello`, in ms.
-    pub handshake_timeout_ms: u64,
-    /// Silence before `GoAway{IDLE_TIMEOUT}`, in ms.
-    pub idle_timeout_ms: u64,
-    /// Advertised heartbeat interval, in ms.
-    pub heartbeat_ms: u64,
-    /// Most messages replayed per resume cursor.
-    pub replay_limit: u64,
-    /// Publishes per user per minute; 0 turns the limit off.
-    pub publish_rate: u32,
-    /// Burst of the publish rate limit.
-    pub publish_burst: u32,
-    /// Publishes one session may have awaiting their ack.
-    pub max_inflight_publishes: usize,
-    /// Outbound queue bound, in frames.
-    pub outbound_max_frames: usize,
-    /// Outbound queue bound, in bytes.
-    pub outbound_max_bytes: usize,
-    /// How long a session may stay behind before `GoAway{SLOW_CONSUMER}`, in ms.
-    pub slow_consumer_timeout_ms: u64,
-    /// Sessions per user.
-    pub max_sessions_per_user: usize,
-    /// Rooms per user.
-    pub max_rooms_per_user: usize,
-    /// Open connections before new ones get `GoAway{CAPACITY}`.
-    pub max_connections: usize,
-    /// Idempotency keys are kept at least this long, in hours.
-    pub idempotency_hours: u64,
-    /// Time allowed for a graceful shutdown, in ms.
-    pub shutdown_timeout_ms: u64,
-    /// Development login at `POST /dev/token?user=NAME` (loopback HTTP only).
-    pub dev_auth: bool,
-    /// Serve the web client from this directory instead of the built-in copy.
-    pub web_dir: Option<PathBuf>,
-    /// Bearer token for `/admin/...`; unset: the admin endpoints are off.
-    pub admin_token: Option<String>,
-    /// `text` (human-readable) or `json` logs.
-    pub log_format: String,
-    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or
-    /// `chatd=debug`); `RUST_LOG` takes precedence.
-    pub log_level: String,
+/// When a publish is acknowledged (`durability`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    /// After the group commit is written and fdatasync'ed.
+    Fsync,
+    /// After the write; synced every `batch_sync_ms`.
+    Batch,
+    /// Never synced explicitly (benchmarks only).
+    None,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        let l = Limits::default();
-        Config {
-            data: PathBuf::from("./chatd-data"),
-            tcp: "0.0.0.0:7400".parse().expect("valid"),
-            http: "0.0.0.0:7480".parse().expect("valid"),
-            tls: None,
-            cert: None,
-            key: None,
-            dev_tls: false,
-            tls13_only: false,
-            token_secret: None,
-            durability: "fsync".into(),
-            batch_sync_ms: 10,
-            cache_mb: 128,
-            commit_queue: 16384,
-            workers: 0,
-            max_frame_bytes: l.max_frame_bytes,
-            handshake_timeout_ms: l.handshake_timeout.as_millis() as u64,
-            idle_timeout_ms: l.idle_timeout.as_millis() as u64,
-            heartbeat_ms: l.heartbeat.as_millis() as u64,
-            replay_limit: l.replay_limit,
-            publish_rate: l.publish_rate_per_min,
-            publish_burst: l.publish_burst,
-            max_inflight_publishes: l.max_inflight_publishes,
-            outbound_max_frames: l.outbound.max_frames,
-            outbound_max_bytes: l.outbound.max_bytes,
-            slow_consumer_timeout_ms: l.slow_consumer_timeout.as_millis() as u64,
-            max_sessions_per_user: l.max_sessions_per_user,
-            max_rooms_per_user: l.max_rooms_per_user,
-            max_connections: l.max_connections,
-            idempotency_hours: 24,
-            shutdown_timeout_ms: 10_000,
-            dev_auth: false,
-            web_dir: None,
-            admin_token: None,
-            log_format: "text".into(),
-            log_level: "info".into(),
+/// How logs are written (`log_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How a field's value is written in TOML (and parsed from a flag or an
+/// environment variable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A string (also paths, socket addresses and named choices).
+    Text,
+    /// A whole number.
+    Int,
+    /// true or false.
+    Bool,
+}
+
+/// The [`Kind`] of a field's type.
+trait FieldType {
+    const KIND: Kind;
+}
+
+macro_rules! field_types {
+    ($kind:ident: $($t:ty),*) => { $(impl FieldType for $t { const KIND: Kind = Kind::$kind; })* };
+}
+field_types!(Text: PathBuf, SocketAddr, String, DurabilityMode, LogFormat);
+field_types!(Int: u32, u64, usize);
+field_types!(Bool: bool);
+
+impl<T: FieldType> FieldType for Option<T> {
+    const KIND: Kind = T::KIND;
+}
+
+/// One configuration field: its name (TOML key; flag `--name-with-dashes`;
+/// variable `CHATD_NAME`), kind, and what it does.
+pub struct Field {
+    /// TOML key.
+    pub name: &'static str,
+    /// Value kind.
+    pub kind: Kind,
+    /// One line of documentation.
+    pub doc: &'static str,
+    /// For a field unset by default: a value to show, commented out, in
+    /// `config print-default` (a TOML value).
+    pub example: Option<&'static str>,
+}
+
+/// Declares every field once: doc line, name, type, default, then
+/// optionally `example "TOML value"` (for a field unset by default) and
+/// `check EXPR` (a function of `&value` from [`check`]).
+macro_rules! config {
+    ($(
+        #[doc = $doc:literal]
+        $name:ident : $ty:ty = $default:expr
+        $(, example $example:literal)?
+        $(, check $check:expr)?
+        ;
+    )*) => {
+        /// Everything `chatd serve` can be told.
+        #[derive(Clone, Debug, Deserialize, Serialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $(#[doc = $doc] pub $name: $ty,)*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $($name: $default,)* }
+            }
+        }
+
+        /// Every field of [`Config`], in the order `print-default` writes them.
+        pub const FIELDS: &[Field] = &[$(
+            Field {
+                name: stringify!($name),
+                kind: <$ty as FieldType>::KIND,
+                doc: $doc.trim_ascii(),
+                example: config!(@example $($example)?),
+            },
+        )*];
+
+        impl Config {
+            /// The checks declared with the fields, in declaration order.
+            fn check_fields(&self) -> Result<(), ConfigError> {
+                $($(
+                    let check: &dyn Fn(&$ty) -> Result<(), String> = &$check;
+                    check(&self.$name).map_err(|e| ConfigError(format!("{} {e}", stringify!($name))))?;
+                )?)*
+                Ok(())
+            }
+        }
+    };
+    (@example $example:literal) => { Some($example) };
+    (@example) => { None };
+}
+
+config! {
+    /// Data directory: the sled store and the token secret.
+    data: PathBuf = PathBuf::from("./chatd-data");
+    /// Native protocol listener (length-framed protobuf over TCP).
+    tcp: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7400));
+    /// HTTP listener: WebSocket /ws, web client, /metrics, /healthz, /readyz, /admin; HTTPS when TLS is on.
+    http: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7480));
+    /// Native protocol over TLS; default 0.0.0.0:7401 when a certificate is configured.
+    tls: Option<SocketAddr> = None, example "\"0.0.0.0:7401\"";
+    /// PEM certificate chain; enables TLS (SIGHUP or POST /admin/tls/reload re-reads it).
+    cert: Option<PathBuf> = None, example "\"/etc/chatd/fullchain.pem\"";
+    /// PEM private key: PKCS#8, PKCS#1 or SEC1.
+    key: Option<PathBuf> = None, example "\"/etc/chatd/privkey.pem\"";
+    /// Serve TLS with a self-signed localhost certificate generated once in DATA/tls.
+    dev_tls: bool = false;
+    /// Offer TLS 1.3 only (default: 1.3 and 1.2).
+    tls13_only: bool = false;
+    /// HMAC secret for tokens (at least 32 bytes); default: the text in DATA/secret.
+    token_secret: Option<String> = None,
+        example "\"64 hex characters, or any text of 32 bytes or more\"", check check::min_len(32);
+    /// fsync (ack after group commit + fdatasync), batch (ack after write, sync every batch_sync_ms), none (benchmarks only).
+    durability: DurabilityMode = DurabilityMode::Fsync;
+    /// With durability = "batch": milliseconds between syncs.
+    batch_sync_ms: u64 = 10, check check::at_least(1);
+    /// sled page cache, MiB.
+    cache_mb: u64 = 128, check check::at_least(1);
+    /// Writes queued for the group commit before publishers wait.
+    commit_queue: usize = 16384, check check::at_least(1);
+    /// Threads serving connections; 0: one per core, less one for the group commit and storage I/O (at least 1).
+    workers: usize = 0, check check::at_most(MAX_WORKERS);
+    /// Largest frame or WebSocket message, bytes.
+    max_frame_bytes: usize = Limits::default().max_frame_bytes, check check::between(256, 16 << 20);
+    /// Time allowed for the TLS handshake and for Hello.
+    handshake_timeout_ms: u64 = millis(Limits::default().handshake_timeout), check check::at_least(1);
+    /// Silence before GoAway{IDLE_TIMEOUT}; a Ping is sent after half of it.
+    idle_timeout_ms: u64 = millis(Limits::default().idle_timeout), check check::at_least(1);
+    /// Heartbeat interval advertised in Welcome.
+    heartbeat_ms: u64 = millis(Limits::default().heartbeat), check check::at_least(1);
+    /// Most messages replayed per resume cursor (then Synced{complete: false}).
+    replay_limit: u64 = Limits::default().replay_limit;
+    /// Publishes per user per minute; 0 turns the limit off.
+    publish_rate: u32 = Limits::default().publish_rate_per_min;
+    /// Burst of the publish rate limit.
+    publish_burst: u32 = Limits::default().publish_burst;
+    /// Publishes one session may have awaiting their ack.
+    max_inflight_publishes: usize = Limits::default().max_inflight_publishes, check check::at_least(1);
+    /// Per-connection outbound queue bound, frames (at least 2: a lagging session catches up below half).
+    outbound_max_frames: usize = Limits::default().outbound.max_frames, check check::at_least(2);
+    /// Per-connection outbound queue bound, bytes (at least 2: a lagging session catches up below half).
+    outbound_max_bytes: usize = Limits::default().outbound.max_bytes, check check::at_least(2);
+    /// How long a session may stay behind before GoAway{SLOW_CONSUMER}.
+    slow_consumer_timeout_ms: u64 = millis(Limits::default().slow_consumer_timeout);
+    /// Sessions one user may have open.
+    max_sessions_per_user: usize = Limits::default().max_sessions_per_user, check check::at_least(1);
+    /// Rooms one user may be a member of.
+    max_rooms_per_user: usize = Limits::default().max_rooms_per_user, check check::at_least(1);
+    /// Open connections (all transports) before new ones get GoAway{CAPACITY}.
+    max_connections: usize = Limits::default().max_connections, check check::at_least(1);
+    /// How long a client_msg_id is remembered (at least 24 h is promised).
+    idempotency_hours: u64 = 24;
+    /// Deadline of a graceful shutdown.
+    shutdown_timeout_ms: u64 = 10_000;
+    /// Development login POST /dev/token?user=NAME; refused unless http is a loopback address.
+    dev_auth: bool = false;
+    /// Serve the web client from this directory instead of the built-in copy.
+    web_dir: Option<PathBuf> = None, example "\"clients/web\"";
+    /// Bearer token for /admin/... (at least 16 characters); unset: admin endpoints are off.
+    admin_token: Option<String> = None, example "\"a long random string\"", check check::min_len(16);
+    /// Logs as text (human-readable) or json.
+    log_format: LogFormat = LogFormat::Text;
+    /// Log filter in tracing syntax, e.g. info or chatd=debug; RUST_LOG takes precedence.
+    log_level: String = "info".into();
+}
+
+/// A duration in whole milliseconds, as the `_ms` fields hold them.
+fn millis(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// Checks a field's declaration may name: each returns a function of the
+/// value whose error completes the sentence "FIELD ...".
+mod check {
+    /// A whole number of any width.
+    pub trait Number: Copy {
+        fn get(self) -> u64;
+    }
+
+    impl Number for u32 {
+        fn get(self) -> u64 {
+            u64::from(self)
+        }
+    }
+
+    impl Number for u64 {
+        fn get(self) -> u64 {
+            self
+        }
+    }
+
+    impl Number for usize {
+        fn get(self) -> u64 {
+            self as u64
+        }
+    }
+
+    pub fn at_least<T: Number>(min: u64) -> impl Fn(&T) -> Result<(), String> {
+        move |v| if v.get() >= min { Ok(()) } else { Err(format!("must be at least {min}")) }
+    }
+
+    pub fn at_most<T: Number>(max: usize) -> impl Fn(&T) -> Result<(), String> {
+        move |v| if v.get() <= max as u64 { Ok(()) } else { Err(format!("must be at most {max}")) }
+    }
+
+    pub fn between<T: Number>(lo: u64, hi: u64) -> impl Fn(&T) -> Result<(), String> {
+        move |v| if (lo..=hi).contains(&v.get()) { Ok(()) } else { Err(format!("must be between {lo} and {hi}")) }
+    }
+
+    pub fn min_len(n: usize) -> impl Fn(&Option<String>) -> Result<(), String> {
+        move |v| match v {
+            Some(s) if s.len() < n => Err(format!("must be at least {n} bytes long")),
+            _ => Ok(()),
         }
     }
 }
@@ -141,6 +264,16 @@ const MAX_WORKERS: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(pub String);
+
+impl std::fmt::Display for DurabilityMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DurabilityMode::Fsync => "fsync",
+            DurabilityMode::Batch => "batch",
+            DurabilityMode::None => "none",
+        })
+    }
+}
 
 impl Config {
     /// Reads a TOML file; missing fields take their defaults.
@@ -154,10 +287,10 @@ impl Config {
     /// core but one. The group commit's writes and syncs (on tokio's
     /// blocking pool; with `none` or `batch`, small batches are written on a
     /// worker) and sled's I/O threads are busy whenever messages flow and
-    /// run beside the workers; leaving them a core measured +13% in fan-out
-    /// with `fsync` and +30% with `none` on a 2-core machine
-    /// (benches/README.md, fifth session), where 2 workers preempted the
-    /// writer and woke each other for every delivery.
+    /// run beside the workers; leaving them a core measured +14% in fan-out
+    /// with `fsync` and +28% with `none` on a 2-core machine, where 2
+    /// workers preempted the writer and woke each other for every delivery
+    /// (benches/README.md, "Workers: one per core, less one").
     pub fn worker_threads(&self) -> usize {
         match self.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
@@ -165,51 +298,19 @@ impl Config {
         }
     }
 
-    /// The durability mode.
-    pub fn durability(&self) -> Result<Durability, ConfigError> {
-        match self.durability.as_str() {
-            "fsync" => Ok(Durability::Fsync),
-            "batch" => Ok(Durability::Batch { interval: Duration::from_millis(self.batch_sync_ms.max(1)) }),
-            "none" => Ok(Durability::None),
-            other => Err(ConfigError(format!("durability: {other:?} is not one of fsync, batch, none"))),
+    /// The group commit's durability.
+    pub fn durability(&self) -> Durability {
+        match self.durability {
+            DurabilityMode::Fsync => Durability::Fsync,
+            DurabilityMode::Batch => Durability::Batch { interval: Duration::from_millis(self.batch_sync_ms.max(1)) },
+            DurabilityMode::None => Durability::None,
         }
     }
 
-    /// Checks every field; the error names the first bad one.
+    /// Checks every field, then the rules between fields; the error names
+    /// the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.durability()?;
-        let positive = [
-            ("max_frame_bytes", self.max_frame_bytes as u64),
-            ("handshake_timeout_ms", self.handshake_timeout_ms),
-            ("idle_timeout_ms", self.idle_timeout_ms),
-            ("max_inflight_publishes", self.max_inflight_publishes as u64),
-            ("outbound_max_frames", self.outbound_max_frames as u64),
-            ("outbound_max_bytes", self.outbound_max_bytes as u64),
-            ("commit_queue", self.commit_queue as u64),
-            ("cache_mb", self.cache_mb),
-            ("max_sessions_per_user", self.max_sessions_per_user as u64),
-            ("max_rooms_per_user", self.max_rooms_per_user as u64),
-            ("max_connections", self.max_connections as u64),
-        ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(ConfigError(format!("{name} must be greater than 0")));
-            }
-        }
-        if self.workers > MAX_WORKERS {
-            return Err(ConfigError(format!("workers must be at most {MAX_WORKERS} (0: one per core less one)")));
-        }
-        // A queue must be able to fall below half full for a lagging session
-        // to catch up (`Outbound::has_room_for_live`).
-        if self.outbound_max_frames < 2 || self.outbound_max_bytes < 2 {
-            return Err(ConfigError("outbound_max_frames and outbound_max_bytes must be at least 2".into()));
-        }
-        if !(256..=16 << 20).contains(&self.max_frame_bytes) {
-            return Err(ConfigError("max_frame_bytes must be between 256 and 16777216".into()));
-        }
-        if self.heartbeat_ms == 0 {
-            return Err(ConfigError("heartbeat_ms must be greater than 0".into()));
-        }
+        self.check_fields()?;
         if self.cert.is_some() != self.key.is_some() {
             return Err(ConfigError("cert and key: give both, or neither".into()));
         }
@@ -218,19 +319,6 @@ impl Config {
         }
         if self.tls.is_some() && self.cert.is_none() && !self.dev_tls {
             return Err(ConfigError("tls: a TLS listener needs cert and key, or dev_tls".into()));
-        }
-        if let Some(t) = &self.admin_token
-            && t.len() < 16
-        {
-            return Err(ConfigError("admin_token must be at least 16 characters".into()));
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError(format!("log_format: {:?} is not one of text, json", self.log_format)));
-        }
-        if let Some(s) = &self.token_secret
-            && s.len() < 32
-        {
-            return Err(ConfigError("token_secret must be at least 32 bytes".into()));
         }
         Ok(())
     }
@@ -242,7 +330,7 @@ impl Config {
 
     /// The TLS listener's address, when TLS is configured.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls_enabled().then(|| self.tls.unwrap_or_else(|| "0.0.0.0:7401".parse().expect("valid")))
+        self.tls_enabled().then(|| self.tls.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7401))))
     }
 
     /// The session limits.
@@ -264,142 +352,6 @@ impl Config {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_are_valid_and_match_the_design() {
-        let c = Config::default();
-        c.validate().unwrap();
-        assert_eq!(c.tcp.port(), 7400);
-        assert_eq!(c.http.port(), 7480);
-        assert_eq!(c.durability().unwrap(), Durability::Fsync);
-        assert_eq!(c.max_frame_bytes, 65536);
-        assert_eq!(c.publish_rate, 240);
-    }
-
-    #[test]
-    fn a_file_overrides_defaults_and_bad_fields_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        std::fs::write(&p, "durability = \"none\"\npublish_rate = 0\n").unwrap();
-        let c = Config::from_file(&p).unwrap();
-        assert_eq!(c.durability().unwrap(), Durability::None);
-        assert_eq!(c.publish_rate, 0);
-        std::fs::write(&p, "no_such_field = 1\n").unwrap();
-        assert!(Config::from_file(&p).unwrap_err().to_string().contains("no_such_field"));
-        std::fs::write(&p, "durability = \"sometimes\"\n").unwrap();
-        assert!(Config::from_file(&p).unwrap().validate().unwrap_err().to_string().contains("durability"));
-    }
-}
-
-/// How a field's value is written in TOML (and parsed from a flag or an
-/// environment variable).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// A string (also paths and socket addresses).
-    Text,
-    /// A whole number.
-    Int,
-    /// true or false.
-    Bool,
-}
-
-/// One configuration field: its name (TOML key; flag `--name-with-dashes`;
-/// variable `CHATD_NAME`), kind, and what it does.
-pub struct Field {
-    /// TOML key.
-    pub name: &'static str,
-    /// Value kind.
-    pub kind: Kind,
-    /// One line of documentation.
-    pub doc: &'static str,
-    /// For a field unset by default: a value to show, commented out, in
-    /// `config print-default` (a TOML value).
-    pub example: Option<&'static str>,
-}
-
-const fn field(name: &'static str, kind: Kind, doc: &'static str) -> Field {
-    Field { name, kind, doc, example: None }
-}
-
-impl Field {
-    /// The same field with an example value for `print-default`.
-    const fn example(self, value: &'static str) -> Field {
-        Field { example: Some(value), ..self }
-    }
-}
-
-/// Every field of [`Config`], in the order `print-default` writes them. A
-/// test checks that this table and the struct agree.
-pub const FIELDS: &[Field] = &[
-    field("data", Kind::Text, "Data directory: the sled store and the token secret."),
-    field("tcp", Kind::Text, "Native protocol listener (length-framed protobuf over TCP)."),
-    field(
-        "http",
-        Kind::Text,
-        "HTTP listener: WebSocket /ws, web client, /metrics, /healthz, /readyz, /admin; HTTPS when TLS is on.",
-    ),
-    field("tls", Kind::Text, "Native protocol over TLS; default 0.0.0.0:7401 when a certificate is configured.")
-        .example("\"0.0.0.0:7401\""),
-    field("cert", Kind::Text, "PEM certificate chain; enables TLS (SIGHUP or POST /admin/tls/reload re-reads it).")
-        .example("\"/etc/chatd/fullchain.pem\""),
-    field("key", Kind::Text, "PEM private key: PKCS#8, PKCS#1 or SEC1.").example("\"/etc/chatd/privkey.pem\""),
-    field("dev_tls", Kind::Bool, "Serve TLS with a self-signed localhost certificate generated once in DATA/tls."),
-    field("tls13_only", Kind::Bool, "Offer TLS 1.3 only (default: 1.3 and 1.2)."),
-    field("token_secret", Kind::Text, "HMAC secret for tokens (at least 32 bytes); default: the text in DATA/secret.")
-        .example("\"64 hex characters, or any text of 32 bytes or more\""),
-    field(
-        "durability",
-        Kind::Text,
-        "fsync (ack after group commit + fdatasync), batch (ack after write, sync every batch_sync_ms), none (benchmarks only).",
-    ),
-    field("batch_sync_ms", Kind::Int, "With durability = \"batch\": milliseconds between syncs."),
-    field("cache_mb", Kind::Int, "sled page cache, MiB."),
-    field("commit_queue", Kind::Int, "Writes queued for the group commit before publishers wait."),
-    field(
-        "workers",
-        Kind::Int,
-        "Threads serving connections; 0: one per core, less one for the group commit and storage I/O (at least 1).",
-    ),
-    field("max_frame_bytes", Kind::Int, "Largest frame or WebSocket message, bytes."),
-    field("handshake_timeout_ms", Kind::Int, "Time allowed for the TLS handshake and for Hello."),
-    field("idle_timeout_ms", Kind::Int, "Silence before GoAway{IDLE_TIMEOUT}; a Ping is sent after half of it."),
-    field("heartbeat_ms", Kind::Int, "Heartbeat interval advertised in Welcome."),
-    field("replay_limit", Kind::Int, "Most messages replayed per resume cursor (then Synced{complete: false})."),
-    field("publish_rate", Kind::Int, "Publishes per user per minute; 0 turns the limit off."),
-    field("publish_burst", Kind::Int, "Burst of the publish rate limit."),
-    field("max_inflight_publishes", Kind::Int, "Publishes one session may have awaiting their ack."),
-    field("outbound_max_frames", Kind::Int, "Per-connection outbound queue bound, frames."),
-    field("outbound_max_bytes", Kind::Int, "Per-connection outbound queue bound, bytes."),
-    field("slow_consumer_timeout_ms", Kind::Int, "How long a session may stay behind before GoAway{SLOW_CONSUMER}."),
-    field("max_sessions_per_user", Kind::Int, "Sessions one user may have open."),
-    field("max_rooms_per_user", Kind::Int, "Rooms one user may be a member of."),
-    field("max_connections", Kind::Int, "Open connections (all transports) before new ones get GoAway{CAPACITY}."),
-    field("idempotency_hours", Kind::Int, "How long a client_msg_id is remembered (at least 24 h is promised)."),
-    field("shutdown_timeout_ms", Kind::Int, "Deadline of a graceful shutdown."),
-    field(
-        "dev_auth",
-        Kind::Bool,
-        "Development login POST /dev/token?user=NAME; refused unless http is a loopback address.",
-    ),
-    field("web_dir", Kind::Text, "Serve the web client from this directory instead of the built-in copy.")
-        .example("\"clients/web\""),
-    field(
-        "admin_token",
-        Kind::Text,
-        "Bearer token for /admin/... (at least 16 characters); unset: admin endpoints are off.",
-    )
-    .example("\"a long random string\""),
-    field("log_format", Kind::Text, "Logs as text (human-readable) or json."),
-    field(
-        "log_level",
-        Kind::Text,
-        "Log filter in tracing syntax, e.g. info or chatd=debug; RUST_LOG takes precedence.",
-    ),
-];
 
 impl Field {
     /// The command-line flag.
@@ -475,6 +427,37 @@ impl Config {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_design() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.tcp.port(), 7400);
+        assert_eq!(c.http.port(), 7480);
+        assert_eq!(c.durability(), Durability::Fsync);
+        assert_eq!(c.max_frame_bytes, 65536);
+        assert_eq!(c.publish_rate, 240);
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_bad_fields_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "durability = \"none\"\npublish_rate = 0\n").unwrap();
+        let c = Config::from_file(&p).unwrap();
+        assert_eq!(c.durability(), Durability::None);
+        assert_eq!(c.publish_rate, 0);
+        std::fs::write(&p, "no_such_field = 1\n").unwrap();
+        assert!(Config::from_file(&p).unwrap_err().to_string().contains("no_such_field"));
+        std::fs::write(&p, "durability = \"sometimes\"\n").unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("durability") && err.contains("fsync"), "{err}");
     }
 }
 

@@ -155,7 +155,7 @@ fn init_logging(config: &Config) {
     // plain text (and NO_COLOR is honoured, https://no-color.org).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if config.log_format == "json" {
+    if config.log_format == chatd::config::LogFormat::Json {
         builder.json().with_current_span(true).with_span_list(false).init();
     } else {
         builder.init();

@@ -81,7 +81,7 @@ impl Server {
     /// Starts with any store (tests use the in-memory one).
     pub async fn start_with_store(config: &Config, store: Arc<dyn Store>, auth: Auth) -> Result<Server, StartError> {
         config.validate()?;
-        let durability = config.durability()?;
+        let durability = config.durability();
         if config.dev_auth && !config.http.ip().is_loopback() {
             return Err(StartError::Config(ConfigError(format!(
                 "dev_auth: the dev login mints tokens for anyone; it is refused unless the HTTP listener is on a loopback address (http = {})",

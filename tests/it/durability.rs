@@ -15,7 +15,7 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_messages_memberships_markers_and_idempotency() {
-    restart_keeps_everything("fsync").await;
+    restart_keeps_everything(chatd::config::DurabilityMode::Fsync).await;
 }
 
 /// `batch` and `none` write small group commits on a worker, not on the
@@ -23,13 +23,13 @@ async fn a_restart_keeps_messages_memberships_markers_and_idempotency() {
 /// syncs whatever the mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_restart_keeps_everything_with_batch_and_none_durability() {
-    restart_keeps_everything("batch").await;
-    restart_keeps_everything("none").await;
+    restart_keeps_everything(chatd::config::DurabilityMode::Batch).await;
+    restart_keeps_everything(chatd::config::DurabilityMode::None).await;
 }
 
-async fn restart_keeps_everything(durability: &str) {
+async fn restart_keeps_everything(durability: chatd::config::DurabilityMode) {
     let mode = |c: &mut chatd::config::Config| {
-        c.durability = durability.into();
+        c.durability = durability;
         c.batch_sync_ms = 3_600_000;
     };
     let tmp = tempfile::tempdir().unwrap();
