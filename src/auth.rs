@@ -1,4 +1,5 @@
-//! Authentication: HS256 JSON Web Tokens (design.md §3).
+//! Authentication: HS256 JSON Web Tokens (proto/README.md, §3 "Handshake and
+//! authentication").
 //!
 //! An application backend mints tokens with any JWT library, using the
 //! text in `DATA/secret` (64 hex characters, without the newline) as the
@@ -70,7 +71,7 @@ pub struct Auth {
 pub use crate::time::unix_now;
 
 /// User ids are the `sub` of a token: 1–62 characters of `[A-Za-z0-9_.-]`,
-/// so that `dm:<a>:<b>` is always a valid room name (design.md §3) and ids
+/// so that `dm:<a>:<b>` is always a valid room name (proto/README.md, §4) and ids
 /// never contain the NUL byte that separates keys in the store.
 pub fn valid_user_id(s: &str) -> bool {
     (1..=62).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))

@@ -3,8 +3,8 @@
 //!
 //! Most of these maps are tiny — a room per idle connection with one
 //! subscriber, a user in a handful of rooms — and a `HashMap` allocates a
-//! ~100–220-byte table for its first entry (idle memory per connection,
-//! issue 6). Here the first entry gets one slot, lookups are a binary
+//! ~100–220-byte table for its first entry (benches/README.md, "Idle
+//! memory per connection"). Here the first entry gets one slot, lookups are a binary
 //! search, iteration walks contiguous memory in id order, and ids that only
 //! grow (session ids) are appended. Removal moves the tail: microseconds
 //! even for 10,000 entries; inserts and removals are joins and leaves, rare

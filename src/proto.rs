@@ -11,7 +11,7 @@ include!(concat!(env!("OUT_DIR"), "/chat.v1.serde.rs"));
 /// The protocol version this build speaks (`Hello.protocol_version`).
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Default maximum frame size in bytes (design.md §3).
+/// Default maximum frame size in bytes (proto/README.md, §1 "Framing").
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
 
 pub use envelope::Body;

@@ -1,5 +1,5 @@
 //! Wiring: opens the store, recovers the hub, starts the group commit, the
-//! fan-out and the listeners, and runs the graceful shutdown (design.md §6):
+//! fan-out and the listeners, and runs the graceful shutdown (ARCHITECTURE.md, "Operations"):
 //! stop accepting, stop reading requests, commit and ack everything pending,
 //! `GoAway{SHUTDOWN}` to every session, sync, exit.
 

@@ -1,5 +1,5 @@
 //! Framing: the 4-byte big-endian length prefix that carries one protobuf
-//! `Envelope` per frame on TCP and TLS (design.md §3).
+//! `Envelope` per frame on TCP and TLS (proto/README.md, §1 "Framing").
 //!
 //! The server, the Rust client and the load tester all use this one codec.
 //! Decoding is check-then-allocate: the announced length is compared with

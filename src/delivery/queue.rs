@@ -15,7 +15,7 @@
 //! written to the socket at once, from the fan-out, without waking the
 //! connection's task: with many small rooms nearly every delivery finds its
 //! subscriber idle, and waking and polling a task per delivery cost more
-//! than the write (benches/README.md, "Findings that shaped the code").
+//! than the write (benches/README.md, "Write-through to idle sockets").
 //! Whatever the socket does not take is queued for the writer as usual, so
 //! the order on the wire is the order of the queue. The write itself is the
 //! transport's ([`SendNow`], implemented by `net::tcp`).

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// One connection's statistics.
 ///
 /// Every open connection has one, so its strings are boxed slices
-/// (benches/README.md, idle memory per connection). The transport, the user
+/// (benches/README.md, "Idle memory per connection"). The transport, the user
 /// and the device are kept by the [`super::Subscriber`].
 pub struct ConnStats {
     /// Remote address.

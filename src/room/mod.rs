@@ -14,7 +14,7 @@
 //! reaches the head. Resume after reconnect is the same mechanism, started at
 //! the client's cursor and ended by `Synced`. So a slow session loses
 //! nothing, sees no duplicate, and never makes the room or the other members
-//! wait (design.md §5).
+//! wait (ARCHITECTURE.md, "Never wait for a slow recipient").
 //!
 //! Ordering invariant: `dispatched` is raised *before* the subscribers are
 //! visited, and a catching-up subscriber turns live only under the `subs`
@@ -121,7 +121,7 @@ pub struct Room {
 /// large room consecutive batches pile up in each writer's queue and go out
 /// in one write — 1 room x 100 subscribers at 1,024 in flight (S1) lost
 /// ~10% when all 100 were written from the fan-out (benches/README.md,
-/// eighth session). The usual chat room is small and mostly idle, where the
+/// "Write-through to idle sockets"). The usual chat room is small and mostly idle, where the
 /// write from the fan-out saves waking a task per delivery.
 pub const WRITE_THROUGH_MAX_SUBSCRIBERS: usize = 32;
 

@@ -1,4 +1,4 @@
-//! One handler per request type (design.md §3, "Semantics").
+//! One handler per request type (proto/README.md, §4 "Messages, one by one").
 
 use std::sync::Arc;
 
@@ -111,7 +111,7 @@ impl Session {
             match subscribe.iter_mut().find(|(r, _)| *r.name == *c.room) {
                 Some((room, from)) => {
                     // Resumed rooms replay from the cursor and end with Synced;
-                    // the replay is bounded (design.md §3, "Resume").
+                    // the replay is bounded (proto/README.md, §6 "Guarantees").
                     let head = room.head();
                     let after = c.after_seq.min(head);
                     let start = after.max(head.saturating_sub(limits.replay_limit));
@@ -129,7 +129,7 @@ impl Session {
                 room.subscribe_from(&self.handle, from, None);
             }
         }
-        // The first session online: tell the rooms.
+        // The user's first connection online: tell the rooms.
         if st.sessions.len() == 1 {
             for room in st.rooms.values() {
                 self.hub.presence(room, &user, 1, Some(self.handle.id));

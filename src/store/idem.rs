@@ -4,8 +4,8 @@
 //! Why not one sled record per `client_msg_id` (the first design): its key,
 //! `user ‖ client_msg_id`, is random, and that insert cost about as much as
 //! the message's own — the group commit wrote every published message twice.
-//! Replacing it with this journal and index (benches/README.md, fifth
-//! session): durable publish 91–110k → 136–141k acks/s, fan-out +4% at 64
+//! Replacing it with this journal and index (benches/README.md,
+//! "Idempotency journal"): durable publish 91–110k → 136–141k acks/s, fan-out +4% at 64
 //! in flight and +12% at 1024, 1,000 rooms +6%.
 //!
 //! So the window is kept as:
@@ -25,7 +25,7 @@
 //!
 //! Memory: about 60 bytes per id in the window, plus ~0.2 KiB for each user
 //! with any (a user with few ids has no maps: see [`SMALL_WINDOW`]). A user
-//! keeps at most [`MAX_IDS_PER_USER`] ids (design.md §3: "at least 24 h or
+//! keeps at most [`MAX_IDS_PER_USER`] ids (proto/README.md, §6: "at least 24 h or
 //! 100k ids per user"), so one publisher flooding the server cannot grow it
 //! without bound; ordinary users keep everything from the last 24 h.
 
@@ -38,7 +38,7 @@ use super::RoomId;
 pub const MAX_IDS_PER_USER: usize = 100_000;
 
 /// A journal record is closed when it reaches this size, well under sled's
-/// blob threshold (design.md §4).
+/// blob threshold (ARCHITECTURE.md, "Storage").
 pub const RECORD_BYTES: usize = 16 << 10;
 
 /// Where a published message went.

@@ -7,7 +7,7 @@
 //! `lookup_idempotent`) are point or range lookups that never wait for the
 //! writer.
 //!
-//! Two implementations: [`sled::SledStore`] (the server's, design.md §4) and
+//! Two implementations: [`sled::SledStore`] (the server's; ARCHITECTURE.md, "Storage") and
 //! [`memory::MemoryStore`] (tests and benches).
 
 pub mod commit;

@@ -1,4 +1,4 @@
-//! Limits (design.md §5): each one refuses with its documented error, keeps
+//! Limits (ARCHITECTURE.md, "Limits"): each one refuses with its documented error, keeps
 //! the connection where it should, counts in the metrics, and leaves other
 //! users alone.
 
@@ -167,7 +167,7 @@ async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_task_stays_in_tokio_s_1_kib_task_cell() {
-    // Idle memory per connection (issue 6): tokio allocates a task as one
+    // Idle memory per connection (ARCHITECTURE.md, "Threading"): tokio allocates a task as one
     // 128-byte-aligned cell, 112 bytes of header, trailer and wrappers
     // around the future (-Zprint-type-sizes). At most 912 bytes of future
     // keep it at 1,024 bytes; the next cell, and allocator size class, is
@@ -209,7 +209,7 @@ async fn serve_one(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
-    // Idle memory per connection (issue 6): a connection whose queue held
+    // Idle memory per connection (ARCHITECTURE.md, "Threading"): a connection whose queue held
     // one range of a room's run writes it from the shared buffer; once
     // written, the idle connection must not keep the run alive.
     let s = TestServer::start().await;
@@ -230,7 +230,7 @@ async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tcp_connection_takes_live_frames_straight_from_the_fan_out() {
-    // S3 speed (issue 6): once its writer has written what it had, a TCP
+    // Fan-out speed with many small rooms (S3 in benches/README.md): once its writer has written what it had, a TCP
     // connection's live frames go to its socket from the fan-out, with no
     // wake-up of its task.
     let s = TestServer::start().await;

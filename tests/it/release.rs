@@ -411,8 +411,8 @@ async fn end(conn: Conn, path: Path, max_frame: usize) {
 /// Runs `steps` against a fresh server, checking after each step that the
 /// gauge and `/admin` count exactly the sessions the model holds open, that
 /// an open beyond the per-user limit is refused and nothing else is, and at
-/// the end that the watcher saw each user go online on their first session
-/// and offline on their last, in order, and nothing more.
+/// the end that the watcher saw each user go online with their first
+/// connection and offline with their last, in order, and nothing more.
 async fn run_steps(steps: Vec<Step>) {
     let max_frame = 4096;
     let s = TestServer::start_with(|c| {

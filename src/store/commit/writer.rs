@@ -23,7 +23,7 @@ use crate::store::{Batch, RoomId, Store, StoreError};
 /// thread wake-ups on the path of every publish. A larger batch still goes
 /// to the pool, so an inline write holds up the tasks of this worker for
 /// about this many inserts (4.6 µs each in S1 with `none`: 0.15 ms a batch
-/// on average; benches/README.md), and the writer yields after it when more
+/// on average; benches/README.md, "Small unsynced commits written inline"), and the writer yields after it when more
 /// writes wait. The exceptions: an insert whose leaf is not in sled's cache
 /// reads it from disk, as the reads that sessions make on workers already
 /// may; and sled writes a log item past a quarter of its segment (128 KiB)

@@ -26,7 +26,8 @@
 //! journal record of the tail missing, which `load` re-indexes. A
 //! message kept that was never acknowledged is a publish whose ack was lost:
 //! its retry finds it by its idempotency key. `apply_batch` would make each
-//! tree's part atomic, but measured twice the cost per insert, and while it
+//! tree's part atomic, but measured twice the cost per insert (benches/README.md,
+//! "Group commit as single inserts, not apply_batch"), and while it
 //! runs every read in the process waits (sled's global reader/writer lock,
 //! which the first `apply_batch` switches on for good) — the idempotency
 //! lookup of every publish included. Readers never see a half-written batch
