@@ -266,10 +266,8 @@ async fn sigterm_under_load_drains_acks_and_exits_cleanly() {
 
 /// Connects, says Hello and joins `rooms`; `None` if the server went away.
 async fn setup(addr: &str, token: &str, rooms: &[&String]) -> Option<Raw> {
-    let s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let (rd, w) = s.into_split();
-    let mut r = Raw { reader: chatd::codec::FrameReader::new(rd, 1 << 20), writer: w };
-    r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: token.into(), ..Default::default() })).await;
+    let mut r = Raw::try_connect(addr).await?;
+    r.send_hello(token, vec![]).await;
     if !matches!(r.try_recv().await?.body, Some(Body::Welcome(_))) {
         return None;
     }
