@@ -6,13 +6,6 @@ use chatd::proto::{self, Body, CloseReason, ErrorCode};
 
 use crate::common::*;
 
-fn go_away(body: &Body) -> CloseReason {
-    match body {
-        Body::GoAway(g) => g.reason(),
-        other => panic!("expected go_away, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_publish_rate_limit_refuses_without_disconnecting_and_only_that_user() {
     let s = TestServer::start_with(|c| {
@@ -20,10 +13,8 @@ async fn the_publish_rate_limit_refuses_without_disconnecting_and_only_that_user
         c.publish_burst = 5;
     })
     .await;
-    let (mut ann, _) = s.raw_user("ann").await;
-    ann.call(2, Body::Join(proto::Join { room: "r".into() })).await;
-    let (mut bob, _) = s.raw_user("bob").await;
-    bob.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let mut ann = s.raw_member("ann", "r").await;
+    let mut bob = s.raw_member("bob", "r").await;
     let publish =
         |i: u64| Body::Publish(proto::Publish { room: "r".into(), text: format!("{i}"), ..Default::default() });
     let mut limited = 0;
@@ -36,10 +27,10 @@ async fn the_publish_rate_limit_refuses_without_disconnecting_and_only_that_user
     }
     assert_eq!(limited, 3, "a burst of 5, then refusals");
     // Still connected, and bob has his own bucket.
-    assert!(matches!(ann.call(30, Body::Ping(proto::Ping { nonce: 1 })).await, Body::Pong(_)));
+    ann.ping().await;
     assert!(matches!(bob.call(31, publish(99)).await, Body::PublishAck(_)));
-    let (_, metrics) = http_get(&s.http, "/metrics").await;
-    assert!(metrics.contains("chatd_rate_limited_total{kind=\"publish\"} 3"), "{metrics}");
+    let metrics = scrape_metrics(&s.http).await;
+    assert_eq!(metric(&metrics, "chatd_rate_limited_total{kind=\"publish\"}"), 3.0, "{metrics:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,9 +39,9 @@ async fn too_many_sessions_for_one_user_are_refused() {
     let (_a, _) = s.raw_user("ann").await;
     let (_b, _) = s.raw_user("ann").await;
     let mut third = s.raw().await;
-    third.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: s.token("ann"), ..Default::default() })).await;
-    expect_error(third.recv().await.body.as_ref().unwrap(), ErrorCode::ServerBusy);
-    assert_eq!(go_away(third.recv().await.body.as_ref().unwrap()), CloseReason::Capacity);
+    third.send_hello(&s.token("ann"), vec![]).await;
+    third.expect_error(ErrorCode::ServerBusy).await;
+    assert_eq!(third.expect_go_away().await, CloseReason::Capacity);
     assert!(third.closed().await);
     // Another user is fine.
     s.raw_user("bob").await;
@@ -60,16 +51,12 @@ async fn too_many_sessions_for_one_user_are_refused() {
 async fn too_many_rooms_for_one_user_are_refused() {
     let s = TestServer::start_with(|c| c.max_rooms_per_user = 2).await;
     let (mut ann, _) = s.raw_user("ann").await;
-    for (i, room) in ["a", "b"].iter().enumerate() {
-        assert!(matches!(
-            ann.call(2 + i as u64, Body::Join(proto::Join { room: room.to_string() })).await,
-            Body::Joined(_)
-        ));
-    }
+    ann.join("a").await;
+    ann.join("b").await;
     let msg = expect_error(&ann.call(9, Body::Join(proto::Join { room: "c".into() })).await, ErrorCode::Forbidden);
     assert!(msg.contains("2 rooms"), "{msg}");
     // Rejoining a room one is in is not a new membership.
-    assert!(matches!(ann.call(10, Body::Join(proto::Join { room: "a".into() })).await, Body::Joined(_)));
+    ann.join("a").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,13 +68,9 @@ async fn connections_beyond_the_limit_get_goaway_capacity() {
     let (_b, _) = s.raw_user("b").await;
     let (_c, _) = s.raw_user("c").await;
     let mut over = s.raw().await;
-    match over.recv().await.body {
-        Some(Body::GoAway(g)) => {
-            assert_eq!(g.reason(), CloseReason::Capacity);
-            assert!(g.retry_after_ms > 0);
-        }
-        other => panic!("expected GoAway{{CAPACITY}}, got {other:?}"),
-    }
+    let g = over.next_go_away().await;
+    assert_eq!(g.reason(), CloseReason::Capacity);
+    assert!(g.retry_after_ms > 0);
     assert!(over.closed().await);
     // Over WebSocket too.
     // (It has not spoken yet, so the GoAway comes in protobuf, the default.)
@@ -100,18 +83,15 @@ async fn connections_beyond_the_limit_get_goaway_capacity() {
     }
     // Once one leaves, a new connection is served again.
     drop(_c);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut r = s.raw().await;
-        r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: s.token("d"), ..Default::default() })).await;
-        if matches!(r.recv().await.body, Some(Body::Welcome(_))) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "a slot never freed up");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let (_, metrics) = http_get(&s.http, "/metrics").await;
-    assert!(!metrics.contains("chatd_closes_total{reason=\"CAPACITY\"} 0"), "capacity refusals are counted");
+    Polling::new(WAIT, 20)
+        .until("a slot to free up", async || {
+            let mut r = s.raw().await;
+            r.send_hello(&s.token("d"), vec![]).await;
+            matches!(r.recv().await.body, Some(Body::Welcome(_)))
+        })
+        .await;
+    let metrics = scrape_metrics(&s.http).await;
+    assert!(metric(&metrics, "chatd_closes_total{reason=\"CAPACITY\"}") > 0.0, "capacity refusals are counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,16 +104,15 @@ async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
     .await;
     let mut slow = Raw::connect_small(&s.addr).await;
     slow.hello(&s.token("slow"), vec![]).await;
-    slow.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    slow.join("r").await;
     let (publisher, _) = s.client("pub").await;
     publisher.join("r").await.unwrap();
     let payload = bytes::Bytes::from(vec![b'z'; 8192]);
     // Keep the room busy while the slow reader reads nothing, until the
     // server has let it go (however long filling the socket buffers takes
     // on a busy machine; bounded).
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
     let mut i = 0u64;
-    loop {
+    wait_for("the slow reader to be let go", Polling::new(WAIT * 3, 0), async || {
         let p = proto::Publish {
             room: "r".into(),
             client_msg_id: format!("{i}"),
@@ -142,13 +121,11 @@ async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
         };
         publisher.publish_message(p).await.unwrap();
         i += 1;
-        if i.is_multiple_of(50)
-            && http_get(&s.http, "/metrics").await.1.contains("chatd_slow_consumer_disconnects_total 1")
-        {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the slow reader was never let go ({i} messages)");
-    }
+        let let_go = i.is_multiple_of(50)
+            && metric(&scrape_metrics(&s.http).await, "chatd_slow_consumer_disconnects_total") == 1.0;
+        if let_go { Ok(()) } else { Err(format!("{i} messages")) }
+    })
+    .await;
     // The publisher never waited on the slow reader; the slow reader was let go.
     let mut saw_goaway = false;
     while let Some(env) = slow.try_recv().await {
@@ -157,12 +134,12 @@ async fn a_reader_that_stays_behind_past_the_bound_gets_goaway_slow_consumer() {
             saw_goaway = true;
         }
     }
-    let (_, metrics) = http_get(&s.http, "/metrics").await;
+    let disconnects = metric(&scrape_metrics(&s.http).await, "chatd_slow_consumer_disconnects_total");
     assert!(
-        saw_goaway || metrics.contains("chatd_slow_consumer_disconnects_total 1"),
+        saw_goaway || disconnects == 1.0,
         "closed as a slow consumer (GoAway, or the write deadline when its socket was full)"
     );
-    assert!(!metrics.contains("chatd_slow_consumer_disconnects_total 0"), "{metrics}");
+    assert!(disconnects > 0.0, "slow consumer disconnects: {disconnects}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,9 +199,7 @@ async fn a_writer_lets_go_of_a_shared_run_once_it_is_written() {
     assert_eq!(&got, b"twothree", "the range, written from the run");
     // Were it kept until the connection's next write, it would go only when
     // the handshake timeout closes the connection.
-    while std::sync::Arc::strong_count(&run) > 1 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    wait_until("the writer to let go of the run", async || std::sync::Arc::strong_count(&run) == 1).await;
     assert!(!handle.outbound.is_closing(), "the run outlived the write: it went only with the connection");
 }
 
@@ -242,18 +217,15 @@ async fn an_idle_tcp_connection_takes_live_frames_straight_from_the_fan_out() {
     tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
     // The writer marks itself idle just after its write returns; until then
     // an offer is queued (and written by the writer, in order).
-    let deadline = tokio::time::Instant::now() + WAIT;
     let run = chatd::delivery::Run::new(bytes::Bytes::from_static(b"live"), &[4]);
-    loop {
-        let offered = handle.outbound.offer_run(&run, 0, true);
-        assert_eq!(offered.taken, 1);
-        expected.extend_from_slice(b"live");
-        if offered.written == 1 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the idle writer never let the fan-out write");
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
+    Polling::new(WAIT, 1)
+        .until("the idle writer to let the fan-out write", async || {
+            let offered = handle.outbound.offer_run(&run, 0, true);
+            assert_eq!(offered.taken, 1);
+            expected.extend_from_slice(b"live");
+            offered.written == 1
+        })
+        .await;
     let mut got = vec![0u8; expected.len() - 5];
     tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
     assert_eq!(got, expected[5..]);
@@ -274,11 +246,9 @@ async fn a_closed_tcp_connection_releases_its_socket_while_its_session_is_still_
     tokio::time::timeout(WAIT, client.read_to_end(&mut rest)).await.expect("the server closes").unwrap();
     // A socket closed for good answers data with a reset; a half-closed one
     // (still open in the queue) takes it.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while client.write_all(b"x").await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "the server's socket stayed open");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    Polling::new(WAIT, 5)
+        .until("the server's socket to close (a write to fail)", async || client.write_all(b"x").await.is_err())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +273,7 @@ async fn readers_with_small_buffers_that_pause_get_every_message_whole_and_in_or
     for i in 0..4 {
         let mut r = Raw::connect_small(&s.addr).await;
         r.hello(&s.token(&format!("reader{i}")), vec![]).await;
-        r.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+        r.join("r").await;
         readers.push(r);
     }
     // The payload of publisher p's k-th message: its size and bytes follow
@@ -318,17 +288,14 @@ async fn readers_with_small_buffers_that_pause_get_every_message_whole_and_in_or
         client.join("r").await.unwrap();
         publishing.push(tokio::spawn(async move {
             let _events = events;
-            let sends = (0..EACH).map(|k| {
-                client.publish_message(proto::Publish {
-                    room: "r".into(),
-                    client_msg_id: format!("{p}-{k}"),
-                    data: payload(p, k).into(),
-                    ..Default::default()
-                })
+            let batch = (0..EACH).map(|k| proto::Publish {
+                room: "r".into(),
+                client_msg_id: format!("{p}-{k}"),
+                data: payload(p, k).into(),
+                ..Default::default()
             });
-            for ack in futures_util::future::join_all(sends).await {
-                ack.unwrap();
-            }
+            // All of them at once.
+            publish_pipelined(&client, batch, EACH).await;
         }));
     }
     let total = (PUBLISHERS * EACH) as u64;

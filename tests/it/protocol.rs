@@ -8,19 +8,8 @@ use crate::common::*;
 
 /// A canary that must still chat after each abuse.
 async fn canary_still_works(s: &TestServer) {
-    let (mut r, _) = s.raw_user("canary").await;
-    assert!(matches!(r.call(2, Body::Join(proto::Join { room: "canary".into() })).await, Body::Joined(_)));
-    let ack = r
-        .call(3, Body::Publish(proto::Publish { room: "canary".into(), text: "alive".into(), ..Default::default() }))
-        .await;
-    assert!(matches!(ack, Body::PublishAck(_)), "{ack:?}");
-}
-
-fn go_away_reason(body: &Body) -> CloseReason {
-    match body {
-        Body::GoAway(g) => g.reason(),
-        other => panic!("expected go_away, got {other:?}"),
-    }
+    let mut r = s.raw_member("canary", "canary").await;
+    r.publish("canary", "alive").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,13 +19,9 @@ async fn welcome_lists_rooms_with_head_and_read_marker() {
     assert_eq!((w.user.as_str(), w.protocol_version, w.max_frame_bytes), ("ann", 1, 65536));
     assert!(w.rooms.is_empty());
     assert!(w.heartbeat_ms > 0 && !w.session_id.is_empty() && w.server.starts_with("chatd/"));
-    r.call(2, Body::Join(proto::Join { room: "general".into() })).await;
+    r.join("general").await;
     for i in 0..3 {
-        r.call(
-            10 + i,
-            Body::Publish(proto::Publish { room: "general".into(), text: format!("m{i}"), ..Default::default() }),
-        )
-        .await;
+        r.publish("general", &format!("m{i}")).await;
     }
     let receipt = r.call(20, Body::MarkRead(proto::MarkRead { room: "general".into(), seq: 1 })).await;
     assert!(matches!(receipt, Body::ReadReceipt(ref rr) if rr.seq == 1 && rr.user == "ann"), "{receipt:?}");
@@ -49,10 +34,8 @@ async fn requests_before_hello_are_refused_and_closed() {
     let s = TestServer::start().await;
     let mut r = s.raw().await;
     r.send(5, Body::Join(proto::Join { room: "x".into() })).await;
-    let e = r.recv().await;
-    assert_eq!(e.id, 5);
-    expect_error(e.body.as_ref().unwrap(), ErrorCode::Unauthenticated);
-    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::AuthFailed);
+    r.expect_error_reply(5, ErrorCode::Unauthenticated).await;
+    assert_eq!(r.expect_go_away().await, CloseReason::AuthFailed);
     assert!(r.closed().await);
     canary_still_works(&s).await;
 }
@@ -60,19 +43,15 @@ async fn requests_before_hello_are_refused_and_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_and_expired_tokens_are_refused() {
     let s = TestServer::start().await;
-    let secret = chatd::auth::load_or_create_secret(&s.dir).unwrap();
-    let auth = chatd::auth::Auth::new(secret.as_bytes());
-    let expired = auth.mint("ann", std::time::Duration::from_secs(1), chatd::auth::unix_now() - 3600);
+    let expired = mint_token(&s.dir, "ann", std::time::Duration::from_secs(1), chatd::auth::unix_now() - 3600);
     let wrong_key =
         chatd::auth::Auth::new(&[7u8; 32]).mint("ann", std::time::Duration::from_secs(60), chatd::auth::unix_now());
     for (token, why) in [("garbage", "malformed"), (expired.as_str(), "expired"), (wrong_key.as_str(), "signature")] {
         let mut r = s.raw().await;
-        r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: token.into(), ..Default::default() })).await;
-        let e = r.recv().await;
-        assert_eq!(e.id, 1);
-        let msg = expect_error(e.body.as_ref().unwrap(), ErrorCode::Unauthenticated);
+        r.send_hello(token, vec![]).await;
+        let msg = r.expect_error_reply(1, ErrorCode::Unauthenticated).await;
         assert!(msg.contains(why), "{msg:?} should say {why}");
-        assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::AuthFailed);
+        assert_eq!(r.expect_go_away().await, CloseReason::AuthFailed);
         assert!(r.closed().await);
     }
     canary_still_works(&s).await;
@@ -83,7 +62,7 @@ async fn an_unknown_protocol_version_is_refused() {
     let s = TestServer::start().await;
     let mut r = s.raw().await;
     r.send(1, Body::Hello(proto::Hello { protocol_version: 2, token: s.token("ann"), ..Default::default() })).await;
-    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::UnsupportedVersion);
+    r.expect_error(ErrorCode::UnsupportedVersion).await;
     assert!(r.closed().await);
 }
 
@@ -96,14 +75,11 @@ async fn undecodable_frames_get_bad_request_and_the_connection_stays_open() {
     let mut wire = (frame.len() as u32).to_be_bytes().to_vec();
     wire.append(&mut frame);
     r.send_bytes(&wire).await;
-    let e = r.recv().await;
-    assert_eq!(e.id, 42, "the request id is echoed where it could be read");
-    expect_error(e.body.as_ref().unwrap(), ErrorCode::BadRequest);
+    // The request id is echoed where it could be read.
+    r.expect_error_reply(42, ErrorCode::BadRequest).await;
     // An envelope with no body.
     r.send_bytes(&[0, 0, 0, 2, 0x08, 0x07]).await;
-    let e = r.recv().await;
-    assert_eq!(e.id, 7);
-    expect_error(e.body.as_ref().unwrap(), ErrorCode::BadRequest);
+    r.expect_error_reply(7, ErrorCode::BadRequest).await;
     // A server-to-client message sent as a request.
     let b = r.call(8, Body::Welcome(proto::Welcome::default())).await;
     expect_error(&b, ErrorCode::BadRequest);
@@ -111,7 +87,7 @@ async fn undecodable_frames_get_bad_request_and_the_connection_stays_open() {
     let b = r.call(9, Body::Hello(proto::Hello::default())).await;
     expect_error(&b, ErrorCode::BadRequest);
     // Still serving this connection.
-    assert!(matches!(r.call(10, Body::Ping(proto::Ping { nonce: 99 })).await, Body::Pong(proto::Pong { nonce: 99 })));
+    r.ping().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,13 +95,13 @@ async fn an_oversize_length_prefix_closes_the_connection_without_reading_the_bod
     let s = TestServer::start().await;
     let (mut r, _) = s.raw_user("ann").await;
     r.send_bytes(&u32::MAX.to_be_bytes()).await;
-    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::TooLarge);
-    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::ProtocolError);
+    r.expect_error(ErrorCode::TooLarge).await;
+    assert_eq!(r.expect_go_away().await, CloseReason::ProtocolError);
     assert!(r.closed().await);
     // Before Hello too.
     let mut r = s.raw().await;
     r.send_bytes(&(65537u32).to_be_bytes()).await;
-    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::TooLarge);
+    r.expect_error(ErrorCode::TooLarge).await;
     canary_still_works(&s).await;
 }
 
@@ -167,10 +143,8 @@ async fn invalid_room_names_are_bad_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_members_cannot_read_publish_or_mark_read() {
     let s = TestServer::start().await;
-    let (mut ann, _) = s.raw_user("ann").await;
-    ann.call(2, Body::Join(proto::Join { room: "private".into() })).await;
-    ann.call(3, Body::Publish(proto::Publish { room: "private".into(), text: "secret".into(), ..Default::default() }))
-        .await;
+    let mut ann = s.raw_member("ann", "private").await;
+    ann.publish("private", "secret").await;
     let (mut eve, _) = s.raw_user("eve").await;
     let b = eve
         .call(2, Body::Publish(proto::Publish { room: "private".into(), text: "x".into(), ..Default::default() }))
@@ -184,8 +158,8 @@ async fn non_members_cannot_read_publish_or_mark_read() {
     let mut eve2 = s.raw().await;
     let w = eve2.hello(&s.token("eve"), vec![proto::Cursor { room: "private".into(), after_seq: 0 }]).await;
     assert!(w.rooms.is_empty());
-    expect_error(eve2.recv().await.body.as_ref().unwrap(), ErrorCode::Forbidden);
-    assert!(matches!(eve2.call(5, Body::Ping(proto::Ping { nonce: 1 })).await, Body::Pong(_)));
+    eve2.expect_error(ErrorCode::Forbidden).await;
+    eve2.ping().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,19 +168,15 @@ async fn direct_rooms_admit_only_their_two_users() {
     let (mut ann, _) = s.raw_user("ann").await;
     let (mut bob, _) = s.raw_user("bob").await;
     let (mut eve, _) = s.raw_user("eve").await;
-    assert!(matches!(ann.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, Body::Joined(_)));
-    assert!(matches!(bob.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, Body::Joined(_)));
+    ann.join("dm:ann:bob").await;
+    bob.join("dm:ann:bob").await;
     expect_error(&eve.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, ErrorCode::Forbidden);
     expect_error(&ann.call(3, Body::Join(proto::Join { room: "dm:bob:ann".into() })).await, ErrorCode::BadRequest);
     expect_error(
         &eve.call(3, Body::History(proto::History { room: "dm:ann:bob".into(), ..Default::default() })).await,
         ErrorCode::Forbidden,
     );
-    ann.call(
-        4,
-        Body::Publish(proto::Publish { room: "dm:ann:bob".into(), text: "hi bob".into(), ..Default::default() }),
-    )
-    .await;
+    ann.publish("dm:ann:bob", "hi bob").await;
     let m = bob.next_message().await;
     assert_eq!((m.room.as_str(), m.sender.as_str(), m.text.as_str()), ("dm:ann:bob", "ann", "hi bob"));
 }
@@ -214,31 +184,25 @@ async fn direct_rooms_admit_only_their_two_users() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leave_stops_delivery_and_membership() {
     let s = TestServer::start().await;
-    let (mut ann, _) = s.raw_user("ann").await;
-    let (mut bob, _) = s.raw_user("bob").await;
-    ann.call(2, Body::Join(proto::Join { room: "r".into() })).await;
-    bob.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let mut ann = s.raw_member("ann", "r").await;
+    let mut bob = s.raw_member("bob", "r").await;
     assert!(matches!(bob.call(3, Body::Leave(proto::Leave { room: "r".into() })).await, Body::Left(_)));
-    ann.call(3, Body::Publish(proto::Publish { room: "r".into(), text: "after".into(), ..Default::default() })).await;
+    ann.publish("r", "after").await;
     expect_error(
         &bob.call(4, Body::Publish(proto::Publish { room: "r".into(), text: "x".into(), ..Default::default() })).await,
         ErrorCode::Forbidden,
     );
     // Bob's connection received no message after leaving: the next frame is
-    // the reply to this ping.
-    let env = {
-        bob.send(5, Body::Ping(proto::Ping { nonce: 5 })).await;
-        bob.recv().await
-    };
-    assert_eq!(env.id, 5, "no message reached bob after he left: {env:?}");
+    // the reply to a ping.
+    bob.assert_nothing_queued().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_hello_within_the_handshake_timeout_closes() {
     let s = TestServer::start_with(|c| c.handshake_timeout_ms = 300).await;
     let mut r = s.raw().await;
-    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::Unauthenticated);
-    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::AuthFailed);
+    r.expect_error(ErrorCode::Unauthenticated).await;
+    assert_eq!(r.expect_go_away().await, CloseReason::AuthFailed);
     assert!(r.closed().await);
 }
 
@@ -247,7 +211,7 @@ async fn a_silent_connection_is_pinged_then_closed() {
     let s = TestServer::start_with(|c| c.idle_timeout_ms = 400).await;
     let (mut r, _) = s.raw_user("ann").await;
     assert!(matches!(r.recv().await.body, Some(Body::Ping(_))));
-    assert_eq!(go_away_reason(r.recv().await.body.as_ref().unwrap()), CloseReason::IdleTimeout);
+    assert_eq!(r.expect_go_away().await, CloseReason::IdleTimeout);
     assert!(r.closed().await);
 }
 
@@ -277,8 +241,7 @@ async fn starting_a_direct_conversation_reaches_the_other_user() {
     let s = TestServer::start().await;
     let (mut bob, w) = s.raw_user("bob").await;
     assert!(w.rooms.is_empty());
-    let (mut ann, _) = s.raw_user("ann").await;
-    assert!(matches!(ann.call(2, Body::Join(proto::Join { room: "dm:ann:bob".into() })).await, Body::Joined(_)));
+    let mut ann = s.raw_member("ann", "dm:ann:bob").await;
     // Bob is now a member: his session is told, then gets the messages.
     let env = bob.recv().await;
     match env.body {
@@ -288,8 +251,7 @@ async fn starting_a_direct_conversation_reaches_the_other_user() {
         }
         other => panic!("expected a Joined push, got {other:?}"),
     }
-    ann.call(3, Body::Publish(proto::Publish { room: "dm:ann:bob".into(), text: "psst".into(), ..Default::default() }))
-        .await;
+    ann.publish("dm:ann:bob", "psst").await;
     assert_eq!(bob.next_message().await.text, "psst");
     // And the conversation is in his rooms from now on.
     let (_, w) = s.raw_user("bob").await;
@@ -304,9 +266,6 @@ async fn the_other_user_of_a_started_dm_can_publish_at_once() {
     let s = TestServer::start().await;
     let (mut a, _) = s.raw_user("a").await;
     let (mut b, _) = s.raw_user("b").await;
-    assert!(matches!(a.call(2, Body::Join(proto::Join { room: "dm:a:b".into() })).await, Body::Joined(_)));
-    let reply = b
-        .call(3, Body::Publish(proto::Publish { room: "dm:a:b".into(), text: "hi".into(), ..Default::default() }))
-        .await;
-    assert!(matches!(reply, Body::PublishAck(_)), "{reply:?}");
+    a.join("dm:a:b").await;
+    b.publish("dm:a:b", "hi").await;
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chat_client::{Client, ClientConfig, TlsOptions};
-use chatd::proto::{self, Body, ErrorCode};
+use chatd::proto::ErrorCode;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -116,7 +116,7 @@ async fn plaintext_to_the_tls_port_and_tls_to_the_plain_port_are_refused() {
     let s = dev_tls_server().await;
     // A Hello frame in the clear, to the TLS port.
     let mut r = Raw::connect(s.tls.as_ref().unwrap()).await;
-    r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: s.token("ann"), ..Default::default() })).await;
+    r.send_hello(&s.token("ann"), vec![]).await;
     assert!(r.closed().await, "the TLS port drops a plaintext client");
     // A TLS ClientHello to the plain port: its first bytes read as a huge
     // length prefix, refused before anything is allocated.
@@ -129,7 +129,7 @@ async fn plaintext_to_the_tls_port_and_tls_to_the_plain_port_are_refused() {
     };
     // Our own raw look at the same thing: bytes 16 03 01 ... as a prefix.
     r.send_bytes(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]).await;
-    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::TooLarge);
+    r.expect_error(ErrorCode::TooLarge).await;
     assert!(r.closed().await);
     assert!(err.await.unwrap().is_some(), "a TLS client cannot talk to the plain port");
     // Both ports still serve.
@@ -228,19 +228,15 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     );
     let tls_addr = server.tls.clone().expect("the binary prints its TLS address");
     let connect = |ca: &'static str| {
-        let mut c = ClientConfig::new(tls_addr.clone(), token_for(data.path(), "ann"));
+        let mut c = ClientConfig::new(tls_addr.clone(), server.token("ann"));
         c.tls = Some(TlsOptions { ca: Some(fixture(ca)), server_name: Some("localhost".into()) });
         c.reconnect = false;
         Client::connect(c)
     };
     connect(RSA.0).await.unwrap();
     install(EC, certs.path());
-    std::process::Command::new("kill").args(["-HUP", &server.child.id().to_string()]).status().unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while connect(EC.0).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not load the new certificate");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    server.signal("HUP");
+    Polling::new(WAIT, 20).until("SIGHUP to load the new certificate", async || connect(EC.0).await.is_ok()).await;
     assert!(connect(RSA.0).await.is_err());
     assert!(server.terminate().success());
 }
