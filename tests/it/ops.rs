@@ -4,32 +4,9 @@
 //! Metrics are process-wide; nextest runs each test in its own process, and
 //! the checks below compare against a scrape taken before the session.
 
-use std::collections::HashMap;
-
 use chatd::proto::{self, Body, CloseReason, ErrorCode};
 
 use crate::common::*;
-
-/// Parses Prometheus text into `name{labels}` → value.
-fn parse(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn scrape(s: &TestServer) -> HashMap<String, f64> {
-    let (status, body) = http_get(&s.http, "/metrics").await;
-    assert_eq!(status, 200);
-    parse(&body)
-}
-
-fn get(m: &HashMap<String, f64>, key: &str) -> f64 {
-    m.get(key).copied().unwrap_or(0.0)
-}
 
 /// A raw client that counts the frames and bytes it receives.
 struct Counted {
@@ -71,7 +48,7 @@ impl Counted {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_frame_sent_is_counted_however_it_was_written() {
     let s = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
-    let before = scrape(&s).await;
+    let before = scrape_metrics(&s.http).await;
     let mut bob = Counted::user(&s, "bob").await;
     bob.call(2, Body::Join(proto::Join { room: "w".into() })).await;
     let mut ann = Counted::user(&s, "ann").await;
@@ -97,54 +74,46 @@ async fn every_frame_sent_is_counted_however_it_was_written() {
     }
     // A frame is counted once its write returns, which can be just after
     // the client read it (the Pong): wait, bounded, for the counts to agree.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, v) = admin_get(&s, "/admin/connections", Some(ADMIN)).await;
+    wait_for("the frames and bytes counted to agree with those received", Polling::DEFAULT, async || {
+        let (status, v) = admin_get(&s.http, "/admin/connections", Some(ADMIN)).await;
         assert_eq!(status, 200);
-        let after = scrape(&s).await;
-        let delta = |k: &str| get(&after, k) - get(&before, k);
-        let per_connection: Vec<_> = [("ann", &ann), ("bob", &bob)]
+        let after = scrape_metrics(&s.http).await;
+        let delta = |k: &str| metric(&after, k) - metric(&before, k);
+        let (got, want): (Vec<_>, Vec<_>) = [("ann", &ann), ("bob", &bob)]
             .into_iter()
             .map(|(user, c)| {
                 let conn = v["connections"].as_array().unwrap().iter().find(|c| c["user"] == user).unwrap();
                 ((conn["frames_out"].as_u64(), conn["bytes_out"].as_u64()), (Some(c.frames), Some(c.bytes)))
             })
-            .collect();
-        let totals = [
-            (delta("chatd_frames_sent_total{transport=\"tcp\"}"), (ann.frames + bob.frames) as f64),
-            (delta("chatd_bytes_sent_total{transport=\"tcp\"}"), (ann.bytes + bob.bytes) as f64),
-        ];
-        if per_connection.iter().all(|(got, want)| got == want) && totals.iter().all(|(got, want)| got == want) {
-            break;
+            .unzip();
+        let frames = (delta("chatd_frames_sent_total{transport=\"tcp\"}"), (ann.frames + bob.frames) as f64);
+        let bytes = (delta("chatd_bytes_sent_total{transport=\"tcp\"}"), (ann.bytes + bob.bytes) as f64);
+        if got == want && frames.0 == frames.1 && bytes.0 == bytes.1 {
+            Ok(())
+        } else {
+            Err(format!(
+                "ann, bob (frames, bytes) out: admin {got:?}, received {want:?}; \
+                 in the metrics: frames {} for {}, bytes {} for {}",
+                frames.0, frames.1, bytes.0, bytes.1
+            ))
         }
-        if tokio::time::Instant::now() > deadline {
-            assert_eq!(
-                per_connection.iter().map(|p| p.0).collect::<Vec<_>>(),
-                per_connection.iter().map(|p| p.1).collect::<Vec<_>>(),
-                "ann, bob"
-            );
-            assert_eq!(totals[0].0, totals[0].1, "frames in the metrics");
-            assert_eq!(totals[1].0, totals[1].1, "bytes in the metrics");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_a_scripted_session() {
     let s = TestServer::start().await;
-    let before = scrape(&s).await;
-    let (mut ann, _) = s.raw_user("ann").await;
-    ann.call(2, Body::Join(proto::Join { room: "m".into() })).await;
-    let (mut bob, _) = s.raw_user("bob").await;
-    bob.call(2, Body::Join(proto::Join { room: "m".into() })).await;
+    let before = scrape_metrics(&s.http).await;
+    let mut ann = s.raw_member("ann", "m").await;
+    let mut bob = s.raw_member("bob", "m").await;
     for i in 0..5 {
         let p =
             proto::Publish { room: "m".into(), client_msg_id: format!("k{i}"), text: "x".into(), ..Default::default() };
-        assert!(matches!(ann.call(10 + i, Body::Publish(p)).await, Body::PublishAck(_)));
+        ann.publish_message(p).await;
     }
     let dup = proto::Publish { room: "m".into(), client_msg_id: "k0".into(), ..Default::default() };
-    assert!(matches!(ann.call(20, Body::Publish(dup)).await, Body::PublishAck(a) if a.duplicate));
+    assert!(ann.publish_message(dup).await.duplicate);
     expect_error(
         &bob.call(21, Body::History(proto::History { room: "elsewhere".into(), ..Default::default() })).await,
         ErrorCode::Forbidden,
@@ -153,17 +122,17 @@ async fn metrics_follow_a_scripted_session() {
         bob.call(22, Body::History(proto::History { room: "m".into(), ..Default::default() })).await,
         Body::HistoryPage(_)
     ));
-    let after = scrape(&s).await;
-    let delta = |k: &str| get(&after, k) - get(&before, k);
+    let after = scrape_metrics(&s.http).await;
+    let delta = |k: &str| metric(&after, k) - metric(&before, k);
 
     assert_eq!(delta("chatd_messages_published_total"), 5.0);
     assert_eq!(delta("chatd_publish_duplicates_total"), 1.0);
     assert_eq!(delta("chatd_messages_delivered_total"), 10.0, "5 messages x 2 sessions");
     assert_eq!(delta("chatd_errors_total{code=\"FORBIDDEN\"}"), 1.0);
-    assert_eq!(get(&after, "chatd_connections{transport=\"tcp\"}"), 2.0);
-    assert_eq!(get(&after, "chatd_sessions"), 2.0);
-    assert_eq!(get(&after, "chatd_users_online"), 2.0);
-    assert_eq!(get(&after, "chatd_rooms_active"), 1.0);
+    assert_eq!(metric(&after, "chatd_connections{transport=\"tcp\"}"), 2.0);
+    assert_eq!(metric(&after, "chatd_sessions"), 2.0);
+    assert_eq!(metric(&after, "chatd_users_online"), 2.0);
+    assert_eq!(metric(&after, "chatd_rooms_active"), 1.0);
     assert!(delta("chatd_frames_received_total{transport=\"tcp\"}") >= 11.0);
     assert!(delta("chatd_bytes_sent_total{transport=\"tcp\"}") > 0.0);
     assert_eq!(delta("chatd_publish_ack_seconds_count"), 5.0);
@@ -171,21 +140,20 @@ async fn metrics_follow_a_scripted_session() {
     assert_eq!(delta("chatd_history_read_seconds_count"), 1.0);
     assert!(delta("chatd_commit_batch_size_count") >= 1.0, "group commits were measured");
     assert!(delta("chatd_commit_sync_seconds_count") >= 1.0, "fsyncs were timed");
-    assert!(get(&after, "chatd_publish_ack_seconds_bucket{le=\"+Inf\"}") >= 5.0, "a real histogram");
-    assert_eq!(get(&after, "chatd_storage_healthy"), 1.0);
-    assert!(get(&after, "chatd_storage_bytes") > 0.0);
-    assert_eq!(get(&after, "chatd_durability_info{mode=\"fsync\"}"), 1.0);
+    assert!(metric(&after, "chatd_publish_ack_seconds_bucket{le=\"+Inf\"}") >= 5.0, "a real histogram");
+    assert_eq!(metric(&after, "chatd_storage_healthy"), 1.0);
+    assert!(metric(&after, "chatd_storage_bytes") > 0.0);
+    assert_eq!(metric(&after, "chatd_durability_info{mode=\"fsync\"}"), 1.0);
 
     drop(ann);
     drop(bob);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while get(&scrape(&s).await, "chatd_connections{transport=\"tcp\"}") != 0.0 {
-        assert!(tokio::time::Instant::now() < deadline, "connections gauge returns to 0");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let end = scrape(&s).await;
-    assert_eq!(get(&end, "chatd_sessions"), 0.0);
-    assert_eq!(get(&end, "chatd_users_online"), 0.0);
+    wait_until("the connections gauge to return to 0", async || {
+        metric(&scrape_metrics(&s.http).await, "chatd_connections{transport=\"tcp\"}") == 0.0
+    })
+    .await;
+    let end = scrape_metrics(&s.http).await;
+    assert_eq!(metric(&end, "chatd_sessions"), 0.0);
+    assert_eq!(metric(&end, "chatd_users_online"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,29 +175,17 @@ async fn every_documented_metric_is_exported() {
 
 const ADMIN: &str = "an-admin-token-0123456789";
 
-async fn admin_get(s: &TestServer, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(&s.http).await.unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).await.unwrap();
-    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = out.split_once("\r\n\r\n").unwrap().1;
-    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_need_the_admin_token() {
     let off = TestServer::start().await;
-    assert_eq!(admin_get(&off, "/admin/rooms", Some(ADMIN)).await.0, 404, "off without a configured token");
+    assert_eq!(admin_get(&off.http, "/admin/rooms", Some(ADMIN)).await.0, 404, "off without a configured token");
 
     let s = TestServer::start_with(|c| c.admin_token = Some(ADMIN.into())).await;
     let user_jwt = s.token("ann");
     for path in ["/admin/rooms", "/admin/rooms/r", "/admin/connections"] {
-        assert_eq!(admin_get(&s, path, None).await.0, 401, "{path} without a token");
-        assert_eq!(admin_get(&s, path, Some("wrong-token-wrong-token")).await.0, 401, "{path} with a wrong token");
-        assert_eq!(admin_get(&s, path, Some(&user_jwt)).await.0, 401, "{path} with a user's token");
+        assert_eq!(admin_get(&s.http, path, None).await.0, 401, "{path} without a token");
+        assert_eq!(admin_get(&s.http, path, Some("wrong-token-wrong-token")).await.0, 401, "{path} with a wrong token");
+        assert_eq!(admin_get(&s.http, path, Some(&user_jwt)).await.0, 401, "{path} with a user's token");
     }
     let (c, _) = s.client("ann").await;
     c.join("busy").await.unwrap();
@@ -237,7 +193,7 @@ async fn admin_endpoints_need_the_admin_token() {
     for i in 0..3 {
         c.publish("busy", &format!("{i}")).await.unwrap();
     }
-    let (status, v) = admin_get(&s, "/admin/rooms?top=1", Some(ADMIN)).await;
+    let (status, v) = admin_get(&s.http, "/admin/rooms?top=1", Some(ADMIN)).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["total"], 2);
     let top = &v["rooms"][0];
@@ -248,10 +204,10 @@ async fn admin_endpoints_need_the_admin_token() {
     assert!(top["messages_per_sec"].as_f64().unwrap() > 0.0);
     assert!(top["p99_publish_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(top["online_sessions"], 1);
-    let (status, v) = admin_get(&s, "/admin/rooms/busy", Some(ADMIN)).await;
+    let (status, v) = admin_get(&s.http, "/admin/rooms/busy", Some(ADMIN)).await;
     assert_eq!((status, v["online_users"].clone()), (200, serde_json::json!(["ann"])));
-    assert_eq!(admin_get(&s, "/admin/rooms/nope", Some(ADMIN)).await.0, 404);
-    let (status, v) = admin_get(&s, "/admin/connections", Some(ADMIN)).await;
+    assert_eq!(admin_get(&s.http, "/admin/rooms/nope", Some(ADMIN)).await.0, 404);
+    let (status, v) = admin_get(&s.http, "/admin/connections", Some(ADMIN)).await;
     assert_eq!(status, 200);
     let conn = &v["connections"][0];
     assert_eq!(
@@ -262,49 +218,26 @@ async fn admin_endpoints_need_the_admin_token() {
     assert!(conn["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
     // The TLS reload is an admin request too: refused without the token,
     // and a conflict on a server without TLS.
-    assert_eq!(admin_post(&s, "/admin/tls/reload", Some("wrong-token-wrong-token")).await.0, 401);
-    let (status, v) = admin_post(&s, "/admin/tls/reload", Some(ADMIN)).await;
+    assert_eq!(admin_post(&s.http, "/admin/tls/reload", Some("wrong-token-wrong-token")).await.0, 401);
+    let (status, v) = admin_post(&s.http, "/admin/tls/reload", Some(ADMIN)).await;
     assert_eq!((status, v["error"].as_str()), (409, Some("TLS is not configured")));
-}
-
-async fn admin_post(s: &TestServer, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(&s.http).await.unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
-    c.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).await.unwrap();
-    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(out.split_once("\r\n\r\n").unwrap().1).unwrap_or(serde_json::Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_connection_fields() {
     let data = tempfile::tempdir().unwrap();
     let server = Process::start_with_env(data.path(), &["--log-format", "json"], &[("RUST_LOG", "info")]);
-    let mut r = Raw::connect(&server.addr).await;
-    r.send(1, Body::Hello(proto::Hello { protocol_version: 1, token: "not-a-token".into(), ..Default::default() }))
-        .await;
+    let mut r = server.raw().await;
+    r.send_hello("not-a-token", vec![]).await;
     assert!(r.closed().await);
-    let (mut ok, _) = {
-        let mut r = Raw::connect(&server.addr).await;
-        let w = r.hello(&token_for(data.path(), "ann"), vec![]).await;
-        (r, w)
-    };
-    ok.call(2, Body::Ping(proto::Ping { nonce: 1 })).await;
-    let deadline = std::time::Instant::now() + WAIT;
-    let (failed, started) = loop {
-        let lines = server.log_lines();
+    let (mut ok, _) = server.raw_user("ann").await;
+    ok.ping().await;
+    let (failed, started) = server.wait_for_logs("authentication failed and session started", |lines| {
         let parsed: Vec<serde_json::Value> = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
         assert_eq!(parsed.len(), lines.len(), "every log line is JSON: {lines:?}");
         let find = |msg: &str| parsed.iter().find(|v| v["fields"]["message"] == msg).cloned();
-        if let (Some(a), Some(b)) = (find("authentication failed"), find("session started")) {
-            break (a, b);
-        }
-        assert!(std::time::Instant::now() < deadline, "log lines did not appear: {lines:?}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+        find("authentication failed").zip(find("session started"))
+    });
     assert_eq!(failed["span"]["transport"], "tcp", "{failed}");
     assert!(failed["span"]["id"].is_number() && failed["span"]["peer"].as_str().unwrap().starts_with("127.0.0.1"));
     assert!(failed["fields"]["error"].as_str().unwrap().contains("malformed"));
@@ -315,17 +248,11 @@ async fn json_logs_carry_the_connection_fields() {
 async fn sigterm_says_goaway_shutdown_with_a_retry_hint() {
     let data = tempfile::tempdir().unwrap();
     let mut server = Process::start(data.path(), &[]);
-    let mut r = Raw::connect(&server.addr).await;
-    r.hello(&token_for(data.path(), "ann"), vec![]).await;
-    let pid = server.child.id().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    match r.recv().await.body {
-        Some(Body::GoAway(g)) => {
-            assert_eq!(g.reason(), CloseReason::Shutdown);
-            assert_eq!(g.retry_after_ms, 1000);
-        }
-        other => panic!("expected GoAway, got {other:?}"),
-    }
+    let (mut r, _) = server.raw_user("ann").await;
+    server.signal("TERM");
+    let g = r.next_go_away().await;
+    assert_eq!(g.reason(), CloseReason::Shutdown);
+    assert_eq!(g.retry_after_ms, 1000);
     assert!(r.closed().await);
     assert!(server.child.wait().unwrap().success());
     // An idle connection's request loop holds no waiter on the shutdown
@@ -356,11 +283,9 @@ async fn shutdown_stops_the_reader_of_a_connection_whose_writer_is_blocked() {
         ],
     );
     let mut slow = Raw::connect_small(&server.addr).await;
-    slow.hello(&token_for(data.path(), "slow"), vec![]).await;
-    slow.call(2, Body::Join(proto::Join { room: "r".into() })).await;
-    let mut publisher = Raw::connect(&server.addr).await;
-    publisher.hello(&token_for(data.path(), "pub"), vec![]).await;
-    publisher.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    slow.hello(&server.token("slow"), vec![]).await;
+    slow.join("r").await;
+    let mut publisher = server.raw_member("pub", "r").await;
     // 12 MiB: more than the slow reader's socket buffers hold (Linux grows a
     // loopback send buffer to tcp_wmem's 4 MiB at most), so its writer ends
     // up waiting on a full socket.
@@ -372,11 +297,9 @@ async fn shutdown_stops_the_reader_of_a_connection_whose_writer_is_blocked() {
             data: payload.clone(),
             ..Default::default()
         };
-        assert!(matches!(publisher.call(3 + i, Body::Publish(p)).await, Body::PublishAck(_)));
+        publisher.publish_message(p).await;
     }
-    let pid = server.child.id().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(server.child.wait().unwrap().success());
+    assert!(server.terminate().success());
     std::thread::sleep(std::time::Duration::from_millis(100));
     let lines = server.log_lines();
     assert!(!lines.iter().any(|l| l.contains("readers did not stop in time")), "{lines:?}");

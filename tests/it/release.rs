@@ -11,7 +11,6 @@
 use std::time::Duration;
 
 use chat_client::{Event, Events};
-use chatd::auth::Auth;
 use chatd::proto::{self, Body, CloseReason, ErrorCode};
 use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
@@ -42,39 +41,25 @@ async fn watcher(s: &TestServer) -> (chat_client::Client, Events) {
 
 /// `user`'s next presence change in the room, skipping everything else.
 async fn next_presence(events: &mut Events, user: &str) -> bool {
-    loop {
-        match tokio::time::timeout(WAIT, events.recv()).await.expect("presence in time") {
-            Some(Event::Presence(p)) if p.user == user && p.room == ROOM => return p.online,
-            Some(_) => continue,
-            None => panic!("the watcher's client closed"),
-        }
-    }
-}
-
-/// The value of an unlabelled metric.
-async fn metric(s: &TestServer, name: &str) -> f64 {
-    let (status, body) = http_get(&s.http, "/metrics").await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    next_event(events, "presence", |e| match e {
+        Event::Presence(p) if p.user == user && p.room == ROOM => Some(p.online),
+        _ => None,
+    })
+    .await
 }
 
 /// The room's online sessions as `/admin/rooms/{room}` reports them.
 async fn admin_online(s: &TestServer) -> u64 {
-    let req = format!("Host: {}\r\nAuthorization: Bearer {ADMIN}\r\n", s.http);
-    let (status, _, body) = http_raw(&s.http, "GET", &format!("/admin/rooms/{ROOM}"), &req).await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (status, v) = admin_get(&s.http, &format!("/admin/rooms/{ROOM}"), Some(ADMIN)).await;
+    assert_eq!(status, 200, "{v}");
     v["online_sessions"].as_u64().expect("online_sessions")
 }
 
 /// Polls until the gauge and the admin view agree on `sessions` open
 /// (bounded; the release runs on the connection's task).
 async fn await_sessions(s: &TestServer, sessions: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let what = format!("{sessions} sessions");
+    wait_for(&what, Polling::new(WAIT, 20), async || {
         let (gauge, online) = if s.tls.is_some() {
             // With TLS the HTTP listener speaks HTTPS: read the state that
             // /metrics and /admin render straight from the hub.
@@ -82,24 +67,15 @@ async fn await_sessions(s: &TestServer, sessions: usize) {
             let room = hub.rooms().into_iter().find(|r| &*r.name == ROOM).expect("the room");
             (hub.online_counts().1 as f64, room.subscriber_count() as u64)
         } else {
-            (metric(s, "chatd_sessions").await, admin_online(s).await)
+            (metric(&scrape_metrics(&s.http).await, "chatd_sessions"), admin_online(s).await)
         };
         if gauge == sessions as f64 && online == sessions as u64 {
-            return;
+            Ok(())
+        } else {
+            Err(format!("chatd_sessions {gauge}, /admin online_sessions {online}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "expected {sessions} sessions; chatd_sessions {gauge}, /admin online_sessions {online}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// `user` on a raw TCP connection, joined to the room.
-async fn tcp_member(s: &TestServer, user: &str) -> Raw {
-    let (mut r, _) = s.raw_user(user).await;
-    r.call(2, Body::Join(proto::Join { room: ROOM.into() })).await;
-    r
+    })
+    .await
 }
 
 /// Everything a released session must leave behind: the watcher told that
@@ -126,20 +102,10 @@ async fn assert_can_reconnect(s: &TestServer, watcher: &mut Events, user: &str) 
 /// Sets up the watcher and `user` on TCP, and waits for both to count.
 async fn watched_tcp_member(s: &TestServer, user: &str) -> (chat_client::Client, Events, Raw) {
     let (w, mut ev) = watcher(s).await;
-    let r = tcp_member(s, user).await;
+    let r = s.raw_member(user, ROOM).await;
     assert!(next_presence(&mut ev, user).await);
     await_sessions(s, 2).await;
     (w, ev, r)
-}
-
-/// The GoAway among the frames still to come, skipping pushes.
-async fn expect_go_away(r: &mut Raw) -> CloseReason {
-    while let Some(env) = r.try_recv().await {
-        if let Some(Body::GoAway(g)) = env.body {
-            return g.reason();
-        }
-    }
-    panic!("the connection closed without a GoAway");
 }
 
 /// Closes a TCP socket with a reset (SO_LINGER 0): the server's next read
@@ -188,7 +154,7 @@ async fn a_protocol_error_goaway_releases_the_session() {
     let (_w, mut ev, mut r) = watched_tcp_member(&s, "ann").await;
     // A prefix over max_frame_bytes: Error{TOO_LARGE}, GoAway{PROTOCOL_ERROR}.
     r.send_bytes(&u32::MAX.to_be_bytes()).await;
-    assert_eq!(expect_go_away(&mut r).await, CloseReason::ProtocolError);
+    assert_eq!(r.skip_to_go_away().await, CloseReason::ProtocolError);
     assert_released(&s, &mut ev, "ann").await;
 }
 
@@ -197,7 +163,7 @@ async fn an_idle_timeout_goaway_releases_the_session() {
     let s = server(|c| c.idle_timeout_ms = 600).await;
     let (_w, mut ev, mut r) = watched_tcp_member(&s, "idler").await;
     // The raw connection never answers the server's ping.
-    assert_eq!(expect_go_away(&mut r).await, CloseReason::IdleTimeout);
+    assert_eq!(r.skip_to_go_away().await, CloseReason::IdleTimeout);
     assert_released(&s, &mut ev, "idler").await;
 }
 
@@ -205,20 +171,18 @@ async fn an_idle_timeout_goaway_releases_the_session() {
 async fn a_token_expiry_goaway_releases_the_session_and_the_token_is_refused_from_then_on() {
     let s = server(|_| {}).await;
     let (_w, mut ev) = watcher(&s).await;
-    let secret = chatd::auth::load_or_create_secret(&s.dir).unwrap();
-    let token = Auth::new(secret.as_bytes()).mint("expirer", Duration::from_secs(2), chatd::auth::unix_now());
-    let mut r = s.raw().await;
-    r.hello(&token, vec![]).await;
-    r.call(2, Body::Join(proto::Join { room: ROOM.into() })).await;
+    let token = s.token_valid_for("expirer", Duration::from_secs(2));
+    let mut r = Raw::connect_as(&s.addr, &token).await;
+    r.join(ROOM).await;
     assert!(next_presence(&mut ev, "expirer").await);
-    assert_eq!(expect_go_away(&mut r).await, CloseReason::AuthExpired);
+    assert_eq!(r.skip_to_go_away().await, CloseReason::AuthExpired);
     assert!(!next_presence(&mut ev, "expirer").await);
     await_sessions(&s, 1).await;
     // The token the server has just expired opens no new session.
     let mut retry = s.raw().await;
-    retry.send(1, Body::Hello(proto::Hello { protocol_version: 1, token, device: "raw".into(), resume: vec![] })).await;
-    expect_error(retry.recv().await.body.as_ref().unwrap(), ErrorCode::Unauthenticated);
-    assert_eq!(expect_go_away(&mut retry).await, CloseReason::AuthFailed);
+    retry.send_hello(&token, vec![]).await;
+    retry.expect_error(ErrorCode::Unauthenticated).await;
+    assert_eq!(retry.skip_to_go_away().await, CloseReason::AuthFailed);
     await_sessions(&s, 1).await;
     // A fresh token does.
     assert_can_reconnect(&s, &mut ev, "expirer").await;
@@ -235,26 +199,27 @@ async fn a_slow_consumer_goaway_releases_the_session_while_the_peer_keeps_its_so
     let (w, mut ev) = watcher(&s).await;
     let mut slow = Raw::connect_small(&s.addr).await;
     slow.hello(&s.token("slow"), vec![]).await;
-    slow.call(2, Body::Join(proto::Join { room: ROOM.into() })).await;
+    slow.join(ROOM).await;
     assert!(next_presence(&mut ev, "slow").await);
     // The slow member reads nothing and keeps its socket open: only the
     // server can end this session.
     let text = "x".repeat(4000);
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
     let mut online = true;
-    while online {
-        assert!(tokio::time::Instant::now() < deadline, "the slow member was never let go");
-        for _ in 0..16 {
-            w.publish(ROOM, &text).await.unwrap();
-        }
-        while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), ev.recv()).await {
-            if let Event::Presence(p) = e
-                && p.user == "slow"
-            {
-                online = p.online;
+    Polling::new(WAIT * 3, 0)
+        .until("the slow member to be let go", async || {
+            for _ in 0..16 {
+                w.publish(ROOM, &text).await.unwrap();
             }
-        }
-    }
+            while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), ev.recv()).await {
+                if let Event::Presence(p) = e
+                    && p.user == "slow"
+                {
+                    online = p.online;
+                }
+            }
+            !online
+        })
+        .await;
     await_sessions(&s, 1).await;
     let (again, _) = s.raw_user("slow").await;
     drop(again);
@@ -265,15 +230,14 @@ async fn a_slow_consumer_goaway_releases_the_session_while_the_peer_keeps_its_so
 async fn a_shutdown_goaway_releases_every_session() {
     let mut s = server(|_| {}).await;
     let (_w, mut ev, mut r) = watched_tcp_member(&s, "ann").await;
-    let mut ws = Ws::connect(&s.http).await;
-    ws.hello(&s.token("bob")).await;
-    ws.call(2, serde_json::json!({"join": {"room": ROOM}})).await;
+    let mut ws = s.ws_user("bob").await;
+    ws.join(ROOM).await;
     assert!(next_presence(&mut ev, "bob").await);
     await_sessions(&s, 3).await;
     let server = s.server.take().unwrap();
     let hub = server.hub().clone();
     server.shutdown().await;
-    assert_eq!(expect_go_away(&mut r).await, CloseReason::Shutdown);
+    assert_eq!(r.skip_to_go_away().await, CloseReason::Shutdown);
     assert_eq!(hub.online_counts(), (0, 0), "users and sessions online after shutdown");
     for room in hub.rooms() {
         assert_eq!(room.subscriber_count(), 0, "{} keeps subscribers", room.name);
@@ -312,9 +276,8 @@ async fn websocket_sessions_are_released_on_a_close_and_on_a_reset() {
     let s = server(|_| {}).await;
     let (_w, mut ev) = watcher(&s).await;
     for how in ["close", "reset"] {
-        let mut ws = Ws::connect(&s.http).await;
-        ws.hello(&s.token("ann")).await;
-        ws.call(2, serde_json::json!({"join": {"room": ROOM}})).await;
+        let mut ws = s.ws_user("ann").await;
+        ws.join(ROOM).await;
         assert!(next_presence(&mut ev, "ann").await, "{how}");
         await_sessions(&s, 2).await;
         match how {
@@ -383,7 +346,7 @@ async fn end(conn: Conn, path: Path, max_frame: usize) {
         }
         (Conn::Tcp(mut r), Path::ProtocolError) => {
             r.send_bytes(&u32::MAX.to_be_bytes()).await;
-            assert_eq!(expect_go_away(&mut r).await, CloseReason::ProtocolError);
+            assert_eq!(r.skip_to_go_away().await, CloseReason::ProtocolError);
         }
         (Conn::Ws(mut ws), Path::Close) => ws.ws.close(None).await.unwrap(),
         (Conn::Ws(ws), Path::Reset) => match ws.ws.get_ref() {
@@ -402,7 +365,7 @@ async fn end(conn: Conn, path: Path, max_frame: usize) {
         (Conn::Ws(mut ws), Path::ProtocolError) => {
             ws.send_text("{ not json").await;
             // Presence of the other users may come first.
-            while ws.json().await.get("error").is_none() {}
+            ws.next_with("error").await;
             ws.ws.close(None).await.unwrap();
         }
     }
@@ -424,7 +387,7 @@ async fn run_steps(steps: Vec<Step>) {
     let (w, mut ev) = watcher(&s).await;
     // Every user a member first, so each open says presence only.
     for u in USERS {
-        let r = tcp_member(&s, u).await;
+        let r = s.raw_member(u, ROOM).await;
         drop(r);
         assert!(next_presence(&mut ev, u).await);
         assert!(!next_presence(&mut ev, u).await);
@@ -439,10 +402,9 @@ async fn run_steps(steps: Vec<Step>) {
                 let token = s.token(USERS[user]);
                 if count == MAX_SESSIONS {
                     let mut r = s.raw().await;
-                    let h = proto::Hello { protocol_version: 1, token, device: "raw".into(), resume: vec![] };
-                    r.send(1, Body::Hello(h)).await;
-                    expect_error(r.recv().await.body.as_ref().unwrap(), ErrorCode::ServerBusy);
-                    assert_eq!(expect_go_away(&mut r).await, CloseReason::Capacity);
+                    r.send_hello(&token, vec![]).await;
+                    r.expect_error(ErrorCode::ServerBusy).await;
+                    assert_eq!(r.skip_to_go_away().await, CloseReason::Capacity);
                     continue;
                 }
                 let conn = if ws {
@@ -450,9 +412,7 @@ async fn run_steps(steps: Vec<Step>) {
                     c.hello(&token).await;
                     Conn::Ws(Box::new(c))
                 } else {
-                    let mut r = s.raw().await;
-                    r.hello(&token, vec![]).await;
-                    Conn::Tcp(r)
+                    Conn::Tcp(Raw::connect_as(&s.addr, &token).await)
                 };
                 if count == 0 {
                     expected.push((user, true));
@@ -477,14 +437,15 @@ async fn run_steps(steps: Vec<Step>) {
     let marker = w.publish(ROOM, "end of steps").await.unwrap();
     let mut seen = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, ev.recv()).await.expect("the marker in time") {
-            Some(Event::Presence(p)) => {
+        match next_event(&mut ev, "the marker", |e| matches!(e, Event::Presence(_) | Event::Message(_)).then_some(e))
+            .await
+        {
+            Event::Presence(p) => {
                 let user = USERS.iter().position(|u| *u == p.user).expect("a test user");
                 seen.push((user, p.online));
             }
-            Some(Event::Message(m)) if m.seq == marker.seq => break,
-            Some(_) => continue,
-            None => panic!("the watcher's client closed"),
+            Event::Message(m) if m.seq == marker.seq => break,
+            _ => continue,
         }
     }
     assert_eq!(seen, expected, "presence seen by the watcher");
