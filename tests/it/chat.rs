@@ -2,36 +2,25 @@
 
 use std::collections::HashMap;
 
-use bytes::BytesMut;
 use chat_client::Event;
-use chatd::codec::put_frame;
-use chatd::proto::{self, Body, Envelope};
-use tokio::io::AsyncWriteExt;
+use chatd::proto::{self, Body};
 
 use crate::common::*;
 
-/// Writes `n` publishes in one burst (pipelined), then reads the `n` acks.
+/// Joins `room` as `user` and publishes `n` messages in one burst
+/// (pipelined), keys `user-i`; returns the `n` acks.
 async fn pipelined_publisher(s: &TestServer, user: &str, room: &str, n: u64) -> Vec<proto::PublishAck> {
-    let (mut r, _) = s.raw_user(user).await;
-    r.call(2, Body::Join(proto::Join { room: room.into() })).await;
-    let mut wire = BytesMut::new();
-    for i in 0..n {
-        let p = proto::Publish {
+    let mut r = s.raw_member(user, room).await;
+    let acks = r
+        .publish_all((0..n).map(|i| proto::Publish {
             room: room.into(),
             client_msg_id: format!("{user}-{i}"),
             text: format!("{user} {i}"),
             data: Default::default(),
-        };
-        put_frame(&mut wire, &Envelope::new(100 + i, Body::Publish(p)));
-    }
-    r.writer.write_all(&wire).await.unwrap();
-    let mut acks = Vec::new();
-    while acks.len() < n as usize {
-        let env = r.recv().await;
-        if let Some(Body::PublishAck(a)) = env.body {
-            assert_eq!(env.id, 100 + acks.len() as u64, "acks come in request order for one room");
-            acks.push(a);
-        }
+        }))
+        .await;
+    for (i, a) in acks.iter().enumerate() {
+        assert_eq!(a.client_msg_id, format!("{user}-{i}"), "acks come in request order for one room");
     }
     acks
 }
@@ -133,24 +122,12 @@ async fn a_repeated_client_msg_id_is_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_racing_its_original_gets_the_same_seq() {
     let s = TestServer::start().await;
-    let (mut r, _) = s.raw_user("ann").await;
-    r.call(2, Body::Join(proto::Join { room: "r".into() })).await;
-    let mut wire = BytesMut::new();
-    for id in [10, 11, 12] {
-        let p =
-            proto::Publish { room: "r".into(), client_msg_id: "same".into(), text: "x".into(), ..Default::default() };
-        put_frame(&mut wire, &Envelope::new(id, Body::Publish(p)));
-    }
-    r.writer.write_all(&wire).await.unwrap();
-    let mut acks = HashMap::new();
-    while acks.len() < 3 {
-        let env = r.recv().await;
-        if let Some(Body::PublishAck(a)) = env.body {
-            acks.insert(env.id, a);
-        }
-    }
-    assert!(acks.values().all(|a| a.seq == 1));
-    assert_eq!(acks.values().filter(|a| !a.duplicate).count(), 1);
+    let mut r = s.raw_member("ann", "r").await;
+    let same =
+        proto::Publish { room: "r".into(), client_msg_id: "same".into(), text: "x".into(), ..Default::default() };
+    let acks = r.publish_all([same.clone(), same.clone(), same]).await;
+    assert!(acks.iter().all(|a| a.seq == 1));
+    assert_eq!(acks.iter().filter(|a| !a.duplicate).count(), 1);
     let page = r.call(20, Body::History(proto::History { room: "r".into(), ..Default::default() })).await;
     assert!(matches!(page, Body::HistoryPage(ref p) if p.messages.len() == 1 && p.head_seq == 1), "{page:?}");
 }
@@ -209,14 +186,10 @@ async fn read_markers_clamp_never_go_back_and_reach_the_other_sessions() {
     for ev in [&mut ann2_ev, &mut bob_ev] {
         let mut seen = Vec::new();
         while seen.len() < 2 {
-            match tokio::time::timeout(WAIT, ev.recv()).await.unwrap() {
-                Some(Event::ReadReceipt(r)) => {
-                    assert_eq!((r.user.as_str(), r.room.as_str()), ("ann", "r"));
-                    seen.push(r.seq);
-                }
-                Some(_) => {}
-                None => panic!("closed"),
-            }
+            let r =
+                next_event(ev, "read receipt", |e| if let Event::ReadReceipt(r) = e { Some(r) } else { None }).await;
+            assert_eq!((r.user.as_str(), r.room.as_str()), ("ann", "r"));
+            seen.push(r.seq);
         }
         assert_eq!(seen, vec![3, 5]);
     }
@@ -265,24 +238,5 @@ async fn a_history_page_fits_in_one_frame_and_pages_on() {
         "the newest, nearest the cursor"
     );
     // Paging on reaches everything.
-    let mut after = 0;
-    let mut seen = 0;
-    loop {
-        let p = c
-            .history(proto::History {
-                room: "big".into(),
-                forward: true,
-                after_seq: after,
-                limit: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        seen += p.messages.len();
-        after = p.messages.last().map_or(after, |m| m.seq);
-        if !p.has_more {
-            break;
-        }
-    }
-    assert_eq!(seen, 20);
+    assert_eq!(client_history_all(&c, "big").await.len(), 20);
 }

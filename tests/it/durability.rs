@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use bytes::BytesMut;
 use chatd::codec::put_frame;
@@ -83,11 +82,11 @@ async fn publish_until_cut(
 
 /// Waits until `counter` reaches `n` (or panics after a while).
 async fn wait_for_acks(counter: &AtomicUsize, n: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT * 3;
-    while counter.load(Ordering::Relaxed) < n {
-        assert!(tokio::time::Instant::now() < deadline, "only {} acks arrived", counter.load(Ordering::Relaxed));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for(&format!("{n} acks"), Polling::new(WAIT * 3, 5), async || match counter.load(Ordering::Relaxed) {
+        acked if acked >= n => Ok(()),
+        acked => Err(format!("only {acked} acks arrived")),
+    })
+    .await
 }
 
 /// What an audit of the stored log found.
@@ -121,41 +120,28 @@ impl Audit {
 /// key present exactly once at its acked seq, seqs contiguous from 1, each
 /// publisher's messages (keys `user-counter`) in its own order.
 pub async fn audit(addr: &str, token: &str, rooms: &[String], acked: &HashMap<String, (String, u64)>) -> Audit {
-    let mut r = Raw::connect(addr).await;
-    r.hello(token, vec![]).await;
+    let mut r = Raw::connect_as(addr, token).await;
     let mut a = Audit::default();
     let mut seen: HashMap<String, (String, u64)> = HashMap::new();
-    let mut id = 10;
     for room in rooms {
-        id += 1;
-        r.call(id, Body::Join(proto::Join { room: room.clone() })).await;
+        r.join(room).await;
         let mut after = 0;
         let mut last_counter: HashMap<String, u64> = HashMap::new();
-        loop {
-            id += 1;
-            let req =
-                proto::History { room: room.clone(), after_seq: after, forward: true, limit: 1000, before_seq: 0 };
-            let Body::HistoryPage(p) = r.call(id, Body::History(req)).await else { panic!("history refused") };
-            for m in &p.messages {
-                if m.seq != after + 1 {
-                    a.gaps.push(format!("{room}: #{} after #{after}", m.seq));
-                }
-                after = m.seq;
-                a.stored += 1;
-                if seen.insert(m.client_msg_id.clone(), (room.clone(), m.seq)).is_some() {
-                    a.duplicated.push(m.client_msg_id.clone());
-                }
-                let key =
-                    m.client_msg_id.rsplit_once('-').and_then(|(u, c)| Some((u.to_string(), c.parse::<u64>().ok()?)));
-                if let Some((user, counter)) = key
-                    && let Some(prev) = last_counter.insert(user.clone(), counter)
-                    && prev >= counter
-                {
-                    a.reordered.push(format!("{user} in {room}: {prev} before {counter}"));
-                }
+        for m in &r.history_all(room).await {
+            if m.seq != after + 1 {
+                a.gaps.push(format!("{room}: #{} after #{after}", m.seq));
             }
-            if !p.has_more {
-                break;
+            after = m.seq;
+            a.stored += 1;
+            if seen.insert(m.client_msg_id.clone(), (room.clone(), m.seq)).is_some() {
+                a.duplicated.push(m.client_msg_id.clone());
+            }
+            let key = m.client_msg_id.rsplit_once('-').and_then(|(u, c)| Some((u.to_string(), c.parse::<u64>().ok()?)));
+            if let Some((user, counter)) = key
+                && let Some(prev) = last_counter.insert(user.clone(), counter)
+                && prev >= counter
+            {
+                a.reordered.push(format!("{user} in {room}: {prev} before {counter}"));
             }
         }
     }
@@ -211,8 +197,7 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     let stored = check_log(&server.addr, &token_for(tmp.path(), "checker"), &rooms, &acked).await;
     assert!(stored >= acked.len());
     // Retrying every key after the crash stores nothing twice.
-    let mut retry = Raw::connect(&server.addr).await;
-    retry.hello(&token_for(tmp.path(), "p0"), vec![]).await;
+    let (mut retry, _) = server.raw_user("p0").await;
     for i in 0..200u64 {
         let room = &rooms[i as usize % rooms.len()];
         let p = proto::Publish {
@@ -221,13 +206,9 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
             text: format!("{i}"),
             ..Default::default()
         };
-        match retry.call(5000 + i, Body::Publish(p)).await {
-            Body::PublishAck(a) => {
-                if let Some((r, seq)) = acked.get(&format!("p0-{i}")) {
-                    assert!(a.duplicate && &a.room == r && a.seq == *seq, "retry of an acked key: {a:?}");
-                }
-            }
-            other => panic!("{other:?}"),
+        let a = retry.publish_message(p).await;
+        if let Some((r, seq)) = acked.get(&format!("p0-{i}")) {
+            assert!(a.duplicate && &a.room == r && a.seq == *seq, "retry of an acked key: {a:?}");
         }
     }
     check_log(&server.addr, &token_for(tmp.path(), "checker"), &rooms, &acked).await;

@@ -100,9 +100,8 @@ async fn recovers_without_a_gap(store: Switchable) {
     .await
     .unwrap();
     let http = server.http_addr.to_string();
-    let mut r = Raw::connect(&server.tcp_addr.to_string()).await;
-    r.hello(&token_for(tmp.path(), "ann"), vec![]).await;
-    r.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let mut r = Raw::connect_as(&server.tcp_addr.to_string(), &token_for(tmp.path(), "ann")).await;
+    r.join("r").await;
     for i in 0..3 {
         assert!(matches!(r.call(10 + i, publish(i)).await, Body::PublishAck(a) if a.seq == i + 1));
     }
@@ -123,28 +122,21 @@ async fn recovers_without_a_gap(store: Switchable) {
 
     store.broken.store(false, Ordering::Release);
     // The writer probes every second and resumes by itself.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut i = 6;
-    let ack = loop {
+    let mut i = 5;
+    let ack = wait_for("storage to recover", Polling::new(WAIT, 100), async || {
+        i += 1;
         match r.call(100 + i, publish(i)).await {
-            Body::PublishAck(a) => break a,
-            Body::Error(e) if e.code() == ErrorCode::ServerBusy => {}
+            Body::PublishAck(a) => Ok(a),
+            Body::Error(e) if e.code() == ErrorCode::ServerBusy => Err(format!("{e:?}")),
             other => panic!("{other:?}"),
         }
-        assert!(tokio::time::Instant::now() < deadline, "never recovered");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        i += 1;
-    };
+    })
+    .await;
     assert_eq!(ack.seq, 4, "the seqs continue from the last stored message");
     assert_eq!(http_get(&http, "/readyz").await.0, 200);
     // A retry of a key that failed is stored now, once.
     assert!(matches!(r.call(500, publish(3)).await, Body::PublishAck(a) if a.seq == 5 && !a.duplicate));
-    let Body::HistoryPage(p) =
-        r.call(501, Body::History(proto::History { room: "r".into(), forward: true, ..Default::default() })).await
-    else {
-        panic!()
-    };
-    let seqs: Vec<u64> = p.messages.iter().map(|m| m.seq).collect();
+    let seqs: Vec<u64> = r.history_all("r").await.iter().map(|m| m.seq).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5], "contiguous; nothing from the failed period but what was acked");
     server.shutdown().await;
 }
@@ -175,9 +167,7 @@ async fn a_full_disk_fails_publishes_cleanly_and_the_server_recovers_when_space_
     let _unmount = Unmount(mnt.path().to_path_buf());
     let data = mnt.path().join("data");
     let mut server = Process::start(&data, &["--cache-mb", "8"]);
-    let mut r = Raw::connect(&server.addr).await;
-    r.hello(&token_for(&data, "ann"), vec![]).await;
-    r.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let mut r = server.raw_member("ann", "r").await;
     let payload = bytes::Bytes::from(vec![b'f'; 32 * 1024]);
     let big = |key: String| {
         Body::Publish(proto::Publish {
@@ -211,17 +201,18 @@ async fn a_full_disk_fails_publishes_cleanly_and_the_server_recovers_when_space_
     // Space returns: the server reopens its store and takes writes again.
     let grown = std::process::Command::new("mount").args(["-o", "remount,size=256m"]).arg(mnt.path()).status().unwrap();
     assert!(grown.success());
-    let deadline = tokio::time::Instant::now() + 3 * WAIT;
     let retry = refused[0].clone();
-    let ack = loop {
+    let ack = wait_for("the server to take writes again", Polling::new(3 * WAIT, 200), async || {
         match r.call(50_000, big(retry.clone())).await {
-            Body::PublishAck(a) => break a,
-            Body::Error(e) => assert!(matches!(e.code(), ErrorCode::Internal | ErrorCode::ServerBusy), "{e:?}"),
+            Body::PublishAck(a) => Ok(a),
+            Body::Error(e) => {
+                assert!(matches!(e.code(), ErrorCode::Internal | ErrorCode::ServerBusy), "{e:?}");
+                Err(format!("{e:?}; {:?}", server.log_lines()))
+            }
             other => panic!("{other:?}"),
         }
-        assert!(tokio::time::Instant::now() < deadline, "never recovered: {:?}", server.log_lines());
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     assert!(!ack.duplicate, "the refused message was never stored, so its retry is new");
     assert_eq!(ack.seq, acked.len() as u64 + 1, "the seqs continue from the last acknowledged message");
     acked.push((retry, ack.seq));
@@ -230,8 +221,7 @@ async fn a_full_disk_fails_publishes_cleanly_and_the_server_recovers_when_space_
     // And a restart on the same data finds the same.
     assert!(server.terminate().success(), "a clean stop after the recovery");
     let server = Process::start(&data, &["--cache-mb", "8"]);
-    let mut r = Raw::connect(&server.addr).await;
-    r.hello(&token_for(&data, "ann"), vec![]).await;
+    let (mut r, _) = server.raw_user("ann").await;
     assert_eq!(stored_messages(&mut r).await, acked, "every acknowledged message survived the restart, nothing else");
     let next =
         proto::Publish { room: "r".into(), client_msg_id: "after".into(), text: "ok".into(), ..Default::default() };
@@ -243,20 +233,7 @@ async fn a_full_disk_fails_publishes_cleanly_and_the_server_recovers_when_space_
 
 /// Every message of room `r` as (client_msg_id, seq), paging through history.
 async fn stored_messages(r: &mut Raw) -> Vec<(String, u64)> {
-    let mut stored = Vec::new();
-    let mut after = 0;
-    loop {
-        let req = proto::History { room: "r".into(), after_seq: after, forward: true, limit: 1000, before_seq: 0 };
-        let Body::HistoryPage(p) = r.call(99_000 + after, Body::History(req)).await else { panic!() };
-        for m in &p.messages {
-            after = m.seq;
-            stored.push((m.client_msg_id.clone(), m.seq));
-        }
-        if !p.has_more {
-            break;
-        }
-    }
-    stored
+    r.history_all("r").await.into_iter().map(|m| (m.client_msg_id, m.seq)).collect()
 }
 
 /// A corrupted data directory stops the server at start with a clear
@@ -266,9 +243,7 @@ async fn a_corrupted_data_directory_fails_at_start_with_a_clear_message() {
     let data = tempfile::tempdir().unwrap();
     {
         let mut server = Process::start(data.path(), &[]);
-        let mut r = Raw::connect(&server.addr).await;
-        r.hello(&token_for(data.path(), "ann"), vec![]).await;
-        r.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+        let mut r = server.raw_member("ann", "r").await;
         r.call(3, publish(1)).await;
         assert!(server.terminate().success());
     }

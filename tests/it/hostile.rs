@@ -103,9 +103,7 @@ async fn random_and_malformed_frames_on_many_connections_harm_no_one() {
             * 1024
     };
     // The canary chats throughout.
-    let mut canary = Raw::connect(&server.addr).await;
-    canary.hello(&token_for(data.path(), "canary"), vec![]).await;
-    canary.call(2, Body::Join(proto::Join { room: "canary-room".into() })).await;
+    let mut canary = server.raw_member("canary", "canary-room").await;
     let rss_before = rss();
 
     let mut tasks = Vec::new();
@@ -176,17 +174,7 @@ async fn random_and_malformed_frames_on_many_connections_harm_no_one() {
         }));
         // The canary is served promptly throughout.
         if c % 10 == 0 {
-            let ack = canary
-                .call(
-                    100 + c,
-                    Body::Publish(proto::Publish {
-                        room: "canary-room".into(),
-                        text: format!("alive {c}"),
-                        ..Default::default()
-                    }),
-                )
-                .await;
-            assert!(matches!(ack, Body::PublishAck(_)), "{ack:?}");
+            canary.publish("canary-room", &format!("alive {c}")).await;
         }
     }
     for t in tasks {
@@ -194,9 +182,8 @@ async fn random_and_malformed_frames_on_many_connections_harm_no_one() {
     }
     // Nothing crashed; the canary still chats and new clients are served.
     assert!(server.try_wait_alive(), "the server is still running");
-    assert!(matches!(canary.call(999, Body::Ping(proto::Ping { nonce: 9 })).await, Body::Pong(_)));
-    let mut fresh = Raw::connect(&server.addr).await;
-    fresh.hello(&token_for(data.path(), "fresh"), vec![]).await;
+    canary.ping().await;
+    let _fresh = server.raw_user("fresh").await;
     let growth = rss().saturating_sub(rss_before);
     assert!(growth < 64 << 20, "memory stays bounded (grew {} KiB)", growth >> 10);
     assert!(!server.log_lines().iter().any(|l| l.contains("panicked")), "no panic in the logs");
@@ -235,9 +222,8 @@ async fn slowloris_and_prefix_bombs_are_closed_by_the_deadlines() {
         (drain(&mut r).await, started.elapsed())
     });
     // Meanwhile a normal client is served at once.
-    let mut ok = Raw::connect(&server.addr).await;
-    ok.hello(&token_for(data.path(), "ok"), vec![]).await;
-    assert!(matches!(ok.call(2, Body::Ping(proto::Ping { nonce: 1 })).await, Body::Pong(_)));
+    let (mut ok, _) = server.raw_user("ok").await;
+    ok.ping().await;
     for mut b in bombs {
         let (closed, got) = drain(&mut b).await;
         assert!(closed, "a prefix bomb is closed by the handshake deadline");

@@ -22,8 +22,7 @@ async fn publish_n(s: &TestServer, user: &str, room: &str, n: usize) {
 async fn resume_replays_what_was_missed_then_synced_then_live() {
     let s = TestServer::start().await;
     publish_n(&s, "bob", "r", 5).await;
-    let (mut ann, _) = s.raw_user("ann").await;
-    ann.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let ann = s.raw_member("ann", "r").await;
     drop(ann);
     publish_n(&s, "bob", "r", 10).await;
 
@@ -73,13 +72,16 @@ async fn a_gap_beyond_the_replay_bound_is_incomplete_and_the_client_pages_it_in(
         s.client_with("ann", |c| c.resume = vec![proto::Cursor { room: "r".into(), after_seq: 0 }]).await;
     let mut seqs = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, ev.recv()).await.unwrap().unwrap() {
+        let e = next_event(&mut ev, "message or synced", |e| {
+            matches!(e, Event::Message(_) | Event::Synced(_)).then_some(e)
+        });
+        match e.await {
             Event::Message(m) => seqs.push(m.seq),
             Event::Synced(sy) => {
                 assert!(!sy.complete);
                 break;
             }
-            _ => {}
+            _ => unreachable!(),
         }
     }
     assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
@@ -91,8 +93,7 @@ async fn a_gap_beyond_the_replay_bound_is_incomplete_and_the_client_pages_it_in(
 async fn reconnecting_during_continuous_publishing_loses_and_repeats_nothing() {
     const TOTAL: u64 = 600;
     let s = Arc::new(TestServer::start().await);
-    let (mut sub, _) = s.raw_user("sub").await;
-    sub.call(2, Body::Join(proto::Join { room: "feed".into() })).await;
+    let mut sub = s.raw_member("sub", "feed").await;
     let done = Arc::new(AtomicBool::new(false));
     let publisher = {
         let s = s.clone();
@@ -166,8 +167,7 @@ async fn a_reader_that_stops_reading_catches_up_from_the_log_without_blocking_an
     })
     .await;
     // The slow reader joins, then reads nothing for a while.
-    let (mut slow, _) = s.raw_user("slow").await;
-    slow.call(2, Body::Join(proto::Join { room: "r".into() })).await;
+    let mut slow = s.raw_member("slow", "r").await;
     // Ten normal readers beside it.
     let mut normal = Vec::new();
     for i in 0..10 {
@@ -181,25 +181,13 @@ async fn a_reader_that_stops_reading_catches_up_from_the_log_without_blocking_an
     let (publisher, _) = s.client("pub").await;
     publisher.join("r").await.unwrap();
     let payload = bytes::Bytes::from(vec![b'x'; 4096]);
-    let mut pending = Vec::new();
-    for i in 0..N {
-        let p = proto::Publish {
-            room: "r".into(),
-            client_msg_id: format!("k{i}"),
-            data: payload.clone(),
-            ..Default::default()
-        };
-        let c = publisher.clone();
-        pending.push(tokio::spawn(async move { c.publish_message(p).await.unwrap() }));
-        if pending.len() >= 256 {
-            for t in pending.drain(..) {
-                t.await.unwrap();
-            }
-        }
-    }
-    for t in pending.drain(..) {
-        t.await.unwrap();
-    }
+    let batch = (0..N).map(|i| proto::Publish {
+        room: "r".into(),
+        client_msg_id: format!("k{i}"),
+        data: payload.clone(),
+        ..Default::default()
+    });
+    publish_pipelined(&publisher, batch, 256).await;
     // The normal readers got everything, in order, while the slow one read
     // nothing: the room never waited for it.
     for (_, ev) in normal.iter_mut() {
@@ -215,7 +203,7 @@ async fn a_reader_that_stops_reading_catches_up_from_the_log_without_blocking_an
         assert_eq!(m.seq, seq);
         assert_eq!(m.data.len(), 4096);
     }
-    assert!(matches!(slow.call(9, Body::Ping(proto::Ping { nonce: 9 })).await, Body::Pong(_)));
+    slow.ping().await;
 }
 
 /// Many overflow → catch-up → live transitions: a tiny queue, a reader that
@@ -231,8 +219,8 @@ async fn a_bursty_reader_gets_everything_across_many_overflows() {
     );
     let mut r = Raw::connect_small(&s.addr).await;
     r.hello(&s.token("bursty"), vec![]).await;
-    r.call(2, Body::Join(proto::Join { room: "a".into() })).await;
-    r.call(3, Body::Join(proto::Join { room: "b".into() })).await;
+    r.join("a").await;
+    r.join("b").await;
     const N: usize = 400;
     let mut publishers = Vec::new();
     for room in ["a", "b"] {
@@ -244,23 +232,13 @@ async fn a_bursty_reader_gets_everything_across_many_overflows() {
             // (4 MiB at most here) and the reader's 4 KiB receive buffer.
             let payload = bytes::Bytes::from(vec![b'y'; 8192]);
             // Pipelined, 64 in flight, so the room outruns the reader.
-            let mut inflight = std::collections::VecDeque::new();
-            for i in 0..N {
-                let p = proto::Publish {
-                    room: room.into(),
-                    client_msg_id: format!("{i}"),
-                    data: payload.clone(),
-                    ..Default::default()
-                };
-                let c = c.clone();
-                inflight.push_back(tokio::spawn(async move { c.publish_message(p).await.unwrap() }));
-                if inflight.len() >= 64 {
-                    inflight.pop_front().unwrap().await.unwrap();
-                }
-            }
-            for t in inflight {
-                t.await.unwrap();
-            }
+            let batch = (0..N).map(|i| proto::Publish {
+                room: room.into(),
+                client_msg_id: format!("{i}"),
+                data: payload.clone(),
+                ..Default::default()
+            });
+            publish_pipelined(&c, batch, 64).await;
         }));
     }
     let mut last = std::collections::HashMap::from([("a".to_string(), 0u64), ("b".to_string(), 0u64)]);

@@ -14,10 +14,9 @@ async fn a_json_client_and_a_tcp_client_see_the_same_room() {
     let w = web.hello(&s.token("ann")).await;
     assert_eq!(w["id"], "1");
     assert_eq!(w["welcome"]["user"], "ann");
-    let joined = web.call(2, json!({"join": {"room": "mixed"}})).await;
+    let joined = web.join("mixed").await;
     assert_eq!(joined["joined"]["online"], json!(["ann"]));
-    let (mut tcp, _) = s.raw_user("bob").await;
-    tcp.call(2, Body::Join(proto::Join { room: "mixed".into() })).await;
+    let mut tcp = s.raw_member("bob", "mixed").await;
 
     web.send_json(json!({"id": "3", "publish": {"room": "mixed", "clientMsgId": "w1", "text": "from the web"}})).await;
     // The publisher's own echo is fanned out before the ack is queued
@@ -36,19 +35,9 @@ async fn a_json_client_and_a_tcp_client_see_the_same_room() {
     assert_eq!((m.seq, m.sender.as_str(), m.text.as_str(), m.client_msg_id.as_str()), (1, "ann", "from the web", "w1"));
     assert_eq!(ack["publishAck"]["tsMs"], m.ts_ms.to_string());
 
-    let Body::PublishAck(tcp_ack) = tcp
-        .call(3, Body::Publish(proto::Publish { room: "mixed".into(), text: "from tcp".into(), ..Default::default() }))
-        .await
-    else {
-        panic!()
-    };
+    let tcp_ack = tcp.publish("mixed", "from tcp").await;
     // The web client gets bob's message with the seq bob's ack gave.
-    let v = loop {
-        let v = web.json().await;
-        if v.get("message").is_some() {
-            break v;
-        }
-    };
+    let v = web.next_with("message").await;
     assert_eq!((v["message"]["seq"].as_str(), v["message"]["sender"].as_str()), (Some("2"), Some("bob")));
     assert_eq!(tcp_ack.seq, 2);
 }
@@ -77,8 +66,7 @@ async fn binary_messages_are_protobuf_and_the_reply_format_follows_the_client() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_json_and_unknown_messages_are_bad_requests_and_the_socket_stays_open() {
     let s = TestServer::start().await;
-    let mut ws = Ws::connect(&s.http).await;
-    ws.hello(&s.token("ann")).await;
+    let mut ws = s.ws_user("ann").await;
     ws.send_text("{not json").await;
     let e = ws.json().await;
     assert_eq!(e["error"]["code"], "ERROR_CODE_BAD_REQUEST", "{e}");
@@ -104,8 +92,7 @@ async fn invalid_json_before_hello_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_message_closes_with_1009() {
     let s = TestServer::start().await;
-    let mut ws = Ws::connect(&s.http).await;
-    ws.hello(&s.token("ann")).await;
+    let mut ws = s.ws_user("ann").await;
     ws.send_text("x".repeat(70_000)).await;
     assert_eq!(ws.json().await["error"]["code"], "ERROR_CODE_TOO_LARGE");
     assert_eq!(ws.json().await["goAway"]["reason"], "CLOSE_REASON_PROTOCOL_ERROR");
@@ -151,7 +138,7 @@ async fn a_slow_websocket_reader_does_not_stall_the_room() {
     .await;
     let mut slow = Ws::connect_small(&s.http).await;
     slow.hello(&s.token("slow")).await;
-    slow.call(2, json!({"join": {"room": "r"}})).await;
+    slow.join("r").await;
     let (fast, mut fast_ev) = s.client("fast").await;
     fast.join("r").await.unwrap();
     let (publisher, _) = s.client("pub").await;
@@ -159,34 +146,18 @@ async fn a_slow_websocket_reader_does_not_stall_the_room() {
 
     const N: u64 = 1500;
     let payload = bytes::Bytes::from(vec![b'z'; 8192]);
-    let mut inflight = std::collections::VecDeque::new();
-    for i in 0..N {
-        let p = proto::Publish {
-            room: "r".into(),
-            client_msg_id: format!("{i}"),
-            data: payload.clone(),
-            ..Default::default()
-        };
-        let c = publisher.clone();
-        inflight.push_back(tokio::spawn(async move { c.publish_message(p).await.unwrap() }));
-        if inflight.len() >= 128 {
-            inflight.pop_front().unwrap().await.unwrap();
-        }
-    }
-    for t in inflight {
-        t.await.unwrap();
-    }
+    let batch = (0..N).map(|i| proto::Publish {
+        room: "r".into(),
+        client_msg_id: format!("{i}"),
+        data: payload.clone(),
+        ..Default::default()
+    });
+    publish_pipelined(&publisher, batch, 128).await;
     assert_eq!(collect_messages(&mut fast_ev, N as usize).await.last().unwrap().seq, N, "the fast reader got all");
     let room = s.server.as_ref().unwrap().hub().room("r").unwrap();
     assert!(room.slow_consumer_events() > 0, "the WebSocket reader fell behind and was fed from the log");
     for seq in 1..=N {
-        let v = loop {
-            let v = slow.json().await;
-            if v.get("message").is_some() {
-                break v;
-            }
-        };
-        assert_eq!(v["message"]["seq"], seq.to_string());
+        assert_eq!(slow.next_with("message").await["message"]["seq"], seq.to_string());
     }
 }
 
