@@ -18,7 +18,7 @@ fn run(s: &TestServer, args: &[&str]) -> serde_json::Value {
 fn run_at(s: &TestServer, addr: &str, args: &[&str]) -> serde_json::Value {
     let bench = workspace_bin("chat-client", "chat-bench");
     let out = tempfile::NamedTempFile::new().unwrap();
-    let status = Command::new(bench)
+    let run = Command::new(bench)
         .args(["--server", addr, "--data"])
         .arg(&s.dir)
         // The test server runs in this process, so this is its PID.
@@ -33,12 +33,7 @@ fn run_at(s: &TestServer, addr: &str, args: &[&str]) -> serde_json::Value {
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        status.status.success(),
-        "chat-bench {args:?}: {}\n{}",
-        String::from_utf8_lossy(&status.stdout),
-        String::from_utf8_lossy(&status.stderr)
-    );
+    assert_success(&run, &format!("chat-bench {args:?}"));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path()).unwrap()).unwrap();
     for key in [
         "scenario",

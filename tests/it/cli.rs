@@ -75,11 +75,7 @@ fn logs_written_to_a_pipe_carry_no_colour_codes() {
     drop(s);
     assert!(p.terminate().success());
     // The lines are read by a thread: wait (bounded) for the shutdown's.
-    let deadline = std::time::Instant::now() + WAIT;
-    while !p.log_lines().iter().any(|l| l.contains("SIGTERM")) {
-        assert!(std::time::Instant::now() < deadline, "no shutdown line: {:?}", p.log_lines());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    p.wait_for_logs("shutdown line", |lines| lines.iter().any(|l| l.contains("SIGTERM")).then_some(()));
     let lines = p.log_lines();
     for l in &lines {
         assert!(!l.contains('\u{1b}'), "an ANSI escape in a log line: {l:?}");

@@ -6,6 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use crate::common::assert_success;
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -31,12 +33,7 @@ fn alert_rules_pass_their_promtool_tests() {
         .arg(root().join("deploy/prometheus/alerts.yml"))
         .output()
         .unwrap();
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert_success(&check, "promtool check rules");
     let test = Command::new("promtool")
         .arg("test")
         .arg("rules")
@@ -44,17 +41,12 @@ fn alert_rules_pass_their_promtool_tests() {
         .current_dir(root())
         .output()
         .unwrap();
-    assert!(
-        test.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&test.stdout),
-        String::from_utf8_lossy(&test.stderr)
-    );
+    assert_success(&test, "promtool test rules");
 }
 
 #[test]
 fn rules_and_dashboard_use_only_exported_metrics() {
     let out =
         Command::new("python3").arg(root().join("deploy/check_metric_names.py")).current_dir(root()).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_success(&out, "check_metric_names.py");
 }
