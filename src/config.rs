@@ -154,8 +154,8 @@ config! {
         example "\"64 hex characters, or any text of 32 bytes or more\"", check check::min_len(32);
     /// fsync (ack after group commit + fdatasync), batch (ack after write, sync every batch_sync_ms), none (benchmarks only).
     durability: DurabilityMode = DurabilityMode::Fsync;
-    /// With durability = "batch": milliseconds between syncs.
-    batch_sync_ms: u64 = 10, check check::at_least(1);
+    /// With durability = "batch": milliseconds between syncs (0 is taken for 1).
+    batch_sync_ms: u64 = 10;
     /// sled page cache, MiB.
     cache_mb: u64 = 128, check check::at_least(1);
     /// Writes queued for the group commit before publishers wait.
@@ -511,6 +511,14 @@ mod fields {
             let parsed = toml::from_str::<toml::Table>(&format!("v = {value}")).unwrap().remove("v").unwrap();
             assert!(matches!((f.kind, parsed), (Kind::Text, toml::Value::String(s)) if !s.is_empty()), "{line:?}");
         }
+    }
+
+    #[test]
+    fn a_batch_sync_of_0_ms_is_taken_for_1() {
+        let c = Config::build(None, &[("batch_sync_ms", toml::Value::Integer(0))]).unwrap();
+        assert_eq!(c.durability(), Durability::Fsync, "the default mode is unchanged");
+        let c = Config { durability: DurabilityMode::Batch, ..c };
+        assert_eq!(c.durability(), Durability::Batch { interval: Duration::from_millis(1) });
     }
 
     #[test]

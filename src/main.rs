@@ -49,7 +49,7 @@ fn cli() -> Command {
                         .long("data")
                         .env("CHATD_DATA")
                         .default_value("./chatd-data")
-                        .help("Data directory holding `secret` (created if missing)"),
+                        .help("The server's data directory, holding `secret` (created in a new or empty directory)"),
                 )
                 .arg(Arg::new("user").long("user").required(true).help("User id (the token's sub)"))
                 .arg(Arg::new("ttl").long("ttl").default_value("24h").help("Lifetime, e.g. 30m, 24h, 7d")),
@@ -119,11 +119,10 @@ fn main() -> anyhow::Result<()> {
 /// a token signed with another secret than the server's is refused, and
 /// nothing else would tell the user why.
 ///
-/// A secret is created only for a data directory that does not exist yet
-/// (the server will create its store there and use this secret). A
-/// directory that holds a store but no secret belongs to a server that takes
-/// its secret from elsewhere (`token_secret`), and a directory that exists
-/// without a store is most likely a typo: neither gets a new secret.
+/// A secret is created only for a data directory that is new or empty (the
+/// server will create its store there and use this secret). A directory
+/// that holds anything but no secret — a server's store whose secret comes
+/// from elsewhere (`token_secret`), or files of something else — gets none.
 fn token_secret(data: &std::path::Path) -> anyhow::Result<String> {
     let path = chatd::auth::secret_path(data);
     if path.exists() {
@@ -131,9 +130,10 @@ fn token_secret(data: &std::path::Path) -> anyhow::Result<String> {
         eprintln!("chatd token: signed with the secret in {}", path.display());
         return Ok(secret);
     }
+    let empty = std::fs::read_dir(data).map_or(true, |mut entries| entries.next().is_none());
     anyhow::ensure!(
-        !data.exists(),
-        "{} has no secret, so no chatd server there would accept a token made here. \
+        empty,
+        "{} holds files but no secret, so no chatd server there would accept a token made here. \
          Point --data (or CHATD_DATA) at the server's data directory, or give the server's \
          token_secret in CHATD_TOKEN_SECRET",
         data.display()

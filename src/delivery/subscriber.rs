@@ -143,18 +143,19 @@ impl Subscriber {
     }
 
     /// One catch-up step of at most `step` messages for every lagging room,
-    /// while the queue has room. Returns how many rooms are still behind and
-    /// how many messages were queued. Called by the writer.
-    pub fn catch_up(&self, store: &dyn Store, step: u64) -> Result<(usize, u64), StoreError> {
+    /// while the queue has room. Returns how many rooms are still behind;
+    /// adds the messages it queued to `queued`, also when a room's step
+    /// fails (what was queued before is written all the same). Called by
+    /// the writer.
+    pub fn catch_up(&self, store: &dyn Store, step: u64, queued: &mut u64) -> Result<usize, StoreError> {
         let rooms: Vec<Arc<dyn Behind>> =
             self.lagging.lock().unwrap_or_else(|e| e.into_inner()).as_deref().cloned().unwrap_or_default();
         let mut done = Vec::new();
-        let mut queued = 0;
         for room in &rooms {
             if !self.outbound.has_room_for_live() {
                 break;
             }
-            if room.catch_up(self, store, step, &mut queued)? == CatchUp::Done {
+            if room.catch_up(self, store, step, queued)? == CatchUp::Done {
                 done.push(room.key());
             }
         }
@@ -174,7 +175,7 @@ impl Subscriber {
             *l = None;
         }
         self.has_lagging.store(behind > 0, Ordering::Release);
-        Ok((behind, queued))
+        Ok(behind)
     }
 
     /// The oldest moment a lagging room of this subscriber fell behind.

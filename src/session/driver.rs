@@ -126,7 +126,11 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
     // made once per burst and dropped before the loop waits, so an idle
     // connection holds none.
     let mut span: Option<tracing::Span> = None;
+    // `stopped` first: a connection whose writer has given up (or a server
+    // shutting down) handles no more requests, even ones already received.
     let flow = tokio::select! {
+        biased;
+        _ = me.stopped(stop) => return,
         r = tokio::time::timeout(handshake_timeout, source.next()) => match r {
             Err(_) => session.on_handshake_timeout(),
             Ok(incoming) => {
@@ -134,7 +138,6 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
                 Box::pin(handle(session, incoming).instrument(span)).await
             },
         },
-        _ = me.stopped(stop) => return,
     };
     if flow == Flow::Close {
         return;
@@ -155,8 +158,9 @@ async fn read_loop<S: Source>(session: &mut Session, source: &mut S, stop: &Canc
             span = None;
         }
         let next = tokio::select! {
-            r = tokio::time::timeout(limit, source.next()) => r,
+            biased;
             _ = me.stopped(stop) => return,
+            r = tokio::time::timeout(limit, source.next()) => r,
         };
         let flow = match next {
             Err(_) if expiring => session.on_token_expired(),

@@ -127,11 +127,11 @@ fn tend(sub: &Subscriber, hub: &Hub) -> bool {
         sub.outbound.close_with(Some(encode_frame(&Envelope::push(Body::GoAway(g)))));
         return true;
     }
-    match sub.catch_up(hub.store.as_ref(), CATCH_UP_STEP) {
-        Ok((_, queued)) => {
-            hub.metrics.delivered.increment(queued);
-            sub.outbound.depth().0 > 0
-        }
+    let mut queued = 0;
+    let step = sub.catch_up(hub.store.as_ref(), CATCH_UP_STEP, &mut queued);
+    hub.metrics.delivered.increment(queued);
+    match step {
+        Ok(_) => sub.outbound.depth().0 > 0,
         Err(e) => {
             tracing::error!(session = sub.id, error = %e, "catch-up from the log failed; closing");
             let error = proto::Error::new(ErrorCode::Internal, format!("catch-up failed: {e}"));

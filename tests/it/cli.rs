@@ -43,13 +43,22 @@ fn chatd_token_names_the_secret_it_signs_with() {
     let auth = chatd::auth::Auth::new(secret.trim_end().as_bytes());
     assert_eq!(auth.verify(&token, chatd::auth::unix_now()).unwrap().sub, "ann");
 
-    // A directory that exists without a secret (a typo, or a server that
-    // takes its secret from its config) gets no new one.
+    // An empty directory (made ahead of the server, as a service manager
+    // or a volume does) is new: it gets a secret.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = chatd(&["token", "--data", empty.to_str().unwrap(), "--user", "ann"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("created a new secret in"), "{}", stderr(&o));
+
+    // A directory that holds files but no secret (a server that takes its
+    // secret from its config, or something else) gets no new one.
     let other = tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("db"), b"a store").unwrap();
     let o = chatd(&["token", "--data", other.to_str().unwrap(), "--user", "ann"]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("has no secret"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("holds files but no secret"), "{}", stderr(&o));
     assert!(!other.join("secret").exists());
     assert!(stdout(&o).is_empty(), "no token printed");
 }
@@ -124,6 +133,17 @@ async fn chat_send_leaves_no_unread_message_of_ones_own() {
     assert!(stdout(&o).contains("sent general #1"), "{}", stdout(&o));
     let o = chat(&s.token("ann"), &args(&["--server", &s.addr, "rooms"]), "").await;
     assert_eq!(stdout(&o).trim(), "general\thead 1\tread 1\tunread 0");
+
+    // Messages from others that ann has not seen stay unread: the read
+    // marker is a high-water mark, so her send does not move it past them.
+    let (bob, _ev) = s.client("bob").await;
+    bob.join("general").await.unwrap();
+    bob.publish("general", "one").await.unwrap();
+    bob.publish("general", "two").await.unwrap();
+    let o = chat(&s.token("ann"), &args(&["--server", &s.addr, "send", "general", "back"]), "").await;
+    assert!(stdout(&o).contains("sent general #4"), "{}", stdout(&o));
+    let o = chat(&s.token("ann"), &args(&["--server", &s.addr, "rooms"]), "").await;
+    assert_eq!(stdout(&o).trim(), "general\thead 4\tread 1\tunread 3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,10 +36,7 @@ fn referenced(code: &str) -> BTreeSet<String> {
     while let Some(i) = rest.find("crate::") {
         rest = &rest[i + "crate::".len()..];
         let names: Vec<&str> = match rest.strip_prefix('{') {
-            Some(group) => {
-                let end = group.find('}').unwrap_or(group.len());
-                group[..end].split(',').map(str::trim).collect()
-            }
+            Some(group) => top_level_items(group),
             None => vec![rest],
         };
         for name in names {
@@ -50,6 +47,29 @@ fn referenced(code: &str) -> BTreeSet<String> {
         }
     }
     out
+}
+
+/// The items of an import group (`a::{b, c}, d}` → `a::{b, c}`, `d`), up to
+/// the brace that closes it; nested groups stay inside their item.
+fn top_level_items(group: &str) -> Vec<&str> {
+    let (mut items, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                items.push(group[start..i].trim());
+                return items;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(group[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(group[start..].trim());
+    items
 }
 
 /// Module → the modules it uses, over every file of `src/` (the crate root
@@ -127,7 +147,8 @@ fn the_module_graph_has_no_cycle() {
 
 #[test]
 fn the_check_sees_grouped_and_plain_imports_and_skips_comments() {
-    let code = "use crate::{hub::Hub, room};\nuse crate::store::Store;\n// crate::session in a comment\nlet t = crate::time::now_ms();\n";
+    let code = "use crate::{hub::Hub, room};\nuse crate::store::Store;\n// crate::session in a comment\n\
+                let t = crate::time::now_ms();\nuse crate::{delivery::{Frame, Run}, pipeline};\n";
     let found: Vec<String> = referenced(code).into_iter().collect();
-    assert_eq!(found, ["hub", "room", "store", "time"]);
+    assert_eq!(found, ["delivery", "hub", "pipeline", "room", "store", "time"]);
 }

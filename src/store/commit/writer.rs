@@ -139,10 +139,13 @@ impl<C: Send + 'static> Writer<C> {
             Durability::Batch { interval } if self.unsynced => Some(interval.saturating_sub(self.last_sync.elapsed())),
             _ => None,
         };
-        match (probe.or(sync), failed) {
-            (None, _) => Wait::Writes,
-            (Some(wait), true) => Wait::Probe(wait),
-            (Some(wait), false) => Wait::Sync(wait),
+        // A failed store is not synced; once the recovery marker is on its
+        // way, nothing is probed either until the fan-out has cleared the
+        // failure (a second marker would open a second epoch).
+        match (failed, probe, sync) {
+            (true, Some(wait), _) => Wait::Probe(wait),
+            (false, _, Some(wait)) => Wait::Sync(wait),
+            _ => Wait::Writes,
         }
     }
 

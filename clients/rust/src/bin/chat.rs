@@ -88,12 +88,19 @@ async fn main() -> anyhow::Result<()> {
         Client::connect(config).await.with_context(|| format!("connecting to {}", cli.server))?;
     match cli.command {
         Some(Cmd::Send { room, text }) => {
-            client.join(&room).await?;
+            let state = client.join(&room).await?.state.unwrap_or_default();
             let ack = client.publish(&room, &text).await?;
-            // One's own message is read: without this it would count as
-            // unread in `chat rooms` and every other client.
-            client.mark_read(&room, ack.seq).await?;
             println!("sent {} #{}{}", ack.room, ack.seq, if ack.duplicate { " (duplicate)" } else { "" });
+            // One's own message is read, or it would count as unread in
+            // `chat rooms` and on every device. The read marker is a
+            // high-water mark, so only when nothing before it was unread:
+            // others' messages stay unread until the user has seen them.
+            if state.read_seq >= state.head_seq
+                && ack.seq == state.head_seq + 1
+                && let Err(e) = client.mark_read(&room, ack.seq).await
+            {
+                eprintln!("(sent, but not marked read: {e})");
+            }
         }
         Some(Cmd::History { room, limit, before }) => {
             let page = client
@@ -146,7 +153,9 @@ impl Shell {
         }
     }
 
-    /// Makes `room` current and shows its latest messages.
+    /// Makes `room` current and shows its latest messages, even those a
+    /// live message of it already passed; live messages the page holds too
+    /// are not printed again.
     async fn enter(&mut self, room: &str) -> anyhow::Result<()> {
         self.current = Some(room.to_string());
         let page =
@@ -157,7 +166,11 @@ impl Shell {
             eprintln!("* {room}: the latest {} messages", page.messages.len());
         }
         for m in &page.messages {
-            self.print(m);
+            println!("{}", line(m));
+        }
+        if let Some(last) = page.messages.last() {
+            let printed = self.printed.entry(room.to_string()).or_default();
+            *printed = (*printed).max(last.seq);
         }
         Ok(())
     }
@@ -190,9 +203,9 @@ impl Shell {
                 eprintln!("* left {room}");
                 self.rooms.remove(&room);
                 if self.current.as_deref() == Some(room.as_str()) {
-                    self.current = self.rooms.iter().next().cloned();
-                    match &self.current {
-                        Some(next) => eprintln!("* now in {next}"),
+                    self.current = None;
+                    match self.rooms.iter().next().cloned() {
+                        Some(next) => self.enter(&next).await?,
                         None => eprintln!("* in no room; /join ROOM"),
                     }
                 }
@@ -223,8 +236,11 @@ impl Shell {
             _ => {
                 let room = self.room_arg("")?;
                 let ack = self.client.publish(&room, text).await?;
-                // Sent from here, so read here.
-                self.client.mark_read(&room, ack.seq).await?;
+                // Sent from here, so read here, when everything before it
+                // was shown here too (the read marker is a high-water mark).
+                if self.printed.get(&room).is_some_and(|&p| p + 1 >= ack.seq) {
+                    self.client.mark_read(&room, ack.seq).await?;
+                }
             }
         }
         Ok(())
@@ -252,11 +268,21 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
         shell.enter(&first).await?;
     }
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut reconnecting = false;
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(Event::Message(m)) => shell.print(&m),
-                Some(Event::Disconnected(why)) => eprintln!("* disconnected ({why}); reconnecting"),
+                Some(Event::Disconnected(why)) => {
+                    eprintln!("* disconnected ({why}); reconnecting");
+                    reconnecting = true;
+                }
+                // Back after a drop: rooms may have been joined or left
+                // elsewhere meanwhile. (The first `Connected` is the welcome
+                // this shell started from.)
+                Some(Event::Connected(w)) if std::mem::take(&mut reconnecting) => {
+                    shell.rooms = w.rooms.iter().map(|r| r.room.clone()).collect();
+                }
                 Some(Event::Connected(_)) => {}
                 Some(Event::Synced(s)) => eprintln!("* {} caught up to #{}", s.room, s.head_seq),
                 Some(Event::Typing(t)) if t.active => eprintln!("* {} is typing in {}", t.user, t.room),
