@@ -254,6 +254,71 @@ mod tests {
         }
     }
 
+    /// A memory store whose next write fails when `fail_next` is set.
+    #[derive(Default)]
+    struct FailOnce {
+        inner: MemoryStore,
+        fail_next: std::sync::atomic::AtomicBool,
+    }
+    impl Store for FailOnce {
+        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
+            self.inner.load()
+        }
+        fn write(&self, batch: &Batch) -> Result<(), StoreError> {
+            if self.fail_next.swap(false, Ordering::AcqRel) {
+                return Err(StoreError::Io(std::io::Error::other("disk full")));
+            }
+            self.inner.write(batch)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            self.inner.sync()
+        }
+        fn truncate(&self, room: u64, from: u64) -> Result<usize, StoreError> {
+            self.inner.truncate(room, from)
+        }
+        fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
+            self.inner.read_range(room, from, to)
+        }
+        fn lookup_idempotent(
+            &self,
+            user: &str,
+            id: &str,
+        ) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
+            self.inner.lookup_idempotent(user, id)
+        }
+        fn expire_idempotency(&self, before: u64) -> Result<usize, StoreError> {
+            self.inner.expire_idempotency(before)
+        }
+        fn size_on_disk(&self) -> u64 {
+            self.inner.size_on_disk()
+        }
+    }
+
+    #[tokio::test]
+    async fn one_recovery_marker_per_failure_even_with_a_batch_sync_due() {
+        // With `batch`, a write left unsynced when the store failed must not
+        // turn the sync's timer into a second probe once the marker is out:
+        // a second marker would open a second epoch and refuse the writes
+        // made in between.
+        let store = Arc::new(FailOnce::default());
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let durability = Durability::Batch { interval: Duration::from_millis(200) };
+        let (queue, _h) = start::<u64>(store.clone(), durability, 16, out_tx);
+        queue_appends(&queue, 1..=1, 10).await;
+        assert!(out_rx.recv().await.unwrap().result.is_ok(), "written, not yet synced");
+        store.fail_next.store(true, Ordering::Release);
+        queue_appends(&queue, 2..=2, 10).await;
+        assert!(out_rx.recv().await.unwrap().result.is_err());
+        let marker = tokio::time::timeout(Duration::from_secs(10), out_rx.recv()).await.unwrap().unwrap();
+        assert!(marker.recovered, "the store works again after a probe");
+        // The fan-out has not reached the marker yet: nothing more comes.
+        let more = tokio::time::timeout(Duration::from_millis(600), out_rx.recv()).await;
+        assert!(more.is_err(), "a second marker or batch came: {:?}", more.map(|c| c.map(|c| c.recovered)));
+        queue.recovered();
+        queue_appends(&queue, 2..=2, 10).await;
+        assert!(out_rx.recv().await.unwrap().result.is_ok(), "writes flow in the new epoch");
+    }
+
     /// Notes each write's size and the thread it ran on.
     struct ThreadNoting {
         inner: MemoryStore,
