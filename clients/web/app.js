@@ -13,6 +13,8 @@ const TYPING_REFRESH_MS = 3000; // resend "typing" while the user keeps typing
 const TYPING_IDLE_MS = 5000; // stop "typing" after this long without a keystroke
 const TYPING_EXPIRE_MS = 7000; // forget someone's "typing" not refreshed this long
 const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this are grouped
+// Phone widths, where the sidebar is a panel over the messages (the breakpoint in style.css).
+const narrow = matchMedia('(max-width: 720px)');
 
 /** @type {ChatdClient | null} */
 let client = null;
@@ -222,7 +224,10 @@ function renderSidebar() {
       h('span', { class: 'room-name', text: isDm(name) ? label : name }),
       n > 0 && name !== active ? h('span', { class: 'badge', 'data-unread': n, text: n > 99 ? '99+' : String(n) }) : null,
     );
-    btn.addEventListener('click', () => selectRoom(name));
+    btn.addEventListener('click', () => {
+      setNav(false, { refocus: true });
+      selectRoom(name);
+    });
     return h(
       'li',
       {
@@ -238,6 +243,9 @@ function renderSidebar() {
   $('dm-list').replaceChildren(...names.filter(isDm).map(item));
   const total = [...rooms.values()].reduce((a, r) => a + (r.name === active ? 0 : unread(r)), 0);
   document.title = total ? `(${total}) chatd` : 'chatd';
+  const menuBadge = $('menu-unread');
+  menuBadge.hidden = !total;
+  menuBadge.textContent = total > 99 ? '99+' : String(total);
 }
 
 function renderHeader() {
@@ -428,7 +436,8 @@ async function selectRoom(name) {
   r.typing.forEach((exp, u) => exp < Date.now() && r.typing.delete(u));
   scrollMode = 'bottom';
   invalidate('sidebar', 'header', 'messages', 'typing');
-  $('composer-input').focus();
+  // On a phone the on-screen keyboard would come up over the messages just chosen.
+  if (!narrow.matches) $('composer-input').focus();
   if (!r.loaded) await loadNewest(r);
 }
 
@@ -479,6 +488,8 @@ async function joinRoom(name) {
   try {
     const j = await client.join(name);
     applyJoined(j);
+    // Only once joined: a name refused is still there in the panel to correct.
+    setNav(false, { refocus: true });
     await selectRoom(j.state.room);
   } catch (e) {
     toast(`Could not join ${name}: ${errorText(e)}`);
@@ -616,6 +627,26 @@ function autosize() {
   const t = $('composer-input');
   t.style.height = 'auto';
   t.style.height = `${Math.min(t.scrollHeight, 160)}px`;
+}
+
+// The room panel on phones. At wider sizes the sidebar is always shown and
+// this does nothing.
+
+const navOpen = () => $('app').classList.contains('nav-open');
+
+/**
+ * Opens or closes the room panel. `refocus`: on closing, focus goes back to
+ * the menu button that opened it (as from a dialog), not to the body.
+ */
+function setNav(open, { refocus = false } = {}) {
+  open = open && narrow.matches;
+  if (open === navOpen()) return;
+  $('app').classList.toggle('nav-open', open);
+  $('menu-btn').setAttribute('aria-expanded', String(open));
+  // What the panel covers can be neither tabbed to nor read out.
+  $('chat').inert = open;
+  if (open) ($('sidebar').querySelector('.room-item.active .room-btn') || $('sidebar')).focus();
+  else if (refocus) $('menu-btn').focus();
 }
 
 // ---------------------------------------------------------------------------
@@ -783,6 +814,7 @@ function showApp(w) {
 
 /** The sign-in screen showing `error` (with `notice`: a plain message, not styled as an error). */
 function showLogin(error, notice = false) {
+  setNav(false);
   $('app').hidden = true;
   $('login').hidden = false;
   const err = $('login-error');
@@ -867,6 +899,16 @@ function bind() {
     openDm(v);
   });
   $('join-general').addEventListener('click', () => joinRoom('general'));
+  $('menu-btn').addEventListener('click', () => setNav(!navOpen()));
+  $('nav-backdrop').addEventListener('click', () => setNav(false, { refocus: true }));
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && navOpen()) {
+      e.preventDefault();
+      setNav(false, { refocus: true });
+    }
+  });
+  // Grown past phone width (a rotated tablet, a resized window): the sidebar is back in place.
+  narrow.addEventListener('change', () => setNav(false));
   $('leave-btn').addEventListener('click', leaveRoom);
   $('load-older').addEventListener('click', loadOlder);
   $('messages').addEventListener('scroll', () => {

@@ -1153,4 +1153,127 @@ describe('web client in Chromium against chatd', { skip: missing ? `SKIPPED: ${m
       await ctx.close();
     }
   });
+
+  check('i. a phone-sized screen: the room list slides in from a menu button, with names, badges and the join box', { timeout: 60_000 }, async () => {
+    assert.ok(env.server && env.pageB, 'the earlier tests set up the server and a desktop page');
+    // The desktop layout is unchanged: no menu button, the sidebar in place.
+    assert.equal(await env.pageB.locator('#menu-btn').isVisible(), false, 'no menu button on the desktop');
+    const desk = await env.pageB.locator('#sidebar').boundingBox();
+    assert.ok(desk && desk.x === 0 && Math.round(desk.width) === 270, `the desktop sidebar in place: ${JSON.stringify(desk)}`);
+
+    const PHONE = { width: 390, height: 844 };
+    const [lounge, kitchen] = ['phone-lounge', 'phone-kitchen-table'];
+    const ctx = await env.browser.newContext({ viewport: PHONE, isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
+    ctx.setDefaultTimeout(15_000);
+    try {
+      const page = await ctx.newPage();
+      page.on('pageerror', (e) => console.error('[pia page error]', e));
+      await watchCsp(page);
+      checkServedCsp(await page.goto(`http://127.0.0.1:${env.server.http}/`));
+      await page.locator('#dev-name').waitFor({ state: 'visible', timeout: 10_000 });
+      await page.fill('#dev-name', 'pia');
+      await page.tap('#dev-login button[type=submit]');
+      // The connection indicator is in the closed panel: there, not visible.
+      await page.locator('#conn-state[data-state="connected"]').waitFor({ state: 'attached', timeout: 10_000 });
+
+      const menu = page.getByRole('button', { name: 'Rooms', exact: true });
+      const sidebar = page.locator('#sidebar');
+      const backdrop = page.locator('#nav-backdrop');
+      const openPanel = async () => {
+        await menu.tap();
+        await sidebar.waitFor({ state: 'visible', timeout: 5000 });
+        await waitUntil(async () => {
+          const box = await sidebar.boundingBox();
+          return box && box.x === 0;
+        }, { timeout: 5000, what: 'the panel to slide all the way in' });
+        assert.equal(await menu.getAttribute('aria-expanded'), 'true');
+        assert.equal(await backdrop.isVisible(), true, 'a backdrop over the messages');
+        assert.equal(await page.locator('#chat').evaluate((el) => el.inert), true, 'the messages behind are out of reach');
+      };
+      const panelClosed = async (why) => {
+        await sidebar.waitFor({ state: 'hidden', timeout: 5000 });
+        assert.equal(await menu.getAttribute('aria-expanded'), 'false', why);
+        assert.equal(await backdrop.isVisible(), false, why);
+        assert.equal(await page.locator('#chat').evaluate((el) => el.inert), false, why);
+      };
+
+      // The message view takes the whole screen; the room list waits behind the menu button.
+      assert.equal(await menu.isVisible(), true, 'the menu button shows');
+      assert.equal(await sidebar.isVisible(), false, 'the room list is closed');
+      const chat = await page.locator('#chat').boundingBox();
+      assert.deepEqual([chat.x, chat.width], [0, PHONE.width], 'the message view is as wide as the screen');
+
+      // Two rooms joined through the panel; each join closes it.
+      for (const room of [lounge, kitchen]) {
+        await openPanel();
+        await page.fill('#join-input', room);
+        await page.tap('#join-form button[type=submit]');
+        await page.locator(`.room-item.active[data-room="${room}"]`).waitFor({ state: 'attached', timeout: 10_000 });
+        await panelClosed(`joining ${room} closes the panel`);
+        assert.equal(await page.locator('#room-title').textContent(), `#${room}`);
+      }
+
+      // A message in the room not on screen: the menu button and the panel count it.
+      await cliSend(env.server.tcp, env.carolToken, lounge, 'carol in the lounge one');
+      await page.locator('#menu-unread', { hasText: /^1$/ }).waitFor({ timeout: 10_000 });
+      await openPanel();
+      await page.locator(`.room-item[data-room="${lounge}"] .badge`, { hasText: /^1$/ }).waitFor({ timeout: 5000 });
+      const panel = await sidebar.boundingBox();
+      assert.ok(panel.width < PHONE.width, 'the panel leaves a strip of the messages to tap');
+      for (const room of [lounge, kitchen]) {
+        const name = page.locator(`#room-list .room-item[data-room="${room}"] .room-name`);
+        assert.equal(await name.isVisible(), true, `${room} is named in the panel, not just an icon`);
+        assert.equal((await name.textContent()).trim(), room);
+        assert.equal(await name.evaluate((el) => el.scrollWidth <= el.clientWidth), true, `${room} is shown in full, not cut off`);
+        const box = await name.boundingBox();
+        assert.ok(box.x >= panel.x && box.x + box.width <= panel.x + panel.width, `${room} is inside the panel`);
+      }
+      const join = await page.locator('#join-input').boundingBox();
+      assert.ok(join && join.x >= panel.x && join.x + join.width <= panel.x + panel.width, 'the join box is in the panel');
+      await page.screenshot({ path: '/tmp/mobile-open.png' });
+
+      // Switching rooms by name closes the panel and shows the room.
+      await page.locator('#room-list').getByText(lounge, { exact: true }).tap();
+      await panelClosed('choosing a room closes the panel');
+      await page.locator(`.room-item.active[data-room="${lounge}"]`).waitFor({ state: 'attached' });
+      assert.equal(await page.locator('#room-title').textContent(), `#${lounge}`);
+      await waitForTexts(page, lounge, ['carol in the lounge one']);
+      await page.locator('#menu-unread').waitFor({ state: 'hidden', timeout: 10_000 });
+      // Live messages from another client arrive in the room chosen, next to the phone's own.
+      await cliSend(env.server.tcp, env.carolToken, lounge, 'carol in the lounge two');
+      await sendFromPage(page, 'pia answers from her phone');
+      const lines = ['carol in the lounge one', 'carol in the lounge two', 'pia answers from her phone'];
+      await waitForTexts(page, lounge, lines);
+      assertTimeline(await shown(page, lounge), lines, "pia's phone");
+      for (const [what, el] of [['the composer', page.locator('#composer')], ['the newest message', page.locator(`.msg[data-room="${lounge}"][data-seq]`).last()]]) {
+        const box = await el.boundingBox();
+        assert.ok(box && box.x >= 0 && box.x + box.width <= PHONE.width && box.y + box.height <= PHONE.height, `${what} is on the screen: ${JSON.stringify(box)}`);
+      }
+      await page.screenshot({ path: '/tmp/mobile-closed.png' });
+
+      // Escape closes the panel, and so does a tap beside it; focus goes back to the menu button.
+      await openPanel();
+      await page.keyboard.press('Escape');
+      await panelClosed('Escape closes the panel');
+      assert.equal(await page.evaluate(() => document.activeElement.id), 'menu-btn');
+      await openPanel();
+      await backdrop.tap({ position: { x: PHONE.width - 30, y: PHONE.height / 2 } });
+      await panelClosed('a tap outside closes the panel');
+      assert.equal(await page.evaluate(() => document.activeElement.id), 'menu-btn');
+      assert.equal(await page.locator('#room-title').textContent(), `#${lounge}`, 'closing without a choice stays in the room');
+
+      // Grown to desktop size with the panel open: the sidebar is back in place, the menu gone.
+      await openPanel();
+      await page.setViewportSize({ width: 1200, height: 760 });
+      await page.waitForFunction(() => !document.getElementById('app').classList.contains('nav-open'), null, { timeout: 5000, polling: 50 });
+      assert.equal(await menu.isVisible(), false);
+      assert.equal(await backdrop.isVisible(), false);
+      assert.equal(await page.locator('#chat').evaluate((el) => el.inert), false);
+      const wide = await sidebar.boundingBox();
+      assert.ok(wide && wide.x === 0 && Math.round(wide.width) === 270, `the sidebar in place: ${JSON.stringify(wide)}`);
+      assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+    } finally {
+      await ctx.close();
+    }
+  });
 });
