@@ -254,13 +254,15 @@ mod tests {
         }
     }
 
-    /// A memory store whose next write fails when `fail_next` is set.
+    /// A memory store that notes each write's size and the thread it ran
+    /// on, and fails the next write when `fail_next` is set.
     #[derive(Default)]
-    struct FailOnce {
+    struct Observed {
         inner: MemoryStore,
+        writes: std::sync::Mutex<Vec<(usize, std::thread::ThreadId)>>,
         fail_next: std::sync::atomic::AtomicBool,
     }
-    impl Store for FailOnce {
+    impl Store for Observed {
         fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
             self.inner.load()
         }
@@ -268,6 +270,7 @@ mod tests {
             if self.fail_next.swap(false, Ordering::AcqRel) {
                 return Err(StoreError::Io(std::io::Error::other("disk full")));
             }
+            self.writes.lock().unwrap().push((batch.appends.len(), std::thread::current().id()));
             self.inner.write(batch)
         }
         fn sync(&self) -> Result<(), StoreError> {
@@ -300,7 +303,7 @@ mod tests {
         // turn the sync's timer into a second probe once the marker is out:
         // a second marker would open a second epoch and refuse the writes
         // made in between.
-        let store = Arc::new(FailOnce::default());
+        let store = Arc::new(Observed::default());
         let (out_tx, mut out_rx) = mpsc::channel(16);
         let durability = Durability::Batch { interval: Duration::from_millis(200) };
         let (queue, _h) = start::<u64>(store.clone(), durability, 16, out_tx);
@@ -317,43 +320,6 @@ mod tests {
         queue.recovered();
         queue_appends(&queue, 2..=2, 10).await;
         assert!(out_rx.recv().await.unwrap().result.is_ok(), "writes flow in the new epoch");
-    }
-
-    /// Notes each write's size and the thread it ran on.
-    struct ThreadNoting {
-        inner: MemoryStore,
-        writes: std::sync::Mutex<Vec<(usize, std::thread::ThreadId)>>,
-    }
-    impl Store for ThreadNoting {
-        fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
-            self.inner.load()
-        }
-        fn write(&self, batch: &Batch) -> Result<(), StoreError> {
-            self.writes.lock().unwrap().push((batch.appends.len(), std::thread::current().id()));
-            self.inner.write(batch)
-        }
-        fn sync(&self) -> Result<(), StoreError> {
-            self.inner.sync()
-        }
-        fn truncate(&self, room: u64, from: u64) -> Result<usize, StoreError> {
-            self.inner.truncate(room, from)
-        }
-        fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
-            self.inner.read_range(room, from, to)
-        }
-        fn lookup_idempotent(
-            &self,
-            user: &str,
-            id: &str,
-        ) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
-            self.inner.lookup_idempotent(user, id)
-        }
-        fn expire_idempotency(&self, before: u64) -> Result<usize, StoreError> {
-            self.inner.expire_idempotency(before)
-        }
-        fn size_on_disk(&self) -> u64 {
-            self.inner.size_on_disk()
-        }
     }
 
     /// Queues appends to room 1 with seqs `seqs`, each message `len` bytes,
@@ -379,7 +345,7 @@ mod tests {
         let (ops, bytes) = (INLINE_WRITE_OPS as u64, INLINE_WRITE_BYTES);
         let hour = Duration::from_secs(3600);
         for durability in [Durability::None, Durability::Batch { interval: hour }, Durability::Fsync] {
-            let store = Arc::new(ThreadNoting { inner: MemoryStore::new(), writes: Default::default() });
+            let store = Arc::new(Observed::default());
             let (out_tx, mut out_rx) = mpsc::channel(16);
             let (queue, handle) = start::<u64>(store.clone(), durability, 1024, out_tx);
             // (seqs, message size) of each batch.
