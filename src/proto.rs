@@ -52,6 +52,22 @@ impl Body {
             Body::Pong(_) => "pong",
             Body::Error(_) => "error",
             Body::GoAway(_) => "go_away",
+            Body::CreateRoom(_) => "create_room",
+            Body::UpdateRoom(_) => "update_room",
+            Body::GetRoom(_) => "get_room",
+            Body::RoomInfo(_) => "room_info",
+            Body::Invite(_) => "invite",
+            Body::DeclineInvite(_) => "decline_invite",
+            Body::RemoveMember(_) => "remove_member",
+            Body::Ban(_) => "ban",
+            Body::Unban(_) => "unban",
+            Body::SetRole(_) => "set_role",
+            Body::ListMembers(_) => "list_members",
+            Body::MemberPage(_) => "member_page",
+            Body::ListRooms(_) => "list_rooms",
+            Body::RoomList(_) => "room_list",
+            Body::Invitation(_) => "invitation",
+            Body::RoomUpdate(_) => "room_update",
         }
     }
 }
