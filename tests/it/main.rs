@@ -20,5 +20,6 @@ mod properties;
 mod protocol;
 mod release;
 mod resume;
+mod rooms;
 mod tls;
 mod websocket;
