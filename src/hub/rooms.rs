@@ -238,19 +238,18 @@ impl Hub {
                 }
                 return Ok(());
             }
-            let (role, invited, peer_joins) = {
+            let (role, invited, peer_joins, since) = {
                 let g = room.gov();
                 g.may_join(user).map_err(forbidden)?;
                 let role = if g.kind != RoomKind::Direct && g.members.is_empty() { Role::Owner } else { Role::Member };
                 let peer_joins = peer.filter(|p| !g.members.contains_key(p.as_str()));
-                (role, g.invites.contains_key(&**user), peer_joins)
+                (role, g.invites.contains_key(&**user), peer_joins, g.next_since(now_ms()))
             };
             let max = self.limits.max_rooms_per_user;
             if entry.lock().rooms.len() >= max {
                 self.forget_unstored(&room);
                 return Err(forbidden(format!("member of {max} rooms already (the limit)")));
             }
-            let since = now_ms();
             let mut writes = vec![member_write(user, &room, role, since)];
             if invited {
                 writes.push(invite_write(user, &room, None));

@@ -48,6 +48,8 @@ pub struct Governance {
     pub invites: BTreeMap<Arc<str>, InviteRecord>,
     /// The member whose role is `Owner`, if any.
     owner: Option<Arc<str>>,
+    /// The latest `since` of any member.
+    last_since: u64,
 }
 
 /// What a request would do, for the permission check.
@@ -94,7 +96,14 @@ impl Governance {
             bans: BTreeMap::new(),
             invites: BTreeMap::new(),
             owner: None,
+            last_since: 0,
         }
+    }
+
+    /// The `since` of a membership beginning at `now_ms`: later than every
+    /// other, so joins within one millisecond keep their order.
+    pub fn next_since(&self, now_ms: u64) -> u64 {
+        now_ms.max(self.last_since + 1)
     }
 
     /// The details as stored.
@@ -250,6 +259,7 @@ impl Governance {
             self.owner = Some(user.clone());
         }
         self.invites.remove(user);
+        self.last_since = self.last_since.max(since);
         self.members.insert(user.clone(), Membership { role, since });
     }
 

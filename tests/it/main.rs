@@ -21,5 +21,6 @@ mod protocol;
 mod release;
 mod resume;
 mod rooms;
+mod rooms_model;
 mod tls;
 mod websocket;

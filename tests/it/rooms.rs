@@ -440,7 +440,7 @@ async fn rooms_roles_bans_and_invitations_survive_a_restart() {
         invite: vec!["bob".into(), "cat".into()],
     });
     info(&mut ann, create).await;
-    let mut cat = s.raw_member("cat", "p").await;
+    let cat = s.raw_member("cat", "p").await;
     info(&mut ann, set_role("p", "cat", Role::Admin)).await;
     info(&mut ann, ban("p", "eve")).await;
     let mut dan = s.raw_member("dan", "pub").await;
