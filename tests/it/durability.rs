@@ -1,7 +1,9 @@
 //! Acknowledged means stored: across a clean restart, a SIGTERM under load,
-//! and a SIGKILL under load (the `chatd` binary as a child process).
+//! and a SIGKILL under load (the `chatd` binary as a child process) — for
+//! messages and for room administration (an answered removal, ban, creation
+//! or invitation is never undone by a crash).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -301,11 +303,105 @@ async fn publish_keys(
     acks
 }
 
+/// Room administration pipelined beside the crash battery's publishes:
+/// `requests` in order; returns the indexes answered with `RoomInfo`
+/// before the connection ended. Any error reply fails the test.
+async fn moderate(addr: String, token: String, requests: Vec<Body>) -> HashSet<usize> {
+    let mut answered = HashSet::new();
+    let Some(mut r) = setup(&addr, &token, &[]).await else { return answered };
+    let mut wire = BytesMut::new();
+    for (i, body) in requests.iter().enumerate() {
+        put_frame(&mut wire, &Envelope::new(1000 + i as u64, body.clone()));
+    }
+    let mut w = r.writer;
+    tokio::spawn(async move {
+        let _ = w.write_all(&wire).await;
+        std::future::pending::<()>().await;
+    });
+    loop {
+        let Ok(Ok(Some(f))) = tokio::time::timeout(WAIT, r.reader.read_frame()).await else { break };
+        let Ok(env) = chatd::codec::decode_envelope(&f) else { continue };
+        match env.body {
+            Some(Body::RoomInfo(_)) if env.id >= 1000 => {
+                answered.insert(env.id as usize - 1000);
+                if answered.len() == requests.len() {
+                    break;
+                }
+            }
+            Some(Body::Error(e)) => panic!("room administration refused under the crash battery: {e:?}"),
+            _ => {}
+        }
+    }
+    answered
+}
+
+/// Rooms of one battery round for the moderator: `victim` is a member of
+/// each `mod-<round>-<k>` (set up before the load); under the load each gets
+/// a removal (even k) or a ban (odd k), and a private room `new-<round>-<k>`
+/// is created inviting `guest`.
+fn moderation_round(round: usize, rooms: usize) -> (Vec<String>, Vec<Body>) {
+    let names: Vec<String> = (0..rooms).map(|k| format!("mod-{round}-{k}")).collect();
+    let mut requests = Vec::new();
+    for (k, room) in names.iter().enumerate() {
+        let (room, user, reason) = (room.clone(), "victim".to_string(), "battery".to_string());
+        requests.push(if k % 2 == 0 {
+            Body::RemoveMember(proto::RemoveMember { room, user, reason })
+        } else {
+            Body::Ban(proto::Ban { room, user, reason })
+        });
+        requests.push(Body::CreateRoom(proto::CreateRoom {
+            room: format!("new-{round}-{k}"),
+            kind: proto::RoomKind::Private as i32,
+            invite: vec!["guest".into()],
+            ..Default::default()
+        }));
+    }
+    (names, requests)
+}
+
+/// Checks that every answered request of `moderation_round` is in force.
+async fn audit_moderation(addr: &str, dir: &std::path::Path, answered: &[(usize, usize, Body)]) -> usize {
+    let mut victim = Raw::connect(addr).await;
+    let vw = victim.hello(&token_for(dir, "victim"), vec![]).await;
+    let in_rooms: HashSet<&str> = vw.rooms.iter().map(|r| r.room.as_str()).collect();
+    let (_, gw) = {
+        let mut g = Raw::connect(addr).await;
+        let w = g.hello(&token_for(dir, "guest"), vec![]).await;
+        (g, w)
+    };
+    let invited: HashSet<&str> = gw.invites.iter().map(|i| i.room.as_str()).collect();
+    let mut m = Raw::connect(addr).await;
+    let mw = m.hello(&token_for(dir, "mod"), vec![]).await;
+    let owned: HashMap<&str, &proto::RoomInfo> =
+        mw.rooms.iter().map(|r| (r.room.as_str(), r.info.as_ref().expect("info"))).collect();
+    for (_, _, body) in answered {
+        match body {
+            Body::RemoveMember(r) => assert!(!in_rooms.contains(r.room.as_str()), "removal from {} undone", r.room),
+            Body::Ban(b) => {
+                assert!(!in_rooms.contains(b.room.as_str()), "ban from {} undone", b.room);
+                let j = victim.request(Body::Join(proto::Join { room: b.room.clone() })).await;
+                expect_error(&j, proto::ErrorCode::Forbidden);
+            }
+            Body::CreateRoom(c) => {
+                let info = owned.get(c.room.as_str()).unwrap_or_else(|| panic!("created room {} lost", c.room));
+                assert_eq!((info.kind, info.my_role), (proto::RoomKind::Private as i32, proto::Role::Owner as i32));
+                assert!(invited.contains(c.room.as_str()), "invitation to {} lost", c.room);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!answered.is_empty(), "the moderator was answered at least once");
+    answered.len()
+}
+
 /// The crash battery: ten SIGKILLs at seeded-random moments of a multi-room,
 /// multi-publisher load; after each restart the publishers first retry what
 /// was not acknowledged (same keys), then go on. At the end every room is
 /// audited: every acknowledged message present exactly once at its acked
-/// seq, seqs contiguous from 1, each publisher's order kept.
+/// seq, seqs contiguous from 1, each publisher's order kept. Beside the
+/// publishers a moderator removes and bans a member of its rooms and
+/// creates private rooms with invitations; every answered action must be in
+/// force at the end (a removed user stays removed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
     const CRASHES: usize = 10;
@@ -318,11 +414,27 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
     let mut acked: HashMap<String, (String, u64)> = HashMap::new();
     let mut seed: u64 = 0x5eed_c0ff_ee00_0001;
     let mut kills = Vec::new();
+    let mut moderation: Vec<(usize, usize, Body)> = Vec::new();
+    const MOD_ROOMS: usize = 40;
     for round in 0..=CRASHES {
         let server = Process::start(tmp.path(), &[]);
         let counter = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         let last_round = round == CRASHES;
+        let moderator = if last_round {
+            None
+        } else {
+            // The victim joins the moderator's rooms before the load.
+            let (names, requests) = moderation_round(round, MOD_ROOMS);
+            let mut m = Raw::connect_as(&server.addr, &token_for(tmp.path(), "mod")).await;
+            let mut v = Raw::connect_as(&server.addr, &token_for(tmp.path(), "victim")).await;
+            for room in &names {
+                m.join(room).await;
+                v.join(room).await;
+            }
+            let token = token_for(tmp.path(), "mod");
+            Some((requests.clone(), tokio::spawn(moderate(server.addr.clone(), token, requests))))
+        };
         for u in users {
             // Retries first, in their original order, then new keys.
             let mut keys = std::mem::take(pending.get_mut(u).unwrap());
@@ -346,6 +458,12 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
             server.kill9();
             kills.push(at);
         }
+        if let Some((requests, task)) = moderator {
+            let answered = task.await.unwrap();
+            moderation.extend(
+                requests.into_iter().enumerate().filter(|(i, _)| answered.contains(i)).map(|(i, b)| (round, i, b)),
+            );
+        }
         for (u, t) in tasks {
             let got = t.await.unwrap();
             pending.get_mut(u).unwrap().retain(|(k, _)| !got.contains_key(k));
@@ -358,8 +476,10 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
         if last_round {
             assert!(pending.values().all(|p| p.is_empty()), "every retry was acked in the end");
             let a = audit(&server.addr, &token_for(tmp.path(), "auditor"), &rooms, &acked).await;
+            let moderated = audit_moderation(&server.addr, tmp.path(), &moderation).await;
             eprintln!(
-                "crash battery: {} crashes (after {kills:?} acks), {} acknowledged, {} stored, {} lost, {} duplicated",
+                "crash battery: {} crashes (after {kills:?} acks), {} acknowledged, {} stored, {} lost, {} duplicated; \
+                 {moderated} answered room changes all in force",
                 kills.len(),
                 acked.len(),
                 a.stored,
