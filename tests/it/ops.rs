@@ -246,6 +246,28 @@ async fn json_logs_carry_the_connection_fields() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_room_administration_is_one_structured_log_line() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Process::start_with_env(data.path(), &["--log-format", "json"], &[("RUST_LOG", "info")]);
+    let (mut ann, _) = server.raw_user("ann").await;
+    ann.join("r").await;
+    let ban = Body::Ban(proto::Ban { room: "r".into(), user: "eve".into(), reason: "spam links".into() });
+    assert!(matches!(ann.request(ban).await, Body::RoomInfo(_)));
+    let line = server.wait_for_logs("the ban's log line", |lines| {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["message"] == "room administration")
+    });
+    let f = &line["fields"];
+    assert_eq!(
+        (&f["actor"], &f["action"], &f["target"], &f["room"], &f["reason"]),
+        (&"ann".into(), &"ban".into(), &"eve".into(), &"r".into(), &"spam links".into()),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_says_goaway_shutdown_with_a_retry_hint() {
     let data = tempfile::tempdir().unwrap();
     let mut server = Process::start(data.path(), &[]);
