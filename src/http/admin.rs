@@ -68,7 +68,7 @@ fn room_json(room: &Room, now_s: u64) -> Value {
     let (kind, owner, members, bans, invites) = {
         let g = room.gov();
         let kind = g.kind.as_str_name().strip_prefix("ROOM_KIND_").unwrap_or_default().to_lowercase();
-        (kind, g.owner().map(|o| o.to_string()), g.members.len(), g.bans.len(), g.invites.len())
+        (kind, g.owner().map(|o| o.to_string()), g.members.len(), g.bans().len(), g.invites().len())
     };
     json!({
         "room": &*room.name,

@@ -5,7 +5,7 @@
 //! (join, leave, create, invite, remove, ban, roles) every caller goes
 //! through.
 //!
-//! Lock order, where two are held: a room's `changes` (async, across a
+//! Lock order, where two are held: a room's change lock (async, across a
 //! commit) before a user's `membership` (async); a user's `state` before a
 //! room's governance, before its subscribers. The fan-out takes only room
 //! subscriber locks.
@@ -174,6 +174,8 @@ pub struct Hub {
     connections: Mutex<HashMap<u64, std::sync::Weak<Subscriber>>>,
     /// Metric handles.
     pub metrics: crate::metrics::Metrics,
+    /// Serialise room changes ([`rooms`]).
+    change_locks: Box<[tokio::sync::Mutex<()>]>,
 }
 
 /// How long a typing indicator lasts without a refresh.
@@ -220,13 +222,13 @@ impl Hub {
         }
         for (room, user, ban) in snapshot.bans {
             if let Some(room) = by_id.get(&room) {
-                room.gov().bans.insert(user.into(), ban);
+                room.gov().bans_mut().insert(user.into(), ban);
             }
         }
         for (user, room, invite) in snapshot.invites {
             if let Some(room) = by_id.get(&room) {
                 let user: Arc<str> = user.into();
-                room.gov().invites.insert(user.clone(), invite);
+                room.gov().invites_mut().insert(user.clone(), invite);
                 users.entry(user).or_default().lock().invited.insert(room.id, room.clone());
             }
         }
@@ -250,6 +252,7 @@ impl Hub {
             typing_rooms: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             metrics,
+            change_locks: (0..rooms::CHANGE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Room administration: joining and leaving, creating rooms, invitations,
 //! removals, bans and roles (ARCHITECTURE.md, "Rooms and roles").
 //!
-//! Every change goes the same way: take the room's `changes` lock, decide
+//! Every change goes the same way: take the room's change lock, decide
 //! with the room's rules ([`crate::room::gov`]), commit the records through
 //! the group commit, and only then apply the change in memory and tell the
 //! sessions — so what a client is told has been stored, and a crash never
@@ -36,6 +36,8 @@ const MEMBERS_MAX: u32 = 1000;
 /// Rooms listed per directory page when the request says 0, and the cap.
 const ROOMS_DEFAULT: u32 = 50;
 const ROOMS_MAX: u32 = 200;
+/// Locks serialising room changes, shared by rooms (by id).
+pub const CHANGE_LOCKS: usize = 64;
 /// Most bytes in a moderation reason.
 const MAX_REASON: usize = 512;
 
@@ -91,6 +93,13 @@ pub fn left(room: &str, reason: MemberChange, by: &str) -> proto::Left {
 }
 
 impl Hub {
+    /// Takes the lock that serialises `room`'s changes (held across their
+    /// commit): one of [`CHANGE_LOCKS`] shared by rooms, so an idle room
+    /// carries no lock of its own; changes are rare and short.
+    async fn lock_changes(&self, room: &Room) -> tokio::sync::MutexGuard<'_, ()> {
+        self.change_locks[(room.id % CHANGE_LOCKS as u64) as usize].lock().await
+    }
+
     /// Submits a write other than a message and waits until it is durable.
     pub async fn commit(&self, write: Write) -> Result<(), Refusal> {
         let commits = &self.pipeline.commits;
@@ -225,7 +234,7 @@ impl Hub {
                 }
                 None => return Err(not_found(format!("no room {name} (rooms are created with CreateRoom here)"))),
             };
-            let _changes = room.changes.lock().await;
+            let _changes = self.lock_changes(&room).await;
             if !self.is_current(&room) {
                 // Its creation failed while this waited: start over.
                 continue;
@@ -243,7 +252,7 @@ impl Hub {
                 g.may_join(user).map_err(forbidden)?;
                 let role = if g.kind != RoomKind::Direct && g.members.is_empty() { Role::Owner } else { Role::Member };
                 let peer_joins = peer.filter(|p| !g.members.contains_key(p.as_str()));
-                (role, g.invites.contains_key(&**user), peer_joins, g.next_since(now_ms()))
+                (role, g.invites().contains_key(&**user), peer_joins, g.next_since(now_ms()))
             };
             let max = self.limits.max_rooms_per_user;
             if entry.lock().rooms.len() >= max {
@@ -260,9 +269,13 @@ impl Hub {
                 writes.push(member_write(p, &room, Role::Member, since));
             }
             self.commit_room(&room, writes).await?;
+            let peer_joins: Option<Arc<str>> = peer_joins.map(Into::into);
+            if let Some(p) = &peer_joins {
+                // Counted in the joiner's reply already.
+                room.gov().apply_member(p, Role::Member, since);
+            }
             self.admit(&room, user, entry, Membership { role, since }, user, origin);
             if let Some(p) = peer_joins {
-                let p: Arc<str> = p.into();
                 self.admit(&room, &p, &self.user(&p), Membership { role: Role::Member, since }, user, None);
             }
             tracing::debug!(user = %user, room = %name, ?role, "joined");
@@ -349,7 +362,7 @@ impl Hub {
         check_name(name)?;
         let done = left(name, MemberChange::Left, user);
         let Some(room) = self.room(name) else { return Ok(done) };
-        let _changes = room.changes.lock().await;
+        let _changes = self.lock_changes(&room).await;
         // Leaving a room one is not in is already done.
         if entry.lock().rooms.contains_key(&room.id) {
             self.depart(&room, user, MemberChange::Left, user, origin, Vec::new()).await?;
@@ -464,7 +477,7 @@ impl Hub {
         if !new {
             return Err(exists());
         }
-        let _changes = room.changes.lock().await;
+        let _changes = self.lock_changes(&room).await;
         if !self.is_current(&room) || !room.gov().members.is_empty() {
             return Err(exists());
         }
@@ -505,7 +518,7 @@ impl Hub {
     fn apply_invite(&self, room: &Arc<Room>, invitee: &Arc<str>, invite: &InviteRecord) {
         let info = {
             let mut g = room.gov();
-            g.invites.insert(invitee.clone(), invite.clone());
+            g.invites_mut().insert(invitee.clone(), invite.clone());
             g.info_as(&room.name, Role::Unspecified)
         };
         let entry = self.user(invitee);
@@ -535,23 +548,21 @@ impl Hub {
         let room = self.existing(&u.room)?;
         gov::check_texts(u.title.as_deref(), u.topic.as_deref()).map_err(bad)?;
         self.take_change_token(entry)?;
-        let _changes = room.changes.lock().await;
+        let _changes = self.lock_changes(&room).await;
         let (details, changed) = {
             let g = room.gov();
             g.check(user, Action::Update, "", Role::Unspecified).map_err(forbidden)?;
             let mut d = g.details();
             d.title = u.title.clone().unwrap_or(d.title);
             d.topic = u.topic.clone().unwrap_or(d.topic);
-            let changed = d.title != g.title || d.topic != g.topic;
+            let changed = d.title != g.title() || d.topic != g.topic();
             (d, changed)
         };
         if changed {
             let write = RoomWrite::Details { room: room.id, name: room.name.to_string(), details: details.clone() };
             self.commit_room(&room, vec![write]).await?;
             {
-                let mut g = room.gov();
-                g.title = details.title;
-                g.topic = details.topic;
+                room.gov().set_texts(details.title, details.topic);
             }
             self.room_update(&room, user, "", MemberChange::Unspecified, Role::Unspecified);
             self.audit(user, "update", "", &room.name, "");
@@ -581,11 +592,11 @@ impl Hub {
         check_user(target)?;
         let room = self.existing(name)?;
         self.take_change_token(entry)?;
-        let _changes = room.changes.lock().await;
+        let _changes = self.lock_changes(&room).await;
         {
             let g = room.gov();
             g.check(user, Action::Invite, target, Role::Unspecified).map_err(forbidden)?;
-            if g.members.contains_key(target) || g.invites.contains_key(target) {
+            if g.members.contains_key(target) || g.invites().contains_key(target) {
                 return Ok(g.info(name, user));
             }
             if g.is_banned(target) {
@@ -611,14 +622,14 @@ impl Hub {
         let none = || not_found(format!("no pending invitation to {name}"));
         let room = self.existing(name).map_err(|e| if e.code == ErrorCode::NotFound { none() } else { e })?;
         self.take_change_token(entry)?;
-        let _changes = room.changes.lock().await;
-        if !room.gov().invites.contains_key(&**user) {
+        let _changes = self.lock_changes(&room).await;
+        if !room.gov().invites().contains_key(&**user) {
             return Err(none());
         }
         self.commit_room(&room, vec![invite_write(user, &room, None)]).await?;
         let info = {
             let mut g = room.gov();
-            g.invites.remove(&**user);
+            g.invites_mut().remove(&**user);
             g.info(name, user)
         };
         entry.lock().invited.remove(&room.id);
@@ -642,12 +653,12 @@ impl Hub {
         check_reason(reason)?;
         let room = self.existing(name)?;
         self.take_change_token(entry)?;
-        let _changes = room.changes.lock().await;
+        let _changes = self.lock_changes(&room).await;
         let action = if ban { Action::Ban } else { Action::Remove };
         let (member, invited, banned) = {
             let g = room.gov();
             g.check(user, action, target, Role::Unspecified).map_err(forbidden)?;
-            (g.members.contains_key(target), g.invites.contains_key(target), g.is_banned(target))
+            (g.members.contains_key(target), g.invites().contains_key(target), g.is_banned(target))
         };
         let change = if ban { MemberChange::Banned } else { MemberChange::Removed };
         let adds_ban = ban && !banned;
@@ -667,15 +678,15 @@ impl Hub {
             // can try to join again (the room's changes lock is held).
             self.depart(&room, target, change, user, None, writes).await?;
             if adds_ban {
-                room.gov().bans.insert(target.into(), record);
+                room.gov().bans_mut().insert(target.into(), record);
             }
         } else {
             self.commit_room(&room, writes).await?;
             {
                 let mut g = room.gov();
-                g.invites.remove(target);
+                g.invites_mut().remove(target);
                 if adds_ban {
-                    g.bans.insert(target.into(), record);
+                    g.bans_mut().insert(target.into(), record);
                 }
             }
             if invited {
@@ -707,7 +718,7 @@ impl Hub {
         check_reason(reason)?;
         let room = self.existing(name)?;
         self.take_change_token(entry)?;
-        let _changes = room.changes.lock().await;
+        let _changes = self.lock_changes(&room).await;
         {
             let g = room.gov();
             g.check(user, Action::Unban, target, Role::Unspecified).map_err(forbidden)?;
@@ -716,7 +727,7 @@ impl Hub {
             }
         }
         self.commit_room(&room, vec![RoomWrite::Ban { room: room.id, user: target.to_string(), ban: None }]).await?;
-        room.gov().bans.remove(target);
+        room.gov().bans_mut().remove(target);
         self.room_update(&room, user, target, MemberChange::Unbanned, Role::Unspecified);
         self.audit(user, "unban", target, name, reason);
         Ok(room.gov().info(name, user))
@@ -738,11 +749,11 @@ impl Hub {
         };
         let room = self.existing(name)?;
         self.take_change_token(entry)?;
-        let _changes = room.changes.lock().await;
+        let _changes = self.lock_changes(&room).await;
         let (theirs, mine) = {
             let g = room.gov();
             g.check(user, Action::SetRole, target, role).map_err(forbidden)?;
-            let (Some(theirs), Some(mine)) = (g.members.get(target).copied(), g.members.get(&**user).copied()) else {
+            let (Some(theirs), Some(mine)) = (g.members.get(target).copied(), g.members.get(user).copied()) else {
                 return Err(not_found(format!("{target} is not a member of {name}")));
             };
             if theirs.role == role {
@@ -779,13 +790,8 @@ impl Hub {
             if !g.may_list_members(user) {
                 return Err(forbidden(format!("room {} is not visible to you", l.room)));
             }
-            let after = std::ops::Bound::Excluded(l.after_user.as_str());
-            let mut page: Vec<(Arc<str>, Role)> = g
-                .members
-                .range::<str, _>((after, std::ops::Bound::Unbounded))
-                .take(limit + 1)
-                .map(|(u, m)| (u.clone(), m.role))
-                .collect();
+            let mut page: Vec<(Arc<str>, Role)> =
+                g.members.after(&l.after_user).take(limit + 1).map(|(u, m)| (u.clone(), m.role)).collect();
             let has_more = page.len() > limit;
             page.truncate(limit);
             (page, has_more)
@@ -815,7 +821,7 @@ impl Hub {
                 && !g.is_banned(user)
                 && (query.is_empty()
                     || room.name.to_lowercase().contains(&query)
-                    || g.title.to_lowercase().contains(&query));
+                    || g.title().to_lowercase().contains(&query));
             if !listed {
                 continue;
             }

@@ -27,29 +27,102 @@ pub struct Membership {
     pub since: u64,
 }
 
+/// Members by user id: a `Vec` sorted by id. Most rooms have a handful of
+/// members, and a `BTreeMap`'s first node is ~380 bytes per room where this
+/// is 32 (benches/README.md, "Idle memory per connection"); a join into a
+/// room of 100,000 moves ~3 MB, rare next to messages.
+#[derive(Debug, Default)]
+pub struct Members(Vec<(Arc<str>, Membership)>);
+
+impl Members {
+    fn find(&self, user: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(u, _)| (**u).cmp(user))
+    }
+
+    /// `user`'s membership.
+    pub fn get(&self, user: &str) -> Option<&Membership> {
+        self.find(user).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Whether `user` is a member.
+    pub fn contains_key(&self, user: &str) -> bool {
+        self.find(user).is_ok()
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Members in user-id order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Membership)> {
+        self.0.iter().map(|(u, m)| (u, m))
+    }
+
+    /// Members with ids after `user`, in order.
+    pub fn after(&self, user: &str) -> impl Iterator<Item = (&Arc<str>, &Membership)> {
+        let from = match self.find(user) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        };
+        self.0[from..].iter().map(|(u, m)| (u, m))
+    }
+
+    fn get_mut(&mut self, user: &str) -> Option<&mut Membership> {
+        self.find(user).ok().map(|i| &mut self.0[i].1)
+    }
+
+    fn insert(&mut self, user: Arc<str>, m: Membership) {
+        match self.find(&user) {
+            Ok(i) => self.0[i].1 = m,
+            Err(i) => {
+                if self.0.capacity() == 0 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(i, (user, m));
+            }
+        }
+    }
+
+    fn remove(&mut self, user: &str) -> Option<Membership> {
+        self.find(user).ok().map(|i| self.0.remove(i).1)
+    }
+}
+
+/// What most rooms never have: a title, a topic, bans, invitations. Boxed
+/// apart so a room without them carries one pointer.
+#[derive(Debug, Default)]
+struct Extra {
+    title: String,
+    topic: String,
+    bans: BTreeMap<Arc<str>, BanRecord>,
+    invites: BTreeMap<Arc<str>, InviteRecord>,
+}
+
+static NO_BANS: BTreeMap<Arc<str>, BanRecord> = BTreeMap::new();
+static NO_INVITES: BTreeMap<Arc<str>, InviteRecord> = BTreeMap::new();
+
 /// A room's governance state.
 #[derive(Debug)]
 pub struct Governance {
     /// Public, private or direct.
     pub kind: RoomKind,
-    /// Title (≤ [`MAX_TITLE_CHARS`]).
-    pub title: String,
-    /// Topic (≤ [`MAX_TOPIC_CHARS`]).
-    pub topic: String,
     /// Creator's user id.
-    pub created_by: String,
+    pub created_by: Arc<str>,
     /// Creation time (Unix ms).
     pub created_ms: u64,
     /// Members by user id.
-    pub members: BTreeMap<Arc<str>, Membership>,
-    /// Banned users.
-    pub bans: BTreeMap<Arc<str>, BanRecord>,
-    /// Pending invitations by invitee.
-    pub invites: BTreeMap<Arc<str>, InviteRecord>,
+    pub members: Members,
     /// The member whose role is `Owner`, if any.
     owner: Option<Arc<str>>,
     /// The latest `since` of any member.
     last_since: u64,
+    extra: Option<Box<Extra>>,
 }
 
 /// What a request would do, for the permission check.
@@ -86,18 +159,61 @@ impl Action {
 impl Governance {
     /// A room with these details and no members yet.
     pub fn new(details: &RoomDetails) -> Self {
-        Governance {
+        let mut g = Governance {
             kind: RoomKind::try_from(details.kind).unwrap_or(RoomKind::Public),
-            title: details.title.clone(),
-            topic: details.topic.clone(),
-            created_by: details.created_by.clone(),
+            created_by: details.created_by.as_str().into(),
             created_ms: details.created_ms,
-            members: BTreeMap::new(),
-            bans: BTreeMap::new(),
-            invites: BTreeMap::new(),
+            members: Members::default(),
             owner: None,
             last_since: 0,
+            extra: None,
+        };
+        g.set_texts(details.title.clone(), details.topic.clone());
+        g
+    }
+
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
+    /// The title.
+    pub fn title(&self) -> &str {
+        self.extra.as_ref().map_or("", |e| &e.title)
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        self.extra.as_ref().map_or("", |e| &e.topic)
+    }
+
+    /// Sets title and topic.
+    pub fn set_texts(&mut self, title: String, topic: String) {
+        if title.is_empty() && topic.is_empty() && self.extra.is_none() {
+            return;
         }
+        let e = self.extra();
+        e.title = title;
+        e.topic = topic;
+    }
+
+    /// Banned users.
+    pub fn bans(&self) -> &BTreeMap<Arc<str>, BanRecord> {
+        self.extra.as_ref().map_or(&NO_BANS, |e| &e.bans)
+    }
+
+    /// Banned users, to change.
+    pub fn bans_mut(&mut self) -> &mut BTreeMap<Arc<str>, BanRecord> {
+        &mut self.extra().bans
+    }
+
+    /// Pending invitations by invitee.
+    pub fn invites(&self) -> &BTreeMap<Arc<str>, InviteRecord> {
+        self.extra.as_ref().map_or(&NO_INVITES, |e| &e.invites)
+    }
+
+    /// Pending invitations, to change.
+    pub fn invites_mut(&mut self) -> &mut BTreeMap<Arc<str>, InviteRecord> {
+        &mut self.extra().invites
     }
 
     /// The `since` of a membership beginning at `now_ms`: later than every
@@ -110,9 +226,9 @@ impl Governance {
     pub fn details(&self) -> RoomDetails {
         RoomDetails {
             kind: self.kind as i32,
-            title: self.title.clone(),
-            topic: self.topic.clone(),
-            created_by: self.created_by.clone(),
+            title: self.title().to_string(),
+            topic: self.topic().to_string(),
+            created_by: self.created_by.to_string(),
             created_ms: self.created_ms,
         }
     }
@@ -129,7 +245,7 @@ impl Governance {
 
     /// Whether `user` is banned.
     pub fn is_banned(&self, user: &str) -> bool {
-        self.bans.contains_key(user)
+        self.bans().contains_key(user)
     }
 
     /// The room as `viewer` sees it.
@@ -142,9 +258,9 @@ impl Governance {
         proto::RoomInfo {
             room: name.to_string(),
             kind: self.kind as i32,
-            title: self.title.clone(),
-            topic: self.topic.clone(),
-            created_by: self.created_by.clone(),
+            title: self.title().to_string(),
+            topic: self.topic().to_string(),
+            created_by: self.created_by.to_string(),
             created_ms: self.created_ms,
             member_count: self.members.len() as u32,
             my_role: role as i32,
@@ -156,7 +272,7 @@ impl Governance {
     /// invitee (details only, see [`Governance::may_list_members`]), or
     /// anyone not banned from a public room.
     pub fn may_view(&self, user: &str) -> bool {
-        self.members.contains_key(user) || self.invites.contains_key(user) || self.may_list_members(user)
+        self.members.contains_key(user) || self.invites().contains_key(user) || self.may_list_members(user)
     }
 
     /// Whether `user` may list the members.
@@ -170,7 +286,7 @@ impl Governance {
             return Err("you are banned from this room");
         }
         match self.kind {
-            RoomKind::Private if !self.invites.contains_key(user) => {
+            RoomKind::Private if !self.invites().contains_key(user) => {
                 Err("this room is private: joining needs an invitation")
             }
             // Direct rooms are checked by name (`access_of`) before this.
@@ -258,7 +374,9 @@ impl Governance {
             }
             self.owner = Some(user.clone());
         }
-        self.invites.remove(user);
+        if let Some(e) = &mut self.extra {
+            e.invites.remove(user);
+        }
         self.last_since = self.last_since.max(since);
         self.members.insert(user.clone(), Membership { role, since });
     }
@@ -365,13 +483,13 @@ mod tests {
     fn who_may_see_and_join() {
         let mut g = room(RoomKind::Private);
         assert!(!g.may_view("zed") && g.may_join("zed").is_err());
-        g.invites.insert("zed".into(), InviteRecord::default());
+        g.invites_mut().insert("zed".into(), InviteRecord::default());
         assert!(g.may_view("zed") && !g.may_list_members("zed") && g.may_join("zed").is_ok());
         g.apply_member(&"zed".into(), Role::Member, 99);
-        assert!(g.invites.is_empty(), "joining uses the invitation up");
+        assert!(g.invites().is_empty(), "joining uses the invitation up");
         let mut p = room(RoomKind::Public);
         assert!(p.may_view("zed") && p.may_list_members("zed") && p.may_join("zed").is_ok());
-        p.bans.insert("zed".into(), BanRecord::default());
+        p.bans_mut().insert("zed".into(), BanRecord::default());
         assert!(!p.may_view("zed") && p.may_join("zed").is_err());
     }
 

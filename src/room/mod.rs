@@ -111,11 +111,9 @@ pub struct Room {
     /// Rates and latency for the admin view.
     pub stats: stats::RoomStats,
     /// Kind, details, members and roles, bans, invitations. Lock order:
-    /// a user's state, then this, then `subs`.
+    /// a user's state, then this, then `subs`. Changes are serialised by
+    /// the hub's change locks (`hub::rooms`), held across their commit.
     gov: Mutex<gov::Governance>,
-    /// Held across a change of `gov` and its commit, so the room's changes
-    /// are decided and stored one at a time (`hub::rooms`).
-    pub changes: tokio::sync::Mutex<()>,
     /// Whether its name and details are in the store: a room created in
     /// memory is stored with the first change committed to it.
     stored: std::sync::atomic::AtomicBool,
@@ -169,7 +167,6 @@ impl Room {
             typing: Mutex::new(Vec::new()),
             stats: Default::default(),
             gov: Mutex::new(gov::Governance::new(details)),
-            changes: tokio::sync::Mutex::new(()),
             stored: std::sync::atomic::AtomicBool::new(false),
         }
     }

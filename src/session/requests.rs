@@ -81,7 +81,7 @@ impl Session {
             .values()
             .filter_map(|room| {
                 let g = room.gov();
-                g.invites.get(&*user).map(|i| proto::Invitation {
+                g.invites().get(&*user).map(|i| proto::Invitation {
                     room: room.name.to_string(),
                     by: i.by.clone(),
                     ts_ms: i.ts_ms,

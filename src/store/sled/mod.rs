@@ -3,8 +3,8 @@
 //! Trees (ARCHITECTURE.md, "Storage"):
 //! * `messages` — `room_id ‖ seq` (u64 BE each) → encoded `Message`. One tree
 //!   for every room: sled rewrites its meta map for every new tree.
-//! * `rooms` — room name → room id.
-//! * `room_info` — room id → [`RoomDetails`] (kind, title, topic, creator).
+//! * `rooms` — room name → room id (u64 BE) ‖ [`RoomDetails`](super::RoomDetails) (kind, title,
+//!   topic, creator).
 //! * `members` — `user ‖ 0 ‖ room_id` → [`MemberRecord`]: role and since
 //!   when, or (role 0) how the membership ended.
 //! * `bans` — `room_id ‖ user` → [`BanRecord`].
@@ -62,11 +62,11 @@ use bytes::Bytes;
 use self::journal::{EXPIRED_BEFORE, decode_record, journal_entries, keep_in_record, record_number};
 use self::recovery::check_writable;
 pub use self::trees::{FORMAT, FORMAT_1, FORMAT_2};
-use self::trees::{Trees, corrupt_key, decode_message, room_id_of};
+use self::trees::{Trees, corrupt_key, decode_message, parse_room_value, room_id_of, room_value};
 use super::idem::{self, IdemIndex, Loc};
 use super::{
-    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, RoomDetails, RoomId, RoomRecord, RoomWrite,
-    Snapshot, Store, StoreError, message_key, split_user_key, user_key,
+    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, RoomId, RoomRecord, RoomWrite, Snapshot, Store,
+    StoreError, message_key, split_user_key, user_key,
 };
 
 /// Decodes a stored record (one of [`super::rooms`]).
@@ -156,13 +156,9 @@ impl Store for SledStore {
             for kv in t.rooms.iter() {
                 let (k, v) = kv?;
                 let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
-                let id = room_id_of(&v)?;
+                let (id, details) = parse_room_value(&v)?;
                 let head = t.head_of(id)?;
                 repaired += self.repair_idempotency(t, id, head, expired_before)?;
-                let details = match t.room_info.get(v.as_ref())? {
-                    Some(d) => decode(&v, &d)?,
-                    None => RoomDetails::default(),
-                };
                 snap.rooms.push(RoomRecord { name, id, head, details });
             }
             if repaired > 0 {
@@ -206,8 +202,7 @@ impl Store for SledStore {
             for w in &batch.rooms {
                 match w {
                     RoomWrite::Details { room, name, details } => {
-                        t.rooms.insert(name.as_bytes(), &room.to_be_bytes()[..])?;
-                        t.room_info.insert(room.to_be_bytes(), details.encode_to_vec())?;
+                        t.rooms.insert(name.as_bytes(), room_value(*room, details))?;
                     }
                     RoomWrite::Member { user, room, record } => {
                         t.members.insert(user_key(user, &room.to_be_bytes()), record.encode_to_vec())?;
@@ -370,6 +365,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::RoomDetails;
 
     #[test]
     fn meets_the_store_contract() {

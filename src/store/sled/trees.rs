@@ -14,8 +14,9 @@ use crate::store::{RoomId, StoreError, message_key};
 /// [`FORMAT_2`] and [`FORMAT_1`] is refused.
 pub const FORMAT: &[u8] = b"chatd-store-3";
 
-/// The format before rooms had kinds and members roles: `members` values
-/// were empty, and there were no `room_info`, `bans` or `invites` trees.
+/// The format before rooms had kinds and members roles: `rooms` values
+/// were the id alone, `members` values empty, and there were no `bans` or
+/// `invites` trees.
 /// Upgraded in place when opened.
 pub const FORMAT_2: &[u8] = b"chatd-store-2";
 
@@ -29,7 +30,6 @@ pub(super) struct Trees {
     pub(super) db: sled::Db,
     pub(super) messages: sled::Tree,
     pub(super) rooms: sled::Tree,
-    pub(super) room_info: sled::Tree,
     pub(super) members: sled::Tree,
     pub(super) bans: sled::Tree,
     pub(super) invites: sled::Tree,
@@ -89,7 +89,6 @@ impl Trees {
         Ok(Trees {
             messages: db.open_tree("messages")?,
             rooms: db.open_tree("rooms")?,
-            room_info: db.open_tree("room_info")?,
             members: db.open_tree("members")?,
             bans: db.open_tree("bans")?,
             invites: db.open_tree("invites")?,
@@ -153,4 +152,20 @@ pub(super) fn corrupt_key(k: &[u8]) -> StoreError {
 
 pub(super) fn room_id_of(v: &[u8]) -> Result<RoomId, StoreError> {
     Ok(u64::from_be_bytes(v.try_into().map_err(|_| corrupt_key(v))?))
+}
+
+/// A `rooms` value: the id (u64 BE), then the encoded [`RoomDetails`] —
+/// one key per room, not a tree of details beside the names.
+pub(super) fn room_value(id: RoomId, details: &crate::store::RoomDetails) -> Vec<u8> {
+    let mut v = id.to_be_bytes().to_vec();
+    prost::Message::encode(details, &mut v).expect("a Vec grows");
+    v
+}
+
+/// Splits a `rooms` value into the id and the details.
+pub(super) fn parse_room_value(v: &[u8]) -> Result<(RoomId, crate::store::RoomDetails), StoreError> {
+    let (id, details) = v.split_at_checked(8).ok_or_else(|| corrupt_key(v))?;
+    let details = crate::store::RoomDetails::decode(details)
+        .map_err(|e| StoreError::Corrupt(format!("room details {v:?} do not decode: {e}")))?;
+    Ok((room_id_of(id)?, details))
 }

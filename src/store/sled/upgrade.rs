@@ -63,7 +63,6 @@ pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file:
     let rooms = db.open_tree("rooms")?;
     let members = db.open_tree("members")?;
     let messages = db.open_tree("messages")?;
-    let info = db.open_tree("room_info")?;
     let mut by_room: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
     for kv in members.iter() {
         let (k, _) = kv?;
@@ -71,10 +70,13 @@ pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file:
         by_room.entry(room_id_of(room)?).or_default().push(user.to_string());
     }
     let mut upgraded = 0;
-    for kv in rooms.iter() {
-        let (k, v) = kv?;
+    // Collected first: the loop rewrites the values it reads.
+    let entries = rooms.iter().collect::<Result<Vec<_>, _>>()?;
+    for (k, v) in entries {
         let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
-        let id = room_id_of(&v)?;
+        // The id leads the value in both formats (a crash part way through
+        // leaves some rewritten).
+        let id = room_id_of(v.get(..8).ok_or_else(|| corrupt_key(&v))?)?;
         let users = by_room.remove(&id).unwrap_or_default();
         let direct = name.starts_with("dm:");
         let mut first_ts = 0;
@@ -100,7 +102,7 @@ pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file:
             created_by: owner.clone(),
             created_ms: first_ts,
         };
-        info.insert(id.to_be_bytes(), details.encode_to_vec())?;
+        rooms.insert(&k, super::trees::room_value(id, &details))?;
         for user in &users {
             let role = if !direct && *user == owner { Role::Owner } else { Role::Member };
             let record = MemberRecord { role: role as i32, since: 0, reason: 0, by: String::new() };
