@@ -623,3 +623,57 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(room: &str) -> proto::RoomInfo {
+        proto::RoomInfo {
+            room: room.into(),
+            kind: proto::RoomKind::Private as i32,
+            member_count: 2,
+            owner: "ann".into(),
+            my_role: proto::Role::Member as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_room_is_described_by_what_it_has() {
+        let mut i = info("team");
+        assert_eq!(describe(&i), "private, 2 members, owner ann");
+        (i.member_count, i.title, i.topic) = (1, "Core \"team\"".into(), "Release 2.0".into());
+        assert_eq!(describe(&i), r#"private, 1 member, owner ann, title "Core \"team\"", topic "Release 2.0""#);
+    }
+
+    #[test]
+    fn room_changes_and_departures_read_as_sentences() {
+        let update = |change: proto::MemberChange, role: proto::Role| proto::RoomUpdate {
+            info: Some(info("team")),
+            by: "ann".into(),
+            user: "bob".into(),
+            change: change as i32,
+            role: role as i32,
+        };
+        assert_eq!(update_line(&update(proto::MemberChange::Banned, proto::Role::Unspecified)), "team: ann banned bob");
+        assert_eq!(
+            update_line(&update(proto::MemberChange::RoleChanged, proto::Role::Admin)),
+            "team: ann made bob admin"
+        );
+        assert_eq!(update_line(&update(proto::MemberChange::Joined, proto::Role::Member)), "team: bob joined");
+        let mut details = update(proto::MemberChange::Unspecified, proto::Role::Unspecified);
+        details.user.clear();
+        assert_eq!(update_line(&details), "team: ann changed the room (private, 2 members, owner ann)");
+
+        let left = |reason: proto::MemberChange, by: &str| proto::Left {
+            room: "team".into(),
+            reason: reason as i32,
+            by: by.into(),
+        };
+        assert_eq!(left_line(&left(proto::MemberChange::Removed, "ann")), "you were removed from team by ann");
+        assert_eq!(left_line(&left(proto::MemberChange::Banned, "ann")), "you were banned from team by ann");
+        assert_eq!(left_line(&left(proto::MemberChange::Left, "me")), "you left team on another device");
+        assert_eq!(left_line(&left(proto::MemberChange::Unspecified, "")), "you are not in team");
+    }
+}
