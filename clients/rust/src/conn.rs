@@ -369,8 +369,8 @@ impl State {
                 self.cursors.on_synced(s, &mut out);
                 self.emit(out).await;
             }
-            // Added to a room by someone else (a direct conversation, an
-            // admin or the server API).
+            // A member other than by a Join sent here (another session, a
+            // created room, an admin, a direct conversation).
             Body::Joined(j) => {
                 let _ = self.events.send(Event::Added(j)).await;
             }
@@ -601,7 +601,7 @@ mod tests {
         assert_eq!(u, update);
         assert_eq!(client.room_info("team"), Some(promoted));
 
-        // Added to a room by someone else: a cursor from its head, and a room.
+        // Added to a room elsewhere: a cursor from its head, and a room.
         let added = proto::Joined { state: Some(state("dm:ann:me", 2, Role::Member)), online: vec!["ann".into()] };
         peer.send(0, Body::Joined(added.clone())).await;
         let Event::Added(j) = next(&mut events).await else { panic!("expected joined") };

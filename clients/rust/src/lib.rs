@@ -166,9 +166,11 @@ pub enum Event {
     Disconnected(String),
     /// The server said `GoAway`.
     GoAway(proto::GoAway),
-    /// Someone else made this user a member of a room (a direct
-    /// conversation was started with them, or an admin or the server API
-    /// added them): the `Joined` push.
+    /// This user became a member of a room other than by a `Join` sent
+    /// here: joined or created it on another session (the server also
+    /// pushes this to the creating session), was added by an admin or the
+    /// server API, or the other user started a direct conversation. The
+    /// `Joined` push; the room is tracked from its head.
     Added(proto::Joined),
     /// This user was invited to a room; it is in [`Client::invites`] until
     /// joined or declined.

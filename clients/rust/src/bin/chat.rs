@@ -588,11 +588,11 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
                 Some(Event::Synced(s)) => eprintln!("* {} caught up to #{}", s.room, s.head_seq),
                 Some(Event::Typing(t)) if t.active => eprintln!("* {} is typing in {}", t.user, t.room),
                 Some(Event::Presence(p)) => eprintln!("* {} is {} in {}", p.user, if p.online { "online" } else { "offline" }, p.room),
-                Some(Event::ServerError(e)) => eprintln!("* server: {:?}: {}", e.code(), e.message),
+                Some(Event::ServerError(e)) => eprintln!("* server: {}: {}", chat_client::error_code_name(e.code()), e.message),
                 Some(Event::GoAway(g)) => eprintln!("* server going away: {}", g.message),
                 Some(Event::Added(j)) => {
                     if let Some(st) = j.state {
-                        eprintln!("* you were added to {}", st.room);
+                        eprintln!("* you are now in {}", st.room);
                         shell.rooms.insert(st.room);
                     }
                 }
