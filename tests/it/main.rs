@@ -7,6 +7,7 @@ mod bench;
 mod browser;
 mod chat;
 mod cli;
+mod cli_rooms;
 mod common;
 mod deploy;
 mod durability;

@@ -1,11 +1,13 @@
 //! The connection task: owns the socket, matches replies to requests by
-//! `id`, keeps room cursors, answers server pings, and reconnects.
+//! `id`, keeps room cursors and what it knows of the user's rooms
+//! ([`crate::membership`]), answers server pings, and reconnects.
 //!
 //! Reading and writing are separate (a writer task drains a queue of
 //! encoded frames with one write per batch), so a client that pipelines
 //! many requests keeps reading replies while its writes wait for the socket.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cursor::{Action, Cursors, Held};
+use crate::membership::Membership;
 use crate::{ClientConfig, ClientError, Command, Event};
 
 /// Longest wait for `Welcome`.
@@ -140,6 +143,8 @@ struct State {
     gap_fetches: HashMap<u64, String>,
     next_id: u64,
     events: mpsc::Sender<Event>,
+    /// Shared with the [`crate::Client`]s.
+    membership: Arc<Mutex<Membership>>,
 }
 
 /// Runs the connection until the client is closed or refused for good.
@@ -147,6 +152,7 @@ pub(crate) async fn run(
     config: ClientConfig,
     mut conn: Conn,
     welcome: proto::Welcome,
+    membership: Arc<Mutex<Membership>>,
     mut cmds: mpsc::UnboundedReceiver<Command>,
     events: mpsc::Sender<Event>,
 ) {
@@ -157,6 +163,7 @@ pub(crate) async fn run(
         gap_fetches: HashMap::new(),
         next_id: 2,
         events,
+        membership,
     };
     for c in &st.config.resume {
         st.cursors.track(&c.room, c.after_seq);
@@ -227,6 +234,42 @@ impl State {
             if !member.contains(c.room.as_str()) {
                 self.cursors.forget(&c.room);
             }
+        }
+        crate::lock(&self.membership).on_welcome(w);
+    }
+
+    /// Applies what a reply (to `request`) or a push says about the user's
+    /// rooms to the cursors and the membership, before anyone sees it.
+    fn note(&mut self, body: &Body, request: Option<&Body>) {
+        match body {
+            // A room already tracked keeps its cursor: a resume replay may
+            // still be under way for it.
+            Body::Joined(j) => {
+                if let Some(s) = j.state.as_ref().filter(|s| !self.cursors.knows(&s.room)) {
+                    self.cursors.track(&s.room, s.head_seq);
+                }
+                crate::lock(&self.membership).on_joined(j);
+            }
+            // Left, removed, banned, or not a member at resume: nothing of
+            // the room follows, and it must not be resumed again.
+            Body::Left(l) => {
+                self.cursors.forget(&l.room);
+                crate::lock(&self.membership).on_left(&l.room);
+            }
+            Body::Invitation(i) => crate::lock(&self.membership).on_invitation(i),
+            Body::RoomUpdate(u) => {
+                if let Some(info) = &u.info {
+                    crate::lock(&self.membership).on_room_info(info);
+                }
+            }
+            Body::RoomInfo(info) => {
+                let mut m = crate::lock(&self.membership);
+                if let Some(Body::DeclineInvite(d)) = request {
+                    m.on_declined(&d.room);
+                }
+                m.on_room_info(info);
+            }
+            _ => {}
         }
     }
 
@@ -302,17 +345,7 @@ impl State {
                 let result = match body {
                     Body::Error(e) => Err(ClientError::Server { code: e.code(), message: e.message }),
                     other => {
-                        match &other {
-                            // A room already tracked keeps its cursor: a
-                            // resume replay may still be under way for it.
-                            Body::Joined(j) => {
-                                if let Some(s) = j.state.as_ref().filter(|s| !self.cursors.knows(&s.room)) {
-                                    self.cursors.track(&s.room, s.head_seq);
-                                }
-                            }
-                            Body::Left(l) => self.cursors.forget(&l.room),
-                            _ => {}
-                        }
+                        self.note(&other, Some(&p.body));
                         Ok(other)
                     }
                 };
@@ -320,6 +353,7 @@ impl State {
             }
             return None;
         }
+        self.note(&body, None);
         match body {
             Body::Message(m) => {
                 let mut out = Vec::new();
@@ -335,12 +369,19 @@ impl State {
                 self.cursors.on_synced(s, &mut out);
                 self.emit(out).await;
             }
-            // Added to a room by someone else (a direct conversation).
+            // A member other than by a Join sent here (another session, a
+            // created room, an admin, a direct conversation).
             Body::Joined(j) => {
-                if let Some(s) = j.state.as_ref().filter(|s| !self.cursors.knows(&s.room)) {
-                    self.cursors.track(&s.room, s.head_seq);
-                }
                 let _ = self.events.send(Event::Added(j)).await;
+            }
+            Body::Left(l) => {
+                let _ = self.events.send(Event::Left(l)).await;
+            }
+            Body::Invitation(i) => {
+                let _ = self.events.send(Event::Invitation(i)).await;
+            }
+            Body::RoomUpdate(u) => {
+                let _ = self.events.send(Event::RoomUpdate(u)).await;
             }
             Body::Ping(p) => conn.send(&Envelope::new(0, Body::Pong(proto::Pong { nonce: p.nonce }))),
             Body::ReadReceipt(r) => {
@@ -372,5 +413,306 @@ impl State {
             _ => {}
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection task against a scripted server on a local socket:
+    //! what it does with the room pushes and the room requests' replies.
+
+    use chatd::codec::{FrameReader, decode_envelope, encode_frame};
+    use chatd::proto::{self, Body, Envelope, ErrorCode, MemberChange, Role};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+    use crate::{Client, ClientConfig, ClientError, Event, Events};
+
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// One connection accepted by the scripted server.
+    struct Peer {
+        frames: FrameReader<OwnedReadHalf>,
+        w: OwnedWriteHalf,
+    }
+
+    impl Peer {
+        async fn accept(l: &TcpListener) -> Peer {
+            let (s, _) = tokio::time::timeout(WAIT, l.accept()).await.expect("a connection").unwrap();
+            let (r, w) = s.into_split();
+            Peer { frames: FrameReader::new(r, proto::DEFAULT_MAX_FRAME_BYTES), w }
+        }
+
+        async fn recv(&mut self) -> Envelope {
+            let frame = tokio::time::timeout(WAIT, self.frames.read_frame()).await.expect("a frame").unwrap();
+            decode_envelope(&frame.expect("not closed")).unwrap()
+        }
+
+        async fn send(&mut self, id: u64, body: Body) {
+            self.w.write_all(&encode_frame(&Envelope::new(id, body))).await.unwrap();
+        }
+
+        /// Reads the `Hello`, answers `welcome`, returns the resume cursors.
+        async fn handshake(&mut self, welcome: proto::Welcome) -> Vec<proto::Cursor> {
+            let Some(Body::Hello(h)) = self.recv().await.body else { panic!("expected hello") };
+            self.send(1, Body::Welcome(welcome)).await;
+            h.resume
+        }
+
+        /// Reads one request; returns its id and body.
+        async fn request(&mut self) -> (u64, Body) {
+            let env = self.recv().await;
+            (env.id, env.body.expect("a body"))
+        }
+    }
+
+    fn info(room: &str, role: Role) -> proto::RoomInfo {
+        proto::RoomInfo { room: room.into(), my_role: role as i32, member_count: 1, ..Default::default() }
+    }
+
+    fn state(room: &str, head_seq: u64, role: Role) -> proto::RoomState {
+        proto::RoomState { room: room.into(), head_seq, read_seq: 0, info: Some(info(room, role)) }
+    }
+
+    fn welcome(rooms: Vec<proto::RoomState>, invites: Vec<proto::Invitation>) -> proto::Welcome {
+        proto::Welcome {
+            user: "me".into(),
+            session_id: "s".into(),
+            protocol_version: 1,
+            rooms,
+            invites,
+            ..Default::default()
+        }
+    }
+
+    fn left(room: &str, reason: MemberChange, by: &str) -> Body {
+        Body::Left(proto::Left { room: room.into(), reason: reason as i32, by: by.into() })
+    }
+
+    /// A client of a scripted server: the client, its events, the server's
+    /// listener and the accepted connection (handshake done with `w`).
+    async fn connect(w: proto::Welcome, resume: Vec<proto::Cursor>) -> (Client, Events, TcpListener, Peer) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut config = ClientConfig::new(l.local_addr().unwrap().to_string(), "token");
+        config.resume = resume;
+        config.max_backoff = std::time::Duration::from_millis(50);
+        let (connected, mut peer) = tokio::join!(Client::connect(config), async {
+            let mut peer = Peer::accept(&l).await;
+            peer.handshake(w).await;
+            peer
+        });
+        let (client, events) = connected.unwrap();
+        let mut events = events;
+        assert!(matches!(next(&mut events).await, Event::Connected(_)));
+        // A round trip, so that the handshake is behind us on both sides.
+        let (pong, ()) = tokio::join!(client.ping(), async {
+            let (id, body) = peer.request().await;
+            let Body::Ping(p) = body else { panic!("expected ping") };
+            peer.send(id, Body::Pong(proto::Pong { nonce: p.nonce })).await;
+        });
+        pong.unwrap();
+        (client, events, l, peer)
+    }
+
+    async fn next(events: &mut Events) -> Event {
+        tokio::time::timeout(WAIT, events.recv()).await.expect("an event").expect("not closed")
+    }
+
+    fn rooms(c: &Client) -> Vec<String> {
+        c.rooms().into_iter().map(|r| r.room).collect()
+    }
+
+    fn cursor(room: &str, after_seq: u64) -> proto::Cursor {
+        proto::Cursor { room: room.into(), after_seq }
+    }
+
+    #[tokio::test]
+    async fn a_room_left_removed_or_banned_is_not_resumed_again() {
+        let w = welcome(
+            vec![
+                state("a", 3, Role::Member),
+                state("b", 5, Role::Admin),
+                state("c", 1, Role::Member),
+                state("d", 0, Role::Owner),
+            ],
+            vec![],
+        );
+        // `old` is a room the application had a cursor of but is no longer in.
+        let (client, mut events, l, mut peer) = connect(w, vec![cursor("old", 7), cursor("d", 0)]).await;
+        peer.send(0, left("old", MemberChange::Banned, "ann")).await;
+        peer.send(0, left("a", MemberChange::Removed, "ann")).await;
+        peer.send(0, left("b", MemberChange::Banned, "bob")).await;
+        peer.send(0, left("c", MemberChange::Left, "me")).await;
+        for (room, reason, by) in [
+            ("old", MemberChange::Banned, "ann"),
+            ("a", MemberChange::Removed, "ann"),
+            ("b", MemberChange::Banned, "bob"),
+            ("c", MemberChange::Left, "me"),
+        ] {
+            let Event::Left(l) = next(&mut events).await else { panic!("expected left") };
+            assert_eq!((l.room.as_str(), l.reason(), l.by.as_str()), (room, reason, by));
+        }
+        assert_eq!(rooms(&client), vec!["d"]);
+
+        // The connection drops: the client resumes only the room it is in.
+        drop(peer);
+        assert!(matches!(next(&mut events).await, Event::Disconnected(_)));
+        let mut peer = Peer::accept(&l).await;
+        let resume = peer.handshake(welcome(vec![state("d", 0, Role::Owner)], vec![])).await;
+        assert_eq!(resume, vec![cursor("d", 0)]);
+    }
+
+    #[tokio::test]
+    async fn room_pushes_arrive_as_events_and_keep_rooms_and_invitations_current() {
+        let invited = proto::Invitation {
+            room: "p".into(),
+            by: "ann".into(),
+            ts_ms: 1,
+            info: Some(info("p", Role::Unspecified)),
+        };
+        let (client, mut events, l, mut peer) =
+            connect(welcome(vec![state("team", 4, Role::Member)], vec![invited.clone()]), vec![]).await;
+        assert_eq!(client.invites(), vec![invited]);
+        assert_eq!(client.room_info("team").unwrap().my_role(), Role::Member);
+
+        let second = proto::Invitation {
+            room: "q".into(),
+            by: "bob".into(),
+            ts_ms: 2,
+            info: Some(info("q", Role::Unspecified)),
+        };
+        peer.send(0, Body::Invitation(second.clone())).await;
+        let Event::Invitation(i) = next(&mut events).await else { panic!("expected invitation") };
+        assert_eq!(i, second);
+        assert_eq!(client.invites().iter().map(|i| i.room.as_str()).collect::<Vec<_>>(), vec!["p", "q"]);
+
+        let mut promoted = info("team", Role::Admin);
+        promoted.title = "The team".into();
+        let update = proto::RoomUpdate {
+            info: Some(promoted.clone()),
+            by: "ann".into(),
+            user: "me".into(),
+            change: MemberChange::RoleChanged as i32,
+            role: Role::Admin as i32,
+        };
+        peer.send(0, Body::RoomUpdate(update.clone())).await;
+        let Event::RoomUpdate(u) = next(&mut events).await else { panic!("expected room update") };
+        assert_eq!(u, update);
+        assert_eq!(client.room_info("team"), Some(promoted));
+
+        // Added to a room elsewhere: a cursor from its head, and a room.
+        let added = proto::Joined { state: Some(state("dm:ann:me", 2, Role::Member)), online: vec!["ann".into()] };
+        peer.send(0, Body::Joined(added.clone())).await;
+        let Event::Added(j) = next(&mut events).await else { panic!("expected joined") };
+        assert_eq!(j, added);
+        assert_eq!(rooms(&client), vec!["dm:ann:me", "team"]);
+
+        // Declining and joining use the invitations up.
+        let (declined, ()) = tokio::join!(client.decline_invite("p"), async {
+            let (id, body) = peer.request().await;
+            assert_eq!(body, Body::DeclineInvite(proto::DeclineInvite { room: "p".into() }));
+            peer.send(id, Body::RoomInfo(info("p", Role::Unspecified))).await;
+        });
+        assert_eq!(declined.unwrap().room, "p");
+        let (joined, ()) = tokio::join!(client.join("q"), async {
+            let (id, body) = peer.request().await;
+            assert_eq!(body, Body::Join(proto::Join { room: "q".into() }));
+            peer.send(id, Body::Joined(proto::Joined { state: Some(state("q", 0, Role::Member)), online: vec![] }))
+                .await;
+        });
+        joined.unwrap();
+        assert!(client.invites().is_empty());
+        assert_eq!(rooms(&client), vec!["dm:ann:me", "q", "team"]);
+
+        // The resume after a drop covers the room joined by the push.
+        drop(peer);
+        assert!(matches!(next(&mut events).await, Event::Disconnected(_)));
+        let mut peer = Peer::accept(&l).await;
+        let resume = peer.handshake(welcome(vec![state("team", 4, Role::Admin)], vec![])).await;
+        assert_eq!(resume, vec![cursor("dm:ann:me", 2), cursor("q", 0), cursor("team", 4)]);
+        let Event::Connected(_) = next(&mut events).await else { panic!("expected connected") };
+        assert_eq!(rooms(&client), vec!["team"], "the new welcome replaces what was known");
+    }
+
+    #[tokio::test]
+    async fn each_room_request_sends_its_body_and_returns_the_typed_reply_or_the_error() {
+        let (client, _events, _l, mut peer) = connect(welcome(vec![], vec![]), vec![]).await;
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            // Until the client closes the connection.
+            while let Some(frame) = tokio::time::timeout(WAIT, peer.frames.read_frame()).await.unwrap().unwrap() {
+                let env = decode_envelope(&frame).unwrap();
+                let body = env.body.expect("a body");
+                let reply = match &body {
+                    Body::CreateRoom(c) => Body::RoomInfo(info(&c.room, Role::Owner)),
+                    Body::Ban(b) if b.user == "owner" => {
+                        Body::Error(proto::Error::new(ErrorCode::Forbidden, "nobody may ban the owner"))
+                    }
+                    Body::ListMembers(l) => Body::MemberPage(proto::MemberPage {
+                        room: l.room.clone(),
+                        members: vec![proto::Member { user: "me".into(), role: Role::Owner as i32, online: true }],
+                        has_more: false,
+                    }),
+                    Body::ListRooms(_) => Body::RoomList(proto::RoomList {
+                        rooms: vec![info("lobby", Role::Unspecified)],
+                        has_more: true,
+                    }),
+                    _ => Body::RoomInfo(info("r", Role::Admin)),
+                };
+                seen.push(body);
+                peer.send(env.id, reply).await;
+            }
+            seen
+        });
+
+        let create = proto::CreateRoom {
+            room: "r".into(),
+            kind: proto::RoomKind::Private as i32,
+            title: "T".into(),
+            topic: "t".into(),
+            invite: vec!["bob".into()],
+        };
+        assert_eq!(client.create_room(create.clone()).await.unwrap().my_role(), Role::Owner);
+        assert_eq!(client.room_info("r").unwrap().my_role(), Role::Owner, "the creator is a member");
+        let update = proto::UpdateRoom { room: "r".into(), title: None, topic: Some(String::new()) };
+        client.update_room(update.clone()).await.unwrap();
+        client.get_room("r").await.unwrap();
+        client.invite("r", "bob").await.unwrap();
+        client.decline_invite("r").await.unwrap();
+        client.remove_member("r", "bob", "off topic").await.unwrap();
+        client.ban("r", "bob", "spam").await.unwrap();
+        client.unban("r", "bob", "").await.unwrap();
+        client.set_role("r", "bob", Role::Admin).await.unwrap();
+        let page = client.list_members(proto::ListMembers { room: "r".into(), after_user: "a".into(), limit: 5 }).await;
+        assert_eq!(page.unwrap().members[0].user, "me");
+        let list =
+            client.list_rooms(proto::ListRooms { query: "lo".into(), after_room: String::new(), limit: 0 }).await;
+        assert!(list.unwrap().has_more);
+        let err = client.ban("r", "owner", "").await.unwrap_err();
+        assert!(matches!(&err, ClientError::Server { code: ErrorCode::Forbidden, .. }), "{err:?}");
+        assert_eq!(err.to_string(), "server refused: FORBIDDEN: nobody may ban the owner");
+        client.close();
+
+        let seen = server.await.unwrap();
+        let expected = vec![
+            Body::CreateRoom(create),
+            Body::UpdateRoom(update),
+            Body::GetRoom(proto::GetRoom { room: "r".into() }),
+            Body::Invite(proto::Invite { room: "r".into(), user: "bob".into() }),
+            Body::DeclineInvite(proto::DeclineInvite { room: "r".into() }),
+            Body::RemoveMember(proto::RemoveMember {
+                room: "r".into(),
+                user: "bob".into(),
+                reason: "off topic".into(),
+            }),
+            Body::Ban(proto::Ban { room: "r".into(), user: "bob".into(), reason: "spam".into() }),
+            Body::Unban(proto::Unban { room: "r".into(), user: "bob".into(), reason: String::new() }),
+            Body::SetRole(proto::SetRole { room: "r".into(), user: "bob".into(), role: Role::Admin as i32 }),
+            Body::ListMembers(proto::ListMembers { room: "r".into(), after_user: "a".into(), limit: 5 }),
+            Body::ListRooms(proto::ListRooms { query: "lo".into(), after_room: String::new(), limit: 0 }),
+            Body::Ban(proto::Ban { room: "r".into(), user: "owner".into(), reason: String::new() }),
+        ];
+        assert_eq!(seen, expected);
     }
 }

@@ -27,13 +27,24 @@
 //! application connects again with a fresh token, resuming from the
 //! cursors it kept. Framing and the protocol types are chatd's own
 //! (`chatd::codec`, `chatd::proto`).
+//!
+//! Rooms have kinds, members roles, and admins invite, remove and ban
+//! (proto/README.md §8): there is a method for each of those requests
+//! ([`Client::create_room`], [`Client::invite`], [`Client::ban`], …), the
+//! pushes arrive as [`Event::Invitation`], [`Event::RoomUpdate`],
+//! [`Event::Left`] and [`Event::Added`], and the client keeps the user's
+//! rooms and pending invitations current ([`Client::rooms`],
+//! [`Client::invites`], [`membership`]). A room the user left or was removed
+//! or banned from is no longer resumed.
 
 pub mod conn;
 pub mod cursor;
+pub mod membership;
 #[cfg(feature = "tls")]
 pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -98,7 +109,7 @@ impl ClientConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered the request with an `Error`.
-    #[error("server refused: {code:?}: {message}")]
+    #[error("server refused: {}: {message}", error_code_name(*code))]
     Server {
         /// The error code.
         code: proto::ErrorCode,
@@ -127,6 +138,13 @@ impl ClientError {
     }
 }
 
+/// An error code as the protocol names it, without the enum's prefix:
+/// `FORBIDDEN`, `NOT_FOUND`, …
+pub fn error_code_name(code: proto::ErrorCode) -> &'static str {
+    let name = code.as_str_name();
+    name.strip_prefix("ERROR_CODE_").unwrap_or(name)
+}
+
 /// Something the server pushed, in order.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -148,9 +166,25 @@ pub enum Event {
     Disconnected(String),
     /// The server said `GoAway`.
     GoAway(proto::GoAway),
-    /// Someone else made this user a member of a room (a direct
-    /// conversation was started with them).
+    /// This user became a member of a room other than by a `Join` sent
+    /// here: joined or created it on another session (the server also
+    /// pushes this to the creating session), was added by an admin or the
+    /// server API, or the other user started a direct conversation. The
+    /// `Joined` push; the room is tracked from its head.
     Added(proto::Joined),
+    /// This user was invited to a room; it is in [`Client::invites`] until
+    /// joined or declined.
+    Invitation(proto::Invitation),
+    /// A room of this user changed: a member joined, left, was invited,
+    /// removed, banned, unbanned or got a new role (`user`, `change`,
+    /// `role`), or the title or topic changed (`change` unspecified, `user`
+    /// empty). `info.my_role` is this user's role.
+    RoomUpdate(proto::RoomUpdate),
+    /// This user's membership of a room ended: left on another session
+    /// (`LEFT`), removed (`REMOVED`) or banned (`BANNED`) by `by`, or a
+    /// resume cursor named a room the user is not in. The room's cursor is
+    /// dropped (it is not resumed again) and nothing of the room follows.
+    Left(proto::Left),
 }
 
 /// A request for the connection task.
@@ -182,6 +216,7 @@ impl Events {
 pub struct Client {
     cmd: mpsc::UnboundedSender<Command>,
     welcome: proto::Welcome,
+    membership: Arc<Mutex<membership::Membership>>,
     msg_prefix: String,
     msg_counter: std::sync::Arc<AtomicU64>,
 }
@@ -193,14 +228,39 @@ impl Client {
         let (ev_tx, ev_rx) = mpsc::channel(config.event_buffer.max(1));
         let (conn, welcome) = conn::Conn::open(&config, &config.resume).await?;
         let msg_prefix = format!("{}-{:016x}", welcome.session_id, random_u64());
-        tokio::spawn(conn::run(config, conn, welcome.clone(), cmd_rx, ev_tx));
-        let client = Client { cmd: cmd_tx, welcome, msg_prefix, msg_counter: Default::default() };
+        let mut known = membership::Membership::default();
+        known.on_welcome(&welcome);
+        let membership = Arc::new(Mutex::new(known));
+        tokio::spawn(conn::run(config, conn, welcome.clone(), membership.clone(), cmd_rx, ev_tx));
+        let client = Client { cmd: cmd_tx, welcome, membership, msg_prefix, msg_counter: Default::default() };
         Ok((client, Events { rx: ev_rx }))
     }
 
-    /// The `Welcome` of the first connection: user, rooms with unread counts.
+    /// The `Welcome` of the first connection: user, rooms with unread counts
+    /// and details, pending invitations. [`Client::rooms`] and
+    /// [`Client::invites`] are the same kept current.
     pub fn welcome(&self) -> &proto::Welcome {
         &self.welcome
+    }
+
+    fn membership(&self) -> MutexGuard<'_, membership::Membership> {
+        lock(&self.membership)
+    }
+
+    /// The rooms the user is a member of, in name order, each with its
+    /// details and the user's role as last heard from the server.
+    pub fn rooms(&self) -> Vec<proto::RoomInfo> {
+        self.membership().rooms().cloned().collect()
+    }
+
+    /// A room the user is a member of, as last heard from the server.
+    pub fn room_info(&self, room: &str) -> Option<proto::RoomInfo> {
+        self.membership().room(room).cloned()
+    }
+
+    /// The user's pending invitations, in room-name order.
+    pub fn invites(&self) -> Vec<proto::Invitation> {
+        self.membership().invites().cloned().collect()
     }
 
     /// Sends a request and waits for its reply (across reconnects).
@@ -277,6 +337,85 @@ impl Client {
         })));
     }
 
+    /// Sends a request answered by a `RoomInfo` (proto/README.md §8).
+    async fn room_request(&self, body: Body, what: &'static str) -> Result<proto::RoomInfo, ClientError> {
+        match self.request(body).await? {
+            Body::RoomInfo(info) => Ok(info),
+            _ => Err(ClientError::Unexpected(what)),
+        }
+    }
+
+    /// Creates a room with this user as its owner, inviting `invite`.
+    pub async fn create_room(&self, c: proto::CreateRoom) -> Result<proto::RoomInfo, ClientError> {
+        self.room_request(Body::CreateRoom(c), "create_room expects room_info").await
+    }
+
+    /// Changes a room's title and topic (admins and the owner): a field
+    /// left `None` is unchanged, `Some("")` clears it.
+    pub async fn update_room(&self, u: proto::UpdateRoom) -> Result<proto::RoomInfo, ClientError> {
+        self.room_request(Body::UpdateRoom(u), "update_room expects room_info").await
+    }
+
+    /// A room's details as this user may see them.
+    pub async fn get_room(&self, room: &str) -> Result<proto::RoomInfo, ClientError> {
+        self.room_request(Body::GetRoom(proto::GetRoom { room: room.into() }), "get_room expects room_info").await
+    }
+
+    /// Invites `user` to `room`.
+    pub async fn invite(&self, room: &str, user: &str) -> Result<proto::RoomInfo, ClientError> {
+        let body = Body::Invite(proto::Invite { room: room.into(), user: user.into() });
+        self.room_request(body, "invite expects room_info").await
+    }
+
+    /// Declines this user's pending invitation to `room`.
+    pub async fn decline_invite(&self, room: &str) -> Result<proto::RoomInfo, ClientError> {
+        let body = Body::DeclineInvite(proto::DeclineInvite { room: room.into() });
+        self.room_request(body, "decline_invite expects room_info").await
+    }
+
+    /// Ends `user`'s membership of `room`, or withdraws their invitation.
+    pub async fn remove_member(&self, room: &str, user: &str, reason: &str) -> Result<proto::RoomInfo, ClientError> {
+        let body =
+            Body::RemoveMember(proto::RemoveMember { room: room.into(), user: user.into(), reason: reason.into() });
+        self.room_request(body, "remove_member expects room_info").await
+    }
+
+    /// Removes `user` from `room` (if a member) and keeps them out until
+    /// [`Client::unban`].
+    pub async fn ban(&self, room: &str, user: &str, reason: &str) -> Result<proto::RoomInfo, ClientError> {
+        let body = Body::Ban(proto::Ban { room: room.into(), user: user.into(), reason: reason.into() });
+        self.room_request(body, "ban expects room_info").await
+    }
+
+    /// Lifts `user`'s ban from `room`.
+    pub async fn unban(&self, room: &str, user: &str, reason: &str) -> Result<proto::RoomInfo, ClientError> {
+        let body = Body::Unban(proto::Unban { room: room.into(), user: user.into(), reason: reason.into() });
+        self.room_request(body, "unban expects room_info").await
+    }
+
+    /// Sets a member's role (owner only); `Role::Owner` hands ownership on.
+    pub async fn set_role(&self, room: &str, user: &str, role: proto::Role) -> Result<proto::RoomInfo, ClientError> {
+        let body = Body::SetRole(proto::SetRole { room: room.into(), user: user.into(), role: role as i32 });
+        self.room_request(body, "set_role expects room_info").await
+    }
+
+    /// A page of a room's members, in user-id order after `after_user`.
+    pub async fn list_members(&self, l: proto::ListMembers) -> Result<proto::MemberPage, ClientError> {
+        match self.request(Body::ListMembers(l)).await? {
+            Body::MemberPage(p) => Ok(p),
+            _ => Err(ClientError::Unexpected("list_members expects member_page")),
+        }
+    }
+
+    /// A page of the directory of public rooms, in name order after
+    /// `after_room`.
+    pub async fn list_rooms(&self, l: proto::ListRooms) -> Result<proto::RoomList, ClientError> {
+        match self.request(Body::ListRooms(l)).await? {
+            Body::RoomList(r) => Ok(r),
+            _ => Err(ClientError::Unexpected("list_rooms expects room_list")),
+        }
+    }
+
     /// Round trip to the server.
     pub async fn ping(&self) -> Result<(), ClientError> {
         match self.request(Body::Ping(proto::Ping { nonce: random_u64() })).await? {
@@ -289,6 +428,12 @@ impl Client {
     pub fn close(&self) {
         let _ = self.cmd.send(Command::Close);
     }
+}
+
+/// Locks shared state; a panic elsewhere while it was held leaves it as
+/// consistent as any single update does, so poisoning is ignored.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// 64 bits from the standard library's per-process random hasher keys, so

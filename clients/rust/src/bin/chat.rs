@@ -7,6 +7,15 @@
 //!   ack.
 //! * `chat ... history ROOM [--limit N] [--before SEQ]` — prints a page.
 //! * `chat ... rooms` — lists the user's rooms with unread counts.
+//! * Rooms, roles and moderation (proto/README.md §8): `create ROOM
+//!   [--private] [--title T] [--topic T] [--invite USER]...`, `invite ROOM
+//!   USER`, `invites`, `accept ROOM`, `decline ROOM`, `kick ROOM USER
+//!   [--reason R]`, `ban ROOM USER [--reason R]`, `unban ROOM USER`, `role
+//!   ROOM USER member|admin|owner`, `members ROOM`, `topic ROOM TEXT`,
+//!   `directory [QUERY]`.
+//!
+//! Output is one item per line; a refused request prints the server's
+//! error code and message on stderr and exits non-zero.
 
 use anyhow::Context as _;
 use chat_client::{Client, ClientConfig, Event};
@@ -66,6 +75,188 @@ enum Cmd {
     },
     /// List rooms with head, read marker and unread count.
     Rooms,
+    /// Create a room with you as its owner.
+    Create {
+        /// Room name.
+        room: String,
+        /// Only invited users may join (default: anyone).
+        #[arg(long)]
+        private: bool,
+        /// Title (at most 128 characters).
+        #[arg(long)]
+        title: Option<String>,
+        /// Topic (at most 1,024 characters).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Users to invite (repeat the option, or separate with commas).
+        #[arg(long, value_delimiter = ',')]
+        invite: Vec<String>,
+    },
+    /// Invite a user to a room.
+    Invite {
+        /// Room.
+        room: String,
+        /// User to invite.
+        user: String,
+    },
+    /// List your pending invitations.
+    Invites,
+    /// Accept an invitation: join the room.
+    Accept {
+        /// Room you are invited to.
+        room: String,
+    },
+    /// Decline an invitation.
+    Decline {
+        /// Room you are invited to.
+        room: String,
+    },
+    /// Remove a member from a room (or withdraw their invitation).
+    Kick {
+        /// Room.
+        room: String,
+        /// Member to remove.
+        user: String,
+        /// Why (logged by the server).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove a user from a room and keep them out until unbanned.
+    Ban {
+        /// Room.
+        room: String,
+        /// User to ban.
+        user: String,
+        /// Why (logged by the server).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let a banned user join a room again.
+    Unban {
+        /// Room.
+        room: String,
+        /// User to unban.
+        user: String,
+        /// Why (logged by the server).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Set a member's role (owner only; `owner` hands ownership on).
+    Role {
+        /// Room.
+        room: String,
+        /// Member.
+        user: String,
+        /// The new role.
+        role: RoleArg,
+    },
+    /// List a room's members: role, and whether online.
+    Members {
+        /// Room.
+        room: String,
+    },
+    /// Set a room's topic ("" clears it).
+    Topic {
+        /// Room.
+        room: String,
+        /// The new topic.
+        text: String,
+    },
+    /// List public rooms (those whose name or title contains QUERY).
+    Directory {
+        /// Text to look for, case-insensitive (default: every public room).
+        query: Option<String>,
+    },
+}
+
+/// A role `chat role` can give.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    /// Publish and read; invite to a public room.
+    Member,
+    /// Also invite, remove and ban members, change title and topic.
+    Admin,
+    /// Hand ownership on (you become admin).
+    Owner,
+}
+
+impl From<RoleArg> for proto::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Member => proto::Role::Member,
+            RoleArg::Admin => proto::Role::Admin,
+            RoleArg::Owner => proto::Role::Owner,
+        }
+    }
+}
+
+fn role_name(r: proto::Role) -> &'static str {
+    match r {
+        proto::Role::Owner => "owner",
+        proto::Role::Admin => "admin",
+        proto::Role::Member => "member",
+        proto::Role::Unspecified => "not a member",
+    }
+}
+
+fn kind_name(k: proto::RoomKind) -> &'static str {
+    match k {
+        proto::RoomKind::Public => "public",
+        proto::RoomKind::Private => "private",
+        proto::RoomKind::Direct => "direct",
+        proto::RoomKind::Unspecified => "kind unknown",
+    }
+}
+
+/// A room's details in a few words: `private, 2 members, owner ann,
+/// title "Core team", topic "Release 2.0"`.
+fn describe(info: &proto::RoomInfo) -> String {
+    let count = info.member_count;
+    let mut parts = vec![kind_name(info.kind()).to_string(), format!("{count} member{}", plural(count))];
+    if !info.owner.is_empty() {
+        parts.push(format!("owner {}", info.owner));
+    }
+    if !info.title.is_empty() {
+        parts.push(format!("title {:?}", info.title));
+    }
+    if !info.topic.is_empty() {
+        parts.push(format!("topic {:?}", info.topic));
+    }
+    parts.join(", ")
+}
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// A room change pushed to its members, as a sentence.
+fn update_line(u: &proto::RoomUpdate) -> String {
+    let room = u.info.as_ref().map_or("?", |i| i.room.as_str());
+    let (by, user) = (u.by.as_str(), u.user.as_str());
+    let what = match u.change() {
+        proto::MemberChange::Unspecified => {
+            format!("{by} changed the room ({})", u.info.as_ref().map(describe).unwrap_or_default())
+        }
+        proto::MemberChange::Joined => format!("{user} joined"),
+        proto::MemberChange::Left => format!("{user} left"),
+        proto::MemberChange::Invited => format!("{by} invited {user}"),
+        proto::MemberChange::Removed => format!("{by} removed {user}"),
+        proto::MemberChange::Banned => format!("{by} banned {user}"),
+        proto::MemberChange::Unbanned => format!("{by} unbanned {user}"),
+        proto::MemberChange::RoleChanged => format!("{by} made {user} {}", role_name(u.role())),
+        proto::MemberChange::Declined => format!("{user} declined the invitation"),
+    };
+    format!("{room}: {what}")
+}
+
+/// Why this user is no longer in a room, as a sentence.
+fn left_line(l: &proto::Left) -> String {
+    match l.reason() {
+        proto::MemberChange::Removed => format!("you were removed from {} by {}", l.room, l.by),
+        proto::MemberChange::Banned => format!("you were banned from {} by {}", l.room, l.by),
+        proto::MemberChange::Left => format!("you left {} on another device", l.room),
+        _ => format!("you are not in {}", l.room),
+    }
 }
 
 fn line(m: &proto::Message) -> String {
@@ -122,6 +313,107 @@ async fn main() -> anyhow::Result<()> {
                     r.head_seq,
                     r.read_seq,
                     r.head_seq.saturating_sub(r.read_seq)
+                );
+            }
+        }
+        Some(Cmd::Create { room, private, title, topic, invite }) => {
+            let kind = if private { proto::RoomKind::Private } else { proto::RoomKind::Public };
+            let (title, topic) = (title.unwrap_or_default(), topic.unwrap_or_default());
+            let create = proto::CreateRoom { room, kind: kind as i32, title, topic, invite: invite.clone() };
+            let info = client.create_room(create).await?;
+            println!("created {} ({})", info.room, describe(&info));
+            for user in &invite {
+                println!("invited {user} to {}", info.room);
+            }
+        }
+        Some(Cmd::Invite { room, user }) => {
+            client.invite(&room, &user).await?;
+            println!("invited {user} to {room}");
+        }
+        Some(Cmd::Invites) => {
+            let invites = client.invites();
+            if invites.is_empty() {
+                eprintln!("no pending invitations");
+            }
+            for i in &invites {
+                let about = i.info.as_ref().map(describe).unwrap_or_default();
+                println!("{}\tinvited by {}\t{about}", i.room, i.by);
+            }
+        }
+        Some(Cmd::Accept { room }) => {
+            let state = client.join(&room).await?.state.unwrap_or_default();
+            let about = state.info.as_ref().map(|i| format!(" ({})", describe(i))).unwrap_or_default();
+            println!("joined {}{about}", state.room);
+        }
+        Some(Cmd::Decline { room }) => {
+            client.decline_invite(&room).await?;
+            println!("declined the invitation to {room}");
+        }
+        Some(Cmd::Kick { room, user, reason }) => {
+            client.remove_member(&room, &user, reason.as_deref().unwrap_or_default()).await?;
+            println!("removed {user} from {room}");
+        }
+        Some(Cmd::Ban { room, user, reason }) => {
+            client.ban(&room, &user, reason.as_deref().unwrap_or_default()).await?;
+            println!("banned {user} from {room}");
+        }
+        Some(Cmd::Unban { room, user, reason }) => {
+            client.unban(&room, &user, reason.as_deref().unwrap_or_default()).await?;
+            println!("unbanned {user} in {room}");
+        }
+        Some(Cmd::Role { room, user, role }) => {
+            let role = proto::Role::from(role);
+            let info = client.set_role(&room, &user, role).await?;
+            match role {
+                proto::Role::Owner => {
+                    println!("{user} is now owner of {room}; you are {}", role_name(info.my_role()))
+                }
+                _ => println!("{user} is now {} in {room}", role_name(role)),
+            }
+        }
+        Some(Cmd::Members { room }) => {
+            let mut after_user = String::new();
+            loop {
+                let req = proto::ListMembers { room: room.clone(), after_user, limit: 0 };
+                let page = client.list_members(req).await?;
+                for m in &page.members {
+                    println!("{}\t{}\t{}", m.user, role_name(m.role()), if m.online { "online" } else { "offline" });
+                }
+                match page.members.last() {
+                    Some(last) if page.has_more => after_user = last.user.clone(),
+                    _ => break,
+                }
+            }
+        }
+        Some(Cmd::Topic { room, text }) => {
+            let update = proto::UpdateRoom { room: room.clone(), title: None, topic: Some(text.clone()) };
+            client.update_room(update).await?;
+            if text.is_empty() {
+                println!("cleared the topic of {room}");
+            } else {
+                println!("topic of {room}: {text}");
+            }
+        }
+        Some(Cmd::Directory { query }) => {
+            let query = query.unwrap_or_default();
+            let mut after_room = String::new();
+            let mut listed = 0;
+            loop {
+                let req = proto::ListRooms { query: query.clone(), after_room, limit: 0 };
+                let list = client.list_rooms(req).await?;
+                for r in &list.rooms {
+                    println!("{}\t{}", r.room, describe(r));
+                }
+                listed += list.rooms.len();
+                match list.rooms.last() {
+                    Some(last) if list.has_more => after_room = last.room.clone(),
+                    _ => break,
+                }
+            }
+            if listed == 0 {
+                eprintln!(
+                    "no public rooms{}",
+                    if query.is_empty() { String::new() } else { format!(" match {query:?}") }
                 );
             }
         }
@@ -246,6 +538,15 @@ impl Shell {
         Ok(())
     }
 
+    /// The user is no longer in `room` (left elsewhere, removed, banned).
+    fn gone(&mut self, room: &str) {
+        self.rooms.remove(room);
+        if self.current.as_deref() == Some(room) {
+            self.current = None;
+            eprintln!("* no current room; /room or /join one (your rooms: {})", self.room_list());
+        }
+    }
+
     fn room_list(&self) -> String {
         if self.rooms.is_empty() { "none".into() } else { self.rooms.iter().cloned().collect::<Vec<_>>().join(", ") }
     }
@@ -287,13 +588,20 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
                 Some(Event::Synced(s)) => eprintln!("* {} caught up to #{}", s.room, s.head_seq),
                 Some(Event::Typing(t)) if t.active => eprintln!("* {} is typing in {}", t.user, t.room),
                 Some(Event::Presence(p)) => eprintln!("* {} is {} in {}", p.user, if p.online { "online" } else { "offline" }, p.room),
-                Some(Event::ServerError(e)) => eprintln!("* server: {:?}: {}", e.code(), e.message),
+                Some(Event::ServerError(e)) => eprintln!("* server: {}: {}", chat_client::error_code_name(e.code()), e.message),
                 Some(Event::GoAway(g)) => eprintln!("* server going away: {}", g.message),
                 Some(Event::Added(j)) => {
                     if let Some(st) = j.state {
-                        eprintln!("* you were added to {}", st.room);
+                        eprintln!("* you are now in {}", st.room);
                         shell.rooms.insert(st.room);
                     }
+                }
+                Some(Event::Invitation(i)) => eprintln!("* {} invited you to {}; /join {} to accept", i.by, i.room, i.room),
+                // One's own joins and leaves are reported by their commands.
+                Some(Event::RoomUpdate(u)) if !(u.by == w.user && u.user == w.user) => eprintln!("* {}", update_line(&u)),
+                Some(Event::Left(l)) => {
+                    eprintln!("* {}", left_line(&l));
+                    shell.gone(&l.room);
                 }
                 Some(_) => {}
                 None => return Ok(()),
@@ -313,5 +621,59 @@ async fn interactive(client: Client, events: &mut chat_client::Events, rooms: Ve
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(room: &str) -> proto::RoomInfo {
+        proto::RoomInfo {
+            room: room.into(),
+            kind: proto::RoomKind::Private as i32,
+            member_count: 2,
+            owner: "ann".into(),
+            my_role: proto::Role::Member as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_room_is_described_by_what_it_has() {
+        let mut i = info("team");
+        assert_eq!(describe(&i), "private, 2 members, owner ann");
+        (i.member_count, i.title, i.topic) = (1, "Core \"team\"".into(), "Release 2.0".into());
+        assert_eq!(describe(&i), r#"private, 1 member, owner ann, title "Core \"team\"", topic "Release 2.0""#);
+    }
+
+    #[test]
+    fn room_changes_and_departures_read_as_sentences() {
+        let update = |change: proto::MemberChange, role: proto::Role| proto::RoomUpdate {
+            info: Some(info("team")),
+            by: "ann".into(),
+            user: "bob".into(),
+            change: change as i32,
+            role: role as i32,
+        };
+        assert_eq!(update_line(&update(proto::MemberChange::Banned, proto::Role::Unspecified)), "team: ann banned bob");
+        assert_eq!(
+            update_line(&update(proto::MemberChange::RoleChanged, proto::Role::Admin)),
+            "team: ann made bob admin"
+        );
+        assert_eq!(update_line(&update(proto::MemberChange::Joined, proto::Role::Member)), "team: bob joined");
+        let mut details = update(proto::MemberChange::Unspecified, proto::Role::Unspecified);
+        details.user.clear();
+        assert_eq!(update_line(&details), "team: ann changed the room (private, 2 members, owner ann)");
+
+        let left = |reason: proto::MemberChange, by: &str| proto::Left {
+            room: "team".into(),
+            reason: reason as i32,
+            by: by.into(),
+        };
+        assert_eq!(left_line(&left(proto::MemberChange::Removed, "ann")), "you were removed from team by ann");
+        assert_eq!(left_line(&left(proto::MemberChange::Banned, "ann")), "you were banned from team by ann");
+        assert_eq!(left_line(&left(proto::MemberChange::Left, "me")), "you left team on another device");
+        assert_eq!(left_line(&left(proto::MemberChange::Unspecified, "")), "you are not in team");
     }
 }
