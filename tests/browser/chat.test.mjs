@@ -28,7 +28,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { ChatdClient, Cursors, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
+import { ChatdClient, Cursors, MemberChange, Role, RoomKind, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const REPO = resolve(HERE, '../..');
@@ -155,7 +155,7 @@ function fakeClient(opts = {}) {
   FakeSocket.all = [];
   const c = new ChatdClient({ url: 'ws://test/ws', token: 'T', WebSocket: FakeSocket, heartbeat: false, ...opts });
   const events = [];
-  for (const type of ['message', 'synced', 'connected', 'disconnected', 'goaway', 'servererror', 'presence', 'typing', 'readreceipt']) {
+  for (const type of ['message', 'synced', 'connected', 'disconnected', 'goaway', 'servererror', 'presence', 'typing', 'readreceipt', 'joined', 'left', 'invitation', 'roomupdate']) {
     c.addEventListener(type, (e) => events.push({ type, ...e.detail }));
   }
   return { c, events, sock: () => FakeSocket.all[FakeSocket.all.length - 1] };
@@ -449,6 +449,157 @@ describe('chatd-client.js (unit)', () => {
       assert.match(d.reason, why);
       assert.equal(FakeSocket.all.length, 1, 'no connection with a token that cannot work');
     }
+  });
+});
+
+describe('chatd-client.js (unit): rooms, roles and moderation', () => {
+  const INFO = { room: 'core', kind: 'ROOM_KIND_PRIVATE', title: 'Core team', createdBy: 'ann', createdMs: '1764950400000', memberCount: 1, myRole: 'ROLE_OWNER', owner: 'ann' };
+  const info = (extra = {}) => ({
+    room: 'core', kind: RoomKind.PRIVATE, title: 'Core team', topic: '', createdBy: 'ann', createdMs: 1764950400000, memberCount: 1,
+    myRole: Role.OWNER, owner: 'ann', ...extra,
+  });
+
+  check('JSON mapping: RoomInfo, invitations, members, the directory and Left, with defaults filled in', {}, () => {
+    assert.deepEqual(parseEnvelope(JSON.stringify({ id: '7', roomInfo: INFO })).body, info());
+    // Everything absent: the proto3 defaults; numeric enums become names.
+    assert.deepEqual(parseEnvelope('{"roomInfo":{}}').body, {
+      room: '', kind: RoomKind.UNSPECIFIED, title: '', topic: '', createdBy: '', createdMs: 0, memberCount: 0, myRole: Role.UNSPECIFIED, owner: '',
+    });
+    assert.equal(parseEnvelope('{"roomInfo":{"kind":2,"myRole":2}}').body.kind, RoomKind.PRIVATE);
+    assert.equal(parseEnvelope('{"roomInfo":{"kind":2,"myRole":2}}').body.myRole, Role.ADMIN);
+    const w = parseEnvelope(JSON.stringify({
+      id: '1',
+      welcome: { user: 'bob', rooms: [{ room: 'core', headSeq: '3', info: INFO }, { room: 'old' }], invites: [{ room: 'x', by: 'ann', tsMs: '5', info: { room: 'x' } }] },
+    })).body;
+    assert.deepEqual(w.rooms[0].info, info());
+    assert.equal(w.rooms[1].info, null, 'no info from the server: null');
+    assert.deepEqual(w.invites, [{ room: 'x', by: 'ann', tsMs: 5, info: { ...parseEnvelope('{"roomInfo":{}}').body, room: 'x' } }]);
+    assert.deepEqual(parseEnvelope('{"welcome":{"user":"bob"}}').body.invites, []);
+    assert.deepEqual(parseEnvelope('{"left":{"room":"core","reason":"MEMBER_CHANGE_BANNED","by":"ann"}}').body, { room: 'core', reason: MemberChange.BANNED, by: 'ann' });
+    assert.deepEqual(parseEnvelope('{"id":"4","left":{"room":"core"}}').body, { room: 'core', reason: MemberChange.UNSPECIFIED, by: '' });
+    assert.equal(parseEnvelope('{"left":{"room":"core","reason":4}}').body.reason, MemberChange.REMOVED);
+    assert.deepEqual(parseEnvelope('{"memberPage":{"room":"core","members":[{"user":"ann","role":"ROLE_OWNER","online":true},{"user":"bob","role":"ROLE_ADMIN"}]}}').body, {
+      room: 'core', members: [{ user: 'ann', role: Role.OWNER, online: true }, { user: 'bob', role: Role.ADMIN, online: false }], hasMore: false,
+    });
+    assert.deepEqual(parseEnvelope(JSON.stringify({ roomList: { rooms: [INFO], hasMore: true } })).body, { rooms: [info()], hasMore: true });
+    assert.deepEqual(parseEnvelope('{"roomList":{}}').body, { rooms: [], hasMore: false });
+    assert.deepEqual(parseEnvelope(JSON.stringify({ roomUpdate: { info: INFO, by: 'ann', user: 'bob', change: 'MEMBER_CHANGE_ROLE_CHANGED', role: 'ROLE_ADMIN' } })).body, {
+      info: info(), by: 'ann', user: 'bob', change: MemberChange.ROLE_CHANGED, role: Role.ADMIN,
+    });
+    assert.deepEqual(parseEnvelope(JSON.stringify({ roomUpdate: { info: INFO } })).body, { info: info(), by: '', user: '', change: MemberChange.UNSPECIFIED, role: Role.UNSPECIFIED });
+    assert.equal(parseEnvelope('{"error":{"code":"ERROR_CODE_CONFLICT"}}').body.code, 'ERROR_CODE_CONFLICT');
+    assert.equal(parseEnvelope('{"error":{"code":10}}').body.code, 'ERROR_CODE_ALREADY_EXISTS');
+  });
+
+  check('client: every room request goes out in the JSON mapping and resolves with its reply', { timeout: 5000 }, async () => {
+    const { c, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    /** Sends a request, checks what went out, answers it, returns the resolved reply. */
+    const roundTrip = async (call, kind, body, reply) => {
+      const pending = call();
+      const env = sock().take(kind);
+      assert.ok(env, `${kind} was sent`);
+      assert.deepEqual(env[kind], body, `${kind} body`);
+      sock().push({ id: env.id, ...reply });
+      return pending;
+    };
+    const roomInfo = { roomInfo: INFO };
+    assert.deepEqual(
+      await roundTrip(() => c.createRoom('core', { kind: 'private', title: 'Core team', topic: 'Release 2.0', invite: ['bob'] }), 'createRoom',
+        { room: 'core', kind: 'ROOM_KIND_PRIVATE', title: 'Core team', topic: 'Release 2.0', invite: ['bob'] }, roomInfo),
+      info(),
+    );
+    await roundTrip(() => c.createRoom('pub'), 'createRoom', { room: 'pub' }, roomInfo);
+    await roundTrip(() => c.createRoom('pub2', { kind: RoomKind.PUBLIC }), 'createRoom', { room: 'pub2', kind: 'ROOM_KIND_PUBLIC' }, roomInfo);
+    // Left out: unchanged; '': cleared.
+    await roundTrip(() => c.updateRoom('core', { topic: 'Release 2.1' }), 'updateRoom', { room: 'core', topic: 'Release 2.1' }, roomInfo);
+    await roundTrip(() => c.updateRoom('core', { title: '', topic: undefined }), 'updateRoom', { room: 'core', title: '' }, roomInfo);
+    await roundTrip(() => c.getRoom('core'), 'getRoom', { room: 'core' }, roomInfo);
+    await roundTrip(() => c.invite('core', 'bob'), 'invite', { room: 'core', user: 'bob' }, roomInfo);
+    await roundTrip(() => c.declineInvite('core'), 'declineInvite', { room: 'core' }, roomInfo);
+    await roundTrip(() => c.removeMember('core', 'bob'), 'removeMember', { room: 'core', user: 'bob' }, roomInfo);
+    await roundTrip(() => c.ban('core', 'mallory', 'spam'), 'ban', { room: 'core', user: 'mallory', reason: 'spam' }, roomInfo);
+    await roundTrip(() => c.unban('core', 'mallory', 'sorry'), 'unban', { room: 'core', user: 'mallory', reason: 'sorry' }, roomInfo);
+    await roundTrip(() => c.setRole('core', 'bob', 'admin'), 'setRole', { room: 'core', user: 'bob', role: 'ROLE_ADMIN' }, roomInfo);
+    await roundTrip(() => c.setRole('core', 'bob', Role.OWNER), 'setRole', { room: 'core', user: 'bob', role: 'ROLE_OWNER' }, roomInfo);
+    assert.deepEqual(
+      await roundTrip(() => c.listMembers('core', { afterUser: 'ann', limit: 50 }), 'listMembers', { room: 'core', afterUser: 'ann', limit: 50 },
+        { memberPage: { room: 'core', members: [{ user: 'bob', role: 'ROLE_MEMBER' }] } }),
+      { room: 'core', members: [{ user: 'bob', role: Role.MEMBER, online: false }], hasMore: false },
+    );
+    await roundTrip(() => c.listMembers('core'), 'listMembers', { room: 'core' }, { memberPage: { room: 'core' } });
+    assert.deepEqual(
+      await roundTrip(() => c.listRooms({ query: 'rust', afterRoom: 'a', limit: 20 }), 'listRooms', { query: 'rust', afterRoom: 'a', limit: 20 }, { roomList: { rooms: [INFO], hasMore: true } }),
+      { rooms: [info()], hasMore: true },
+    );
+    await roundTrip(() => c.listRooms(), 'listRooms', {}, { roomList: {} });
+    const refused = c.invite('core', 'mallory');
+    const env = sock().take('invite');
+    sock().push({ id: env.id, error: { code: 'ERROR_CODE_CONFLICT', message: 'mallory is banned' } });
+    await assert.rejects(refused, (e) => e.code === 'ERROR_CODE_CONFLICT' && e.serverMessage === 'mallory is banned');
+    c.close();
+  });
+
+  check('client: a Left push for a removal or ban drops the room: an event with reason and by, and no resume cursor', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock, [{ room: 'core', headSeq: '4', readSeq: '4' }, { room: 'lobby', headSeq: '2', readSeq: '2' }, { room: 'mod', headSeq: '1' }]);
+    await p;
+    sock().push({ message: msg('core', 5) });
+    assert.deepEqual(c.cursors(), { core: 5, lobby: 2, mod: 1 });
+    sock().push({ left: { room: 'core', reason: 'MEMBER_CHANGE_REMOVED', by: 'ann' } });
+    sock().push({ left: { room: 'mod', reason: 'MEMBER_CHANGE_BANNED', by: 'ann' } });
+    assert.deepEqual(events.filter((e) => e.type === 'left').map(({ room, reason, by }) => ({ room, reason, by })), [
+      { room: 'core', reason: MemberChange.REMOVED, by: 'ann' },
+      { room: 'mod', reason: MemberChange.BANNED, by: 'ann' },
+    ]);
+    assert.deepEqual(c.cursors(), { lobby: 2 }, 'the rooms are no longer kept');
+    // Reconnecting resumes only the room still joined.
+    sock().push({ goAway: { reason: 'CLOSE_REASON_SHUTDOWN', message: 'bye' } });
+    await waitUntil(() => FakeSocket.all.length === 2 && sock().sent.length > 0, { timeout: 2000, what: 'the reconnect' });
+    const hello = await handshake(sock, [{ room: 'lobby', headSeq: '2', readSeq: '2' }]);
+    assert.deepEqual(hello.hello.resume, [{ room: 'lobby', afterSeq: '2' }]);
+    c.close();
+  });
+
+  check('client: invitation, roomupdate and joined pushes become events; an added room is live from its head', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    sock().push({ invitation: { room: 'core', by: 'ann', tsMs: '9', info: { ...INFO, myRole: undefined } } });
+    const inv = events.find((e) => e.type === 'invitation');
+    assert.deepEqual({ room: inv.room, by: inv.by, tsMs: inv.tsMs, role: inv.info.myRole, title: inv.info.title }, { room: 'core', by: 'ann', tsMs: 9, role: Role.UNSPECIFIED, title: 'Core team' });
+    sock().push({ roomUpdate: { info: { ...INFO, memberCount: 2 }, by: 'ann', user: 'bob', change: 'MEMBER_CHANGE_JOINED', role: 'ROLE_MEMBER' } });
+    const u = events.find((e) => e.type === 'roomupdate');
+    assert.deepEqual({ change: u.change, user: u.user, role: u.role, by: u.by, count: u.info.memberCount }, { change: MemberChange.JOINED, user: 'bob', role: Role.MEMBER, by: 'ann', count: 2 });
+    // An admin adds the user to a room: a joined push; messages from its head on.
+    sock().push({ joined: { state: { room: 'added', headSeq: '7', info: { ...INFO, room: 'added', myRole: 'ROLE_MEMBER' } }, online: ['ann'] } });
+    const j = events.find((e) => e.type === 'joined');
+    assert.deepEqual([j.state.room, j.state.headSeq, j.state.info.myRole, j.online], ['added', 7, Role.MEMBER, ['ann']]);
+    assert.deepEqual(c.cursors(), { added: 7 });
+    sock().push({ message: msg('added', 8) });
+    assert.deepEqual(seqsOf(events, 'added'), [8]);
+    c.close();
+  });
+
+  check('client: a room created is kept from its first message', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    const created = c.createRoom('core', { kind: 'private' });
+    const env = sock().take('createRoom');
+    sock().push({ id: env.id, roomInfo: INFO });
+    await created;
+    assert.deepEqual(c.cursors(), { core: 0 });
+    sock().push({ message: msg('core', 1) });
+    sock().push({ message: msg('core', 2) });
+    assert.deepEqual(seqsOf(events, 'core'), [1, 2]);
+    assert.deepEqual(c.cursors(), { core: 2 });
+    c.close();
   });
 });
 
