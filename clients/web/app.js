@@ -61,6 +61,7 @@ let scrollMode = null; // null | 'bottom' | {height, top} (keep position when pr
  * @property {string} membersAfter    the last user of the last page
  * @property {boolean} membersLoading
  * @property {boolean} membersStale   the membership changed while a page was on its way
+ * @property {boolean} membersFailed  listing failed: not asked again until the panel is reopened
  * @property {{reason: string, by: string} | null} gone  removed or banned: the room receives nothing more
  */
 
@@ -89,6 +90,7 @@ function newRoom(name) {
     membersAfter: '',
     membersLoading: false,
     membersStale: false,
+    membersFailed: false,
     gone: null,
   };
 }
@@ -537,7 +539,7 @@ function renderMembers() {
     if (was && panel.contains(document.activeElement)) $('members-btn').focus();
     return;
   }
-  if (!r.membersLoaded && !r.membersLoading) loadMembers(r);
+  if (!r.membersLoaded && !r.membersLoading && !r.membersFailed) loadMembers(r);
   $('invite-form').hidden = !canInvite(r);
   const count = r.info ? r.info.memberCount : r.members.size;
   $('members-heading').textContent = count ? `Members · ${count}` : 'Members';
@@ -727,6 +729,8 @@ function markGone(name, reason, by) {
   r.members.clear();
   r.membersLoaded = false;
   invalidate('sidebar', 'header', 'messages', 'typing', 'members');
+  if (memberTarget && memberTarget.room === name && $('member-dialog').open) $('member-dialog').close();
+  if (name === active && $('room-dialog').open) $('room-dialog').close();
   if (name !== active) toast(`${goneText(name, r.gone)}.`, 'info');
 }
 
@@ -782,6 +786,7 @@ async function loadMembers(r, more = false) {
     r.membersMore = page.hasMore;
     r.membersLoaded = true;
   } catch (e) {
+    r.membersFailed = true;
     if (!(e instanceof ChatdError && e.code === 'CLOSED')) toast(`Could not list the members of ${displayName(r.name)}: ${errorText(e)}`);
   } finally {
     r.membersLoading = false;
@@ -829,6 +834,8 @@ function applyMemberChange(r, u) {
 
 function toggleMembers(open = !membersOpen) {
   membersOpen = open;
+  const r = active ? rooms.get(active) : null;
+  if (open && r) r.membersFailed = false;
   invalidate('members');
   if (open) {
     // On a phone the panel covers the messages: focus goes into it.
@@ -1293,6 +1300,7 @@ function wire(c) {
       if (st.info) r.info = st.info;
       // Who is in it may have changed while away.
       r.membersLoaded = false;
+      r.membersFailed = false;
     }
     droppedAtConnect = new Set();
     for (const name of [...rooms.keys()]) {
