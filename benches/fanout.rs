@@ -21,7 +21,7 @@ fn main() {
 #[divan::bench(args = [1, 100, 10_000])]
 fn fan_out_one_message(b: Bencher, sessions: usize) {
     let limits = Limits::default();
-    let room = Arc::new(Room::new(1, "r".into(), 0));
+    let room = Arc::new(Room::new(1, "r".into(), 0, &Default::default()));
     let handles: Vec<Arc<Subscriber>> =
         (0..sessions).map(|i| Arc::new(Subscriber::new(i as u64, limits.outbound, 1, "tcp", String::new()))).collect();
     for h in &handles {

@@ -190,6 +190,10 @@ config! {
     max_rooms_per_user: usize = Limits::default().max_rooms_per_user, check check::at_least(1);
     /// Open connections (all transports) before new ones get GoAway{CAPACITY}.
     max_connections: usize = Limits::default().max_connections, check check::at_least(1);
+    /// Join of an unknown room creates it (public, the joiner its owner); false: NOT_FOUND, rooms come from CreateRoom.
+    auto_create_rooms: bool = Limits::default().auto_create_rooms;
+    /// Pending invitations one user may have; one more is refused with CONFLICT.
+    max_pending_invites_per_user: usize = Limits::default().max_pending_invites_per_user, check check::at_least(1);
     /// How long a client_msg_id is remembered (at least 24 h is promised).
     idempotency_hours: u64 = 24;
     /// Deadline of a graceful shutdown.
@@ -349,6 +353,8 @@ impl Config {
             max_sessions_per_user: self.max_sessions_per_user,
             max_rooms_per_user: self.max_rooms_per_user,
             max_connections: self.max_connections,
+            auto_create_rooms: self.auto_create_rooms,
+            max_pending_invites_per_user: self.max_pending_invites_per_user,
         }
     }
 }

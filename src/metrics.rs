@@ -77,6 +77,9 @@ pub const BUILD_INFO: &str = "chatd_build_info";
 pub const START_TIME: &str = "chatd_start_time_seconds";
 /// Writes waiting in the group-commit queue.
 pub const COMMIT_QUEUE_DEPTH: &str = "chatd_commit_queue_depth";
+/// Room administration done, by `action` (create, update, invite, decline,
+/// remove, ban, unban, set_role).
+pub const MODERATION: &str = "chatd_moderation_total";
 
 /// Every name above, for the README and tests.
 pub const ALL: &[&str] = &[
@@ -111,6 +114,7 @@ pub const ALL: &[&str] = &[
     BUILD_INFO,
     START_TIME,
     COMMIT_QUEUE_DEPTH,
+    MODERATION,
 ];
 
 /// Latency buckets (seconds): 50 µs to 5 s.
@@ -268,6 +272,11 @@ impl Metrics {
     /// Counts a request refused by a rate limit.
     pub fn rate_limited(&self, kind: &'static str) {
         counter!(RATE_LIMITED, "kind" => kind).increment(1);
+    }
+
+    /// Counts a room administration action.
+    pub fn moderation(&self, action: &'static str) {
+        counter!(MODERATION, "action" => action).increment(1);
     }
 }
 

@@ -65,9 +65,18 @@ pub(super) struct TopQuery {
 
 fn room_json(room: &Room, now_s: u64) -> Value {
     let rates = room.stats.rates(now_s);
+    let (kind, owner, members, bans, invites) = {
+        let g = room.gov();
+        let kind = g.kind.as_str_name().strip_prefix("ROOM_KIND_").unwrap_or_default().to_lowercase();
+        (kind, g.owner().map(|o| o.to_string()), g.members.len(), g.bans.len(), g.invites.len())
+    };
     json!({
         "room": &*room.name,
-        "members": room.members.load(Ordering::Relaxed),
+        "kind": kind,
+        "owner": owner,
+        "members": members,
+        "banned": bans,
+        "pending_invites": invites,
         "online_sessions": room.subscriber_count(),
         "head_seq": room.head(),
         "messages_per_sec": rates.messages_per_sec,

@@ -309,7 +309,19 @@ mod tests {
     }
 
     fn every_body() -> Vec<Body> {
-        let state = proto::RoomState { room: "r".into(), head_seq: u64::MAX, read_seq: 7 };
+        let info = proto::RoomInfo {
+            room: "r".into(),
+            kind: proto::RoomKind::Private as i32,
+            title: "Tîtle".into(),
+            topic: "topic".into(),
+            created_by: "ann".into(),
+            created_ms: 1_795_000_000_000,
+            member_count: 2,
+            my_role: proto::Role::Admin as i32,
+            owner: "ann".into(),
+        };
+        let invitation = proto::Invitation { room: "r".into(), by: "ann".into(), ts_ms: 5, info: Some(info.clone()) };
+        let state = proto::RoomState { room: "r".into(), head_seq: u64::MAX, read_seq: 7, info: Some(info.clone()) };
         let msg = proto::Message {
             room: "r".into(),
             seq: 1 << 60,
@@ -334,11 +346,12 @@ mod tests {
                 heartbeat_ms: 30000,
                 max_frame_bytes: 65536,
                 server: "chatd".into(),
+                invites: vec![invitation.clone()],
             }),
             Body::Join(proto::Join { room: "r".into() }),
             Body::Joined(proto::Joined { state: Some(state), online: vec!["ann".into(), "bob".into()] }),
             Body::Leave(proto::Leave { room: "r".into() }),
-            Body::Left(proto::Left { room: "r".into() }),
+            Body::Left(proto::Left { room: "r".into(), reason: proto::MemberChange::Banned as i32, by: "ann".into() }),
             Body::Publish(proto::Publish {
                 room: "r".into(),
                 client_msg_id: "k".into(),
@@ -373,13 +386,45 @@ mod tests {
                 message: "bye".into(),
                 retry_after_ms: 1000,
             }),
+            Body::CreateRoom(proto::CreateRoom {
+                room: "r".into(),
+                kind: proto::RoomKind::Private as i32,
+                title: "t".into(),
+                topic: "x".into(),
+                invite: vec!["bob".into()],
+            }),
+            Body::UpdateRoom(proto::UpdateRoom { room: "r".into(), title: None, topic: Some(String::new()) }),
+            Body::GetRoom(proto::GetRoom { room: "r".into() }),
+            Body::RoomInfo(info.clone()),
+            Body::Invite(proto::Invite { room: "r".into(), user: "bob".into() }),
+            Body::DeclineInvite(proto::DeclineInvite { room: "r".into() }),
+            Body::RemoveMember(proto::RemoveMember { room: "r".into(), user: "bob".into(), reason: "why".into() }),
+            Body::Ban(proto::Ban { room: "r".into(), user: "bob".into(), reason: "spam".into() }),
+            Body::Unban(proto::Unban { room: "r".into(), user: "bob".into(), reason: String::new() }),
+            Body::SetRole(proto::SetRole { room: "r".into(), user: "bob".into(), role: proto::Role::Owner as i32 }),
+            Body::ListMembers(proto::ListMembers { room: "r".into(), after_user: "a".into(), limit: 10 }),
+            Body::MemberPage(proto::MemberPage {
+                room: "r".into(),
+                members: vec![proto::Member { user: "ann".into(), role: proto::Role::Owner as i32, online: true }],
+                has_more: true,
+            }),
+            Body::ListRooms(proto::ListRooms { query: "q".into(), after_room: "a".into(), limit: 5 }),
+            Body::RoomList(proto::RoomList { rooms: vec![info.clone()], has_more: false }),
+            Body::Invitation(invitation),
+            Body::RoomUpdate(proto::RoomUpdate {
+                info: Some(info),
+                by: "ann".into(),
+                user: "bob".into(),
+                change: proto::MemberChange::RoleChanged as i32,
+                role: proto::Role::Admin as i32,
+            }),
         ]
     }
 
     #[test]
     fn every_message_type_round_trips_through_canonical_json() {
         let bodies = every_body();
-        assert_eq!(bodies.len(), 20, "one of each oneof member");
+        assert_eq!(bodies.len(), 36, "one of each oneof member");
         for (i, body) in bodies.into_iter().enumerate() {
             let env = Envelope::new(i as u64 + 1, body);
             let text = serde_json::to_string(&env).unwrap();

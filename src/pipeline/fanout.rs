@@ -220,7 +220,7 @@ mod tests {
             let (server, _) = listener.accept().await.unwrap();
             let session = Arc::new(Subscriber::new(i as u64 + 1, limits, 1, "tcp", "test".into()));
             session.outbound.set_socket(Some(Arc::new(server.into_split().1)));
-            let room = hub.room_or_create(&format!("r{i}"));
+            let (room, _) = hub.room_or_insert(&format!("r{i}"), &Default::default());
             room.subscribe_live(&session, None);
             let message = Bytes::from(
                 proto::Message { room: room.name.to_string(), seq: 1, ..Default::default() }.encode_to_vec(),

@@ -22,6 +22,7 @@
 //! it live and offers the next seq, or the catch-up sees the new head and
 //! reads that seq from the log (it was committed before it was dispatched).
 
+pub mod gov;
 pub mod stats;
 
 use std::sync::Arc;
@@ -109,8 +110,15 @@ pub struct Room {
     typing: Mutex<Vec<(Arc<str>, Instant)>>,
     /// Rates and latency for the admin view.
     pub stats: stats::RoomStats,
-    /// Users who are members.
-    pub members: AtomicU64,
+    /// Kind, details, members and roles, bans, invitations. Lock order:
+    /// a user's state, then this, then `subs`.
+    gov: Mutex<gov::Governance>,
+    /// Held across a change of `gov` and its commit, so the room's changes
+    /// are decided and stored one at a time (`hub::rooms`).
+    pub changes: tokio::sync::Mutex<()>,
+    /// Whether its name and details are in the store: a room created in
+    /// memory is stored with the first change committed to it.
+    stored: std::sync::atomic::AtomicBool,
 }
 
 /// The most subscribers a room may have for its fan-out to write to their
@@ -149,8 +157,8 @@ pub struct FannedOut {
 }
 
 impl Room {
-    /// A room whose log ends at `head`.
-    pub fn new(id: RoomId, name: Arc<str>, head: u64) -> Self {
+    /// A room whose log ends at `head`, with no members yet.
+    pub fn new(id: RoomId, name: Arc<str>, head: u64, details: &crate::store::RoomDetails) -> Self {
         Room {
             id,
             name,
@@ -160,8 +168,30 @@ impl Room {
             slow_consumer_events: AtomicU64::new(0),
             typing: Mutex::new(Vec::new()),
             stats: Default::default(),
-            members: AtomicU64::new(0),
+            gov: Mutex::new(gov::Governance::new(details)),
+            changes: tokio::sync::Mutex::new(()),
+            stored: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the room's name and details are stored.
+    pub fn is_stored(&self) -> bool {
+        self.stored.load(Ordering::Acquire)
+    }
+
+    /// Notes that the room's name and details are stored.
+    pub fn mark_stored(&self) {
+        self.stored.store(true, Ordering::Release);
+    }
+
+    /// The room's governance state.
+    pub fn gov(&self) -> std::sync::MutexGuard<'_, gov::Governance> {
+        self.gov.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every session subscribed now, live or catching up.
+    pub fn subscribers(&self) -> Vec<Arc<Subscriber>> {
+        self.subs().values().map(|s| s.session.clone()).collect()
     }
 
     fn typing(&self) -> std::sync::MutexGuard<'_, Vec<(Arc<str>, Instant)>> {
@@ -449,7 +479,7 @@ mod tests {
     #[tokio::test]
     async fn only_a_small_rooms_fan_out_writes_to_sockets_itself() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let room = Arc::new(Room::new(1, "r".into(), 0));
+        let room = Arc::new(Room::new(1, "r".into(), 0, &Default::default()));
         let limits = crate::delivery::OutboundLimits::default();
         let mut peers = Vec::new();
         let mut sessions = Vec::new();

@@ -3,17 +3,17 @@
 use std::sync::Arc;
 
 use prost::Message as _;
-use tokio::sync::oneshot;
 
 use super::{Flow, Session, State, error_frame};
 use crate::codec::encode_frame;
 use crate::delivery::Frame;
-use crate::hub::{IdemCheck, UserEntry};
+use crate::hub::rooms::Origin;
+use crate::hub::{IdemCheck, Refusal, UserEntry};
 use crate::pipeline::{Completion, PublishDone};
 use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
-use crate::room::{Access, Room, access_of, valid_room_name};
+use crate::room::{Room, valid_room_name};
 use crate::store::commit::{Pending, Write};
-use crate::store::{Append, MembershipChange, ReadMarker, StoreError};
+use crate::store::{Append, ReadMarker};
 use crate::time::now_ms;
 
 /// Most bytes in a `client_msg_id`.
@@ -21,25 +21,6 @@ const MAX_CLIENT_MSG_ID: usize = 128;
 /// History page size when the request says 0, and the cap.
 const HISTORY_DEFAULT: u32 = 100;
 const HISTORY_MAX: u32 = 1000;
-
-/// A request refused with an error code and a message.
-struct Refusal(ErrorCode, String);
-
-impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Refusal(code, message.into())
-    }
-}
-
-impl From<StoreError> for Refusal {
-    fn from(e: StoreError) -> Self {
-        static ERRORS: crate::logs::Throttle = crate::logs::Throttle::new(1000);
-        if let Some(suppressed) = ERRORS.allow() {
-            tracing::error!(error = %e, suppressed, "storage error while serving a request");
-        }
-        Refusal(ErrorCode::Internal, format!("storage error: {e}"))
-    }
-}
 
 type Reply = Result<Option<Body>, Refusal>;
 
@@ -90,10 +71,25 @@ impl Session {
                 room: room.name.to_string(),
                 head_seq: head,
                 read_seq: st.read.get(&room.id).copied().unwrap_or(0),
+                info: Some(room.gov().info(&room.name, &user)),
             });
             subscribe.push((room.clone(), head));
         }
         rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        let mut invites: Vec<proto::Invitation> = st
+            .invited
+            .values()
+            .filter_map(|room| {
+                let g = room.gov();
+                g.invites.get(&*user).map(|i| proto::Invitation {
+                    room: room.name.to_string(),
+                    by: i.by.clone(),
+                    ts_ms: i.ts_ms,
+                    info: Some(g.info_as(&room.name, proto::Role::Unspecified)),
+                })
+            })
+            .collect();
+        invites.sort_by(|a, b| a.room.cmp(&b.room));
         let welcome = proto::Welcome {
             user: user.to_string(),
             session_id: format!("s{}", self.handle.id),
@@ -103,10 +99,12 @@ impl Session {
             heartbeat_ms: limits.heartbeat.min(limits.idle_timeout / 2).as_millis() as u32,
             max_frame_bytes: limits.max_frame_bytes as u32,
             server: self.hub.server_name.clone(),
+            invites,
         };
         let _ = self.handle.outbound.push(encode_frame(&Envelope::new(id, Body::Welcome(welcome))));
 
         let mut problems = Vec::new();
+        let mut departed = Vec::new();
         for c in &h.resume {
             match subscribe.iter_mut().find(|(r, _)| *r.name == *c.room) {
                 Some((room, from)) => {
@@ -121,7 +119,9 @@ impl Session {
                 None if !valid_room_name(&c.room) => {
                     problems.push((ErrorCode::BadRequest, format!("resume: invalid room name {:?}", c.room)))
                 }
-                None => problems.push((ErrorCode::Forbidden, format!("resume: not a member of room {}", c.room))),
+                // Answered below with how the membership ended (a store
+                // read, not under the user's lock).
+                None => departed.push(c.room.clone()),
             }
         }
         for (room, from) in subscribe {
@@ -138,6 +138,13 @@ impl Session {
         drop(st);
         for (code, msg) in problems {
             let _ = self.handle.outbound.push(error_frame(0, code, msg));
+        }
+        for room in departed {
+            let frame = match self.hub.departed(&user, &room) {
+                Ok(left) => encode_frame(&Envelope::push(Body::Left(left))),
+                Err(Refusal { code, message }) => error_frame(0, code, format!("resume of {room}: {message}")),
+            };
+            let _ = self.handle.outbound.push(frame);
         }
         tracing::info!(session = self.handle.id, user = %user, transport = self.transport, device = %h.device, "session started");
         self.hub.metrics.sessions.increment(1.0);
@@ -160,9 +167,27 @@ impl Session {
             Body::Typing(b) => Some(b.room.clone()),
             _ => None,
         };
+        let hub = self.hub.clone();
+        let info = |r: Result<proto::RoomInfo, Refusal>| r.map(|i| Some(Body::RoomInfo(i)));
         let reply = match body {
-            Body::Join(j) => self.join(id, &user, &entry, j.room).await,
-            Body::Leave(l) => self.leave(&user, &entry, l.room).await,
+            Body::Join(j) => {
+                let origin = Origin { session: &self.handle, request: id };
+                hub.join(&user, &entry, &j.room, Some(origin)).await.map(|()| None)
+            }
+            Body::Leave(l) => {
+                hub.leave(&user, &entry, &l.room, Some(self.handle.id)).await.map(|l| Some(Body::Left(l)))
+            }
+            Body::CreateRoom(c) => info(hub.create_room(&user, &entry, c).await),
+            Body::UpdateRoom(u) => info(hub.update_room(&user, &entry, u).await),
+            Body::GetRoom(g) => info(hub.get_room(&user, &g.room)),
+            Body::Invite(i) => info(hub.invite(&user, &entry, &i.room, &i.user).await),
+            Body::DeclineInvite(d) => info(hub.decline(&user, &entry, &d.room).await),
+            Body::RemoveMember(r) => info(hub.remove(&user, &entry, &r.room, &r.user, &r.reason, false).await),
+            Body::Ban(b) => info(hub.remove(&user, &entry, &b.room, &b.user, &b.reason, true).await),
+            Body::Unban(u) => info(hub.unban(&user, &entry, &u.room, &u.user, &u.reason).await),
+            Body::SetRole(r) => info(hub.set_role(&user, &entry, &r.room, &r.user, r.role).await),
+            Body::ListMembers(l) => hub.list_members(&user, &l).map(|p| Some(Body::MemberPage(p))),
+            Body::ListRooms(l) => hub.list_rooms(&user, &l).map(|p| Some(Body::RoomList(p))),
             Body::Publish(p) => self.publish(id, &user, &entry, p).await,
             Body::History(h) => self.history(&entry, h),
             Body::MarkRead(m) => self.mark_read(&user, &entry, m).await,
@@ -178,7 +203,7 @@ impl Session {
                 Flow::Continue
             }
             Ok(None) => Flow::Continue,
-            Err(Refusal(code, message)) => {
+            Err(Refusal { code, message }) => {
                 if let Some(room) = room_name.as_deref().and_then(|n| self.hub.room(n)) {
                     room.stats.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -197,172 +222,6 @@ impl Session {
             .room(name)
             .filter(|r| entry.lock().rooms.contains_key(&r.id))
             .ok_or_else(|| Refusal::new(ErrorCode::Forbidden, format!("not a member of room {name}")))
-    }
-
-    /// Submits a non-message write and waits until it is durable.
-    async fn commit(&self, write: Write) -> Result<(), Refusal> {
-        if self.hub.pipeline.commits.has_failed() {
-            return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable"));
-        }
-        let (tx, rx) = oneshot::channel();
-        let permit = self
-            .hub
-            .pipeline
-            .commits
-            .reserve()
-            .await
-            .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
-        permit.send(Pending { write, completion: Completion::Notify(tx), epoch: self.hub.pipeline.commits.epoch() });
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Refusal::new(ErrorCode::Internal, format!("not stored: {e}"))),
-            Err(_) => Err(Refusal::new(ErrorCode::ServerBusy, "server is shutting down")),
-        }
-    }
-
-    async fn join(&self, id: u64, user: &Arc<str>, entry: &Arc<UserEntry>, name: String) -> Reply {
-        if !valid_room_name(&name) {
-            return Err(Refusal::new(ErrorCode::BadRequest, format!("invalid room name {name:?}")));
-        }
-        match access_of(&name) {
-            Ok(Access::Open) => {}
-            Ok(Access::Direct(a, b)) if **user == *a || **user == *b => {}
-            Ok(Access::Direct(..)) => {
-                return Err(Refusal::new(
-                    ErrorCode::Forbidden,
-                    format!("{name} is a direct conversation of two other users"),
-                ));
-            }
-            Err(why) => return Err(Refusal::new(ErrorCode::BadRequest, why)),
-        }
-        let _serial = entry.membership.lock().await;
-        let existing_member = self.hub.room(&name).filter(|r| entry.lock().rooms.contains_key(&r.id));
-        let room = match existing_member.clone() {
-            Some(room) => room,
-            None => {
-                if entry.lock().rooms.len() >= self.hub.limits.max_rooms_per_user {
-                    let max = self.hub.limits.max_rooms_per_user;
-                    return Err(Refusal::new(
-                        ErrorCode::Forbidden,
-                        format!("member of {max} rooms already (the limit)"),
-                    ));
-                }
-                let room = self.hub.room_or_create(&name);
-                self.commit(Write::Membership(MembershipChange {
-                    user: user.to_string(),
-                    room_name: name.clone(),
-                    room: room.id,
-                    member: true,
-                }))
-                .await?;
-                room.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // The other user of a direct room is made a member before
-                // the reply goes out, so nothing the joiner does next finds
-                // them outside it.
-                if let Ok(Access::Direct(a, b)) = access_of(&name) {
-                    let other = if **user == *a { b } else { a };
-                    self.add_direct_peer(&room, &other).await?;
-                }
-                room
-            }
-        };
-        let devices = {
-            let mut st = entry.lock();
-            st.rooms.insert(room.id, room.clone());
-            let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
-            for s in &st.sessions {
-                if s.id != self.handle.id {
-                    room.subscribe_live(s, None);
-                }
-            }
-            let mut online = room.online_users();
-            if let Err(i) = online.binary_search_by(|u| u.as_str().cmp(user)) {
-                online.insert(i, user.to_string());
-            }
-            // The Joined reply is queued under the room's lock before this
-            // session's subscription exists, so it precedes every live message.
-            let reply = |head: u64| {
-                let state = proto::RoomState { room: name.clone(), head_seq: head, read_seq: read_seq.min(head) };
-                encode_frame(&Envelope::new(
-                    id,
-                    Body::Joined(proto::Joined { state: Some(state), online: online.clone() }),
-                ))
-            };
-            room.subscribe_live(&self.handle, Some(&reply));
-            st.sessions.len()
-        };
-        if existing_member.is_none() {
-            self.hub.presence(&room, user, devices, Some(self.handle.id));
-        }
-        tracing::debug!(session = self.handle.id, user = %user, room = %name, "joined");
-        Ok(None)
-    }
-
-    /// Starting a direct conversation makes the other user a member too, so
-    /// it reaches them: their sessions subscribe and get a `Joined` push
-    /// (`id = 0`), and it is in their `Welcome` from then on.
-    async fn add_direct_peer(&self, room: &Arc<Room>, other: &str) -> Result<(), Refusal> {
-        let entry = self.hub.user(other);
-        if entry.lock().rooms.contains_key(&room.id) {
-            return Ok(());
-        }
-        self.commit(Write::Membership(MembershipChange {
-            user: other.to_string(),
-            room_name: room.name.to_string(),
-            room: room.id,
-            member: true,
-        }))
-        .await?;
-        let mut st = entry.lock();
-        if st.rooms.insert(room.id, room.clone()).is_some() {
-            return Ok(());
-        }
-        room.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
-        let online = room.online_users();
-        for s in &st.sessions {
-            let push = |head: u64| {
-                let state =
-                    proto::RoomState { room: room.name.to_string(), head_seq: head, read_seq: read_seq.min(head) };
-                encode_frame(&Envelope::push(Body::Joined(proto::Joined {
-                    state: Some(state),
-                    online: online.clone(),
-                })))
-            };
-            room.subscribe_live(s, Some(&push));
-        }
-        tracing::debug!(room = %room.name, user = other, "added to a direct conversation");
-        Ok(())
-    }
-
-    async fn leave(&self, user: &Arc<str>, entry: &Arc<UserEntry>, name: String) -> Reply {
-        if !valid_room_name(&name) {
-            return Err(Refusal::new(ErrorCode::BadRequest, format!("invalid room name {name:?}")));
-        }
-        let _serial = entry.membership.lock().await;
-        // Leaving a room one is not in is already done.
-        if let Some(room) = self.hub.room(&name).filter(|r| entry.lock().rooms.contains_key(&r.id)) {
-            self.commit(Write::Membership(MembershipChange {
-                user: user.to_string(),
-                room_name: name.clone(),
-                room: room.id,
-                member: false,
-            }))
-            .await?;
-            room.members.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            let mut st = entry.lock();
-            st.rooms.remove(&room.id);
-            for s in &st.sessions {
-                room.unsubscribe(s.id);
-            }
-            drop(st);
-            if room.is_typing(user) {
-                self.hub.typing(&room, user, false, None);
-            }
-            self.hub.presence(&room, user, 0, None);
-            tracing::debug!(session = self.handle.id, user = %user, room = %name, "left");
-        }
-        Ok(Some(Body::Left(proto::Left { room: name })))
     }
 
     async fn publish(&self, id: u64, user: &Arc<str>, entry: &Arc<UserEntry>, p: proto::Publish) -> Reply {
@@ -515,7 +374,7 @@ impl Session {
                 seq: current,
             })));
         }
-        self.commit(Write::ReadMarker(ReadMarker { user: user.to_string(), room: room.id, seq })).await?;
+        self.hub.commit(Write::ReadMarker(ReadMarker { user: user.to_string(), room: room.id, seq })).await?;
         let moved = {
             let mut st = entry.lock();
             let marker = st.read.get_or_insert(room.id, 0);

@@ -6,13 +6,20 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use super::{Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError};
+use super::{
+    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, RoomDetails, RoomId, RoomRecord, RoomWrite,
+    Snapshot, Store, StoreError,
+};
 
 #[derive(Default)]
 struct Inner {
     messages: BTreeMap<(RoomId, u64), Bytes>,
     rooms: HashMap<String, RoomId>,
-    members: BTreeMap<(String, RoomId), ()>,
+    details: HashMap<RoomId, RoomDetails>,
+    /// Current members and (role 0) departures.
+    members: BTreeMap<(String, RoomId), MemberRecord>,
+    bans: BTreeMap<(RoomId, String), BanRecord>,
+    invites: BTreeMap<(String, RoomId), InviteRecord>,
     reads: BTreeMap<(String, RoomId), u64>,
     idem: HashMap<(String, String), IdempotencyRecord>,
 }
@@ -46,13 +53,25 @@ impl Store for MemoryStore {
                 name: name.clone(),
                 id,
                 head: g.messages.range((id, 0)..=(id, u64::MAX)).next_back().map_or(0, |((_, s), _)| *s),
+                details: g.details.get(&id).cloned().unwrap_or_default(),
             })
             .collect();
         Ok(Snapshot {
             rooms,
-            memberships: g.members.keys().cloned().collect(),
+            memberships: g
+                .members
+                .iter()
+                .filter(|(_, m)| m.role != 0)
+                .map(|((u, r), m)| (u.clone(), *r, m.clone()))
+                .collect(),
+            bans: g.bans.iter().map(|((r, u), b)| (*r, u.clone(), b.clone())).collect(),
+            invites: g.invites.iter().map(|((u, r), i)| (u.clone(), *r, i.clone())).collect(),
             read_markers: g.reads.iter().map(|((u, r), s)| (u.clone(), *r, *s)).collect(),
         })
+    }
+
+    fn departure(&self, user: &str, room: RoomId) -> Result<Option<MemberRecord>, StoreError> {
+        Ok(self.lock().members.get(&(user.to_string(), room)).filter(|m| m.role == 0).cloned())
     }
 
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
@@ -64,12 +83,27 @@ impl Store for MemoryStore {
                 g.idem.insert((a.sender.clone(), a.client_msg_id.clone()), rec);
             }
         }
-        for m in &batch.memberships {
-            g.rooms.insert(m.room_name.clone(), m.room);
-            if m.member {
-                g.members.insert((m.user.clone(), m.room), ());
-            } else {
-                g.members.remove(&(m.user.clone(), m.room));
+        for w in &batch.rooms {
+            match w {
+                RoomWrite::Details { room, name, details } => {
+                    g.rooms.insert(name.clone(), *room);
+                    g.details.insert(*room, details.clone());
+                }
+                RoomWrite::Member { user, room, record } => {
+                    g.members.insert((user.clone(), *room), record.clone());
+                }
+                RoomWrite::Ban { room, user, ban: Some(b) } => {
+                    g.bans.insert((*room, user.clone()), b.clone());
+                }
+                RoomWrite::Ban { room, user, ban: None } => {
+                    g.bans.remove(&(*room, user.clone()));
+                }
+                RoomWrite::Invite { user, room, invite: Some(i) } => {
+                    g.invites.insert((user.clone(), *room), i.clone());
+                }
+                RoomWrite::Invite { user, room, invite: None } => {
+                    g.invites.remove(&(user.clone(), *room));
+                }
             }
         }
         for r in &batch.read_markers {

@@ -1,7 +1,8 @@
 //! Storage: the durable per-room logs and the state beside them.
 //!
 //! Everything that must survive a restart goes through [`Store`]: message
-//! appends, room names, memberships, read markers and the idempotency window.
+//! appends, rooms with their details, members and roles, bans and
+//! invitations ([`rooms`]), read markers and the idempotency window.
 //! Writes arrive as one [`Batch`] per group commit ([`commit`]), so a batch is
 //! one sync, whatever the number of rooms in it. Reads (`read_range`,
 //! `lookup_idempotent`) are point or range lookups that never wait for the
@@ -13,9 +14,12 @@
 pub mod commit;
 pub mod idem;
 pub mod memory;
+pub mod rooms;
 pub mod sled;
 
 use bytes::Bytes;
+
+pub use self::rooms::{BanRecord, InviteRecord, MemberRecord, RoomDetails, RoomWrite};
 
 /// A room's numeric id: the prefix of its messages' keys.
 pub type RoomId = u64;
@@ -67,19 +71,6 @@ pub struct IdempotencyRecord {
     pub ts_ms: u64,
 }
 
-/// A change of membership.
-#[derive(Clone, Debug)]
-pub struct MembershipChange {
-    /// User id.
-    pub user: String,
-    /// Room name, recorded with its id so the name→id map is durable.
-    pub room_name: String,
-    /// Room id.
-    pub room: RoomId,
-    /// true: joined; false: left.
-    pub member: bool,
-}
-
 /// A read marker's new position.
 #[derive(Clone, Debug)]
 pub struct ReadMarker {
@@ -96,8 +87,8 @@ pub struct ReadMarker {
 pub struct Batch {
     /// Message appends, in seq order within each room.
     pub appends: Vec<Append>,
-    /// Membership changes.
-    pub memberships: Vec<MembershipChange>,
+    /// Changes to rooms' details, members, bans and invitations.
+    pub rooms: Vec<RoomWrite>,
     /// Read-marker moves.
     pub read_markers: Vec<ReadMarker>,
 }
@@ -105,7 +96,7 @@ pub struct Batch {
 impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.appends.is_empty() && self.memberships.is_empty() && self.read_markers.is_empty()
+        self.appends.is_empty() && self.rooms.is_empty() && self.read_markers.is_empty()
     }
 }
 
@@ -118,15 +109,21 @@ pub struct RoomRecord {
     pub id: RoomId,
     /// Seq of the last message in its log (0 when empty).
     pub head: u64,
+    /// Kind, title, topic, creator.
+    pub details: RoomDetails,
 }
 
 /// The state recovered at start.
 #[derive(Default, Debug)]
 pub struct Snapshot {
-    /// Every room ever joined.
+    /// Every room ever created.
     pub rooms: Vec<RoomRecord>,
-    /// (user, room) memberships.
-    pub memberships: Vec<(String, RoomId)>,
+    /// (user, room, record) of current members.
+    pub memberships: Vec<(String, RoomId, MemberRecord)>,
+    /// (room, user, ban) bans in force.
+    pub bans: Vec<(RoomId, String, BanRecord)>,
+    /// (invitee, room, invitation) pending invitations.
+    pub invites: Vec<(String, RoomId, InviteRecord)>,
     /// (user, room, seq) read markers.
     pub read_markers: Vec<(String, RoomId, u64)>,
 }
@@ -138,8 +135,13 @@ pub struct Snapshot {
 /// runtime worker ([`commit`]), so a small `write` must not block for long;
 /// reads may come from any thread concurrently.
 pub trait Store: Send + Sync + 'static {
-    /// Recovers rooms with their heads, memberships and read markers.
+    /// Recovers rooms with their heads and details, memberships, bans,
+    /// invitations and read markers.
     fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// How `user`'s membership of `room` ended, if it did (a record with
+    /// `role = 0`); `None` for a current member or one who never was.
+    fn departure(&self, user: &str, room: RoomId) -> Result<Option<MemberRecord>, StoreError>;
 
     /// Applies a batch. After `write` the data is visible to readers; it is
     /// durable only after `sync`.
@@ -255,16 +257,42 @@ pub(crate) mod contract {
         }
     }
 
+    pub fn details(kind: crate::proto::RoomKind, by: &str) -> RoomDetails {
+        RoomDetails { kind: kind as i32, created_by: by.into(), created_ms: 5, ..Default::default() }
+    }
+
+    pub fn member(user: &str, room: RoomId, role: crate::proto::Role) -> RoomWrite {
+        RoomWrite::Member {
+            user: user.into(),
+            room,
+            record: MemberRecord { role: role as i32, since: 9, ..Default::default() },
+        }
+    }
+
     pub fn exercise(store: &dyn Store) {
+        use crate::proto::{MemberChange, Role, RoomKind};
         let mut b = Batch::default();
-        b.memberships.push(MembershipChange { user: "ann".into(), room_name: "general".into(), room: 1, member: true });
-        b.memberships.push(MembershipChange { user: "bob".into(), room_name: "general".into(), room: 1, member: true });
-        b.memberships.push(MembershipChange {
-            user: "ann".into(),
-            room_name: "dm:ann:bob".into(),
+        b.rooms.push(RoomWrite::Details { room: 1, name: "general".into(), details: details(RoomKind::Public, "ann") });
+        b.rooms.push(member("ann", 1, Role::Owner));
+        b.rooms.push(member("bob", 1, Role::Member));
+        b.rooms.push(RoomWrite::Details {
             room: 2,
-            member: true,
+            name: "dm:ann:bob".into(),
+            details: details(RoomKind::Direct, "ann"),
         });
+        b.rooms.push(member("ann", 2, Role::Member));
+        b.rooms.push(RoomWrite::Ban {
+            room: 1,
+            user: "eve".into(),
+            ban: Some(BanRecord { by: "ann".into(), reason: "spam".into(), ts_ms: 3 }),
+        });
+        b.rooms.push(RoomWrite::Ban { room: 1, user: "mal".into(), ban: Some(BanRecord::default()) });
+        b.rooms.push(RoomWrite::Invite {
+            user: "cat".into(),
+            room: 1,
+            invite: Some(InviteRecord { by: "bob".into(), ts_ms: 4 }),
+        });
+        b.rooms.push(RoomWrite::Invite { user: "dan".into(), room: 1, invite: Some(InviteRecord::default()) });
         for seq in 1..=5 {
             b.appends.push(append(1, seq, "ann", &format!("c{seq}")));
         }
@@ -284,21 +312,29 @@ pub(crate) mod contract {
         assert_eq!(store.lookup_idempotent("bob", "c2").unwrap(), None);
 
         let mut leave = Batch::default();
-        leave.memberships.push(MembershipChange {
-            user: "bob".into(),
-            room_name: "general".into(),
-            room: 1,
-            member: false,
-        });
+        let removed = MemberRecord { role: 0, since: 0, reason: MemberChange::Removed as i32, by: "ann".into() };
+        leave.rooms.push(RoomWrite::Member { user: "bob".into(), room: 1, record: removed.clone() });
+        leave.rooms.push(RoomWrite::Ban { room: 1, user: "mal".into(), ban: None });
+        leave.rooms.push(RoomWrite::Invite { user: "dan".into(), room: 1, invite: None });
+        let retitled = RoomDetails { title: "General".into(), ..details(RoomKind::Public, "ann") };
+        leave.rooms.push(RoomWrite::Details { room: 1, name: "general".into(), details: retitled.clone() });
         store.write(&leave).unwrap();
 
         let snap = store.load().unwrap();
-        let mut rooms: Vec<_> = snap.rooms.iter().map(|r| (r.name.clone(), r.id, r.head)).collect();
-        rooms.sort();
-        assert_eq!(rooms, vec![("dm:ann:bob".into(), 2, 1), ("general".into(), 1, 5)]);
-        let mut members = snap.memberships.clone();
+        let mut rooms: Vec<_> = snap.rooms.iter().map(|r| (r.name.clone(), r.id, r.head, r.details.clone())).collect();
+        rooms.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            rooms,
+            vec![("dm:ann:bob".into(), 2, 1, details(RoomKind::Direct, "ann")), ("general".into(), 1, 5, retitled)]
+        );
+        let mut members: Vec<_> = snap.memberships.iter().map(|(u, r, m)| (u.clone(), *r, m.role)).collect();
         members.sort();
-        assert_eq!(members, vec![("ann".into(), 1), ("ann".into(), 2)]);
+        assert_eq!(members, vec![("ann".into(), 1, Role::Owner as i32), ("ann".into(), 2, Role::Member as i32)]);
+        assert_eq!(snap.bans, vec![(1, "eve".into(), BanRecord { by: "ann".into(), reason: "spam".into(), ts_ms: 3 })]);
+        assert_eq!(snap.invites, vec![("cat".into(), 1, InviteRecord { by: "bob".into(), ts_ms: 4 })]);
+        assert_eq!(store.departure("bob", 1).unwrap(), Some(removed));
+        assert_eq!(store.departure("ann", 1).unwrap(), None, "a member");
+        assert_eq!(store.departure("zed", 1).unwrap(), None, "never a member");
         assert_eq!(snap.read_markers, vec![("bob".into(), 1, 3)]);
 
         assert_eq!(store.expire_idempotency(1003).unwrap(), 2);

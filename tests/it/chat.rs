@@ -194,7 +194,8 @@ async fn read_markers_clamp_never_go_back_and_reach_the_other_sessions() {
         assert_eq!(seen, vec![3, 5]);
     }
     let (again, _) = s.client("ann").await;
-    assert_eq!(again.welcome().rooms, vec![proto::RoomState { room: "r".into(), head_seq: 5, read_seq: 5 }]);
+    let rooms: Vec<_> = again.welcome().rooms.iter().map(|r| (r.room.as_str(), r.head_seq, r.read_seq)).collect();
+    assert_eq!(rooms, vec![("r", 5, 5)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +209,9 @@ async fn joining_twice_just_answers_joined_with_online_members() {
     assert_eq!(j.online, vec!["ann".to_string(), "bob".to_string()]);
     ann.publish("r", "x").await.unwrap();
     let j = ann.join("r").await.unwrap();
-    assert_eq!(j.state.unwrap(), proto::RoomState { room: "r".into(), head_seq: 1, read_seq: 0 });
+    let state = j.state.unwrap();
+    assert_eq!((state.room.as_str(), state.head_seq, state.read_seq), ("r", 1, 0));
+    assert_eq!(state.info.unwrap().my_role, proto::Role::Owner as i32, "the first to join owns it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

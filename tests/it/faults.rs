@@ -38,6 +38,9 @@ impl Store for Switchable {
     fn load(&self) -> Result<Snapshot, StoreError> {
         self.inner.load()
     }
+    fn departure(&self, user: &str, room: u64) -> Result<Option<chatd::store::MemberRecord>, StoreError> {
+        self.inner.departure(user, room)
+    }
     fn write(&self, b: &Batch) -> Result<(), StoreError> {
         if !self.writes_land {
             self.check()?;

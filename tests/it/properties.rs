@@ -41,7 +41,7 @@ fn body() -> impl Strategy<Value = Body> {
             Body::History(proto::History { room, before_seq: b, after_seq: a, limit, forward })
         }),
         (text(), any::<u64>(), any::<u64>()).prop_map(|(room, head_seq, read_seq)| Body::Joined(proto::Joined {
-            state: Some(proto::RoomState { room, head_seq, read_seq }),
+            state: Some(proto::RoomState { room, head_seq, read_seq, info: None }),
             online: vec!["a".into()]
         })),
         (any::<i32>(), text()).prop_map(|(code, message)| Body::Error(proto::Error { code, message })),

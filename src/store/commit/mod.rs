@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{Append, MembershipChange, ReadMarker, Store, StoreError};
+use super::{Append, ReadMarker, RoomWrite, Store, StoreError};
 
 /// The largest number of writes in one batch.
 pub const MAX_BATCH_OPS: usize = 4096;
@@ -72,8 +72,9 @@ impl std::fmt::Display for Durability {
 pub enum Write {
     /// A message append.
     Append(Append),
-    /// A membership change.
-    Membership(MembershipChange),
+    /// Changes to rooms' details, members, bans or invitations, written
+    /// together in this order.
+    Rooms(Vec<RoomWrite>),
     /// A read-marker move.
     ReadMarker(ReadMarker),
     /// Writes nothing: its completion comes out once everything before it
@@ -199,6 +200,13 @@ mod tests {
         fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
             Ok(Default::default())
         }
+        fn departure(
+            &self,
+            _: &str,
+            _: crate::store::RoomId,
+        ) -> Result<Option<crate::store::MemberRecord>, StoreError> {
+            Ok(None)
+        }
         fn write(&self, _: &Batch) -> Result<(), StoreError> {
             if self.0 {
                 panic!("store bug")
@@ -265,6 +273,13 @@ mod tests {
     impl Store for Observed {
         fn load(&self) -> Result<crate::store::Snapshot, StoreError> {
             self.inner.load()
+        }
+        fn departure(
+            &self,
+            user: &str,
+            room: crate::store::RoomId,
+        ) -> Result<Option<crate::store::MemberRecord>, StoreError> {
+            self.inner.departure(user, room)
         }
         fn write(&self, batch: &Batch) -> Result<(), StoreError> {
             if self.fail_next.swap(false, Ordering::AcqRel) {

@@ -209,7 +209,7 @@ impl<C: Send + 'static> Writer<C> {
         for p in fresh {
             match p.write {
                 Write::Append(a) => batch.appends.push(a),
-                Write::Membership(m) => batch.memberships.push(m),
+                Write::Rooms(w) => batch.rooms.extend(w),
                 Write::ReadMarker(r) => batch.read_markers.push(r),
                 Write::Barrier => {}
             }

@@ -4,21 +4,25 @@
 //! * `messages` — `room_id ‖ seq` (u64 BE each) → encoded `Message`. One tree
 //!   for every room: sled rewrites its meta map for every new tree.
 //! * `rooms` — room name → room id.
-//! * `members` — `user ‖ 0 ‖ room_id` → empty.
+//! * `room_info` — room id → [`RoomDetails`] (kind, title, topic, creator).
+//! * `members` — `user ‖ 0 ‖ room_id` → [`MemberRecord`]: role and since
+//!   when, or (role 0) how the membership ended.
+//! * `bans` — `room_id ‖ user` → [`BanRecord`].
+//! * `invites` — `user ‖ 0 ‖ room_id` → [`InviteRecord`].
 //! * `reads` — `user ‖ 0 ‖ room_id` → read seq (u64 BE).
 //! * `idem_journal` — record number (u64 BE) → the idempotency entries of
 //!   one group commit (the idempotency window; [`crate::store::idem`] says why it
 //!   is a journal with an index in memory and not a record per key).
 //! * `meta` — `format` → [`FORMAT`], so a foreign directory is refused. A
-//!   store of the previous format ([`FORMAT_1`], a record per key in `idem`)
-//!   is upgraded when it opens.
+//!   store of an earlier format ([`FORMAT_2`], without roles; [`FORMAT_1`],
+//!   a record per key in `idem`) is upgraded when it opens.
 //!
 //! Durability: sled's `flush` writes with `sync_file_range`, which does not
 //! reach the disk's cache (sled issues 1351, 1452), so `sync` follows it
 //! with `fdatasync` on the data file.
 //!
 //! A group commit is written as single inserts in a fixed order — room
-//! names and memberships, then messages (each room's in seq order), then
+//! names, details, members, bans and invitations, then messages (each room's in seq order), then
 //! their idempotency journal record, then read markers — not with `apply_batch`.
 //! sled recovers a prefix of its log (it stops at the first torn or missing
 //! segment), so a crash keeps a prefix of that order: never a message
@@ -57,12 +61,25 @@ use bytes::Bytes;
 
 use self::journal::{EXPIRED_BEFORE, decode_record, journal_entries, keep_in_record, record_number};
 use self::recovery::check_writable;
-pub use self::trees::{FORMAT, FORMAT_1};
+pub use self::trees::{FORMAT, FORMAT_1, FORMAT_2};
 use self::trees::{Trees, corrupt_key, decode_message, room_id_of};
 use super::idem::{self, IdemIndex, Loc};
 use super::{
-    Batch, IdempotencyRecord, RoomId, RoomRecord, Snapshot, Store, StoreError, message_key, split_user_key, user_key,
+    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, RoomDetails, RoomId, RoomRecord, RoomWrite,
+    Snapshot, Store, StoreError, message_key, split_user_key, user_key,
 };
+
+/// Decodes a stored record (one of [`super::rooms`]).
+fn decode<T: prost::Message + Default>(k: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    T::decode(v).map_err(|e| StoreError::Corrupt(format!("record {k:?} does not decode: {e}")))
+}
+
+/// Key of a ban: `room_id ‖ user`, so one room's bans are a prefix range.
+fn ban_key(room: RoomId, user: &str) -> Vec<u8> {
+    let mut k = room.to_be_bytes().to_vec();
+    k.extend_from_slice(user.as_bytes());
+    k
+}
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -142,16 +159,34 @@ impl Store for SledStore {
                 let id = room_id_of(&v)?;
                 let head = t.head_of(id)?;
                 repaired += self.repair_idempotency(t, id, head, expired_before)?;
-                snap.rooms.push(RoomRecord { name, id, head });
+                let details = match t.room_info.get(v.as_ref())? {
+                    Some(d) => decode(&v, &d)?,
+                    None => RoomDetails::default(),
+                };
+                snap.rooms.push(RoomRecord { name, id, head, details });
             }
             if repaired > 0 {
                 t.sync()?;
                 tracing::warn!(repaired, "re-indexed idempotency records lost in a crash");
             }
             for kv in t.members.iter() {
-                let (k, _) = kv?;
+                let (k, v) = kv?;
                 let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
-                snap.memberships.push((user.to_string(), room_id_of(room)?));
+                let record: MemberRecord = decode(&k, &v)?;
+                if record.role != 0 {
+                    snap.memberships.push((user.to_string(), room_id_of(room)?, record));
+                }
+            }
+            for kv in t.bans.iter() {
+                let (k, v) = kv?;
+                let (room, user) = k.split_at_checked(8).ok_or_else(|| corrupt_key(&k))?;
+                let user = std::str::from_utf8(user).map_err(|_| corrupt_key(&k))?;
+                snap.bans.push((room_id_of(room)?, user.to_string(), decode::<BanRecord>(&k, &v)?));
+            }
+            for kv in t.invites.iter() {
+                let (k, v) = kv?;
+                let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+                snap.invites.push((user.to_string(), room_id_of(room)?, decode::<InviteRecord>(&k, &v)?));
             }
             for kv in t.reads.iter() {
                 let (k, v) = kv?;
@@ -165,15 +200,31 @@ impl Store for SledStore {
     fn write(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with(|t| {
             // The order is what a crash keeps a prefix of (module docs):
-            // rooms and memberships first, so a message is never stored for
+            // rooms and their state first, so a message is never stored for
             // a room whose name could be lost; records after their messages.
-            for m in &batch.memberships {
-                t.rooms.insert(m.room_name.as_bytes(), &m.room.to_be_bytes()[..])?;
-                let key = user_key(&m.user, &m.room.to_be_bytes());
-                if m.member {
-                    t.members.insert(key, &[][..])?;
-                } else {
-                    t.members.remove(key)?;
+            use prost::Message as _;
+            for w in &batch.rooms {
+                match w {
+                    RoomWrite::Details { room, name, details } => {
+                        t.rooms.insert(name.as_bytes(), &room.to_be_bytes()[..])?;
+                        t.room_info.insert(room.to_be_bytes(), details.encode_to_vec())?;
+                    }
+                    RoomWrite::Member { user, room, record } => {
+                        t.members.insert(user_key(user, &room.to_be_bytes()), record.encode_to_vec())?;
+                    }
+                    RoomWrite::Ban { room, user, ban } => {
+                        match ban {
+                            Some(b) => t.bans.insert(ban_key(*room, user), b.encode_to_vec())?,
+                            None => t.bans.remove(ban_key(*room, user))?,
+                        };
+                    }
+                    RoomWrite::Invite { user, room, invite } => {
+                        let key = user_key(user, &room.to_be_bytes());
+                        match invite {
+                            Some(i) => t.invites.insert(key, i.encode_to_vec())?,
+                            None => t.invites.remove(key)?,
+                        };
+                    }
                 }
             }
             for a in &batch.appends {
@@ -195,6 +246,16 @@ impl Store for SledStore {
 
     fn sync(&self) -> Result<(), StoreError> {
         self.with(Trees::sync)
+    }
+
+    fn departure(&self, user: &str, room: RoomId) -> Result<Option<MemberRecord>, StoreError> {
+        self.with(|t| {
+            let key = user_key(user, &room.to_be_bytes());
+            match t.members.get(&key)? {
+                Some(v) => Ok(Some(decode::<MemberRecord>(&key, &v)?).filter(|m| m.role == 0)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn probe(&self) -> Result<(), StoreError> {
@@ -323,12 +384,8 @@ mod tests {
         {
             let store = SledStore::open(dir.path(), 8 << 20).unwrap();
             let mut b = Batch::default();
-            b.memberships.push(super::super::MembershipChange {
-                user: "ann".into(),
-                room_name: "r".into(),
-                room: 7,
-                member: true,
-            });
+            b.rooms.push(RoomWrite::Details { room: 7, name: "r".into(), details: RoomDetails::default() });
+            b.rooms.push(super::super::contract::member("ann", 7, crate::proto::Role::Owner));
             b.appends.push(super::super::contract::append(7, 1, "ann", "x"));
             store.write(&b).unwrap();
             store.sync().unwrap();
@@ -343,12 +400,8 @@ mod tests {
     /// server encodes them (sender and key inside the message).
     fn keyed_batch(seqs: std::ops::RangeInclusive<u64>, sender: &str) -> Batch {
         let mut b = Batch::default();
-        b.memberships.push(super::super::MembershipChange {
-            user: sender.into(),
-            room_name: "r".into(),
-            room: 1,
-            member: true,
-        });
+        b.rooms.push(RoomWrite::Details { room: 1, name: "r".into(), details: RoomDetails::default() });
+        b.rooms.push(super::super::contract::member(sender, 1, crate::proto::Role::Member));
         for seq in seqs {
             b.appends.push(super::super::contract::append(1, seq, sender, &format!("c{seq}")));
         }
@@ -506,6 +559,79 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+    }
+
+    /// Writes what a `FORMAT_2` release wrote for these rooms, members and
+    /// messages: `rooms` name → id, `members` keys with empty values, the
+    /// log, no `room_info`, `bans` or `invites`.
+    pub(crate) fn write_format_2(dir: &Path, rooms: &[(&str, RoomId, &[&str], &[&str])]) {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        db.open_tree("meta").unwrap().insert("format", FORMAT_2).unwrap();
+        let (names, members, messages) =
+            (db.open_tree("rooms").unwrap(), db.open_tree("members").unwrap(), db.open_tree("messages").unwrap());
+        for (name, id, users, senders) in rooms {
+            names.insert(name.as_bytes(), &id.to_be_bytes()[..]).unwrap();
+            for u in *users {
+                members.insert(user_key(u, &id.to_be_bytes()), &[][..]).unwrap();
+            }
+            for (i, sender) in senders.iter().enumerate() {
+                let seq = i as u64 + 1;
+                let m = super::super::contract::encoded(*id, seq, sender, "");
+                messages.insert(&message_key(*id, seq)[..], m.as_ref()).unwrap();
+            }
+        }
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_store_from_before_roles_is_upgraded_with_public_rooms_and_owners() {
+        use crate::proto::{Role, RoomKind};
+        let dir = tempfile::tempdir().unwrap();
+        write_format_2(
+            dir.path(),
+            &[
+                // The first message is by someone who left; the next by bob.
+                ("general", 1, &["ann", "bob", "cat"], &["zed", "bob", "ann"]),
+                // Nobody posted: the first member in user-id order.
+                ("quiet", 2, &["dan", "cat"], &[]),
+                ("dm:ann:bob", 3, &["ann", "bob"], &["bob"]),
+            ],
+        );
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        let mut rooms: Vec<_> = snap
+            .rooms
+            .iter()
+            .map(|r| (r.name.as_str(), r.head, r.details.kind, r.details.created_by.as_str()))
+            .collect();
+        rooms.sort();
+        let (public, direct) = (RoomKind::Public as i32, RoomKind::Direct as i32);
+        assert_eq!(
+            rooms,
+            vec![("dm:ann:bob", 1, direct, "bob"), ("general", 3, public, "bob"), ("quiet", 0, public, "cat")]
+        );
+        let mut roles: Vec<_> = snap.memberships.iter().map(|(u, r, m)| (*r, u.as_str(), m.role)).collect();
+        roles.sort();
+        let (owner, member) = (Role::Owner as i32, Role::Member as i32);
+        assert_eq!(
+            roles,
+            vec![
+                (1, "ann", member),
+                (1, "bob", owner),
+                (1, "cat", member),
+                (2, "cat", owner),
+                (2, "dan", member),
+                (3, "ann", member),
+                (3, "bob", member)
+            ]
+        );
+        assert_eq!(store.read_range(1, 1, 3).unwrap().len(), 3, "the log is untouched");
+        let format = store.with(|t| Ok(t.meta.get("format")?)).unwrap();
+        assert_eq!(format.as_deref(), Some(FORMAT));
+        drop(store);
+        // Opened again, it is a current store: nothing is redone.
+        let snap = SledStore::open(dir.path(), 8 << 20).unwrap().load().unwrap();
+        assert_eq!(snap.memberships.len(), 7);
     }
 
     #[test]

@@ -6,13 +6,18 @@ use std::path::Path;
 use prost::Message as _;
 
 use super::journal::JOURNAL;
-use super::upgrade::upgrade_from_format_1;
+use super::upgrade::{upgrade_from_format_1, upgrade_from_format_2};
 use crate::proto;
 use crate::store::{RoomId, StoreError, message_key};
 
-/// Written to `meta/format` in a new store; anything but this and
-/// [`FORMAT_1`] is refused.
-pub const FORMAT: &[u8] = b"chatd-store-2";
+/// Written to `meta/format` in a new store; anything but this,
+/// [`FORMAT_2`] and [`FORMAT_1`] is refused.
+pub const FORMAT: &[u8] = b"chatd-store-3";
+
+/// The format before rooms had kinds and members roles: `members` values
+/// were empty, and there were no `room_info`, `bans` or `invites` trees.
+/// Upgraded in place when opened.
+pub const FORMAT_2: &[u8] = b"chatd-store-2";
 
 /// The previous format: the idempotency window as one `idem` record per key
 /// (`user ‖ 0 ‖ client_msg_id` → [`IdempotencyRecord::encode`]). Upgraded
@@ -24,7 +29,10 @@ pub(super) struct Trees {
     pub(super) db: sled::Db,
     pub(super) messages: sled::Tree,
     pub(super) rooms: sled::Tree,
+    pub(super) room_info: sled::Tree,
     pub(super) members: sled::Tree,
+    pub(super) bans: sled::Tree,
+    pub(super) invites: sled::Tree,
     pub(super) reads: sled::Tree,
     pub(super) journal: sled::Tree,
     pub(super) meta: sled::Tree,
@@ -43,7 +51,11 @@ impl Trees {
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
             Some(v) if v.as_ref() == FORMAT => {}
-            Some(v) if v.as_ref() == FORMAT_1 => upgrade_from_format_1(&db, &meta, &data_file)?,
+            Some(v) if v.as_ref() == FORMAT_1 => {
+                upgrade_from_format_1(&db, &meta, &data_file)?;
+                upgrade_from_format_2(&db, &meta, &data_file)?;
+            }
+            Some(v) if v.as_ref() == FORMAT_2 => upgrade_from_format_2(&db, &meta, &data_file)?,
             Some(v) => {
                 return Err(StoreError::Corrupt(format!(
                     "{} holds store format {:?}, this build reads {:?}",
@@ -77,7 +89,10 @@ impl Trees {
         Ok(Trees {
             messages: db.open_tree("messages")?,
             rooms: db.open_tree("rooms")?,
+            room_info: db.open_tree("room_info")?,
             members: db.open_tree("members")?,
+            bans: db.open_tree("bans")?,
+            invites: db.open_tree("invites")?,
             reads: db.open_tree("reads")?,
             journal: db.open_tree(JOURNAL)?,
             meta,

@@ -3,13 +3,14 @@
 use std::fs::File;
 
 use super::journal::{JOURNAL, write_journal};
-use super::trees::{FORMAT, corrupt_key};
+use super::trees::{FORMAT, FORMAT_2, corrupt_key, room_id_of};
 use crate::store::idem::Entry;
 use crate::store::{IdempotencyRecord, StoreError, split_user_key};
 
 /// Moves a `FORMAT_1` store's idempotency records into the journal, in
-/// timestamp order, then marks the store [`FORMAT`]. Written in that order,
-/// a crash part way leaves a format-1 store, and the upgrade starts over.
+/// timestamp order, then marks the store [`FORMAT_2`]. Written in that
+/// order, a crash part way leaves a format-1 store, and the upgrade starts
+/// over.
 pub(super) fn upgrade_from_format_1(db: &sled::Db, meta: &sled::Tree, data_file: &File) -> Result<(), StoreError> {
     let old = db.open_tree("idem")?;
     let journal = db.open_tree(JOURNAL)?;
@@ -35,10 +36,84 @@ pub(super) fn upgrade_from_format_1(db: &sled::Db, meta: &sled::Tree, data_file:
         n += 1;
         n - 1
     })?;
-    meta.insert("format", FORMAT)?;
+    meta.insert("format", FORMAT_2)?;
     db.drop_tree("idem")?;
     db.flush()?;
     data_file.sync_data()?;
     tracing::info!(ids = ids.len(), "store upgraded from chatd-store-1: the idempotency window is now a journal");
+    Ok(())
+}
+
+/// How far into a room's log the upgrade looks for a member who posted.
+const OWNER_SCAN: u64 = 10_000;
+
+/// Gives a `FORMAT_2` store's rooms their details and its members their
+/// roles, then marks the store [`FORMAT`]. Every room becomes `PUBLIC`
+/// (`dm:` rooms `DIRECT`); its owner is the member whose message comes first
+/// in its log (within the first [`OWNER_SCAN`] messages), else the first
+/// member in user-id order: that format did not record when members joined.
+/// The members' records are rewritten from the keys alone, so a crash part
+/// way leaves a format-2 store and the upgrade starts over.
+pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file: &File) -> Result<(), StoreError> {
+    use prost::Message as _;
+
+    use crate::proto::{self, Role, RoomKind};
+    use crate::store::{MemberRecord, RoomDetails, message_key, user_key};
+
+    let rooms = db.open_tree("rooms")?;
+    let members = db.open_tree("members")?;
+    let messages = db.open_tree("messages")?;
+    let info = db.open_tree("room_info")?;
+    let mut by_room: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for kv in members.iter() {
+        let (k, _) = kv?;
+        let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+        by_room.entry(room_id_of(room)?).or_default().push(user.to_string());
+    }
+    let mut upgraded = 0;
+    for kv in rooms.iter() {
+        let (k, v) = kv?;
+        let name = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
+        let id = room_id_of(&v)?;
+        let users = by_room.remove(&id).unwrap_or_default();
+        let direct = name.starts_with("dm:");
+        let mut first_ts = 0;
+        let mut owner = None;
+        for m in messages.range(message_key(id, 1)..=message_key(id, OWNER_SCAN)) {
+            let (k, v) = m?;
+            let m = proto::Message::decode(v.as_ref()).map_err(|_| corrupt_key(&k))?;
+            if first_ts == 0 {
+                first_ts = m.ts_ms;
+            }
+            if users.contains(&m.sender) {
+                owner = Some(m.sender);
+                break;
+            }
+        }
+        // Keys are in user-id order.
+        let owner = owner.or_else(|| users.first().cloned()).unwrap_or_default();
+        let kind = if direct { RoomKind::Direct } else { RoomKind::Public };
+        let details = RoomDetails {
+            kind: kind as i32,
+            title: String::new(),
+            topic: String::new(),
+            created_by: owner.clone(),
+            created_ms: first_ts,
+        };
+        info.insert(id.to_be_bytes(), details.encode_to_vec())?;
+        for user in &users {
+            let role = if !direct && *user == owner { Role::Owner } else { Role::Member };
+            let record = MemberRecord { role: role as i32, since: 0, reason: 0, by: String::new() };
+            members.insert(user_key(user, &id.to_be_bytes()), record.encode_to_vec())?;
+        }
+        upgraded += 1;
+    }
+    meta.insert("format", FORMAT)?;
+    db.flush()?;
+    data_file.sync_data()?;
+    tracing::info!(
+        rooms = upgraded,
+        "store upgraded from chatd-store-2: rooms are public, their oldest members own them"
+    );
     Ok(())
 }

@@ -1,10 +1,16 @@
 //! The hub: state shared by every session — rooms by name and id, users with
-//! their memberships, read markers and online sessions, publishes whose
-//! idempotency key is still in flight, and the handles of the store and the
-//! group commit.
+//! their memberships, invitations, read markers and online sessions,
+//! publishes whose idempotency key is still in flight, and the handles of
+//! the store and the group commit. [`rooms`] is the room administration
+//! (join, leave, create, invite, remove, ban, roles) every caller goes
+//! through.
 //!
-//! Lock order, where two are held: a user's `state` before a room's
-//! subscribers. The fan-out takes only room locks.
+//! Lock order, where two are held: a room's `changes` (async, across a
+//! commit) before a user's `membership` (async); a user's `state` before a
+//! room's governance, before its subscribers. The fan-out takes only room
+//! subscriber locks.
+
+pub mod rooms;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,9 +21,36 @@ use crate::auth::Auth;
 use crate::delivery::{Frame, Subscriber};
 use crate::idmap::IdMap;
 use crate::pipeline::{Completion, Pipeline};
+use crate::proto::ErrorCode;
 use crate::room::Room;
 use crate::store::commit::CommitQueue;
-use crate::store::{RoomId, Snapshot, Store};
+use crate::store::{RoomId, Snapshot, Store, StoreError};
+
+/// A request refused with an error code and a message for the client.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The `Error.code`.
+    pub code: ErrorCode,
+    /// The `Error.message`.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal { code, message: message.into() }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        static ERRORS: crate::logs::Throttle = crate::logs::Throttle::new(1000);
+        if let Some(suppressed) = ERRORS.allow() {
+            tracing::error!(error = %e, suppressed, "storage error while serving a request");
+        }
+        Refusal::new(ErrorCode::Internal, format!("storage error: {e}"))
+    }
+}
 
 /// Limits and timings that sessions apply (ARCHITECTURE.md, "Limits").
 #[derive(Clone, Debug)]
@@ -49,6 +82,10 @@ pub struct Limits {
     /// Open connections (all transports) before new ones get
     /// `GoAway{CAPACITY}`.
     pub max_connections: usize,
+    /// `Join` of an unknown room creates it (public, the joiner owner).
+    pub auto_create_rooms: bool,
+    /// Pending invitations one user may have.
+    pub max_pending_invites_per_user: usize,
 }
 
 impl Default for Limits {
@@ -67,6 +104,8 @@ impl Default for Limits {
             max_sessions_per_user: 64,
             max_rooms_per_user: 10_000,
             max_connections: 50_000,
+            auto_create_rooms: true,
+            max_pending_invites_per_user: 1000,
         }
     }
 }
@@ -82,6 +121,9 @@ struct Bucket {
 pub struct UserState {
     /// Rooms the user is a member of.
     pub rooms: IdMap<Arc<Room>>,
+    /// Rooms the user has a pending invitation to (the invitation itself is
+    /// in the room's governance).
+    pub invited: IdMap<Arc<Room>>,
     /// Read markers by room.
     pub read: IdMap<u64>,
     /// Sessions online.
@@ -89,8 +131,9 @@ pub struct UserState {
     bucket: Option<Bucket>,
 }
 
-/// One user's entry. `membership` serialises joins and leaves (which wait
-/// for the store) so two sessions of one user cannot interleave them.
+/// One user's entry. `membership` serialises the user's own joins (which
+/// wait for the store) so two sessions of one user cannot both pass the
+/// rooms-per-user limit.
 #[derive(Default)]
 pub struct UserEntry {
     /// The user's state.
@@ -160,17 +203,31 @@ impl Hub {
         let mut max_id = 0;
         for r in snapshot.rooms {
             let name: Arc<str> = r.name.into();
-            let room = Arc::new(Room::new(r.id, name.clone(), r.head));
+            let room = Arc::new(Room::new(r.id, name.clone(), r.head, &r.details));
+            room.mark_stored();
             max_id = max_id.max(r.id);
             rooms.insert(name, room.clone());
             by_id.insert(r.id, room);
         }
         let mut users: HashMap<Arc<str>, Arc<UserEntry>> = HashMap::new();
-        for (user, room) in snapshot.memberships {
+        for (user, room, record) in snapshot.memberships {
             if let Some(room) = by_id.get(&room) {
-                let e = users.entry(user.into()).or_default();
-                e.lock().rooms.insert(room.id, room.clone());
-                room.members.fetch_add(1, Ordering::Relaxed);
+                let user: Arc<str> = user.into();
+                let role = crate::proto::Role::try_from(record.role).unwrap_or(crate::proto::Role::Member);
+                room.gov().apply_member(&user, role, record.since);
+                users.entry(user).or_default().lock().rooms.insert(room.id, room.clone());
+            }
+        }
+        for (room, user, ban) in snapshot.bans {
+            if let Some(room) = by_id.get(&room) {
+                room.gov().bans.insert(user.into(), ban);
+            }
+        }
+        for (user, room, invite) in snapshot.invites {
+            if let Some(room) = by_id.get(&room) {
+                let user: Arc<str> = user.into();
+                room.gov().invites.insert(user.clone(), invite);
+                users.entry(user).or_default().lock().invited.insert(room.id, room.clone());
             }
         }
         for (user, room, seq) in snapshot.read_markers {
@@ -206,22 +263,41 @@ impl Hub {
         self.rooms.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
-    /// The room called `name`, created (in memory; its name is stored with
-    /// the first membership) if it does not exist.
-    pub fn room_or_create(&self, name: &str) -> Arc<Room> {
+    /// The room called `name`, or a new one with `details` (in memory
+    /// until a room administration commits it; [`Room::is_stored`]). The
+    /// flag says whether it is new.
+    pub fn room_or_insert(&self, name: &str, details: &crate::store::RoomDetails) -> (Arc<Room>, bool) {
         if let Some(r) = self.room(name) {
-            return r;
+            return (r, false);
         }
         let mut rooms = self.rooms.write().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = rooms.get(name) {
-            return r.clone();
+            return (r.clone(), false);
         }
         let id = self.next_room_id.fetch_add(1, Ordering::Relaxed);
         let name: Arc<str> = name.into();
-        let room = Arc::new(Room::new(id, name.clone(), 0));
+        let room = Arc::new(Room::new(id, name.clone(), 0, details));
         rooms.insert(name, room.clone());
         self.rooms_by_id.write().unwrap_or_else(|e| e.into_inner()).insert(id, room.clone());
-        room
+        (room, true)
+    }
+
+    /// Forgets `room` if it was never stored and has no members: its
+    /// creation failed to commit.
+    pub fn forget_unstored(&self, room: &Arc<Room>) {
+        if room.is_stored() || !room.gov().members.is_empty() {
+            return;
+        }
+        let mut rooms = self.rooms.write().unwrap_or_else(|e| e.into_inner());
+        if rooms.get(&room.name).is_some_and(|r| Arc::ptr_eq(r, room)) {
+            rooms.remove(&room.name);
+            self.rooms_by_id.write().unwrap_or_else(|e| e.into_inner()).remove(&room.id);
+        }
+    }
+
+    /// Whether `room` is still the room of its name (not forgotten).
+    pub fn is_current(&self, room: &Arc<Room>) -> bool {
+        self.room(&room.name).is_some_and(|r| Arc::ptr_eq(&r, room))
     }
 
     /// The room with id `id`.
@@ -245,7 +321,8 @@ impl Hub {
         e
     }
 
-    /// Takes one publish token from `user`'s bucket; false when empty.
+    /// Takes one token from `user`'s bucket (publishes and room changes);
+    /// false when empty.
     pub fn take_publish_token(&self, entry: &UserEntry) -> bool {
         let rate = self.limits.publish_rate_per_min;
         if rate == 0 {

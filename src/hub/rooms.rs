@@ -1,0 +1,844 @@
+//! Room administration: joining and leaving, creating rooms, invitations,
+//! removals, bans and roles (ARCHITECTURE.md, "Rooms and roles").
+//!
+//! Every change goes the same way: take the room's `changes` lock, decide
+//! with the room's rules ([`crate::room::gov`]), commit the records through
+//! the group commit, and only then apply the change in memory and tell the
+//! sessions — so what a client is told has been stored, and a crash never
+//! undoes an answered change. The acting user is a parameter, not a
+//! session: a transport's request and an application backend's call run
+//! the same code.
+//!
+//! Membership ends at once for every session of the user: each is
+//! unsubscribed from the room (under the room's subscriber lock, which the
+//! fan-out and a catch-up from the log take too, so neither feeds it past
+//! that point) and then gets `Left`, behind whatever was already queued.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::{Hub, Refusal, UserEntry};
+use crate::codec::encode_frame;
+use crate::delivery::Subscriber;
+use crate::pipeline::Completion;
+use crate::proto::{self, Body, Envelope, ErrorCode, MemberChange, Role, RoomKind};
+use crate::room::gov::{self, Action, Membership};
+use crate::room::{Access, Room, access_of, valid_room_name};
+use crate::store::commit::{Pending, Write};
+use crate::store::{BanRecord, InviteRecord, MemberRecord, RoomDetails, RoomWrite};
+use crate::time::now_ms;
+
+/// Members listed per page when the request says 0, and the cap.
+const MEMBERS_DEFAULT: u32 = 100;
+const MEMBERS_MAX: u32 = 1000;
+/// Rooms listed per directory page when the request says 0, and the cap.
+const ROOMS_DEFAULT: u32 = 50;
+const ROOMS_MAX: u32 = 200;
+/// Most bytes in a moderation reason.
+const MAX_REASON: usize = 512;
+
+/// The session a request came from, and its request id: a `Joined` reply
+/// must be queued before the room's first live message to it.
+#[derive(Clone, Copy)]
+pub struct Origin<'a> {
+    /// The requesting session.
+    pub session: &'a Arc<Subscriber>,
+    /// The request's envelope id.
+    pub request: u64,
+}
+
+fn bad(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorCode::BadRequest, message)
+}
+
+fn forbidden(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorCode::Forbidden, message)
+}
+
+fn not_found(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorCode::NotFound, message)
+}
+
+fn check_name(name: &str) -> Result<(), Refusal> {
+    if valid_room_name(name) { Ok(()) } else { Err(bad(format!("invalid room name {name:?}"))) }
+}
+
+fn check_user(user: &str) -> Result<(), Refusal> {
+    if crate::auth::valid_user_id(user) { Ok(()) } else { Err(bad(format!("invalid user id {user:?}"))) }
+}
+
+fn check_reason(reason: &str) -> Result<(), Refusal> {
+    if reason.len() <= MAX_REASON { Ok(()) } else { Err(bad(format!("reason is longer than {MAX_REASON} bytes"))) }
+}
+
+fn member_write(user: &str, room: &Room, role: Role, since: u64) -> RoomWrite {
+    RoomWrite::Member {
+        user: user.to_string(),
+        room: room.id,
+        record: MemberRecord { role: role as i32, since, reason: 0, by: String::new() },
+    }
+}
+
+fn invite_write(user: &str, room: &Room, invite: Option<InviteRecord>) -> RoomWrite {
+    RoomWrite::Invite { user: user.to_string(), room: room.id, invite }
+}
+
+/// A `Left` body.
+pub fn left(room: &str, reason: MemberChange, by: &str) -> proto::Left {
+    proto::Left { room: room.to_string(), reason: reason as i32, by: by.to_string() }
+}
+
+impl Hub {
+    /// Submits a write other than a message and waits until it is durable.
+    pub async fn commit(&self, write: Write) -> Result<(), Refusal> {
+        let commits = &self.pipeline.commits;
+        if commits.has_failed() {
+            return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable"));
+        }
+        let (tx, rx) = oneshot::channel();
+        let permit =
+            commits.reserve().await.ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
+        permit.send(Pending { write, completion: Completion::Notify(tx), epoch: commits.epoch() });
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Refusal::new(ErrorCode::Internal, format!("not stored: {e}"))),
+            Err(_) => Err(Refusal::new(ErrorCode::ServerBusy, "server is shutting down")),
+        }
+    }
+
+    /// Commits changes to `room`, with its name and details first if they
+    /// are not stored yet. A room whose creation fails to commit is
+    /// forgotten.
+    async fn commit_room(&self, room: &Arc<Room>, mut writes: Vec<RoomWrite>) -> Result<(), Refusal> {
+        if !room.is_stored() {
+            let details = room.gov().details();
+            writes.insert(0, RoomWrite::Details { room: room.id, name: room.name.to_string(), details });
+        }
+        match self.commit(Write::Rooms(writes)).await {
+            Ok(()) => {
+                room.mark_stored();
+                Ok(())
+            }
+            Err(e) => {
+                self.forget_unstored(room);
+                Err(e)
+            }
+        }
+    }
+
+    /// The room called `name`: `BAD_REQUEST` for an invalid name,
+    /// `NOT_FOUND` for an unknown one.
+    fn existing(&self, name: &str) -> Result<Arc<Room>, Refusal> {
+        check_name(name)?;
+        self.room(name).ok_or_else(|| not_found(format!("no room {name}")))
+    }
+
+    /// Room changes share the publish rate limit.
+    fn take_change_token(&self, entry: &UserEntry) -> Result<(), Refusal> {
+        if self.take_publish_token(entry) {
+            return Ok(());
+        }
+        self.metrics.rate_limited("moderation");
+        let rate = self.limits.publish_rate_per_min;
+        Err(Refusal::new(
+            ErrorCode::RateLimited,
+            format!("rate limit ({rate} per minute, shared by publishes and room changes) exceeded"),
+        ))
+    }
+
+    /// Logs and counts a room administration action.
+    fn audit(&self, actor: &str, action: &'static str, target: &str, room: &str, reason: &str) {
+        tracing::info!(actor, action, target, room, reason, "room administration");
+        self.metrics.moderation(action);
+    }
+
+    /// Whether `user` has a session online (without creating an entry).
+    pub fn is_online(&self, user: &str) -> bool {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).get(user).is_some_and(|e| !e.lock().sessions.is_empty())
+    }
+
+    /// Tells every session of the room's members about a change, each with
+    /// its own user's role in `info.my_role`.
+    fn room_update(&self, room: &Room, by: &str, user: &str, change: MemberChange, role: Role) {
+        let sessions = room.subscribers();
+        if sessions.is_empty() {
+            return;
+        }
+        let mut frames: [Option<Bytes>; 4] = Default::default();
+        let mut out = Vec::with_capacity(sessions.len());
+        {
+            let g = room.gov();
+            for s in sessions {
+                let viewer = g.role_of(s.user());
+                let frame = frames[viewer as usize].get_or_insert_with(|| {
+                    encode_frame(&Envelope::push(Body::RoomUpdate(proto::RoomUpdate {
+                        info: Some(g.info_as(&room.name, viewer)),
+                        by: by.to_string(),
+                        user: user.to_string(),
+                        change: change as i32,
+                        role: role as i32,
+                    })))
+                });
+                out.push((s, frame.clone()));
+            }
+        }
+        for (s, frame) in out {
+            let _ = s.outbound.push(frame);
+        }
+    }
+
+    /// `Join`: makes `user` a member (creating the room if it is unknown
+    /// and `auto_create_rooms` is on) and subscribes all their sessions.
+    /// The `Joined` reply goes to `origin`, a `Joined` push to the user's
+    /// other sessions.
+    pub async fn join(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        name: &str,
+        origin: Option<Origin<'_>>,
+    ) -> Result<(), Refusal> {
+        check_name(name)?;
+        let peer = match access_of(name) {
+            Ok(Access::Open) => None,
+            Ok(Access::Direct(a, b)) if **user == *a => Some(b),
+            Ok(Access::Direct(a, b)) if **user == *b => Some(a),
+            Ok(Access::Direct(..)) => {
+                return Err(forbidden(format!("{name} is a direct conversation of two other users")));
+            }
+            Err(why) => return Err(bad(why)),
+        };
+        loop {
+            let room = match self.room(name) {
+                Some(room) => room,
+                None if peer.is_some() || self.limits.auto_create_rooms => {
+                    let kind = if peer.is_some() { RoomKind::Direct } else { RoomKind::Public };
+                    let details = RoomDetails {
+                        kind: kind as i32,
+                        created_by: user.to_string(),
+                        created_ms: now_ms(),
+                        ..Default::default()
+                    };
+                    self.room_or_insert(name, &details).0
+                }
+                None => return Err(not_found(format!("no room {name} (rooms are created with CreateRoom here)"))),
+            };
+            let _changes = room.changes.lock().await;
+            if !self.is_current(&room) {
+                // Its creation failed while this waited: start over.
+                continue;
+            }
+            let _serial = entry.membership.lock().await;
+            if entry.lock().rooms.contains_key(&room.id) {
+                // Already a member: just the reply.
+                if let Some(o) = origin {
+                    self.subscribe_sessions(&room, user, entry, Some(o), true);
+                }
+                return Ok(());
+            }
+            let (role, invited, peer_joins) = {
+                let g = room.gov();
+                g.may_join(user).map_err(forbidden)?;
+                let role = if g.kind != RoomKind::Direct && g.members.is_empty() { Role::Owner } else { Role::Member };
+                let peer_joins = peer.filter(|p| !g.members.contains_key(p.as_str()));
+                (role, g.invites.contains_key(&**user), peer_joins)
+            };
+            let max = self.limits.max_rooms_per_user;
+            if entry.lock().rooms.len() >= max {
+                self.forget_unstored(&room);
+                return Err(forbidden(format!("member of {max} rooms already (the limit)")));
+            }
+            let since = now_ms();
+            let mut writes = vec![member_write(user, &room, role, since)];
+            if invited {
+                writes.push(invite_write(user, &room, None));
+            }
+            // The other user of a direct room becomes a member in the same
+            // commit, so nothing the joiner does next finds them outside it.
+            if let Some(p) = &peer_joins {
+                writes.push(member_write(p, &room, Role::Member, since));
+            }
+            self.commit_room(&room, writes).await?;
+            self.admit(&room, user, entry, Membership { role, since }, user, origin);
+            if let Some(p) = peer_joins {
+                let p: Arc<str> = p.into();
+                self.admit(&room, &p, &self.user(&p), Membership { role: Role::Member, since }, user, None);
+            }
+            tracing::debug!(user = %user, room = %name, ?role, "joined");
+            return Ok(());
+        }
+    }
+
+    /// Applies a committed membership: the room's members, the user's
+    /// rooms, their sessions' subscriptions (with `Joined`), then tells the
+    /// room.
+    fn admit(
+        &self,
+        room: &Arc<Room>,
+        user: &Arc<str>,
+        entry: &UserEntry,
+        m: Membership,
+        by: &str,
+        origin: Option<Origin<'_>>,
+    ) {
+        room.gov().apply_member(user, m.role, m.since);
+        let devices = self.subscribe_sessions(room, user, entry, origin, false);
+        self.room_update(room, by, user, MemberChange::Joined, m.role);
+        if devices > 0 {
+            self.presence(room, user, devices, origin.map(|o| o.session.id));
+        }
+    }
+
+    /// Subscribes every session of a member to `room` (those already
+    /// subscribed stay as they are), queueing `Joined` to each: the reply to
+    /// `origin`, a push to the others — or, with `only_origin`, just the
+    /// reply. Returns the user's sessions.
+    fn subscribe_sessions(
+        &self,
+        room: &Arc<Room>,
+        user: &Arc<str>,
+        entry: &UserEntry,
+        origin: Option<Origin<'_>>,
+        only_origin: bool,
+    ) -> usize {
+        let mut st = entry.lock();
+        st.rooms.insert(room.id, room.clone());
+        st.invited.remove(&room.id);
+        let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
+        let info = room.gov().info(&room.name, user);
+        let mut online = room.online_users();
+        if !st.sessions.is_empty()
+            && let Err(i) = online.binary_search_by(|u| u.as_str().cmp(user))
+        {
+            online.insert(i, user.to_string());
+        }
+        for s in &st.sessions {
+            let mine = origin.filter(|o| o.session.id == s.id);
+            if only_origin && mine.is_none() {
+                continue;
+            }
+            let id = mine.map_or(0, |o| o.request);
+            // Queued under the room's lock before the subscription exists,
+            // so it precedes every live message.
+            let reply = |head: u64| {
+                let state = proto::RoomState {
+                    room: room.name.to_string(),
+                    head_seq: head,
+                    read_seq: read_seq.min(head),
+                    info: Some(info.clone()),
+                };
+                encode_frame(&Envelope::new(
+                    id,
+                    Body::Joined(proto::Joined { state: Some(state), online: online.clone() }),
+                ))
+            };
+            room.subscribe_live(s, Some(&reply));
+        }
+        st.sessions.len()
+    }
+
+    /// `Leave`: ends `user`'s membership; their other sessions get `Left`.
+    pub async fn leave(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        name: &str,
+        origin: Option<u64>,
+    ) -> Result<proto::Left, Refusal> {
+        check_name(name)?;
+        let done = left(name, MemberChange::Left, user);
+        let Some(room) = self.room(name) else { return Ok(done) };
+        let _changes = room.changes.lock().await;
+        // Leaving a room one is not in is already done.
+        if entry.lock().rooms.contains_key(&room.id) {
+            self.depart(&room, user, MemberChange::Left, user, origin, Vec::new()).await?;
+            tracing::debug!(user = %user, room = %name, "left");
+        }
+        Ok(done)
+    }
+
+    /// Ends `user`'s membership of `room` (with `writes` in the same
+    /// commit): ownership passes on if they owned it, every session of
+    /// theirs but `except` gets `Left{reason, by}`, and the room is told.
+    /// The caller holds the room's `changes` lock.
+    async fn depart(
+        &self,
+        room: &Arc<Room>,
+        user: &str,
+        reason: MemberChange,
+        by: &str,
+        except: Option<u64>,
+        mut writes: Vec<RoomWrite>,
+    ) -> Result<(), Refusal> {
+        let heir = {
+            let g = room.gov();
+            let owned = g.owner().is_some_and(|o| &**o == user);
+            owned.then(|| g.successor(user)).flatten().map(|h| {
+                let since = g.members.get(&h).map_or(0, |m| m.since);
+                (h, since)
+            })
+        };
+        // The heir is written first: a crash between the two records leaves
+        // two owners (resolved on load), never none.
+        if let Some((h, since)) = &heir {
+            writes.push(member_write(h, room, Role::Owner, *since));
+        }
+        writes.push(RoomWrite::Member {
+            user: user.to_string(),
+            room: room.id,
+            record: MemberRecord { role: 0, since: 0, reason: reason as i32, by: by.to_string() },
+        });
+        self.commit_room(room, writes).await?;
+        {
+            let mut g = room.gov();
+            g.apply_departure(user);
+            if let Some((h, since)) = &heir {
+                g.apply_member(h, Role::Owner, *since);
+            }
+        }
+        let entry = self.user(user);
+        let user: Arc<str> = user.into();
+        {
+            let mut st = entry.lock();
+            st.rooms.remove(&room.id);
+            let frame = encode_frame(&Envelope::push(Body::Left(left(&room.name, reason, by))));
+            for s in &st.sessions {
+                room.unsubscribe(s.id);
+                if Some(s.id) != except {
+                    let _ = s.outbound.push(frame.clone());
+                }
+            }
+        }
+        if room.is_typing(&user) {
+            self.typing(room, &user, false, None);
+        }
+        self.presence(room, &user, 0, None);
+        self.room_update(room, by, &user, reason, Role::Unspecified);
+        if let Some((h, _)) = heir {
+            self.room_update(room, "", &h, MemberChange::RoleChanged, Role::Owner);
+        }
+        Ok(())
+    }
+
+    /// `CreateRoom`: a new room with `user` as owner, and its invitations.
+    pub async fn create_room(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        c: proto::CreateRoom,
+    ) -> Result<proto::RoomInfo, Refusal> {
+        check_name(&c.room)?;
+        if c.room.starts_with("dm:") {
+            return Err(bad("a direct room is made by joining dm:<a>:<b>, not with CreateRoom"));
+        }
+        let kind = match RoomKind::try_from(c.kind) {
+            Ok(RoomKind::Unspecified | RoomKind::Public) => RoomKind::Public,
+            Ok(RoomKind::Private) => RoomKind::Private,
+            Ok(RoomKind::Direct) => return Err(bad("a direct room is made by joining dm:<a>:<b>")),
+            Err(_) => return Err(bad(format!("unknown room kind {}", c.kind))),
+        };
+        gov::check_texts(Some(&c.title), Some(&c.topic)).map_err(bad)?;
+        let mut invitees: Vec<Arc<str>> = Vec::new();
+        for u in &c.invite {
+            check_user(u)?;
+            if **u != **user && !invitees.iter().any(|i| **i == **u) {
+                invitees.push(u.as_str().into());
+            }
+        }
+        let max = self.limits.max_rooms_per_user;
+        if entry.lock().rooms.len() >= max {
+            return Err(forbidden(format!("member of {max} rooms already (the limit)")));
+        }
+        self.take_change_token(entry)?;
+        let now = now_ms();
+        let details = RoomDetails {
+            kind: kind as i32,
+            title: c.title.clone(),
+            topic: c.topic.clone(),
+            created_by: user.to_string(),
+            created_ms: now,
+        };
+        let exists = || Refusal::new(ErrorCode::AlreadyExists, format!("room {} already exists", c.room));
+        let (room, new) = self.room_or_insert(&c.room, &details);
+        if !new {
+            return Err(exists());
+        }
+        let _changes = room.changes.lock().await;
+        if !self.is_current(&room) || !room.gov().members.is_empty() {
+            return Err(exists());
+        }
+        let _serial = entry.membership.lock().await;
+        if let Err(e) = self.check_invitees(&invitees) {
+            self.forget_unstored(&room);
+            return Err(e);
+        }
+        let mut writes = vec![member_write(user, &room, Role::Owner, now)];
+        let invite = InviteRecord { by: user.to_string(), ts_ms: now };
+        writes.extend(invitees.iter().map(|i| invite_write(i, &room, Some(invite.clone()))));
+        self.commit_room(&room, writes).await?;
+        self.admit(&room, user, entry, Membership { role: Role::Owner, since: now }, user, None);
+        for i in &invitees {
+            self.apply_invite(&room, i, &invite);
+        }
+        self.audit(user, "create", "", &c.room, "");
+        Ok(room.gov().info(&room.name, user))
+    }
+
+    /// Refuses (`CONFLICT`) if an invitee has as many pending invitations
+    /// as allowed.
+    fn check_invitees(&self, invitees: &[Arc<str>]) -> Result<(), Refusal> {
+        let max = self.limits.max_pending_invites_per_user;
+        for i in invitees {
+            if self.user(i).lock().invited.len() >= max {
+                return Err(Refusal::new(
+                    ErrorCode::Conflict,
+                    format!("{i} has {max} pending invitations already (the limit)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a committed invitation: the invitee's sessions get an
+    /// `Invitation`, the room a `RoomUpdate`.
+    fn apply_invite(&self, room: &Arc<Room>, invitee: &Arc<str>, invite: &InviteRecord) {
+        let info = {
+            let mut g = room.gov();
+            g.invites.insert(invitee.clone(), invite.clone());
+            g.info_as(&room.name, Role::Unspecified)
+        };
+        let entry = self.user(invitee);
+        let mut st = entry.lock();
+        st.invited.insert(room.id, room.clone());
+        let push = proto::Invitation {
+            room: room.name.to_string(),
+            by: invite.by.clone(),
+            ts_ms: invite.ts_ms,
+            info: Some(info),
+        };
+        let frame = encode_frame(&Envelope::push(Body::Invitation(push)));
+        for s in &st.sessions {
+            let _ = s.outbound.push(frame.clone());
+        }
+        drop(st);
+        self.room_update(room, &invite.by, invitee, MemberChange::Invited, Role::Unspecified);
+    }
+
+    /// `UpdateRoom`: changes title and topic (admins and the owner).
+    pub async fn update_room(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        u: proto::UpdateRoom,
+    ) -> Result<proto::RoomInfo, Refusal> {
+        let room = self.existing(&u.room)?;
+        gov::check_texts(u.title.as_deref(), u.topic.as_deref()).map_err(bad)?;
+        self.take_change_token(entry)?;
+        let _changes = room.changes.lock().await;
+        let (details, changed) = {
+            let g = room.gov();
+            g.check(user, Action::Update, "", Role::Unspecified).map_err(forbidden)?;
+            let mut d = g.details();
+            d.title = u.title.clone().unwrap_or(d.title);
+            d.topic = u.topic.clone().unwrap_or(d.topic);
+            let changed = d.title != g.title || d.topic != g.topic;
+            (d, changed)
+        };
+        if changed {
+            let write = RoomWrite::Details { room: room.id, name: room.name.to_string(), details: details.clone() };
+            self.commit_room(&room, vec![write]).await?;
+            {
+                let mut g = room.gov();
+                g.title = details.title;
+                g.topic = details.topic;
+            }
+            self.room_update(&room, user, "", MemberChange::Unspecified, Role::Unspecified);
+            self.audit(user, "update", "", &room.name, "");
+        }
+        Ok(room.gov().info(&room.name, user))
+    }
+
+    /// `GetRoom`: the room's details, for those who may see them.
+    pub fn get_room(&self, user: &str, name: &str) -> Result<proto::RoomInfo, Refusal> {
+        let room = self.existing(name)?;
+        let g = room.gov();
+        if !g.may_view(user) {
+            return Err(forbidden(format!("room {name} is not visible to you")));
+        }
+        Ok(g.info(name, user))
+    }
+
+    /// `Invite`: invites `target` (members of public rooms, admins of
+    /// private ones). Inviting a member or someone invited changes nothing.
+    pub async fn invite(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        name: &str,
+        target: &str,
+    ) -> Result<proto::RoomInfo, Refusal> {
+        check_user(target)?;
+        let room = self.existing(name)?;
+        self.take_change_token(entry)?;
+        let _changes = room.changes.lock().await;
+        {
+            let g = room.gov();
+            g.check(user, Action::Invite, target, Role::Unspecified).map_err(forbidden)?;
+            if g.members.contains_key(target) || g.invites.contains_key(target) {
+                return Ok(g.info(name, user));
+            }
+            if g.is_banned(target) {
+                return Err(Refusal::new(ErrorCode::Conflict, format!("{target} is banned from {name}; unban first")));
+            }
+        }
+        let target: Arc<str> = target.into();
+        self.check_invitees(std::slice::from_ref(&target))?;
+        let invite = InviteRecord { by: user.to_string(), ts_ms: now_ms() };
+        self.commit_room(&room, vec![invite_write(&target, &room, Some(invite.clone()))]).await?;
+        self.apply_invite(&room, &target, &invite);
+        self.audit(user, "invite", &target, name, "");
+        Ok(room.gov().info(name, user))
+    }
+
+    /// `DeclineInvite`: drops `user`'s pending invitation.
+    pub async fn decline(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        name: &str,
+    ) -> Result<proto::RoomInfo, Refusal> {
+        let none = || not_found(format!("no pending invitation to {name}"));
+        let room = self.existing(name).map_err(|e| if e.code == ErrorCode::NotFound { none() } else { e })?;
+        self.take_change_token(entry)?;
+        let _changes = room.changes.lock().await;
+        if !room.gov().invites.contains_key(&**user) {
+            return Err(none());
+        }
+        self.commit_room(&room, vec![invite_write(user, &room, None)]).await?;
+        let info = {
+            let mut g = room.gov();
+            g.invites.remove(&**user);
+            g.info(name, user)
+        };
+        entry.lock().invited.remove(&room.id);
+        self.room_update(&room, user, user, MemberChange::Declined, Role::Unspecified);
+        self.audit(user, "decline", user, name, "");
+        Ok(info)
+    }
+
+    /// `RemoveMember` (`ban = false`) and `Ban`: ends `target`'s membership
+    /// and withdraws their invitation; a ban also keeps them out.
+    pub async fn remove(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        name: &str,
+        target: &str,
+        reason: &str,
+        ban: bool,
+    ) -> Result<proto::RoomInfo, Refusal> {
+        check_user(target)?;
+        check_reason(reason)?;
+        let room = self.existing(name)?;
+        self.take_change_token(entry)?;
+        let _changes = room.changes.lock().await;
+        let action = if ban { Action::Ban } else { Action::Remove };
+        let (member, invited, banned) = {
+            let g = room.gov();
+            g.check(user, action, target, Role::Unspecified).map_err(forbidden)?;
+            (g.members.contains_key(target), g.invites.contains_key(target), g.is_banned(target))
+        };
+        let change = if ban { MemberChange::Banned } else { MemberChange::Removed };
+        let adds_ban = ban && !banned;
+        if !member && !invited && !adds_ban {
+            return Ok(room.gov().info(name, user));
+        }
+        let mut writes = Vec::new();
+        if invited {
+            writes.push(invite_write(target, &room, None));
+        }
+        let record = BanRecord { by: user.to_string(), reason: reason.to_string(), ts_ms: now_ms() };
+        if adds_ban {
+            writes.push(RoomWrite::Ban { room: room.id, user: target.to_string(), ban: Some(record.clone()) });
+        }
+        if member {
+            // The ban is in the same commit, and in memory before anyone
+            // can try to join again (the room's changes lock is held).
+            self.depart(&room, target, change, user, None, writes).await?;
+            if adds_ban {
+                room.gov().bans.insert(target.into(), record);
+            }
+        } else {
+            self.commit_room(&room, writes).await?;
+            {
+                let mut g = room.gov();
+                g.invites.remove(target);
+                if adds_ban {
+                    g.bans.insert(target.into(), record);
+                }
+            }
+            if invited {
+                // The invitee's sessions drop the invitation.
+                let entry = self.user(target);
+                let mut st = entry.lock();
+                st.invited.remove(&room.id);
+                let frame = encode_frame(&Envelope::push(Body::Left(left(name, change, user))));
+                for s in &st.sessions {
+                    let _ = s.outbound.push(frame.clone());
+                }
+            }
+            self.room_update(&room, user, target, change, Role::Unspecified);
+        }
+        self.audit(user, action.name(), target, name, reason);
+        Ok(room.gov().info(name, user))
+    }
+
+    /// `Unban`.
+    pub async fn unban(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        name: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<proto::RoomInfo, Refusal> {
+        check_user(target)?;
+        check_reason(reason)?;
+        let room = self.existing(name)?;
+        self.take_change_token(entry)?;
+        let _changes = room.changes.lock().await;
+        {
+            let g = room.gov();
+            g.check(user, Action::Unban, target, Role::Unspecified).map_err(forbidden)?;
+            if !g.is_banned(target) {
+                return Ok(g.info(name, user));
+            }
+        }
+        self.commit_room(&room, vec![RoomWrite::Ban { room: room.id, user: target.to_string(), ban: None }]).await?;
+        room.gov().bans.remove(target);
+        self.room_update(&room, user, target, MemberChange::Unbanned, Role::Unspecified);
+        self.audit(user, "unban", target, name, reason);
+        Ok(room.gov().info(name, user))
+    }
+
+    /// `SetRole` (the owner only); `Owner` hands ownership on.
+    pub async fn set_role(
+        &self,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        name: &str,
+        target: &str,
+        role: i32,
+    ) -> Result<proto::RoomInfo, Refusal> {
+        check_user(target)?;
+        let role = match Role::try_from(role) {
+            Ok(r @ (Role::Member | Role::Admin | Role::Owner)) => r,
+            _ => return Err(bad("role must be ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER")),
+        };
+        let room = self.existing(name)?;
+        self.take_change_token(entry)?;
+        let _changes = room.changes.lock().await;
+        let (theirs, mine) = {
+            let g = room.gov();
+            g.check(user, Action::SetRole, target, role).map_err(forbidden)?;
+            let (Some(theirs), Some(mine)) = (g.members.get(target).copied(), g.members.get(&**user).copied()) else {
+                return Err(not_found(format!("{target} is not a member of {name}")));
+            };
+            if theirs.role == role {
+                return Ok(g.info(name, user));
+            }
+            (theirs, mine)
+        };
+        // The new owner is written before the old one steps down: a crash
+        // between leaves two owners (resolved on load), never none.
+        let mut writes = vec![member_write(target, &room, role, theirs.since)];
+        if role == Role::Owner {
+            writes.push(member_write(user, &room, Role::Admin, mine.since));
+        }
+        self.commit_room(&room, writes).await?;
+        let target: Arc<str> = target.into();
+        room.gov().apply_member(&target, role, theirs.since);
+        self.room_update(&room, user, &target, MemberChange::RoleChanged, role);
+        if role == Role::Owner {
+            self.room_update(&room, user, user, MemberChange::RoleChanged, Role::Admin);
+        }
+        self.audit(user, "set_role", &target, name, gov::role_name(role));
+        Ok(room.gov().info(name, user))
+    }
+
+    /// `ListMembers`: a page of members in user-id order.
+    pub fn list_members(&self, user: &str, l: &proto::ListMembers) -> Result<proto::MemberPage, Refusal> {
+        let room = self.existing(&l.room)?;
+        let limit = match l.limit {
+            0 => MEMBERS_DEFAULT,
+            n => n.min(MEMBERS_MAX),
+        } as usize;
+        let (page, has_more) = {
+            let g = room.gov();
+            if !g.may_list_members(user) {
+                return Err(forbidden(format!("room {} is not visible to you", l.room)));
+            }
+            let after = std::ops::Bound::Excluded(l.after_user.as_str());
+            let mut page: Vec<(Arc<str>, Role)> = g
+                .members
+                .range::<str, _>((after, std::ops::Bound::Unbounded))
+                .take(limit + 1)
+                .map(|(u, m)| (u.clone(), m.role))
+                .collect();
+            let has_more = page.len() > limit;
+            page.truncate(limit);
+            (page, has_more)
+        };
+        let members = page
+            .into_iter()
+            .map(|(u, role)| proto::Member { online: self.is_online(&u), user: u.to_string(), role: role as i32 })
+            .collect();
+        Ok(proto::MemberPage { room: l.room.clone(), members, has_more })
+    }
+
+    /// `ListRooms`: a page of the public directory.
+    pub fn list_rooms(&self, user: &str, l: &proto::ListRooms) -> Result<proto::RoomList, Refusal> {
+        let limit = match l.limit {
+            0 => ROOMS_DEFAULT,
+            n => n.min(ROOMS_MAX),
+        } as usize;
+        let query = l.query.to_lowercase();
+        let mut rooms: Vec<Arc<Room>> = self.rooms().into_iter().filter(|r| *r.name > *l.after_room).collect();
+        rooms.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::with_capacity(limit.min(rooms.len()));
+        let mut has_more = false;
+        for room in rooms {
+            let g = room.gov();
+            let listed = g.kind == RoomKind::Public
+                && room.is_stored()
+                && !g.is_banned(user)
+                && (query.is_empty()
+                    || room.name.to_lowercase().contains(&query)
+                    || g.title.to_lowercase().contains(&query));
+            if !listed {
+                continue;
+            }
+            if out.len() == limit {
+                has_more = true;
+                break;
+            }
+            out.push(g.info(&room.name, user));
+        }
+        Ok(proto::RoomList { rooms: out, has_more })
+    }
+
+    /// The `Left` that answers a resume cursor for a room `user` does not
+    /// belong to: how their membership ended, if they had one.
+    pub fn departed(&self, user: &str, name: &str) -> Result<proto::Left, Refusal> {
+        let record = match self.room(name) {
+            Some(room) => self.store.departure(user, room.id)?,
+            None => None,
+        };
+        Ok(match record {
+            Some(r) => proto::Left { room: name.to_string(), reason: r.reason, by: r.by },
+            None => left(name, MemberChange::Unspecified, ""),
+        })
+    }
+}

@@ -1,0 +1,374 @@
+//! Who belongs to a room and what each may do: its kind, details, members
+//! with their roles, bans and pending invitations, and the rules over them
+//! (ARCHITECTURE.md, "Rooms and roles").
+//!
+//! Pure state and decisions: nothing here waits, stores or sends. The hub's
+//! room administration (`hub::rooms`) asks these rules, commits the change,
+//! then applies it here with the `apply_*` methods and tells the sessions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::proto::{self, Role, RoomKind};
+use crate::store::{BanRecord, InviteRecord, RoomDetails};
+
+/// Most characters in a room title.
+pub const MAX_TITLE_CHARS: usize = 128;
+/// Most characters in a room topic.
+pub const MAX_TOPIC_CHARS: usize = 1024;
+
+/// One member's standing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// Its role (never `Unspecified`).
+    pub role: Role,
+    /// When the membership began (Unix ms); with the user id, the order of
+    /// succession.
+    pub since: u64,
+}
+
+/// A room's governance state.
+#[derive(Debug)]
+pub struct Governance {
+    /// Public, private or direct.
+    pub kind: RoomKind,
+    /// Title (≤ [`MAX_TITLE_CHARS`]).
+    pub title: String,
+    /// Topic (≤ [`MAX_TOPIC_CHARS`]).
+    pub topic: String,
+    /// Creator's user id.
+    pub created_by: String,
+    /// Creation time (Unix ms).
+    pub created_ms: u64,
+    /// Members by user id.
+    pub members: BTreeMap<Arc<str>, Membership>,
+    /// Banned users.
+    pub bans: BTreeMap<Arc<str>, BanRecord>,
+    /// Pending invitations by invitee.
+    pub invites: BTreeMap<Arc<str>, InviteRecord>,
+    /// The member whose role is `Owner`, if any.
+    owner: Option<Arc<str>>,
+}
+
+/// What a request would do, for the permission check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Invite someone.
+    Invite,
+    /// End someone's membership or withdraw their invitation.
+    Remove,
+    /// Ban someone.
+    Ban,
+    /// Lift a ban.
+    Unban,
+    /// Change someone's role.
+    SetRole,
+    /// Change title or topic.
+    Update,
+}
+
+impl Action {
+    /// The name used in logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Invite => "invite",
+            Action::Remove => "remove",
+            Action::Ban => "ban",
+            Action::Unban => "unban",
+            Action::SetRole => "set_role",
+            Action::Update => "update",
+        }
+    }
+}
+
+impl Governance {
+    /// A room with these details and no members yet.
+    pub fn new(details: &RoomDetails) -> Self {
+        Governance {
+            kind: RoomKind::try_from(details.kind).unwrap_or(RoomKind::Public),
+            title: details.title.clone(),
+            topic: details.topic.clone(),
+            created_by: details.created_by.clone(),
+            created_ms: details.created_ms,
+            members: BTreeMap::new(),
+            bans: BTreeMap::new(),
+            invites: BTreeMap::new(),
+            owner: None,
+        }
+    }
+
+    /// The details as stored.
+    pub fn details(&self) -> RoomDetails {
+        RoomDetails {
+            kind: self.kind as i32,
+            title: self.title.clone(),
+            topic: self.topic.clone(),
+            created_by: self.created_by.clone(),
+            created_ms: self.created_ms,
+        }
+    }
+
+    /// `user`'s role (`Unspecified`: not a member).
+    pub fn role_of(&self, user: &str) -> Role {
+        self.members.get(user).map_or(Role::Unspecified, |m| m.role)
+    }
+
+    /// The owner, if the room has one.
+    pub fn owner(&self) -> Option<&Arc<str>> {
+        self.owner.as_ref()
+    }
+
+    /// Whether `user` is banned.
+    pub fn is_banned(&self, user: &str) -> bool {
+        self.bans.contains_key(user)
+    }
+
+    /// The room as `viewer` sees it.
+    pub fn info(&self, name: &str, viewer: &str) -> proto::RoomInfo {
+        self.info_as(name, self.role_of(viewer))
+    }
+
+    /// The room as a user with `role` sees it.
+    pub fn info_as(&self, name: &str, role: Role) -> proto::RoomInfo {
+        proto::RoomInfo {
+            room: name.to_string(),
+            kind: self.kind as i32,
+            title: self.title.clone(),
+            topic: self.topic.clone(),
+            created_by: self.created_by.clone(),
+            created_ms: self.created_ms,
+            member_count: self.members.len() as u32,
+            my_role: role as i32,
+            owner: self.owner.as_deref().unwrap_or_default().to_string(),
+        }
+    }
+
+    /// Whether `user` may read the room's details and members: a member, an
+    /// invitee (details only, see [`Governance::may_list_members`]), or
+    /// anyone not banned from a public room.
+    pub fn may_view(&self, user: &str) -> bool {
+        self.members.contains_key(user) || self.invites.contains_key(user) || self.may_list_members(user)
+    }
+
+    /// Whether `user` may list the members.
+    pub fn may_list_members(&self, user: &str) -> bool {
+        self.members.contains_key(user) || (self.kind == RoomKind::Public && !self.is_banned(user))
+    }
+
+    /// Whether `user` may join now, and if not, why.
+    pub fn may_join(&self, user: &str) -> Result<(), &'static str> {
+        if self.is_banned(user) {
+            return Err("you are banned from this room");
+        }
+        match self.kind {
+            RoomKind::Private if !self.invites.contains_key(user) => {
+                Err("this room is private: joining needs an invitation")
+            }
+            // Direct rooms are checked by name (`access_of`) before this.
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `actor` may do `action` to `target` (for `SetRole`, giving
+    /// them `new_role`).
+    pub fn check(&self, actor: &str, action: Action, target: &str, new_role: Role) -> Result<(), String> {
+        let mine = self.role_of(actor);
+        if mine == Role::Unspecified {
+            return Err("you are not a member of this room".into());
+        }
+        if self.kind == RoomKind::Direct {
+            return Err("a direct conversation has no roles and no moderation".into());
+        }
+        let theirs = self.role_of(target);
+        let needs = |role: Role| -> Result<(), String> {
+            if mine >= role {
+                Ok(())
+            } else {
+                Err(format!("{} needs the {} role; you are {}", action.name(), role_name(role), role_name(mine)))
+            }
+        };
+        match action {
+            Action::Invite if self.kind == RoomKind::Public => needs(Role::Member),
+            Action::Invite | Action::Unban | Action::Update => needs(Role::Admin),
+            Action::Remove | Action::Ban => {
+                needs(Role::Admin)?;
+                if actor == target {
+                    return Err(format!("you cannot {} yourself; leave the room instead", action.name()));
+                }
+                if theirs >= mine {
+                    return Err(format!(
+                        "{target} is {}; you can {} only members below your role",
+                        role_name(theirs),
+                        action.name()
+                    ));
+                }
+                Ok(())
+            }
+            Action::SetRole => {
+                needs(Role::Owner)?;
+                if actor == target {
+                    return Err("the owner's role changes only by handing ownership to another member".into());
+                }
+                if new_role == Role::Unspecified {
+                    return Err("role must be MEMBER, ADMIN or OWNER".into());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The longest-standing admin, else member, other than `except`: who
+    /// inherits ownership.
+    pub fn successor(&self, except: &str) -> Option<Arc<str>> {
+        let oldest = |role: Role| {
+            self.members
+                .iter()
+                .filter(|(u, m)| m.role == role && &***u != except)
+                .min_by_key(|(u, m)| (m.since, Arc::clone(u)))
+                .map(|(u, _)| u.clone())
+        };
+        oldest(Role::Admin).or_else(|| oldest(Role::Member))
+    }
+
+    /// Records `user` as a member with `role` since `since`.
+    pub fn apply_member(&mut self, user: &Arc<str>, role: Role, since: u64) {
+        if let Some(old) = self.members.get(user)
+            && old.role == Role::Owner
+            && role != Role::Owner
+        {
+            self.owner = None;
+        }
+        if role == Role::Owner {
+            if let Some(previous) = self.owner.take()
+                && previous != *user
+                && let Some(m) = self.members.get_mut(&previous)
+            {
+                // One owner: a second one can come only from a store a
+                // crash cut in the middle of a hand-over.
+                m.role = Role::Admin;
+            }
+            self.owner = Some(user.clone());
+        }
+        self.invites.remove(user);
+        self.members.insert(user.clone(), Membership { role, since });
+    }
+
+    /// Ends `user`'s membership; returns whether they were a member.
+    pub fn apply_departure(&mut self, user: &str) -> bool {
+        if self.owner.as_deref() == Some(user) {
+            self.owner = None;
+        }
+        self.members.remove(user).is_some()
+    }
+}
+
+/// A role's name for messages.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Unspecified => "not a member",
+        Role::Member => "member",
+        Role::Admin => "admin",
+        Role::Owner => "owner",
+    }
+}
+
+/// Checks a title and topic's lengths (in characters).
+pub fn check_texts(title: Option<&str>, topic: Option<&str>) -> Result<(), String> {
+    if let Some(t) = title
+        && t.chars().count() > MAX_TITLE_CHARS
+    {
+        return Err(format!("title is longer than {MAX_TITLE_CHARS} characters"));
+    }
+    if let Some(t) = topic
+        && t.chars().count() > MAX_TOPIC_CHARS
+    {
+        return Err(format!("topic is longer than {MAX_TOPIC_CHARS} characters"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(kind: RoomKind) -> Governance {
+        let mut g = Governance::new(&RoomDetails { kind: kind as i32, ..Default::default() });
+        for (i, (u, r)) in [
+            ("olga", Role::Owner),
+            ("adam", Role::Admin),
+            ("abby", Role::Admin),
+            ("mia", Role::Member),
+            ("max", Role::Member),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            g.apply_member(&u.into(), r, 10 + i as u64);
+        }
+        g
+    }
+
+    #[test]
+    fn roles_bound_what_each_member_may_do() {
+        let g = room(RoomKind::Private);
+        assert!(
+            g.check("mia", Action::Invite, "zed", Role::Unspecified).is_err(),
+            "members invite only to public rooms"
+        );
+        assert!(room(RoomKind::Public).check("mia", Action::Invite, "zed", Role::Unspecified).is_ok());
+        assert!(g.check("adam", Action::Invite, "zed", Role::Unspecified).is_ok());
+        assert!(g.check("adam", Action::Remove, "mia", Role::Unspecified).is_ok());
+        assert!(g.check("adam", Action::Ban, "abby", Role::Unspecified).is_err(), "an equal");
+        assert!(g.check("adam", Action::Ban, "olga", Role::Unspecified).is_err(), "the owner");
+        assert!(g.check("olga", Action::Remove, "adam", Role::Unspecified).is_ok());
+        assert!(g.check("olga", Action::Remove, "olga", Role::Unspecified).is_err(), "oneself");
+        assert!(g.check("mia", Action::Remove, "max", Role::Unspecified).is_err());
+        assert!(g.check("adam", Action::Ban, "zed", Role::Unspecified).is_ok(), "a non-member may be banned");
+        assert!(g.check("adam", Action::SetRole, "mia", Role::Admin).is_err(), "only the owner sets roles");
+        assert!(g.check("olga", Action::SetRole, "mia", Role::Admin).is_ok());
+        assert!(g.check("olga", Action::SetRole, "olga", Role::Member).is_err());
+        assert!(g.check("olga", Action::SetRole, "mia", Role::Unspecified).is_err());
+        assert!(g.check("zed", Action::Invite, "mia", Role::Unspecified).is_err(), "a non-member");
+        assert!(g.check("mia", Action::Update, "", Role::Unspecified).is_err());
+        assert!(g.check("abby", Action::Update, "", Role::Unspecified).is_ok());
+        let mut dm = Governance::new(&RoomDetails { kind: RoomKind::Direct as i32, ..Default::default() });
+        dm.apply_member(&"ann".into(), Role::Member, 1);
+        assert!(dm.check("ann", Action::Invite, "bob", Role::Unspecified).is_err());
+    }
+
+    #[test]
+    fn ownership_passes_to_the_longest_standing_admin_else_member() {
+        let mut g = room(RoomKind::Public);
+        assert_eq!(g.owner().map(|o| &**o), Some("olga"));
+        assert_eq!(g.successor("olga").as_deref(), Some("adam"));
+        g.apply_departure("adam");
+        g.apply_departure("abby");
+        assert_eq!(g.successor("olga").as_deref(), Some("mia"));
+        g.apply_member(&"mia".into(), Role::Owner, 13);
+        assert_eq!(g.role_of("olga"), Role::Admin, "one owner at a time");
+        assert_eq!(g.owner().map(|o| &**o), Some("mia"));
+        g.apply_departure("mia");
+        assert_eq!(g.owner(), None);
+    }
+
+    #[test]
+    fn who_may_see_and_join() {
+        let mut g = room(RoomKind::Private);
+        assert!(!g.may_view("zed") && g.may_join("zed").is_err());
+        g.invites.insert("zed".into(), InviteRecord::default());
+        assert!(g.may_view("zed") && !g.may_list_members("zed") && g.may_join("zed").is_ok());
+        g.apply_member(&"zed".into(), Role::Member, 99);
+        assert!(g.invites.is_empty(), "joining uses the invitation up");
+        let mut p = room(RoomKind::Public);
+        assert!(p.may_view("zed") && p.may_list_members("zed") && p.may_join("zed").is_ok());
+        p.bans.insert("zed".into(), BanRecord::default());
+        assert!(!p.may_view("zed") && p.may_join("zed").is_err());
+    }
+
+    #[test]
+    fn titles_and_topics_are_bounded_in_characters() {
+        assert!(check_texts(Some(&"é".repeat(128)), Some(&"ü".repeat(1024))).is_ok());
+        assert!(check_texts(Some(&"x".repeat(129)), None).is_err());
+        assert!(check_texts(None, Some(&"x".repeat(1025))).is_err());
+    }
+}
