@@ -30,7 +30,9 @@ let retryAt = 0;
 /** Pending invitations, by room. @type {Map<string, import('./chatd-client.js').Invitation>} */
 const invites = new Map();
 /** Rooms dropped at the last (re)connect because Welcome no longer lists them: a `left` push may say why. */
-let droppedAtConnect = new Set();
+/** @type {Map<string, Room>} */
+let droppedAtConnect = new Map();
+let droppedActive = null; // the one of them that was on screen
 let membersOpen = false; // the member panel is shown (for whichever room is on screen)
 let dirty = { sidebar: false, header: false, messages: false, typing: false, members: false };
 let renderQueued = false;
@@ -1302,13 +1304,17 @@ function wire(c) {
       r.membersLoaded = false;
       r.membersFailed = false;
     }
-    droppedAtConnect = new Set();
+    droppedAtConnect = new Map();
+    droppedActive = null;
     for (const name of [...rooms.keys()]) {
       // A room one was removed from stays until closed.
       if (!member.has(name) && !rooms.get(name).gone) {
+        droppedAtConnect.set(name, rooms.get(name));
         rooms.delete(name);
-        droppedAtConnect.add(name);
-        if (active === name) active = null;
+        if (active === name) {
+          active = null;
+          droppedActive = name;
+        }
       }
     }
     invites.clear();
@@ -1332,6 +1338,14 @@ function wire(c) {
     const invited = invites.delete(l.room);
     if (invited) invalidate('sidebar');
     if (l.reason === MemberChange.REMOVED || l.reason === MemberChange.BANNED) {
+      // Removed while away (Welcome no longer listed the room): it comes
+      // back as it was, on screen if it was, to say so.
+      const kept = droppedAtConnect.get(l.room);
+      if (kept && !rooms.has(l.room)) rooms.set(l.room, kept);
+      if (known && droppedActive === l.room && !active) {
+        active = l.room;
+        droppedActive = null;
+      }
       if (known) markGone(l.room, l.reason, l.by);
       else if (invited) toast(`Your invitation to #${l.room} was withdrawn${l.by ? ` by ${l.by}` : ''}.`, 'info');
     } else {

@@ -943,6 +943,41 @@ describe('chatd-client.js against chatd: rooms, roles and moderation', { skip: n
     await assert.rejects(bob.c.publish('core', 'still here?'), code('ERROR_CODE_FORBIDDEN'));
     await assert.rejects(bob.c.history({ room: 'core' }), code('ERROR_CODE_FORBIDDEN'));
     await assert.rejects(bob.c.join('core'), code('ERROR_CODE_FORBIDDEN'), 'a private room needs a new invitation');
+    // A client that still had a cursor for the room (it was away) hears why at resume, and drops it.
+    const back = new ChatdClient({
+      url: `ws://127.0.0.1:${local.server.http}/ws`, token: await mintTokenAsync(local.data, 'bob', '1h'), heartbeat: false, WebSocket: NodeWebSocket, resume: { core: 1 },
+    });
+    local.clients.push(back);
+    const told = nextEvent(back, 'left', (x) => x.room === 'core');
+    const replayed = [];
+    back.on('message', (m) => replayed.push(m));
+    await back.connect();
+    const why = await told;
+    assert.deepEqual([why.reason, why.by], [MemberChange.REMOVED, 'ann']);
+    assert.deepEqual(replayed.filter((m) => m.room === 'core'), [], 'no replay');
+    assert.equal('core' in back.cursors(), false);
+    back.close();
+  });
+
+  check('pushes to one\'s own sessions: Left{LEFT} when another session leaves; Joined when the other user opens a direct room', { timeout: 20_000 }, async () => {
+    const { ann, cat } = u;
+    const two = await connect('cat');
+    await cat.c.join('cat-corner');
+    const left = nextEvent(two.c, 'left', (l) => l.room === 'cat-corner');
+    const reply = await cat.c.leave('cat-corner');
+    assert.deepEqual([reply.reason, reply.by], [MemberChange.LEFT, 'cat'], 'the reply to Leave');
+    const l = await left;
+    assert.deepEqual([l.reason, l.by], [MemberChange.LEFT, 'cat']);
+    assert.equal('cat-corner' in two.c.cursors(), false);
+    two.c.close();
+    const added = nextEvent(cat.c, 'joined', (j) => j.state.room === 'dm:ann:cat');
+    await ann.c.join('dm:ann:cat');
+    const j = await added;
+    assert.equal(j.state.info && j.state.info.kind, RoomKind.DIRECT);
+    assert.equal(j.state.info.myRole, Role.MEMBER);
+    const seen = nextEvent(cat.c, 'message', (m) => m.room === 'dm:ann:cat');
+    await ann.c.publish('dm:ann:cat', 'psst');
+    assert.equal((await seen).text, 'psst');
   });
 
   check('bans and the directory: a public room is listed and searchable; a banned user is out of it until unbanned', { timeout: 20_000 }, async () => {
@@ -2008,5 +2043,36 @@ describe('rooms, roles and moderation in Chromium against chatd', { skip: missin
     assert.equal(await uma.locator('#chat').evaluate((el) => el.inert), false);
     assert.equal(await uma.evaluate(() => document.activeElement.id), 'members-btn', 'focus goes back to the button');
     for (const page of [uma, vic]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('o. removed while the page was away: back online, it says so in the room on screen', { timeout: 60_000 }, async () => {
+    const { ann, bob } = rooms.pages;
+    assert.ok(ann && bob, 'test j set up both pages');
+    await createRoomFromPage(ann, { name: 'away-room', title: 'While you were out' });
+    await joinRoom(bob, 'away-room');
+    await sendFromPage(ann, 'ann before bob goes away');
+    await waitForTexts(bob, 'away-room', ['ann before bob goes away']);
+    // bob's page loses its connection (the server restarts while his
+    // network is gone: an offline browser keeps an open WebSocket), and ann
+    // removes him meanwhile.
+    const { tcp, http } = rooms.server;
+    await stopServer(rooms.server);
+    await waitUntil(async () => (await state(bob)) !== 'connected' && (await state(ann)) !== 'connected', { timeout: 10_000, what: 'both pages to notice the shutdown' });
+    await bob.context().setOffline(true);
+    rooms.server = await startServer(rooms.data, { tcp, http });
+    await ann.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 20_000 });
+    await manageMember(ann, 'bob', 'remove');
+    assert.notEqual(await state(bob), 'connected', 'bob is still away');
+    await sendFromPage(ann, 'ann while bob is away');
+    await waitForTexts(ann, 'away-room', ['ann while bob is away']);
+    // Back: the page resumes with its cursor, and the server answers it with Left.
+    await bob.context().setOffline(false);
+    await bob.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 20_000 });
+    await bob.locator('#gone-text', { hasText: 'You were removed from #away-room by ann.' }).waitFor({ timeout: 10_000 });
+    assert.equal(await bob.locator('#room-title').textContent(), '#away-room', 'the room stays on screen');
+    await waitForTexts(bob, 'away-room', ['ann before bob goes away']);
+    const leak = await watchFor(1000, async () => (await shown(bob, 'away-room')).some((m) => m.text === 'ann while bob is away'));
+    assert.equal(leak, null, 'nothing published while he was removed');
+    assert.deepEqual(await cspViolations(bob), [], 'nothing the Content-Security-Policy blocks');
   });
 });
