@@ -1979,6 +1979,16 @@ describe('rooms, roles and moderation in Chromium against chatd', { skip: missin
     await manageMember(ann, 'bob', 'member');
     await row('bob', 'ROLE_MEMBER', true).waitFor({ timeout: 10_000 });
     await bob.locator('#member-list .member-menu').waitFor({ state: 'detached', timeout: 5000 });
+    // ann hands ownership on to bob: one owner on both pages, ann an admin.
+    await manageMember(ann, 'bob', 'owner');
+    for (const page of [ann, bob]) {
+      const r = (user, role) => memberRow(page, user).and(page.locator(`[data-role="${role}"]`));
+      await r('bob', 'ROLE_OWNER').waitFor({ timeout: 10_000 });
+      await r('ann', 'ROLE_ADMIN').waitFor({ timeout: 10_000 });
+      assert.equal(await page.locator('#member-list .member[data-role="ROLE_OWNER"]').count(), 1, 'one owner');
+    }
+    assert.equal(await memberRow(ann, 'bob').locator('.member-menu').count(), 0, 'an admin does not manage the owner');
+    await memberRow(ann, 'carol').locator('.member-menu').waitFor({ timeout: 5000 });
     for (const page of [ann, bob]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
   });
 
