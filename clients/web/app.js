@@ -1,7 +1,7 @@
 // The chatd web app served at `/`. Plain DOM, no framework; all protocol
 // work (ordering, resume, retries) is in chatd-client.js.
 
-import { ChatdClient, ChatdError, ErrorCode, newClientMsgId } from './chatd-client.js';
+import { ChatdClient, ChatdError, ErrorCode, MemberChange, Role, RoomKind, newClientMsgId } from './chatd-client.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'chatd.token';
@@ -13,6 +13,9 @@ const TYPING_REFRESH_MS = 3000; // resend "typing" while the user keeps typing
 const TYPING_IDLE_MS = 5000; // stop "typing" after this long without a keystroke
 const TYPING_EXPIRE_MS = 7000; // forget someone's "typing" not refreshed this long
 const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within this are grouped
+const MEMBER_PAGE = 100; // members per ListMembers page
+const DIR_PAGE = 50; // rooms per directory page
+const DIR_SEARCH_DELAY_MS = 200; // the directory searches once typing pauses
 // Phone widths, where the sidebar is a panel over the messages (the breakpoint in style.css).
 const narrow = matchMedia('(max-width: 720px)');
 
@@ -24,7 +27,14 @@ const rooms = new Map();
 let active = null; // name of the room on screen
 let connState = 'idle';
 let retryAt = 0;
-let dirty = { sidebar: false, header: false, messages: false, typing: false };
+/** Pending invitations, by room. @type {Map<string, import('./chatd-client.js').Invitation>} */
+const invites = new Map();
+/** Rooms dropped at the last (re)connect because Welcome no longer lists them: a `left` push may say why. */
+/** @type {Map<string, Room>} */
+let droppedAtConnect = new Map();
+let droppedActive = null; // the one of them that was on screen
+let membersOpen = false; // the member panel is shown (for whichever room is on screen)
+let dirty = { sidebar: false, header: false, messages: false, typing: false, members: false };
 let renderQueued = false;
 let scrollMode = null; // null | 'bottom' | {height, top} (keep position when prepending)
 
@@ -46,6 +56,15 @@ let scrollMode = null; // null | 'bottom' | {height, top} (keep position when pr
  * @property {Map<string, any>} pending     clientMsgId -> {text, failed, ts}
  * @property {Map<number, HTMLElement>} nodes seq -> element
  * @property {number} dividerAt  "new messages" line after this seq (-1: none)
+ * @property {import('./chatd-client.js').RoomInfo | null} info  title, topic, kind, my role
+ * @property {Map<string, {role: string, online: boolean}>} members  as far as listed
+ * @property {boolean} membersLoaded  the first member page arrived
+ * @property {boolean} membersMore    more members after `membersAfter`
+ * @property {string} membersAfter    the last user of the last page
+ * @property {boolean} membersLoading
+ * @property {boolean} membersStale   the membership changed while a page was on its way
+ * @property {boolean} membersFailed  listing failed: not asked again until the panel is reopened
+ * @property {{reason: string, by: string} | null} gone  removed or banned: the room receives nothing more
  */
 
 function newRoom(name) {
@@ -66,6 +85,15 @@ function newRoom(name) {
     pending: new Map(),
     nodes: new Map(),
     dividerAt: -1,
+    info: null,
+    members: new Map(),
+    membersLoaded: false,
+    membersMore: false,
+    membersAfter: '',
+    membersLoading: false,
+    membersStale: false,
+    membersFailed: false,
+    gone: null,
   };
 }
 
@@ -97,6 +125,29 @@ const dmPeer = (name) => {
 const displayName = (name) => (isDm(name) ? dmPeer(name) : `#${name}`);
 const unread = (r) => Math.max(0, r.head - r.read);
 
+// Roles, as the server ranks them: nobody may remove or ban anyone of equal
+// or higher role (proto/README.md §8); the server has the last word.
+const RANK = { [Role.UNSPECIFIED]: 0, [Role.MEMBER]: 1, [Role.ADMIN]: 2, [Role.OWNER]: 3 };
+const ROLE_LABEL = { [Role.OWNER]: 'Owner', [Role.ADMIN]: 'Admin', [Role.MEMBER]: 'Member' };
+const KIND_LABEL = { [RoomKind.PUBLIC]: 'Public', [RoomKind.PRIVATE]: 'Private', [RoomKind.DIRECT]: 'Direct' };
+const rank = (role) => RANK[role] || 0;
+const myRole = (r) => (r && r.info ? r.info.myRole : Role.UNSPECIFIED);
+const isDirect = (r) => isDm(r.name) || (r.info && r.info.kind === RoomKind.DIRECT);
+const isPrivate = (r) => !!r.info && r.info.kind === RoomKind.PRIVATE;
+/** Admins and the owner manage a room (never a direct one). */
+const canManage = (r) => !!r && !r.gone && !isDirect(r) && rank(myRole(r)) >= RANK[Role.ADMIN];
+/** Admins invite; in a public room any member does. */
+const canInvite = (r) => !!r && !r.gone && !isDirect(r) && (canManage(r) || (rank(myRole(r)) >= RANK[Role.MEMBER] && !isPrivate(r)));
+/** Whether I may remove or ban `user` (of role `role`). */
+const canModerate = (r, user, role) => canManage(r) && user !== me && rank(role) < rank(myRole(r));
+const canSetRoles = (r) => canManage(r) && myRole(r) === Role.OWNER;
+
+/** "You were removed from #room by ann" */
+function goneText(name, g) {
+  const what = g.reason === MemberChange.BANNED ? 'banned from' : 'removed from';
+  return `You were ${what} ${displayName(name)}${g.by ? ` by ${g.by}` : ''}`;
+}
+
 const HUES = [4, 24, 45, 140, 170, 200, 225, 255, 285, 320];
 function hue(s) {
   let h = 2166136261;
@@ -111,6 +162,21 @@ function avatar(user, cls = 'avatar') {
   el.textContent = (user[0] || '?').toUpperCase();
   el.setAttribute('aria-hidden', 'true');
   return el;
+}
+
+/** A padlock (SVG: no emoji font is needed). */
+function lockIcon() {
+  const ns = 'http://www.w3.org/2000/svg';
+  const svg = document.createElementNS(ns, 'svg');
+  svg.setAttribute('viewBox', '0 0 24 24');
+  svg.setAttribute('class', 'icon');
+  svg.setAttribute('aria-hidden', 'true');
+  const body = document.createElementNS(ns, 'rect');
+  for (const [k, v] of Object.entries({ x: 5, y: 11, width: 14, height: 10, rx: 2 })) body.setAttribute(k, String(v));
+  const shackle = document.createElementNS(ns, 'path');
+  shackle.setAttribute('d', 'M8 11V8a4 4 0 0 1 8 0v3');
+  svg.append(body, shackle);
+  return svg;
 }
 
 function h(tag, props = {}, ...children) {
@@ -155,6 +221,9 @@ function errorText(e) {
       [ErrorCode.RATE_LIMITED]: 'Slow down — too many messages',
       [ErrorCode.UNAUTHENTICATED]: 'Sign-in failed',
       [ErrorCode.SERVER_BUSY]: 'Server busy',
+      [ErrorCode.NOT_FOUND]: 'Not found',
+      [ErrorCode.ALREADY_EXISTS]: 'Already exists',
+      [ErrorCode.CONFLICT]: 'Not possible now',
     }[e.code];
     return friendly ? `${friendly}: ${e.serverMessage}` : e.message;
   }
@@ -201,11 +270,12 @@ function invalidate(...parts) {
 function render() {
   renderQueued = false;
   const d = dirty;
-  dirty = { sidebar: false, header: false, messages: false, typing: false };
+  dirty = { sidebar: false, header: false, messages: false, typing: false, members: false };
   if (d.sidebar) renderSidebar();
   if (d.header) renderHeader();
   if (d.messages) renderMessages();
   if (d.typing) renderTyping();
+  if (d.members || d.header) renderMembers();
   if (d.sidebar || d.messages) maybeMarkRead();
 }
 
@@ -215,11 +285,15 @@ function renderSidebar() {
     const r = rooms.get(name);
     const n = unread(r);
     const label = displayName(name);
-    const icon = isDm(name) ? avatar(dmPeer(name), 'avatar small') : h('span', { class: 'hash', text: '#' });
+    const icon = isDm(name)
+      ? avatar(dmPeer(name), 'avatar small')
+      : isPrivate(r)
+        ? h('span', { class: 'hash lock', title: 'Private room', 'data-kind': 'private' }, lockIcon())
+        : h('span', { class: 'hash', text: '#' });
     if (isDm(name) && connState === 'connected' && r.online.has(dmPeer(name))) icon.classList.add('is-online');
     const btn = h(
       'button',
-      { class: 'room-btn', type: 'button', title: name },
+      { class: 'room-btn', type: 'button', title: r.gone ? goneText(name, r.gone) : r.info && r.info.title ? `${name} — ${r.info.title}` : name },
       icon,
       h('span', { class: 'room-name', text: isDm(name) ? label : name }),
       n > 0 && name !== active ? h('span', { class: 'badge', 'data-unread': n, text: n > 99 ? '99+' : String(n) }) : null,
@@ -231,7 +305,7 @@ function renderSidebar() {
     return h(
       'li',
       {
-        class: `room-item${name === active ? ' active' : ''}${n > 0 && name !== active ? ' unread' : ''}`,
+        class: `room-item${name === active ? ' active' : ''}${n > 0 && name !== active ? ' unread' : ''}${r.gone ? ' gone' : ''}`,
         'data-room': name,
         'data-head': r.head,
         'data-read': r.acked || 0, // read marker as confirmed by the server
@@ -241,23 +315,72 @@ function renderSidebar() {
   };
   $('room-list').replaceChildren(...names.filter((n) => !isDm(n)).map(item));
   $('dm-list').replaceChildren(...names.filter(isDm).map(item));
-  const total = [...rooms.values()].reduce((a, r) => a + (r.name === active ? 0 : unread(r)), 0);
+  renderInvites();
+  const total = [...rooms.values()].reduce((a, r) => a + (r.name === active || r.gone ? 0 : unread(r)), 0);
   document.title = total ? `(${total}) chatd` : 'chatd';
+  // The menu button also counts invitations: on a phone they wait in the closed panel.
+  const waiting = total + invites.size;
   const menuBadge = $('menu-unread');
-  menuBadge.hidden = !total;
-  menuBadge.textContent = total > 99 ? '99+' : String(total);
+  menuBadge.hidden = !waiting;
+  menuBadge.textContent = waiting > 99 ? '99+' : String(waiting);
+}
+
+function renderInvites() {
+  const list = [...invites.values()].sort((a, b) => a.room.localeCompare(b.room));
+  $('invites-section').hidden = !list.length;
+  $('invite-list').replaceChildren(
+    ...list.map((inv) => {
+      const info = inv.info;
+      const accept = h('button', { class: 'invite-accept', type: 'button', text: 'Accept', 'aria-label': `Accept the invitation to ${inv.room}` });
+      const decline = h('button', { class: 'invite-decline', type: 'button', text: 'Decline', 'aria-label': `Decline the invitation to ${inv.room}` });
+      accept.addEventListener('click', () => acceptInvite(inv.room));
+      decline.addEventListener('click', () => declineInvite(inv.room));
+      return h(
+        'li',
+        { class: 'invite', 'data-room': inv.room },
+        h(
+          'div',
+          { class: 'invite-text' },
+          h('span', { class: 'invite-room', text: info && info.title ? info.title : `#${inv.room}`, title: inv.room }),
+          h('span', { class: 'invite-by', text: inv.by ? `from ${inv.by}` : 'invitation' }),
+        ),
+        h('div', { class: 'invite-buttons' }, accept, decline),
+      );
+    }),
+  );
 }
 
 function renderHeader() {
   const r = active ? rooms.get(active) : null;
   $('room-title').textContent = r ? displayName(r.name) : 'chatd';
-  $('leave-btn').hidden = !r;
+  const info = r && !isDm(r.name) ? r.info : null;
+  const kind = $('room-kind');
+  kind.hidden = !(info && info.kind === RoomKind.PRIVATE);
+  kind.textContent = kind.hidden ? '' : 'Private';
+  const title = $('room-display-title');
+  title.hidden = !(info && info.title);
+  title.textContent = info ? info.title : '';
+  const topic = $('room-topic');
+  topic.hidden = !(info && info.topic);
+  topic.textContent = info ? info.topic : '';
+  topic.title = info ? info.topic : '';
+  $('leave-btn').hidden = !r || !!r.gone;
+  $('members-btn').hidden = !r || !!r.gone;
+  $('settings-btn').hidden = !r || !!r.gone || isDirect(r);
+  if (r) {
+    const count = r.info ? r.info.memberCount : r.members.size;
+    $('member-count').textContent = String(count || '');
+    $('members-btn').setAttribute('aria-label', `Members${count ? ` (${count})` : ''}`);
+    $('members-btn').title = 'Members';
+  }
   $('empty').hidden = !!r;
   $('messages').hidden = !r;
-  $('composer').hidden = !r;
+  $('composer').hidden = !r || !!r.gone;
+  $('gone').hidden = !r || !r.gone;
+  $('gone-text').textContent = r && r.gone ? `${goneText(r.name, r.gone)}.` : '';
   $('composer-input').placeholder = r ? `Message ${displayName(r.name)}` : 'Message';
   const online = $('online');
-  if (!r) {
+  if (!r || r.gone) {
     online.replaceChildren();
     return;
   }
@@ -403,6 +526,53 @@ function renderTyping() {
   el.dataset.users = users.join(',');
 }
 
+// The member panel: everyone in the room on screen with their role and
+// whether they are online; for admins and the owner, what they may do.
+function renderMembers() {
+  const r = active ? rooms.get(active) : null;
+  const open = membersOpen && !!r && !r.gone;
+  const panel = $('members-panel');
+  const was = !panel.hidden;
+  panel.hidden = !open;
+  $('app').classList.toggle('members-open', open);
+  $('members-btn').setAttribute('aria-expanded', String(open));
+  syncInert();
+  if (!open) {
+    if (was && panel.contains(document.activeElement)) $('members-btn').focus();
+    return;
+  }
+  if (!r.membersLoaded && !r.membersLoading && !r.membersFailed) loadMembers(r);
+  $('invite-form').hidden = !canInvite(r);
+  const count = r.info ? r.info.memberCount : r.members.size;
+  $('members-heading').textContent = count ? `Members · ${count}` : 'Members';
+  const people = [...r.members].sort(([a, x], [b, y]) => rank(y.role) - rank(x.role) || a.localeCompare(b));
+  const known = connState === 'connected';
+  const items = people.map(([user, m]) => {
+    const online = known && (m.online || user === me);
+    const av = avatar(user, 'avatar small');
+    const role = ROLE_LABEL[m.role] || '';
+    const li = h(
+      'li',
+      { class: 'member', 'data-user': user, 'data-role': m.role, 'data-online': String(online) },
+      av,
+      h('span', { class: `presence ${online ? 'on' : 'off'}`, title: online ? 'Online' : 'Offline', role: 'img', 'aria-label': online ? 'online' : 'offline' }),
+      h('span', { class: 'member-name', text: user === me ? `${user} (you)` : user, title: user }),
+      m.role === Role.OWNER || m.role === Role.ADMIN ? h('span', { class: `role-badge ${m.role === Role.OWNER ? 'owner' : 'admin'}`, text: role }) : null,
+    );
+    if (canModerate(r, user, m.role) || (canSetRoles(r) && user !== me)) {
+      const b = h('button', { class: 'member-menu', type: 'button', text: '⋯', title: `Manage ${user}`, 'aria-label': `Manage ${user}`, 'aria-haspopup': 'dialog' });
+      b.addEventListener('click', () => openMemberDialog(r.name, user));
+      li.append(b);
+    }
+    return li;
+  });
+  if (!items.length) items.push(h('li', { class: 'member-note', text: r.membersLoading ? 'Loading…' : 'Nobody here' }));
+  $('member-list').replaceChildren(...items);
+  const more = $('members-more');
+  more.hidden = !r.membersMore;
+  more.disabled = r.membersLoading;
+}
+
 function renderConn() {
   const el = $('conn-state');
   const labels = { idle: 'Offline', connecting: 'Connecting…', connected: 'Online', reconnecting: 'Reconnecting…', closed: 'Offline' };
@@ -437,8 +607,8 @@ async function selectRoom(name) {
   scrollMode = 'bottom';
   invalidate('sidebar', 'header', 'messages', 'typing');
   // On a phone the on-screen keyboard would come up over the messages just chosen.
-  if (!narrow.matches) $('composer-input').focus();
-  if (!r.loaded) await loadNewest(r);
+  if (!narrow.matches && !r.gone) $('composer-input').focus();
+  if (!r.loaded && !r.gone) await loadNewest(r);
 }
 
 async function loadNewest(r) {
@@ -491,18 +661,33 @@ async function joinRoom(name) {
     // Only once joined: a name refused is still there in the panel to correct.
     setNav(false, { refocus: true });
     await selectRoom(j.state.room);
+    return true;
   } catch (e) {
     toast(`Could not join ${name}: ${errorText(e)}`);
+    return false;
   }
 }
 
 function applyJoined(j) {
   const r = room(j.state.room);
+  if (j.state.info) r.info = j.state.info;
+  if (r.gone) {
+    // Back in a room one was removed from: its messages are fetched afresh.
+    r.gone = null;
+    r.msgs = new Map();
+    r.seqs = [];
+    r.nodes = new Map();
+    r.loaded = false;
+    r.hasOlder = false;
+    if (r.name === active) loadNewest(r);
+  }
+  r.membersLoaded = false;
+  if (invites.delete(r.name)) invalidate('sidebar');
   r.head = Math.max(r.head, j.state.headSeq);
   r.read = Math.max(r.read, j.state.readSeq);
   r.acked = Math.max(r.acked || 0, j.state.readSeq);
   r.online = new Set(j.online);
-  invalidate('sidebar', 'header');
+  invalidate('sidebar', 'header', 'members');
 }
 
 async function leaveRoom() {
@@ -514,13 +699,446 @@ async function leaveRoom() {
     toast(`Could not leave: ${errorText(e)}`);
     return;
   }
-  rooms.delete(name);
-  const next = [...rooms.keys()].sort()[0] || null;
+  dropRoom(name);
+}
+
+/** Forgets a room the user is no longer in; if it was on screen, shows another. */
+function dropRoom(name) {
+  if (!rooms.delete(name)) return;
+  if (typingRoom === name) stopTyping();
+  invalidate('sidebar');
+  if (active !== name) return;
+  const next = [...rooms.keys()].sort().find((n) => !rooms.get(n).gone) || null;
   active = null;
   if (next) selectRoom(next);
   else {
     localStorage.removeItem(ROOM_KEY);
-    invalidate('sidebar', 'header', 'messages', 'typing');
+    invalidate('sidebar', 'header', 'messages', 'typing', 'members');
+  }
+}
+
+/**
+ * The user was removed or banned from `name` (a `left` push): the room stays
+ * listed, marked, with what happened in place of the composer, until closed.
+ */
+function markGone(name, reason, by) {
+  const r = room(name);
+  r.gone = { reason, by };
+  if (typingRoom === name) stopTyping();
+  r.typing.clear();
+  r.online.clear();
+  r.pending.clear();
+  r.members.clear();
+  r.membersLoaded = false;
+  invalidate('sidebar', 'header', 'messages', 'typing', 'members');
+  if (memberTarget && memberTarget.room === name && $('member-dialog').open) $('member-dialog').close();
+  if (name === active && $('room-dialog').open) $('room-dialog').close();
+  if (name !== active) toast(`${goneText(name, r.gone)}.`, 'info');
+}
+
+// ---------------------------------------------------------------------------
+// Invitations
+
+async function acceptInvite(name) {
+  if (!client) return;
+  try {
+    const j = await client.join(name);
+    invites.delete(name);
+    applyJoined(j);
+    setNav(false, { refocus: true });
+    await selectRoom(j.state.room);
+  } catch (e) {
+    // Withdrawn meanwhile, or the room is gone: nothing left to accept.
+    if (e instanceof ChatdError && (e.code === ErrorCode.NOT_FOUND || e.code === ErrorCode.FORBIDDEN)) invites.delete(name);
+    invalidate('sidebar');
+    toast(`Could not join ${name}: ${errorText(e)}`);
+  }
+}
+
+async function declineInvite(name) {
+  if (!client) return;
+  try {
+    await client.declineInvite(name);
+  } catch (e) {
+    if (!(e instanceof ChatdError && e.code === ErrorCode.NOT_FOUND)) {
+      toast(`Could not decline: ${errorText(e)}`);
+      return;
+    }
+  }
+  invites.delete(name);
+  invalidate('sidebar');
+}
+
+// ---------------------------------------------------------------------------
+// Members
+
+async function loadMembers(r, more = false) {
+  if (!client || r.membersLoading || r.gone) return;
+  r.membersLoading = true;
+  r.membersStale = false;
+  try {
+    const page = await client.listMembers(r.name, { afterUser: more ? r.membersAfter : '', limit: MEMBER_PAGE });
+    if (r.gone || rooms.get(r.name) !== r) return;
+    if (!more) r.members = new Map();
+    for (const m of page.members) {
+      r.members.set(m.user, { role: m.role, online: m.online });
+      if (m.online) r.online.add(m.user);
+    }
+    if (page.members.length) r.membersAfter = page.members[page.members.length - 1].user;
+    r.membersMore = page.hasMore;
+    r.membersLoaded = true;
+  } catch (e) {
+    r.membersFailed = true;
+    if (!(e instanceof ChatdError && e.code === 'CLOSED')) toast(`Could not list the members of ${displayName(r.name)}: ${errorText(e)}`);
+  } finally {
+    r.membersLoading = false;
+    invalidate('members', 'header');
+  }
+  // Someone joined or left while the page was on its way: it may predate that.
+  if (r.membersStale && !r.gone && rooms.get(r.name) === r) loadMembers(r);
+}
+
+/** Keeps a listed room's members current from a RoomUpdate. */
+function applyMemberChange(r, u) {
+  if (r.membersLoading) {
+    r.membersStale = true;
+    return;
+  }
+  if (!r.membersLoaded) return;
+  switch (u.change) {
+    case MemberChange.JOINED:
+      r.members.set(u.user, { role: u.role || Role.MEMBER, online: r.online.has(u.user) || u.user === me });
+      break;
+    case MemberChange.LEFT:
+    case MemberChange.REMOVED:
+    case MemberChange.BANNED:
+      r.members.delete(u.user);
+      break;
+    case MemberChange.ROLE_CHANGED: {
+      const m = r.members.get(u.user);
+      if (m) m.role = u.role;
+      break;
+    }
+    default:
+      break;
+  }
+  // One owner, the one RoomInfo names: a hand-over makes the old one an
+  // admin, and an owner leaving passes it on.
+  const owner = u.info ? u.info.owner : '';
+  for (const [user, m] of r.members) {
+    if (m.role === Role.OWNER && owner && user !== owner) m.role = Role.ADMIN;
+  }
+  const o = r.members.get(owner);
+  if (o) o.role = Role.OWNER;
+  const mine = r.members.get(me);
+  if (mine && u.info && u.info.myRole !== Role.UNSPECIFIED) mine.role = u.info.myRole;
+}
+
+function toggleMembers(open = !membersOpen) {
+  membersOpen = open;
+  const r = active ? rooms.get(active) : null;
+  if (open && r) r.membersFailed = false;
+  invalidate('members');
+  if (open) {
+    // On a phone the panel covers the messages: focus goes into it.
+    queueMicrotask(() => {
+      if (narrow.matches && !$('members-panel').hidden) $('members-close').focus();
+    });
+  }
+}
+
+async function inviteFromPanel(e) {
+  e.preventDefault();
+  const r = active ? rooms.get(active) : null;
+  const input = $('invite-input');
+  const user = input.value.trim().replace(/^@/, '');
+  if (!r || !user || !client) return;
+  if (!/^[A-Za-z0-9_.-]{1,62}$/.test(user)) {
+    toast('User names are 1–62 letters, digits, _ . -');
+    return;
+  }
+  try {
+    const info = await client.invite(r.name, user);
+    r.info = info;
+    input.value = '';
+    toast(`Invited ${user} to ${displayName(r.name)}`, 'info');
+  } catch (err) {
+    toast(`Could not invite ${user}: ${errorText(err)}`);
+  }
+  invalidate('header', 'members');
+}
+
+// The member dialog: role changes (the owner), removal and ban (admins).
+let memberTarget = null; // {room, user}
+let ownerArmed = false; // "Make owner" asks to be clicked twice
+
+function openMemberDialog(name, user) {
+  const r = rooms.get(name);
+  const m = r && r.members.get(user);
+  if (!m) return;
+  memberTarget = { room: name, user };
+  ownerArmed = false;
+  $('md-heading').textContent = user;
+  $('md-reason').value = '';
+  $('md-error').hidden = true;
+  fillMemberDialog();
+  $('member-dialog').showModal();
+}
+
+function fillMemberDialog() {
+  const t = memberTarget;
+  const r = t && rooms.get(t.room);
+  const m = r && r.members.get(t.user);
+  if (!m || r.gone) {
+    if ($('member-dialog').open) $('member-dialog').close();
+    return;
+  }
+  $('md-role').textContent = `${ROLE_LABEL[m.role] || 'Not a member'} of ${displayName(r.name)}`;
+  const roles = canSetRoles(r);
+  $('md-roles').hidden = !roles;
+  $('md-admin').hidden = m.role === Role.ADMIN;
+  $('md-member').hidden = m.role === Role.MEMBER;
+  $('md-owner').textContent = ownerArmed ? `Yes, make ${t.user} the owner` : 'Make owner';
+  $('md-owner').classList.toggle('danger', ownerArmed);
+  const mod = canModerate(r, t.user, m.role);
+  $('md-moderate').hidden = !mod;
+  $('md-remove').textContent = `Remove ${t.user}`;
+  $('md-ban').textContent = `Ban ${t.user}`;
+}
+
+async function memberAction(action) {
+  const t = memberTarget;
+  if (!t || !client) return;
+  if (action === 'owner' && !ownerArmed) {
+    ownerArmed = true;
+    fillMemberDialog();
+    return;
+  }
+  const reason = $('md-reason').value.trim();
+  const { room: name, user } = t;
+  const buttons = [...$('member-dialog').querySelectorAll('button')];
+  buttons.forEach((b) => (b.disabled = true));
+  try {
+    let info;
+    if (action === 'remove') info = await client.removeMember(name, user, reason);
+    else if (action === 'ban') info = await client.ban(name, user, reason);
+    else info = await client.setRole(name, user, action);
+    const r = rooms.get(name);
+    if (r) {
+      r.info = info;
+      // The RoomUpdate push follows; until then the list shows the outcome.
+      if (action === 'remove' || action === 'ban') r.members.delete(user);
+      else applyMemberChange(r, { info, change: MemberChange.ROLE_CHANGED, user, role: action === 'owner' ? Role.OWNER : action === 'admin' ? Role.ADMIN : Role.MEMBER });
+    }
+    $('member-dialog').close();
+    invalidate('header', 'members');
+  } catch (e) {
+    $('md-error').textContent = errorText(e);
+    $('md-error').hidden = false;
+  } finally {
+    buttons.forEach((b) => (b.disabled = false));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Creating rooms
+
+function openCreate() {
+  setNav(false);
+  $('create-form').reset();
+  $('create-error').hidden = true;
+  $('create-dialog').showModal();
+  $('create-name').focus();
+}
+
+async function createRoom(e) {
+  e.preventDefault();
+  if (!client) return;
+  const name = $('create-name').value.trim().replace(/^#/, '');
+  const err = $('create-error');
+  const fail = (text) => {
+    err.textContent = text;
+    err.hidden = false;
+  };
+  if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) return fail('Room names are 1–128 letters, digits, _ . : -');
+  if (isDm(name)) return fail('Names starting with dm: are for direct conversations');
+  const invite = $('create-invite').value.split(/[\s,]+/).map((u) => u.replace(/^@/, '')).filter(Boolean);
+  const bad = invite.find((u) => !/^[A-Za-z0-9_.-]{1,62}$/.test(u));
+  if (bad) return fail(`"${bad}" is not a user name (1–62 letters, digits, _ . -)`);
+  const submit = $('create-submit');
+  submit.disabled = true;
+  try {
+    const info = await client.createRoom(name, {
+      kind: $('create-private').checked ? RoomKind.PRIVATE : RoomKind.PUBLIC,
+      title: $('create-title').value.trim(),
+      topic: $('create-topic').value.trim(),
+      invite: invite.filter((u) => u !== me),
+    });
+    const r = room(info.room);
+    r.info = info;
+    r.gone = null;
+    r.online.add(me);
+    $('create-dialog').close();
+    await selectRoom(info.room);
+  } catch (e2) {
+    fail(
+      e2 instanceof ChatdError && e2.code === ErrorCode.ALREADY_EXISTS
+        ? `A room named ${name} already exists: pick another name, or join it from the directory.`
+        : errorText(e2),
+    );
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The directory of public rooms
+
+const dir = { query: '', after: '', seq: 0, timer: null, loading: false };
+
+function openDirectory() {
+  setNav(false);
+  $('dir-dialog').showModal();
+  $('dir-search').focus();
+  searchDirectory(false);
+}
+
+async function searchDirectory(more) {
+  if (!client) return;
+  clearTimeout(dir.timer);
+  const query = $('dir-search').value.trim();
+  const seq = ++dir.seq; // a newer search makes older answers moot
+  if (!more) {
+    dir.query = query;
+    dir.after = '';
+  }
+  dir.loading = true;
+  $('dir-status').textContent = 'Searching…';
+  $('dir-more').hidden = true;
+  try {
+    const list = await client.listRooms({ query: dir.query, afterRoom: dir.after, limit: DIR_PAGE });
+    if (seq !== dir.seq) return;
+    const items = list.rooms.map(directoryItem);
+    if (more) $('dir-list').append(...items);
+    else $('dir-list').replaceChildren(...items);
+    if (list.rooms.length) dir.after = list.rooms[list.rooms.length - 1].room;
+    const shownCount = $('dir-list').children.length;
+    $('dir-status').textContent = shownCount ? '' : dir.query ? `No public room matches "${dir.query}".` : 'There are no public rooms yet.';
+    $('dir-more').hidden = !list.hasMore;
+  } catch (e) {
+    if (seq === dir.seq) $('dir-status').textContent = `Could not list rooms: ${errorText(e)}`;
+  } finally {
+    if (seq === dir.seq) dir.loading = false;
+  }
+}
+
+function directoryItem(info) {
+  const r = rooms.get(info.room);
+  const member = !!r && !r.gone;
+  const btn = h('button', { class: member ? 'ghost small dir-join' : 'primary small dir-join', type: 'button', text: member ? 'Open' : 'Join', 'aria-label': `${member ? 'Open' : 'Join'} ${info.room}` });
+  btn.addEventListener('click', async () => {
+    btn.disabled = true;
+    if (member) {
+      $('dir-dialog').close();
+      await selectRoom(info.room);
+      return;
+    }
+    const ok = await joinRoom(info.room);
+    if (ok) $('dir-dialog').close();
+    else btn.disabled = false;
+  });
+  const n = info.memberCount;
+  return h(
+    'li',
+    { class: 'dir-room', 'data-room': info.room },
+    h(
+      'div',
+      { class: 'dir-text' },
+      h('div', { class: 'dir-name-row' }, h('span', { class: 'dir-name', text: `#${info.room}` }), info.title ? h('span', { class: 'dir-title', text: info.title }) : null),
+      info.topic ? h('div', { class: 'dir-topic', text: info.topic }) : null,
+      h('div', { class: 'dir-count', text: `${n} member${n === 1 ? '' : 's'}` }),
+    ),
+    btn,
+  );
+}
+
+// ---------------------------------------------------------------------------
+// Room details (title and topic editable by admins; unban)
+
+function openRoomDialog() {
+  const r = active ? rooms.get(active) : null;
+  if (!r || r.gone) return;
+  $('rd-error').hidden = true;
+  fillRoomDialog(r, true);
+  $('room-dialog').showModal();
+  if (canManage(r)) $('rd-topic').focus();
+  else $('rd-close').focus();
+}
+
+function fillRoomDialog(r, fields) {
+  const info = r.info;
+  $('rd-heading').textContent = displayName(r.name);
+  const facts = [];
+  const fact = (k, v) => facts.push(h('dt', { text: k }), h('dd', { text: v }));
+  if (info) {
+    fact('Kind', KIND_LABEL[info.kind] || '—');
+    fact('Owner', info.owner || '—');
+    if (info.createdBy) fact('Created', `by ${info.createdBy}${info.createdMs ? `, ${fullFmt.format(new Date(info.createdMs))}` : ''}`);
+    fact('Members', String(info.memberCount));
+    fact('You', ROLE_LABEL[info.myRole] || 'not a member');
+    if (!canManage(r)) {
+      fact('Title', info.title || '—');
+      fact('Topic', info.topic || '—');
+    }
+  }
+  $('rd-facts').replaceChildren(...facts);
+  $('rd-form').hidden = !canManage(r);
+  $('unban-form').hidden = !canManage(r);
+  if (fields && info) {
+    $('rd-title').value = info.title;
+    $('rd-topic').value = info.topic;
+  }
+}
+
+async function saveRoom(e) {
+  e.preventDefault();
+  const r = active ? rooms.get(active) : null;
+  if (!r || !r.info || !client) return;
+  const title = $('rd-title').value.trim();
+  const topic = $('rd-topic').value.trim();
+  const changes = {};
+  if (title !== r.info.title) changes.title = title;
+  if (topic !== r.info.topic) changes.topic = topic;
+  if (!('title' in changes) && !('topic' in changes)) {
+    $('room-dialog').close();
+    return;
+  }
+  $('rd-save').disabled = true;
+  try {
+    r.info = await client.updateRoom(r.name, changes);
+    $('room-dialog').close();
+    invalidate('header');
+  } catch (err) {
+    $('rd-error').textContent = errorText(err);
+    $('rd-error').hidden = false;
+  } finally {
+    $('rd-save').disabled = false;
+  }
+}
+
+async function unbanFromDialog(e) {
+  e.preventDefault();
+  const r = active ? rooms.get(active) : null;
+  const user = $('unban-input').value.trim().replace(/^@/, '');
+  if (!r || !user || !client) return;
+  try {
+    r.info = await client.unban(r.name, user);
+    $('unban-input').value = '';
+    $('rd-error').hidden = true;
+    toast(`${user} may join ${displayName(r.name)} again`, 'info');
+  } catch (err) {
+    $('rd-error').textContent = errorText(err);
+    $('rd-error').hidden = false;
   }
 }
 
@@ -572,7 +1190,7 @@ function send() {
 // MarkRead in flight per room; the next goes out when it is answered.
 function maybeMarkRead() {
   const r = active ? rooms.get(active) : null;
-  if (!r || document.visibilityState !== 'visible') return;
+  if (!r || r.gone || document.visibilityState !== 'visible') return;
   if (r.head > r.read) markRead(r, r.head);
 }
 
@@ -643,10 +1261,19 @@ function setNav(open, { refocus = false } = {}) {
   if (open === navOpen()) return;
   $('app').classList.toggle('nav-open', open);
   $('menu-btn').setAttribute('aria-expanded', String(open));
-  // What the panel covers can be neither tabbed to nor read out.
-  $('chat').inert = open;
+  syncInert();
   if (open) ($('sidebar').querySelector('.room-item.active .room-btn') || $('sidebar')).focus();
   else if (refocus) $('menu-btn').focus();
+}
+
+/**
+ * What a phone panel covers (the room list, or the member list over the
+ * messages) can be neither tabbed to nor read out.
+ */
+function syncInert() {
+  const membersCover = narrow.matches && !$('members-panel').hidden;
+  $('chat').inert = navOpen() || membersCover;
+  $('members-panel').inert = navOpen();
 }
 
 // ---------------------------------------------------------------------------
@@ -672,13 +1299,26 @@ function wire(c) {
       r.head = Math.max(r.head, st.headSeq);
       r.read = Math.max(r.read, st.readSeq);
       r.acked = Math.max(r.acked || 0, st.readSeq);
+      if (st.info) r.info = st.info;
+      // Who is in it may have changed while away.
+      r.membersLoaded = false;
+      r.membersFailed = false;
     }
+    droppedAtConnect = new Map();
+    droppedActive = null;
     for (const name of [...rooms.keys()]) {
-      if (!member.has(name)) {
+      // A room one was removed from stays until closed.
+      if (!member.has(name) && !rooms.get(name).gone) {
+        droppedAtConnect.set(name, rooms.get(name));
         rooms.delete(name);
-        if (active === name) active = null;
+        if (active === name) {
+          active = null;
+          droppedActive = name;
+        }
       }
     }
+    invites.clear();
+    for (const inv of w.invites) if (!member.has(inv.room)) invites.set(inv.room, inv);
     // Refresh who is online (Welcome does not say); Join is idempotent.
     for (const name of member) {
       c.join(name).then(applyJoined, () => {});
@@ -687,7 +1327,48 @@ function wire(c) {
       // Pages never fetched while away are fetched now.
       for (const r of rooms.values()) if (r.name === active && !r.loaded) loadNewest(r);
     }
-    invalidate('sidebar', 'header', 'messages', 'typing');
+    invalidate('sidebar', 'header', 'messages', 'typing', 'members');
+  });
+  c.on('joined', (j) => {
+    // Added by someone else (an admin; the other user of a direct room).
+    applyJoined(j);
+  });
+  c.on('left', (l) => {
+    const known = rooms.has(l.room) || droppedAtConnect.has(l.room);
+    const invited = invites.delete(l.room);
+    if (invited) invalidate('sidebar');
+    if (l.reason === MemberChange.REMOVED || l.reason === MemberChange.BANNED) {
+      // Removed while away (Welcome no longer listed the room): it comes
+      // back as it was, on screen if it was, to say so.
+      const kept = droppedAtConnect.get(l.room);
+      if (kept && !rooms.has(l.room)) rooms.set(l.room, kept);
+      if (known && droppedActive === l.room && !active) {
+        active = l.room;
+        droppedActive = null;
+      }
+      if (known) markGone(l.room, l.reason, l.by);
+      else if (invited) toast(`Your invitation to #${l.room} was withdrawn${l.by ? ` by ${l.by}` : ''}.`, 'info');
+    } else {
+      // Left on another device, or a room never joined: nothing to tell.
+      dropRoom(l.room);
+    }
+  });
+  c.on('invitation', (inv) => {
+    const r = rooms.get(inv.room);
+    if (r && !r.gone) return; // already in it
+    const fresh = !invites.has(inv.room);
+    invites.set(inv.room, inv);
+    invalidate('sidebar');
+    if (fresh) toast(`${inv.by || 'Someone'} invited you to ${inv.info && inv.info.title ? `${inv.info.title} (#${inv.room})` : `#${inv.room}`}`, 'info');
+  });
+  c.on('roomupdate', (u) => {
+    const r = u.info ? rooms.get(u.info.room) : null;
+    if (!r || r.gone) return;
+    r.info = u.info;
+    if (u.user) applyMemberChange(r, u);
+    if (memberTarget && memberTarget.room === r.name && $('member-dialog').open) fillMemberDialog();
+    if (r.name === active && $('room-dialog').open) fillRoomDialog(r, false);
+    invalidate('header', 'members', 'sidebar');
   });
   c.on('message', (m) => {
     discover(m.room);
@@ -706,7 +1387,9 @@ function wire(c) {
       r.online.delete(p.user);
       r.typing.delete(p.user);
     }
-    invalidate('header', 'typing', 'sidebar');
+    const m = r.members.get(p.user);
+    if (m) m.online = p.online;
+    invalidate('header', 'typing', 'sidebar', 'members');
   });
   c.on('typing', (t) => {
     const r = rooms.get(t.room);
@@ -837,6 +1520,9 @@ function signOut(error, { clearInput = false, notice = false } = {}) {
   localStorage.removeItem(DEV_USER_KEY);
   if (clearInput) $('token-input').value = '';
   rooms.clear();
+  invites.clear();
+  membersOpen = false;
+  for (const d of document.querySelectorAll('dialog[open]')) d.close();
   active = null;
   me = '';
   showLogin(error, notice);
@@ -902,14 +1588,65 @@ function bind() {
   $('menu-btn').addEventListener('click', () => setNav(!navOpen()));
   $('nav-backdrop').addEventListener('click', () => setNav(false, { refocus: true }));
   document.addEventListener('keydown', (e) => {
-    if (e.key === 'Escape' && navOpen()) {
+    if (e.key !== 'Escape' || document.querySelector('dialog[open]')) return;
+    if (navOpen()) {
       e.preventDefault();
       setNav(false, { refocus: true });
+    } else if (membersOpen && narrow.matches) {
+      e.preventDefault();
+      toggleMembers(false);
+      $('members-btn').focus();
     }
   });
   // Grown past phone width (a rotated tablet, a resized window): the sidebar is back in place.
-  narrow.addEventListener('change', () => setNav(false));
+  narrow.addEventListener('change', () => {
+    setNav(false);
+    syncInert();
+  });
   $('leave-btn').addEventListener('click', leaveRoom);
+  $('gone-close').addEventListener('click', () => active && dropRoom(active));
+  $('members-btn').addEventListener('click', () => toggleMembers());
+  $('members-close').addEventListener('click', () => {
+    toggleMembers(false);
+    $('members-btn').focus();
+  });
+  $('members-more').addEventListener('click', () => {
+    const r = active ? rooms.get(active) : null;
+    if (r) loadMembers(r, true);
+  });
+  $('invite-form').addEventListener('submit', inviteFromPanel);
+  $('settings-btn').addEventListener('click', openRoomDialog);
+  $('room-topic').addEventListener('click', openRoomDialog);
+  $('rd-form').addEventListener('submit', saveRoom);
+  $('unban-form').addEventListener('submit', unbanFromDialog);
+  $('browse-btn').addEventListener('click', openDirectory);
+  $('create-btn').addEventListener('click', openCreate);
+  $('create-form').addEventListener('submit', createRoom);
+  $('dir-search').addEventListener('input', () => {
+    clearTimeout(dir.timer);
+    dir.timer = setTimeout(() => searchDirectory(false), DIR_SEARCH_DELAY_MS);
+  });
+  $('dir-search').addEventListener('keydown', (e) => {
+    if (e.key === 'Enter') {
+      e.preventDefault();
+      searchDirectory(false);
+    }
+  });
+  $('dir-more').addEventListener('click', () => searchDirectory(true));
+  for (const [id, action] of [['md-admin', 'admin'], ['md-member', 'member'], ['md-owner', 'owner'], ['md-remove', 'remove'], ['md-ban', 'ban']]) {
+    $(id).addEventListener('click', () => memberAction(action));
+  }
+  for (const [btn, dlg] of [['create-cancel', 'create-dialog'], ['dir-close', 'dir-dialog'], ['rd-close', 'room-dialog'], ['md-close', 'member-dialog']]) {
+    $(btn).addEventListener('click', () => $(dlg).close());
+  }
+  // A click on a dialog's backdrop (the dialog element itself, outside its box) closes it.
+  for (const d of document.querySelectorAll('dialog')) {
+    d.addEventListener('click', (e) => {
+      if (e.target !== d) return;
+      const b = d.getBoundingClientRect();
+      if (e.clientX < b.left || e.clientX > b.right || e.clientY < b.top || e.clientY > b.bottom) d.close();
+    });
+  }
   $('load-older').addEventListener('click', loadOlder);
   $('messages').addEventListener('scroll', () => {
     if ($('messages').scrollTop < 40) loadOlder();

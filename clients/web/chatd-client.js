@@ -86,6 +86,8 @@ export const ErrorCode = Object.freeze({
   UNSUPPORTED_VERSION: 'ERROR_CODE_UNSUPPORTED_VERSION',
   SERVER_BUSY: 'ERROR_CODE_SERVER_BUSY',
   INTERNAL: 'ERROR_CODE_INTERNAL',
+  ALREADY_EXISTS: 'ERROR_CODE_ALREADY_EXISTS',
+  CONFLICT: 'ERROR_CODE_CONFLICT',
 });
 
 /**
@@ -103,8 +105,53 @@ export const CloseReason = Object.freeze({
   AUTH_EXPIRED: 'CLOSE_REASON_AUTH_EXPIRED',
 });
 
+/**
+ * Room kinds (`RoomInfo.kind`, `CreateRoom.kind`) as names.
+ * @enum {string}
+ */
+export const RoomKind = Object.freeze({
+  UNSPECIFIED: 'ROOM_KIND_UNSPECIFIED',
+  PUBLIC: 'ROOM_KIND_PUBLIC',
+  PRIVATE: 'ROOM_KIND_PRIVATE',
+  DIRECT: 'ROOM_KIND_DIRECT',
+});
+
+/**
+ * Member roles (`RoomInfo.myRole`, `Member.role`, `SetRole.role`) as names;
+ * `UNSPECIFIED` means not a member.
+ * @enum {string}
+ */
+export const Role = Object.freeze({
+  UNSPECIFIED: 'ROLE_UNSPECIFIED',
+  MEMBER: 'ROLE_MEMBER',
+  ADMIN: 'ROLE_ADMIN',
+  OWNER: 'ROLE_OWNER',
+});
+
+/**
+ * What happened to a member (`RoomUpdate.change`, `Left.reason`) as names.
+ * `UNSPECIFIED` in a `RoomUpdate`: the room's title or topic changed; in a
+ * `Left`: a resume cursor for a room the user never joined.
+ * @enum {string}
+ */
+export const MemberChange = Object.freeze({
+  UNSPECIFIED: 'MEMBER_CHANGE_UNSPECIFIED',
+  JOINED: 'MEMBER_CHANGE_JOINED',
+  LEFT: 'MEMBER_CHANGE_LEFT',
+  INVITED: 'MEMBER_CHANGE_INVITED',
+  REMOVED: 'MEMBER_CHANGE_REMOVED',
+  BANNED: 'MEMBER_CHANGE_BANNED',
+  UNBANNED: 'MEMBER_CHANGE_UNBANNED',
+  ROLE_CHANGED: 'MEMBER_CHANGE_ROLE_CHANGED',
+  DECLINED: 'MEMBER_CHANGE_DECLINED',
+});
+
+// In enum number order: a numeric enum on the wire is an index here.
 const ERROR_NAMES = Object.values(ErrorCode);
 const CLOSE_NAMES = Object.values(CloseReason);
+const KIND_NAMES = Object.values(RoomKind);
+const ROLE_NAMES = Object.values(Role);
+const CHANGE_NAMES = Object.values(MemberChange);
 
 /**
  * A request the server refused (`code` is an {@link ErrorCode} name), a
@@ -148,11 +195,39 @@ const EXPIRED_TEXT = /\bexpired\b/i;
 // Typedefs (the JSON shapes, after defaults are filled in).
 
 /**
+ * A room as the asking user sees it (proto/README.md §8).
+ * @typedef {object} RoomInfo
+ * @property {string} room
+ * @property {string} kind  a {@link RoomKind} name
+ * @property {string} title  ('' when none)
+ * @property {string} topic  ('' when none)
+ * @property {string} createdBy
+ * @property {number} createdMs  Unix milliseconds
+ * @property {number} memberCount
+ * @property {string} myRole  a {@link Role} name; `ROLE_UNSPECIFIED`: not a member
+ * @property {string} owner  the owner's user id ('' while the room has no members)
+ */
+/**
  * @typedef {object} RoomState
  * @property {string} room
  * @property {number} headSeq  seq of the room's last message (0: empty)
  * @property {number} readSeq  the user's read marker; unread = headSeq - readSeq
+ * @property {RoomInfo | null} info  the room's details and the user's role
+ *   (null from a server that does not send them)
  */
+/**
+ * A pending invitation (a push, and listed in `Welcome.invites`).
+ * @typedef {{room: string, by: string, tsMs: number, info: RoomInfo | null}} Invitation
+ */
+/**
+ * A change to a room or its membership, pushed to its members. `user` is
+ * the member concerned ('' when the title or topic changed), `role` their
+ * role afterwards, `by` who made the change ('' for the server).
+ * @typedef {{info: RoomInfo | null, by: string, user: string, change: string, role: string}} RoomUpdate
+ */
+/** @typedef {{user: string, role: string, online: boolean}} Member */
+/** @typedef {{room: string, members: Member[], hasMore: boolean}} MemberPage */
+/** @typedef {{rooms: RoomInfo[], hasMore: boolean}} RoomList */
 /**
  * @typedef {object} Welcome
  * @property {string} user
@@ -162,9 +237,17 @@ const EXPIRED_TEXT = /\bexpired\b/i;
  * @property {number} heartbeatMs
  * @property {number} maxFrameBytes
  * @property {string} server
+ * @property {Invitation[]} invites  the user's pending invitations
  */
 /** @typedef {{state: RoomState, online: string[]}} Joined */
-/** @typedef {{room: string}} Left */
+/**
+ * The reply to `leave` (reason `MEMBER_CHANGE_LEFT`), and a push when the
+ * membership ended elsewhere: `MEMBER_CHANGE_LEFT` (another session of the
+ * user left), `MEMBER_CHANGE_REMOVED` / `MEMBER_CHANGE_BANNED` (by an admin,
+ * `by`), or `MEMBER_CHANGE_UNSPECIFIED` (a resume cursor for a room the user
+ * never joined). Nothing of the room follows it.
+ * @typedef {{room: string, reason: string, by: string}} Left
+ */
 /**
  * @typedef {object} PublishAck
  * @property {string} room
@@ -200,8 +283,35 @@ const str = (v) => (v === undefined || v === null ? '' : String(v));
 const bool = (v) => v === true;
 const enumName = (v, names, fallback) => (typeof v === 'number' ? names[v] || fallback : v ? String(v) : fallback);
 
+/** @returns {RoomInfo} */
+const roomInfo = (v = {}) => ({
+  room: str(v.room),
+  kind: enumName(v.kind, KIND_NAMES, RoomKind.UNSPECIFIED),
+  title: str(v.title),
+  topic: str(v.topic),
+  createdBy: str(v.createdBy),
+  createdMs: num(v.createdMs),
+  memberCount: num(v.memberCount),
+  myRole: enumName(v.myRole, ROLE_NAMES, Role.UNSPECIFIED),
+  owner: str(v.owner),
+});
+
+/** A message field: null when absent (proto3 JSON omits an unset message). */
+const maybe = (v, fn) => (v && typeof v === 'object' ? fn(v) : null);
+
 /** @returns {RoomState} */
-const roomState = (v = {}) => ({ room: str(v.room), headSeq: num(v.headSeq), readSeq: num(v.readSeq) });
+const roomState = (v = {}) => ({
+  room: str(v.room),
+  headSeq: num(v.headSeq),
+  readSeq: num(v.readSeq),
+  info: maybe(v.info, roomInfo),
+});
+
+/** @returns {Invitation} */
+const invitation = (v = {}) => ({ room: str(v.room), by: str(v.by), tsMs: num(v.tsMs), info: maybe(v.info, roomInfo) });
+
+/** @returns {Member} */
+const member = (v = {}) => ({ user: str(v.user), role: enumName(v.role, ROLE_NAMES, Role.UNSPECIFIED), online: bool(v.online) });
 
 /** @returns {Message} */
 const message = (v = {}) => ({
@@ -224,9 +334,10 @@ const NORMALIZE = {
     heartbeatMs: num(v.heartbeatMs),
     maxFrameBytes: num(v.maxFrameBytes),
     server: str(v.server),
+    invites: (v.invites || []).map(invitation),
   }),
   joined: (v) => ({ state: roomState(v.state), online: (v.online || []).map(str) }),
-  left: (v) => ({ room: str(v.room) }),
+  left: (v) => ({ room: str(v.room), reason: enumName(v.reason, CHANGE_NAMES, MemberChange.UNSPECIFIED), by: str(v.by) }),
   publishAck: (v) => ({
     room: str(v.room),
     seq: num(v.seq),
@@ -254,6 +365,17 @@ const NORMALIZE = {
     message: str(v.message),
     retryAfterMs: num(v.retryAfterMs),
   }),
+  roomInfo,
+  invitation,
+  roomUpdate: (v) => ({
+    info: maybe(v.info, roomInfo),
+    by: str(v.by),
+    user: str(v.user),
+    change: enumName(v.change, CHANGE_NAMES, MemberChange.UNSPECIFIED),
+    role: enumName(v.role, ROLE_NAMES, Role.UNSPECIFIED),
+  }),
+  memberPage: (v) => ({ room: str(v.room), members: (v.members || []).map(member), hasMore: bool(v.hasMore) }),
+  roomList: (v) => ({ rooms: (v.rooms || []).map(roomInfo), hasMore: bool(v.hasMore) }),
 };
 
 /**
@@ -517,6 +639,17 @@ export class Cursors {
  * - `presence` — {@link Presence}
  * - `typing` — {@link Typing}
  * - `readreceipt` — {@link ReadReceipt} pushed by the server
+ * - `joined` — {@link Joined}: someone else added the user to a room (an
+ *   admin, or the other user of a direct room opening it)
+ * - `left` — {@link Left}: the membership ended elsewhere: `reason`
+ *   `MEMBER_CHANGE_REMOVED` or `MEMBER_CHANGE_BANNED` (by an admin, `by`),
+ *   `MEMBER_CHANGE_LEFT` (another session of the user left). The client
+ *   has dropped the room: no cursor, not resumed, nothing of it follows
+ * - `invitation` — {@link Invitation}: the user was invited to a room
+ *   (`join` accepts, `declineInvite` declines); pending ones are in
+ *   `Welcome.invites`
+ * - `roomupdate` — {@link RoomUpdate}: a room the user is in, or its
+ *   membership, changed (the user's own changes included)
  * - `goaway` — {@link GoAway}, just before the server closes
  * - `servererror` — {@link ServerError} not tied to a request of yours
  *   (e.g. a refused `typing`, a resume cursor for a room you left)
@@ -700,6 +833,151 @@ export class ChatdClient extends EventTarget {
   typing(room, active) {
     if (this._state !== 'connected') return;
     this._send(0, { typing: active ? { room, active: true } : { room } });
+  }
+
+  // -------------------------------------------------------------------------
+  // Rooms, roles and moderation (proto/README.md §8). Each request that
+  // changes a room counts against the same per-user rate as publishes. Like
+  // every request, one still unanswered when the connection drops is sent
+  // again after the reconnect: a createRoom that had got through is then
+  // answered ALREADY_EXISTS (and a declineInvite NOT_FOUND); the others are
+  // idempotent.
+
+  /**
+   * Creates a room with the user as its owner, and invites `invite`.
+   * `kind`: `'public'` (default), `'private'`, or a {@link RoomKind} name.
+   * ALREADY_EXISTS when the name is taken.
+   * @param {string} room
+   * @param {{kind?: string, title?: string, topic?: string, invite?: string[]}} [opts]
+   * @returns {Promise<RoomInfo>}
+   */
+  createRoom(room, opts = {}) {
+    const body = { room };
+    const kind = enumArg(opts.kind, RoomKind);
+    if (kind && kind !== RoomKind.UNSPECIFIED) body.kind = kind;
+    if (opts.title) body.title = opts.title;
+    if (opts.topic) body.topic = opts.topic;
+    if (opts.invite && opts.invite.length) body.invite = [...opts.invite];
+    return this._request({ createRoom: body });
+  }
+
+  /**
+   * Changes a room's title and/or topic (admins and the owner). A field
+   * left out (undefined) stays as it is; a string replaces it ('' clears it).
+   * @param {string} room
+   * @param {{title?: string, topic?: string}} changes
+   * @returns {Promise<RoomInfo>}
+   */
+  updateRoom(room, changes = {}) {
+    const body = { room };
+    if (typeof changes.title === 'string') body.title = changes.title;
+    if (typeof changes.topic === 'string') body.topic = changes.topic;
+    return this._request({ updateRoom: body });
+  }
+
+  /**
+   * A room's details as the user may see them (`myRole` is the user's role).
+   * @param {string} room
+   * @returns {Promise<RoomInfo>}
+   */
+  getRoom(room) {
+    return this._request({ getRoom: { room } });
+  }
+
+  /**
+   * Invites `user` (admins and the owner; any member in a public room). The
+   * invitee gets an `invitation` event and may then `join`.
+   * @param {string} room
+   * @param {string} user
+   * @returns {Promise<RoomInfo>}
+   */
+  invite(room, user) {
+    return this._request({ invite: { room, user } });
+  }
+
+  /**
+   * Declines a pending invitation (NOT_FOUND when there is none). To accept
+   * one, `join` the room.
+   * @param {string} room
+   * @returns {Promise<RoomInfo>}
+   */
+  declineInvite(room) {
+    return this._request({ declineInvite: { room } });
+  }
+
+  /**
+   * Ends `user`'s membership, or withdraws their invitation.
+   * @param {string} room
+   * @param {string} user
+   * @param {string} [reason]  for the server's audit log
+   * @returns {Promise<RoomInfo>}
+   */
+  removeMember(room, user, reason = '') {
+    return this._request({ removeMember: withReason({ room, user }, reason) });
+  }
+
+  /**
+   * Ends `user`'s membership (if any), withdraws any invitation, and keeps
+   * them out until `unban`.
+   * @param {string} room
+   * @param {string} user
+   * @param {string} [reason]
+   * @returns {Promise<RoomInfo>}
+   */
+  ban(room, user, reason = '') {
+    return this._request({ ban: withReason({ room, user }, reason) });
+  }
+
+  /**
+   * @param {string} room
+   * @param {string} user
+   * @param {string} [reason]
+   * @returns {Promise<RoomInfo>}
+   */
+  unban(room, user, reason = '') {
+    return this._request({ unban: withReason({ room, user }, reason) });
+  }
+
+  /**
+   * Sets a member's role (the owner only): `'member'`, `'admin'`, or
+   * `'owner'` to hand ownership on (the caller becomes an admin); or a
+   * {@link Role} name.
+   * @param {string} room
+   * @param {string} user
+   * @param {string} role
+   * @returns {Promise<RoomInfo>}
+   */
+  setRole(room, user, role) {
+    return this._request({ setRole: { room, user, role: enumArg(role, Role) } });
+  }
+
+  /**
+   * A page of a room's members in user-id order after `afterUser`; `limit`
+   * 0 means 100, at most 1000.
+   * @param {string} room
+   * @param {{afterUser?: string, limit?: number}} [q]
+   * @returns {Promise<MemberPage>}
+   */
+  listMembers(room, q = {}) {
+    const body = { room };
+    if (q.afterUser) body.afterUser = q.afterUser;
+    if (q.limit) body.limit = q.limit;
+    return this._request({ listMembers: body });
+  }
+
+  /**
+   * The directory of public rooms whose name or title contains `query`
+   * (case-insensitive; '' lists all), in name order after `afterRoom`;
+   * `limit` 0 means 50, at most 200.
+   * @param {{query?: string, afterRoom?: string, limit?: number}} [q]
+   * @returns {Promise<RoomList>}
+   */
+  listRooms(q = {}) {
+    const body = {};
+    if (q.query) body.query = q.query;
+    if (q.afterRoom) body.afterRoom = q.afterRoom;
+    if (q.limit) body.limit = q.limit;
+    return this._request({ listRooms: body });
   }
 
   /** Closes the connection for good; requests waiting for a reply are rejected. */
@@ -1049,6 +1327,9 @@ export class ChatdClient extends EventTarget {
           if (!this._cursors.knows(body.state.room)) this._cursors.track(body.state.room, body.state.headSeq);
         } else if (kind === 'left') {
           this._cursors.forget(body.room);
+        } else if (kind === 'roomInfo' && 'createRoom' in p.body) {
+          // A new room, the user its owner: resumed from its start.
+          if (!this._cursors.knows(body.room)) this._cursors.track(body.room, 0);
         }
         p.resolve(body);
         return;
@@ -1081,6 +1362,25 @@ export class ChatdClient extends EventTarget {
         break;
       case 'typing':
         this._emit('typing', body);
+        break;
+      case 'joined':
+        // Added to a room by someone else (an admin, the other user of a
+        // direct room): live from its head, like a join of one's own.
+        if (!this._cursors.knows(body.state.room)) this._cursors.track(body.state.room, body.state.headSeq);
+        this._emit('joined', body);
+        break;
+      case 'left':
+        // The membership ended (left on another session, removed, banned,
+        // or a resume cursor for a room the user is not in): nothing of the
+        // room follows, and the room is no longer resumed.
+        this._cursors.forget(body.room);
+        this._emit('left', body);
+        break;
+      case 'invitation':
+        this._emit('invitation', body);
+        break;
+      case 'roomUpdate':
+        this._emit('roomupdate', body);
         break;
       case 'error':
         this._emit('servererror', body);
@@ -1223,6 +1523,22 @@ export class ChatdClient extends EventTarget {
       this._wake = done;
     });
   }
+}
+
+/**
+ * An enum argument: a name of `names` as it is, or its short form
+ * (`'private'` for `ROOM_KIND_PRIVATE`, `'admin'` for `ROLE_ADMIN`);
+ * anything else is sent as given (the server refuses it).
+ */
+function enumArg(v, names) {
+  if (v === undefined || v === null || v === '') return '';
+  const s = String(v);
+  return names[s.toUpperCase()] || s;
+}
+
+function withReason(body, reason) {
+  if (reason) body.reason = String(reason);
+  return body;
 }
 
 function normalizeResume(resume) {

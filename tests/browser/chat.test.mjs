@@ -28,7 +28,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { ChatdClient, Cursors, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
+import { ChatdClient, Cursors, MemberChange, Role, RoomKind, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const REPO = resolve(HERE, '../..');
@@ -155,7 +155,7 @@ function fakeClient(opts = {}) {
   FakeSocket.all = [];
   const c = new ChatdClient({ url: 'ws://test/ws', token: 'T', WebSocket: FakeSocket, heartbeat: false, ...opts });
   const events = [];
-  for (const type of ['message', 'synced', 'connected', 'disconnected', 'goaway', 'servererror', 'presence', 'typing', 'readreceipt']) {
+  for (const type of ['message', 'synced', 'connected', 'disconnected', 'goaway', 'servererror', 'presence', 'typing', 'readreceipt', 'joined', 'left', 'invitation', 'roomupdate']) {
     c.addEventListener(type, (e) => events.push({ type, ...e.detail }));
   }
   return { c, events, sock: () => FakeSocket.all[FakeSocket.all.length - 1] };
@@ -452,6 +452,157 @@ describe('chatd-client.js (unit)', () => {
   });
 });
 
+describe('chatd-client.js (unit): rooms, roles and moderation', () => {
+  const INFO = { room: 'core', kind: 'ROOM_KIND_PRIVATE', title: 'Core team', createdBy: 'ann', createdMs: '1764950400000', memberCount: 1, myRole: 'ROLE_OWNER', owner: 'ann' };
+  const info = (extra = {}) => ({
+    room: 'core', kind: RoomKind.PRIVATE, title: 'Core team', topic: '', createdBy: 'ann', createdMs: 1764950400000, memberCount: 1,
+    myRole: Role.OWNER, owner: 'ann', ...extra,
+  });
+
+  check('JSON mapping: RoomInfo, invitations, members, the directory and Left, with defaults filled in', {}, () => {
+    assert.deepEqual(parseEnvelope(JSON.stringify({ id: '7', roomInfo: INFO })).body, info());
+    // Everything absent: the proto3 defaults; numeric enums become names.
+    assert.deepEqual(parseEnvelope('{"roomInfo":{}}').body, {
+      room: '', kind: RoomKind.UNSPECIFIED, title: '', topic: '', createdBy: '', createdMs: 0, memberCount: 0, myRole: Role.UNSPECIFIED, owner: '',
+    });
+    assert.equal(parseEnvelope('{"roomInfo":{"kind":2,"myRole":2}}').body.kind, RoomKind.PRIVATE);
+    assert.equal(parseEnvelope('{"roomInfo":{"kind":2,"myRole":2}}').body.myRole, Role.ADMIN);
+    const w = parseEnvelope(JSON.stringify({
+      id: '1',
+      welcome: { user: 'bob', rooms: [{ room: 'core', headSeq: '3', info: INFO }, { room: 'old' }], invites: [{ room: 'x', by: 'ann', tsMs: '5', info: { room: 'x' } }] },
+    })).body;
+    assert.deepEqual(w.rooms[0].info, info());
+    assert.equal(w.rooms[1].info, null, 'no info from the server: null');
+    assert.deepEqual(w.invites, [{ room: 'x', by: 'ann', tsMs: 5, info: { ...parseEnvelope('{"roomInfo":{}}').body, room: 'x' } }]);
+    assert.deepEqual(parseEnvelope('{"welcome":{"user":"bob"}}').body.invites, []);
+    assert.deepEqual(parseEnvelope('{"left":{"room":"core","reason":"MEMBER_CHANGE_BANNED","by":"ann"}}').body, { room: 'core', reason: MemberChange.BANNED, by: 'ann' });
+    assert.deepEqual(parseEnvelope('{"id":"4","left":{"room":"core"}}').body, { room: 'core', reason: MemberChange.UNSPECIFIED, by: '' });
+    assert.equal(parseEnvelope('{"left":{"room":"core","reason":4}}').body.reason, MemberChange.REMOVED);
+    assert.deepEqual(parseEnvelope('{"memberPage":{"room":"core","members":[{"user":"ann","role":"ROLE_OWNER","online":true},{"user":"bob","role":"ROLE_ADMIN"}]}}').body, {
+      room: 'core', members: [{ user: 'ann', role: Role.OWNER, online: true }, { user: 'bob', role: Role.ADMIN, online: false }], hasMore: false,
+    });
+    assert.deepEqual(parseEnvelope(JSON.stringify({ roomList: { rooms: [INFO], hasMore: true } })).body, { rooms: [info()], hasMore: true });
+    assert.deepEqual(parseEnvelope('{"roomList":{}}').body, { rooms: [], hasMore: false });
+    assert.deepEqual(parseEnvelope(JSON.stringify({ roomUpdate: { info: INFO, by: 'ann', user: 'bob', change: 'MEMBER_CHANGE_ROLE_CHANGED', role: 'ROLE_ADMIN' } })).body, {
+      info: info(), by: 'ann', user: 'bob', change: MemberChange.ROLE_CHANGED, role: Role.ADMIN,
+    });
+    assert.deepEqual(parseEnvelope(JSON.stringify({ roomUpdate: { info: INFO } })).body, { info: info(), by: '', user: '', change: MemberChange.UNSPECIFIED, role: Role.UNSPECIFIED });
+    assert.equal(parseEnvelope('{"error":{"code":"ERROR_CODE_CONFLICT"}}').body.code, 'ERROR_CODE_CONFLICT');
+    assert.equal(parseEnvelope('{"error":{"code":10}}').body.code, 'ERROR_CODE_ALREADY_EXISTS');
+  });
+
+  check('client: every room request goes out in the JSON mapping and resolves with its reply', { timeout: 5000 }, async () => {
+    const { c, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    /** Sends a request, checks what went out, answers it, returns the resolved reply. */
+    const roundTrip = async (call, kind, body, reply) => {
+      const pending = call();
+      const env = sock().take(kind);
+      assert.ok(env, `${kind} was sent`);
+      assert.deepEqual(env[kind], body, `${kind} body`);
+      sock().push({ id: env.id, ...reply });
+      return pending;
+    };
+    const roomInfo = { roomInfo: INFO };
+    assert.deepEqual(
+      await roundTrip(() => c.createRoom('core', { kind: 'private', title: 'Core team', topic: 'Release 2.0', invite: ['bob'] }), 'createRoom',
+        { room: 'core', kind: 'ROOM_KIND_PRIVATE', title: 'Core team', topic: 'Release 2.0', invite: ['bob'] }, roomInfo),
+      info(),
+    );
+    await roundTrip(() => c.createRoom('pub'), 'createRoom', { room: 'pub' }, roomInfo);
+    await roundTrip(() => c.createRoom('pub2', { kind: RoomKind.PUBLIC }), 'createRoom', { room: 'pub2', kind: 'ROOM_KIND_PUBLIC' }, roomInfo);
+    // Left out: unchanged; '': cleared.
+    await roundTrip(() => c.updateRoom('core', { topic: 'Release 2.1' }), 'updateRoom', { room: 'core', topic: 'Release 2.1' }, roomInfo);
+    await roundTrip(() => c.updateRoom('core', { title: '', topic: undefined }), 'updateRoom', { room: 'core', title: '' }, roomInfo);
+    await roundTrip(() => c.getRoom('core'), 'getRoom', { room: 'core' }, roomInfo);
+    await roundTrip(() => c.invite('core', 'bob'), 'invite', { room: 'core', user: 'bob' }, roomInfo);
+    await roundTrip(() => c.declineInvite('core'), 'declineInvite', { room: 'core' }, roomInfo);
+    await roundTrip(() => c.removeMember('core', 'bob'), 'removeMember', { room: 'core', user: 'bob' }, roomInfo);
+    await roundTrip(() => c.ban('core', 'mallory', 'spam'), 'ban', { room: 'core', user: 'mallory', reason: 'spam' }, roomInfo);
+    await roundTrip(() => c.unban('core', 'mallory', 'sorry'), 'unban', { room: 'core', user: 'mallory', reason: 'sorry' }, roomInfo);
+    await roundTrip(() => c.setRole('core', 'bob', 'admin'), 'setRole', { room: 'core', user: 'bob', role: 'ROLE_ADMIN' }, roomInfo);
+    await roundTrip(() => c.setRole('core', 'bob', Role.OWNER), 'setRole', { room: 'core', user: 'bob', role: 'ROLE_OWNER' }, roomInfo);
+    assert.deepEqual(
+      await roundTrip(() => c.listMembers('core', { afterUser: 'ann', limit: 50 }), 'listMembers', { room: 'core', afterUser: 'ann', limit: 50 },
+        { memberPage: { room: 'core', members: [{ user: 'bob', role: 'ROLE_MEMBER' }] } }),
+      { room: 'core', members: [{ user: 'bob', role: Role.MEMBER, online: false }], hasMore: false },
+    );
+    await roundTrip(() => c.listMembers('core'), 'listMembers', { room: 'core' }, { memberPage: { room: 'core' } });
+    assert.deepEqual(
+      await roundTrip(() => c.listRooms({ query: 'rust', afterRoom: 'a', limit: 20 }), 'listRooms', { query: 'rust', afterRoom: 'a', limit: 20 }, { roomList: { rooms: [INFO], hasMore: true } }),
+      { rooms: [info()], hasMore: true },
+    );
+    await roundTrip(() => c.listRooms(), 'listRooms', {}, { roomList: {} });
+    const refused = c.invite('core', 'mallory');
+    const env = sock().take('invite');
+    sock().push({ id: env.id, error: { code: 'ERROR_CODE_CONFLICT', message: 'mallory is banned' } });
+    await assert.rejects(refused, (e) => e.code === 'ERROR_CODE_CONFLICT' && e.serverMessage === 'mallory is banned');
+    c.close();
+  });
+
+  check('client: a Left push for a removal or ban drops the room: an event with reason and by, and no resume cursor', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock, [{ room: 'core', headSeq: '4', readSeq: '4' }, { room: 'lobby', headSeq: '2', readSeq: '2' }, { room: 'mod', headSeq: '1' }]);
+    await p;
+    sock().push({ message: msg('core', 5) });
+    assert.deepEqual(c.cursors(), { core: 5, lobby: 2, mod: 1 });
+    sock().push({ left: { room: 'core', reason: 'MEMBER_CHANGE_REMOVED', by: 'ann' } });
+    sock().push({ left: { room: 'mod', reason: 'MEMBER_CHANGE_BANNED', by: 'ann' } });
+    assert.deepEqual(events.filter((e) => e.type === 'left').map(({ room, reason, by }) => ({ room, reason, by })), [
+      { room: 'core', reason: MemberChange.REMOVED, by: 'ann' },
+      { room: 'mod', reason: MemberChange.BANNED, by: 'ann' },
+    ]);
+    assert.deepEqual(c.cursors(), { lobby: 2 }, 'the rooms are no longer kept');
+    // Reconnecting resumes only the room still joined.
+    sock().push({ goAway: { reason: 'CLOSE_REASON_SHUTDOWN', message: 'bye' } });
+    await waitUntil(() => FakeSocket.all.length === 2 && sock().sent.length > 0, { timeout: 2000, what: 'the reconnect' });
+    const hello = await handshake(sock, [{ room: 'lobby', headSeq: '2', readSeq: '2' }]);
+    assert.deepEqual(hello.hello.resume, [{ room: 'lobby', afterSeq: '2' }]);
+    c.close();
+  });
+
+  check('client: invitation, roomupdate and joined pushes become events; an added room is live from its head', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    sock().push({ invitation: { room: 'core', by: 'ann', tsMs: '9', info: { ...INFO, myRole: undefined } } });
+    const inv = events.find((e) => e.type === 'invitation');
+    assert.deepEqual({ room: inv.room, by: inv.by, tsMs: inv.tsMs, role: inv.info.myRole, title: inv.info.title }, { room: 'core', by: 'ann', tsMs: 9, role: Role.UNSPECIFIED, title: 'Core team' });
+    sock().push({ roomUpdate: { info: { ...INFO, memberCount: 2 }, by: 'ann', user: 'bob', change: 'MEMBER_CHANGE_JOINED', role: 'ROLE_MEMBER' } });
+    const u = events.find((e) => e.type === 'roomupdate');
+    assert.deepEqual({ change: u.change, user: u.user, role: u.role, by: u.by, count: u.info.memberCount }, { change: MemberChange.JOINED, user: 'bob', role: Role.MEMBER, by: 'ann', count: 2 });
+    // An admin adds the user to a room: a joined push; messages from its head on.
+    sock().push({ joined: { state: { room: 'added', headSeq: '7', info: { ...INFO, room: 'added', myRole: 'ROLE_MEMBER' } }, online: ['ann'] } });
+    const j = events.find((e) => e.type === 'joined');
+    assert.deepEqual([j.state.room, j.state.headSeq, j.state.info.myRole, j.online], ['added', 7, Role.MEMBER, ['ann']]);
+    assert.deepEqual(c.cursors(), { added: 7 });
+    sock().push({ message: msg('added', 8) });
+    assert.deepEqual(seqsOf(events, 'added'), [8]);
+    c.close();
+  });
+
+  check('client: a room created is kept from its first message', { timeout: 5000 }, async () => {
+    const { c, events, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock);
+    await p;
+    const created = c.createRoom('core', { kind: 'private' });
+    const env = sock().take('createRoom');
+    sock().push({ id: env.id, roomInfo: INFO });
+    await created;
+    assert.deepEqual(c.cursors(), { core: 0 });
+    sock().push({ message: msg('core', 1) });
+    sock().push({ message: msg('core', 2) });
+    assert.deepEqual(seqsOf(events, 'core'), [1, 2]);
+    assert.deepEqual(c.cursors(), { core: 2 });
+    c.close();
+  });
+});
+
 // ===========================================================================
 // chatd-client.js in Node against a real chatd: token expiry.
 
@@ -639,6 +790,238 @@ describe('chatd-client.js against chatd: token expiry', { skip: nodeMissing ? `S
 });
 
 // ===========================================================================
+// chatd-client.js in Node against a real chatd: rooms, roles and moderation
+// (proto/README.md §8), request by request.
+
+/** Resolves with the first `type` event of `c` for which `pred` holds; rejects after `ms`. */
+function nextEvent(c, type, pred = () => true, ms = 5000) {
+  let off;
+  return within(
+    new Promise((res) => {
+      off = c.on(type, (d) => {
+        if (pred(d)) res(d);
+      });
+    }),
+    ms,
+    `a ${type} event`,
+  ).finally(() => off());
+}
+
+/** Records a client's room events (and messages) in order. */
+function recordRoomEvents(c) {
+  const events = [];
+  for (const type of ['message', 'joined', 'left', 'invitation', 'roomupdate', 'presence']) {
+    c.addEventListener(type, (e) => events.push({ type, at: Date.now(), ...e.detail }));
+  }
+  return events;
+}
+
+describe('chatd-client.js against chatd: rooms, roles and moderation', { skip: nodeMissing ? `SKIPPED: ${nodeMissing}` : false }, () => {
+  const local = { server: null, data: null, clients: [] };
+  /** A connected client for `user`, with its events recorded. */
+  const connect = async (user) => {
+    const c = new ChatdClient({ url: `ws://127.0.0.1:${local.server.http}/ws`, token: await mintTokenAsync(local.data, user, '1h'), heartbeat: false, WebSocket: NodeWebSocket });
+    local.clients.push(c);
+    const events = recordRoomEvents(c);
+    const welcome = await c.connect();
+    return { c, events, welcome };
+  };
+  const code = (want) => (e) => {
+    assert.equal(e.code, want, e.message);
+    return true;
+  };
+  const u = {};
+
+  before(async () => {
+    local.data = mkdtempSync(join(tmpdir(), 'chatd-rooms-'));
+    local.server = await startServer(local.data);
+    for (const name of ['ann', 'bob', 'cat']) u[name] = await connect(name);
+  });
+
+  after(async () => {
+    for (const c of local.clients) c.close();
+    await stopServer(local.server).catch(() => {});
+    if (local.data) rmSync(local.data, { recursive: true, force: true });
+  });
+
+  check('createRoom: the caller owns it; the invitee gets an Invitation, sees it in Welcome.invites, and only they may join', { timeout: 20_000 }, async () => {
+    const { ann, bob, cat } = u;
+    const invited = nextEvent(bob.c, 'invitation', (i) => i.room === 'core');
+    const info = await ann.c.createRoom('core', { kind: 'private', title: 'Core team', topic: 'Release 2.0', invite: ['bob'] });
+    assert.deepEqual({ ...info, createdMs: 0 }, {
+      room: 'core', kind: RoomKind.PRIVATE, title: 'Core team', topic: 'Release 2.0', createdBy: 'ann', createdMs: 0, memberCount: 1, myRole: Role.OWNER, owner: 'ann',
+    });
+    assert.ok(Math.abs(info.createdMs - Date.now()) < 60_000, `createdMs is the server's time: ${info.createdMs}`);
+    const inv = await invited;
+    assert.equal(inv.by, 'ann');
+    assert.equal(inv.info && inv.info.title, 'Core team');
+    assert.equal(inv.info.myRole, Role.UNSPECIFIED, 'the invitee is not a member yet');
+    // A second session of bob lists the invitation in its Welcome.
+    const again = await connect('bob');
+    assert.deepEqual(again.welcome.invites.map((i) => [i.room, i.by, i.info && i.info.kind]), [['core', 'ann', RoomKind.PRIVATE]]);
+    again.c.close();
+    // An invitee may read the room; someone else may not, nor join it.
+    assert.equal((await bob.c.getRoom('core')).title, 'Core team');
+    await assert.rejects(cat.c.getRoom('core'), code('ERROR_CODE_FORBIDDEN'));
+    await assert.rejects(cat.c.join('core'), code('ERROR_CODE_FORBIDDEN'));
+    await assert.rejects(ann.c.createRoom('core'), code('ERROR_CODE_ALREADY_EXISTS'));
+    await assert.rejects(ann.c.createRoom('dm:ann:bob'), code('ERROR_CODE_BAD_REQUEST'));
+    // Joining uses the invitation up; everyone in the room hears of it.
+    const annHears = nextEvent(ann.c, 'roomupdate', (x) => x.change === MemberChange.JOINED && x.user === 'bob');
+    const j = await bob.c.join('core');
+    assert.equal(j.state.info && j.state.info.myRole, Role.MEMBER);
+    assert.equal(j.state.info.memberCount, 2);
+    const up = await annHears;
+    assert.deepEqual([up.info.room, up.role, up.info.memberCount, up.info.myRole], ['core', Role.MEMBER, 2, Role.OWNER], 'info.myRole is the receiver\'s role');
+    const fresh = await connect('bob');
+    assert.deepEqual(fresh.welcome.invites, [], 'the invitation was used up');
+    const st = fresh.welcome.rooms.find((r) => r.room === 'core');
+    assert.equal(st && st.info && st.info.myRole, Role.MEMBER, 'Welcome.rooms[].info carries the role');
+    fresh.c.close();
+    // And they chat.
+    const seen = nextEvent(bob.c, 'message', (m) => m.room === 'core' && m.text === 'welcome bob');
+    await ann.c.publish('core', 'welcome bob');
+    await seen;
+  });
+
+  check('declineInvite: the inviter hears of it; a second decline is NOT_FOUND; a banned user cannot be invited', { timeout: 20_000 }, async () => {
+    const { ann, cat } = u;
+    const invited = nextEvent(cat.c, 'invitation', (i) => i.room === 'core');
+    await ann.c.invite('core', 'cat');
+    await invited;
+    const annHears = nextEvent(ann.c, 'roomupdate', (x) => x.change === MemberChange.DECLINED && x.user === 'cat');
+    await cat.c.declineInvite('core');
+    await annHears;
+    await assert.rejects(cat.c.declineInvite('core'), code('ERROR_CODE_NOT_FOUND'));
+    await ann.c.ban('core', 'cat', 'testing');
+    await assert.rejects(ann.c.invite('core', 'cat'), code('ERROR_CODE_CONFLICT'));
+    await ann.c.unban('core', 'cat');
+    await ann.c.invite('core', 'cat');
+    await cat.c.declineInvite('core');
+  });
+
+  check('roles: the owner makes an admin; title and topic change for everyone; listMembers shows roles and who is online', { timeout: 20_000 }, async () => {
+    const { ann, bob, cat } = u;
+    const bobHears = nextEvent(bob.c, 'roomupdate', (x) => x.change === MemberChange.ROLE_CHANGED && x.user === 'bob');
+    const info = await ann.c.setRole('core', 'bob', 'admin');
+    assert.equal(info.myRole, Role.OWNER);
+    const up = await bobHears;
+    assert.deepEqual([up.role, up.info.myRole, up.by], [Role.ADMIN, Role.ADMIN, 'ann']);
+    await assert.rejects(bob.c.setRole('core', 'ann', 'member'), code('ERROR_CODE_FORBIDDEN'), 'only the owner sets roles');
+    await assert.rejects(ann.c.setRole('core', 'cat', 'admin'), code('ERROR_CODE_NOT_FOUND'), 'not a member');
+    // An admin changes the topic; a field left out stays.
+    const annHears = nextEvent(ann.c, 'roomupdate', (x) => x.change === MemberChange.UNSPECIFIED && x.info.topic === 'Release 2.1');
+    const changed = await bob.c.updateRoom('core', { topic: 'Release 2.1' });
+    assert.deepEqual([changed.title, changed.topic], ['Core team', 'Release 2.1']);
+    const t = await annHears;
+    assert.deepEqual([t.user, t.by, t.info.title], ['', 'bob', 'Core team']);
+    await assert.rejects(bob.c.updateRoom('core', { title: 'x'.repeat(129) }), code('ERROR_CODE_BAD_REQUEST'));
+    const page = await ann.c.listMembers('core');
+    assert.deepEqual(page, { room: 'core', members: [{ user: 'ann', role: Role.OWNER, online: true }, { user: 'bob', role: Role.ADMIN, online: true }], hasMore: false });
+    const first = await ann.c.listMembers('core', { limit: 1 });
+    assert.deepEqual([first.members.map((m) => m.user), first.hasMore], [['ann'], true]);
+    const rest = await ann.c.listMembers('core', { afterUser: 'ann' });
+    assert.deepEqual([rest.members.map((m) => m.user), rest.hasMore], [['bob'], false]);
+    await assert.rejects(cat.c.listMembers('core'), code('ERROR_CODE_FORBIDDEN'));
+  });
+
+  check('removal: the member gets Left{REMOVED, by}, nothing of the room after it, and the client stops resuming it', { timeout: 20_000 }, async () => {
+    const { ann, bob } = u;
+    await ann.c.setRole('core', 'bob', 'member');
+    const left = nextEvent(bob.c, 'left', (l) => l.room === 'core');
+    const gone = nextEvent(ann.c, 'roomupdate', (x) => x.change === MemberChange.REMOVED && x.user === 'bob');
+    const info = await ann.c.removeMember('core', 'bob', 'testing');
+    assert.equal(info.memberCount, 1);
+    const l = await left;
+    assert.deepEqual([l.reason, l.by], [MemberChange.REMOVED, 'ann']);
+    await gone;
+    const mark = bob.events.indexOf(bob.events.find((e) => e.type === 'left' && e.room === 'core')) + 1;
+    assert.equal('core' in bob.c.cursors(), false, 'no cursor kept for the room');
+    await ann.c.publish('core', 'after the removal');
+    const leak = await watchFor(750, () => bob.events.slice(mark).find((e) => e.room === 'core' || (e.info && e.info.room === 'core') || (e.state && e.state.room === 'core')));
+    assert.equal(leak, null, `nothing of the room after Left: ${JSON.stringify(leak)}`);
+    await assert.rejects(bob.c.publish('core', 'still here?'), code('ERROR_CODE_FORBIDDEN'));
+    await assert.rejects(bob.c.history({ room: 'core' }), code('ERROR_CODE_FORBIDDEN'));
+    await assert.rejects(bob.c.join('core'), code('ERROR_CODE_FORBIDDEN'), 'a private room needs a new invitation');
+    // A client that still had a cursor for the room (it was away) hears why at resume, and drops it.
+    const back = new ChatdClient({
+      url: `ws://127.0.0.1:${local.server.http}/ws`, token: await mintTokenAsync(local.data, 'bob', '1h'), heartbeat: false, WebSocket: NodeWebSocket, resume: { core: 1 },
+    });
+    local.clients.push(back);
+    const told = nextEvent(back, 'left', (x) => x.room === 'core');
+    const replayed = [];
+    back.on('message', (m) => replayed.push(m));
+    await back.connect();
+    const why = await told;
+    assert.deepEqual([why.reason, why.by], [MemberChange.REMOVED, 'ann']);
+    assert.deepEqual(replayed.filter((m) => m.room === 'core'), [], 'no replay');
+    assert.equal('core' in back.cursors(), false);
+    back.close();
+  });
+
+  check('pushes to one\'s own sessions: Left{LEFT} when another session leaves; Joined when the other user opens a direct room', { timeout: 20_000 }, async () => {
+    const { ann, cat } = u;
+    const two = await connect('cat');
+    await cat.c.join('cat-corner');
+    const left = nextEvent(two.c, 'left', (l) => l.room === 'cat-corner');
+    const reply = await cat.c.leave('cat-corner');
+    assert.deepEqual([reply.reason, reply.by], [MemberChange.LEFT, 'cat'], 'the reply to Leave');
+    const l = await left;
+    assert.deepEqual([l.reason, l.by], [MemberChange.LEFT, 'cat']);
+    assert.equal('cat-corner' in two.c.cursors(), false);
+    two.c.close();
+    const added = nextEvent(cat.c, 'joined', (j) => j.state.room === 'dm:ann:cat');
+    await ann.c.join('dm:ann:cat');
+    const j = await added;
+    assert.equal(j.state.info && j.state.info.kind, RoomKind.DIRECT);
+    assert.equal(j.state.info.myRole, Role.MEMBER);
+    const seen = nextEvent(cat.c, 'message', (m) => m.room === 'dm:ann:cat');
+    await ann.c.publish('dm:ann:cat', 'psst');
+    assert.equal((await seen).text, 'psst');
+  });
+
+  check('bans and the directory: a public room is listed and searchable; a banned user is out of it until unbanned', { timeout: 20_000 }, async () => {
+    const { ann, bob, cat } = u;
+    await ann.c.createRoom('rust-lounge', { title: 'Rust Lounge', topic: 'crates and lifetimes' });
+    await ann.c.createRoom('zz-hidden', { kind: 'private', title: 'Rust secrets' });
+    const all = await cat.c.listRooms();
+    const names = all.rooms.map((r) => r.room);
+    assert.ok(names.includes('rust-lounge'), `listed: ${names}`);
+    assert.ok(!names.includes('zz-hidden') && !names.includes('core'), `never a private room: ${names}`);
+    const byName = await cat.c.listRooms({ query: 'LOUNGE' });
+    assert.deepEqual(byName.rooms.map((r) => r.room), ['rust-lounge']);
+    assert.deepEqual([byName.rooms[0].title, byName.rooms[0].topic, byName.rooms[0].myRole, byName.rooms[0].kind], ['Rust Lounge', 'crates and lifetimes', Role.UNSPECIFIED, RoomKind.PUBLIC]);
+    assert.deepEqual((await cat.c.listRooms({ query: 'st Lou' })).rooms.map((r) => r.room), ['rust-lounge'], 'the title is searched too');
+    assert.deepEqual((await cat.c.listRooms({ query: 'no-such-room-anywhere' })).rooms, []);
+    await cat.c.join('rust-lounge');
+    await bob.c.join('rust-lounge');
+    // An admin may not ban an admin; the owner may.
+    await ann.c.setRole('rust-lounge', 'bob', 'admin');
+    await ann.c.setRole('rust-lounge', 'cat', 'admin');
+    await assert.rejects(bob.c.ban('rust-lounge', 'cat'), code('ERROR_CODE_FORBIDDEN'));
+    await assert.rejects(bob.c.removeMember('rust-lounge', 'ann'), code('ERROR_CODE_FORBIDDEN'), 'nobody removes the owner');
+    const left = nextEvent(cat.c, 'left', (l) => l.room === 'rust-lounge');
+    await ann.c.ban('rust-lounge', 'cat', 'spam');
+    const l = await left;
+    assert.deepEqual([l.reason, l.by], [MemberChange.BANNED, 'ann']);
+    assert.equal('rust-lounge' in cat.c.cursors(), false);
+    await assert.rejects(cat.c.join('rust-lounge'), code('ERROR_CODE_FORBIDDEN'));
+    assert.deepEqual((await cat.c.listRooms({ query: 'lounge' })).rooms, [], 'never a room one is banned from');
+    await ann.c.unban('rust-lounge', 'cat');
+    const j = await cat.c.join('rust-lounge');
+    assert.equal(j.state.info && j.state.info.myRole, Role.MEMBER, 'back as a member');
+    // A removed member may rejoin a public room.
+    await ann.c.removeMember('rust-lounge', 'cat');
+    await cat.c.join('rust-lounge');
+    // Handing ownership on: the old owner becomes an admin.
+    const handed = await ann.c.setRole('rust-lounge', 'bob', 'owner');
+    assert.deepEqual([handed.owner, handed.myRole], ['bob', Role.ADMIN]);
+    const members = await cat.c.listMembers('rust-lounge');
+    assert.deepEqual(members.members.map((m) => [m.user, m.role]), [['ann', Role.ADMIN], ['bob', Role.OWNER], ['cat', Role.MEMBER]]);
+  });
+});
+
+// ===========================================================================
 // a–c. The web app in a real browser, against a real server.
 
 /** Starts chatd; resolves once it prints its listening line. */
@@ -776,15 +1159,21 @@ function checkServedCsp(response) {
   else say('note: this chatd serves no Content-Security-Policy; CSP violations could not be checked');
 }
 
-async function login(ctx, name) {
+/**
+ * A new page of `ctx` signed in as `name` through the dev login. `server`:
+ * the chatd to use (default: this suite's); `tap`: on a touch screen, where
+ * the connection indicator is in the closed room panel.
+ */
+async function login(ctx, name, { server = env.server, tap = false } = {}) {
   const page = await ctx.newPage();
   page.on('pageerror', (e) => console.error(`[${name} page error]`, e));
   await watchCsp(page);
-  await page.goto(`http://127.0.0.1:${env.server.http}/`);
+  checkServedCsp(await page.goto(`http://127.0.0.1:${server.http}/`));
   await page.locator('#dev-name').waitFor({ state: 'visible', timeout: 10_000 });
   await page.fill('#dev-name', name);
-  await page.click('#dev-login button[type=submit]');
-  await page.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 10_000 });
+  if (tap) await page.tap('#dev-login button[type=submit]');
+  else await page.click('#dev-login button[type=submit]');
+  await page.locator('#conn-state[data-state="connected"]').waitFor({ state: tap ? 'attached' : 'visible', timeout: 10_000 });
   assert.equal(await page.locator('#me-name').textContent(), name);
   return page;
 }
@@ -1275,5 +1664,425 @@ describe('web client in Chromium against chatd', { skip: missing ? `SKIPPED: ${m
     } finally {
       await ctx.close();
     }
+  });
+});
+
+// ===========================================================================
+// j–n. Rooms, roles and moderation in the web app (proto/README.md §8), in
+// a real browser against a real server of their own.
+
+const rooms = { server: null, data: null, browser: null, carolToken: null, contexts: [], pages: {}, frames: {} };
+
+/** Pages of the rooms tests, by user; `phone`: a 390×844 touch screen. */
+async function roomsPage(name, { phone = false } = {}) {
+  const ctx = await rooms.browser.newContext(
+    phone ? { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 } : { viewport: { width: 1200, height: 760 } },
+  );
+  ctx.setDefaultTimeout(15_000);
+  rooms.contexts.push(ctx);
+  // Every WebSocket text frame the page receives, parsed, with the time it came.
+  const frames = [];
+  rooms.frames[name] = frames;
+  ctx.on('page', (page) =>
+    page.on('websocket', (ws) =>
+      ws.on('framereceived', ({ payload }) => {
+        try {
+          frames.push({ at: Date.now(), env: JSON.parse(String(payload)) });
+        } catch {
+          /* binary: not this client */
+        }
+      }),
+    ),
+  );
+  const page = await login(ctx, name, { server: rooms.server, tap: phone });
+  rooms.pages[name] = page;
+  return page;
+}
+
+/** Whether an Envelope is about `room` (a message, presence, update, … of it). */
+function envelopeOf(env, room) {
+  for (const [k, v] of Object.entries(env)) {
+    if (k === 'id' || !v || typeof v !== 'object') continue;
+    if (v.room === room || (v.info && v.info.room === room) || (v.state && v.state.room === room)) return true;
+  }
+  return false;
+}
+
+/** Opens the room panel on a phone (the sidebar is always there on a desktop). */
+async function openNav(page) {
+  if (!(await page.locator('#menu-btn').isVisible())) return;
+  if ((await page.locator('#menu-btn').getAttribute('aria-expanded')) === 'true') return;
+  await page.locator('#menu-btn').tap();
+  await page.locator('#sidebar').waitFor({ state: 'visible', timeout: 5000 });
+  await waitUntil(async () => ((await page.locator('#sidebar').boundingBox()) || {}).x === 0, { timeout: 5000, what: 'the panel to slide in' });
+}
+
+/** Creates a room through the "New room" dialog; resolves once it is on screen. */
+async function createRoomFromPage(page, { name, title = '', topic = '', kind = 'public', invite = '' }, { phone = false } = {}) {
+  await openNav(page);
+  const press = (sel) => (phone ? page.tap(sel) : page.click(sel));
+  await press('#create-btn');
+  await page.locator('#create-dialog').waitFor({ state: 'visible', timeout: 5000 });
+  await page.fill('#create-name', name);
+  await page.fill('#create-title', title);
+  await page.fill('#create-topic', topic);
+  await page.check(kind === 'private' ? '#create-private' : '#create-public');
+  await page.fill('#create-invite', invite);
+  await press('#create-submit');
+  await page.locator('#create-dialog').waitFor({ state: 'hidden', timeout: 10_000 });
+  await page.locator(`.room-item.active[data-room="${name}"]`).waitFor({ state: 'attached', timeout: 10_000 });
+}
+
+/** Opens the member panel of the room on screen. */
+async function openMembers(page) {
+  if ((await page.locator('#members-btn').getAttribute('aria-expanded')) !== 'true') await page.locator('#members-btn').click();
+  await page.locator('#members-panel').waitFor({ state: 'visible', timeout: 5000 });
+}
+
+const memberRow = (page, user) => page.locator(`#member-list .member[data-user="${user}"]`);
+
+/** An admin's action on a member, through the member panel: `admin`, `member`, `owner`, `remove` or `ban`. */
+async function manageMember(page, user, action, reason = '') {
+  await openMembers(page);
+  await memberRow(page, user).locator('.member-menu').click();
+  await page.locator('#member-dialog').waitFor({ state: 'visible', timeout: 5000 });
+  if (reason) await page.fill('#md-reason', reason);
+  await page.click(`#md-${action}`);
+  if (action === 'owner') await page.click('#md-owner'); // asked twice
+  await page.locator('#member-dialog').waitFor({ state: 'hidden', timeout: 10_000 });
+}
+
+/** Invites `user` to the room on screen from the member panel. */
+async function inviteFromPage(page, user) {
+  await openMembers(page);
+  await page.fill('#invite-input', user);
+  await page.press('#invite-input', 'Enter');
+  // Done: the box is emptied, and it says so.
+  await page.waitForFunction(() => document.getElementById('invite-input').value === '', null, { timeout: 10_000, polling: 50 });
+  await page.locator('.toast', { hasText: `Invited ${user}` }).last().waitFor({ timeout: 5000 });
+}
+
+describe('rooms, roles and moderation in Chromium against chatd', { skip: missing ? `SKIPPED: ${missing}` : false }, () => {
+  before(async () => {
+    try {
+      rooms.data = mkdtempSync(join(tmpdir(), 'chatd-web-rooms-'));
+      rooms.server = await startServer(rooms.data);
+      rooms.browser = await within(
+        playwright.chromium.launch({
+          executablePath: CHROMIUM,
+          args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'],
+        }),
+        30_000,
+        'Chromium to start',
+      );
+      rooms.carolToken = await mintTokenAsync(rooms.data, 'carol', '1h');
+    } catch (e) {
+      results.failed++;
+      throw e;
+    }
+  });
+
+  after(async () => {
+    for (const ctx of rooms.contexts) await ctx.close().catch(() => {});
+    if (rooms.browser) await rooms.browser.close().catch(() => {});
+    await stopServer(rooms.server).catch(() => {});
+    if (rooms.data) rmSync(rooms.data, { recursive: true, force: true });
+  });
+
+  check('j. a private room: ann creates it and invites bob; bob sees the invitation, accepts, and they chat', { timeout: 60_000 }, async () => {
+    const ann = await roomsPage('ann');
+    const bob = await roomsPage('bob');
+    await createRoomFromPage(ann, { name: 'team-core', title: 'Core team', topic: 'Release 2.0', kind: 'private' });
+    assert.equal(await ann.locator('#room-title').textContent(), '#team-core');
+    await ann.locator('#room-display-title', { hasText: 'Core team' }).waitFor();
+    await ann.locator('#room-topic', { hasText: 'Release 2.0' }).waitFor();
+    await ann.locator('#room-kind', { hasText: 'Private' }).waitFor();
+    await ann.locator('.room-item[data-room="team-core"] .hash[data-kind="private"]').waitFor(); // a padlock
+    // Not in the directory, and nobody uninvited gets in.
+    await bob.fill('#join-input', 'team-core');
+    await bob.press('#join-input', 'Enter');
+    await bob.locator('.toast', { hasText: 'Could not join team-core' }).waitFor({ timeout: 10_000 });
+    assert.equal(await bob.locator('.room-item[data-room="team-core"]').count(), 0);
+
+    await inviteFromPage(ann, 'bob');
+    const invite = bob.locator('.invite[data-room="team-core"]');
+    await invite.waitFor({ timeout: 10_000 });
+    assert.equal((await invite.locator('.invite-room').textContent()).trim(), 'Core team');
+    assert.equal((await invite.locator('.invite-by').textContent()).trim(), 'from ann');
+    await bob.screenshot({ path: '/tmp/chatd-web-invited.png' });
+    await invite.getByRole('button', { name: /^Accept/ }).click();
+    await bob.locator('.room-item.active[data-room="team-core"]').waitFor({ timeout: 10_000 });
+    await invite.waitFor({ state: 'detached', timeout: 5000 });
+    await bob.locator('#room-display-title', { hasText: 'Core team' }).waitFor();
+    await bob.locator('#room-topic', { hasText: 'Release 2.0' }).waitFor();
+    // ann's member list has bob now (a RoomUpdate), online.
+    await memberRow(ann, 'bob').and(ann.locator('[data-role="ROLE_MEMBER"][data-online="true"]')).waitFor({ timeout: 10_000 });
+
+    const lines = ['ann welcomes bob to the core team', 'bob says thanks', 'ann asks about the release'];
+    await sendFromPage(ann, lines[0]);
+    await waitForTexts(bob, 'team-core', [lines[0]]);
+    await sendFromPage(bob, lines[1]);
+    await waitForTexts(ann, 'team-core', [lines[1]]);
+    await sendFromPage(ann, lines[2]);
+    for (const [who, page] of [['ann', ann], ['bob', bob]]) {
+      await waitForTexts(page, 'team-core', lines);
+      assertTimeline(await shown(page, 'team-core'), lines, `${who}'s page`);
+    }
+    await bob.screenshot({ path: '/tmp/chatd-web-private-room.png' });
+    for (const page of [ann, bob]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('k. removed by an admin: the page says so plainly and receives nothing more; then banned the same way', { timeout: 60_000 }, async () => {
+    const { ann, bob } = rooms.pages;
+    assert.ok(ann && bob, 'test j set up both pages');
+    await manageMember(ann, 'bob', 'remove', 'testing removals');
+    const notice = bob.locator('#gone-text');
+    await notice.waitFor({ state: 'visible', timeout: 10_000 });
+    assert.equal((await notice.textContent()).trim(), 'You were removed from #team-core by ann.');
+    assert.equal(await bob.locator('#composer').isVisible(), false, 'no composer in a room one was removed from');
+    await bob.locator('.room-item.gone[data-room="team-core"]').waitFor({ state: 'attached' });
+    await memberRow(ann, 'bob').waitFor({ state: 'detached', timeout: 10_000 });
+    const frames = rooms.frames.bob;
+    const left = frames.find((f) => f.env.left && f.env.left.room === 'team-core');
+    assert.ok(left, "bob's page got the Left push");
+    assert.deepEqual([left.env.left.reason, left.env.left.by], ['MEMBER_CHANGE_REMOVED', 'ann']);
+
+    // Published after the removal: never on bob's page, nor on his socket.
+    const after = 'ann writes after bob is gone';
+    await sendFromPage(ann, after);
+    await waitForTexts(ann, 'team-core', [after]);
+    const leak = await watchFor(1500, async () => {
+      const later = frames.filter((f) => f.at >= left.at && f !== left && envelopeOf(f.env, 'team-core'));
+      if (later.length) return `frames about team-core after the Left: ${JSON.stringify(later.map((f) => f.env))}`;
+      const texts = (await shown(bob, 'team-core')).map((m) => m.text);
+      return texts.includes(after) ? `bob's page shows "${after}"` : null;
+    });
+    assert.equal(leak, null, 'nothing of the room reaches the removed member');
+    assert.equal(await notice.isVisible(), true, 'the notice stays');
+
+    // Invited again, he is back (the notice goes); then banned.
+    await inviteFromPage(ann, 'bob');
+    await bob.locator('.invite[data-room="team-core"]').getByRole('button', { name: /^Accept/ }).click();
+    await bob.locator('#composer').waitFor({ state: 'visible', timeout: 10_000 });
+    assert.equal(await notice.isVisible(), false);
+    await waitForTexts(bob, 'team-core', [after]); // members read the history
+    await manageMember(ann, 'bob', 'ban', 'testing bans');
+    await bob.locator('#gone-text', { hasText: 'You were banned from #team-core by ann.' }).waitFor({ timeout: 10_000 });
+    await bob.screenshot({ path: '/tmp/chatd-web-banned.png' });
+    // "Close room" takes it off the list.
+    await bob.click('#gone-close');
+    await bob.locator('.room-item[data-room="team-core"]').waitFor({ state: 'detached', timeout: 5000 });
+    // Unbanned from the room details; an invitation works again.
+    await ann.click('#settings-btn');
+    await ann.locator('#room-dialog').waitFor({ state: 'visible' });
+    await ann.fill('#unban-input', 'bob');
+    await ann.press('#unban-input', 'Enter');
+    await ann.locator('.toast', { hasText: 'bob may join #team-core again' }).waitFor({ timeout: 10_000 });
+    await ann.click('#rd-close');
+    await inviteFromPage(ann, 'bob');
+    await bob.locator('.invite[data-room="team-core"]').getByRole('button', { name: /^Decline/ }).click();
+    await bob.locator('.invite[data-room="team-core"]').waitFor({ state: 'detached', timeout: 10_000 });
+    for (const page of [ann, bob]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('l. the directory lists public rooms (never a private one); search narrows it; joining from it works', { timeout: 60_000 }, async () => {
+    const { ann, bob } = rooms.pages;
+    assert.ok(ann && bob, 'test j set up both pages');
+    await createRoomFromPage(ann, { name: 'rust-lounge', title: 'Rust Lounge', topic: 'crates and lifetimes' });
+    await createRoomFromPage(ann, { name: 'gardening', title: 'Green thumbs' });
+    await bob.click('#browse-btn');
+    await bob.locator('#dir-dialog').waitFor({ state: 'visible' });
+    const listed = () => bob.$$eval('#dir-list .dir-room', (els) => els.map((el) => el.dataset.room));
+    await bob.locator('#dir-list .dir-room[data-room="rust-lounge"]').waitFor({ timeout: 10_000 });
+    let names = await listed();
+    assert.ok(names.includes('gardening'), `every public room: ${names}`);
+    assert.ok(!names.includes('team-core'), `never a private room: ${names}`);
+    const item = bob.locator('.dir-room[data-room="rust-lounge"]');
+    assert.equal((await item.locator('.dir-title').textContent()).trim(), 'Rust Lounge');
+    assert.equal((await item.locator('.dir-topic').textContent()).trim(), 'crates and lifetimes');
+    assert.equal((await item.locator('.dir-count').textContent()).trim(), '1 member');
+
+    await bob.fill('#dir-search', 'LOUNGE');
+    await waitUntil(async () => {
+      const n = await listed();
+      return n.length === 1 && n[0] === 'rust-lounge';
+    }, { timeout: 10_000, what: 'the search for LOUNGE to list rust-lounge alone' });
+    await bob.fill('#dir-search', 'green thumb'); // the title is searched too
+    await waitUntil(async () => (await listed()).join() === 'gardening', { timeout: 10_000, what: 'a search by title' });
+    await bob.fill('#dir-search', 'no-such-room-anywhere');
+    await bob.locator('#dir-status', { hasText: 'No public room matches' }).waitFor({ timeout: 10_000 });
+    assert.deepEqual(await listed(), []);
+    await bob.fill('#dir-search', 'rust');
+    await item.waitFor({ timeout: 10_000 });
+    await bob.screenshot({ path: '/tmp/chatd-web-directory.png' });
+    await item.getByRole('button', { name: 'Join rust-lounge' }).click();
+    await bob.locator('#dir-dialog').waitFor({ state: 'hidden', timeout: 10_000 });
+    await bob.locator('.room-item.active[data-room="rust-lounge"]').waitFor({ timeout: 10_000 });
+    await bob.locator('#room-display-title', { hasText: 'Rust Lounge' }).waitFor();
+    await sendFromPage(bob, 'bob found the lounge');
+    await ann.locator('.room-item[data-room="rust-lounge"] button').click();
+    await waitForTexts(ann, 'rust-lounge', ['bob found the lounge']);
+    // Listed again, it is one bob is in.
+    await bob.click('#browse-btn');
+    await bob.locator('.dir-room[data-room="rust-lounge"] .dir-count', { hasText: '2 members' }).waitFor({ timeout: 10_000 });
+    await bob.locator('.dir-room[data-room="rust-lounge"]').getByRole('button', { name: 'Open rust-lounge' }).waitFor();
+    await bob.click('#dir-close');
+    await bob.locator('#dir-dialog').waitFor({ state: 'hidden', timeout: 5000 });
+    assert.deepEqual(await cspViolations(bob), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('m. the member list shows roles and online dots, kept current; a role change and a new topic show up live', { timeout: 60_000 }, async () => {
+    const { ann, bob } = rooms.pages;
+    assert.ok(ann && bob, 'tests j and l set up the pages and rust-lounge');
+    await cliSend(rooms.server.tcp, rooms.carolToken, 'rust-lounge', 'carol drops by'); // joins, then goes offline
+    await bob.locator('.room-item[data-room="rust-lounge"]').click();
+    await openMembers(bob);
+    const row = (user, role, online) => memberRow(bob, user).and(bob.locator(`[data-role="${role}"][data-online="${online}"]`));
+    await row('ann', 'ROLE_OWNER', true).waitFor({ timeout: 10_000 });
+    await row('bob', 'ROLE_MEMBER', true).waitFor();
+    await row('carol', 'ROLE_MEMBER', false).waitFor({ timeout: 10_000 });
+    assert.equal((await memberRow(bob, 'ann').locator('.role-badge').textContent()).trim(), 'Owner');
+    assert.equal(await memberRow(bob, 'carol').locator('.role-badge').count(), 0, 'members have no badge');
+    assert.equal(await memberRow(bob, 'ann').locator('.presence.on').count(), 1, 'a green dot for ann');
+    assert.equal(await memberRow(bob, 'carol').locator('.presence.off').count(), 1, 'an empty dot for carol');
+    assert.equal(await bob.locator('#member-list .member-menu').count(), 0, 'a member may manage nobody');
+    assert.equal(await bob.locator('#invite-form').isVisible(), true, 'any member may invite to a public room');
+    assert.equal(await bob.locator('#settings-btn').isVisible(), true);
+    assert.deepEqual(await bob.$$eval('#member-list .member', (els) => els.map((el) => el.dataset.user)), ['ann', 'bob', 'carol'], 'the owner first, then by name');
+    await bob.screenshot({ path: '/tmp/chatd-web-members.png' });
+
+    // carol comes online: her dot turns green; she goes: it empties.
+    const cli = startCli(rooms.server.tcp, rooms.carolToken, 'rust-lounge');
+    try {
+      await row('carol', 'ROLE_MEMBER', true).waitFor({ timeout: 10_000 });
+    } finally {
+      cli.proc.kill('SIGTERM');
+    }
+    await row('carol', 'ROLE_MEMBER', false).waitFor({ timeout: 10_000 });
+
+    // The owner makes bob an admin: his own page shows it, and lets him edit the topic.
+    await ann.locator('.room-item[data-room="rust-lounge"]').click();
+    await manageMember(ann, 'bob', 'admin');
+    await row('bob', 'ROLE_ADMIN', true).waitFor({ timeout: 10_000 });
+    assert.equal((await memberRow(bob, 'bob').locator('.role-badge').textContent()).trim(), 'Admin');
+    await bob.locator('#member-list .member[data-user="carol"] .member-menu').waitFor({ timeout: 5000 }); // an admin manages members
+    assert.equal(await memberRow(bob, 'ann').locator('.member-menu').count(), 0, 'but not the owner');
+    await bob.click('#settings-btn');
+    await bob.locator('#rd-form').waitFor({ state: 'visible' });
+    assert.equal(await bob.inputValue('#rd-topic'), 'crates and lifetimes');
+    await bob.fill('#rd-topic', 'async, crates and lifetimes');
+    await bob.click('#rd-save');
+    await bob.locator('#room-dialog').waitFor({ state: 'hidden', timeout: 10_000 });
+    await ann.locator('#room-topic', { hasText: 'async, crates and lifetimes' }).waitFor({ timeout: 10_000 });
+    await bob.locator('#room-topic', { hasText: 'async, crates and lifetimes' }).waitFor({ timeout: 10_000 });
+    // And back to member: the panel follows.
+    await manageMember(ann, 'bob', 'member');
+    await row('bob', 'ROLE_MEMBER', true).waitFor({ timeout: 10_000 });
+    await bob.locator('#member-list .member-menu').waitFor({ state: 'detached', timeout: 5000 });
+    // ann hands ownership on to bob: one owner on both pages, ann an admin.
+    await manageMember(ann, 'bob', 'owner');
+    for (const page of [ann, bob]) {
+      const r = (user, role) => memberRow(page, user).and(page.locator(`[data-role="${role}"]`));
+      await r('bob', 'ROLE_OWNER').waitFor({ timeout: 10_000 });
+      await r('ann', 'ROLE_ADMIN').waitFor({ timeout: 10_000 });
+      assert.equal(await page.locator('#member-list .member[data-role="ROLE_OWNER"]').count(), 1, 'one owner');
+    }
+    assert.equal(await memberRow(ann, 'bob').locator('.member-menu').count(), 0, 'an admin does not manage the owner');
+    await memberRow(ann, 'carol').locator('.member-menu').waitFor({ timeout: 5000 });
+    for (const page of [ann, bob]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('n. a phone (390×844): create a private room, invite, accept from the room panel, chat, see the members', { timeout: 60_000 }, async () => {
+    const PHONE = { width: 390, height: 844 };
+    const uma = await roomsPage('uma', { phone: true });
+    // The dialog to create a room fits the screen.
+    await openNav(uma);
+    await uma.locator('#create-btn').tap();
+    const dialog = await uma.locator('#create-dialog').boundingBox();
+    assert.ok(dialog && dialog.x >= 0 && dialog.x + dialog.width <= PHONE.width && dialog.y >= 0 && dialog.y + dialog.height <= PHONE.height, `the dialog is on the screen: ${JSON.stringify(dialog)}`);
+    const submit = await uma.locator('#create-submit').boundingBox();
+    assert.ok(submit && submit.y + submit.height <= PHONE.height, 'its button is within reach');
+    await uma.keyboard.press('Escape');
+    await uma.locator('#create-dialog').waitFor({ state: 'hidden' });
+    await createRoomFromPage(uma, { name: 'phone-core', title: 'Pocket team', kind: 'private', invite: 'vic' }, { phone: true });
+    assert.equal(await uma.locator('#room-title').textContent(), '#phone-core');
+
+    // vic signs in after the invitation: it comes in Welcome.invites.
+    const vic = await roomsPage('vic', { phone: true });
+    await vic.locator('#menu-unread', { hasText: /^1$/ }).waitFor({ timeout: 10_000 }); // the invitation, behind the menu button
+    await openNav(vic);
+    const invite = vic.locator('.invite[data-room="phone-core"]');
+    await invite.waitFor({ timeout: 10_000 });
+    const panel = await vic.locator('#sidebar').boundingBox();
+    for (const el of [invite, invite.getByRole('button', { name: /^Accept/ }), invite.getByRole('button', { name: /^Decline/ })]) {
+      const box = await el.boundingBox();
+      assert.ok(box && box.x >= panel.x && box.x + box.width <= panel.x + panel.width && box.y + box.height <= PHONE.height, `inside the panel: ${JSON.stringify(box)}`);
+    }
+    await vic.screenshot({ path: '/tmp/mobile-invited.png' });
+    await invite.getByRole('button', { name: /^Accept/ }).tap();
+    await vic.locator('#sidebar').waitFor({ state: 'hidden', timeout: 5000 });
+    await vic.locator('.room-item.active[data-room="phone-core"]').waitFor({ state: 'attached', timeout: 10_000 });
+    assert.equal(await vic.locator('#room-title').textContent(), '#phone-core');
+    await vic.locator('#menu-unread').waitFor({ state: 'hidden', timeout: 5000 });
+
+    const lines = ['vic says hi from her phone', 'uma answers from hers'];
+    await sendFromPage(vic, lines[0]);
+    await waitForTexts(uma, 'phone-core', [lines[0]]);
+    await sendFromPage(uma, lines[1]);
+    for (const [who, page] of [['uma', uma], ['vic', vic]]) {
+      await waitForTexts(page, 'phone-core', lines);
+      assertTimeline(await shown(page, 'phone-core'), lines, `${who}'s phone`);
+    }
+    for (const [what, el] of [['the composer', vic.locator('#composer')], ['the members button', vic.locator('#members-btn')], ['the title', vic.locator('#room-title')]]) {
+      const box = await el.boundingBox();
+      assert.ok(box && box.x >= 0 && box.x + box.width <= PHONE.width && box.y + box.height <= PHONE.height, `${what} is on the screen: ${JSON.stringify(box)}`);
+    }
+
+    // The member list covers the screen, and closes again.
+    await uma.locator('#members-btn').tap();
+    const members = uma.locator('#members-panel');
+    await members.waitFor({ state: 'visible' });
+    const box = await members.boundingBox();
+    assert.deepEqual([box.x, box.y, box.width, box.height], [0, 0, PHONE.width, PHONE.height], 'the panel covers the screen');
+    await memberRow(uma, 'uma').and(uma.locator('[data-role="ROLE_OWNER"]')).waitFor({ timeout: 10_000 });
+    await memberRow(uma, 'vic').and(uma.locator('[data-role="ROLE_MEMBER"][data-online="true"]')).waitFor({ timeout: 10_000 });
+    assert.equal(await uma.locator('#chat').evaluate((el) => el.inert), true, 'the messages behind are out of reach');
+    await uma.screenshot({ path: '/tmp/mobile-members.png' });
+    await uma.locator('#members-close').tap();
+    await members.waitFor({ state: 'hidden', timeout: 5000 });
+    assert.equal(await uma.locator('#chat').evaluate((el) => el.inert), false);
+    assert.equal(await uma.evaluate(() => document.activeElement.id), 'members-btn', 'focus goes back to the button');
+    for (const page of [uma, vic]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('o. removed while the page was away: back online, it says so in the room on screen', { timeout: 60_000 }, async () => {
+    const { ann, bob } = rooms.pages;
+    assert.ok(ann && bob, 'test j set up both pages');
+    await createRoomFromPage(ann, { name: 'away-room', title: 'While you were out' });
+    await joinRoom(bob, 'away-room');
+    await sendFromPage(ann, 'ann before bob goes away');
+    await waitForTexts(bob, 'away-room', ['ann before bob goes away']);
+    // bob's page loses its connection (the server restarts while his
+    // network is gone: an offline browser keeps an open WebSocket), and ann
+    // removes him meanwhile.
+    const { tcp, http } = rooms.server;
+    await stopServer(rooms.server);
+    await waitUntil(async () => (await state(bob)) !== 'connected' && (await state(ann)) !== 'connected', { timeout: 10_000, what: 'both pages to notice the shutdown' });
+    await bob.context().setOffline(true);
+    rooms.server = await startServer(rooms.data, { tcp, http });
+    await ann.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 20_000 });
+    await manageMember(ann, 'bob', 'remove');
+    assert.notEqual(await state(bob), 'connected', 'bob is still away');
+    await sendFromPage(ann, 'ann while bob is away');
+    await waitForTexts(ann, 'away-room', ['ann while bob is away']);
+    // Back: the page resumes with its cursor, and the server answers it with Left.
+    await bob.context().setOffline(false);
+    await bob.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 20_000 });
+    await bob.locator('#gone-text', { hasText: 'You were removed from #away-room by ann.' }).waitFor({ timeout: 10_000 });
+    assert.equal(await bob.locator('#room-title').textContent(), '#away-room', 'the room stays on screen');
+    await waitForTexts(bob, 'away-room', ['ann before bob goes away']);
+    const leak = await watchFor(1000, async () => (await shown(bob, 'away-room')).some((m) => m.text === 'ann while bob is away'));
+    assert.equal(leak, null, 'nothing published while he was removed');
+    assert.deepEqual(await cspViolations(bob), [], 'nothing the Content-Security-Policy blocks');
   });
 });
