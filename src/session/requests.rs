@@ -167,7 +167,7 @@ impl Session {
             Body::Typing(b) => Some(b.room.clone()),
             _ => None,
         };
-        let hub = self.hub.clone();
+        let hub = &*self.hub;
         let info = |r: Result<proto::RoomInfo, Refusal>| r.map(|i| Some(Body::RoomInfo(i)));
         let reply = match body {
             Body::Join(j) => {
