@@ -493,3 +493,33 @@ async fn moderation_is_counted_and_shown_to_the_operator() {
     assert_eq!(room["banned"], 2);
     assert_eq!(room["pending_invites"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_written_before_roles_opens_with_public_rooms_and_their_oldest_posters_as_owners() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-format-2.tgz");
+    let status = std::process::Command::new("tar").arg("xzf").arg(&fixture).arg("-C").arg(tmp.path()).status().unwrap();
+    assert!(status.success(), "tar extracts {}", fixture.display());
+    let s = TestServer::start_in(&tmp.path().join("data"), |_| {}).await;
+    let (mut ann, w) = s.raw_user("ann").await;
+    let rooms: Vec<_> = w
+        .rooms
+        .iter()
+        .map(|r| {
+            let i = r.info.as_ref().unwrap();
+            (r.room.as_str(), r.head_seq, i.kind, i.owner.as_str(), i.my_role, i.member_count)
+        })
+        .collect();
+    let (public, direct) = (RoomKind::Public as i32, RoomKind::Direct as i32);
+    let (owner, member) = (Role::Owner as i32, Role::Member as i32);
+    assert_eq!(rooms, [("dm:ann:cat", 1, direct, "", member, 2), ("general", 3, public, "bob", member, 3)]);
+    let (_, w) = s.raw_user("cat").await;
+    let quiet = w.rooms.iter().find(|r| r.room == "quiet").unwrap().info.clone().unwrap();
+    assert_eq!((quiet.kind, quiet.my_role), (public, owner));
+    // The log is as it was, and the owner's powers work.
+    let texts: Vec<_> = ann.history_all("general").await.into_iter().map(|m| m.text).collect();
+    assert_eq!(texts, ["bob was first", "ann second", "cat third"]);
+    let mut bob = s.raw_member("bob", "general").await;
+    info(&mut bob, set_role("general", "ann", Role::Admin)).await;
+    info(&mut ann, ban("general", "cat")).await;
+}
