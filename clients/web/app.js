@@ -690,6 +690,16 @@ function applyJoined(j) {
   invalidate('sidebar', 'header', 'members');
 }
 
+/** Sets who is online in `name` from its member list (the first 1,000). */
+function refreshOnline(c, name) {
+  c.listMembers(name, { limit: 1000 }).then((page) => {
+    const r = rooms.get(name);
+    if (!r || r.gone) return;
+    r.online = new Set(page.members.filter((m) => m.online).map((m) => m.user));
+    invalidate('sidebar', 'header', 'members');
+  }, () => {});
+}
+
 async function leaveRoom() {
   const name = active;
   if (!name || !client) return;
@@ -1319,10 +1329,10 @@ function wire(c) {
     }
     invites.clear();
     for (const inv of w.invites) if (!member.has(inv.room)) invites.set(inv.room, inv);
-    // Refresh who is online (Welcome does not say); Join is idempotent.
-    for (const name of member) {
-      c.join(name).then(applyJoined, () => {});
-    }
+    // Refresh who is online (Welcome does not say) from the member list,
+    // never by joining again: a Join would undo a removal from a public
+    // room that landed since this Welcome.
+    for (const name of member) refreshOnline(c, name);
     if (w.reconnected) {
       // Pages never fetched while away are fetched now.
       for (const r of rooms.values()) if (r.name === active && !r.loaded) loadNewest(r);

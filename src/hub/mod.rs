@@ -10,6 +10,7 @@
 //! room's governance, before its subscribers. The fan-out takes only room
 //! subscriber locks.
 
+pub mod repair;
 pub mod rooms;
 
 use std::collections::{HashMap, HashSet};
@@ -198,8 +199,18 @@ impl Hub {
         store: Arc<dyn Store>,
         commits: CommitQueue<Completion>,
         auth: Auth,
-        snapshot: Snapshot,
+        mut snapshot: Snapshot,
     ) -> Self {
+        let repaired = repair::repair(&mut snapshot);
+        if !repaired.is_empty() {
+            let n = repaired.len();
+            let batch = crate::store::Batch { rooms: repaired, ..Default::default() };
+            match store.write(&batch).and_then(|()| store.sync()) {
+                Ok(()) => tracing::warn!(records = n, "repaired room records a crash left mid-change"),
+                // In force in memory either way; the next start repairs again.
+                Err(e) => tracing::error!(error = %e, records = n, "could not store the repair of room records"),
+            }
+        }
         let mut rooms = HashMap::new();
         let mut by_id = HashMap::new();
         let mut max_id = 0;

@@ -38,8 +38,31 @@ const ROOMS_DEFAULT: u32 = 50;
 const ROOMS_MAX: u32 = 200;
 /// Locks serialising room changes, shared by rooms (by id).
 pub const CHANGE_LOCKS: usize = 64;
+/// Most invitations one `CreateRoom` may carry.
+pub const MAX_INVITES_AT_CREATION: usize = 100;
 /// Most bytes in a moderation reason.
 const MAX_REASON: usize = 512;
+
+/// Bytes left for the items of one reply: a page is cut where the next
+/// item would not fit (and says it has more), so no reply exceeds the frame
+/// size a client was promised. The first item always goes in.
+pub struct Budget {
+    left: usize,
+    first: bool,
+}
+
+impl Budget {
+    /// Takes room for `item`; false (taking nothing) when it does not fit.
+    pub fn take(&mut self, item: &impl prost::Message) -> bool {
+        let len = item.encoded_len() + 8;
+        if len > self.left && !std::mem::take(&mut self.first) {
+            return false;
+        }
+        self.first = false;
+        self.left = self.left.saturating_sub(len);
+        true
+    }
+}
 
 /// The session a request came from, and its request id: a `Joined` reply
 /// must be queued before the room's first live message to it.
@@ -79,7 +102,7 @@ fn member_write(user: &str, room: &Room, role: Role, since: u64) -> RoomWrite {
     RoomWrite::Member {
         user: user.to_string(),
         room: room.id,
-        record: MemberRecord { role: role as i32, since, reason: 0, by: String::new() },
+        record: MemberRecord { role: role as i32, since, reason: 0, by: String::new(), role_ms: now_ms() },
     }
 }
 
@@ -132,7 +155,17 @@ impl Hub {
             }
             Err(e) => {
                 self.forget_unstored(room);
-                Err(e)
+                // A write can land and its sync fail: unlike a message's,
+                // a room change is not removed again, so it may be in force
+                // after a restart. Every change is idempotent: retrying is
+                // safe and makes it so now.
+                Err(match e.code {
+                    ErrorCode::Internal => Refusal::new(
+                        ErrorCode::Internal,
+                        format!("{}; the change may be in force after a restart: retry it", e.message),
+                    ),
+                    _ => e,
+                })
             }
         }
     }
@@ -193,8 +226,11 @@ impl Hub {
                 out.push((s, frame.clone()));
             }
         }
+        // Bounded like ephemeral pushes: a session whose queue is full
+        // misses the update (the state is in its next Welcome) rather than
+        // growing without bound under a flood of changes.
         for (s, frame) in out {
-            let _ = s.outbound.push(frame);
+            let _ = s.outbound.offer(frame);
         }
     }
 
@@ -255,9 +291,11 @@ impl Hub {
                 (role, g.invites().contains_key(&**user), peer_joins, g.next_since(now_ms()))
             };
             let max = self.limits.max_rooms_per_user;
-            if entry.lock().rooms.len() >= max {
+            let peer_full = peer_joins.as_ref().is_some_and(|p| self.user(p).lock().rooms.len() >= max);
+            if entry.lock().rooms.len() >= max || peer_full {
                 self.forget_unstored(&room);
-                return Err(forbidden(format!("member of {max} rooms already (the limit)")));
+                let who = if peer_full { "the other user is" } else { "you are" };
+                return Err(forbidden(format!("{who} a member of {max} rooms already (the limit)")));
             }
             let mut writes = vec![member_write(user, &room, role, since)];
             if invited {
@@ -400,7 +438,7 @@ impl Hub {
         writes.push(RoomWrite::Member {
             user: user.to_string(),
             room: room.id,
-            record: MemberRecord { role: 0, since: 0, reason: reason as i32, by: by.to_string() },
+            record: MemberRecord { role: 0, since: 0, reason: reason as i32, by: by.to_string(), role_ms: now_ms() },
         });
         self.commit_room(room, writes).await?;
         {
@@ -452,18 +490,21 @@ impl Hub {
             Err(_) => return Err(bad(format!("unknown room kind {}", c.kind))),
         };
         gov::check_texts(Some(&c.title), Some(&c.topic)).map_err(bad)?;
+        if c.invite.len() > MAX_INVITES_AT_CREATION {
+            return Err(bad(format!("at most {MAX_INVITES_AT_CREATION} invitations with CreateRoom; Invite the rest")));
+        }
+        let mut seen = std::collections::HashSet::new();
         let mut invitees: Vec<Arc<str>> = Vec::new();
         for u in &c.invite {
             check_user(u)?;
-            if **u != **user && !invitees.iter().any(|i| **i == **u) {
+            if **u != **user && seen.insert(u.as_str()) {
                 invitees.push(u.as_str().into());
             }
         }
-        let max = self.limits.max_rooms_per_user;
-        if entry.lock().rooms.len() >= max {
-            return Err(forbidden(format!("member of {max} rooms already (the limit)")));
+        // One token for the room and one for each invitation.
+        for _ in 0..=invitees.len() {
+            self.take_change_token(entry)?;
         }
-        self.take_change_token(entry)?;
         let now = now_ms();
         let details = RoomDetails {
             kind: kind as i32,
@@ -482,7 +523,13 @@ impl Hub {
             return Err(exists());
         }
         let _serial = entry.membership.lock().await;
-        if let Err(e) = self.check_invitees(&invitees) {
+        let max = self.limits.max_rooms_per_user;
+        let limit = if entry.lock().rooms.len() >= max {
+            Err(forbidden(format!("member of {max} rooms already (the limit)")))
+        } else {
+            self.check_invitees(&invitees)
+        };
+        if let Err(e) = limit {
             self.forget_unstored(&room);
             return Err(e);
         }
@@ -502,8 +549,10 @@ impl Hub {
     /// as allowed.
     fn check_invitees(&self, invitees: &[Arc<str>]) -> Result<(), Refusal> {
         let max = self.limits.max_pending_invites_per_user;
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         for i in invitees {
-            if self.user(i).lock().invited.len() >= max {
+            // Looked up, not created: a refused request leaves no entries.
+            if users.get(i).is_some_and(|e| e.lock().invited.len() >= max) {
                 return Err(Refusal::new(
                     ErrorCode::Conflict,
                     format!("{i} has {max} pending invitations already (the limit)"),
@@ -532,7 +581,8 @@ impl Hub {
         };
         let frame = encode_frame(&Envelope::push(Body::Invitation(push)));
         for s in &st.sessions {
-            let _ = s.outbound.push(frame.clone());
+            // Bounded: the invitation is in the next Welcome if missed.
+            let _ = s.outbound.offer(frame.clone());
         }
         drop(st);
         self.room_update(room, &invite.by, invitee, MemberChange::Invited, Role::Unspecified);
@@ -796,11 +846,24 @@ impl Hub {
             page.truncate(limit);
             (page, has_more)
         };
-        let members = page
-            .into_iter()
-            .map(|(u, role)| proto::Member { online: self.is_online(&u), user: u.to_string(), role: role as i32 })
-            .collect();
-        Ok(proto::MemberPage { room: l.room.clone(), members, has_more })
+        let mut fits = self.frame_budget();
+        let mut members = Vec::with_capacity(page.len());
+        let mut cut = false;
+        for (u, role) in page {
+            let m = proto::Member { online: self.is_online(&u), user: u.to_string(), role: role as i32 };
+            if !fits.take(&m) {
+                cut = true;
+                break;
+            }
+            members.push(m);
+        }
+        Ok(proto::MemberPage { room: l.room.clone(), members, has_more: has_more || cut })
+    }
+
+    /// What one reply may hold: `max_frame_bytes` (what `Welcome`
+    /// promised), less room for the envelope and the page's other fields.
+    pub fn frame_budget(&self) -> Budget {
+        Budget { left: self.limits.max_frame_bytes.saturating_sub(512), first: true }
     }
 
     /// `ListRooms`: a page of the public directory.
@@ -814,6 +877,7 @@ impl Hub {
         rooms.sort_by(|a, b| a.name.cmp(&b.name));
         let mut out = Vec::with_capacity(limit.min(rooms.len()));
         let mut has_more = false;
+        let mut fits = self.frame_budget();
         for room in rooms {
             let g = room.gov();
             let listed = g.kind == RoomKind::Public
@@ -825,11 +889,12 @@ impl Hub {
             if !listed {
                 continue;
             }
-            if out.len() == limit {
+            let info = g.info(&room.name, user);
+            if out.len() == limit || !fits.take(&info) {
                 has_more = true;
                 break;
             }
-            out.push(g.info(&room.name, user));
+            out.push(info);
         }
         Ok(proto::RoomList { rooms: out, has_more })
     }

@@ -90,7 +90,7 @@ impl Session {
             })
             .collect();
         invites.sort_by(|a, b| a.room.cmp(&b.room));
-        let welcome = proto::Welcome {
+        let mut welcome = proto::Welcome {
             user: user.to_string(),
             session_id: format!("s{}", self.handle.id),
             protocol_version: PROTOCOL_VERSION,
@@ -101,7 +101,24 @@ impl Session {
             server: self.hub.server_name.clone(),
             invites,
         };
+        // Welcome must fit the frame size it announces: invitations that do
+        // not fit follow it as pushes, then topics, then whole room details
+        // are left out (GetRoom has them).
+        let budget = limits.max_frame_bytes.saturating_sub(512);
+        let mut spilled = Vec::new();
+        if welcome.encoded_len() > budget {
+            spilled = std::mem::take(&mut welcome.invites);
+        }
+        if welcome.encoded_len() > budget {
+            welcome.rooms.iter_mut().filter_map(|r| r.info.as_mut()).for_each(|i| i.topic.clear());
+        }
+        if welcome.encoded_len() > budget {
+            welcome.rooms.iter_mut().for_each(|r| r.info = None);
+        }
         let _ = self.handle.outbound.push(encode_frame(&Envelope::new(id, Body::Welcome(welcome))));
+        for invitation in spilled {
+            let _ = self.handle.outbound.push(encode_frame(&Envelope::push(Body::Invitation(invitation))));
+        }
 
         let mut problems = Vec::new();
         let mut departed = Vec::new();
@@ -189,7 +206,7 @@ impl Session {
             Body::ListMembers(l) => hub.list_members(&user, &l).map(|p| Some(Body::MemberPage(p))),
             Body::ListRooms(l) => hub.list_rooms(&user, &l).map(|p| Some(Body::RoomList(p))),
             Body::Publish(p) => self.publish(id, &user, &entry, p).await,
-            Body::History(h) => self.history(&entry, h),
+            Body::History(h) => self.history(id, &entry, h),
             Body::MarkRead(m) => self.mark_read(&user, &entry, m).await,
             Body::Typing(t) => self.typing(&user, &entry, t),
             Body::Ping(p) => Ok(Some(Body::Pong(proto::Pong { nonce: p.nonce }))),
@@ -260,6 +277,11 @@ impl Session {
             .reserve()
             .await
             .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
+        // Still a member after those waits: a removal answered meanwhile
+        // must not be followed by this message.
+        if !entry.lock().rooms.contains_key(&room.id) {
+            return Err(Refusal::new(ErrorCode::Forbidden, format!("not a member of room {}", room.name)));
+        }
         if !p.client_msg_id.is_empty() {
             match self.hub.check_idempotent(user, &p.client_msg_id, &self.handle, id)? {
                 IdemCheck::Fresh => {}
@@ -316,7 +338,7 @@ impl Session {
         Ok(None)
     }
 
-    fn history(&self, entry: &UserEntry, h: proto::History) -> Reply {
+    fn history(&self, id: u64, entry: &UserEntry, h: proto::History) -> Reply {
         let room = self.member_room(entry, &h.room)?;
         let head = room.head();
         let limit = u64::from(match h.limit {
@@ -360,7 +382,16 @@ impl Session {
             messages.drain(..messages.len() - keep);
             has_more || cut
         };
-        Ok(Some(Body::HistoryPage(proto::HistoryPage { room: h.room, messages, head_seq: head, has_more })))
+        // Queued under the user's lock, where a removal takes the room and
+        // queues `Left`: a removal while the page was read refuses it, and
+        // no page follows a `Left`.
+        let st = entry.lock();
+        if !st.rooms.contains_key(&room.id) {
+            return Err(Refusal::new(ErrorCode::Forbidden, format!("not a member of room {}", room.name)));
+        }
+        let page = proto::HistoryPage { room: h.room, messages, head_seq: head, has_more };
+        let _ = self.handle.outbound.push(encode_frame(&Envelope::new(id, Body::HistoryPage(page))));
+        Ok(None)
     }
 
     async fn mark_read(&self, user: &Arc<str>, entry: &Arc<UserEntry>, m: proto::MarkRead) -> Reply {

@@ -312,7 +312,7 @@ pub(crate) mod contract {
         assert_eq!(store.lookup_idempotent("bob", "c2").unwrap(), None);
 
         let mut leave = Batch::default();
-        let removed = MemberRecord { role: 0, since: 0, reason: MemberChange::Removed as i32, by: "ann".into() };
+        let removed = MemberRecord { reason: MemberChange::Removed as i32, by: "ann".into(), ..Default::default() };
         leave.rooms.push(RoomWrite::Member { user: "bob".into(), room: 1, record: removed.clone() });
         leave.rooms.push(RoomWrite::Ban { room: 1, user: "mal".into(), ban: None });
         leave.rooms.push(RoomWrite::Invite { user: "dan".into(), room: 1, invite: None });

@@ -47,6 +47,10 @@ pub struct MemberRecord {
     /// Who ended it.
     #[prost(string, tag = "4")]
     pub by: String,
+    /// When the role (or the end) was written (Unix ms): of two owners
+    /// a crash left mid-hand-over, the later is the owner.
+    #[prost(uint64, tag = "5")]
+    pub role_ms: u64,
 }
 
 /// A ban: the user may not join until unbanned.

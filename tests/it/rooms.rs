@@ -523,3 +523,70 @@ async fn a_store_written_before_roles_opens_with_public_rooms_and_their_oldest_p
     info(&mut bob, set_role("general", "ann", Role::Admin)).await;
     info(&mut ann, ban("general", "cat")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_and_welcome_fit_the_frame_size_however_long_topics_and_lists_get() {
+    const MAX: usize = 8192;
+    let s = TestServer::start_with(|c| c.max_frame_bytes = MAX).await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    // Twenty rooms with 1,024-character topics of 3-byte characters (3 KiB
+    // each), bob invited to all of them.
+    let topic = "€".repeat(1024);
+    for i in 0..20 {
+        let c = proto::CreateRoom {
+            room: format!("long-{i:02}"),
+            topic: topic.clone(),
+            invite: vec!["bob".into()],
+            ..Default::default()
+        };
+        info(&mut ann, Body::CreateRoom(c)).await;
+    }
+    // The directory pages by size as well as by count.
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let l = proto::ListRooms { query: String::new(), after_room: after.clone(), limit: 0 };
+        let Body::RoomList(page) = ann.request(Body::ListRooms(l)).await else { panic!("room_list") };
+        assert!(prost::Message::encoded_len(&page) <= MAX, "a page fits a frame");
+        assert!(!page.rooms.is_empty());
+        seen.extend(page.rooms.iter().map(|r| r.room.clone()));
+        if !page.has_more {
+            break;
+        }
+        after = page.rooms.last().unwrap().room.clone();
+    }
+    assert_eq!(seen.len(), 20, "every room, over several pages");
+    // Bob's Welcome fits; the invitations that did not fit follow as pushes.
+    let mut bob = s.raw().await;
+    let w = bob.hello(&s.token("bob"), vec![]).await;
+    assert!(prost::Message::encoded_len(&w) <= MAX);
+    let mut invited: Vec<String> = w.invites.iter().map(|i| i.room.clone()).collect();
+    while invited.len() < 20 {
+        let i = bob.next_push(|b| if let Body::Invitation(i) = b { Some(i) } else { None }).await;
+        invited.push(i.room);
+    }
+    invited.sort();
+    assert_eq!(invited, (0..20).map(|i| format!("long-{i:02}")).collect::<Vec<_>>());
+    // And so does the Welcome of a member of all of them: topics go first.
+    for i in 0..20 {
+        bob.join(&format!("long-{i:02}")).await;
+    }
+    let (_, w) = s.raw_user("bob").await;
+    assert_eq!(w.rooms.len(), 20);
+    assert!(prost::Message::encoded_len(&w) <= MAX);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_room_takes_a_bounded_list_of_invitations() {
+    let s = TestServer::start().await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    let many: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
+    let c = proto::CreateRoom { room: "big".into(), invite: many, ..Default::default() };
+    refused(&mut ann, Body::CreateRoom(c), ErrorCode::BadRequest).await;
+    refused(&mut ann, get("big"), ErrorCode::NotFound).await;
+    let hundred: Vec<String> = (0..100).map(|i| format!("u{}", i % 50)).collect();
+    let c = proto::CreateRoom { room: "big".into(), invite: hundred, ..Default::default() };
+    info(&mut ann, Body::CreateRoom(c)).await;
+    let (_, w) = s.raw_user("u7").await;
+    assert_eq!(w.invites.len(), 1, "duplicates in the list are one invitation");
+}

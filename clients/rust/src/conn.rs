@@ -645,7 +645,13 @@ mod tests {
                 let env = decode_envelope(&frame).unwrap();
                 let body = env.body.expect("a body");
                 let reply = match &body {
-                    Body::CreateRoom(c) => Body::RoomInfo(info(&c.room, Role::Owner)),
+                    Body::CreateRoom(c) => {
+                        // As the server does: the creator's sessions get
+                        // Joined, then the reply.
+                        let joined = proto::Joined { state: Some(state(&c.room, 0, Role::Owner)), online: vec![] };
+                        peer.send(0, Body::Joined(joined)).await;
+                        Body::RoomInfo(info(&c.room, Role::Owner))
+                    }
                     Body::Ban(b) if b.user == "owner" => {
                         Body::Error(proto::Error::new(ErrorCode::Forbidden, "nobody may ban the owner"))
                     }

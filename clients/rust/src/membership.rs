@@ -58,16 +58,18 @@ impl Membership {
     }
 
     /// The room as the server showed it to the user (a request's reply or
-    /// a `RoomUpdate`): with a role, the user is a member and this is the
-    /// room's latest state; without one, the user is not a member.
+    /// a `RoomUpdate`): updates a room the user is a member of, or an
+    /// invitation's details. It never adds a room — only `Joined` does (the
+    /// server pushes one for a room the user creates): a reply computed just
+    /// before a removal can arrive after its `Left`.
     pub fn on_room_info(&mut self, info: &proto::RoomInfo) {
         if info.my_role() == proto::Role::Unspecified {
             self.rooms.remove(&info.room);
             if let Some(i) = self.invites.get_mut(&info.room) {
                 i.info = Some(info.clone());
             }
-        } else {
-            self.rooms.insert(info.room.clone(), info.clone());
+        } else if let Some(known) = self.rooms.get_mut(&info.room) {
+            *known = info.clone();
         }
     }
 
@@ -174,8 +176,11 @@ mod tests {
         assert_eq!(names(&m), (vec!["team"], vec!["private"]));
         assert_eq!(m.invites().next().unwrap().info.as_ref().unwrap().title, "Renamed");
 
-        // Created by the user: a member from the reply on.
+        // A reply with a role never adds a room (one computed before a
+        // removal may come after its Left); the Joined push does.
         m.on_room_info(&info("new", proto::Role::Owner));
+        assert_eq!(names(&m), (vec!["team"], vec!["private"]));
+        m.on_joined(&joined("new", proto::Role::Owner));
         // No longer a member (as a reply shows it).
         m.on_room_info(&info("team", proto::Role::Unspecified));
         assert_eq!(names(&m), (vec!["new"], vec!["private"]));

@@ -105,7 +105,7 @@ pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file:
         rooms.insert(&k, super::trees::room_value(id, &details))?;
         for user in &users {
             let role = if !direct && *user == owner { Role::Owner } else { Role::Member };
-            let record = MemberRecord { role: role as i32, since: 0, reason: 0, by: String::new() };
+            let record = MemberRecord { role: role as i32, since: 0, reason: 0, by: String::new(), role_ms: 0 };
             members.insert(user_key(user, &id.to_be_bytes()), record.encode_to_vec())?;
         }
         upgraded += 1;
