@@ -64,6 +64,28 @@ impl Budget {
     }
 }
 
+/// Who makes a change: a user, with that user's rights, or the system (the
+/// server API without `actAs`), which may do anything an owner may and also
+/// act on the owner.
+#[derive(Clone, Debug)]
+pub enum Actor {
+    /// A user.
+    User(Arc<str>),
+    /// The application's backend.
+    System,
+}
+
+impl Actor {
+    /// The user id, or "" for the system (a system notice's `sender`, a
+    /// change's `by`).
+    pub fn id(&self) -> &str {
+        match self {
+            Actor::User(u) => u,
+            Actor::System => "",
+        }
+    }
+}
+
 /// The session a request came from, and its request id: a `Joined` reply
 /// must be queued before the room's first live message to it.
 #[derive(Clone, Copy)]
@@ -188,6 +210,27 @@ impl Hub {
             ErrorCode::RateLimited,
             format!("rate limit ({rate} per minute, shared by publishes and room changes) exceeded"),
         ))
+    }
+
+    /// Whether `actor` may do `action` to `target` in a room governed by
+    /// `g`: the room's rules for a user, anything for the system.
+    fn permit(g: &gov::Governance, actor: &Actor, action: Action, target: &str, role: Role) -> Result<(), Refusal> {
+        match actor {
+            Actor::User(u) => g.check(u, action, target, role).map_err(forbidden),
+            Actor::System if g.kind == RoomKind::Direct && matches!(action, Action::Invite | Action::SetRole) => {
+                Err(forbidden("a direct conversation has no roles and takes no invitations"))
+            }
+            Actor::System => Ok(()),
+        }
+    }
+
+    /// Takes a change from a user's rate limit (the system's calls are
+    /// limited per API key instead).
+    fn charge(&self, actor: &Actor) -> Result<(), Refusal> {
+        match actor {
+            Actor::User(u) => self.take_change_token(&self.user(u)),
+            Actor::System => Ok(()),
+        }
     }
 
     /// Logs and counts a room administration action.
@@ -472,12 +515,14 @@ impl Hub {
         Ok(())
     }
 
-    /// `CreateRoom`: a new room with `user` as owner, and its invitations.
+    /// `CreateRoom`: a new room and its invitations. A user creating it
+    /// owns it; the system names an `owner`, or none (a room that members
+    /// are added to).
     pub async fn create_room(
         &self,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
+        actor: &Actor,
         c: proto::CreateRoom,
+        owner: Option<&str>,
     ) -> Result<proto::RoomInfo, Refusal> {
         check_name(&c.room)?;
         if c.room.starts_with("dm:") {
@@ -493,24 +538,33 @@ impl Hub {
         if c.invite.len() > MAX_INVITES_AT_CREATION {
             return Err(bad(format!("at most {MAX_INVITES_AT_CREATION} invitations with CreateRoom; Invite the rest")));
         }
+        let owner: Option<Arc<str>> = match (actor, owner) {
+            (Actor::User(u), _) => Some(u.clone()),
+            (Actor::System, Some(o)) => {
+                check_user(o)?;
+                Some(o.into())
+            }
+            (Actor::System, None) => None,
+        };
         let mut seen = std::collections::HashSet::new();
         let mut invitees: Vec<Arc<str>> = Vec::new();
         for u in &c.invite {
             check_user(u)?;
-            if **u != **user && seen.insert(u.as_str()) {
+            if owner.as_deref() != Some(u.as_str()) && seen.insert(u.as_str()) {
                 invitees.push(u.as_str().into());
             }
         }
+        let entry = owner.as_ref().map(|o| self.user(o));
         // One token for the room and one for each invitation.
         for _ in 0..=invitees.len() {
-            self.take_change_token(entry)?;
+            self.charge(actor)?;
         }
         let now = now_ms();
         let details = RoomDetails {
             kind: kind as i32,
             title: c.title.clone(),
             topic: c.topic.clone(),
-            created_by: user.to_string(),
+            created_by: owner.as_deref().unwrap_or(actor.id()).to_string(),
             created_ms: now,
         };
         let exists = || Refusal::new(ErrorCode::AlreadyExists, format!("room {} already exists", c.room));
@@ -522,9 +576,12 @@ impl Hub {
         if !self.is_current(&room) || !room.gov().members.is_empty() {
             return Err(exists());
         }
-        let _serial = entry.membership.lock().await;
+        let _serial = match &entry {
+            Some(e) => Some(e.membership.lock().await),
+            None => None,
+        };
         let max = self.limits.max_rooms_per_user;
-        let limit = if entry.lock().rooms.len() >= max {
+        let limit = if entry.as_ref().is_some_and(|e| e.lock().rooms.len() >= max) {
             Err(forbidden(format!("member of {max} rooms already (the limit)")))
         } else {
             self.check_invitees(&invitees)
@@ -533,16 +590,21 @@ impl Hub {
             self.forget_unstored(&room);
             return Err(e);
         }
-        let mut writes = vec![member_write(user, &room, Role::Owner, now)];
-        let invite = InviteRecord { by: user.to_string(), ts_ms: now };
+        let mut writes = Vec::new();
+        if let Some(o) = &owner {
+            writes.push(member_write(o, &room, Role::Owner, now));
+        }
+        let invite = InviteRecord { by: actor.id().to_string(), ts_ms: now };
         writes.extend(invitees.iter().map(|i| invite_write(i, &room, Some(invite.clone()))));
         self.commit_room(&room, writes).await?;
-        self.admit(&room, user, entry, Membership { role: Role::Owner, since: now }, user, None);
+        if let (Some(o), Some(e)) = (&owner, &entry) {
+            self.admit(&room, o, e, Membership { role: Role::Owner, since: now }, actor.id(), None);
+        }
         for i in &invitees {
             self.apply_invite(&room, i, &invite);
         }
-        self.audit(user, "create", "", &c.room, "");
-        Ok(room.gov().info(&room.name, user))
+        self.audit(actor.id(), "create", owner.as_deref().unwrap_or(""), &c.room, "");
+        Ok(room.gov().info(&room.name, actor.id()))
     }
 
     /// Refuses (`CONFLICT`) if an invitee has as many pending invitations
@@ -589,19 +651,14 @@ impl Hub {
     }
 
     /// `UpdateRoom`: changes title and topic (admins and the owner).
-    pub async fn update_room(
-        &self,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
-        u: proto::UpdateRoom,
-    ) -> Result<proto::RoomInfo, Refusal> {
+    pub async fn update_room(&self, actor: &Actor, u: proto::UpdateRoom) -> Result<proto::RoomInfo, Refusal> {
         let room = self.existing(&u.room)?;
         gov::check_texts(u.title.as_deref(), u.topic.as_deref()).map_err(bad)?;
-        self.take_change_token(entry)?;
+        self.charge(actor)?;
         let _changes = self.lock_changes(&room).await;
         let (details, changed) = {
             let g = room.gov();
-            g.check(user, Action::Update, "", Role::Unspecified).map_err(forbidden)?;
+            Self::permit(&g, actor, Action::Update, "", Role::Unspecified)?;
             let mut d = g.details();
             d.title = u.title.clone().unwrap_or(d.title);
             d.topic = u.topic.clone().unwrap_or(d.topic);
@@ -611,43 +668,40 @@ impl Hub {
         if changed {
             let write = RoomWrite::Details { room: room.id, name: room.name.to_string(), details: details.clone() };
             self.commit_room(&room, vec![write]).await?;
-            {
-                room.gov().set_texts(details.title, details.topic);
-            }
-            self.room_update(&room, user, "", MemberChange::Unspecified, Role::Unspecified);
-            self.audit(user, "update", "", &room.name, "");
+            room.gov().set_texts(details.title, details.topic);
+            self.room_update(&room, actor.id(), "", MemberChange::Unspecified, Role::Unspecified);
+            self.audit(actor.id(), "update", "", &room.name, "");
         }
-        Ok(room.gov().info(&room.name, user))
+        Ok(room.gov().info(&room.name, actor.id()))
     }
 
     /// `GetRoom`: the room's details, for those who may see them.
-    pub fn get_room(&self, user: &str, name: &str) -> Result<proto::RoomInfo, Refusal> {
+    pub fn get_room(&self, actor: &Actor, name: &str) -> Result<proto::RoomInfo, Refusal> {
         let room = self.existing(name)?;
         let g = room.gov();
-        if !g.may_view(user) {
+        if let Actor::User(u) = actor
+            && !g.may_view(u)
+        {
             return Err(forbidden(format!("room {name} is not visible to you")));
         }
-        Ok(g.info(name, user))
+        Ok(g.info(name, actor.id()))
     }
 
     /// `Invite`: invites `target` (members of public rooms, admins of
     /// private ones). Inviting a member or someone invited changes nothing.
-    pub async fn invite(
-        &self,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
-        name: &str,
-        target: &str,
-    ) -> Result<proto::RoomInfo, Refusal> {
+    pub async fn invite(&self, actor: &Actor, name: &str, target: &str) -> Result<proto::RoomInfo, Refusal> {
         check_user(target)?;
         let room = self.existing(name)?;
-        self.take_change_token(entry)?;
+        self.charge(actor)?;
         let _changes = self.lock_changes(&room).await;
         {
             let g = room.gov();
-            g.check(user, Action::Invite, target, Role::Unspecified).map_err(forbidden)?;
+            Self::permit(&g, actor, Action::Invite, target, Role::Unspecified)?;
+            if g.kind == RoomKind::Direct {
+                return Err(forbidden("a direct conversation takes no invitations"));
+            }
             if g.members.contains_key(target) || g.invites().contains_key(target) {
-                return Ok(g.info(name, user));
+                return Ok(g.info(name, actor.id()));
             }
             if g.is_banned(target) {
                 return Err(Refusal::new(ErrorCode::Conflict, format!("{target} is banned from {name}; unban first")));
@@ -655,11 +709,11 @@ impl Hub {
         }
         let target: Arc<str> = target.into();
         self.check_invitees(std::slice::from_ref(&target))?;
-        let invite = InviteRecord { by: user.to_string(), ts_ms: now_ms() };
+        let invite = InviteRecord { by: actor.id().to_string(), ts_ms: now_ms() };
         self.commit_room(&room, vec![invite_write(&target, &room, Some(invite.clone()))]).await?;
         self.apply_invite(&room, &target, &invite);
-        self.audit(user, "invite", &target, name, "");
-        Ok(room.gov().info(name, user))
+        self.audit(actor.id(), "invite", &target, name, "");
+        Ok(room.gov().info(name, actor.id()))
     }
 
     /// `DeclineInvite`: drops `user`'s pending invitation.
@@ -692,8 +746,7 @@ impl Hub {
     /// and withdraws their invitation; a ban also keeps them out.
     pub async fn remove(
         &self,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
+        actor: &Actor,
         name: &str,
         target: &str,
         reason: &str,
@@ -702,31 +755,31 @@ impl Hub {
         check_user(target)?;
         check_reason(reason)?;
         let room = self.existing(name)?;
-        self.take_change_token(entry)?;
+        self.charge(actor)?;
         let _changes = self.lock_changes(&room).await;
         let action = if ban { Action::Ban } else { Action::Remove };
         let (member, invited, banned) = {
             let g = room.gov();
-            g.check(user, action, target, Role::Unspecified).map_err(forbidden)?;
+            Self::permit(&g, actor, action, target, Role::Unspecified)?;
             (g.members.contains_key(target), g.invites().contains_key(target), g.is_banned(target))
         };
         let change = if ban { MemberChange::Banned } else { MemberChange::Removed };
         let adds_ban = ban && !banned;
         if !member && !invited && !adds_ban {
-            return Ok(room.gov().info(name, user));
+            return Ok(room.gov().info(name, actor.id()));
         }
         let mut writes = Vec::new();
         if invited {
             writes.push(invite_write(target, &room, None));
         }
-        let record = BanRecord { by: user.to_string(), reason: reason.to_string(), ts_ms: now_ms() };
+        let record = BanRecord { by: actor.id().to_string(), reason: reason.to_string(), ts_ms: now_ms() };
         if adds_ban {
             writes.push(RoomWrite::Ban { room: room.id, user: target.to_string(), ban: Some(record.clone()) });
         }
         if member {
             // The ban is in the same commit, and in memory before anyone
             // can try to join again (the room's changes lock is held).
-            self.depart(&room, target, change, user, None, writes).await?;
+            self.depart(&room, target, change, actor.id(), None, writes).await?;
             if adds_ban {
                 room.gov().bans_mut().insert(target.into(), record);
             }
@@ -744,22 +797,21 @@ impl Hub {
                 let entry = self.user(target);
                 let mut st = entry.lock();
                 st.invited.remove(&room.id);
-                let frame = encode_frame(&Envelope::push(Body::Left(left(name, change, user))));
+                let frame = encode_frame(&Envelope::push(Body::Left(left(name, change, actor.id()))));
                 for s in &st.sessions {
                     let _ = s.outbound.push(frame.clone());
                 }
             }
-            self.room_update(&room, user, target, change, Role::Unspecified);
+            self.room_update(&room, actor.id(), target, change, Role::Unspecified);
         }
-        self.audit(user, action.name(), target, name, reason);
-        Ok(room.gov().info(name, user))
+        self.audit(actor.id(), action.name(), target, name, reason);
+        Ok(room.gov().info(name, actor.id()))
     }
 
     /// `Unban`.
     pub async fn unban(
         &self,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
+        actor: &Actor,
         name: &str,
         target: &str,
         reason: &str,
@@ -767,27 +819,26 @@ impl Hub {
         check_user(target)?;
         check_reason(reason)?;
         let room = self.existing(name)?;
-        self.take_change_token(entry)?;
+        self.charge(actor)?;
         let _changes = self.lock_changes(&room).await;
         {
             let g = room.gov();
-            g.check(user, Action::Unban, target, Role::Unspecified).map_err(forbidden)?;
+            Self::permit(&g, actor, Action::Unban, target, Role::Unspecified)?;
             if !g.is_banned(target) {
-                return Ok(g.info(name, user));
+                return Ok(g.info(name, actor.id()));
             }
         }
         self.commit_room(&room, vec![RoomWrite::Ban { room: room.id, user: target.to_string(), ban: None }]).await?;
         room.gov().bans_mut().remove(target);
-        self.room_update(&room, user, target, MemberChange::Unbanned, Role::Unspecified);
-        self.audit(user, "unban", target, name, reason);
-        Ok(room.gov().info(name, user))
+        self.room_update(&room, actor.id(), target, MemberChange::Unbanned, Role::Unspecified);
+        self.audit(actor.id(), "unban", target, name, reason);
+        Ok(room.gov().info(name, actor.id()))
     }
 
     /// `SetRole` (the owner only); `Owner` hands ownership on.
     pub async fn set_role(
         &self,
-        user: &Arc<str>,
-        entry: &Arc<UserEntry>,
+        actor: &Actor,
         name: &str,
         target: &str,
         role: i32,
@@ -798,38 +849,44 @@ impl Hub {
             _ => return Err(bad("role must be ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER")),
         };
         let room = self.existing(name)?;
-        self.take_change_token(entry)?;
+        self.charge(actor)?;
         let _changes = self.lock_changes(&room).await;
-        let (theirs, mine) = {
+        let (theirs, previous) = {
             let g = room.gov();
-            g.check(user, Action::SetRole, target, role).map_err(forbidden)?;
-            let (Some(theirs), Some(mine)) = (g.members.get(target).copied(), g.members.get(user).copied()) else {
+            Self::permit(&g, actor, Action::SetRole, target, role)?;
+            let Some(theirs) = g.members.get(target).copied() else {
                 return Err(not_found(format!("{target} is not a member of {name}")));
             };
             if theirs.role == role {
-                return Ok(g.info(name, user));
+                return Ok(g.info(name, actor.id()));
             }
-            (theirs, mine)
+            // Handing ownership on: the owner (the acting user, unless the
+            // system acts) steps down to admin.
+            let previous = g
+                .owner()
+                .filter(|o| role == Role::Owner && &***o != target)
+                .and_then(|o| g.members.get(o).map(|m| (o.clone(), m.since)));
+            (theirs, previous)
         };
         // The new owner is written before the old one steps down: a crash
         // between leaves two owners (resolved on load), never none.
         let mut writes = vec![member_write(target, &room, role, theirs.since)];
-        if role == Role::Owner {
-            writes.push(member_write(user, &room, Role::Admin, mine.since));
+        if let Some((o, since)) = &previous {
+            writes.push(member_write(o, &room, Role::Admin, *since));
         }
         self.commit_room(&room, writes).await?;
         let target: Arc<str> = target.into();
         room.gov().apply_member(&target, role, theirs.since);
-        self.room_update(&room, user, &target, MemberChange::RoleChanged, role);
-        if role == Role::Owner {
-            self.room_update(&room, user, user, MemberChange::RoleChanged, Role::Admin);
+        self.room_update(&room, actor.id(), &target, MemberChange::RoleChanged, role);
+        if let Some((o, _)) = previous {
+            self.room_update(&room, actor.id(), &o, MemberChange::RoleChanged, Role::Admin);
         }
-        self.audit(user, "set_role", &target, name, gov::role_name(role));
-        Ok(room.gov().info(name, user))
+        self.audit(actor.id(), "set_role", &target, name, gov::role_name(role));
+        Ok(room.gov().info(name, actor.id()))
     }
 
     /// `ListMembers`: a page of members in user-id order.
-    pub fn list_members(&self, user: &str, l: &proto::ListMembers) -> Result<proto::MemberPage, Refusal> {
+    pub fn list_members(&self, actor: &Actor, l: &proto::ListMembers) -> Result<proto::MemberPage, Refusal> {
         let room = self.existing(&l.room)?;
         let limit = match l.limit {
             0 => MEMBERS_DEFAULT,
@@ -837,7 +894,9 @@ impl Hub {
         } as usize;
         let (page, has_more) = {
             let g = room.gov();
-            if !g.may_list_members(user) {
+            if let Actor::User(u) = actor
+                && !g.may_list_members(u)
+            {
                 return Err(forbidden(format!("room {} is not visible to you", l.room)));
             }
             let mut page: Vec<(Arc<str>, Role)> =

@@ -7,7 +7,7 @@ use prost::Message as _;
 use super::{Flow, Session, State, error_frame};
 use crate::codec::encode_frame;
 use crate::delivery::Frame;
-use crate::hub::rooms::Origin;
+use crate::hub::rooms::{Actor, Origin};
 use crate::hub::{IdemCheck, Refusal, UserEntry};
 use crate::pipeline::{Completion, PublishDone};
 use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
@@ -185,6 +185,7 @@ impl Session {
             _ => None,
         };
         let hub = &*self.hub;
+        let actor = &Actor::User(user.clone());
         let info = |r: Result<proto::RoomInfo, Refusal>| r.map(|i| Some(Body::RoomInfo(i)));
         let reply = match body {
             Body::Join(j) => {
@@ -194,16 +195,16 @@ impl Session {
             Body::Leave(l) => {
                 hub.leave(&user, &entry, &l.room, Some(self.handle.id)).await.map(|l| Some(Body::Left(l)))
             }
-            Body::CreateRoom(c) => info(hub.create_room(&user, &entry, c).await),
-            Body::UpdateRoom(u) => info(hub.update_room(&user, &entry, u).await),
-            Body::GetRoom(g) => info(hub.get_room(&user, &g.room)),
-            Body::Invite(i) => info(hub.invite(&user, &entry, &i.room, &i.user).await),
+            Body::CreateRoom(c) => info(hub.create_room(actor, c, None).await),
+            Body::UpdateRoom(u) => info(hub.update_room(actor, u).await),
+            Body::GetRoom(g) => info(hub.get_room(actor, &g.room)),
+            Body::Invite(i) => info(hub.invite(actor, &i.room, &i.user).await),
             Body::DeclineInvite(d) => info(hub.decline(&user, &entry, &d.room).await),
-            Body::RemoveMember(r) => info(hub.remove(&user, &entry, &r.room, &r.user, &r.reason, false).await),
-            Body::Ban(b) => info(hub.remove(&user, &entry, &b.room, &b.user, &b.reason, true).await),
-            Body::Unban(u) => info(hub.unban(&user, &entry, &u.room, &u.user, &u.reason).await),
-            Body::SetRole(r) => info(hub.set_role(&user, &entry, &r.room, &r.user, r.role).await),
-            Body::ListMembers(l) => hub.list_members(&user, &l).map(|p| Some(Body::MemberPage(p))),
+            Body::RemoveMember(r) => info(hub.remove(actor, &r.room, &r.user, &r.reason, false).await),
+            Body::Ban(b) => info(hub.remove(actor, &b.room, &b.user, &b.reason, true).await),
+            Body::Unban(u) => info(hub.unban(actor, &u.room, &u.user, &u.reason).await),
+            Body::SetRole(r) => info(hub.set_role(actor, &r.room, &r.user, r.role).await),
+            Body::ListMembers(l) => hub.list_members(actor, &l).map(|p| Some(Body::MemberPage(p))),
             Body::ListRooms(l) => hub.list_rooms(&user, &l).map(|p| Some(Body::RoomList(p))),
             Body::Publish(p) => self.publish(id, &user, &entry, p).await,
             Body::History(h) => self.history(id, &entry, h),
