@@ -60,6 +60,9 @@ pub struct Claims {
     pub sub: String,
     /// Expiry (Unix seconds).
     pub exp: u64,
+    /// Issued at (Unix seconds), if the token says: a user's revocation
+    /// refuses tokens issued before it (all of them without `iat`).
+    pub iat: Option<u64>,
 }
 
 /// Verifies and mints tokens with one HMAC key.
@@ -115,7 +118,11 @@ impl Auth {
                 return Err(AuthError::NotYetValid);
             }
         }
-        Ok(Claims { sub: sub.to_string(), exp })
+        let iat = match claims.get("iat") {
+            Some(v) => Some(numeric_date(v).ok_or(AuthError::Claims("iat must be a number"))?),
+            None => None,
+        };
+        Ok(Claims { sub: sub.to_string(), exp, iat })
     }
 
     /// Mints a token for `user` valid for `ttl` from `now`.
@@ -215,7 +222,7 @@ mod tests {
     fn minted_tokens_verify() {
         let a = Auth::new(b"0123456789abcdef0123456789abcdef");
         let t = a.mint("ann", Duration::from_secs(60), NOW);
-        assert_eq!(a.verify(&t, NOW).unwrap(), Claims { sub: "ann".into(), exp: NOW + 60 });
+        assert_eq!(a.verify(&t, NOW).unwrap(), Claims { sub: "ann".into(), exp: NOW + 60, iat: Some(NOW) });
     }
 
     #[test]
@@ -239,7 +246,7 @@ mod tests {
         // PyJWT 2.15.1: jwt.encode({"sub": "ann", "exp": 4102444800, "nbf": 1700000000}, "k" * 32, algorithm="HS256")
         let t = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbm4iLCJleHAiOjQxMDI0NDQ4MDAsIm5iZiI6MTcwMDAwMDAwMH0.hAw5oJ_DfcU9HBwKfAdO-rP1unjPoqyPGlfxkCNuE9E";
         let a = Auth::new(&[b'k'; 32]);
-        assert_eq!(a.verify(t, NOW).unwrap(), Claims { sub: "ann".into(), exp: 4102444800 });
+        assert_eq!(a.verify(t, NOW).unwrap(), Claims { sub: "ann".into(), exp: 4102444800, iat: None });
         assert_eq!(Auth::new(&[b'j'; 32]).verify(t, NOW), Err(AuthError::BadSignature));
     }
 

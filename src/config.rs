@@ -204,6 +204,14 @@ config! {
     web_dir: Option<PathBuf> = None, example "\"clients/web\"";
     /// Bearer token for /admin/... (at least 16 characters); unset: admin endpoints are off.
     admin_token: Option<String> = None, example "\"a long random string\"", check check::min_len(16);
+    /// Bearer key of the server API /api/v1/ (at least 16 characters); unset (and no api_key_file): every /api/ path is 404.
+    api_key: Option<String> = None, example "\"a long random key for the app's backend\"", check check::min_len(16);
+    /// A file holding the server API key (its first line), instead of api_key.
+    api_key_file: Option<PathBuf> = None, example "\"/etc/chatd/api_key\"";
+    /// The API key's name in logs.
+    api_key_name: String = "backend".into();
+    /// Server API calls per second for the key (bucket of as many), then 429 with Retry-After.
+    api_rate_per_sec: u32 = 10_000, check check::at_least(1);
     /// Logs as text (human-readable) or json.
     log_format: LogFormat = LogFormat::Text;
     /// Log filter in tracing syntax, e.g. info or chatd=debug; RUST_LOG takes precedence.

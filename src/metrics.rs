@@ -77,6 +77,9 @@ pub const BUILD_INFO: &str = "chatd_build_info";
 pub const START_TIME: &str = "chatd_start_time_seconds";
 /// Writes waiting in the group-commit queue.
 pub const COMMIT_QUEUE_DEPTH: &str = "chatd_commit_queue_depth";
+/// Server API calls, by `endpoint` (the route, e.g.
+/// `/api/v1/rooms/{room}`), `method` and `status`.
+pub const API_CALLS: &str = "chatd_api_calls_total";
 /// Room administration done, by `action` (create, update, invite, decline,
 /// remove, ban, unban, set_role).
 pub const MODERATION: &str = "chatd_moderation_total";
@@ -115,6 +118,7 @@ pub const ALL: &[&str] = &[
     START_TIME,
     COMMIT_QUEUE_DEPTH,
     MODERATION,
+    API_CALLS,
 ];
 
 /// Latency buckets (seconds): 50 µs to 5 s.
@@ -272,6 +276,17 @@ impl Metrics {
     /// Counts a request refused by a rate limit.
     pub fn rate_limited(&self, kind: &'static str) {
         counter!(RATE_LIMITED, "kind" => kind).increment(1);
+    }
+
+    /// Counts a server API call.
+    pub fn api_call(&self, endpoint: &str, method: &str, status: u16) {
+        // Bounded labels: the route templates, five methods, the statuses.
+        let method = match method {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" => method.to_string(),
+            _ => "other".to_string(),
+        };
+        counter!(API_CALLS, "endpoint" => endpoint.to_string(), "method" => method, "status" => status.to_string())
+            .increment(1);
     }
 
     /// Counts a room administration action.

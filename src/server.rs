@@ -153,6 +153,8 @@ impl Server {
             durability: durability.to_string(),
             admin_token: config.admin_token.clone(),
             certs: certs.clone(),
+            api: api_key(config)?
+                .map(|key| crate::http::api::Api::new(key, config.api_key_name.clone(), config.api_rate_per_sec)),
         });
         let router = crate::http::router(app.clone());
         let stop = stop_accepting.clone();
@@ -333,4 +335,22 @@ async fn expire_idempotency(hub: Arc<Hub>, keep: Duration) {
             Err(e) => tracing::warn!(error = %e, "idempotency expiry task failed"),
         }
     }
+}
+
+/// The server API's key: `api_key`, or the first line of `api_key_file`.
+fn api_key(config: &Config) -> Result<Option<String>, StartError> {
+    let Some(path) = &config.api_key_file else { return Ok(config.api_key.clone()) };
+    if config.api_key.is_some() {
+        return Err(StartError::Config(ConfigError("api_key and api_key_file exclude each other".into())));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StartError::Io(format!("api_key_file {}: {e}", path.display())))?;
+    let key = text.lines().next().unwrap_or("").trim().to_string();
+    if key.len() < 16 {
+        return Err(StartError::Config(ConfigError(format!(
+            "api_key_file {}: the key must be at least 16 bytes long",
+            path.display()
+        ))));
+    }
+    Ok(Some(key))
 }

@@ -4,6 +4,7 @@
 //! tokens.
 
 mod admin;
+pub mod api;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -44,6 +45,8 @@ pub struct App {
     pub admin_token: Option<String>,
     /// The TLS certificates, for the admin reload.
     pub certs: Option<Arc<crate::net::tls::Certificates>>,
+    /// The server API's key; `None`: `/api/` is 404.
+    pub api: Option<api::Api>,
 }
 
 /// The web client's files: name, content type, embedded text.
@@ -57,6 +60,9 @@ const ASSETS: [(&str, &str, &str); 4] = [
 /// The router.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
+        .nest("/api/v1", api::routes(app.clone()))
+        .route("/api", axum::routing::any(api_unknown))
+        .route("/api/{*rest}", axum::routing::any(api_unknown))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -71,6 +77,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/chatd-client.js", get(|app| asset(app, "chatd-client.js")))
         .route("/style.css", get(|app| asset(app, "style.css")))
         .with_state(app)
+}
+
+/// `/api/...` outside `/api/v1/`: 404, whether or not the API is on.
+async fn api_unknown() -> Response {
+    let e = crate::proto::Error::new(crate::proto::ErrorCode::NotFound, "no such endpoint (see api/README.md)");
+    let body = serde_json::to_string(&e).unwrap_or_default();
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn asset(State(app): State<Arc<App>>, name: &'static str) -> Response {

@@ -10,8 +10,11 @@
 //! room's governance, before its subscribers. The fan-out takes only room
 //! subscriber locks.
 
+mod history;
+pub mod publish;
 pub mod repair;
 pub mod rooms;
+mod signout;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -177,20 +180,12 @@ pub struct Hub {
     pub metrics: crate::metrics::Metrics,
     /// Serialise room changes ([`rooms`]).
     change_locks: Box<[tokio::sync::Mutex<()>]>,
+    /// Users signed out everywhere, and when (Unix seconds).
+    revoked: Mutex<HashMap<Arc<str>, u64>>,
 }
 
 /// How long a typing indicator lasts without a refresh.
 pub const TYPING_TTL: Duration = Duration::from_secs(6);
-
-/// The outcome of looking up an idempotency key.
-pub enum IdemCheck {
-    /// New: go ahead and append; the key is now in flight.
-    Fresh,
-    /// The same key is being committed; the ack will come when it is.
-    InFlight,
-    /// Already stored: ack with this room, seq and timestamp.
-    Stored(Arc<Room>, u64, u64),
-}
 
 impl Hub {
     /// Builds the hub from the state recovered from `store`.
@@ -243,6 +238,7 @@ impl Hub {
                 users.entry(user).or_default().lock().invited.insert(room.id, room.clone());
             }
         }
+        let revoked = snapshot.revocations.into_iter().map(|(u, at)| (Arc::from(u), at)).collect();
         for (user, room, seq) in snapshot.read_markers {
             if let Some(e) = users.get(user.as_str()) {
                 e.lock().read.insert(room, seq);
@@ -264,6 +260,7 @@ impl Hub {
             connections: Mutex::new(HashMap::new()),
             metrics,
             change_locks: (0..rooms::CHANGE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            revoked: Mutex::new(revoked),
         }
     }
 
@@ -354,33 +351,6 @@ impl Hub {
         } else {
             false
         }
-    }
-
-    /// Checks an idempotency key before a publish. `Fresh` puts the key in
-    /// flight: the caller must then append (the fan-out settles the key).
-    pub fn check_idempotent(
-        &self,
-        sender: &Arc<str>,
-        client_msg_id: &str,
-        session: &Arc<Subscriber>,
-        request_id: u64,
-    ) -> Result<IdemCheck, crate::store::StoreError> {
-        let key = (sender.clone(), client_msg_id.to_string());
-        // The lookup runs under the in-flight lock: a key leaves the map only
-        // after its message is stored, so it is always in one or the other.
-        let mut map = self.pipeline.in_flight.lock();
-        if let Some(waiters) = map.get_mut(&key) {
-            waiters.push((session.clone(), request_id));
-            return Ok(IdemCheck::InFlight);
-        }
-        if let Some(rec) = self.store.lookup_idempotent(sender, client_msg_id)?
-            && let Some(room) = self.room_by_id(rec.room)
-            && rec.seq <= room.head()
-        {
-            return Ok(IdemCheck::Stored(room, rec.seq, rec.ts_ms));
-        }
-        map.insert(key, Vec::new());
-        Ok(IdemCheck::Fresh)
     }
 
     /// Turns `user`'s typing indicator in `room` on (until the TTL passes) or

@@ -716,6 +716,66 @@ impl Hub {
         Ok(room.gov().info(name, actor.id()))
     }
 
+    /// Makes `target` a member of `name` with `role` at once, without an
+    /// invitation (the server API): admins and the system; a role above
+    /// member also needs the owner's rights. Adding a member with the role
+    /// they have changes nothing.
+    pub async fn add_member(&self, actor: &Actor, name: &str, target: &str, role: i32) -> Result<proto::RoomInfo, Refusal> {
+        check_user(target)?;
+        let role = match Role::try_from(role) {
+            Ok(Role::Unspecified) => Role::Member,
+            Ok(r) => r,
+            Err(_) => return Err(bad(format!("unknown role {role}"))),
+        };
+        let room = self.existing(name)?;
+        self.charge(actor)?;
+        let _changes = self.lock_changes(&room).await;
+        let target: Arc<str> = target.into();
+        let entry = self.user(&target);
+        let _serial = entry.membership.lock().await;
+        let (invited, since) = {
+            let g = room.gov();
+            if g.kind == RoomKind::Direct {
+                return Err(forbidden("the members of a direct conversation are its two users"));
+            }
+            Self::permit(&g, actor, Action::Add, &target, Role::Unspecified)?;
+            if role > Role::Member {
+                Self::permit(&g, actor, Action::SetRole, &target, role)?;
+            }
+            if let Some(m) = g.members.get(&target) {
+                if m.role == role {
+                    return Ok(g.info(name, actor.id()));
+                }
+                return Err(Refusal::new(
+                    ErrorCode::Conflict,
+                    format!("{target} is a member as {} already; change the role with SetRole", gov::role_name(m.role)),
+                ));
+            }
+            if g.is_banned(&target) {
+                return Err(Refusal::new(ErrorCode::Conflict, format!("{target} is banned from {name}; unban first")));
+            }
+            if role == Role::Owner && g.owner().is_some() {
+                return Err(Refusal::new(
+                    ErrorCode::Conflict,
+                    format!("{name} has an owner; add as admin or member and hand ownership on with SetRole"),
+                ));
+            }
+            (g.invites().contains_key(&*target), g.next_since(now_ms()))
+        };
+        let max = self.limits.max_rooms_per_user;
+        if entry.lock().rooms.len() >= max {
+            return Err(forbidden(format!("{target} is a member of {max} rooms already (the limit)")));
+        }
+        let mut writes = vec![member_write(&target, &room, role, since)];
+        if invited {
+            writes.push(invite_write(&target, &room, None));
+        }
+        self.commit_room(&room, writes).await?;
+        self.admit(&room, &target, &entry, Membership { role, since }, actor.id(), None);
+        self.audit(actor.id(), "add", &target, name, gov::role_name(role));
+        Ok(room.gov().info(name, actor.id()))
+    }
+
     /// `DeclineInvite`: drops `user`'s pending invitation.
     pub async fn decline(
         &self,

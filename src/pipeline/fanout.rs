@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+#[cfg(test)]
+use super::Publisher;
 use super::{Completion, Pipeline, PublishDone};
-use crate::codec::encode_frame;
 use crate::delivery::{Run, put_message_frame};
-use crate::proto::{self, Body, Envelope, ErrorCode};
+use crate::proto::{self, ErrorCode};
 use crate::store::StoreError;
 use crate::store::commit::Committed;
 
@@ -152,44 +153,34 @@ fn acknowledge_all(pipeline: &Pipeline, delivered: impl ExactSizeIterator<Item =
 
 fn acknowledge(pipeline: &Pipeline, p: PublishDone) {
     let m = &pipeline.metrics;
-    let ack = |id: u64, duplicate: bool| {
-        encode_frame(&Envelope::new(
-            id,
-            Body::PublishAck(proto::PublishAck {
-                room: p.room.name.to_string(),
-                seq: p.seq,
-                ts_ms: p.ts_ms,
-                client_msg_id: p.client_msg_id.clone(),
-                duplicate,
-            }),
-        ))
+    let ack = |duplicate: bool| proto::PublishAck {
+        room: p.room.name.to_string(),
+        seq: p.seq,
+        ts_ms: p.ts_ms,
+        client_msg_id: p.client_msg_id.clone(),
+        duplicate,
     };
-    let _ = p.session.outbound.push(ack(p.request_id, false));
+    p.publisher.ack(ack(false));
     let latency = p.received.elapsed();
     m.publish_ack.record(latency.as_secs_f64());
     p.room.stats.record_publish(latency, p.ts_ms / 1000);
     if !p.client_msg_id.is_empty() {
-        for (session, id) in pipeline.in_flight.settle(&p.sender, &p.client_msg_id) {
+        for w in pipeline.in_flight.settle(&p.sender, &p.client_msg_id) {
             m.duplicates.increment(1);
-            let _ = session.outbound.push(ack(id, true));
+            w.ack(ack(true));
         }
     }
 }
 
 fn fail(pipeline: &Pipeline, p: PublishDone, e: &StoreError) {
-    let err = |id| {
-        encode_frame(&Envelope::new(
-            id,
-            Body::Error(proto::Error::new(ErrorCode::Internal, format!("message not stored: {e}"))),
-        ))
-    };
+    let message = format!("message not stored: {e}");
     pipeline.metrics.error(ErrorCode::Internal);
-    let _ = p.session.outbound.push(err(p.request_id));
     if !p.client_msg_id.is_empty() {
-        for (session, id) in pipeline.in_flight.settle(&p.sender, &p.client_msg_id) {
-            let _ = session.outbound.push(err(id));
+        for w in pipeline.in_flight.settle(&p.sender, &p.client_msg_id) {
+            w.fail(message.clone());
         }
     }
+    p.publisher.fail(message);
 }
 
 #[cfg(test)]
@@ -230,11 +221,10 @@ mod tests {
                 seq: 1,
                 ts_ms: 0,
                 message,
-                session: publisher.clone(),
-                request_id: i as u64,
+                publisher: Publisher::Session(publisher.clone(), i as u64),
                 client_msg_id: String::new(),
                 sender: "ann".into(),
-                permit: permits.clone().try_acquire_owned().unwrap(),
+                permit: Some(permits.clone().try_acquire_owned().unwrap()),
                 received: std::time::Instant::now(),
             });
             peers.push(client);

@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::delivery::Subscriber;
+use super::Publisher;
 
 /// A key: the sender and their `client_msg_id`.
 pub type Key = (Arc<str>, String);
 
-/// Retries of a key in flight: the subscriber and the retry's request id,
-/// each answered with the original's ack once it is durable.
-pub type Waiters = Vec<(Arc<Subscriber>, u64)>;
+/// Retries of a key in flight, each answered with the original's ack once
+/// it is durable.
+pub type Waiters = Vec<Publisher>;
 
 /// The keys in flight.
 #[derive(Default)]

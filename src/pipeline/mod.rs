@@ -50,6 +50,46 @@ pub enum Completion {
     Notify(oneshot::Sender<Result<(), Arc<StoreError>>>),
 }
 
+/// Who is answered when a publish is stored: a session (with the request's
+/// id) or a server API call.
+pub enum Publisher {
+    /// The ack, or the error, is queued to the session with this id.
+    Session(Arc<Subscriber>, u64),
+    /// The ack, or why it failed, goes back through the channel.
+    Api(oneshot::Sender<Result<crate::proto::PublishAck, String>>),
+}
+
+impl Publisher {
+    /// Answers with `ack`.
+    pub fn ack(self, ack: crate::proto::PublishAck) {
+        match self {
+            Publisher::Session(session, id) => {
+                let frame =
+                    crate::codec::encode_frame(&crate::proto::Envelope::new(id, crate::proto::Body::PublishAck(ack)));
+                let _ = session.outbound.push(frame);
+            }
+            Publisher::Api(tx) => {
+                let _ = tx.send(Ok(ack));
+            }
+        }
+    }
+
+    /// Answers that the message was not stored.
+    pub fn fail(self, message: String) {
+        match self {
+            Publisher::Session(session, id) => {
+                let error = crate::proto::Error::new(crate::proto::ErrorCode::Internal, message);
+                let frame =
+                    crate::codec::encode_frame(&crate::proto::Envelope::new(id, crate::proto::Body::Error(error)));
+                let _ = session.outbound.push(frame);
+            }
+            Publisher::Api(tx) => {
+                let _ = tx.send(Err(message));
+            }
+        }
+    }
+}
+
 /// The parts of a publish needed after its commit.
 pub struct PublishDone {
     /// Its room.
@@ -60,16 +100,14 @@ pub struct PublishDone {
     pub ts_ms: u64,
     /// The encoded `Message`.
     pub message: Bytes,
-    /// The publishing session.
-    pub session: Arc<Subscriber>,
-    /// Request id of the `Publish`.
-    pub request_id: u64,
+    /// Who is answered.
+    pub publisher: Publisher,
     /// Idempotency key (empty: none).
     pub client_msg_id: String,
     /// Sender user id.
     pub sender: Arc<str>,
-    /// Bounds the publisher's in-flight publishes; released with the ack.
-    pub permit: OwnedSemaphorePermit,
+    /// Bounds a session's in-flight publishes; released with the ack.
+    pub permit: Option<OwnedSemaphorePermit>,
     /// When the `Publish` was read, for the latency histograms.
     pub received: std::time::Instant,
 }

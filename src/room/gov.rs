@@ -130,6 +130,8 @@ pub struct Governance {
 pub enum Action {
     /// Invite someone.
     Invite,
+    /// Make someone a member directly (the server API).
+    Add,
     /// End someone's membership or withdraw their invitation.
     Remove,
     /// Ban someone.
@@ -147,6 +149,7 @@ impl Action {
     pub fn name(self) -> &'static str {
         match self {
             Action::Invite => "invite",
+            Action::Add => "add",
             Action::Remove => "remove",
             Action::Ban => "ban",
             Action::Unban => "unban",
@@ -314,7 +317,7 @@ impl Governance {
         };
         match action {
             Action::Invite if self.kind == RoomKind::Public => needs(Role::Member),
-            Action::Invite | Action::Unban | Action::Update => needs(Role::Admin),
+            Action::Invite | Action::Add | Action::Unban | Action::Update => needs(Role::Admin),
             Action::Remove | Action::Ban => {
                 needs(Role::Admin)?;
                 if actor == target {

@@ -8,19 +8,15 @@ use super::{Flow, Session, State, error_frame};
 use crate::codec::encode_frame;
 use crate::delivery::Frame;
 use crate::hub::rooms::{Actor, Origin};
-use crate::hub::{IdemCheck, Refusal, UserEntry};
-use crate::pipeline::{Completion, PublishDone};
+use crate::hub::{Refusal, UserEntry};
+use crate::pipeline::Publisher;
 use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
 use crate::room::{Room, valid_room_name};
-use crate::store::commit::{Pending, Write};
-use crate::store::{Append, ReadMarker};
-use crate::time::now_ms;
+use crate::store::ReadMarker;
+use crate::store::commit::Write;
 
 /// Most bytes in a `client_msg_id`.
 const MAX_CLIENT_MSG_ID: usize = 128;
-/// History page size when the request says 0, and the cap.
-const HISTORY_DEFAULT: u32 = 100;
-const HISTORY_MAX: u32 = 1000;
 
 type Reply = Result<Option<Body>, Refusal>;
 
@@ -57,6 +53,13 @@ impl Session {
         // the user's lock, so a concurrent join or leave by another session
         // of this user is seen either entirely or not at all.
         let mut st = entry.lock();
+        // Under the user's lock, where a sign-out closes the sessions: a
+        // session either sees the revocation here or is closed by it.
+        if self.hub.is_revoked(&user, claims.iat) {
+            drop(st);
+            let msg = "this token was revoked (signed out everywhere); sign in again".to_string();
+            return self.refuse(id, ErrorCode::Unauthenticated, CloseReason::AuthFailed, msg);
+        }
         if st.sessions.len() >= limits.max_sessions_per_user {
             drop(st);
             let msg = format!("user already has {} sessions open", limits.max_sessions_per_user);
@@ -262,8 +265,8 @@ impl Session {
                 format!("publish rate limit ({rate} per minute) exceeded"),
             ));
         }
-        // In-flight publishes and commit-queue slots are taken before the
-        // idempotency key goes in flight, so nothing below can wait.
+        // A slot of the session's in-flight publishes (the hub takes a
+        // commit-queue slot) before the idempotency key goes in flight.
         let inflight = self
             .handle
             .inflight
@@ -271,118 +274,20 @@ impl Session {
             .acquire_owned()
             .await
             .map_err(|_| Refusal::new(ErrorCode::ServerBusy, "closing"))?;
-        let slot = self
-            .hub
-            .pipeline
-            .commits
-            .reserve()
-            .await
-            .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
-        // Still a member after those waits: a removal answered meanwhile
-        // must not be followed by this message.
-        if !entry.lock().rooms.contains_key(&room.id) {
-            return Err(Refusal::new(ErrorCode::Forbidden, format!("not a member of room {}", room.name)));
-        }
-        if !p.client_msg_id.is_empty() {
-            match self.hub.check_idempotent(user, &p.client_msg_id, &self.handle, id)? {
-                IdemCheck::Fresh => {}
-                IdemCheck::InFlight => return Ok(None),
-                IdemCheck::Stored(room, seq, ts_ms) => {
-                    self.hub.metrics.duplicates.increment(1);
-                    return Ok(Some(Body::PublishAck(proto::PublishAck {
-                        room: room.name.to_string(),
-                        seq,
-                        ts_ms,
-                        client_msg_id: p.client_msg_id,
-                        duplicate: true,
-                    })));
-                }
-            }
-        }
-        let ts_ms = now_ms();
-        let epoch = self.hub.pipeline.commits.epoch();
-        room.assign_seq(epoch, |seq| {
-            let message = proto::Message {
-                room: p.room,
-                seq,
-                sender: user.to_string(),
-                ts_ms,
-                client_msg_id: p.client_msg_id.clone(),
-                text: p.text,
-                data: p.data,
-            };
-            let encoded = bytes::Bytes::from(message.encode_to_vec());
-            slot.send(Pending {
-                write: Write::Append(Append {
-                    room: room.id,
-                    seq,
-                    message: encoded.clone(),
-                    sender: user.to_string(),
-                    client_msg_id: p.client_msg_id.clone(),
-                    ts_ms,
-                }),
-                completion: Completion::Publish(Box::new(PublishDone {
-                    room: room.clone(),
-                    seq,
-                    ts_ms,
-                    message: encoded,
-                    session: self.handle.clone(),
-                    request_id: id,
-                    client_msg_id: p.client_msg_id,
-                    sender: user.clone(),
-                    permit: inflight,
-                    received,
-                })),
-                epoch,
-            });
-        });
+        let author = crate::hub::publish::Author {
+            sender: user.clone(),
+            publisher: Publisher::Session(self.handle.clone(), id),
+            permit: Some(inflight),
+            received,
+        };
+        let still_member = || entry.lock().rooms.contains_key(&room.id);
+        self.hub.publish(&room, p, author, still_member).await?;
         Ok(None)
     }
 
     fn history(&self, id: u64, entry: &UserEntry, h: proto::History) -> Reply {
         let room = self.member_room(entry, &h.room)?;
-        let head = room.head();
-        let limit = u64::from(match h.limit {
-            0 => HISTORY_DEFAULT,
-            n => n.min(HISTORY_MAX),
-        });
-        // Seqs are contiguous from 1, so a page is a seq range.
-        let (from, to, has_more) = if h.forward {
-            let from = h.after_seq.saturating_add(1);
-            let to = head.min(h.after_seq.saturating_add(limit));
-            (from, to, to < head)
-        } else {
-            let below = if h.before_seq == 0 { head } else { h.before_seq.saturating_sub(1).min(head) };
-            let from = below.saturating_sub(limit - 1).max(1);
-            (from, below, from > 1 && below >= 1)
-        };
-        let started = std::time::Instant::now();
-        let mut messages = if from <= to { room.read_messages(self.hub.store.as_ref(), from, to)? } else { Vec::new() };
-        self.hub.metrics.history_read.record(started.elapsed().as_secs_f64());
-        // A page must fit in one frame of max_frame_bytes (what Welcome
-        // promised the client): keep the messages nearest the cursor and say
-        // there is more. One message always fits (it came in one frame).
-        let budget = self.hub.limits.max_frame_bytes.saturating_sub(256);
-        let mut used = 0;
-        let fits = |m: &proto::Message, used: &mut usize| {
-            let len = m.encoded_len() + 8;
-            let ok = *used == 0 || *used + len <= budget;
-            if ok {
-                *used += len;
-            }
-            ok
-        };
-        let has_more = if h.forward {
-            let keep = messages.iter().take_while(|m| fits(m, &mut used)).count();
-            let cut = keep < messages.len();
-            messages.truncate(keep);
-            has_more || cut
-        } else {
-            let keep = messages.iter().rev().take_while(|m| fits(m, &mut used)).count();
-            let cut = keep < messages.len();
-            messages.drain(..messages.len() - keep);
-            has_more || cut
-        };
+        let page = self.hub.history_page(&room, &h)?;
         // Queued under the user's lock, where a removal takes the room and
         // queues `Left`: a removal while the page was read refuses it, and
         // no page follows a `Left`.
@@ -390,7 +295,6 @@ impl Session {
         if !st.rooms.contains_key(&room.id) {
             return Err(Refusal::new(ErrorCode::Forbidden, format!("not a member of room {}", room.name)));
         }
-        let page = proto::HistoryPage { room: h.room, messages, head_seq: head, has_more };
         let _ = self.handle.outbound.push(encode_frame(&Envelope::new(id, Body::HistoryPage(page))));
         Ok(None)
     }

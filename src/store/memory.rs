@@ -20,6 +20,7 @@ struct Inner {
     members: BTreeMap<(String, RoomId), MemberRecord>,
     bans: BTreeMap<(RoomId, String), BanRecord>,
     invites: BTreeMap<(String, RoomId), InviteRecord>,
+    revocations: BTreeMap<String, u64>,
     reads: BTreeMap<(String, RoomId), u64>,
     idem: HashMap<(String, String), IdempotencyRecord>,
 }
@@ -67,6 +68,7 @@ impl Store for MemoryStore {
             bans: g.bans.iter().map(|((r, u), b)| (*r, u.clone(), b.clone())).collect(),
             invites: g.invites.iter().map(|((u, r), i)| (u.clone(), *r, i.clone())).collect(),
             read_markers: g.reads.iter().map(|((u, r), s)| (u.clone(), *r, *s)).collect(),
+            revocations: g.revocations.iter().map(|(u, t)| (u.clone(), *t)).collect(),
         })
     }
 
@@ -108,6 +110,9 @@ impl Store for MemoryStore {
         }
         for r in &batch.read_markers {
             g.reads.insert((r.user.clone(), r.room), r.seq);
+        }
+        for (user, at) in &batch.revocations {
+            g.revocations.insert(user.clone(), *at);
         }
         Ok(())
     }

@@ -91,12 +91,15 @@ pub struct Batch {
     pub rooms: Vec<RoomWrite>,
     /// Read-marker moves.
     pub read_markers: Vec<ReadMarker>,
+    /// Users signed out everywhere: (user, Unix seconds); tokens issued
+    /// before are refused from then on.
+    pub revocations: Vec<(String, u64)>,
 }
 
 impl Batch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.appends.is_empty() && self.rooms.is_empty() && self.read_markers.is_empty()
+        self.appends.is_empty() && self.rooms.is_empty() && self.read_markers.is_empty() && self.revocations.is_empty()
     }
 }
 
@@ -126,6 +129,8 @@ pub struct Snapshot {
     pub invites: Vec<(String, RoomId, InviteRecord)>,
     /// (user, room, seq) read markers.
     pub read_markers: Vec<(String, RoomId, u64)>,
+    /// (user, Unix seconds) revocations: tokens issued before are refused.
+    pub revocations: Vec<(String, u64)>,
 }
 
 /// The storage interface of the data path.
@@ -298,6 +303,7 @@ pub(crate) mod contract {
         }
         b.appends.push(append(2, 1, "bob", ""));
         b.read_markers.push(ReadMarker { user: "bob".into(), room: 1, seq: 3 });
+        b.revocations.push(("eve".into(), 100));
         store.write(&b).unwrap();
         store.sync().unwrap();
 
@@ -336,6 +342,7 @@ pub(crate) mod contract {
         assert_eq!(store.departure("ann", 1).unwrap(), None, "a member");
         assert_eq!(store.departure("zed", 1).unwrap(), None, "never a member");
         assert_eq!(snap.read_markers, vec![("bob".into(), 1, 3)]);
+        assert_eq!(snap.revocations, vec![("eve".into(), 100)]);
 
         assert_eq!(store.expire_idempotency(1003).unwrap(), 2);
         assert_eq!(store.lookup_idempotent("ann", "c1").unwrap(), None);

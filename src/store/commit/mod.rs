@@ -77,6 +77,8 @@ pub enum Write {
     Rooms(Vec<RoomWrite>),
     /// A read-marker move.
     ReadMarker(ReadMarker),
+    /// A user signed out everywhere at (Unix seconds).
+    Revocation(String, u64),
     /// Writes nothing: its completion comes out once everything before it
     /// has been committed (used by shutdown).
     Barrier,

@@ -211,6 +211,7 @@ impl<C: Send + 'static> Writer<C> {
                 Write::Append(a) => batch.appends.push(a),
                 Write::Rooms(w) => batch.rooms.extend(w),
                 Write::ReadMarker(r) => batch.read_markers.push(r),
+                Write::Revocation(user, at) => batch.revocations.push((user, at)),
                 Write::Barrier => {}
             }
             completions.push(p.completion);

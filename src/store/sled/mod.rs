@@ -9,6 +9,8 @@
 //!   when, or (role 0) how the membership ended.
 //! * `bans` — `room_id ‖ user` → [`BanRecord`].
 //! * `invites` — `user ‖ 0 ‖ room_id` → [`InviteRecord`].
+//! * `revocations` — user → Unix seconds (u64 BE): tokens of the user
+//!   issued before are refused.
 //! * `reads` — `user ‖ 0 ‖ room_id` → read seq (u64 BE).
 //! * `idem_journal` — record number (u64 BE) → the idempotency entries of
 //!   one group commit (the idempotency window; [`crate::store::idem`] says why it
@@ -179,6 +181,11 @@ impl Store for SledStore {
                 let user = std::str::from_utf8(user).map_err(|_| corrupt_key(&k))?;
                 snap.bans.push((room_id_of(room)?, user.to_string(), decode::<BanRecord>(&k, &v)?));
             }
+            for kv in t.revocations.iter() {
+                let (k, v) = kv?;
+                let user = String::from_utf8(k.to_vec()).map_err(|_| corrupt_key(&k))?;
+                snap.revocations.push((user, room_id_of(&v)?));
+            }
             for kv in t.invites.iter() {
                 let (k, v) = kv?;
                 let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
@@ -228,6 +235,9 @@ impl Store for SledStore {
             self.put_journal(t, journal_entries(&batch.appends))?;
             for r in &batch.read_markers {
                 t.reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..])?;
+            }
+            for (user, at) in &batch.revocations {
+                t.revocations.insert(user.as_bytes(), &at.to_be_bytes()[..])?;
             }
             // In the index once written (readable), as the per-key record
             // was: the hub keeps the key in flight until the sync.

@@ -1,0 +1,149 @@
+//! Storing a message: what a session's `Publish` and the server API's post
+//! share once the request is accepted — a commit-queue slot, the
+//! idempotency check, the seq, the append — so both have the same
+//! durability and the same answer to a retry (ARCHITECTURE.md, "Data
+//! path").
+
+use std::sync::Arc;
+
+use prost::Message as _;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{Hub, Refusal};
+use crate::pipeline::{Completion, PublishDone, Publisher};
+use crate::proto::{self, ErrorCode};
+use crate::room::Room;
+use crate::store::Append;
+use crate::store::commit::{Pending, Write};
+use crate::time::now_ms;
+
+/// Who publishes, and what their answer needs.
+pub struct Author {
+    /// The sender's user id ("" for the system).
+    pub sender: Arc<str>,
+    /// Who is answered.
+    pub publisher: Publisher,
+    /// A slot of a session's in-flight publishes, released with the ack.
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// When the request was read, for the latency histograms.
+    pub received: std::time::Instant,
+}
+
+/// The outcome of looking up an idempotency key.
+enum IdemCheck {
+    /// New: go ahead and append; the key is now in flight.
+    Fresh(Publisher),
+    /// The same key is being committed; the publisher is answered when it is.
+    InFlight,
+    /// Already stored: answer with this room, seq and timestamp.
+    Stored(Arc<Room>, u64, u64, Publisher),
+}
+
+impl Hub {
+    /// Appends `p` to `room` as `author.sender` and answers
+    /// `author.publisher` once it is durable and offered to the room — or, for a
+    /// `client_msg_id` already used, with the original's seq. `still_allowed`
+    /// is asked again after the waits (a removal may have been answered
+    /// meanwhile). `Err` only before anything was queued.
+    pub async fn publish(
+        &self,
+        room: &Arc<Room>,
+        p: proto::Publish,
+        author: Author,
+        still_allowed: impl Fn() -> bool,
+    ) -> Result<(), Refusal> {
+        let Author { sender, publisher, permit, received } = author;
+        let sender = &sender;
+        let commits = &self.pipeline.commits;
+        // The commit-queue slot is taken before the idempotency key goes
+        // in flight, so nothing below can wait.
+        let slot =
+            commits.reserve().await.ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
+        if !still_allowed() {
+            return Err(Refusal::new(ErrorCode::Forbidden, format!("not a member of room {}", room.name)));
+        }
+        let publisher = if p.client_msg_id.is_empty() {
+            publisher
+        } else {
+            match self.check_idempotent(sender, &p.client_msg_id, publisher)? {
+                IdemCheck::Fresh(publisher) => publisher,
+                IdemCheck::InFlight => return Ok(()),
+                IdemCheck::Stored(room, seq, ts_ms, publisher) => {
+                    self.metrics.duplicates.increment(1);
+                    let ack = proto::PublishAck {
+                        room: room.name.to_string(),
+                        seq,
+                        ts_ms,
+                        client_msg_id: p.client_msg_id,
+                        duplicate: true,
+                    };
+                    publisher.ack(ack);
+                    return Ok(());
+                }
+            }
+        };
+        let ts_ms = now_ms();
+        let epoch = commits.epoch();
+        room.assign_seq(epoch, |seq| {
+            let message = proto::Message {
+                room: room.name.to_string(),
+                seq,
+                sender: sender.to_string(),
+                ts_ms,
+                client_msg_id: p.client_msg_id.clone(),
+                text: p.text,
+                data: p.data,
+            };
+            let encoded = bytes::Bytes::from(message.encode_to_vec());
+            slot.send(Pending {
+                write: Write::Append(Append {
+                    room: room.id,
+                    seq,
+                    message: encoded.clone(),
+                    sender: sender.to_string(),
+                    client_msg_id: p.client_msg_id.clone(),
+                    ts_ms,
+                }),
+                completion: Completion::Publish(Box::new(PublishDone {
+                    room: room.clone(),
+                    seq,
+                    ts_ms,
+                    message: encoded,
+                    publisher,
+                    client_msg_id: p.client_msg_id,
+                    sender: sender.clone(),
+                    permit,
+                    received,
+                })),
+                epoch,
+            });
+        });
+        Ok(())
+    }
+
+    /// Checks an idempotency key before a publish. `Fresh` puts the key in
+    /// flight: the caller must then append (the fan-out settles the key).
+    fn check_idempotent(
+        &self,
+        sender: &Arc<str>,
+        client_msg_id: &str,
+        publisher: Publisher,
+    ) -> Result<IdemCheck, crate::store::StoreError> {
+        let key = (sender.clone(), client_msg_id.to_string());
+        // The lookup runs under the in-flight lock: a key leaves the map only
+        // after its message is stored, so it is always in one or the other.
+        let mut map = self.pipeline.in_flight.lock();
+        if let Some(waiters) = map.get_mut(&key) {
+            waiters.push(publisher);
+            return Ok(IdemCheck::InFlight);
+        }
+        if let Some(rec) = self.store.lookup_idempotent(sender, client_msg_id)?
+            && let Some(room) = self.room_by_id(rec.room)
+            && rec.seq <= room.head()
+        {
+            return Ok(IdemCheck::Stored(room, rec.seq, rec.ts_ms, publisher));
+        }
+        map.insert(key, Vec::new());
+        Ok(IdemCheck::Fresh(publisher))
+    }
+}

@@ -1,0 +1,54 @@
+//! Signing a user out: closing every session of theirs, and ("sign out
+//! everywhere") refusing every token of theirs issued before now, across
+//! restarts.
+
+use std::sync::Arc;
+
+use super::{Hub, Refusal};
+use crate::codec::encode_frame;
+use crate::proto::{self, Body, CloseReason, Envelope};
+use crate::store::commit::Write;
+
+impl Hub {
+    /// Whether a token of `user` issued at `iat` (Unix seconds; `None`: the
+    /// token does not say) was revoked. Call under the user's lock, as
+    /// [`Hub::disconnect`] closes sessions under it.
+    pub fn is_revoked(&self, user: &str, iat: Option<u64>) -> bool {
+        let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        match (revoked.get(user), iat) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(at), Some(iat)) => iat < *at,
+        }
+    }
+
+    /// Closes every session of `user` with `GoAway`. With `revoke`, first
+    /// stores that tokens of `user` issued before now are refused (the
+    /// sessions get `AUTH_EXPIRED`: ask for a new token); without, they
+    /// get `UNSPECIFIED` and may reconnect. Returns the sessions closed.
+    pub async fn disconnect(&self, user: &str, revoke: bool) -> Result<usize, Refusal> {
+        if revoke {
+            let at = crate::auth::unix_now();
+            self.commit(Write::Revocation(user.to_string(), at)).await?;
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = revoked.entry(Arc::from(user)).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+        let (reason, message) = if revoke {
+            (CloseReason::AuthExpired, "signed out everywhere: sign in again")
+        } else {
+            (CloseReason::Unspecified, "disconnected by the application")
+        };
+        let frame = encode_frame(&Envelope::push(Body::GoAway(proto::GoAway::new(reason, message))));
+        let entry = self.user(user);
+        let st = entry.lock();
+        for s in &st.sessions {
+            self.metrics.close(reason);
+            s.outbound.close_with(Some(frame.clone()));
+            // The request loop sees the closed queue and releases the session.
+            s.wake_reader();
+        }
+        tracing::info!(user, revoke, sessions = st.sessions.len(), "user disconnected");
+        Ok(st.sessions.len())
+    }
+}

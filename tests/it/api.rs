@@ -1,0 +1,264 @@
+//! The server API for application backends (api/README.md), end to end: a
+//! real HTTP client as the backend, real chat clients as the users on the
+//! other side.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chatd::proto::{self, Body, CloseReason, ErrorCode, MemberChange};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+const KEY: &str = "a-backend-key-0123456789";
+
+/// One HTTP/1.1 request to the API with `key`; returns the status, the
+/// header block and the JSON body (`Null` if it is not JSON).
+async fn call(http: &str, key: Option<&str>, method: &str, path: &str, body: Option<&str>) -> (u16, String, Value) {
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {http}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let out = String::from_utf8_lossy(&out).to_string();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_string(), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// A call with the key that must answer 200; returns the JSON.
+async fn ok(s: &TestServer, method: &str, path: &str, body: Value) -> Value {
+    let body = body.to_string();
+    let (status, _, v) = call(&s.http, Some(KEY), method, path, Some(&body)).await;
+    assert_eq!(status, 200, "{method} {path} {body}: {v}");
+    v
+}
+
+/// A call with the key that must fail with `status` and `code`.
+async fn fails(s: &TestServer, method: &str, path: &str, body: &str, status: u16, code: ErrorCode) -> String {
+    let (got, _, v) = call(&s.http, Some(KEY), method, path, Some(body)).await;
+    assert_eq!(got, status, "{method} {path} {body}: {v}");
+    assert_eq!(v["code"], code.as_str_name(), "{v}");
+    v["message"].as_str().unwrap_or_default().to_string()
+}
+
+async fn with_api() -> TestServer {
+    TestServer::start_with(|c| c.api_key = Some(KEY.into())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_is_off_without_a_key_and_refuses_a_wrong_one() {
+    let off = TestServer::start().await;
+    let (status, _, v) = call(&off.http, Some(KEY), "GET", "/api/v1/rooms/general", None).await;
+    assert_eq!((status, &v["code"]), (404, &json!("ERROR_CODE_NOT_FOUND")), "{v}");
+    let s = with_api().await;
+    for key in [None, Some("wrong-key-0123456789012"), Some("a-backend-key-012345678")] {
+        let (status, _, v) = call(&s.http, key, "GET", "/api/v1/rooms/general", None).await;
+        assert_eq!((status, &v["code"]), (401, &json!("ERROR_CODE_UNAUTHENTICATED")), "{key:?}: {v}");
+    }
+    let (status, _, v) = call(&s.http, Some(KEY), "GET", "/api/v1/nothing", None).await;
+    assert_eq!(status, 404, "{v}");
+    let (status, _, _) = call(&s.http, Some(KEY), "GET", "/api/v2/rooms", None).await;
+    assert_eq!(status, 404);
+    let m = scrape_metrics(&s.http).await;
+    assert!(metric(&m, "chatd_api_calls_total{endpoint=\"/api/v1/rooms/{room}\",method=\"GET\",status=\"401\"}") >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_creates_a_private_room_adds_people_and_posts_notices() {
+    let s = with_api().await;
+    let (mut ann, _) = s.raw_user("ann").await;
+    let (mut bob, _) = s.raw_user("bob").await;
+    let (mut carol, _) = s.raw_user("carol").await;
+    let room = ok(
+        &s,
+        "POST",
+        "/api/v1/rooms",
+        json!({"room": "order-42", "kind": "ROOM_KIND_PRIVATE", "title": "Order 42", "owner": "ann", "invite": ["carol"]}),
+    )
+    .await;
+    assert_eq!((room["owner"].as_str(), room["memberCount"].as_u64()), (Some("ann"), Some(1)), "{room}");
+    let j = ann.next_push(|b| if let Body::Joined(j) = b { Some(j) } else { None }).await;
+    assert_eq!(j.state.unwrap().info.unwrap().my_role, proto::Role::Owner as i32);
+    let inv = carol.next_push(|b| if let Body::Invitation(i) = b { Some(i) } else { None }).await;
+    assert_eq!((inv.room.as_str(), inv.by.as_str()), ("order-42", ""), "invited by the system");
+
+    // Added directly, as an admin: bob's open session is in at once.
+    ok(&s, "PUT", "/api/v1/rooms/order-42/members/bob", json!({"role": "ROLE_ADMIN"})).await;
+    let j = bob.next_push(|b| if let Body::Joined(j) = b { Some(j) } else { None }).await;
+    assert_eq!(j.state.unwrap().info.unwrap().my_role, proto::Role::Admin as i32);
+    let u = ann.next_push(|b| if let Body::RoomUpdate(u) = b { Some(u) } else { None }).await;
+    assert_eq!((u.user.as_str(), u.change), ("bob", MemberChange::Joined as i32));
+
+    // A system notice: sender "", idempotent by clientMsgId, durable.
+    let post = json!({"clientMsgId": "shipped-42", "text": "your order has shipped"});
+    let ack = ok(&s, "POST", "/api/v1/rooms/order-42/messages", post.clone()).await;
+    assert_eq!((ack["seq"].as_str(), ack.get("duplicate")), (Some("1"), None), "{ack}");
+    let m = bob.next_message().await;
+    assert_eq!((m.sender.as_str(), m.text.as_str(), m.seq), ("", "your order has shipped", 1));
+    let again = ok(&s, "POST", "/api/v1/rooms/order-42/messages", post).await;
+    assert_eq!((again["seq"].as_str(), again["duplicate"].as_bool()), (Some("1"), Some(true)));
+    // Acting as a user: with that user's rights.
+    ok(&s, "POST", "/api/v1/rooms/order-42/messages", json!({"text": "on behalf of ann", "actAs": "ann"})).await;
+    assert_eq!(bob.next_message().await.sender, "ann");
+    let not_member = r#"{"text": "hi", "actAs": "dave"}"#;
+    fails(&s, "POST", "/api/v1/rooms/order-42/messages", not_member, 403, ErrorCode::Forbidden).await;
+    fails(&s, "GET", "/api/v1/rooms/order-42?actAs=dave", "", 403, ErrorCode::Forbidden).await;
+    let beyond = r#"{"role": "ROLE_OWNER", "actAs": "bob"}"#;
+    fails(&s, "PUT", "/api/v1/rooms/order-42/members/carol", beyond, 403, ErrorCode::Forbidden).await;
+
+    // Reading: details, members, history.
+    let info = ok(&s, "PATCH", "/api/v1/rooms/order-42", json!({"topic": "Delivery on Friday"})).await;
+    assert_eq!(info["topic"], "Delivery on Friday");
+    let members = ok(&s, "GET", "/api/v1/rooms/order-42/members", json!(null)).await;
+    let names: Vec<&str> = members["members"].as_array().unwrap().iter().map(|m| m["user"].as_str().unwrap()).collect();
+    assert_eq!(names, ["ann", "bob"]);
+    let page = ok(&s, "GET", "/api/v1/rooms/order-42/messages?forward=true&limit=10", json!(null)).await;
+    let texts: Vec<&str> = page["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["your order has shipped", "on behalf of ann"]);
+
+    // An offline member gets the notice on resume.
+    drop(carol);
+    let (_, w) = s.raw_user("carol").await;
+    assert_eq!(w.invites.len(), 1);
+    let mut carol = s.raw_member("carol", "order-42").await;
+    let mut dan = s.raw().await;
+    ok(&s, "PUT", "/api/v1/rooms/order-42/members/dan", json!({})).await;
+    dan.hello(&s.token("dan"), vec![proto::Cursor { room: "order-42".into(), after_seq: 0 }]).await;
+    assert_eq!(dan.next_message().await.text, "your order has shipped");
+
+    // Removal and bans through the API.
+    ok(&s, "DELETE", "/api/v1/rooms/order-42/members/carol?reason=closed", json!(null)).await;
+    let l = carol.next_push(|b| if let Body::Left(l) = b { Some(l) } else { None }).await;
+    assert_eq!((l.reason, l.by.as_str()), (MemberChange::Removed as i32, ""));
+    ok(&s, "PUT", "/api/v1/rooms/order-42/bans/carol", json!({"reason": "fraud"})).await;
+    expect_error(&carol.request(Body::Join(proto::Join { room: "order-42".into() })).await, ErrorCode::Forbidden);
+    ok(&s, "DELETE", "/api/v1/rooms/order-42/bans/carol", json!(null)).await;
+    // The system may remove even the owner: ownership passes on.
+    let info = ok(&s, "DELETE", "/api/v1/rooms/order-42/members/ann", json!(null)).await;
+    assert_eq!(info["owner"], "bob", "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let s = TestServer::start_with(|c| {
+        c.api_key = Some(KEY.into());
+        c.max_frame_bytes = 4096;
+    })
+    .await;
+    ok(&s, "POST", "/api/v1/rooms", json!({"room": "r"})).await;
+    let cases: [(&str, &str, &str, u16, ErrorCode); 12] = [
+        ("POST", "/api/v1/rooms", "{not json", 400, ErrorCode::BadRequest),
+        ("POST", "/api/v1/rooms", r#"{"room": "x", "colour": "red"}"#, 400, ErrorCode::BadRequest),
+        ("POST", "/api/v1/rooms", r#"{"room": 7}"#, 400, ErrorCode::BadRequest),
+        ("POST", "/api/v1/rooms", r#"{"room": "x", "kind": "ROOM_KIND_SQUARE"}"#, 400, ErrorCode::BadRequest),
+        ("POST", "/api/v1/rooms", r#"{"room": "r"}"#, 409, ErrorCode::AlreadyExists),
+        ("GET", "/api/v1/rooms/nowhere", "", 404, ErrorCode::NotFound),
+        ("GET", "/api/v1/rooms/bad%20name", "", 400, ErrorCode::BadRequest),
+        ("GET", "/api/v1/rooms/r?actAs=not%20a%20user", "", 400, ErrorCode::BadRequest),
+        ("GET", "/api/v1/rooms/r?colour=red", "", 400, ErrorCode::BadRequest),
+        ("PUT", "/api/v1/rooms/r/members/not%20a%20user", "{}", 400, ErrorCode::BadRequest),
+        ("POST", "/api/v1/rooms/nowhere/messages", r#"{"text": "x"}"#, 404, ErrorCode::NotFound),
+        ("POST", "/api/v1/tokens", r#"{"user": "ann", "ttl": "forever"}"#, 400, ErrorCode::BadRequest),
+    ];
+    for (method, path, body, status, code) in cases {
+        fails(&s, method, path, body, status, code).await;
+    }
+    let big = json!({"text": "x".repeat(5000)}).to_string();
+    fails(&s, "POST", "/api/v1/rooms/r/messages", &big, 413, ErrorCode::TooLarge).await;
+    // Nothing changed: the room is as created, with no messages.
+    let page = ok(&s, "GET", "/api/v1/rooms/r/messages", json!(null)).await;
+    assert_eq!(page["headSeq"].as_str().unwrap_or("0"), "0", "{page}");
+    let (_, w) = s.raw_user("ann").await;
+    assert!(w.rooms.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_is_rate_limited_with_a_retry_after() {
+    let s = TestServer::start_with(|c| {
+        c.api_key = Some(KEY.into());
+        c.api_rate_per_sec = 3;
+    })
+    .await;
+    let mut limited = None;
+    for _ in 0..10 {
+        let (status, head, v) = call(&s.http, Some(KEY), "GET", "/api/v1/rooms/r", None).await;
+        if status == 429 {
+            limited = Some((head, v));
+            break;
+        }
+    }
+    let (head, v) = limited.expect("a 429 within ten calls at 3 per second");
+    assert_eq!(v["code"], "ERROR_CODE_RATE_LIMITED");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_everywhere_closes_every_session_and_refuses_older_tokens_across_a_restart() {
+    let s = with_api().await;
+    let now = chatd::auth::unix_now();
+    let old = mint_token(&s.dir, "bob", Duration::from_secs(3600), now - 10);
+    let mut tcp = Raw::connect_as(&s.addr, &old).await;
+    let mut ws = Ws::connect(&s.http).await;
+    ws.hello(&old).await;
+    let out = ok(&s, "POST", "/api/v1/users/bob/disconnect", json!({"revoke": true})).await;
+    assert_eq!(out["sessions"], 2, "{out}");
+    assert_eq!(tcp.skip_to_go_away().await, CloseReason::AuthExpired);
+    assert!(tcp.closed().await);
+    let g = ws.next_with("goAway").await;
+    assert_eq!(g["goAway"]["reason"], "CLOSE_REASON_AUTH_EXPIRED");
+    // The old token is refused; one minted through the API works.
+    let mut again = s.raw().await;
+    again.send_hello(&old, vec![]).await;
+    again.expect_error(ErrorCode::Unauthenticated).await;
+    assert_eq!(again.expect_go_away().await, CloseReason::AuthFailed);
+    let minted = ok(&s, "POST", "/api/v1/tokens", json!({"user": "bob", "ttl": "1h"})).await;
+    let fresh = minted["token"].as_str().unwrap().to_string();
+    Raw::connect_as(&s.addr, &fresh).await.ping().await;
+    // Without revoke: the sessions close, the token still works.
+    let out = ok(&s, "POST", "/api/v1/users/bob/disconnect", json!({})).await;
+    assert_eq!(out["revoked"], false);
+    // Across a restart.
+    let dir = s.stop().await.unwrap();
+    let s = TestServer::start_in(dir.path(), |c| c.api_key = Some(KEY.into())).await;
+    let mut again = s.raw().await;
+    again.send_hello(&old, vec![]).await;
+    again.expect_error(ErrorCode::Unauthenticated).await;
+    Raw::connect_as(&s.addr, &fresh).await.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_description_matches_the_routes_that_exist() {
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("api/openapi.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(spec["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    let described: BTreeSet<(String, String)> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            let path = path.strip_prefix("/api/v1").unwrap_or(path).to_string();
+            ops.as_object().unwrap().keys().map(move |m| (m.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let routed: BTreeSet<(String, String)> =
+        chatd::http::api::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(described, routed, "api/openapi.json and the routes");
+    // Every route answers as an endpoint (not "no such endpoint", not 405).
+    let s = with_api().await;
+    for (method, path) in chatd::http::api::ROUTES {
+        let path = format!("/api/v1{}", path.replace("{room}", "r").replace("{user}", "u"));
+        let (status, _, v) = call(&s.http, Some(KEY), method, &path, Some("{}")).await;
+        assert_ne!(status, 405, "{method} {path}");
+        let message = v["message"].as_str().unwrap_or_default();
+        assert!(!message.contains("no such endpoint"), "{method} {path}: {v}");
+    }
+}
