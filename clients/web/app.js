@@ -123,6 +123,13 @@ const dmPeer = (name) => {
   return a === me ? b : a;
 };
 const displayName = (name) => (isDm(name) ? dmPeer(name) : `#${name}`);
+/**
+ * A notice: a message the application's backend posted as the system, whose
+ * sender is "" (proto/README.md). Shown as a notice, never as any user's.
+ */
+const isNotice = (m) => m.sender === '';
+/** Whether `m` is mine: a notice never is, whoever is signed in. */
+const isMine = (m) => !isNotice(m) && m.sender === me;
 const unread = (r) => Math.max(0, r.head - r.read);
 
 // Roles, as the server ranks them: nobody may remove or ban anyone of equal
@@ -250,7 +257,7 @@ function addMessage(m) {
     }
     s.splice(lo, 0, m.seq);
   }
-  if (m.clientMsgId && m.sender === me) r.pending.delete(m.clientMsgId);
+  if (m.clientMsgId && isMine(m)) r.pending.delete(m.clientMsgId);
   if (m.room === active) invalidate('messages');
   invalidate('sidebar');
   return true;
@@ -399,14 +406,38 @@ function renderHeader() {
   );
 }
 
+const messageText = (m) => m.text || (m.data ? `[${Math.floor((m.data.length * 3) / 4)} bytes of data]` : '');
+
 function messageNode(r, m) {
   let el = r.nodes.get(m.seq);
   if (el) return el;
+  el = isNotice(m) ? noticeNode(m) : userMessageNode(m);
+  r.nodes.set(m.seq, el);
+  return el;
+}
+
+/** A notice: centred, muted, labelled "Notice"; no author, no avatar. */
+function noticeNode(m) {
   const ts = new Date(m.tsMs);
-  el = h(
+  return h(
+    'div',
+    { class: 'msg notice', role: 'note', 'data-room': m.room, 'data-seq': m.seq, 'data-sender': '' },
+    h(
+      'div',
+      { class: 'notice-body' },
+      h('span', { class: 'notice-label', text: 'Notice' }),
+      h('span', { class: 'msg-text', text: messageText(m) }),
+      h('time', { class: 'msg-time', datetime: ts.toISOString(), title: `${fullFmt.format(ts)} · #${m.seq}`, text: timeFmt.format(ts) }),
+    ),
+  );
+}
+
+function userMessageNode(m) {
+  const ts = new Date(m.tsMs);
+  return h(
     'div',
     {
-      class: `msg${m.sender === me ? ' mine' : ''}`,
+      class: `msg${isMine(m) ? ' mine' : ''}`,
       'data-room': m.room,
       'data-seq': m.seq,
       'data-sender': m.sender,
@@ -422,12 +453,10 @@ function messageNode(r, m) {
         h('span', { class: 'msg-sender', text: m.sender }),
         h('time', { class: 'msg-time', datetime: ts.toISOString(), title: `${fullFmt.format(ts)} · #${m.seq}`, text: timeFmt.format(ts) }),
       ),
-      h('div', { class: 'msg-text', text: m.text || (m.data ? `[${Math.floor((m.data.length * 3) / 4)} bytes of data]` : '') }),
+      h('div', { class: 'msg-text', text: messageText(m) }),
     ),
     h('time', { class: 'msg-hover-time', datetime: ts.toISOString(), text: timeFmt.format(ts) }),
   );
-  r.nodes.set(m.seq, el);
-  return el;
 }
 
 function renderMessages() {
@@ -455,7 +484,8 @@ function renderMessages() {
       breakGroup = true;
     }
     const el = messageNode(r, m);
-    const cont = !breakGroup && prev && prev.sender === m.sender && m.tsMs - prev.tsMs < GROUP_MS;
+    // A notice stands alone: it is never grouped, nor is a message with it.
+    const cont = !breakGroup && prev && !isNotice(prev) && !isNotice(m) && prev.sender === m.sender && m.tsMs - prev.tsMs < GROUP_MS;
     el.classList.toggle('cont', !!cont);
     out.push(el);
     prev = m;

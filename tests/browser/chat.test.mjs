@@ -2086,3 +2086,177 @@ describe('rooms, roles and moderation in Chromium against chatd', { skip: missin
     assert.deepEqual(await cspViolations(bob), [], 'nothing the Content-Security-Policy blocks');
   });
 });
+
+// ===========================================================================
+// p. System notices in the web app: a message an application's backend
+// posted as the system, whose sender is "" (proto/README.md), shows as a
+// notice, not as a user's message. chatd has no way yet for a test to post
+// one, so a proxy between the page and a real chatd (Playwright's
+// routeWebSocket) makes chosen messages system notices in flight: it drops
+// their sender, as canonical proto3 JSON omits an empty string (or sends it
+// as "", which is as valid), in live pushes and in history pages alike.
+// Everything else passes through untouched.
+
+/** Rewrites one server→page frame: the messages whose text is in `texts` lose their sender. */
+function asSystemNotices(payload, texts, counts) {
+  if (typeof payload !== 'string') return payload;
+  let env;
+  try {
+    env = JSON.parse(payload);
+  } catch {
+    return payload;
+  }
+  const where = env.message ? 'live' : env.historyPage ? 'history' : null;
+  if (!where) return payload;
+  const list = env.message ? [env.message] : env.historyPage.messages || [];
+  let changed = false;
+  for (const m of list) {
+    if (!texts.has(m.text)) continue;
+    // One of each spelling: omitted (what chatd sends) and an explicit "".
+    if (texts.get(m.text) === 'omitted') delete m.sender;
+    else m.sender = '';
+    counts[where]++;
+    changed = true;
+  }
+  return changed ? JSON.stringify(env) : payload;
+}
+
+/** What a page shows of each message of `room`, for the notice checks. */
+function rendered(page, room) {
+  return page.$$eval(`.msg[data-room="${room}"][data-seq]`, (els) =>
+    els.map((el) => {
+      const text = el.querySelector('.msg-text');
+      const label = el.querySelector('.notice-label');
+      const visible = (sel) => {
+        const e = el.querySelector(sel);
+        if (!e) return false;
+        const s = getComputedStyle(e);
+        const b = e.getBoundingClientRect();
+        return s.display !== 'none' && s.visibility !== 'hidden' && b.width > 0 && b.height > 0;
+      };
+      const row = el.getBoundingClientRect();
+      const body = (el.querySelector('.notice-body') || text).getBoundingClientRect();
+      return {
+        seq: Number(el.dataset.seq),
+        text: text ? text.textContent : null,
+        notice: el.classList.contains('notice'),
+        mine: el.classList.contains('mine'),
+        cont: el.classList.contains('cont'),
+        label: label && visible('.notice-label') ? label.textContent : null,
+        avatar: visible('.avatar'),
+        author: visible('.msg-sender') ? el.querySelector('.msg-sender').textContent : null,
+        // How far the text's box is off the middle of the row, in pixels.
+        offCentre: Math.abs(body.left + body.width / 2 - (row.left + row.width / 2)),
+        color: text ? getComputedStyle(text).color : null,
+      };
+    }),
+  );
+}
+
+describe('system notices in Chromium against chatd', { skip: missing ? `SKIPPED: ${missing}` : false }, () => {
+  const local = { server: null, data: null, browser: null, carolToken: null };
+
+  before(async () => {
+    try {
+      local.data = mkdtempSync(join(tmpdir(), 'chatd-web-notices-'));
+      local.server = await startServer(local.data);
+      local.browser = await within(
+        playwright.chromium.launch({
+          executablePath: CHROMIUM,
+          args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'],
+        }),
+        30_000,
+        'Chromium to start',
+      );
+      local.carolToken = await mintTokenAsync(local.data, 'carol', '1h');
+    } catch (e) {
+      results.failed++;
+      throw e;
+    }
+  });
+
+  after(async () => {
+    if (local.browser) await local.browser.close().catch(() => {});
+    await stopServer(local.server).catch(() => {});
+    if (local.data) rmSync(local.data, { recursive: true, force: true });
+  });
+
+  check('p. a system message (sender "") shows as a notice: no author or avatar, centred, never mine or grouped; it counts as unread', { timeout: 60_000 }, async () => {
+    const [room, lobby] = ['notices-room', 'notices-lobby'];
+    const SHIPPED = 'Your order has shipped';
+    const MAINTENANCE = 'Maintenance tonight at 22:00: expect a short outage';
+    const notices = new Map([[SHIPPED, 'omitted'], [MAINTENANCE, 'empty']]);
+    const counts = { live: 0, history: 0 };
+    const ctx = await local.browser.newContext({ viewport: { width: 1200, height: 760 } });
+    ctx.setDefaultTimeout(15_000);
+    try {
+      await ctx.routeWebSocket(/\/ws$/, (ws) => {
+        const server = ws.connectToServer();
+        ws.onMessage((m) => server.send(m));
+        server.onMessage((m) => ws.send(asSystemNotices(m, notices, counts)));
+      });
+      const page = await login(ctx, 'nia', { server: local.server });
+      await joinRoom(page, room);
+      await joinRoom(page, lobby); // on screen: the notices arrive in a room in the background
+
+      const { tcp } = local.server;
+      const lines = ['carol before the notices', SHIPPED, MAINTENANCE, 'carol after the notices'];
+      for (const text of lines) await cliSend(tcp, local.carolToken, room, text);
+      // Unread counts count notices like any message.
+      await page.locator(`.room-item[data-room="${room}"] .badge`, { hasText: /^4$/ }).waitFor({ timeout: 10_000 });
+      assert.equal(counts.live, 2, 'the proxy made two live messages notices');
+
+      await page.click(`.room-item[data-room="${room}"] button`);
+      await waitForTexts(page, room, lines);
+      await sendFromPage(page, 'nia says thanks');
+      lines.push('nia says thanks');
+      await waitForTexts(page, room, lines);
+      // Seeing them marks them read, notices included.
+      await page.locator(`.room-item[data-room="${room}"] .badge`).waitFor({ state: 'detached' });
+      await page.waitForFunction(
+        (room) => {
+          const el = document.querySelector(`.room-item[data-room="${room}"]`);
+          return el && Number(el.dataset.head) >= 5 && el.dataset.read === el.dataset.head;
+        },
+        room,
+        { timeout: 10_000, polling: 50 },
+      );
+
+      const verify = async (why) => {
+        const list = await rendered(page, room);
+        assert.deepEqual(list.map((m) => m.text), lines, `${why}: every message once, in order`);
+        const by = Object.fromEntries(list.map((m) => [m.text, m]));
+        for (const text of [SHIPPED, MAINTENANCE]) {
+          const n = by[text];
+          assert.equal(n.notice, true, `${why}: "${text}" is shown as a notice`);
+          assert.equal(n.label, 'Notice', `${why}: "${text}" is labelled as a notice`);
+          assert.equal(n.author, null, `${why}: "${text}" names no author`);
+          assert.equal(n.avatar, false, `${why}: "${text}" has no avatar`);
+          assert.equal(n.mine, false, `${why}: "${text}" is not mine`);
+          assert.equal(n.cont, false, `${why}: "${text}" is not grouped with the message before it`);
+          assert.ok(n.offCentre < 2, `${why}: "${text}" is centred (${n.offCentre}px off)`);
+          assert.notEqual(n.color, by['carol before the notices'].color, `${why}: "${text}" is muted, unlike a user's words`);
+        }
+        for (const [text, author, mine] of [['carol before the notices', 'carol', false], ['carol after the notices', 'carol', false], ['nia says thanks', 'nia', true]]) {
+          const m = by[text];
+          assert.deepEqual([m.notice, m.label, m.author, m.avatar, m.mine], [false, null, author, true, mine], `${why}: "${text}" is ${author}'s message`);
+        }
+        // After a notice, a user's message starts a group of its own: with its author.
+        assert.equal(by['carol after the notices'].cont, false, `${why}: carol's message after the notices shows who wrote it`);
+      };
+      await verify('live');
+      await page.screenshot({ path: '/tmp/chatd-web-notices.png' });
+
+      // From history (a reload fetches the newest page): notices again.
+      await page.reload();
+      await page.locator('#conn-state[data-state="connected"]').waitFor({ timeout: 10_000 });
+      await page.locator(`.room-item.active[data-room="${room}"]`).waitFor({ timeout: 10_000 });
+      await waitForTexts(page, room, lines);
+      assert.ok(counts.history >= 2, `the proxy made the history page's messages notices (${counts.history})`);
+      await verify('from history');
+      assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+    } finally {
+      await ctx.close();
+    }
+  });
+});

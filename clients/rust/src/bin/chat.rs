@@ -14,8 +14,10 @@
 //!   ROOM USER member|admin|owner`, `members ROOM`, `topic ROOM TEXT`,
 //!   `directory [QUERY]`.
 //!
-//! Output is one item per line; a refused request prints the server's
-//! error code and message on stderr and exits non-zero.
+//! Output is one item per line; a message is `[ROOM #SEQ] SENDER: TEXT`, or
+//! `[ROOM #SEQ] * notice: TEXT` when the system posted it (sender ""). A
+//! refused request prints the server's error code and message on stderr and
+//! exits non-zero.
 
 use anyhow::Context as _;
 use chat_client::{Client, ClientConfig, Event};
@@ -259,10 +261,18 @@ fn left_line(l: &proto::Left) -> String {
     }
 }
 
+/// A message as one line: `[general #4] ann: hello`. A notice (a message the
+/// application's backend posted as the system: its sender is "") reads
+/// `[general #4] * notice: your order has shipped`; the `*` keeps it apart
+/// from a user named `notice` (no user id has a `*` or a space).
 fn line(m: &proto::Message) -> String {
     let body =
         if m.text.is_empty() && !m.data.is_empty() { format!("<{} bytes>", m.data.len()) } else { m.text.clone() };
-    format!("[{} #{}] {}: {}", m.room, m.seq, m.sender, body)
+    if m.sender.is_empty() {
+        format!("[{} #{}] * notice: {}", m.room, m.seq, body)
+    } else {
+        format!("[{} #{}] {}: {}", m.room, m.seq, m.sender, body)
+    }
 }
 
 #[tokio::main]
@@ -645,6 +655,23 @@ mod tests {
         assert_eq!(describe(&i), "private, 2 members, owner ann");
         (i.member_count, i.title, i.topic) = (1, "Core \"team\"".into(), "Release 2.0".into());
         assert_eq!(describe(&i), r#"private, 1 member, owner ann, title "Core \"team\"", topic "Release 2.0""#);
+    }
+
+    #[test]
+    fn a_message_from_the_system_prints_as_a_notice() {
+        let message = |sender: &str, text: &str| proto::Message {
+            room: "general".into(),
+            seq: 4,
+            sender: sender.into(),
+            text: text.into(),
+            ..Default::default()
+        };
+        assert_eq!(line(&message("ann", "hello")), "[general #4] ann: hello");
+        assert_eq!(line(&message("", "your order has shipped")), "[general #4] * notice: your order has shipped");
+        // A user named "notice" is still a user.
+        assert_eq!(line(&message("notice", "hi")), "[general #4] notice: hi");
+        let data = proto::Message { data: vec![0; 3].into(), ..message("", "") };
+        assert_eq!(line(&data), "[general #4] * notice: <3 bytes>");
     }
 
     #[test]
