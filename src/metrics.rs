@@ -80,8 +80,8 @@ pub const COMMIT_QUEUE_DEPTH: &str = "chatd_commit_queue_depth";
 /// Server API calls, by `endpoint` (the route, e.g.
 /// `/api/v1/rooms/{room}`), `method` and `status`.
 pub const API_CALLS: &str = "chatd_api_calls_total";
-/// Room administration done, by `action` (create, update, invite, decline,
-/// remove, ban, unban, set_role).
+/// Room administration done, by `action` (create, update, invite, add,
+/// decline, remove, ban, unban, set_role).
 pub const MODERATION: &str = "chatd_moderation_total";
 
 /// Every name above, for the README and tests.

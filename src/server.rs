@@ -343,8 +343,8 @@ fn api_key(config: &Config) -> Result<Option<String>, StartError> {
     if config.api_key.is_some() {
         return Err(StartError::Config(ConfigError("api_key and api_key_file exclude each other".into())));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| StartError::Io(format!("api_key_file {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| StartError::Io(format!("api_key_file {}: {e}", path.display())))?;
     let key = text.lines().next().unwrap_or("").trim().to_string();
     if key.len() < 16 {
         return Err(StartError::Config(ConfigError(format!(

@@ -197,11 +197,7 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
 /// is logged as the handler's acting user would be; reading it here would
 /// mean buffering every body twice).
 fn act_as_of(req: &Request) -> String {
-    req.uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("actAs=")))
-        .unwrap_or("")
-        .to_string()
+    req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("actAs="))).unwrap_or("").to_string()
 }
 
 async fn no_endpoint() -> ApiError {
@@ -303,7 +299,11 @@ struct UpdateRoomBody {
     act_as: Option<String>,
 }
 
-async fn update_room(State(app): State<Arc<App>>, Path(room): Path<String>, b: Result<Bytes, BytesRejection>) -> Answer {
+async fn update_room(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Answer {
     room_name(&room)?;
     let b: UpdateRoomBody = body(b)?;
     let u = proto::UpdateRoom { room, title: b.title, topic: b.topic };
@@ -410,7 +410,11 @@ struct PostBody {
 /// Most bytes in a `clientMsgId` (as on the wire).
 const MAX_CLIENT_MSG_ID: usize = 128;
 
-async fn post_message(State(app): State<Arc<App>>, Path(room): Path<String>, b: Result<Bytes, BytesRejection>) -> Answer {
+async fn post_message(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> Answer {
     let received = Instant::now();
     room_name(&room)?;
     let b: PostBody = body(b)?;

@@ -720,7 +720,13 @@ impl Hub {
     /// invitation (the server API): admins and the system; a role above
     /// member also needs the owner's rights. Adding a member with the role
     /// they have changes nothing.
-    pub async fn add_member(&self, actor: &Actor, name: &str, target: &str, role: i32) -> Result<proto::RoomInfo, Refusal> {
+    pub async fn add_member(
+        &self,
+        actor: &Actor,
+        name: &str,
+        target: &str,
+        role: i32,
+    ) -> Result<proto::RoomInfo, Refusal> {
         check_user(target)?;
         let role = match Role::try_from(role) {
             Ok(Role::Unspecified) => Role::Member,

@@ -3,6 +3,7 @@
 //! (`protocol`) or through `chat-client` (`chat`, `resume`), or runs the
 //! `chatd` binary to signal and kill it (`durability`).
 
+mod api;
 mod bench;
 mod browser;
 mod chat;
