@@ -488,6 +488,8 @@ mod fields {
             token_secret: Some("s".into()),
             web_dir: Some("w".into()),
             admin_token: Some("a".into()),
+            api_key: Some("k".into()),
+            api_key_file: Some("f".into()),
             ..Config::default()
         };
         let table = toml::Table::try_from(full).unwrap();

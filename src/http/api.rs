@@ -155,7 +155,6 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     };
     let endpoint = req.extensions().get::<MatchedPath>().map_or("other", |p| p.as_str()).to_string();
     let method = req.method().clone();
-    let act_as = act_as_of(&req);
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -163,6 +162,7 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     let started = Instant::now();
+    let mut act_as = String::new();
     let response = if !same(presented.as_bytes(), api.key.as_bytes()) {
         static REFUSED: crate::logs::Throttle = crate::logs::Throttle::new(1000);
         if let Some(suppressed) = REFUSED.allow() {
@@ -177,7 +177,17 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
         r
     } else {
-        next.run(req).await
+        // The body is read here (within the size cap) so the log line can
+        // name the acting user however the call gave it; the handler gets
+        // it back.
+        let (parts, body) = req.into_parts();
+        match axum::body::to_bytes(body, app.hub.limits.max_frame_bytes).await {
+            Ok(bytes) => {
+                act_as = act_as_of(parts.uri.query(), &bytes);
+                next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+            }
+            Err(_) => ApiError(ErrorCode::TooLarge, "the body exceeds max_frame_bytes".into()).into_response(),
+        }
     };
     let status = response.status();
     tracing::info!(
@@ -193,11 +203,16 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     response
 }
 
-/// The `actAs` of a call, for its log line: from the query string (a body's
-/// is logged as the handler's acting user would be; reading it here would
-/// mean buffering every body twice).
-fn act_as_of(req: &Request) -> String {
-    req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("actAs="))).unwrap_or("").to_string()
+/// The `actAs` of a call, for its log line: from the query string or the
+/// JSON body ("" for the system, or when neither says).
+fn act_as_of(query: Option<&str>, body: &[u8]) -> String {
+    if let Some(a) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("actAs="))) {
+        return a.to_string();
+    }
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("actAs").and_then(|a| a.as_str()).map(str::to_string))
+        .unwrap_or_default()
 }
 
 async fn no_endpoint() -> ApiError {

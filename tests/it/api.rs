@@ -270,3 +270,30 @@ async fn the_openapi_description_matches_the_routes_that_exist() {
         assert!(!message.contains("no such endpoint"), "{method} {path}: {v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_one_log_line_with_the_key_the_acting_user_and_the_outcome() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Process::start_with_env(
+        data.path(),
+        &["--log-format", "json", "--api-key", KEY, "--api-key-name", "shop-backend"],
+        &[("RUST_LOG", "info")],
+    );
+    let (mut ann, _) = server.raw_user("ann").await;
+    ann.join("lobby").await;
+    let body = r#"{"text": "hello", "actAs": "ann"}"#;
+    let (status, _, v) = call(&server.http, Some(KEY), "POST", "/api/v1/rooms/lobby/messages", Some(body)).await;
+    assert_eq!(status, 200, "{v}");
+    let line = server.wait_for_logs("the call's log line", |lines| {
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["fields"]["message"] == "server API call")
+    });
+    let f = &line["fields"];
+    assert_eq!(
+        (&f["key"], &f["act_as"], &f["status"], &f["endpoint"]),
+        (&json!("shop-backend"), &json!("ann"), &json!(200), &json!("/api/v1/rooms/{room}/messages")),
+        "{line}"
+    );
+}

@@ -12,6 +12,8 @@ use super::{ChatServer, WAIT};
 pub struct Process {
     pub child: Child,
     pub addr: String,
+    /// The HTTP listener's address.
+    pub http: String,
     pub tls: Option<String>,
     /// The data directory.
     dir: PathBuf,
@@ -65,7 +67,8 @@ impl Process {
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words[0].to_string();
         let tls = words.iter().position(|w| *w == "tls").map(|i| words[i + 1].to_string());
-        Process { child, addr, tls, dir: dir.to_path_buf(), logs }
+        let http = words.iter().position(|w| *w == "http").map(|i| words[i + 1].to_string()).unwrap_or_default();
+        Process { child, addr, http, tls, dir: dir.to_path_buf(), logs }
     }
 
     /// Log lines printed so far (after the listening line).
