@@ -152,13 +152,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, e.g. 24h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" | "" => n * 3600,
-        "d" => n * 86400,
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" | "" => 3600,
+        "d" => 86400,
         _ => return Err(format!("invalid duration {s:?}: unit must be s, m, h or d")),
     };
+    let secs = n.checked_mul(scale).ok_or_else(|| format!("invalid duration {s:?}: too long"))?;
     Ok(Duration::from_secs(secs))
 }
 

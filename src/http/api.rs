@@ -181,12 +181,25 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         // name the acting user however the call gave it; the handler gets
         // it back.
         let (parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
         match axum::body::to_bytes(body, app.hub.limits.max_frame_bytes).await {
-            Ok(bytes) => {
-                act_as = act_as_of(parts.uri.query(), &bytes);
-                next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+            Ok(bytes) => match misplaced(&parts.method, parts.uri.query(), &bytes) {
+                // Parameters where the endpoint does not read them would be
+                // ignored: the call would run as the system.
+                Some(why) => bad(why).into_response(),
+                None => {
+                    act_as = act_as_of(parts.uri.query(), &bytes);
+                    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
+                }
+            },
+            Err(_) if declared.is_some_and(|n| n > app.hub.limits.max_frame_bytes) || declared.is_none() => {
+                ApiError(ErrorCode::TooLarge, "the body exceeds max_frame_bytes".into()).into_response()
             }
-            Err(_) => ApiError(ErrorCode::TooLarge, "the body exceeds max_frame_bytes".into()).into_response(),
+            Err(e) => bad(format!("unreadable body: {e}")).into_response(),
         }
     };
     let status = response.status();
@@ -201,6 +214,23 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     );
     app.hub.metrics.api_call(&endpoint, method.as_str(), status.as_u16());
     response
+}
+
+/// Why a call's parameters are where its endpoint does not read them:
+/// `GET` and `DELETE` take a query and no body, the others a body and no
+/// query.
+fn misplaced(method: &axum::http::Method, query: Option<&str>, body: &[u8]) -> Option<&'static str> {
+    let has_body = !body.iter().all(u8::is_ascii_whitespace);
+    let has_query = query.is_some_and(|q| !q.is_empty());
+    match *method {
+        axum::http::Method::GET | axum::http::Method::DELETE if has_body => {
+            Some("this endpoint takes its parameters in the query string, not a body")
+        }
+        axum::http::Method::POST | axum::http::Method::PUT | axum::http::Method::PATCH if has_query => {
+            Some("this endpoint takes its parameters in the JSON body, not the query string")
+        }
+        _ => None,
+    }
 }
 
 /// The `actAs` of a call, for its log line: from the query string or the
@@ -242,6 +272,12 @@ fn actor(act_as: Option<String>) -> Result<Actor, ApiError> {
         Some(u) if crate::auth::valid_user_id(&u) => Ok(Actor::User(u.into())),
         Some(u) => Err(bad(format!("actAs {u:?} is not a valid user id"))),
     }
+}
+
+/// The room called `room`, if its creation is stored (one still being
+/// created, or whose creation failed, takes no messages).
+fn stored_room(hub: &crate::hub::Hub, room: &str) -> Result<Arc<crate::room::Room>, ApiError> {
+    hub.room(room).filter(|r| r.is_stored()).ok_or_else(|| ApiError(ErrorCode::NotFound, format!("no room {room}")))
 }
 
 fn room_name(room: &str) -> Result<(), ApiError> {
@@ -436,17 +472,28 @@ async fn post_message(
     if b.client_msg_id.len() > MAX_CLIENT_MSG_ID {
         return Err(bad(format!("clientMsgId is longer than {MAX_CLIENT_MSG_ID} bytes")));
     }
-    let data = base64::engine::general_purpose::STANDARD
-        .decode(b.data.as_bytes())
-        .map_err(|e| bad(format!("data is not base64: {e}")))?;
+    // Canonical JSON accepts standard and URL-safe base64, padded or not.
+    let data = {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+        let raw = b.data.as_bytes();
+        [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|e| e.decode(raw).ok())
+            .ok_or_else(|| bad("data is not base64"))?
+    };
     let actor = actor(b.act_as)?;
     let hub = &app.hub;
-    let r = hub.room(&room).ok_or_else(|| ApiError(ErrorCode::NotFound, format!("no room {room}")))?;
+    let r = stored_room(hub, &room)?;
     let entry = match &actor {
         Actor::User(u) => {
             let entry = hub.user(u);
             if !entry.lock().rooms.contains_key(&r.id) {
                 return Err(ApiError(ErrorCode::Forbidden, format!("{u} is not a member of room {room}")));
+            }
+            // A user's messages count against the user's rate, however sent.
+            if !hub.take_publish_token(&entry) {
+                hub.metrics.rate_limited("publish");
+                return Err(ApiError(ErrorCode::RateLimited, format!("{u}'s publish rate limit is exceeded")));
             }
             Some(entry)
         }
@@ -486,7 +533,7 @@ async fn read_messages(
     let q = query(q)?;
     let actor = actor(q.act_as)?;
     let hub = &app.hub;
-    let r = hub.room(&room).ok_or_else(|| ApiError(ErrorCode::NotFound, format!("no room {room}")))?;
+    let r = stored_room(hub, &room)?;
     if let Actor::User(u) = &actor
         && !hub.user(u).lock().rooms.contains_key(&r.id)
     {
@@ -543,7 +590,8 @@ struct TokenBody {
 struct Minted {
     token: String,
     user: String,
-    expires_at: u64,
+    /// Unix seconds, as a string (as canonical JSON writes 64-bit integers).
+    expires_at: String,
 }
 
 /// Longest token a backend may mint here.
@@ -556,6 +604,10 @@ async fn mint_token(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection
     }
     let ttl = match b.ttl {
         None => 86_400,
+        // A number in a string is seconds, as 64-bit integers are written.
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().map_err(|_| bad("ttl is too long"))?
+        }
         Some(serde_json::Value::String(s)) => crate::auth::parse_duration(&s).map_err(bad)?.as_secs(),
         Some(serde_json::Value::Number(n)) => n.as_u64().ok_or_else(|| bad("ttl must be a positive number"))?,
         Some(other) => return Err(bad(format!("ttl must be like \"24h\" or seconds, not {other}"))),
@@ -565,7 +617,7 @@ async fn mint_token(State(app): State<Arc<App>>, b: Result<Bytes, BytesRejection
     }
     let now = crate::auth::unix_now();
     let token = app.hub.auth.mint(&b.user, std::time::Duration::from_secs(ttl), now);
-    ok(&Minted { token, user: b.user, expires_at: now + ttl })
+    ok(&Minted { token, user: b.user, expires_at: (now + ttl).to_string() })
 }
 
 #[cfg(test)]

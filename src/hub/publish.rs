@@ -17,6 +17,9 @@ use crate::store::Append;
 use crate::store::commit::{Pending, Write};
 use crate::time::now_ms;
 
+/// Bytes of an envelope around a pushed `Message` (its tag and length).
+const ENVELOPE_OVERHEAD: usize = 8;
+
 /// Who publishes, and what their answer needs.
 pub struct Author {
     /// The sender's user id ("" for the system).
@@ -54,6 +57,25 @@ impl Hub {
     ) -> Result<(), Refusal> {
         let Author { sender, publisher, permit, received } = author;
         let sender = &sender;
+        // The message as delivered must fit the frame size clients were
+        // promised (the request's frame did not hold the room's name when
+        // it came through the server API, nor the sender, seq and time).
+        let mut message = proto::Message {
+            room: room.name.to_string(),
+            seq: u64::MAX,
+            sender: sender.to_string(),
+            ts_ms: u64::MAX,
+            client_msg_id: p.client_msg_id.clone(),
+            text: p.text,
+            data: p.data,
+        };
+        let max = self.limits.max_frame_bytes;
+        if message.encoded_len() + ENVELOPE_OVERHEAD > max {
+            return Err(Refusal::new(ErrorCode::TooLarge, format!("the message would exceed max_frame_bytes ({max})")));
+        }
+        // The system's keys are its own per room: one window per room, and
+        // a key reused in another room is a new message there.
+        let key_owner: Arc<str> = crate::store::idempotency_owner(sender, &room.name).as_ref().into();
         let commits = &self.pipeline.commits;
         // The commit-queue slot is taken before the idempotency key goes
         // in flight, so nothing below can wait.
@@ -65,7 +87,7 @@ impl Hub {
         let publisher = if p.client_msg_id.is_empty() {
             publisher
         } else {
-            match self.check_idempotent(sender, &p.client_msg_id, publisher)? {
+            match self.check_idempotent(&key_owner, &p.client_msg_id, publisher)? {
                 IdemCheck::Fresh(publisher) => publisher,
                 IdemCheck::InFlight => return Ok(()),
                 IdemCheck::Stored(room, seq, ts_ms, publisher) => {
@@ -85,22 +107,15 @@ impl Hub {
         let ts_ms = now_ms();
         let epoch = commits.epoch();
         room.assign_seq(epoch, |seq| {
-            let message = proto::Message {
-                room: room.name.to_string(),
-                seq,
-                sender: sender.to_string(),
-                ts_ms,
-                client_msg_id: p.client_msg_id.clone(),
-                text: p.text,
-                data: p.data,
-            };
+            message.seq = seq;
+            message.ts_ms = ts_ms;
             let encoded = bytes::Bytes::from(message.encode_to_vec());
             slot.send(Pending {
                 write: Write::Append(Append {
                     room: room.id,
                     seq,
                     message: encoded.clone(),
-                    sender: sender.to_string(),
+                    sender: key_owner.to_string(),
                     client_msg_id: p.client_msg_id.clone(),
                     ts_ms,
                 }),
@@ -111,7 +126,7 @@ impl Hub {
                     message: encoded,
                     publisher,
                     client_msg_id: p.client_msg_id,
-                    sender: sender.clone(),
+                    sender: key_owner,
                     permit,
                     received,
                 })),

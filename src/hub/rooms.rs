@@ -329,7 +329,10 @@ impl Hub {
             let (role, invited, peer_joins, since) = {
                 let g = room.gov();
                 g.may_join(user).map_err(forbidden)?;
-                let role = if g.kind != RoomKind::Direct && g.members.is_empty() { Role::Owner } else { Role::Member };
+                // The first into an empty room owns it, unless the system
+                // made it without an owner (its members are added).
+                let owns = g.kind != RoomKind::Direct && g.members.is_empty() && !g.created_by.is_empty();
+                let role = if owns { Role::Owner } else { Role::Member };
                 let peer_joins = peer.filter(|p| !g.members.contains_key(p.as_str()));
                 (role, g.invites().contains_key(&**user), peer_joins, g.next_since(now_ms()))
             };
@@ -719,7 +722,7 @@ impl Hub {
     /// Makes `target` a member of `name` with `role` at once, without an
     /// invitation (the server API): admins and the system; a role above
     /// member also needs the owner's rights. Adding a member with the role
-    /// they have changes nothing.
+    /// they have changes nothing; with another, it is `SetRole`.
     pub async fn add_member(
         &self,
         actor: &Actor,
@@ -739,7 +742,7 @@ impl Hub {
         let target: Arc<str> = target.into();
         let entry = self.user(&target);
         let _serial = entry.membership.lock().await;
-        let (invited, since) = {
+        let member = {
             let g = room.gov();
             if g.kind == RoomKind::Direct {
                 return Err(forbidden("the members of a direct conversation are its two users"));
@@ -748,15 +751,19 @@ impl Hub {
             if role > Role::Member {
                 Self::permit(&g, actor, Action::SetRole, &target, role)?;
             }
-            if let Some(m) = g.members.get(&target) {
-                if m.role == role {
-                    return Ok(g.info(name, actor.id()));
-                }
-                return Err(Refusal::new(
-                    ErrorCode::Conflict,
-                    format!("{target} is a member as {} already; change the role with SetRole", gov::role_name(m.role)),
-                ));
+            match g.members.get(&target) {
+                Some(m) if m.role == role => return Ok(g.info(name, actor.id())),
+                Some(_) => true,
+                None => false,
             }
+        };
+        if member {
+            // A member already: a change of role, by SetRole's rules.
+            drop((_serial, _changes));
+            return self.set_role(actor, name, &target, role as i32).await;
+        }
+        let (invited, since) = {
+            let g = room.gov();
             if g.is_banned(&target) {
                 return Err(Refusal::new(ErrorCode::Conflict, format!("{target} is banned from {name}; unban first")));
             }

@@ -104,7 +104,8 @@ pub struct PublishDone {
     pub publisher: Publisher,
     /// Idempotency key (empty: none).
     pub client_msg_id: String,
-    /// Sender user id.
+    /// The idempotency key's owner (`store::idempotency_owner`: the sender,
+    /// or for the system the room).
     pub sender: Arc<str>,
     /// Bounds a session's in-flight publishes; released with the ack.
     pub permit: Option<OwnedSemaphorePermit>,

@@ -52,7 +52,8 @@ pub struct Append {
     pub seq: u64,
     /// The protobuf encoding of the `Message` as delivered to clients.
     pub message: Bytes,
-    /// Sender user id, the first half of the idempotency key.
+    /// The first half of the idempotency key: [`idempotency_owner`] of the
+    /// message's sender and room.
     pub sender: String,
     /// Client idempotency key; empty when the client gave none.
     pub client_msg_id: String,
@@ -180,6 +181,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Bytes the store occupies on disk (0 for memory).
     fn size_on_disk(&self) -> u64;
+}
+
+/// Whose idempotency window a message's `client_msg_id` is in: its
+/// sender's, or for a message of the system (sender "") the room's own,
+/// `:room` (no user id contains ':'), so the system's keys are per room.
+pub fn idempotency_owner<'a>(sender: &'a str, room: &str) -> std::borrow::Cow<'a, str> {
+    if sender.is_empty() { std::borrow::Cow::Owned(format!(":{room}")) } else { std::borrow::Cow::Borrowed(sender) }
 }
 
 /// Key of a message: `room_id (u64 BE) ‖ seq (u64 BE)`, so one room's log is a

@@ -34,7 +34,8 @@ async fn call(http: &str, key: Option<&str>, method: &str, path: &str, body: Opt
 
 /// A call with the key that must answer 200; returns the JSON.
 async fn ok(s: &TestServer, method: &str, path: &str, body: Value) -> Value {
-    let body = body.to_string();
+    // `null`: no body (GET and DELETE take none).
+    let body = if body.is_null() { String::new() } else { body.to_string() };
     let (status, _, v) = call(&s.http, Some(KEY), method, path, Some(&body)).await;
     assert_eq!(status, 200, "{method} {path} {body}: {v}");
     v
@@ -179,6 +180,16 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     }
     let big = json!({"text": "x".repeat(5000)}).to_string();
     fails(&s, "POST", "/api/v1/rooms/r/messages", &big, 413, ErrorCode::TooLarge).await;
+    // A body within the cap whose message, with its room, sender, seq and
+    // time, would not fit the frame size clients were promised.
+    let near = json!({"text": "x".repeat(4079)}).to_string();
+    assert!(near.len() <= 4096);
+    fails(&s, "POST", "/api/v1/rooms/r/messages", &near, 413, ErrorCode::TooLarge).await;
+    // Parameters where the endpoint does not read them (it would run as the
+    // system) are refused.
+    let as_ann = r#"{"text": "x"}"#;
+    fails(&s, "POST", "/api/v1/rooms/r/messages?actAs=ann", as_ann, 400, ErrorCode::BadRequest).await;
+    fails(&s, "DELETE", "/api/v1/rooms/r/members/bob", r#"{"actAs": "ann"}"#, 400, ErrorCode::BadRequest).await;
     // Nothing changed: the room is as created, with no messages.
     let page = ok(&s, "GET", "/api/v1/rooms/r/messages", json!(null)).await;
     assert_eq!(page["headSeq"].as_str().unwrap_or("0"), "0", "{page}");
@@ -296,4 +307,41 @@ async fn every_call_is_one_log_line_with_the_key_the_acting_user_and_the_outcome
         (&json!("shop-backend"), &json!("ann"), &json!(200), &json!("/api/v1/rooms/{room}/messages")),
         "{line}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systems_rooms_keys_and_tokens() {
+    let s = with_api().await;
+    // A room the system makes without an owner: joiners are members, an
+    // owner is added; a role is changed by adding again.
+    ok(&s, "POST", "/api/v1/rooms", json!({"room": "support"})).await;
+    ok(&s, "POST", "/api/v1/rooms", json!({"room": "sales"})).await;
+    // Their sessions stay open while their roles change.
+    let _eve = s.raw_member("eve", "support").await;
+    let (_ann, _) = s.raw_user("ann").await;
+    let info = ok(&s, "PUT", "/api/v1/rooms/support/members/ann", json!({"role": "ROLE_OWNER"})).await;
+    assert_eq!(info["owner"], "ann", "{info}");
+    ok(&s, "PUT", "/api/v1/rooms/support/members/eve", json!({"role": "ROLE_ADMIN"})).await;
+    let page = ok(&s, "GET", "/api/v1/rooms/support/members", json!(null)).await;
+    let roles: Vec<(&str, &str)> = page["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["user"].as_str().unwrap(), m["role"].as_str().unwrap()))
+        .collect();
+    assert_eq!(roles, [("ann", "ROLE_OWNER"), ("eve", "ROLE_ADMIN")]);
+    // The system's clientMsgIds are per room.
+    ok(&s, "PUT", "/api/v1/rooms/sales/members/eve", json!({})).await;
+    let a = ok(&s, "POST", "/api/v1/rooms/support/messages", json!({"clientMsgId": "n1", "text": "a"})).await;
+    let b = ok(&s, "POST", "/api/v1/rooms/sales/messages", json!({"clientMsgId": "n1", "text": "b"})).await;
+    assert_eq!((a["room"].as_str(), b["room"].as_str(), b.get("duplicate")), (Some("support"), Some("sales"), None));
+    let again = ok(&s, "POST", "/api/v1/rooms/sales/messages", json!({"clientMsgId": "n1", "text": "b"})).await;
+    assert_eq!(again["duplicate"], true);
+    // A ttl written as a number in a string is seconds.
+    let minted = ok(&s, "POST", "/api/v1/tokens", json!({"user": "eve", "ttl": "3600"})).await;
+    let expires: u64 = minted["expiresAt"].as_str().unwrap().parse().unwrap();
+    let now = chatd::auth::unix_now();
+    assert!((now + 3590..=now + 3610).contains(&expires), "{minted}");
+    fails(&s, "POST", "/api/v1/tokens", r#"{"user": "eve", "ttl": "213503982334602d"}"#, 400, ErrorCode::BadRequest)
+        .await;
 }

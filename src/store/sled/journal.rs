@@ -55,18 +55,21 @@ impl SledStore {
                 continue;
             }
             let loc = Loc { room, seq: msg.seq };
-            if self.index().candidates(&msg.sender, &msg.client_msg_id).contains(&loc) {
+            let owner = crate::store::idempotency_owner(&msg.sender, &msg.room);
+            if self.index().candidates(&owner, &msg.client_msg_id).contains(&loc) {
                 // Batches are synced in order, so everything older is indexed.
                 break;
             }
             lost.push(msg);
         }
         lost.reverse();
-        let entries = lost.iter().map(|m| Entry {
+        let owners: Vec<String> =
+            lost.iter().map(|m| crate::store::idempotency_owner(&m.sender, &m.room).into_owned()).collect();
+        let entries = lost.iter().zip(&owners).map(|(m, owner)| Entry {
             room,
             seq: m.seq,
             ts_ms: m.ts_ms,
-            user: &m.sender,
+            user: owner,
             client_msg_id: &m.client_msg_id,
         });
         self.put_journal(t, entries.clone())?;

@@ -298,7 +298,8 @@ impl Store for SledStore {
             }
             let mut index = self.index();
             for m in &keyed {
-                index.remove(&m.sender, &m.client_msg_id, Loc { room, seq: m.seq });
+                let owner = super::idempotency_owner(&m.sender, &m.room);
+                index.remove(&owner, &m.client_msg_id, Loc { room, seq: m.seq });
             }
             drop(index);
             // Then the messages from the newest back, so a crash part way
@@ -332,7 +333,7 @@ impl Store for SledStore {
                 let key = message_key(loc.room, loc.seq);
                 let Some(v) = t.messages.get(key)? else { continue };
                 let msg = decode_message(&key, &v)?;
-                if msg.sender == sender && msg.client_msg_id == client_msg_id {
+                if super::idempotency_owner(&msg.sender, &msg.room) == sender && msg.client_msg_id == client_msg_id {
                     return Ok(Some(IdempotencyRecord { room: loc.room, seq: loc.seq, ts_ms: msg.ts_ms }));
                 }
             }
