@@ -60,8 +60,10 @@ impl Hub {
         // The message as delivered must fit the frame size clients were
         // promised (the request's frame did not hold the room's name when
         // it came through the server API, nor the sender, seq and time).
+        // The request names the room (a session's by the name it looked up).
+        let name = if p.room == *room.name { p.room } else { room.name.to_string() };
         let mut message = proto::Message {
-            room: room.name.to_string(),
+            room: name,
             seq: u64::MAX,
             sender: sender.to_string(),
             ts_ms: u64::MAX,
@@ -75,7 +77,10 @@ impl Hub {
         }
         // The system's keys are its own per room: one window per room, and
         // a key reused in another room is a new message there.
-        let key_owner: Arc<str> = crate::store::idempotency_owner(sender, &room.name).as_ref().into();
+        let key_owner: Arc<str> = match crate::store::idempotency_owner(sender, &room.name) {
+            std::borrow::Cow::Borrowed(_) => sender.clone(),
+            std::borrow::Cow::Owned(owner) => owner.into(),
+        };
         let commits = &self.pipeline.commits;
         // The commit-queue slot is taken before the idempotency key goes
         // in flight, so nothing below can wait.
