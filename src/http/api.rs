@@ -260,8 +260,11 @@ fn body<T: DeserializeOwned>(bytes: Result<Bytes, BytesRejection>) -> Result<T, 
     serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON body: {e}")))
 }
 
+/// A query string as extracted, its rejection kept to answer it as JSON.
+type QueryOf<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
 /// Parses a query string strictly.
-fn query<T: DeserializeOwned>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+fn query<T: DeserializeOwned>(q: QueryOf<T>) -> Result<T, ApiError> {
     q.map(|Query(q)| q).map_err(|e| bad(format!("invalid query: {}", e.body_text())))
 }
 
@@ -332,11 +335,7 @@ struct ActAsQuery {
     act_as: Option<String>,
 }
 
-async fn get_room(
-    State(app): State<Arc<App>>,
-    Path(room): Path<String>,
-    q: Result<Query<ActAsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Answer {
+async fn get_room(State(app): State<Arc<App>>, Path(room): Path<String>, q: QueryOf<ActAsQuery>) -> Answer {
     room_name(&room)?;
     let q = query(q)?;
     ok(&app.hub.get_room(&actor(q.act_as)?, &room)?)
@@ -369,11 +368,7 @@ struct MembersQuery {
     act_as: Option<String>,
 }
 
-async fn list_members(
-    State(app): State<Arc<App>>,
-    Path(room): Path<String>,
-    q: Result<Query<MembersQuery>, axum::extract::rejection::QueryRejection>,
-) -> Answer {
+async fn list_members(State(app): State<Arc<App>>, Path(room): Path<String>, q: QueryOf<MembersQuery>) -> Answer {
     room_name(&room)?;
     let q = query(q)?;
     let l = proto::ListMembers { room, after_user: q.after_user.unwrap_or_default(), limit: q.limit.unwrap_or(0) };
@@ -415,7 +410,7 @@ struct ReasonBody {
 async fn remove_member(
     State(app): State<Arc<App>>,
     Path((room, user)): Path<(String, String)>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryOf<ReasonQuery>,
 ) -> Answer {
     room_name(&room)?;
     let q = query(q)?;
@@ -437,7 +432,7 @@ async fn ban(
 async fn unban(
     State(app): State<Arc<App>>,
     Path((room, user)): Path<(String, String)>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryOf<ReasonQuery>,
 ) -> Answer {
     room_name(&room)?;
     let q = query(q)?;
@@ -524,11 +519,7 @@ struct HistoryQuery {
     act_as: Option<String>,
 }
 
-async fn read_messages(
-    State(app): State<Arc<App>>,
-    Path(room): Path<String>,
-    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
-) -> Answer {
+async fn read_messages(State(app): State<Arc<App>>, Path(room): Path<String>, q: QueryOf<HistoryQuery>) -> Answer {
     room_name(&room)?;
     let q = query(q)?;
     let actor = actor(q.act_as)?;
