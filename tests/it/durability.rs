@@ -525,8 +525,20 @@ impl chatd::store::Store for LossyStore {
     fn truncate(&self, room: u64, from: u64) -> Result<usize, chatd::store::StoreError> {
         self.inner.truncate(room, from)
     }
-    fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, chatd::store::StoreError> {
-        self.inner.read_range(room, from, to)
+    fn read_range(
+        &self,
+        room: u64,
+        from: u64,
+        to: u64,
+        viewer: &str,
+    ) -> Result<Vec<bytes::Bytes>, chatd::store::StoreError> {
+        self.inner.read_range(room, from, to, viewer)
+    }
+    fn target(&self, room: u64, seq: u64) -> Result<Option<chatd::store::Target>, chatd::store::StoreError> {
+        self.inner.target(room, seq)
+    }
+    fn has_reaction(&self, room: u64, seq: u64, key: &str, user: &str) -> Result<bool, chatd::store::StoreError> {
+        self.inner.has_reaction(room, seq, key, user)
     }
     fn lookup_idempotent(
         &self,
