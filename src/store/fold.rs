@@ -351,6 +351,7 @@ fn refill(kv: &mut dyn Kv, room: RoomId, target: u64, r: &mut ReactionRecord) ->
 /// its reactions dropped, and who sent it kept for unread counts.
 fn erase(kv: &mut dyn Kv, room: RoomId, target: u64, fold: &mut FoldRecord) -> Result<(), StoreError> {
     fold.deleted = true;
+    fold.edited_ms = 0;
     fold.text.clear();
     fold.data = Bytes::new();
     fold.reactions.clear();

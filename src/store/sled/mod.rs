@@ -55,9 +55,12 @@
 //! returns.
 //!
 //! Files: [`trees`] opens the database and checks its format, [`journal`]
-//! keeps the idempotency window, [`upgrade`] converts older formats, and
-//! [`recovery`] reopens the database after a storage failure.
+//! keeps the idempotency window, [`upgrade`] converts older formats,
+//! [`recovery`] reopens the database after a storage failure, and
+//! [`compact`] copies the store into fresh files, leaving behind the
+//! bytes of what was overwritten or removed.
 
+pub mod compact;
 mod journal;
 mod recovery;
 mod trees;
@@ -121,6 +124,10 @@ impl SledStore {
     /// Opens (or creates) the store in `dir` with a page cache of
     /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        if !dir.exists() {
+            // Not a new store if a compaction moved it aside.
+            compact::recover_interrupted(dir)?;
+        }
         std::fs::create_dir_all(dir)?;
         let trees = Trees::open(dir, cache_bytes)?;
         let mut index = IdemIndex::new(idem::MAX_IDS_PER_USER);

@@ -175,7 +175,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Opens the sled database, waiting briefly for its lock: sled writes its
 /// I/O buffers from a thread pool whose last jobs may still hold the file
 /// for a moment after the previous owner closed it (a quick restart).
-fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+pub(super) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         let opened = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open();
