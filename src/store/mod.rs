@@ -293,6 +293,8 @@ impl IdempotencyRecord {
 pub(crate) mod contract {
     //! Behaviour every `Store` must have; run against each implementation.
 
+    use std::collections::HashMap;
+
     use super::*;
 
     /// The encoded message `append` stores; its text names room and seq.
@@ -422,5 +424,76 @@ pub(crate) mod contract {
         assert_eq!(store.truncate(1, 4).unwrap(), 0);
         let heads: Vec<_> = store.load().unwrap().rooms.iter().map(|r| (r.id, r.head)).collect();
         assert!(heads.contains(&(1, 3)) && heads.contains(&(2, 1)), "{heads:?}");
+        changes(store);
+    }
+
+    /// A change entry by `user` of `kind` to `target`, at `seq` of room 3.
+    pub fn change(seq: u64, user: &str, target: u64, kind: crate::proto::ChangeKind, text: &str) -> Append {
+        use prost::Message as _;
+        let m = crate::proto::Message {
+            room: "room3".into(),
+            seq,
+            sender: user.into(),
+            ts_ms: 2000 + seq,
+            text: text.into(),
+            change: Some(crate::proto::MessageChange { target_seq: target, kind: kind as i32, key: "+1".into() }),
+            ..Default::default()
+        };
+        Append {
+            room: 3,
+            seq,
+            message: Bytes::from(m.encode_to_vec()),
+            sender: user.into(),
+            client_msg_id: String::new(),
+            ts_ms: 2000 + seq,
+            entry: Entry::Change { user: user.into(), target, kind, key: "+1".into() },
+        }
+    }
+
+    fn decoded(store: &dyn Store, seq: u64, viewer: &str) -> crate::proto::Message {
+        use prost::Message as _;
+        crate::proto::Message::decode(store.read_range(3, seq, seq, viewer).unwrap()[0].as_ref()).unwrap()
+    }
+
+    /// Changes fold into their targets, and a failed commit's changes are
+    /// taken back with its entries.
+    fn changes(store: &dyn Store) {
+        use crate::proto::ChangeKind;
+        let mut b = Batch::default();
+        b.appends.push(append(3, 1, "ann", ""));
+        b.appends.push(append(3, 2, "ann", ""));
+        b.appends.push(change(3, "bob", 1, ChangeKind::ReactionAdd, ""));
+        store.write(&b).unwrap();
+        store.sync().unwrap();
+        assert!(store.has_reaction(3, 1, "+1", "bob").unwrap());
+        let t = store.target(3, 1).unwrap().unwrap();
+        assert_eq!(
+            (t.sender.as_str(), t.is_change, t.deleted, t.keys.clone()),
+            ("ann", false, false, vec![("+1".into(), 1)])
+        );
+        assert!(store.target(3, 3).unwrap().unwrap().is_change);
+        assert!(store.target(3, 9).unwrap().is_none());
+        let m = decoded(store, 1, "bob");
+        assert_eq!((m.reactions.len(), m.reactions[0].mine, m.folded_seq), (1, true, 3));
+        assert!(!decoded(store, 1, "ann").reactions[0].mine);
+
+        // A batch that edits 1 and deletes 2 fails: taken back whole.
+        let mut failed = Batch::default();
+        failed.appends.push(change(4, "ann", 1, ChangeKind::Edit, "edited"));
+        failed.appends.push(change(5, "ann", 2, ChangeKind::Delete, ""));
+        failed.appends.push(append(3, 6, "ann", ""));
+        store.write(&failed).unwrap();
+        assert_eq!(decoded(store, 1, "").text, "edited");
+        assert!(decoded(store, 2, "").deleted);
+        assert_eq!(store.truncate(3, 4).unwrap(), 3);
+        let (one, two) = (decoded(store, 1, ""), decoded(store, 2, ""));
+        assert_eq!((one.text.as_str(), one.edited_ms, one.folded_seq), ("m3-1", 0, 3), "the edit is taken back");
+        assert!(!two.deleted && two.text == "m3-2", "the deleted content is back: {two:?}");
+        let snap = store.load().unwrap();
+        let counts: HashMap<&str, Counts> =
+            snap.counts.iter().filter(|(r, _, _)| *r == 3).map(|(_, u, c)| (u.as_str(), *c)).collect();
+        assert_eq!(counts["ann"].sent, 2, "the failed batch's message is not counted");
+        assert_eq!(counts[""].sent, 1, "one change entry");
+        assert!(snap.deleted.iter().all(|(r, _, _)| *r != 3));
     }
 }

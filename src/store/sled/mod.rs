@@ -684,6 +684,84 @@ mod tests {
             .unwrap();
     }
 
+    #[test]
+    fn changes_a_crash_cut_short_are_applied_at_the_next_start() {
+        use crate::proto::ChangeKind;
+        use crate::store::contract::{append, change};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut b = Batch::default();
+            b.rooms.push(RoomWrite::Details { room: 3, name: "r3".into(), details: RoomDetails::default() });
+            b.appends.push(append(3, 1, "ann", ""));
+            b.appends.push(change(2, "ann", 1, ChangeKind::Edit, "fixed"));
+            b.appends.push(change(3, "bob", 1, ChangeKind::ReactionAdd, ""));
+            store.write(&b).unwrap();
+            // What a crash after the entries but before the state beside
+            // them leaves: the `applying` record, nothing applied.
+            store
+                .with(|t| {
+                    for tree in [&t.folds, &t.reactions, &t.counts] {
+                        tree.clear()?;
+                    }
+                    t.meta.insert(APPLYING, &message_key(3, 1)[..])?;
+                    Ok(())
+                })
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        let m = prost::Message::decode(store.read_range(3, 1, 1, "bob").unwrap()[0].as_ref())
+            .map(|m: crate::proto::Message| m)
+            .unwrap();
+        assert_eq!((m.text.as_str(), m.reactions.len(), m.folded_seq), ("fixed", 1, 3));
+        assert!(m.reactions[0].mine);
+        let mut counts: Vec<_> = snap.counts.iter().map(|(r, u, c)| (*r, u.clone(), c.sent)).collect();
+        counts.sort();
+        assert_eq!(counts, vec![(3, String::new(), 2), (3, "ann".into(), 1)]);
+        store.with(|t| Ok(assert!(t.meta.get(APPLYING)?.is_none(), "the record is dropped"))).unwrap();
+    }
+
+    #[test]
+    fn a_store_without_message_changes_is_upgraded_with_unread_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What the previous release wrote: no counters, read markers
+            // as a bare seq.
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut b = keyed_batch(1..=2, "ann");
+            b.appends.push(super::super::contract::append(1, 3, "bob", ""));
+            b.appends.push(super::super::contract::append(1, 4, "ann", ""));
+            store.write(&b).unwrap();
+            store
+                .with(|t| {
+                    t.counts.clear()?;
+                    t.reads.insert(user_key("bob", &1u64.to_be_bytes()), &2u64.to_be_bytes()[..])?;
+                    t.reads.insert(user_key("ann", &1u64.to_be_bytes()), &3u64.to_be_bytes()[..])?;
+                    t.meta.insert("format", FORMAT_3)?;
+                    Ok(())
+                })
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        let mut counts: Vec<_> = snap.counts.iter().map(|(r, u, c)| (*r, u.clone(), c.sent, c.through)).collect();
+        counts.sort();
+        assert_eq!(counts, vec![(1, "ann".into(), 3, 4), (1, "bob".into(), 1, 3)]);
+        let mut reads = snap.read_markers.clone();
+        reads.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            reads,
+            vec![
+                ("ann".into(), 1, ReadPos { seq: 3, messages: 3, sent: 2, mentioned: 0 }),
+                ("bob".into(), 1, ReadPos { seq: 2, messages: 2, sent: 0, mentioned: 0 }),
+            ]
+        );
+        store.with(|t| Ok(assert_eq!(t.meta.get("format")?.as_deref(), Some(FORMAT)))).unwrap();
+    }
+
     /// Writes what a `FORMAT_2` release wrote for these rooms, members and
     /// messages: `rooms` name → id, `members` keys with empty values, the
     /// log, no `room_info`, `bans` or `invites`.
