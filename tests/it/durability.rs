@@ -602,7 +602,7 @@ async fn audit_changes(
             ChangeOf::Edit(t) => {
                 let target = &log[t as usize - 1];
                 assert!(target.deleted || target.text.starts_with("edit-"), "the edit of #{t} in {room}: {target:?}");
-                let last = log.iter().filter(|m| m.change.as_ref().is_some_and(|c| c.target_seq == t)).next_back();
+                let last = log.iter().rfind(|m| m.change.as_ref().is_some_and(|c| c.target_seq == t));
                 if !target.deleted && last.is_some_and(|m| m.change.as_ref().unwrap().kind() == proto::ChangeKind::Edit)
                 {
                     assert_eq!(target.text, last.unwrap().text, "#{t} of {room} shows its latest edit");

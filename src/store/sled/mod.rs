@@ -720,7 +720,7 @@ mod tests {
         let mut counts: Vec<_> = snap.counts.iter().map(|(r, u, c)| (*r, u.clone(), c.sent)).collect();
         counts.sort();
         assert_eq!(counts, vec![(3, String::new(), 2), (3, "ann".into(), 1)]);
-        store.with(|t| Ok(assert!(t.meta.get(APPLYING)?.is_none(), "the record is dropped"))).unwrap();
+        assert!(store.with(|t| Ok(t.meta.get(APPLYING)?)).unwrap().is_none(), "the record is dropped");
     }
 
     #[test]
@@ -759,7 +759,7 @@ mod tests {
                 ("bob".into(), 1, ReadPos { seq: 2, messages: 2, sent: 0, mentioned: 0 }),
             ]
         );
-        store.with(|t| Ok(assert_eq!(t.meta.get("format")?.as_deref(), Some(FORMAT)))).unwrap();
+        assert_eq!(store.with(|t| Ok(t.meta.get("format")?)).unwrap().as_deref(), Some(FORMAT));
     }
 
     /// Writes what a `FORMAT_2` release wrote for these rooms, members and
