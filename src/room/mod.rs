@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use prost::Message as _;
 
 use crate::codec::encode_frame;
 use crate::delivery::{Behind, CatchUp, Frame, Run, Subscriber, message_frame};
@@ -464,14 +463,7 @@ impl Room {
         to: u64,
         viewer: &str,
     ) -> Result<Vec<proto::Message>, StoreError> {
-        store
-            .read_range(self.id, from, to, viewer)?
-            .iter()
-            .map(|b| {
-                proto::Message::decode(b.as_ref())
-                    .map_err(|e| StoreError::Corrupt(format!("room {} message does not decode: {e}", self.name)))
-            })
-            .collect()
+        store.read_messages(self.id, from, to, viewer)
     }
 }
 

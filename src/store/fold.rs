@@ -155,6 +155,9 @@ pub enum Side {
     Folds,
     /// `room ‖ seq ‖ key ‖ 0 ‖ user` → seq of the entry that added it.
     Reactions,
+    /// `room ‖ user ‖ 0 ‖ seq ‖ key` → nothing: one user's reactions in seq
+    /// order, so a page learns which are the reader's (`mine`) in one scan.
+    Reacted,
     /// `room ‖ user` → [`Counts`] (user "" for the room's own).
     Counts,
     /// `room ‖ seq` → [`DeletedRecord`].
@@ -177,6 +180,8 @@ pub trait Kv {
     fn del(&mut self, side: Side, key: &[u8]) -> Result<(), StoreError>;
     /// Every record whose key starts with `prefix`, in key order.
     fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<Records, StoreError>;
+    /// Every record with `start <= key < end`, in key order.
+    fn range(&mut self, side: Side, start: &[u8], end: &[u8]) -> Result<Records, StoreError>;
 }
 
 /// Key of a user's counters in a room.
@@ -195,6 +200,45 @@ fn reaction_prefix(room: RoomId, seq: u64, key: Option<&str>) -> Vec<u8> {
         k.push(0);
     }
     k
+}
+
+/// Prefix of `user`'s reactions in `room` ([`Side::Reacted`]), followed
+/// by the seq from which on.
+fn reacted_prefix(room: RoomId, user: &str, seq: u64) -> Vec<u8> {
+    let mut k = counts_key(room, user);
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key of one user's reaction in [`Side::Reacted`].
+fn reacted_key(room: RoomId, user: &str, seq: u64, key: &str) -> Vec<u8> {
+    let mut k = reacted_prefix(room, user, seq);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// The reactions of `viewer` on the messages `from..=to` of `room`: (seq,
+/// key), in one scan.
+pub fn reactions_of(
+    kv: &mut dyn Kv,
+    room: RoomId,
+    viewer: &str,
+    from: u64,
+    to: u64,
+) -> Result<std::collections::HashSet<(u64, String)>, StoreError> {
+    let mut mine = std::collections::HashSet::new();
+    if viewer.is_empty() {
+        return Ok(mine);
+    }
+    let start = reacted_prefix(room, viewer, from);
+    let end = reacted_prefix(room, viewer, to.saturating_add(1));
+    let skip = start.len() - 8;
+    for (k, _) in kv.range(Side::Reacted, &start, &end)? {
+        let Some(seq) = k.get(skip..skip + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes) else { continue };
+        mine.insert((seq, String::from_utf8_lossy(&k[skip + 8..]).into_owned()));
+    }
+    Ok(mine)
 }
 
 /// Key of one user's reaction.
@@ -237,6 +281,9 @@ pub fn apply(kv: &mut dyn Kv, room: RoomId, entries: &[(u64, &Entry, &Bytes)]) -
         }
         Ok(())
     };
+    // So are folds: a run of reactions to one message decodes and encodes
+    // its fold once.
+    let mut folds: HashMap<u64, FoldRecord> = HashMap::new();
     for &(seq, entry, bytes) in entries {
         match entry {
             Entry::Message { user, mentions } => {
@@ -249,9 +296,17 @@ pub fn apply(kv: &mut dyn Kv, room: RoomId, entries: &[(u64, &Entry, &Bytes)]) -
             }
             Entry::Change { user, target, kind, key } => {
                 bump(kv, "", seq, &|c| c.sent += 1)?;
-                apply_change(kv, room, seq, user, *target, *kind, key, bytes)?;
+                if !folds.contains_key(target) {
+                    folds.insert(*target, fold_of(kv, room, *target)?.unwrap_or_default());
+                }
+                let fold = folds.get_mut(target).expect("inserted");
+                let change = Applied { room, seq, user, target: *target, kind: *kind, key };
+                apply_change(kv, &change, bytes, fold)?;
             }
         }
+    }
+    for (target, fold) in folds {
+        kv.put(Side::Folds, &message_key(room, target), &fold.encode_to_vec())?;
     }
     for (user, c) in counts {
         kv.put(Side::Counts, &counts_key(room, &user), &c.encode())?;
@@ -259,18 +314,18 @@ pub fn apply(kv: &mut dyn Kv, room: RoomId, entries: &[(u64, &Entry, &Bytes)]) -
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn apply_change(
-    kv: &mut dyn Kv,
+/// A change entry being applied.
+struct Applied<'a> {
     room: RoomId,
     seq: u64,
-    user: &str,
+    user: &'a str,
     target: u64,
     kind: ChangeKind,
-    key: &str,
-    bytes: &Bytes,
-) -> Result<(), StoreError> {
-    let mut fold = fold_of(kv, room, target)?.unwrap_or_default();
+    key: &'a str,
+}
+
+fn apply_change(kv: &mut dyn Kv, change: &Applied<'_>, bytes: &Bytes, fold: &mut FoldRecord) -> Result<(), StoreError> {
+    let Applied { room, seq, user, target, kind, key } = *change;
     if seq <= fold.folded_seq {
         return Ok(());
     }
@@ -284,44 +339,44 @@ fn apply_change(
                 fold.edited_ms = entry.ts_ms;
                 fold.edit_seqs.push(seq);
             }
-            ChangeKind::Delete => erase(kv, room, target, &mut fold)?,
+            ChangeKind::Delete => erase(kv, room, target, fold)?,
+            // The hub made the entry only because the reaction was not
+            // there (or, to remove, was): applied as it comes, so applying
+            // it again after a crash that cut it short in the middle counts
+            // it once all the same (the fold's seq says what was applied).
             ChangeKind::ReactionAdd => {
-                let rk = reaction_key(room, target, key, user);
-                if kv.get(Side::Reactions, &rk)?.is_none() {
-                    kv.put(Side::Reactions, &rk, &seq.to_be_bytes())?;
-                    let r = match fold.reactions.iter_mut().position(|r| r.key == key) {
-                        Some(i) => &mut fold.reactions[i],
-                        None => {
-                            fold.reactions.push(ReactionRecord { key: key.to_string(), ..Default::default() });
-                            fold.reactions.last_mut().expect("pushed")
-                        }
-                    };
-                    r.count += 1;
-                    if r.users.len() < REACTION_USERS {
-                        r.users.push(user.to_string());
+                kv.put(Side::Reactions, &reaction_key(room, target, key, user), &seq.to_be_bytes())?;
+                kv.put(Side::Reacted, &reacted_key(room, user, target, key), &[])?;
+                let r = match fold.reactions.iter_mut().position(|r| r.key == key) {
+                    Some(i) => &mut fold.reactions[i],
+                    None => {
+                        fold.reactions.push(ReactionRecord { key: key.to_string(), ..Default::default() });
+                        fold.reactions.last_mut().expect("pushed")
                     }
+                };
+                r.count += 1;
+                if r.users.len() < REACTION_USERS && !r.users.iter().any(|u| u == user) {
+                    r.users.push(user.to_string());
                 }
             }
             ChangeKind::ReactionRemove => {
-                let rk = reaction_key(room, target, key, user);
-                if kv.get(Side::Reactions, &rk)?.is_some() {
-                    kv.del(Side::Reactions, &rk)?;
-                    if let Some(i) = fold.reactions.iter().position(|r| r.key == key) {
-                        let r = &mut fold.reactions[i];
-                        r.count = r.count.saturating_sub(1);
-                        if r.count == 0 {
-                            fold.reactions.remove(i);
-                        } else if let Some(u) = r.users.iter().position(|u| u == user) {
-                            r.users.remove(u);
-                            refill(kv, room, target, r)?;
-                        }
+                kv.del(Side::Reactions, &reaction_key(room, target, key, user))?;
+                kv.del(Side::Reacted, &reacted_key(room, user, target, key))?;
+                if let Some(i) = fold.reactions.iter().position(|r| r.key == key) {
+                    let r = &mut fold.reactions[i];
+                    r.count = r.count.saturating_sub(1);
+                    if r.count == 0 {
+                        fold.reactions.remove(i);
+                    } else if let Some(u) = r.users.iter().position(|u| u == user) {
+                        r.users.remove(u);
+                        refill(kv, room, target, r)?;
                     }
                 }
             }
             ChangeKind::Unspecified => {}
         }
     }
-    kv.put(Side::Folds, &message_key(room, target), &fold.encode_to_vec())
+    Ok(())
 }
 
 /// After one of the listed users took back a reaction, lists the earliest
@@ -366,7 +421,13 @@ fn erase(kv: &mut dyn Kv, room: RoomId, target: u64, fold: &mut FoldRecord) -> R
             kv.put(Side::Messages, &message_key(room, seq), &m.encode_to_vec())?;
         }
     }
-    for (k, _) in kv.prefix(Side::Reactions, &reaction_prefix(room, target, None))? {
+    let prefix = reaction_prefix(room, target, None);
+    for (k, _) in kv.prefix(Side::Reactions, &prefix)? {
+        let rest = &k[prefix.len()..];
+        if let Some(nul) = rest.iter().position(|b| *b == 0) {
+            let (key, user) = (String::from_utf8_lossy(&rest[..nul]), String::from_utf8_lossy(&rest[nul + 1..]));
+            kv.del(Side::Reacted, &reacted_key(room, &user, target, &key))?;
+        }
         kv.del(Side::Reactions, &k)?;
     }
     Ok(())
@@ -400,36 +461,76 @@ pub fn target(kv: &mut dyn Kv, room: RoomId, seq: u64) -> Result<Option<Target>,
     }))
 }
 
-/// The stored message `bytes` at `seq` with its fold applied, as `viewer`
-/// sees it (`mine`).
-pub fn view(
+/// A message as read: as stored, or decoded with its fold applied.
+pub enum Folded {
+    /// Never changed: the stored encoding, as it was delivered.
+    Stored(Bytes),
+    /// Changed: its latest state.
+    Changed(Box<proto::Message>),
+}
+
+impl Folded {
+    /// Its encoding.
+    pub fn encoded(self) -> Bytes {
+        match self {
+            Folded::Stored(b) => b,
+            Folded::Changed(m) => Bytes::from(m.encode_to_vec()),
+        }
+    }
+
+    /// It, decoded.
+    pub fn decoded(self) -> Result<proto::Message, StoreError> {
+        match self {
+            Folded::Stored(b) => proto::Message::decode(b.as_ref()).map_err(|e| corrupt("a message", e)),
+            Folded::Changed(m) => Ok(*m),
+        }
+    }
+}
+
+/// Folds each stored message of `room` (seq, encoding, its fold record if
+/// it has one) into its latest state as `viewer` sees it: `mine` comes
+/// from one scan of the viewer's reactions over the range, not a lookup
+/// per reaction.
+pub fn fold_all(
     kv: &mut dyn Kv,
     room: RoomId,
-    seq: u64,
-    bytes: Bytes,
-    fold: &[u8],
     viewer: &str,
-) -> Result<Bytes, StoreError> {
-    let fold = FoldRecord::decode(fold).map_err(|e| corrupt("a fold record", e))?;
-    let mut m = proto::Message::decode(bytes.as_ref()).map_err(|e| corrupt("a message", e))?;
-    m.folded_seq = fold.folded_seq;
-    m.deleted = fold.deleted;
-    if fold.edited_ms > 0 && !fold.deleted {
-        m.text = fold.text;
-        m.data = fold.data;
+    stored: Vec<(u64, Bytes, Option<Vec<u8>>)>,
+) -> Result<Vec<Folded>, StoreError> {
+    let (Some(first), Some(last)) = (stored.first().map(|s| s.0), stored.last().map(|s| s.0)) else {
+        return Ok(Vec::new());
+    };
+    let mut mine = None;
+    let mut out = Vec::with_capacity(stored.len());
+    for (seq, bytes, fold) in stored {
+        let Some(fold) = fold else {
+            out.push(Folded::Stored(bytes));
+            continue;
+        };
+        let fold = FoldRecord::decode(fold.as_slice()).map_err(|e| corrupt("a fold record", e))?;
+        let mut m = proto::Message::decode(bytes.as_ref()).map_err(|e| corrupt("a message", e))?;
+        m.folded_seq = fold.folded_seq;
+        m.deleted = fold.deleted;
+        if fold.edited_ms > 0 && !fold.deleted {
+            m.text = fold.text;
+            m.data = fold.data;
+        }
+        m.edited_ms = fold.edited_ms;
+        if !fold.reactions.is_empty() && mine.is_none() {
+            mine = Some(reactions_of(kv, room, viewer, first, last)?);
+        }
+        let mine = mine.as_ref();
+        m.reactions = fold
+            .reactions
+            .into_iter()
+            .map(|r| {
+                let mine = mine.is_some_and(|set| set.contains(&(seq, r.key.clone())));
+                proto::Reaction { key: r.key, count: r.count, users: r.users, mine }
+            })
+            .collect();
+        out.push(Folded::Changed(Box::new(m)));
     }
-    m.edited_ms = fold.edited_ms;
-    let mut reactions = Vec::with_capacity(fold.reactions.len());
-    for r in fold.reactions {
-        let listed = r.users.iter().any(|u| u == viewer);
-        let mine = listed
-            || (!viewer.is_empty()
-                && r.count as usize > r.users.len()
-                && kv.get(Side::Reactions, &reaction_key(room, seq, &r.key, viewer))?.is_some());
-        reactions.push(proto::Reaction { key: r.key, count: r.count, users: r.users, mine });
-    }
-    m.reactions = reactions;
-    Ok(Bytes::from(m.encode_to_vec()))
+    Ok(out)
 }
 
 /// A record as it was before a batch changed it.
@@ -453,12 +554,18 @@ pub struct Recording<'a> {
     pub first: u64,
     /// Where the replaced records go.
     pub log: &'a mut Vec<Undo>,
+    /// The records noted already.
+    pub noted: std::collections::HashSet<(Side, Vec<u8>)>,
 }
 
 impl Recording<'_> {
     fn note(&mut self, side: Side, key: &[u8]) -> Result<(), StoreError> {
-        let before = self.kv.get(side, key)?;
-        self.log.push(Undo { room: self.room, first: self.first, side, key: key.to_vec(), before });
+        // Taking back restores the first before-image of a key (newest
+        // first), so later ones would only cost a read.
+        if self.noted.insert((side, key.to_vec())) {
+            let before = self.kv.get(side, key)?;
+            self.log.push(Undo { room: self.room, first: self.first, side, key: key.to_vec(), before });
+        }
         Ok(())
     }
 }
@@ -477,6 +584,9 @@ impl Kv for Recording<'_> {
     }
     fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<Records, StoreError> {
         self.kv.prefix(side, prefix)
+    }
+    fn range(&mut self, side: Side, start: &[u8], end: &[u8]) -> Result<Records, StoreError> {
+        self.kv.range(side, start, end)
     }
 }
 
@@ -557,6 +667,13 @@ mod tests {
                 .map(|((_, k), v)| (k.clone(), v.clone()))
                 .collect())
         }
+        fn range(&mut self, side: Side, start: &[u8], end: &[u8]) -> Result<Records, StoreError> {
+            Ok(self
+                .0
+                .range((tag(side), start.to_vec())..(tag(side), end.to_vec()))
+                .map(|((_, k), v)| (k.clone(), v.clone()))
+                .collect())
+        }
     }
 
     fn react(kv: &mut Maps, seq: u64, user: &str, key: &str, add: bool) {
@@ -567,8 +684,9 @@ mod tests {
 
     fn folded(kv: &mut Maps, viewer: &str) -> proto::Message {
         let bytes = Bytes::from(kv.get(Side::Messages, &message_key(7, 1)).unwrap().unwrap());
-        let fold = kv.get(Side::Folds, &message_key(7, 1)).unwrap().unwrap();
-        proto::Message::decode(view(kv, 7, 1, bytes, &fold, viewer).unwrap().as_ref()).unwrap()
+        let fold = kv.get(Side::Folds, &message_key(7, 1)).unwrap();
+        let mut all = fold_all(kv, 7, viewer, vec![(1, bytes, fold)]).unwrap();
+        all.remove(0).decoded().unwrap()
     }
 
     fn with_message() -> Maps {
@@ -584,10 +702,9 @@ mod tests {
         for i in 0..25u64 {
             react(&mut kv, 2 + i, &format!("u{i:02}"), "👍", true);
         }
-        react(&mut kv, 30, "u03", "👍", true);
         let m = folded(&mut kv, "u24");
         assert_eq!(m.reactions.len(), 1);
-        assert_eq!(m.reactions[0].count, 25, "adding twice counts once");
+        assert_eq!(m.reactions[0].count, 25);
         assert_eq!(m.reactions[0].users.len(), REACTION_USERS);
         assert!(m.reactions[0].mine, "found beyond the listed users");
         assert!(!folded(&mut kv, "zed").reactions[0].mine);
@@ -595,8 +712,15 @@ mod tests {
         let r = &folded(&mut kv, "u01").reactions[0];
         assert_eq!((r.count, r.users.first().map(String::as_str)), (24, Some("u01")));
         assert_eq!(r.users.last().map(String::as_str), Some("u20"), "the next earliest is listed");
-        react(&mut kv, 32, "u00", "👍", false);
-        assert_eq!(folded(&mut kv, "u01").reactions[0].count, 24, "removing what is not there changes nothing");
+        // Applied again (a crash cut the run short before its fold was
+        // written): counted once.
+        let e = Entry::Change { user: "u05".into(), target: 1, kind: ChangeKind::ReactionRemove, key: "👍".into() };
+        apply(&mut kv, 7, &[(32, &e, &Bytes::new())]).unwrap();
+        let fold = kv.get(Side::Folds, &message_key(7, 1)).unwrap();
+        kv.del(Side::Folds, &message_key(7, 1)).unwrap();
+        kv.put(Side::Folds, &message_key(7, 1), &fold.clone().unwrap()).unwrap();
+        apply(&mut kv, 7, &[(32, &e, &Bytes::new())]).unwrap();
+        assert_eq!(folded(&mut kv, "u01").reactions[0].count, 23);
         assert_eq!(folded(&mut kv, "u01").folded_seq, 32);
     }
 

@@ -59,6 +59,13 @@ impl Kv for Inner {
         };
         Ok(())
     }
+    fn range(&mut self, side: Side, start: &[u8], end: &[u8]) -> Result<crate::store::fold::Records, StoreError> {
+        Ok(self
+            .side
+            .range((side, start.to_vec())..(side, end.to_vec()))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
     fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<crate::store::fold::Records, StoreError> {
         // Messages are never scanned by prefix.
         Ok(self
@@ -80,6 +87,19 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn read_folded(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<fold::Folded>, StoreError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let mut g = self.lock();
+        let stored: Vec<(u64, Bytes, Option<Vec<u8>>)> = g
+            .messages
+            .range((room, from)..=(room, to))
+            .map(|(k, v)| (k.1, v.clone(), g.side.get(&(Side::Folds, message_key(room, k.1).to_vec())).cloned()))
+            .collect();
+        fold::fold_all(&mut *g, room, viewer, stored)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -191,7 +211,8 @@ impl Store for MemoryStore {
             undo.clear();
             for (room, entries) in &runs {
                 let first = entries[0].0;
-                fold::apply(&mut Recording { kv: inner, room: *room, first, log: &mut undo }, *room, entries)?;
+                let mut rec = Recording { kv: inner, room: *room, first, log: &mut undo, noted: Default::default() };
+                fold::apply(&mut rec, *room, entries)?;
             }
             inner.undo = undo;
         }
@@ -219,20 +240,17 @@ impl Store for MemoryStore {
     }
 
     fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError> {
-        if from > to {
-            return Ok(Vec::new());
-        }
-        let mut g = self.lock();
-        let stored: Vec<(u64, Bytes)> =
-            g.messages.range((room, from)..=(room, to)).map(|(k, v)| (k.1, v.clone())).collect();
-        let mut out = Vec::with_capacity(stored.len());
-        for (seq, v) in stored {
-            match g.side.get(&(Side::Folds, message_key(room, seq).to_vec())).cloned() {
-                Some(f) => out.push(fold::view(&mut *g, room, seq, v, &f, viewer)?),
-                None => out.push(v),
-            }
-        }
-        Ok(out)
+        Ok(self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::encoded).collect())
+    }
+
+    fn read_messages(
+        &self,
+        room: RoomId,
+        from: u64,
+        to: u64,
+        viewer: &str,
+    ) -> Result<Vec<crate::proto::Message>, StoreError> {
+        self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::decoded).collect()
     }
 
     fn target(&self, room: RoomId, seq: u64) -> Result<Option<Target>, StoreError> {

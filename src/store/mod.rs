@@ -217,6 +217,24 @@ pub trait Store: Send + Sync + 'static {
     /// ([`fold::view`]).
     fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError>;
 
+    /// [`Store::read_range`], decoded (a store that folds decoded messages
+    /// saves encoding them again).
+    fn read_messages(
+        &self,
+        room: RoomId,
+        from: u64,
+        to: u64,
+        viewer: &str,
+    ) -> Result<Vec<crate::proto::Message>, StoreError> {
+        use prost::Message as _;
+        self.read_range(room, from, to, viewer)?
+            .iter()
+            .map(|b| {
+                crate::proto::Message::decode(b.as_ref()).map_err(|e| StoreError::Corrupt(format!("a message: {e}")))
+            })
+            .collect()
+    }
+
     /// The message at `seq` as the target of a change (committed state).
     fn target(&self, room: RoomId, seq: u64) -> Result<Option<Target>, StoreError>;
 

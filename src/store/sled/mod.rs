@@ -152,6 +152,33 @@ impl SledStore {
         })
     }
 
+    /// The messages `from..=to` of `room` with their folds merged in as
+    /// the log is read: one pass over both trees, whatever the number of
+    /// changes.
+    fn read_folded(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<fold::Folded>, StoreError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        self.with(|t| {
+            let range = message_key(room, from)..=message_key(room, to);
+            let mut folds = t.folds.range(range.clone()).peekable();
+            let mut stored = Vec::new();
+            for kv in t.messages.range(range) {
+                let (k, v) = kv?;
+                if let Some(Err(_)) = folds.peek() {
+                    folds.next().expect("peeked")?;
+                }
+                while folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk < &k)).is_some() {}
+                let fold = match folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk == &k)) {
+                    Some(f) => Some(f?.1.to_vec()),
+                    None => None,
+                };
+                stored.push((room_id_of(&k[8..16])?, Bytes::copy_from_slice(&v), fold));
+            }
+            fold::fold_all(&mut &*t, room, viewer, stored)
+        })
+    }
+
     fn undo_log(&self) -> MutexGuard<'_, Vec<Undo>> {
         self.undo.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -318,7 +345,9 @@ impl Store for SledStore {
                 undo.clear();
                 for (room, entries) in &runs {
                     let first = entries[0].0;
-                    fold::apply(&mut Recording { kv: &mut &*t, room: *room, first, log: &mut undo }, *room, entries)?;
+                    let mut rec =
+                        Recording { kv: &mut &*t, room: *room, first, log: &mut undo, noted: Default::default() };
+                    fold::apply(&mut rec, *room, entries)?;
                 }
                 t.meta.remove(APPLYING)?;
             }
@@ -402,33 +431,17 @@ impl Store for SledStore {
     }
 
     fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError> {
-        if from > to {
-            return Ok(Vec::new());
-        }
-        self.with(|t| {
-            let range = message_key(room, from)..=message_key(room, to);
-            // The folds of the same range, merged in as the log is read:
-            // one pass, whatever the number of changes.
-            let mut folds = t.folds.range(range.clone()).peekable();
-            let mut out = Vec::new();
-            for kv in t.messages.range(range) {
-                let (k, v) = kv?;
-                let v = Bytes::copy_from_slice(&v);
-                if let Some(Err(_)) = folds.peek() {
-                    folds.next().expect("peeked")?;
-                }
-                while folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk < &k)).is_some() {}
-                match folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk == &k)) {
-                    Some(f) => {
-                        let (_, fold) = f?;
-                        let seq = room_id_of(&k[8..16])?;
-                        out.push(fold::view(&mut &*t, room, seq, v, &fold, viewer)?);
-                    }
-                    None => out.push(v),
-                }
-            }
-            Ok(out)
-        })
+        Ok(self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::encoded).collect())
+    }
+
+    fn read_messages(
+        &self,
+        room: RoomId,
+        from: u64,
+        to: u64,
+        viewer: &str,
+    ) -> Result<Vec<crate::proto::Message>, StoreError> {
+        self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::decoded).collect()
     }
 
     fn target(&self, room: RoomId, seq: u64) -> Result<Option<Target>, StoreError> {

@@ -38,6 +38,7 @@ impl SledStore {
                 journal,
                 folds,
                 reactions,
+                reacted,
                 counts,
                 deleted,
                 meta,
@@ -45,7 +46,7 @@ impl SledStore {
             } = old;
             drop(data_file);
             std::mem::forget((db, messages, rooms, members, bans, invites, revocations, reads, journal, meta));
-            std::mem::forget((folds, reactions, counts, deleted));
+            std::mem::forget((folds, reactions, reacted, counts, deleted));
             let detached = detach_file(&self.path.join("db"))?;
             tracing::warn!(path = %self.path.display(), detached, "reopening the database after a storage failure");
         }

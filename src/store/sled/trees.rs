@@ -44,6 +44,7 @@ pub(super) struct Trees {
     pub(super) journal: sled::Tree,
     pub(super) folds: sled::Tree,
     pub(super) reactions: sled::Tree,
+    pub(super) reacted: sled::Tree,
     pub(super) counts: sled::Tree,
     pub(super) deleted: sled::Tree,
     pub(super) meta: sled::Tree,
@@ -113,6 +114,7 @@ impl Trees {
             journal: db.open_tree(JOURNAL)?,
             folds: db.open_tree("folds")?,
             reactions: db.open_tree("reactions")?,
+            reacted: db.open_tree("reacted")?,
             counts: db.open_tree("counts")?,
             deleted: db.open_tree("deleted")?,
             meta,
@@ -137,6 +139,7 @@ impl Trees {
             Side::Messages => &self.messages,
             Side::Folds => &self.folds,
             Side::Reactions => &self.reactions,
+            Side::Reacted => &self.reacted,
             Side::Counts => &self.counts,
             Side::Deleted => &self.deleted,
         }
@@ -164,6 +167,12 @@ impl Kv for &Trees {
     fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<crate::store::fold::Records, StoreError> {
         self.side(side)
             .scan_prefix(prefix)
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
+            .collect()
+    }
+    fn range(&mut self, side: Side, start: &[u8], end: &[u8]) -> Result<crate::store::fold::Records, StoreError> {
+        self.side(side)
+            .range(start..end)
             .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
             .collect()
     }
