@@ -82,6 +82,7 @@ let scrollMode = null; // null | 'bottom' | {height, top} (keep position when pr
  * @property {number} oldest     the lowest seq fetched (messages and change entries): where older pages start
  * @property {Map<number, any[]>} orphans  change entries whose target is not loaded: target seq -> entries
  * @property {Set<string>} memberNames  who is in the room (for @ mentions), as far as listed
+ * @property {boolean} memberNamesLoaded  a member list arrived since the last join
  * @property {boolean} memberNamesLoading
  * @property {number} replyTo    the message the composer answers (0: none)
  * @property {number} editing    the message being edited (0: none)
@@ -124,6 +125,7 @@ function newRoom(name) {
     oldest: 0,
     orphans: new Map(),
     memberNames: new Set(),
+    memberNamesLoaded: false,
     memberNamesLoading: false,
     replyTo: 0,
     editing: 0,
@@ -1250,12 +1252,13 @@ let mention = null; // {start, end, items, index}
 
 /** Lists the members of `r` for mentions (once; the member list keeps them current after). */
 function ensureMemberNames(r) {
-  if (!client || r.gone || r.memberNames.size || r.memberNamesLoading) return;
+  if (!client || r.gone || r.memberNamesLoaded || r.memberNamesLoading) return;
   r.memberNamesLoading = true;
   client
     .listMembers(r.name, { limit: 1000 })
     .then((page) => {
       for (const m of page.members) r.memberNames.add(m.user);
+      r.memberNamesLoaded = true;
       if (mention && r.name === active) updateMentions();
     }, () => {})
     .finally(() => {
@@ -1466,7 +1469,8 @@ function applyJoined(j) {
     if (r.name === active) loadNewest(r);
   }
   r.membersLoaded = false;
-  r.memberNames = new Set();
+  r.memberNamesLoaded = false;
+  ensureMemberNames(r);
   if (invites.delete(r.name)) invalidate('sidebar');
   r.head = Math.max(r.head, j.state.headSeq);
   r.read = Math.max(r.read, j.state.readSeq);
@@ -1484,6 +1488,7 @@ function refreshOnline(c, name) {
     if (!r || r.gone) return;
     r.online = new Set(page.members.filter((m) => m.online).map((m) => m.user));
     r.memberNames = new Set(page.members.map((m) => m.user));
+    r.memberNamesLoaded = true;
     invalidate('sidebar', 'header', 'members');
   }, () => {});
 }

@@ -28,7 +28,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { ChatdClient, Cursors, MemberChange, Role, RoomKind, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
+import { ChangeKind, ChatdClient, Cursors, MemberChange, Role, RoomKind, applyChange, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const REPO = resolve(HERE, '../..');
@@ -600,6 +600,112 @@ describe('chatd-client.js (unit): rooms, roles and moderation', () => {
     assert.deepEqual(seqsOf(events, 'core'), [1, 2]);
     assert.deepEqual(c.cursors(), { core: 2 });
     c.close();
+  });
+});
+
+describe('chatd-client.js (unit): message changes', () => {
+  const entry = (seq, targetSeq, kind, extra = {}) => ({
+    room: 'r', seq, sender: 'bob', tsMs: 1000 + seq, clientMsgId: '', text: '', data: '', replyTo: 0, mentions: [],
+    change: { targetSeq, kind, key: '' }, editedMs: 0, deleted: false, reactions: [], foldedSeq: 0, ...extra,
+  });
+  const target = (extra = {}) => ({
+    room: 'r', seq: 1, sender: 'ann', tsMs: 1000, clientMsgId: 'c', text: 'hello', data: '', replyTo: 0, mentions: [],
+    change: null, editedMs: 0, deleted: false, reactions: [], foldedSeq: 0, ...extra,
+  });
+  const react = (seq, sender, kind, key = '👍') => ({ ...entry(seq, 1, kind), sender, change: { targetSeq: 1, kind, key } });
+
+  check('JSON mapping: changes, folded state, replies, mentions and unread counts', {}, () => {
+    const m = parseEnvelope(JSON.stringify({
+      message: {
+        room: 'r', seq: '9', sender: 'bob', tsMs: '5', text: 'new words',
+        change: { targetSeq: '4', kind: 'CHANGE_KIND_EDIT' },
+      },
+    })).body;
+    assert.deepEqual(m.change, { targetSeq: 4, kind: ChangeKind.EDIT, key: '' });
+    assert.equal(parseEnvelope('{"message":{"change":{"kind":3,"key":"x"}}}').body.change.kind, ChangeKind.REACTION_ADD, 'a numeric enum');
+    const folded = parseEnvelope(JSON.stringify({
+      historyPage: {
+        room: 'r',
+        messages: [{
+          room: 'r', seq: '4', sender: 'ann', text: 'hi @bob', replyTo: '2', mentions: ['bob'], editedMs: '77', deleted: false,
+          reactions: [{ key: '👍', count: 3, users: ['bob', 'cat'], mine: true }, { key: '🎉' }], foldedSeq: '12',
+        }],
+      },
+    })).body.messages[0];
+    assert.deepEqual(
+      [folded.replyTo, folded.mentions, folded.change, folded.editedMs, folded.deleted, folded.foldedSeq],
+      [2, ['bob'], null, 77, false, 12],
+    );
+    assert.deepEqual(folded.reactions, [{ key: '👍', count: 3, users: ['bob', 'cat'], mine: true }, { key: '🎉', count: 0, users: [], mine: false }]);
+    const plain = parseEnvelope('{"message":{"room":"r","seq":"1"}}').body;
+    assert.deepEqual([plain.replyTo, plain.mentions, plain.change, plain.editedMs, plain.deleted, plain.reactions, plain.foldedSeq], [0, [], null, 0, false, [], 0]);
+    const w = parseEnvelope('{"id":"1","welcome":{"rooms":[{"room":"r","headSeq":"9","readSeq":"2","unread":"5","mentions":"1"},{"room":"q"}]}}').body;
+    assert.deepEqual(w.rooms.map((r) => [r.room, r.unread, r.mentions]), [['r', 5, 1], ['q', 0, 0]]);
+    assert.deepEqual(parseEnvelope('{"joined":{"state":{"room":"r","unread":"9999","mentions":"3"}}}').body.state.unread, 9999);
+  });
+
+  check('requests: edit, delete and react are answered by a PublishAck; publish carries replyTo and mentions', { timeout: 5000 }, async () => {
+    const { c, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock, [{ room: 'r', headSeq: '4', readSeq: '4' }]);
+    await p;
+    const answer = async (kind, promise, seq) => {
+      const req = sock().take(kind);
+      assert.ok(req, `a ${kind} request`);
+      sock().push({ id: req.id, publishAck: { room: 'r', seq: String(seq), tsMs: '1', clientMsgId: req[kind].clientMsgId } });
+      assert.equal((await promise).seq, seq);
+      return req[kind];
+    };
+    const pub = await answer('publish', c.publish('r', 'hi @bob @bob', { replyTo: 3, mentions: ['bob', 'bob', 'cat'] }), 5);
+    assert.deepEqual([pub.replyTo, pub.mentions], ['3', ['bob', 'cat']], 'a uint64 as a string; mentions once each');
+    const many = c.publish('r', 'everyone', { mentions: Array.from({ length: 60 }, (_, i) => `u${i}`) });
+    assert.equal(sock().take('publish').publish.mentions.length, 50, 'at most 50 mentions');
+    many.catch(() => {});
+    const edit = await answer('edit', c.edit('r', 5, 'hi @bob!'), 6);
+    assert.deepEqual({ ...edit, clientMsgId: 'x' }, { room: 'r', seq: '5', clientMsgId: 'x', text: 'hi @bob!' });
+    assert.ok(edit.clientMsgId, 'a clientMsgId, so a retry is not stored twice');
+    const del = await answer('delete', c.deleteMessage('r', 5), 7);
+    assert.deepEqual(Object.keys(del).sort(), ['clientMsgId', 'room', 'seq']);
+    const add = await answer('react', c.react('r', 4, '👍', true), 8);
+    assert.deepEqual([add.seq, add.key, add.add], ['4', '👍', true]);
+    const remove = await answer('react', c.react('r', 4, '👍', false), 9);
+    assert.equal('add' in remove, false, 'add = false is the default, left out');
+    // A refused change rejects like any request.
+    const bad = c.edit('r', 4, 'not mine');
+    const req = sock().take('edit');
+    sock().push({ id: req.id, error: { code: 'ERROR_CODE_BAD_REQUEST', message: 'not your message' } });
+    await assert.rejects(bad, (e) => e.code === 'ERROR_CODE_BAD_REQUEST');
+    c.close();
+  });
+
+  check('applyChange: edits, deletes and reactions fold in once; entries already folded are skipped', {}, () => {
+    const m = target();
+    assert.equal(applyChange(m, entry(2, 1, ChangeKind.EDIT, { sender: 'ann', text: 'hello again', tsMs: 4242 }), 'bob'), true);
+    assert.deepEqual([m.text, m.editedMs, m.foldedSeq], ['hello again', 4242, 2]);
+    assert.equal(applyChange(m, entry(2, 1, ChangeKind.EDIT, { text: 'twice' }), 'bob'), false, 'the same entry again');
+    assert.equal(applyChange(m, entry(5, 9, ChangeKind.EDIT, { text: 'elsewhere' }), 'bob'), false, 'another target');
+    // Reactions: bob (the reader) and cat; mine follows the reader's own changes.
+    assert.equal(applyChange(m, react(3, 'bob', ChangeKind.REACTION_ADD), 'bob'), true);
+    assert.equal(applyChange(m, react(4, 'cat', ChangeKind.REACTION_ADD), 'bob'), true);
+    assert.deepEqual(m.reactions, [{ key: '👍', count: 2, users: ['bob', 'cat'], mine: true }]);
+    assert.equal(applyChange(m, react(6, 'cat', ChangeKind.REACTION_ADD), 'bob'), false, 'cat already reacted so');
+    assert.equal(applyChange(m, react(7, 'bob', ChangeKind.REACTION_REMOVE), 'bob'), true);
+    assert.deepEqual(m.reactions, [{ key: '👍', count: 1, users: ['cat'], mine: false }]);
+    assert.equal(applyChange(m, react(8, 'cat', ChangeKind.REACTION_REMOVE), 'bob'), true);
+    assert.deepEqual(m.reactions, [], 'a reaction nobody has left is gone');
+    // Folded by the server up to seq 20: entries up to there are in it already.
+    const f = target({ text: 'folded', editedMs: 9, foldedSeq: 20, reactions: [{ key: '🎉', count: 25, users: ['u1'], mine: false }] });
+    assert.equal(applyChange(f, entry(15, 1, ChangeKind.EDIT, { text: 'older edit' }), 'bob'), false);
+    assert.equal(applyChange(f, { ...react(19, 'bob', ChangeKind.REACTION_ADD), change: { targetSeq: 1, kind: ChangeKind.REACTION_ADD, key: '🎉' } }, 'bob'), false);
+    assert.deepEqual([f.text, f.reactions[0].count], ['folded', 25]);
+    // Beyond the 20 listed: a removal by someone not listed still counts.
+    assert.equal(applyChange(f, { ...react(21, 'u30', ChangeKind.REACTION_REMOVE), change: { targetSeq: 1, kind: ChangeKind.REACTION_REMOVE, key: '🎉' } }, 'bob'), true);
+    assert.equal(f.reactions[0].count, 24);
+    // A delete erases the content; nothing applies after it.
+    assert.equal(applyChange(f, entry(22, 1, ChangeKind.DELETE, { sender: 'ann' }), 'bob'), true);
+    assert.deepEqual([f.deleted, f.text, f.data, f.reactions, f.foldedSeq], [true, '', '', [], 22]);
+    assert.equal(applyChange(f, entry(23, 1, ChangeKind.EDIT, { text: 'back?' }), 'bob'), false);
+    assert.equal(f.text, '');
   });
 });
 
