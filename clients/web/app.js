@@ -1056,6 +1056,11 @@ function onMessageClick(e) {
   }
   const m = r.msgs.get(seq);
   if (!m) return;
+  // Done with this message's actions (a tap showed them): they go away.
+  if (['reply', 'pick', 'edit', 'quote'].includes(btn.dataset.act) || (btn.dataset.act === 'delete' && btn.dataset.armed === '1')) {
+    selected = null;
+    row.classList.remove('selected');
+  }
   switch (btn.dataset.act) {
     case 'reply':
       startReply(r, seq);
