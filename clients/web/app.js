@@ -1114,9 +1114,13 @@ function onMessageClick(e) {
   }
 }
 
-/** Applies the change an ack confirmed, unless entries before it are still on their way. */
+/**
+ * Applies the change an ack confirmed, unless entries before it are still
+ * on their way. A `duplicate` ack made no entry (a reaction already so, or
+ * a retry of one applied already): nothing to apply.
+ */
 function applyAcked(r, ack, change, text = '') {
-  if (!client || client.cursors()[r.name] !== ack.seq - 1) return;
+  if (!client || ack.duplicate || client.cursors()[r.name] !== ack.seq - 1) return;
   addMessage({ room: r.name, seq: ack.seq, sender: me, tsMs: ack.tsMs, clientMsgId: ack.clientMsgId, text, data: '', replyTo: 0, mentions: [], change, editedMs: 0, deleted: false, reactions: [], foldedSeq: 0 });
 }
 
