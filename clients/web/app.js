@@ -633,13 +633,14 @@ function mentionsIn(text, r) {
 }
 
 /**
- * `text` as nodes, each `@name` of a mentioned user (one the message lists,
- * or a member) in a span.mention, span.mention.mention-me when it is me.
+ * `text` as nodes, each `@name` of a user the message mentions (its
+ * `mentions`, which the server counts) in a span.mention,
+ * span.mention.mention-me when it is me.
  */
-function richText(text, m, r) {
-  const known = memberNamesOf(r);
-  for (const u of m.mentions || []) known.add(u);
+function richText(text, m) {
+  const known = new Set(m.mentions || []);
   const out = [];
+  if (!known.size) return [text];
   let at = 0;
   for (const x of text.matchAll(MENTION_RE)) {
     const user = mentionedUser(x[2], known);
@@ -656,7 +657,7 @@ function richText(text, m, r) {
 /** The text of a message: its words (mentions marked), or that it was deleted. */
 function textNode(r, m) {
   if (m.deleted) return h('div', { class: 'msg-text deleted', text: DELETED_TEXT });
-  return h('div', { class: 'msg-text' }, ...richText(messageText(m), m, r));
+  return h('div', { class: 'msg-text' }, ...richText(messageText(m), m));
 }
 
 /** "(edited)", with when in its tooltip. */
