@@ -20,8 +20,8 @@ fn message(size: usize) -> Envelope {
         sender: "ann".into(),
         ts_ms: 1_795_000_000_000,
         client_msg_id: "client-1-42".into(),
-        text: String::new(),
         data: Bytes::from(vec![7u8; size]),
+        ..Default::default()
     }))
 }
 

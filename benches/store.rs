@@ -22,6 +22,7 @@ fn append(room: u64, seq: u64) -> Append {
         sender: "ann".into(),
         client_msg_id: format!("k{seq}"),
         ts_ms: seq,
+        entry: chatd::store::Entry::Message { user: "ann".into(), mentions: Vec::new() },
     }
 }
 

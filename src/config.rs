@@ -194,6 +194,8 @@ config! {
     auto_create_rooms: bool = Limits::default().auto_create_rooms;
     /// Pending invitations one user may have; one more is refused with CONFLICT.
     max_pending_invites_per_user: usize = Limits::default().max_pending_invites_per_user, check check::at_least(1);
+    /// Different reaction keys one message may carry; a reaction with one more is refused with CONFLICT.
+    max_reaction_keys: usize = Limits::default().max_reaction_keys, check check::at_least(1);
     /// How long a client_msg_id is remembered (at least 24 h is promised).
     idempotency_hours: u64 = 24;
     /// Deadline of a graceful shutdown.
@@ -363,6 +365,7 @@ impl Config {
             max_connections: self.max_connections,
             auto_create_rooms: self.auto_create_rooms,
             max_pending_invites_per_user: self.max_pending_invites_per_user,
+            max_reaction_keys: self.max_reaction_keys,
         }
     }
 }

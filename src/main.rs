@@ -55,6 +55,20 @@ fn cli() -> Command {
                 .arg(Arg::new("ttl").long("ttl").default_value("24h").help("Lifetime, e.g. 30m, 24h, 7d")),
         )
         .subcommand(
+            Command::new("compact")
+                .about(
+                    "Rewrite the store into fresh files, leaving behind the bytes of deleted messages \
+                     (offline: stop the server first)",
+                )
+                .arg(
+                    Arg::new("data")
+                        .long("data")
+                        .env("CHATD_DATA")
+                        .default_value("./chatd-data")
+                        .help("The server's data directory"),
+                ),
+        )
+        .subcommand(
             Command::new("config").about("Configuration helpers").subcommand_required(true).subcommand(
                 Command::new("print-default").about("Print a commented configuration file with every default"),
             ),
@@ -105,6 +119,14 @@ fn main() -> anyhow::Result<()> {
             };
             let auth = chatd::auth::Auth::new(secret.as_bytes());
             println!("{}", auth.mint(user, ttl, chatd::auth::unix_now()));
+            Ok(())
+        }
+        Some(("compact", m)) => {
+            let data = PathBuf::from(m.get_one::<String>("data").expect("has a default"));
+            let store = data.join("store");
+            anyhow::ensure!(store.join("db").exists(), "{} holds no chatd store", data.display());
+            let (before, after) = chatd::store::sled::compact::compact(&store, 64 << 20)?;
+            println!("compacted {}: {before} bytes before, {after} after", store.display());
             Ok(())
         }
         Some(("config", _)) => {

@@ -68,6 +68,9 @@ impl Body {
             Body::RoomList(_) => "room_list",
             Body::Invitation(_) => "invitation",
             Body::RoomUpdate(_) => "room_update",
+            Body::Edit(_) => "edit",
+            Body::Delete(_) => "delete",
+            Body::React(_) => "react",
         }
     }
 }

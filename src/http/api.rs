@@ -450,6 +450,12 @@ struct PostBody {
     /// base64, as canonical JSON writes `bytes`.
     #[serde(default)]
     data: String,
+    /// The seq this message answers.
+    #[serde(default)]
+    reply_to: u64,
+    /// User ids it mentions.
+    #[serde(default)]
+    mentions: Vec<String>,
     act_as: Option<String>,
 }
 
@@ -499,7 +505,14 @@ async fn post_message(
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let author = Author { sender: actor.id().into(), publisher: Publisher::Api(tx), permit: None, received };
-    let p = proto::Publish { room: room.clone(), client_msg_id: b.client_msg_id, text: b.text, data: data.into() };
+    let p = proto::Publish {
+        room: room.clone(),
+        client_msg_id: b.client_msg_id,
+        text: b.text,
+        data: data.into(),
+        reply_to: b.reply_to,
+        mentions: b.mentions,
+    };
     let still_allowed = || entry.as_ref().is_none_or(|e| e.lock().rooms.contains_key(&r.id));
     hub.publish(&r, p, author, still_allowed).await?;
     match rx.await {
@@ -538,7 +551,8 @@ async fn read_messages(State(app): State<Arc<App>>, Path(room): Path<String>, q:
         forward: q.forward.unwrap_or(false),
     };
     let store = hub.clone();
-    let page = tokio::task::spawn_blocking(move || store.history_page(&r, &h))
+    let viewer = actor.id().to_string();
+    let page = tokio::task::spawn_blocking(move || store.history_page(&r, &h, &viewer))
         .await
         .map_err(|e| ApiError(ErrorCode::Internal, format!("history read failed: {e}")))??;
     ok(&page)

@@ -321,7 +321,14 @@ mod tests {
             owner: "ann".into(),
         };
         let invitation = proto::Invitation { room: "r".into(), by: "ann".into(), ts_ms: 5, info: Some(info.clone()) };
-        let state = proto::RoomState { room: "r".into(), head_seq: u64::MAX, read_seq: 7, info: Some(info.clone()) };
+        let state = proto::RoomState {
+            room: "r".into(),
+            head_seq: u64::MAX,
+            read_seq: 7,
+            info: Some(info.clone()),
+            unread: 12,
+            mentions: 1,
+        };
         let msg = proto::Message {
             room: "r".into(),
             seq: 1 << 60,
@@ -330,6 +337,12 @@ mod tests {
             client_msg_id: "k".into(),
             text: "héllo \"quoted\" \n".into(),
             data: Bytes::from_static(&[0, 1, 2, 255]),
+            reply_to: 1 << 59,
+            mentions: vec!["bob".into()],
+            edited_ms: 1_795_000_000_001,
+            reactions: vec![proto::Reaction { key: "👍".into(), count: 21, users: vec!["bob".into()], mine: true }],
+            folded_seq: (1 << 60) + 3,
+            ..Default::default()
         };
         vec![
             Body::Hello(proto::Hello {
@@ -357,6 +370,8 @@ mod tests {
                 client_msg_id: "k".into(),
                 text: "x".into(),
                 data: Bytes::from_static(b"\x00bin"),
+                reply_to: 3,
+                mentions: vec!["ann".into(), "bob".into()],
             }),
             Body::PublishAck(proto::PublishAck {
                 room: "r".into(),
@@ -418,13 +433,28 @@ mod tests {
                 change: proto::MemberChange::RoleChanged as i32,
                 role: proto::Role::Admin as i32,
             }),
+            Body::Edit(proto::Edit {
+                room: "r".into(),
+                seq: 1 << 60,
+                client_msg_id: "e".into(),
+                text: "fixed".into(),
+                data: Bytes::from_static(b"d"),
+            }),
+            Body::Delete(proto::Delete { room: "r".into(), seq: 4, client_msg_id: "d".into() }),
+            Body::React(proto::React {
+                room: "r".into(),
+                seq: 4,
+                key: "❤️".into(),
+                add: true,
+                client_msg_id: "r".into(),
+            }),
         ]
     }
 
     #[test]
     fn every_message_type_round_trips_through_canonical_json() {
         let bodies = every_body();
-        assert_eq!(bodies.len(), 36, "one of each oneof member");
+        assert_eq!(bodies.len(), 39, "one of each oneof member");
         for (i, body) in bodies.into_iter().enumerate() {
             let env = Envelope::new(i as u64 + 1, body);
             let text = serde_json::to_string(&env).unwrap();
@@ -446,6 +476,25 @@ mod tests {
         assert_eq!(m["tsMs"], "1795000000000", "lowerCamelCase names");
         assert_eq!(m["clientMsgId"], "k");
         assert_eq!(m["data"], "AAEC/w==", "bytes are base64");
+        assert_eq!(
+            (m["replyTo"].as_str(), m["foldedSeq"].as_str()),
+            (Some("576460752303423488"), Some("1152921504606846979"))
+        );
+        assert_eq!(m["reactions"], serde_json::json!([{"key": "👍", "count": 21, "users": ["bob"], "mine": true}]));
+        let change = proto::Message {
+            seq: 9,
+            change: Some(proto::MessageChange {
+                target_seq: 4,
+                kind: proto::ChangeKind::ReactionRemove as i32,
+                key: "🎉".into(),
+            }),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(Envelope::push(Body::Message(change))).unwrap();
+        assert_eq!(
+            v["message"]["change"],
+            serde_json::json!({"targetSeq": "4", "kind": "CHANGE_KIND_REACTION_REMOVE", "key": "🎉"})
+        );
         let err =
             serde_json::to_value(Envelope::push(Body::Error(proto::Error::new(ErrorCode::TooLarge, "")))).unwrap();
         assert_eq!(err, serde_json::json!({"error": {"code": "ERROR_CODE_TOO_LARGE"}}), "enum names; defaults omitted");

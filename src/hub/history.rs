@@ -15,9 +15,14 @@ const HISTORY_DEFAULT: u32 = 100;
 const HISTORY_MAX: u32 = 1000;
 
 impl Hub {
-    /// The page of `room` that `h` asks for (who may read it is the
-    /// caller's check).
-    pub fn history_page(&self, room: &Arc<Room>, h: &proto::History) -> Result<proto::HistoryPage, Refusal> {
+    /// The page of `room` that `h` asks for, as `viewer` sees it (who may
+    /// read it is the caller's check).
+    pub fn history_page(
+        &self,
+        room: &Arc<Room>,
+        h: &proto::History,
+        viewer: &str,
+    ) -> Result<proto::HistoryPage, Refusal> {
         let head = room.head();
         let limit = u64::from(match h.limit {
             0 => HISTORY_DEFAULT,
@@ -34,7 +39,8 @@ impl Hub {
             (from, below, from > 1 && below >= 1)
         };
         let started = std::time::Instant::now();
-        let mut messages = if from <= to { room.read_messages(self.store.as_ref(), from, to)? } else { Vec::new() };
+        let mut messages =
+            if from <= to { room.read_messages(self.store.as_ref(), from, to, viewer)? } else { Vec::new() };
         self.metrics.history_read.record(started.elapsed().as_secs_f64());
         // A page must fit in one frame of max_frame_bytes (what Welcome
         // promised the client): keep the messages nearest the cursor and say

@@ -10,11 +10,13 @@
 //! room's governance, before its subscribers. The fan-out takes only room
 //! subscriber locks.
 
+pub mod changes;
 mod history;
 pub mod publish;
 pub mod repair;
 pub mod rooms;
 mod signout;
+mod unread;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,6 +92,8 @@ pub struct Limits {
     pub auto_create_rooms: bool,
     /// Pending invitations one user may have.
     pub max_pending_invites_per_user: usize,
+    /// Different reaction keys one message may have.
+    pub max_reaction_keys: usize,
 }
 
 impl Default for Limits {
@@ -110,6 +114,7 @@ impl Default for Limits {
             max_connections: 50_000,
             auto_create_rooms: true,
             max_pending_invites_per_user: 1000,
+            max_reaction_keys: 64,
         }
     }
 }
@@ -128,8 +133,8 @@ pub struct UserState {
     /// Rooms the user has a pending invitation to (the invitation itself is
     /// in the room's governance).
     pub invited: IdMap<Arc<Room>>,
-    /// Read markers by room.
-    pub read: IdMap<u64>,
+    /// Read markers by room, with the counts through them.
+    pub read: IdMap<crate::store::ReadPos>,
     /// Sessions online.
     pub sessions: Vec<Arc<Subscriber>>,
     bucket: Option<Bucket>,
@@ -239,9 +244,24 @@ impl Hub {
             }
         }
         let revoked = snapshot.revocations.into_iter().map(|(u, at)| (Arc::from(u), at)).collect();
-        for (user, room, seq) in snapshot.read_markers {
+        for (user, room, pos) in snapshot.read_markers {
             if let Some(e) = users.get(user.as_str()) {
-                e.lock().read.insert(room, seq);
+                e.lock().read.insert(room, pos);
+            }
+        }
+        for (room, user, counts) in snapshot.counts {
+            if let Some(room) = by_id.get(&room) {
+                let mut c = room.counts();
+                if user.is_empty() {
+                    c.set_changes(counts.sent);
+                } else {
+                    c.set_user(&user, counts);
+                }
+            }
+        }
+        for (room, seq, record) in snapshot.deleted {
+            if let Some(room) = by_id.get(&room) {
+                room.counts().add_deleted(seq, record);
             }
         }
         let metrics = crate::metrics::Metrics::new();

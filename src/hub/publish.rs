@@ -13,8 +13,8 @@ use super::{Hub, Refusal};
 use crate::pipeline::{Completion, PublishDone, Publisher};
 use crate::proto::{self, ErrorCode};
 use crate::room::Room;
-use crate::store::Append;
 use crate::store::commit::{Pending, Write};
+use crate::store::{Append, Entry};
 use crate::time::now_ms;
 
 /// Bytes of an envelope around a pushed `Message` (its tag and length).
@@ -42,6 +42,18 @@ enum IdemCheck {
     Stored(Arc<Room>, u64, u64, Publisher),
 }
 
+/// Most user ids one message may mention.
+pub const MAX_MENTIONS: usize = 50;
+
+/// What a new entry is, as the hub appends it.
+pub(super) enum Kind {
+    /// A message.
+    Message,
+    /// A change, validated against its target under the room's pending
+    /// lock ([`super::changes`]).
+    Change(super::changes::Change),
+}
+
 impl Hub {
     /// Appends `p` to `room` as `author.sender` and answers
     /// `author.publisher` once it is durable and offered to the room — or, for a
@@ -55,22 +67,43 @@ impl Hub {
         author: Author,
         still_allowed: impl Fn() -> bool,
     ) -> Result<(), Refusal> {
+        if p.reply_to > room.head() {
+            let msg = format!("reply_to {} is not a message of room {}", p.reply_to, room.name);
+            return Err(Refusal::new(ErrorCode::BadRequest, msg));
+        }
+        let mentions = mentions(p.mentions)?;
+        // The request names the room (a session's by the name it looked up).
+        let name = if p.room == *room.name { p.room } else { room.name.to_string() };
+        let message = proto::Message {
+            room: name,
+            sender: author.sender.to_string(),
+            client_msg_id: p.client_msg_id,
+            text: p.text,
+            data: p.data,
+            reply_to: p.reply_to,
+            mentions,
+            ..Default::default()
+        };
+        self.append(room, message, Kind::Message, author, still_allowed).await
+    }
+
+    /// The path every new entry of a log takes: the frame-size check, a
+    /// commit-queue slot, the idempotency check, the seq, the append.
+    pub(super) async fn append(
+        &self,
+        room: &Arc<Room>,
+        mut message: proto::Message,
+        kind: Kind,
+        author: Author,
+        still_allowed: impl Fn() -> bool,
+    ) -> Result<(), Refusal> {
         let Author { sender, publisher, permit, received } = author;
         let sender = &sender;
         // The message as delivered must fit the frame size clients were
         // promised (the request's frame did not hold the room's name when
         // it came through the server API, nor the sender, seq and time).
-        // The request names the room (a session's by the name it looked up).
-        let name = if p.room == *room.name { p.room } else { room.name.to_string() };
-        let mut message = proto::Message {
-            room: name,
-            seq: u64::MAX,
-            sender: sender.to_string(),
-            ts_ms: u64::MAX,
-            client_msg_id: p.client_msg_id.clone(),
-            text: p.text,
-            data: p.data,
-        };
+        message.seq = u64::MAX;
+        message.ts_ms = u64::MAX;
         let max = self.limits.max_frame_bytes;
         if message.encoded_len() + ENVELOPE_OVERHEAD > max {
             return Err(Refusal::new(ErrorCode::TooLarge, format!("the message would exceed max_frame_bytes ({max})")));
@@ -89,21 +122,17 @@ impl Hub {
         if !still_allowed() {
             return Err(Refusal::new(ErrorCode::Forbidden, format!("not a member of room {}", room.name)));
         }
-        let publisher = if p.client_msg_id.is_empty() {
+        let client_msg_id = message.client_msg_id.clone();
+        let publisher = if client_msg_id.is_empty() {
             publisher
         } else {
-            match self.check_idempotent(&key_owner, &p.client_msg_id, publisher)? {
+            match self.check_idempotent(&key_owner, &client_msg_id, publisher)? {
                 IdemCheck::Fresh(publisher) => publisher,
                 IdemCheck::InFlight => return Ok(()),
                 IdemCheck::Stored(room, seq, ts_ms, publisher) => {
                     self.metrics.duplicates.increment(1);
-                    let ack = proto::PublishAck {
-                        room: room.name.to_string(),
-                        seq,
-                        ts_ms,
-                        client_msg_id: p.client_msg_id,
-                        duplicate: true,
-                    };
+                    let ack =
+                        proto::PublishAck { room: room.name.to_string(), seq, ts_ms, client_msg_id, duplicate: true };
                     publisher.ack(ack);
                     return Ok(());
                 }
@@ -111,7 +140,7 @@ impl Hub {
         };
         let ts_ms = now_ms();
         let epoch = commits.epoch();
-        room.assign_seq(epoch, |seq| {
+        let submit = |seq: u64, message: &mut proto::Message, entry, erased, publisher| {
             message.seq = seq;
             message.ts_ms = ts_ms;
             let encoded = bytes::Bytes::from(message.encode_to_vec());
@@ -121,8 +150,9 @@ impl Hub {
                     seq,
                     message: encoded.clone(),
                     sender: key_owner.to_string(),
-                    client_msg_id: p.client_msg_id.clone(),
+                    client_msg_id: client_msg_id.clone(),
                     ts_ms,
+                    entry: Clone::clone(&entry),
                 }),
                 completion: Completion::Publish(Box::new(PublishDone {
                     room: room.clone(),
@@ -130,15 +160,69 @@ impl Hub {
                     ts_ms,
                     message: encoded,
                     publisher,
-                    client_msg_id: p.client_msg_id,
-                    sender: key_owner,
+                    client_msg_id: client_msg_id.clone(),
+                    sender: key_owner.clone(),
                     permit,
                     received,
+                    entry,
+                    erased,
                 })),
                 epoch,
             });
-        });
-        Ok(())
+        };
+        match kind {
+            Kind::Message => {
+                let entry = Entry::Message { user: sender.clone(), mentions: message.mentions.clone() };
+                room.assign_seq(epoch, |seq| submit(seq, &mut message, entry, None, publisher));
+                Ok(())
+            }
+            Kind::Change(change) => {
+                let mut pending = room.pending();
+                let targets = pending.targets(epoch);
+                match self.decide(room, targets, sender, &change) {
+                    Ok((super::changes::Decision::Apply { erased }, state)) => {
+                        let entry = change.entry(sender);
+                        room.assign_seq(epoch, |seq| {
+                            super::changes::note(targets, &change, sender, seq, state);
+                            let erased = erased.map(|t| Box::new((Arc::from(t.sender), t.mentions)));
+                            submit(seq, &mut message, entry, erased, publisher)
+                        });
+                        Ok(())
+                    }
+                    Ok((super::changes::Decision::Unchanged, _)) => {
+                        drop(pending);
+                        let ack = proto::PublishAck {
+                            room: room.name.to_string(),
+                            seq: change.target,
+                            ts_ms: 0,
+                            client_msg_id: client_msg_id.clone(),
+                            duplicate: true,
+                        };
+                        for w in self.release_key(&key_owner, &client_msg_id) {
+                            w.ack(ack.clone());
+                        }
+                        publisher.ack(ack);
+                        Ok(())
+                    }
+                    Err(refusal) => {
+                        drop(pending);
+                        for w in self.release_key(&key_owner, &client_msg_id) {
+                            w.fail(refusal.message.clone());
+                        }
+                        Err(refusal)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the flight of a key whose request stored nothing; returns the
+    /// retries that waited for it.
+    fn release_key(&self, owner: &Arc<str>, client_msg_id: &str) -> Vec<Publisher> {
+        if client_msg_id.is_empty() {
+            return Vec::new();
+        }
+        self.pipeline.in_flight.settle(owner, client_msg_id)
     }
 
     /// Checks an idempotency key before a publish. `Fresh` puts the key in
@@ -166,4 +250,17 @@ impl Hub {
         map.insert(key, Vec::new());
         Ok(IdemCheck::Fresh(publisher))
     }
+}
+
+/// Checks and deduplicates a message's mentions.
+fn mentions(mut users: Vec<String>) -> Result<Vec<String>, Refusal> {
+    if users.len() > MAX_MENTIONS {
+        return Err(Refusal::new(ErrorCode::BadRequest, format!("at most {MAX_MENTIONS} mentions")));
+    }
+    if let Some(bad) = users.iter().find(|u| !crate::auth::valid_user_id(u)) {
+        return Err(Refusal::new(ErrorCode::BadRequest, format!("mention {bad:?} is not a user id")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    users.retain(|u| seen.insert(u.clone()));
+    Ok(users)
 }

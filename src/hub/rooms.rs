@@ -402,7 +402,7 @@ impl Hub {
         let mut st = entry.lock();
         st.rooms.insert(room.id, room.clone());
         st.invited.remove(&room.id);
-        let read_seq = st.read.get(&room.id).copied().unwrap_or(0);
+        let read = st.read.get(&room.id).copied().unwrap_or_default();
         let info = room.gov().info(&room.name, user);
         let mut online = room.online_users();
         if !st.sessions.is_empty()
@@ -419,11 +419,14 @@ impl Hub {
             // Queued under the room's lock before the subscription exists,
             // so it precedes every live message.
             let reply = |head: u64| {
+                let (unread, mentions) = self.unread(room, user, &read, head);
                 let state = proto::RoomState {
                     room: room.name.to_string(),
                     head_seq: head,
-                    read_seq: read_seq.min(head),
+                    read_seq: read.seq.min(head),
                     info: Some(info.clone()),
+                    unread,
+                    mentions,
                 };
                 encode_frame(&Envelope::new(
                     id,

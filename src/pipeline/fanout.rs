@@ -117,6 +117,7 @@ async fn deliver(pipeline: &Pipeline, published: &mut Vec<PublishDone>) {
     while next < published.len() {
         let room = &published[next].room;
         let end = next + published[next..].iter().take_while(|p| p.room.id == room.id).count();
+        count(room, &published[next..end]);
         encode_runs(
             &published[next..end],
             |p| (p.seq, &p.message[..]),
@@ -140,6 +141,29 @@ async fn deliver(pipeline: &Pipeline, published: &mut Vec<PublishDone>) {
         }
     }
     acknowledge_all(pipeline, published.drain(..));
+}
+
+/// Raises the room's unread counters for its committed entries — before
+/// its head moves, so counts are never behind what clients can see — and
+/// hands its committed changes over to the store's answers
+/// ([`crate::room::pending`]).
+fn count(room: &crate::room::Room, entries: &[PublishDone]) {
+    let mut changes = false;
+    {
+        let mut counts = room.counts();
+        for p in entries {
+            counts.count(p.seq, &p.entry, p.erased.as_deref().map(|(s, m)| (s, &m[..])));
+            changes |= matches!(p.entry, crate::store::Entry::Change { .. });
+        }
+    }
+    if changes {
+        let mut pending = room.pending();
+        for p in entries {
+            if let crate::store::Entry::Change { target, .. } = p.entry {
+                pending.settle(target, p.seq);
+            }
+        }
+    }
 }
 
 /// Acknowledges delivered publishes, releasing their in-flight permits.
@@ -226,6 +250,8 @@ mod tests {
                 sender: "ann".into(),
                 permit: Some(permits.clone().try_acquire_owned().unwrap()),
                 received: std::time::Instant::now(),
+                entry: crate::store::Entry::Message { user: "ann".into(), mentions: Vec::new() },
+                erased: None,
             });
             peers.push(client);
             subscribers.push(session);

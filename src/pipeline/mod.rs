@@ -111,4 +111,8 @@ pub struct PublishDone {
     pub permit: Option<OwnedSemaphorePermit>,
     /// When the `Publish` was read, for the latency histograms.
     pub received: std::time::Instant,
+    /// What the entry is (for the room's unread counters).
+    pub entry: crate::store::Entry,
+    /// For a `Delete`: who sent the deleted message, and whom it mentioned.
+    pub erased: Option<Box<(Arc<str>, Vec<String>)>>,
 }

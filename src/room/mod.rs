@@ -22,7 +22,9 @@
 //! it live and offers the next seq, or the catch-up sees the new head and
 //! reads that seq from the log (it was committed before it was dispatched).
 
+pub mod counts;
 pub mod gov;
+pub mod pending;
 pub mod stats;
 
 use std::sync::Arc;
@@ -117,6 +119,11 @@ pub struct Room {
     /// Whether its name and details are in the store: a room created in
     /// memory is stored with the first change committed to it.
     stored: std::sync::atomic::AtomicBool,
+    /// Unread counters, raised by the fan-out.
+    counts: Mutex<counts::RoomCounts>,
+    /// Changes to its messages on their way through the group commit.
+    /// Lock order: this, then `next_seq`.
+    pending: Mutex<pending::Pending>,
 }
 
 /// The most subscribers a room may have for its fan-out to write to their
@@ -168,7 +175,19 @@ impl Room {
             stats: Default::default(),
             gov: Mutex::new(gov::Governance::new(details)),
             stored: std::sync::atomic::AtomicBool::new(false),
+            counts: Mutex::new(counts::RoomCounts::new(head, 0)),
+            pending: Mutex::new(pending::Pending::default()),
         }
+    }
+
+    /// The room's unread counters.
+    pub fn counts(&self) -> std::sync::MutexGuard<'_, counts::RoomCounts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The changes to its messages on their way.
+    pub fn pending(&self) -> std::sync::MutexGuard<'_, pending::Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the room's name and details are stored.
@@ -384,7 +403,7 @@ impl Room {
         let head = self.head();
         let frames: Vec<Bytes> = if from < head {
             let to = head.min(from + max);
-            let msgs = store.read_range(self.id, from + 1, to)?;
+            let msgs = store.read_range(self.id, from + 1, to, session.user())?;
             if msgs.len() as u64 != to - from {
                 return Err(StoreError::Corrupt(format!(
                     "room {} log has {} messages in {}..={}, expected {}",
@@ -436,10 +455,17 @@ impl Room {
         }
     }
 
-    /// Encodes a history page of `[from, to]` (both within the head).
-    pub fn read_messages(&self, store: &dyn Store, from: u64, to: u64) -> Result<Vec<proto::Message>, StoreError> {
+    /// Decodes a history page of `[from, to]` (both within the head), as
+    /// `viewer` sees it.
+    pub fn read_messages(
+        &self,
+        store: &dyn Store,
+        from: u64,
+        to: u64,
+        viewer: &str,
+    ) -> Result<Vec<proto::Message>, StoreError> {
         store
-            .read_range(self.id, from, to)?
+            .read_range(self.id, from, to, viewer)?
             .iter()
             .map(|b| {
                 proto::Message::decode(b.as_ref())

@@ -7,10 +7,12 @@ use prost::Message as _;
 use super::{Flow, Session, State, error_frame};
 use crate::codec::encode_frame;
 use crate::delivery::Frame;
+use crate::hub::changes::ChangeRequest;
+use crate::hub::publish::Author;
 use crate::hub::rooms::{Actor, Origin};
 use crate::hub::{Refusal, UserEntry};
 use crate::pipeline::Publisher;
-use crate::proto::{self, Body, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
+use crate::proto::{self, Body, ChangeKind, CloseReason, Envelope, ErrorCode, PROTOCOL_VERSION};
 use crate::room::{Room, valid_room_name};
 use crate::store::ReadMarker;
 use crate::store::commit::Write;
@@ -70,11 +72,15 @@ impl Session {
         let mut subscribe = Vec::with_capacity(st.rooms.len());
         for room in st.rooms.values() {
             let head = room.head();
+            let read = st.read.get(&room.id).copied().unwrap_or_default();
+            let (unread, mentions) = self.hub.unread(room, &user, &read, head);
             rooms.push(proto::RoomState {
                 room: room.name.to_string(),
                 head_seq: head,
-                read_seq: st.read.get(&room.id).copied().unwrap_or(0),
+                read_seq: read.seq,
                 info: Some(room.gov().info(&room.name, &user)),
+                unread,
+                mentions,
             });
             subscribe.push((room.clone(), head));
         }
@@ -185,6 +191,9 @@ impl Session {
             Body::History(b) => Some(b.room.clone()),
             Body::MarkRead(b) => Some(b.room.clone()),
             Body::Typing(b) => Some(b.room.clone()),
+            Body::Edit(b) => Some(b.room.clone()),
+            Body::Delete(b) => Some(b.room.clone()),
+            Body::React(b) => Some(b.room.clone()),
             _ => None,
         };
         let hub = &*self.hub;
@@ -210,7 +219,22 @@ impl Session {
             Body::ListMembers(l) => hub.list_members(actor, &l).map(|p| Some(Body::MemberPage(p))),
             Body::ListRooms(l) => hub.list_rooms(&user, &l).map(|p| Some(Body::RoomList(p))),
             Body::Publish(p) => self.publish(id, &user, &entry, p).await,
-            Body::History(h) => self.history(id, &entry, h),
+            Body::Edit(e) => {
+                let (room, seq, cmid) = (e.room, e.seq, e.client_msg_id);
+                self.change(id, &user, &entry, &room, seq, ChangeKind::Edit, String::new(), (e.text, e.data), cmid)
+                    .await
+            }
+            Body::Delete(d) => {
+                let (room, seq, cmid) = (d.room, d.seq, d.client_msg_id);
+                self.change(id, &user, &entry, &room, seq, ChangeKind::Delete, String::new(), Default::default(), cmid)
+                    .await
+            }
+            Body::React(r) => {
+                let kind = if r.add { ChangeKind::ReactionAdd } else { ChangeKind::ReactionRemove };
+                let (room, seq, cmid) = (r.room, r.seq, r.client_msg_id);
+                self.change(id, &user, &entry, &room, seq, kind, r.key, Default::default(), cmid).await
+            }
+            Body::History(h) => self.history(id, &user, &entry, h),
             Body::MarkRead(m) => self.mark_read(&user, &entry, m).await,
             Body::Typing(t) => self.typing(&user, &entry, t),
             Body::Ping(p) => Ok(Some(Body::Pong(proto::Pong { nonce: p.nonce }))),
@@ -248,7 +272,47 @@ impl Session {
     async fn publish(&self, id: u64, user: &Arc<str>, entry: &Arc<UserEntry>, p: proto::Publish) -> Reply {
         let received = std::time::Instant::now();
         let room = self.member_room(entry, &p.room)?;
-        if p.client_msg_id.len() > MAX_CLIENT_MSG_ID {
+        let author = self.author(id, entry, &p.client_msg_id, user, received).await?;
+        let still_member = || entry.lock().rooms.contains_key(&room.id);
+        self.hub.publish(&room, p, author, still_member).await?;
+        Ok(None)
+    }
+
+    /// An `Edit`, `Delete` or `React`: appended like a publish, under the
+    /// same limits.
+    #[allow(clippy::too_many_arguments)]
+    async fn change(
+        &self,
+        id: u64,
+        user: &Arc<str>,
+        entry: &Arc<UserEntry>,
+        room: &str,
+        seq: u64,
+        kind: ChangeKind,
+        key: String,
+        (text, data): (String, bytes::Bytes),
+        client_msg_id: String,
+    ) -> Reply {
+        let received = std::time::Instant::now();
+        let room = self.member_room(entry, room)?;
+        let author = self.author(id, entry, &client_msg_id, user, received).await?;
+        let still_member = || entry.lock().rooms.contains_key(&room.id);
+        let req = ChangeRequest { room: room.clone(), seq, kind, key, text, data, client_msg_id };
+        self.hub.change(req, author, still_member).await?;
+        Ok(None)
+    }
+
+    /// The checks every new log entry of a session passes — its key, the
+    /// store, the rate limit — and the slot of its in-flight entries.
+    async fn author(
+        &self,
+        id: u64,
+        entry: &Arc<UserEntry>,
+        client_msg_id: &str,
+        user: &Arc<str>,
+        received: std::time::Instant,
+    ) -> Result<Author, Refusal> {
+        if client_msg_id.len() > MAX_CLIENT_MSG_ID {
             return Err(Refusal::new(
                 ErrorCode::BadRequest,
                 format!("client_msg_id is longer than {MAX_CLIENT_MSG_ID} bytes"),
@@ -274,20 +338,17 @@ impl Session {
             .acquire_owned()
             .await
             .map_err(|_| Refusal::new(ErrorCode::ServerBusy, "closing"))?;
-        let author = crate::hub::publish::Author {
+        Ok(Author {
             sender: user.clone(),
             publisher: Publisher::Session(self.handle.clone(), id),
             permit: Some(inflight),
             received,
-        };
-        let still_member = || entry.lock().rooms.contains_key(&room.id);
-        self.hub.publish(&room, p, author, still_member).await?;
-        Ok(None)
+        })
     }
 
-    fn history(&self, id: u64, entry: &UserEntry, h: proto::History) -> Reply {
+    fn history(&self, id: u64, user: &str, entry: &UserEntry, h: proto::History) -> Reply {
         let room = self.member_room(entry, &h.room)?;
-        let page = self.hub.history_page(&room, &h)?;
+        let page = self.hub.history_page(&room, &h, user)?;
         // Queued under the user's lock, where a removal takes the room and
         // queues `Left`: a removal while the page was read refuses it, and
         // no page follows a `Left`.
@@ -302,7 +363,7 @@ impl Session {
     async fn mark_read(&self, user: &Arc<str>, entry: &Arc<UserEntry>, m: proto::MarkRead) -> Reply {
         let room = self.member_room(entry, &m.room)?;
         let seq = m.seq.min(room.head());
-        let current = entry.lock().read.get(&room.id).copied().unwrap_or(0);
+        let current = entry.lock().read.get(&room.id).map_or(0, |p| p.seq);
         if seq <= current {
             return Ok(Some(Body::ReadReceipt(proto::ReadReceipt {
                 room: m.room,
@@ -310,13 +371,16 @@ impl Session {
                 seq: current,
             })));
         }
-        self.hub.commit(Write::ReadMarker(ReadMarker { user: user.to_string(), room: room.id, seq })).await?;
+        let pos = self.hub.read_pos(&room, user, seq)?;
+        self.hub.commit(Write::ReadMarker(ReadMarker { user: user.to_string(), room: room.id, pos })).await?;
         let moved = {
             let mut st = entry.lock();
-            let marker = st.read.get_or_insert(room.id, 0);
-            let moved = seq > *marker;
-            *marker = (*marker).max(seq);
-            moved.then_some(*marker)
+            let marker = st.read.get_or_insert(room.id, Default::default());
+            let moved = seq > marker.seq;
+            if moved {
+                *marker = pos;
+            }
+            moved.then_some(marker.seq)
         };
         let receipt =
             proto::ReadReceipt { room: m.room, user: user.to_string(), seq: moved.unwrap_or(current).max(seq) };

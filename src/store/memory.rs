@@ -6,9 +6,10 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
+use super::fold::{self, Counts, DeletedRecord, Kv, Recording, Side, Target, Undo};
 use super::{
-    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, RoomDetails, RoomId, RoomRecord, RoomWrite,
-    Snapshot, Store, StoreError,
+    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, ReadPos, RoomDetails, RoomId, RoomRecord,
+    RoomWrite, Snapshot, Store, StoreError, message_key,
 };
 
 #[derive(Default)]
@@ -21,8 +22,52 @@ struct Inner {
     bans: BTreeMap<(RoomId, String), BanRecord>,
     invites: BTreeMap<(String, RoomId), InviteRecord>,
     revocations: BTreeMap<String, u64>,
-    reads: BTreeMap<(String, RoomId), u64>,
+    reads: BTreeMap<(String, RoomId), ReadPos>,
     idem: HashMap<(String, String), IdempotencyRecord>,
+    /// The other records of [`Side`], by side and key.
+    side: BTreeMap<(Side, Vec<u8>), Vec<u8>>,
+    /// What the last batch replaced beside the log.
+    undo: Vec<Undo>,
+}
+
+fn seq_key(key: &[u8]) -> Result<(RoomId, u64), StoreError> {
+    let n = |r: std::ops::Range<usize>| key.get(r).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    match (n(0..8), n(8..16)) {
+        (Some(room), Some(seq)) if key.len() == 16 => Ok((room, seq)),
+        _ => Err(StoreError::Corrupt(format!("malformed key {key:?}"))),
+    }
+}
+
+impl Kv for Inner {
+    fn get(&mut self, side: Side, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(match side {
+            Side::Messages => self.messages.get(&seq_key(key)?).map(|v| v.to_vec()),
+            _ => self.side.get(&(side, key.to_vec())).cloned(),
+        })
+    }
+    fn put(&mut self, side: Side, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        match side {
+            Side::Messages => self.messages.insert(seq_key(key)?, Bytes::copy_from_slice(value)).map(|_| ()),
+            _ => self.side.insert((side, key.to_vec()), value.to_vec()).map(|_| ()),
+        };
+        Ok(())
+    }
+    fn del(&mut self, side: Side, key: &[u8]) -> Result<(), StoreError> {
+        match side {
+            Side::Messages => self.messages.remove(&seq_key(key)?).map(|_| ()),
+            _ => self.side.remove(&(side, key.to_vec())).map(|_| ()),
+        };
+        Ok(())
+    }
+    fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<crate::store::fold::Records, StoreError> {
+        // Messages are never scanned by prefix.
+        Ok(self
+            .side
+            .range((side, prefix.to_vec())..)
+            .take_while(|((s, k), _)| *s == side && k.starts_with(prefix))
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 /// Keeps everything in maps behind one lock.
@@ -69,6 +114,31 @@ impl Store for MemoryStore {
             invites: g.invites.iter().map(|((u, r), i)| (u.clone(), *r, i.clone())).collect(),
             read_markers: g.reads.iter().map(|((u, r), s)| (u.clone(), *r, *s)).collect(),
             revocations: g.revocations.iter().map(|(u, t)| (u.clone(), *t)).collect(),
+            counts: g
+                .side
+                .range((Side::Counts, Vec::new())..)
+                .take_while(|((s, _), _)| *s == Side::Counts)
+                .map(|((_, k), v)| {
+                    let room = u64::from_be_bytes(
+                        k.get(..8)
+                            .and_then(|b| b.try_into().ok())
+                            .ok_or_else(|| StoreError::Corrupt(format!("key {k:?}")))?,
+                    );
+                    let user = String::from_utf8_lossy(&k[8..]).into_owned();
+                    Ok((room, user, Counts::decode(v)?))
+                })
+                .collect::<Result<_, StoreError>>()?,
+            deleted: g
+                .side
+                .range((Side::Deleted, Vec::new())..)
+                .take_while(|((s, _), _)| *s == Side::Deleted)
+                .map(|((_, k), v)| {
+                    let (room, seq) = seq_key(k)?;
+                    let record = prost::Message::decode(v.as_slice())
+                        .map_err(|e| StoreError::Corrupt(format!("a deleted record: {e}")))?;
+                    Ok((room, seq, record))
+                })
+                .collect::<Result<Vec<(RoomId, u64, DeletedRecord)>, StoreError>>()?,
         })
     }
 
@@ -109,10 +179,21 @@ impl Store for MemoryStore {
             }
         }
         for r in &batch.read_markers {
-            g.reads.insert((r.user.clone(), r.room), r.seq);
+            g.reads.insert((r.user.clone(), r.room), r.pos);
         }
         for (user, at) in &batch.revocations {
             g.revocations.insert(user.clone(), *at);
+        }
+        let runs = fold::runs(&batch.appends);
+        if !runs.is_empty() {
+            let inner = &mut *g;
+            let mut undo = std::mem::take(&mut inner.undo);
+            undo.clear();
+            for (room, entries) in &runs {
+                let first = entries[0].0;
+                fold::apply(&mut Recording { kv: inner, room: *room, first, log: &mut undo }, *room, entries)?;
+            }
+            inner.undo = undo;
         }
         Ok(())
     }
@@ -123,18 +204,43 @@ impl Store for MemoryStore {
 
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
         let mut g = self.lock();
+        let inner = &mut *g;
+        let mut undo = std::mem::take(&mut inner.undo);
+        let undone = fold::undo(inner, &mut undo, room)?;
+        inner.undo = undo;
         let tail = g.messages.split_off(&(room, from));
         let (gone, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = tail.into_iter().partition(|((r, _), _)| *r == room);
         g.messages.extend(keep);
         g.idem.retain(|_, rec| !(rec.room == room && gone.contains_key(&(room, rec.seq))));
+        if let Some(first) = undone.filter(|f| *f < from) {
+            fold::reapply(&mut *g, room, first, from - 1)?;
+        }
         Ok(gone.len())
     }
 
-    fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError> {
+    fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError> {
         if from > to {
             return Ok(Vec::new());
         }
-        Ok(self.lock().messages.range((room, from)..=(room, to)).map(|(_, v)| v.clone()).collect())
+        let mut g = self.lock();
+        let stored: Vec<(u64, Bytes)> =
+            g.messages.range((room, from)..=(room, to)).map(|(k, v)| (k.1, v.clone())).collect();
+        let mut out = Vec::with_capacity(stored.len());
+        for (seq, v) in stored {
+            match g.side.get(&(Side::Folds, message_key(room, seq).to_vec())).cloned() {
+                Some(f) => out.push(fold::view(&mut *g, room, seq, v, &f, viewer)?),
+                None => out.push(v),
+            }
+        }
+        Ok(out)
+    }
+
+    fn target(&self, room: RoomId, seq: u64) -> Result<Option<Target>, StoreError> {
+        fold::target(&mut *self.lock(), room, seq)
+    }
+
+    fn has_reaction(&self, room: RoomId, seq: u64, key: &str, user: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().side.contains_key(&(Side::Reactions, fold::reaction_key(room, seq, key, user))))
     }
 
     fn lookup_idempotent(&self, sender: &str, client_msg_id: &str) -> Result<Option<IdempotencyRecord>, StoreError> {

@@ -12,6 +12,7 @@
 //! [`memory::MemoryStore`] (tests and benches).
 
 pub mod commit;
+pub mod fold;
 pub mod idem;
 pub mod memory;
 pub mod rooms;
@@ -19,6 +20,7 @@ pub mod sled;
 
 use bytes::Bytes;
 
+pub use self::fold::{Counts, DeletedRecord, Entry, Target};
 pub use self::rooms::{BanRecord, InviteRecord, MemberRecord, RoomDetails, RoomWrite};
 
 /// A room's numeric id: the prefix of its messages' keys.
@@ -59,6 +61,8 @@ pub struct Append {
     pub client_msg_id: String,
     /// Server timestamp (Unix ms), kept with the idempotency record.
     pub ts_ms: u64,
+    /// What the entry is, for the state kept beside the log ([`fold`]).
+    pub entry: Entry,
 }
 
 /// What an earlier publish with the same sender and `client_msg_id` got.
@@ -79,8 +83,42 @@ pub struct ReadMarker {
     pub user: String,
     /// Room id.
     pub room: RoomId,
-    /// Highest seq the user has read.
+    /// Highest seq the user has read, with the counts through it.
+    pub pos: ReadPos,
+}
+
+/// A read marker and what the log held through it, which unread counts
+/// start from (ARCHITECTURE.md, "Unread counts").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadPos {
+    /// Highest seq read.
     pub seq: u64,
+    /// Messages (not change entries) with seq <= `seq`.
+    pub messages: u64,
+    /// Of those, the user's own.
+    pub sent: u64,
+    /// Of those, by others and mentioning the user.
+    pub mentioned: u64,
+}
+
+impl ReadPos {
+    /// 32 bytes: the four fields, u64 BE each.
+    pub fn encode(&self) -> [u8; 32] {
+        let mut v = [0u8; 32];
+        for (i, n) in [self.seq, self.messages, self.sent, self.mentioned].into_iter().enumerate() {
+            v[i * 8..i * 8 + 8].copy_from_slice(&n.to_be_bytes());
+        }
+        v
+    }
+
+    /// Inverse of [`ReadPos::encode`].
+    pub fn decode(v: &[u8]) -> Option<Self> {
+        if v.len() != 32 {
+            return None;
+        }
+        let n = |i: usize| u64::from_be_bytes(v[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        Some(ReadPos { seq: n(0), messages: n(1), sent: n(2), mentioned: n(3) })
+    }
 }
 
 /// Everything one group commit writes.
@@ -128,8 +166,13 @@ pub struct Snapshot {
     pub bans: Vec<(RoomId, String, BanRecord)>,
     /// (invitee, room, invitation) pending invitations.
     pub invites: Vec<(String, RoomId, InviteRecord)>,
-    /// (user, room, seq) read markers.
-    pub read_markers: Vec<(String, RoomId, u64)>,
+    /// (user, room, position) read markers.
+    pub read_markers: Vec<(String, RoomId, ReadPos)>,
+    /// (room, user, counters); user "" holds the room's count of change
+    /// entries in `sent`.
+    pub counts: Vec<(RoomId, String, Counts)>,
+    /// (room, seq, who sent it) of deleted messages.
+    pub deleted: Vec<(RoomId, u64, DeletedRecord)>,
     /// (user, Unix seconds) revocations: tokens issued before are refused.
     pub revocations: Vec<(String, u64)>,
 }
@@ -169,8 +212,16 @@ pub trait Store: Send + Sync + 'static {
     /// never acknowledged, and its seqs are about to be handed out again.
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError>;
 
-    /// The encoded `Message`s of `room` with `from <= seq <= to`, ascending.
-    fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError>;
+    /// The encoded `Message`s of `room` with `from <= seq <= to`, ascending,
+    /// each with its latest state folded in as `viewer` sees it
+    /// ([`fold::view`]).
+    fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError>;
+
+    /// The message at `seq` as the target of a change (committed state).
+    fn target(&self, room: RoomId, seq: u64) -> Result<Option<Target>, StoreError>;
+
+    /// Whether `user` has reacted with `key` to the message at `seq`.
+    fn has_reaction(&self, room: RoomId, seq: u64, key: &str, user: &str) -> Result<bool, StoreError>;
 
     /// The record of an earlier publish with this sender and key, if it is
     /// still in the window.
@@ -242,6 +293,8 @@ impl IdempotencyRecord {
 pub(crate) mod contract {
     //! Behaviour every `Store` must have; run against each implementation.
 
+    use std::collections::HashMap;
+
     use super::*;
 
     /// The encoded message `append` stores; its text names room and seq.
@@ -254,7 +307,7 @@ pub(crate) mod contract {
             ts_ms: 1000 + seq,
             client_msg_id: cmid.into(),
             text: format!("m{room}-{seq}"),
-            data: Bytes::new(),
+            ..Default::default()
         };
         Bytes::from(m.encode_to_vec())
     }
@@ -267,6 +320,7 @@ pub(crate) mod contract {
             sender: sender.into(),
             client_msg_id: cmid.into(),
             ts_ms: 1000 + seq,
+            entry: Entry::Message { user: sender.into(), mentions: Vec::new() },
         }
     }
 
@@ -310,15 +364,16 @@ pub(crate) mod contract {
             b.appends.push(append(1, seq, "ann", &format!("c{seq}")));
         }
         b.appends.push(append(2, 1, "bob", ""));
-        b.read_markers.push(ReadMarker { user: "bob".into(), room: 1, seq: 3 });
+        let pos = ReadPos { seq: 3, messages: 3, sent: 0, mentioned: 0 };
+        b.read_markers.push(ReadMarker { user: "bob".into(), room: 1, pos });
         b.revocations.push(("eve".into(), 100));
         store.write(&b).unwrap();
         store.sync().unwrap();
 
-        let got = store.read_range(1, 2, 4).unwrap();
+        let got = store.read_range(1, 2, 4, "").unwrap();
         let want: Vec<Bytes> = (2..=4).map(|s| encoded(1, s, "ann", &format!("c{s}"))).collect();
         assert_eq!(got, want);
-        assert!(store.read_range(1, 6, 9).unwrap().is_empty());
+        assert!(store.read_range(1, 6, 9, "").unwrap().is_empty());
         assert_eq!(
             store.lookup_idempotent("ann", "c2").unwrap(),
             Some(IdempotencyRecord { room: 1, seq: 2, ts_ms: 1002 })
@@ -349,7 +404,10 @@ pub(crate) mod contract {
         assert_eq!(store.departure("bob", 1).unwrap(), Some(removed));
         assert_eq!(store.departure("ann", 1).unwrap(), None, "a member");
         assert_eq!(store.departure("zed", 1).unwrap(), None, "never a member");
-        assert_eq!(snap.read_markers, vec![("bob".into(), 1, 3)]);
+        assert_eq!(snap.read_markers, vec![("bob".into(), 1, pos)]);
+        let mut counts: Vec<_> = snap.counts.iter().map(|(r, u, c)| (*r, u.clone(), c.sent)).collect();
+        counts.sort();
+        assert_eq!(counts, vec![(1, "ann".into(), 5), (2, "bob".into(), 1)]);
         assert_eq!(snap.revocations, vec![("eve".into(), 100)]);
 
         assert_eq!(store.expire_idempotency(1003).unwrap(), 2);
@@ -359,12 +417,83 @@ pub(crate) mod contract {
         // A failed commit's tail goes, with its idempotency records; other
         // rooms and earlier messages stay.
         assert_eq!(store.truncate(1, 4).unwrap(), 2);
-        assert_eq!(store.read_range(1, 1, 10).unwrap().len(), 3);
+        assert_eq!(store.read_range(1, 1, 10, "").unwrap().len(), 3);
         assert_eq!(store.lookup_idempotent("ann", "c4").unwrap(), None);
         assert!(store.lookup_idempotent("ann", "c3").unwrap().is_some());
-        assert_eq!(store.read_range(2, 1, 1).unwrap().len(), 1);
+        assert_eq!(store.read_range(2, 1, 1, "").unwrap().len(), 1);
         assert_eq!(store.truncate(1, 4).unwrap(), 0);
         let heads: Vec<_> = store.load().unwrap().rooms.iter().map(|r| (r.id, r.head)).collect();
         assert!(heads.contains(&(1, 3)) && heads.contains(&(2, 1)), "{heads:?}");
+        changes(store);
+    }
+
+    /// A change entry by `user` of `kind` to `target`, at `seq` of room 3.
+    pub fn change(seq: u64, user: &str, target: u64, kind: crate::proto::ChangeKind, text: &str) -> Append {
+        use prost::Message as _;
+        let m = crate::proto::Message {
+            room: "room3".into(),
+            seq,
+            sender: user.into(),
+            ts_ms: 2000 + seq,
+            text: text.into(),
+            change: Some(crate::proto::MessageChange { target_seq: target, kind: kind as i32, key: "+1".into() }),
+            ..Default::default()
+        };
+        Append {
+            room: 3,
+            seq,
+            message: Bytes::from(m.encode_to_vec()),
+            sender: user.into(),
+            client_msg_id: String::new(),
+            ts_ms: 2000 + seq,
+            entry: Entry::Change { user: user.into(), target, kind, key: "+1".into() },
+        }
+    }
+
+    fn decoded(store: &dyn Store, seq: u64, viewer: &str) -> crate::proto::Message {
+        use prost::Message as _;
+        crate::proto::Message::decode(store.read_range(3, seq, seq, viewer).unwrap()[0].as_ref()).unwrap()
+    }
+
+    /// Changes fold into their targets, and a failed commit's changes are
+    /// taken back with its entries.
+    fn changes(store: &dyn Store) {
+        use crate::proto::ChangeKind;
+        let mut b = Batch::default();
+        b.appends.push(append(3, 1, "ann", ""));
+        b.appends.push(append(3, 2, "ann", ""));
+        b.appends.push(change(3, "bob", 1, ChangeKind::ReactionAdd, ""));
+        store.write(&b).unwrap();
+        store.sync().unwrap();
+        assert!(store.has_reaction(3, 1, "+1", "bob").unwrap());
+        let t = store.target(3, 1).unwrap().unwrap();
+        assert_eq!(
+            (t.sender.as_str(), t.is_change, t.deleted, t.keys.clone()),
+            ("ann", false, false, vec![("+1".into(), 1)])
+        );
+        assert!(store.target(3, 3).unwrap().unwrap().is_change);
+        assert!(store.target(3, 9).unwrap().is_none());
+        let m = decoded(store, 1, "bob");
+        assert_eq!((m.reactions.len(), m.reactions[0].mine, m.folded_seq), (1, true, 3));
+        assert!(!decoded(store, 1, "ann").reactions[0].mine);
+
+        // A batch that edits 1 and deletes 2 fails: taken back whole.
+        let mut failed = Batch::default();
+        failed.appends.push(change(4, "ann", 1, ChangeKind::Edit, "edited"));
+        failed.appends.push(change(5, "ann", 2, ChangeKind::Delete, ""));
+        failed.appends.push(append(3, 6, "ann", ""));
+        store.write(&failed).unwrap();
+        assert_eq!(decoded(store, 1, "").text, "edited");
+        assert!(decoded(store, 2, "").deleted);
+        assert_eq!(store.truncate(3, 4).unwrap(), 3);
+        let (one, two) = (decoded(store, 1, ""), decoded(store, 2, ""));
+        assert_eq!((one.text.as_str(), one.edited_ms, one.folded_seq), ("m3-1", 0, 3), "the edit is taken back");
+        assert!(!two.deleted && two.text == "m3-2", "the deleted content is back: {two:?}");
+        let snap = store.load().unwrap();
+        let counts: HashMap<&str, Counts> =
+            snap.counts.iter().filter(|(r, _, _)| *r == 3).map(|(_, u, c)| (u.as_str(), *c)).collect();
+        assert_eq!(counts["ann"].sent, 2, "the failed batch's message is not counted");
+        assert_eq!(counts[""].sent, 1, "one change entry");
+        assert!(snap.deleted.iter().all(|(r, _, _)| *r != 3));
     }
 }

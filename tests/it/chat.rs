@@ -16,7 +16,7 @@ async fn pipelined_publisher(s: &TestServer, user: &str, room: &str, n: u64) -> 
             room: room.into(),
             client_msg_id: format!("{user}-{i}"),
             text: format!("{user} {i}"),
-            data: Default::default(),
+            ..Default::default()
         }))
         .await;
     for (i, a) in acks.iter().enumerate() {

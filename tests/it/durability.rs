@@ -73,7 +73,7 @@ async fn publish_until_cut(
     acked_so_far: Arc<AtomicUsize>,
 ) -> HashMap<String, (String, u64)> {
     let keys = (0..n).map(|i| (format!("{user}-{i}"), rooms[i as usize % rooms.len()].clone())).collect();
-    publish_keys(addr, token, keys, acked_so_far).await
+    publish_keys(addr, token, keys, acked_so_far, Default::default()).await
 }
 
 /// Waits until `counter` reaches `n` (or panics after a while).
@@ -263,11 +263,42 @@ async fn setup(addr: &str, token: &str, rooms: &[&String]) -> Option<Raw> {
 
 /// Publishes `keys` (user-counter keys, each with its room) pipelined, in
 /// order; returns the acks received before the connection ended or all came.
+/// A change the crash battery makes instead of a publish: of what kind,
+/// to which seq of the key's room.
+#[derive(Clone, Copy, Debug)]
+enum ChangeOf {
+    React(u64),
+    Edit(u64),
+    Delete(u64),
+}
+
+impl ChangeOf {
+    fn body(self, room: &str, key: &str) -> Body {
+        let (room, client_msg_id) = (room.to_string(), key.to_string());
+        match self {
+            ChangeOf::React(seq) => {
+                Body::React(proto::React { room, seq, key: format!("r-{key}"), add: true, client_msg_id })
+            }
+            ChangeOf::Edit(seq) => Body::Edit(proto::Edit {
+                room,
+                seq,
+                client_msg_id,
+                text: format!("edit-{key}"),
+                data: Default::default(),
+            }),
+            ChangeOf::Delete(seq) => Body::Delete(proto::Delete { room, seq, client_msg_id }),
+        }
+    }
+}
+
+/// Pipelines a publish (or, for the keys in `changes`, that change) per
+/// key and returns the acks received before the connection ended.
 async fn publish_keys(
     addr: String,
     token: String,
     keys: Vec<(String, String)>,
     counter: Arc<AtomicUsize>,
+    changes: Arc<HashMap<String, ChangeOf>>,
 ) -> HashMap<String, (String, u64)> {
     if keys.is_empty() {
         return HashMap::new();
@@ -280,9 +311,16 @@ async fn publish_keys(
     let Some(mut r) = setup(&addr, &token, &rooms).await else { return HashMap::new() };
     let mut wire = BytesMut::new();
     for (i, (key, room)) in keys.iter().enumerate() {
-        let p =
-            proto::Publish { room: room.clone(), client_msg_id: key.clone(), text: key.clone(), ..Default::default() };
-        put_frame(&mut wire, &Envelope::new(1000 + i as u64, Body::Publish(p)));
+        let body = match changes.get(key) {
+            Some(c) => c.body(room, key),
+            None => Body::Publish(proto::Publish {
+                room: room.clone(),
+                client_msg_id: key.clone(),
+                text: key.clone(),
+                ..Default::default()
+            }),
+        };
+        put_frame(&mut wire, &Envelope::new(1000 + i as u64, body));
     }
     let mut w = r.writer;
     tokio::spawn(async move {
@@ -416,6 +454,12 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
     let mut kills = Vec::new();
     let mut moderation: Vec<(usize, usize, Body)> = Vec::new();
     const MOD_ROOMS: usize = 40;
+    // One key in ten is a change to a message acknowledged in an earlier
+    // round: c0 and c1 react to each other's messages, everyone edits their
+    // own, c2 deletes some of its own (and nobody reacts to those).
+    let mut changes: HashMap<String, ChangeOf> = HashMap::new();
+    let mut targets: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
+    let mut used: HashSet<(String, u64)> = HashSet::new();
     for round in 0..=CRASHES {
         let server = Process::start(tmp.path(), &[]);
         let counter = Arc::new(AtomicUsize::new(0));
@@ -442,11 +486,39 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
             for _ in 0..n {
                 let c = next[u];
                 next.insert(u, c + 1);
-                keys.push((format!("{u}-{c}"), rooms[(c as usize) % rooms.len()].clone()));
+                let key = format!("{u}-{c}");
+                let change = match (c % 10, u) {
+                    (3, "c0" | "c1") => {
+                        let other = if u == "c0" { "c1" } else { "c0" };
+                        targets
+                            .get(other)
+                            .and_then(|t| t.get(c as usize % t.len().max(1)))
+                            .map(|(room, seq)| (room.clone(), ChangeOf::React(*seq)))
+                    }
+                    (6, _) | (9, "c2") => {
+                        let own = targets.entry(u).or_default();
+                        let pick = own.iter().position(|t| !used.contains(t));
+                        pick.map(|i| {
+                            let (room, seq) = if c % 10 == 9 { own.swap_remove(i) } else { own[i].clone() };
+                            used.insert((room.clone(), seq));
+                            let change = if c % 10 == 9 { ChangeOf::Delete(seq) } else { ChangeOf::Edit(seq) };
+                            (room, change)
+                        })
+                    }
+                    _ => None,
+                };
+                match change {
+                    Some((room, change)) => {
+                        changes.insert(key.clone(), change);
+                        keys.push((key, room));
+                    }
+                    None => keys.push((key, rooms[(c as usize) % rooms.len()].clone())),
+                }
             }
             pending.insert(u, keys.clone());
             let token = token_for(tmp.path(), u);
-            tasks.push((u, tokio::spawn(publish_keys(server.addr.clone(), token, keys, counter.clone()))));
+            let changes = Arc::new(changes.clone());
+            tasks.push((u, tokio::spawn(publish_keys(server.addr.clone(), token, keys, counter.clone(), changes))));
         }
         let mut server = server;
         if !last_round {
@@ -468,6 +540,11 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
             let got = t.await.unwrap();
             pending.get_mut(u).unwrap().retain(|(k, _)| !got.contains_key(k));
             for (k, v) in got {
+                // c2's messages are deleted, not reacted to; a message is
+                // edited once (a later edit could race its retry).
+                if !changes.contains_key(&k) && (u != "c2" || k.ends_with('0')) {
+                    targets.entry(u).or_default().push(v.clone());
+                }
                 if let Some(prev) = acked.insert(k.clone(), v.clone()) {
                     assert_eq!(prev, v, "{k} acked twice with different seqs");
                 }
@@ -477,8 +554,10 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
             assert!(pending.values().all(|p| p.is_empty()), "every retry was acked in the end");
             let a = audit(&server.addr, &token_for(tmp.path(), "auditor"), &rooms, &acked).await;
             let moderated = audit_moderation(&server.addr, tmp.path(), &moderation).await;
+            let changed = audit_changes(&server.addr, tmp.path(), &rooms, &acked, &changes).await;
             eprintln!(
                 "crash battery: {} crashes (after {kills:?} acks), {} acknowledged, {} stored, {} lost, {} duplicated; \
+                 {changed} acknowledged edits, deletes and reactions all in force; \
                  {moderated} answered room changes all in force",
                 kills.len(),
                 acked.len(),
@@ -490,6 +569,55 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
             assert_eq!(a.stored, acked.len(), "everything stored was acknowledged once retried");
         }
     }
+}
+
+/// Every acknowledged change of the crash battery is in force in the folded
+/// history: the reaction on its target, the edit's text (or a later one's),
+/// the target deleted. Returns how many were checked.
+async fn audit_changes(
+    addr: &str,
+    dir: &std::path::Path,
+    rooms: &[String],
+    acked: &HashMap<String, (String, u64)>,
+    changes: &HashMap<String, ChangeOf>,
+) -> usize {
+    let mut r = Raw::connect_as(addr, &token_for(dir, "auditor")).await;
+    let mut logs: HashMap<String, Vec<proto::Message>> = HashMap::new();
+    for room in rooms {
+        logs.insert(room.clone(), r.history_all(room).await);
+    }
+    let mut checked = [0usize; 3];
+    for (key, (room, seq)) in acked {
+        let Some(change) = changes.get(key) else { continue };
+        let log = &logs[room];
+        let entry = &log[*seq as usize - 1];
+        assert_eq!(entry.client_msg_id, *key, "the change entry is at its acked seq");
+        match *change {
+            ChangeOf::React(t) => {
+                let target = &log[t as usize - 1];
+                let want = format!("r-{key}");
+                assert!(target.reactions.iter().any(|r| r.key == want && r.count == 1), "{want} on #{t} of {room}");
+                checked[0] += 1;
+            }
+            ChangeOf::Edit(t) => {
+                let target = &log[t as usize - 1];
+                assert!(target.deleted || target.text.starts_with("edit-"), "the edit of #{t} in {room}: {target:?}");
+                let last = log.iter().rfind(|m| m.change.as_ref().is_some_and(|c| c.target_seq == t));
+                if !target.deleted && last.is_some_and(|m| m.change.as_ref().unwrap().kind() == proto::ChangeKind::Edit)
+                {
+                    assert_eq!(target.text, last.unwrap().text, "#{t} of {room} shows its latest edit");
+                }
+                checked[1] += 1;
+            }
+            ChangeOf::Delete(t) => {
+                let target = &log[t as usize - 1];
+                assert!(target.deleted && target.text.is_empty(), "#{t} of {room} deleted: {target:?}");
+                checked[2] += 1;
+            }
+        }
+    }
+    assert!(checked.iter().all(|n| *n > 0), "reactions, edits and deletes were all acknowledged: {checked:?}");
+    checked.iter().sum()
 }
 
 /// A store that acknowledges every 25th append without keeping it: the
@@ -525,8 +653,20 @@ impl chatd::store::Store for LossyStore {
     fn truncate(&self, room: u64, from: u64) -> Result<usize, chatd::store::StoreError> {
         self.inner.truncate(room, from)
     }
-    fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, chatd::store::StoreError> {
-        self.inner.read_range(room, from, to)
+    fn read_range(
+        &self,
+        room: u64,
+        from: u64,
+        to: u64,
+        viewer: &str,
+    ) -> Result<Vec<bytes::Bytes>, chatd::store::StoreError> {
+        self.inner.read_range(room, from, to, viewer)
+    }
+    fn target(&self, room: u64, seq: u64) -> Result<Option<chatd::store::Target>, chatd::store::StoreError> {
+        self.inner.target(room, seq)
+    }
+    fn has_reaction(&self, room: u64, seq: u64, key: &str, user: &str) -> Result<bool, chatd::store::StoreError> {
+        self.inner.has_reaction(room, seq, key, user)
     }
     fn lookup_idempotent(
         &self,
@@ -560,7 +700,9 @@ async fn the_audit_catches_a_store_that_loses_acknowledged_messages() {
     let addr = server.tcp_addr.to_string();
     let rooms = vec!["lossy".to_string()];
     let keys: Vec<(String, String)> = (0..200).map(|i| (format!("u-{i}"), "lossy".to_string())).collect();
-    let acked = publish_keys(addr.clone(), token_for(tmp.path(), "u"), keys, Arc::new(AtomicUsize::new(0))).await;
+    let acked =
+        publish_keys(addr.clone(), token_for(tmp.path(), "u"), keys, Arc::new(AtomicUsize::new(0)), Default::default())
+            .await;
     assert_eq!(acked.len(), 200, "the faulty store acks everything");
     let a = audit(&addr, &token_for(tmp.path(), "auditor"), &rooms, &acked).await;
     assert!(!a.clean(), "the audit must fail on a store that drops acked messages");

@@ -54,8 +54,14 @@ impl Store for Switchable {
         self.check()?;
         self.inner.truncate(room, from)
     }
-    fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
-        self.inner.read_range(room, from, to)
+    fn read_range(&self, room: u64, from: u64, to: u64, viewer: &str) -> Result<Vec<bytes::Bytes>, StoreError> {
+        self.inner.read_range(room, from, to, viewer)
+    }
+    fn target(&self, room: u64, seq: u64) -> Result<Option<chatd::store::Target>, StoreError> {
+        self.inner.target(room, seq)
+    }
+    fn has_reaction(&self, room: u64, seq: u64, key: &str, user: &str) -> Result<bool, StoreError> {
+        self.inner.has_reaction(room, seq, key, user)
     }
     fn lookup_idempotent(&self, s: &str, k: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.inner.lookup_idempotent(s, k)

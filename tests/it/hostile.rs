@@ -42,7 +42,7 @@ fn random_envelope(rng: &mut Rng) -> Vec<u8> {
         2 => "x".repeat(rng.below(300) as usize),
         _ => format!("dm:{}:{}", rng.below(9), rng.below(9)),
     };
-    let body = match rng.below(10) {
+    let body = match rng.below(13) {
         0 => Body::Join(proto::Join { room }),
         1 => Body::Leave(proto::Leave { room }),
         2 => Body::Publish(proto::Publish {
@@ -50,6 +50,23 @@ fn random_envelope(rng: &mut Rng) -> Vec<u8> {
             client_msg_id: "x".repeat(rng.below(400) as usize),
             text: "t".into(),
             data: rng.bytes_upto(2000).into(),
+            reply_to: rng.next() % 8,
+            mentions: (0..rng.below(60)).map(|i| format!("u{i}")).collect(),
+        }),
+        9 => Body::Edit(proto::Edit {
+            room,
+            seq: rng.next() % 8,
+            client_msg_id: "e".repeat(rng.below(200) as usize),
+            text: "x".repeat(rng.below(70_000) as usize),
+            data: Default::default(),
+        }),
+        10 => Body::Delete(proto::Delete { room, seq: rng.next() % 8, client_msg_id: String::new() }),
+        11 => Body::React(proto::React {
+            room,
+            seq: rng.next() % 8,
+            key: String::from_utf8_lossy(&rng.bytes_upto(100)).into_owned(),
+            add: rng.below(2) == 0,
+            client_msg_id: String::new(),
         }),
         3 => Body::History(proto::History {
             room,

@@ -6,6 +6,7 @@
 mod api;
 mod bench;
 mod browser;
+mod changes;
 mod chat;
 mod cli;
 mod cli_rooms;

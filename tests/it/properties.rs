@@ -24,7 +24,14 @@ fn text() -> impl Strategy<Value = String> {
 fn body() -> impl Strategy<Value = Body> {
     prop_oneof![
         (text(), text(), text(), proptest::collection::vec(any::<u8>(), 0..200)).prop_map(|(room, k, t, d)| {
-            Body::Publish(proto::Publish { room, client_msg_id: k, text: t, data: d.into() })
+            Body::Publish(proto::Publish {
+                room,
+                client_msg_id: k,
+                text: t.clone(),
+                data: d.into(),
+                reply_to: t.len() as u64,
+                mentions: vec![t],
+            })
         }),
         (text(), any::<u64>(), text(), any::<u64>(), text(), proptest::collection::vec(any::<u8>(), 0..100)).prop_map(
             |(room, seq, sender, ts_ms, t, d)| Body::Message(proto::Message {
@@ -33,15 +40,22 @@ fn body() -> impl Strategy<Value = Body> {
                 sender,
                 ts_ms,
                 client_msg_id: String::new(),
-                text: t,
-                data: d.into()
+                text: t.clone(),
+                data: d.into(),
+                change: (seq % 2 == 0).then(|| proto::MessageChange {
+                    target_seq: seq / 2,
+                    kind: (seq % 5) as i32,
+                    key: t.clone(),
+                }),
+                reactions: vec![proto::Reaction { key: t, count: ts_ms as u32, users: vec![], mine: seq % 3 == 0 }],
+                ..Default::default()
             })
         ),
         (text(), any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(room, b, a, limit, forward)| {
             Body::History(proto::History { room, before_seq: b, after_seq: a, limit, forward })
         }),
         (text(), any::<u64>(), any::<u64>()).prop_map(|(room, head_seq, read_seq)| Body::Joined(proto::Joined {
-            state: Some(proto::RoomState { room, head_seq, read_seq, info: None }),
+            state: Some(proto::RoomState { room, head_seq, read_seq, info: None, unread: head_seq / 3, mentions: 1 }),
             online: vec!["a".into()]
         })),
         (any::<i32>(), text()).prop_map(|(code, message)| Body::Error(proto::Error { code, message })),

@@ -18,6 +18,29 @@ async fn publish_n(s: &TestServer, user: &str, room: &str, n: usize) {
     }
 }
 
+/// `n` entries into `room` by `user`: messages, and every fifth a change
+/// to one of them — a reaction, an edit, a delete in turn.
+async fn publish_with_changes(s: &TestServer, user: &str, room: &str, n: usize) {
+    let (c, _) = s.client(user).await;
+    c.join(room).await.unwrap();
+    let mut mine: Vec<u64> = Vec::new();
+    for i in 0..n {
+        let ack = match (i % 15, mine.len()) {
+            (4, 1..) => c.react(room, mine[i % mine.len()], &format!("k{i}"), true).await,
+            (9, 1..) => c.edit(room, mine[i % mine.len()], &format!("edited {i}")).await,
+            (14, 1..) => c.delete(room, mine.swap_remove(i % mine.len())).await,
+            _ => {
+                let ack = c.publish(room, &format!("{user} {i}")).await;
+                if let Ok(a) = &ack {
+                    mine.push(a.seq);
+                }
+                ack
+            }
+        };
+        ack.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_replays_what_was_missed_then_synced_then_live() {
     let s = TestServer::start().await;
@@ -99,17 +122,22 @@ async fn reconnecting_during_continuous_publishing_loses_and_repeats_nothing() {
         let s = s.clone();
         let done = done.clone();
         tokio::spawn(async move {
-            publish_n(&s, "pub", "feed", TOTAL as usize).await;
+            // Edits, deletes and reactions are entries like messages.
+            publish_with_changes(&s, "pub", "feed", TOTAL as usize).await;
             done.store(true, Ordering::Release);
         })
     };
     let mut got: Vec<u64> = Vec::new();
+    let mut changes = 0;
     let mut reconnects = 0;
     while got.last().copied().unwrap_or(0) < TOTAL {
         // Read a handful, then drop the connection mid-stream.
         for _ in 0..7 {
             match sub.recv().await.body {
-                Some(Body::Message(m)) => got.push(m.seq),
+                Some(Body::Message(m)) => {
+                    changes += usize::from(m.change.is_some());
+                    got.push(m.seq)
+                }
                 Some(_) => {}
                 None => {}
             }
@@ -129,6 +157,7 @@ async fn reconnecting_during_continuous_publishing_loses_and_repeats_nothing() {
     assert!(done.load(Ordering::Acquire));
     assert!(reconnects > 10, "the test reconnected {reconnects} times");
     assert_eq!(got, (1..=TOTAL).collect::<Vec<_>>(), "no gap and no duplicate across {reconnects} reconnects");
+    assert_eq!(changes, 120, "every change entry once");
 }
 
 /// The client library across a server restart: it reconnects by itself,
@@ -241,20 +270,37 @@ async fn a_bursty_reader_gets_everything_across_many_overflows() {
             publish_pipelined(&c, batch, 64).await;
         }));
     }
+    // Beside them in room a, a message and 100 reactions to it: change
+    // entries reach a slow reader like messages.
+    const CHANGES: usize = 100;
+    {
+        let s = s.clone();
+        publishers.push(tokio::spawn(async move {
+            let (c, _) = s.client("fan").await;
+            c.join("a").await.unwrap();
+            let seq = c.publish("a", "react to me").await.unwrap().seq;
+            for i in 0..CHANGES {
+                c.react("a", seq, &format!("k{}", i % 50), i < 50).await.unwrap();
+            }
+        }));
+    }
+    let total = 2 * N + 1 + CHANGES;
     let mut last = std::collections::HashMap::from([("a".to_string(), 0u64), ("b".to_string(), 0u64)]);
-    let mut received = 0;
-    while received < 2 * N {
+    let (mut received, mut changes) = (0, 0);
+    while received < total {
         for _ in 0..25 {
             let m = r.next_message().await;
             let prev = last.insert(m.room.clone(), m.seq).unwrap();
             assert_eq!(m.seq, prev + 1, "room {} in order, no gap, no duplicate", m.room);
             received += 1;
-            if received == 2 * N {
+            changes += usize::from(m.change.is_some());
+            if received == total {
                 break;
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    assert_eq!(changes, CHANGES);
     for p in publishers {
         p.await.unwrap();
     }

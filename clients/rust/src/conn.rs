@@ -472,7 +472,13 @@ mod tests {
     }
 
     fn state(room: &str, head_seq: u64, role: Role) -> proto::RoomState {
-        proto::RoomState { room: room.into(), head_seq, read_seq: 0, info: Some(info(room, role)) }
+        proto::RoomState {
+            room: room.into(),
+            head_seq,
+            read_seq: 0,
+            info: Some(info(room, role)),
+            ..Default::default()
+        }
     }
 
     fn welcome(rooms: Vec<proto::RoomState>, invites: Vec<proto::Invitation>) -> proto::Welcome {

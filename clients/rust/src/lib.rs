@@ -37,6 +37,7 @@
 //! [`Client::invites`], [`membership`]). A room the user left or was removed
 //! or banned from is no longer resumed.
 
+pub mod changes;
 pub mod conn;
 pub mod cursor;
 pub mod membership;
@@ -47,7 +48,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
 use chatd::proto::{self, Body};
 use tokio::sync::{mpsc, oneshot};
 
@@ -299,7 +299,7 @@ impl Client {
             room: room.into(),
             client_msg_id: self.next_client_msg_id(),
             text: text.into(),
-            data: Bytes::new(),
+            ..Default::default()
         })
         .await
     }

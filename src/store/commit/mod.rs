@@ -193,7 +193,7 @@ mod tests {
         }
         handle.await.unwrap();
         assert_eq!(seen, (1..=100).collect::<Vec<_>>());
-        assert_eq!(store.read_range(1, 1, 1000).unwrap().len(), 100);
+        assert_eq!(store.read_range(1, 1, 1000, "").unwrap().len(), 100);
     }
 
     /// A store whose writes fail: with an error, or (`true`) by panicking.
@@ -221,8 +221,14 @@ mod tests {
         fn truncate(&self, _: u64, _: u64) -> Result<usize, StoreError> {
             Ok(0)
         }
-        fn read_range(&self, _: u64, _: u64, _: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
+        fn read_range(&self, _: u64, _: u64, _: u64, _: &str) -> Result<Vec<bytes::Bytes>, StoreError> {
             Ok(vec![])
+        }
+        fn target(&self, _: u64, _: u64) -> Result<Option<crate::store::Target>, StoreError> {
+            Ok(None)
+        }
+        fn has_reaction(&self, _: u64, _: u64, _: &str, _: &str) -> Result<bool, StoreError> {
+            Ok(false)
         }
         fn lookup_idempotent(&self, _: &str, _: &str) -> Result<Option<crate::store::IdempotencyRecord>, StoreError> {
             Ok(None)
@@ -296,8 +302,14 @@ mod tests {
         fn truncate(&self, room: u64, from: u64) -> Result<usize, StoreError> {
             self.inner.truncate(room, from)
         }
-        fn read_range(&self, room: u64, from: u64, to: u64) -> Result<Vec<bytes::Bytes>, StoreError> {
-            self.inner.read_range(room, from, to)
+        fn read_range(&self, room: u64, from: u64, to: u64, viewer: &str) -> Result<Vec<bytes::Bytes>, StoreError> {
+            self.inner.read_range(room, from, to, viewer)
+        }
+        fn target(&self, room: u64, seq: u64) -> Result<Option<crate::store::Target>, StoreError> {
+            self.inner.target(room, seq)
+        }
+        fn has_reaction(&self, room: u64, seq: u64, key: &str, user: &str) -> Result<bool, StoreError> {
+            self.inner.has_reaction(room, seq, key, user)
         }
         fn lookup_idempotent(
             &self,
@@ -388,7 +400,7 @@ mod tests {
             let ops = ops as usize;
             let expected = vec![(ops + 1, false), (ops, inline), (1, inline), (2, false), (2, inline)];
             assert_eq!(writes, expected, "{durability}");
-            assert_eq!(store.read_range(1, 1, 1000).unwrap().len(), 2 * ops + 6);
+            assert_eq!(store.read_range(1, 1, 1000, "").unwrap().len(), 2 * ops + 6);
         }
     }
 

@@ -11,7 +11,12 @@
 //! * `invites` — `user ‖ 0 ‖ room_id` → [`InviteRecord`].
 //! * `revocations` — user → Unix seconds (u64 BE): tokens of the user
 //!   issued before are refused.
-//! * `reads` — `user ‖ 0 ‖ room_id` → read seq (u64 BE).
+//! * `reads` — `user ‖ 0 ‖ room_id` → [`ReadPos`](super::ReadPos): the read
+//!   seq and the counts through it.
+//! * `folds`, `reactions`, `counts`, `deleted` — the state beside the log
+//!   that [`super::fold`] keeps: a changed message's latest state, who
+//!   reacted, per user and room the counters of unread counts, and who
+//!   sent each deleted message.
 //! * `idem_journal` — record number (u64 BE) → the idempotency entries of
 //!   one group commit (the idempotency window; [`crate::store::idem`] says why it
 //!   is a journal with an index in memory and not a record per key).
@@ -29,7 +34,10 @@
 //! sled recovers a prefix of its log (it stops at the first torn or missing
 //! segment), so a crash keeps a prefix of that order: never a message
 //! without its room's name, never a gap in a room's seqs, and at most the
-//! journal record of the tail missing, which `load` re-indexes. A
+//! journal record of the tail missing, which `load` re-indexes. The
+//! state beside the log comes after the entries, between an `applying`
+//! record and its removal: `load` applies again what a crash may have cut
+//! short ([`super::fold::apply`] skips what it had applied). A
 //! message kept that was never acknowledged is a publish whose ack was lost:
 //! its retry finds it by its idempotency key. `apply_batch` would make each
 //! tree's part atomic, but measured twice the cost per insert (benches/README.md,
@@ -47,9 +55,12 @@
 //! returns.
 //!
 //! Files: [`trees`] opens the database and checks its format, [`journal`]
-//! keeps the idempotency window, [`upgrade`] converts older formats, and
-//! [`recovery`] reopens the database after a storage failure.
+//! keeps the idempotency window, [`upgrade`] converts older formats,
+//! [`recovery`] reopens the database after a storage failure, and
+//! [`compact`] copies the store into fresh files, leaving behind the
+//! bytes of what was overwritten or removed.
 
+pub mod compact;
 mod journal;
 mod recovery;
 mod trees;
@@ -63,13 +74,17 @@ use bytes::Bytes;
 
 use self::journal::{EXPIRED_BEFORE, decode_record, journal_entries, keep_in_record, record_number};
 use self::recovery::check_writable;
-pub use self::trees::{FORMAT, FORMAT_1, FORMAT_2};
+pub use self::trees::{FORMAT, FORMAT_1, FORMAT_2, FORMAT_3};
 use self::trees::{Trees, corrupt_key, decode_message, parse_room_value, room_id_of, room_value};
+use super::fold::{self, Counts, DeletedRecord, Entry, Recording, Target, Undo};
 use super::idem::{self, IdemIndex, Loc};
 use super::{
-    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, RoomId, RoomRecord, RoomWrite, Snapshot, Store,
-    StoreError, message_key, split_user_key, user_key,
+    BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, ReadPos, RoomId, RoomRecord, RoomWrite, Snapshot,
+    Store, StoreError, message_key, split_user_key, user_key,
 };
+
+/// The `meta` key of the batch whose state beside the log is being applied.
+const APPLYING: &[u8] = b"applying";
 
 /// Decodes a stored record (one of [`super::rooms`]).
 fn decode<T: prost::Message + Default>(k: &[u8], v: &[u8]) -> Result<T, StoreError> {
@@ -100,12 +115,19 @@ pub struct SledStore {
     index: Mutex<IdemIndex>,
     /// Number of the next journal record. Only grows, also across a reopen.
     next_record: AtomicU64,
+    /// What the last batch's state beside the log replaced: if its commit
+    /// fails, `truncate` puts it back.
+    undo: Mutex<Vec<Undo>>,
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `dir` with a page cache of
     /// `cache_bytes` (sled's 1 GiB default is far too much for a chat node).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        if !dir.exists() {
+            // Not a new store if a compaction moved it aside.
+            compact::recover_interrupted(dir)?;
+        }
         std::fs::create_dir_all(dir)?;
         let trees = Trees::open(dir, cache_bytes)?;
         let mut index = IdemIndex::new(idem::MAX_IDS_PER_USER);
@@ -126,7 +148,38 @@ impl SledStore {
             cache_bytes,
             index: Mutex::new(index),
             next_record: AtomicU64::new(next_record),
+            undo: Mutex::new(Vec::new()),
         })
+    }
+
+    fn undo_log(&self) -> MutexGuard<'_, Vec<Undo>> {
+        self.undo.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies again the state beside the log of a batch a crash may have
+    /// cut short (the `applying` record), then drops the record.
+    fn finish_applying(&self, t: &Trees) -> Result<(), StoreError> {
+        let Some(v) = t.meta.get(APPLYING)? else { return Ok(()) };
+        for run in v.chunks(16) {
+            let room = room_id_of(&run[..8])?;
+            let first = room_id_of(&run[8..])?;
+            let mut stored = Vec::new();
+            for kv in t.messages.range(message_key(room, first)..=message_key(room, u64::MAX)) {
+                let (k, v) = kv?;
+                let m = decode_message(&k, &v)?;
+                stored.push((m.seq, Entry::of(&m), Bytes::copy_from_slice(&v)));
+            }
+            let entries: Vec<_> = stored.iter().map(|(s, e, b)| (*s, e, b)).collect();
+            fold::apply(&mut &*t, room, &entries)?;
+            tracing::info!(
+                room,
+                from = first,
+                entries = entries.len(),
+                "re-applied message changes cut short by a crash"
+            );
+        }
+        t.meta.remove(APPLYING)?;
+        t.sync()
     }
 
     fn index(&self) -> MutexGuard<'_, IdemIndex> {
@@ -154,6 +207,7 @@ impl Store for SledStore {
         self.with(|t| {
             let mut snap = Snapshot::default();
             let mut repaired = 0;
+            self.finish_applying(t)?;
             let expired_before = t.meta.get(EXPIRED_BEFORE)?.map_or(Ok(0), |v| record_number(&v))?;
             for kv in t.rooms.iter() {
                 let (k, v) = kv?;
@@ -194,7 +248,19 @@ impl Store for SledStore {
             for kv in t.reads.iter() {
                 let (k, v) = kv?;
                 let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
-                snap.read_markers.push((user.to_string(), room_id_of(room)?, room_id_of(&v)?));
+                let pos = ReadPos::decode(&v).ok_or_else(|| corrupt_key(&v))?;
+                snap.read_markers.push((user.to_string(), room_id_of(room)?, pos));
+            }
+            for kv in t.counts.iter() {
+                let (k, v) = kv?;
+                let (room, user) = k.split_at_checked(8).ok_or_else(|| corrupt_key(&k))?;
+                let user = std::str::from_utf8(user).map_err(|_| corrupt_key(&k))?;
+                snap.counts.push((room_id_of(room)?, user.to_string(), Counts::decode(&v)?));
+            }
+            for kv in t.deleted.iter() {
+                let (k, v) = kv?;
+                let seq = room_id_of(k.get(8..16).ok_or_else(|| corrupt_key(&k))?)?;
+                snap.deleted.push((room_id_of(&k[..8])?, seq, decode::<DeletedRecord>(&k, &v)?));
             }
             Ok(snap)
         })
@@ -229,15 +295,32 @@ impl Store for SledStore {
                     }
                 }
             }
+            let runs = fold::runs(&batch.appends);
+            if !runs.is_empty() {
+                let mut applying = Vec::with_capacity(runs.len() * 16);
+                for (room, entries) in &runs {
+                    applying.extend_from_slice(&message_key(*room, entries[0].0));
+                }
+                t.meta.insert(APPLYING, applying)?;
+            }
             for a in &batch.appends {
                 t.messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref())?;
             }
             self.put_journal(t, journal_entries(&batch.appends))?;
             for r in &batch.read_markers {
-                t.reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.seq.to_be_bytes()[..])?;
+                t.reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.pos.encode()[..])?;
             }
             for (user, at) in &batch.revocations {
                 t.revocations.insert(user.as_bytes(), &at.to_be_bytes()[..])?;
+            }
+            if !runs.is_empty() {
+                let mut undo = self.undo_log();
+                undo.clear();
+                for (room, entries) in &runs {
+                    let first = entries[0].0;
+                    fold::apply(&mut Recording { kv: &mut &*t, room: *room, first, log: &mut undo }, *room, entries)?;
+                }
+                t.meta.remove(APPLYING)?;
             }
             // In the index once written (readable), as the per-key record
             // was: the hub keeps the key in flight until the sync.
@@ -278,6 +361,10 @@ impl Store for SledStore {
 
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
         self.with(|t| {
+            // What the failed batch changed beside the log goes back first
+            // (its entries below `from` — the messages it erased — too).
+            let undone = fold::undo(&mut &*t, &mut self.undo_log(), room)?;
+            t.meta.remove(APPLYING)?;
             let mut messages = Vec::new();
             let mut keyed = Vec::new();
             for kv in t.messages.range(message_key(room, from)..=message_key(room, u64::MAX)) {
@@ -307,20 +394,49 @@ impl Store for SledStore {
             for key in messages.iter().rev() {
                 t.messages.remove(key)?;
             }
+            if let Some(first) = undone.filter(|f| *f < from) {
+                fold::reapply(&mut &*t, room, first, from - 1)?;
+            }
             Ok(messages.len())
         })
     }
 
-    fn read_range(&self, room: RoomId, from: u64, to: u64) -> Result<Vec<Bytes>, StoreError> {
+    fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError> {
         if from > to {
             return Ok(Vec::new());
         }
         self.with(|t| {
-            t.messages
-                .range(message_key(room, from)..=message_key(room, to))
-                .map(|kv| kv.map(|(_, v)| Bytes::copy_from_slice(&v)).map_err(StoreError::from))
-                .collect()
+            let range = message_key(room, from)..=message_key(room, to);
+            // The folds of the same range, merged in as the log is read:
+            // one pass, whatever the number of changes.
+            let mut folds = t.folds.range(range.clone()).peekable();
+            let mut out = Vec::new();
+            for kv in t.messages.range(range) {
+                let (k, v) = kv?;
+                let v = Bytes::copy_from_slice(&v);
+                if let Some(Err(_)) = folds.peek() {
+                    folds.next().expect("peeked")?;
+                }
+                while folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk < &k)).is_some() {}
+                match folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk == &k)) {
+                    Some(f) => {
+                        let (_, fold) = f?;
+                        let seq = room_id_of(&k[8..16])?;
+                        out.push(fold::view(&mut &*t, room, seq, v, &fold, viewer)?);
+                    }
+                    None => out.push(v),
+                }
+            }
+            Ok(out)
         })
+    }
+
+    fn target(&self, room: RoomId, seq: u64) -> Result<Option<Target>, StoreError> {
+        self.with(|t| fold::target(&mut &*t, room, seq))
+    }
+
+    fn has_reaction(&self, room: RoomId, seq: u64, key: &str, user: &str) -> Result<bool, StoreError> {
+        self.with(|t| Ok(t.reactions.contains_key(fold::reaction_key(room, seq, key, user))?))
     }
 
     fn lookup_idempotent(&self, sender: &str, client_msg_id: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
@@ -568,6 +684,84 @@ mod tests {
             .unwrap();
     }
 
+    #[test]
+    fn changes_a_crash_cut_short_are_applied_at_the_next_start() {
+        use crate::proto::ChangeKind;
+        use crate::store::contract::{append, change};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut b = Batch::default();
+            b.rooms.push(RoomWrite::Details { room: 3, name: "r3".into(), details: RoomDetails::default() });
+            b.appends.push(append(3, 1, "ann", ""));
+            b.appends.push(change(2, "ann", 1, ChangeKind::Edit, "fixed"));
+            b.appends.push(change(3, "bob", 1, ChangeKind::ReactionAdd, ""));
+            store.write(&b).unwrap();
+            // What a crash after the entries but before the state beside
+            // them leaves: the `applying` record, nothing applied.
+            store
+                .with(|t| {
+                    for tree in [&t.folds, &t.reactions, &t.counts] {
+                        tree.clear()?;
+                    }
+                    t.meta.insert(APPLYING, &message_key(3, 1)[..])?;
+                    Ok(())
+                })
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        let m = prost::Message::decode(store.read_range(3, 1, 1, "bob").unwrap()[0].as_ref())
+            .map(|m: crate::proto::Message| m)
+            .unwrap();
+        assert_eq!((m.text.as_str(), m.reactions.len(), m.folded_seq), ("fixed", 1, 3));
+        assert!(m.reactions[0].mine);
+        let mut counts: Vec<_> = snap.counts.iter().map(|(r, u, c)| (*r, u.clone(), c.sent)).collect();
+        counts.sort();
+        assert_eq!(counts, vec![(3, String::new(), 2), (3, "ann".into(), 1)]);
+        assert!(store.with(|t| Ok(t.meta.get(APPLYING)?)).unwrap().is_none(), "the record is dropped");
+    }
+
+    #[test]
+    fn a_store_without_message_changes_is_upgraded_with_unread_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What the previous release wrote: no counters, read markers
+            // as a bare seq.
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let mut b = keyed_batch(1..=2, "ann");
+            b.appends.push(super::super::contract::append(1, 3, "bob", ""));
+            b.appends.push(super::super::contract::append(1, 4, "ann", ""));
+            store.write(&b).unwrap();
+            store
+                .with(|t| {
+                    t.counts.clear()?;
+                    t.reads.insert(user_key("bob", &1u64.to_be_bytes()), &2u64.to_be_bytes()[..])?;
+                    t.reads.insert(user_key("ann", &1u64.to_be_bytes()), &3u64.to_be_bytes()[..])?;
+                    t.meta.insert("format", FORMAT_3)?;
+                    Ok(())
+                })
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        let mut counts: Vec<_> = snap.counts.iter().map(|(r, u, c)| (*r, u.clone(), c.sent, c.through)).collect();
+        counts.sort();
+        assert_eq!(counts, vec![(1, "ann".into(), 3, 4), (1, "bob".into(), 1, 3)]);
+        let mut reads = snap.read_markers.clone();
+        reads.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            reads,
+            vec![
+                ("ann".into(), 1, ReadPos { seq: 3, messages: 3, sent: 2, mentioned: 0 }),
+                ("bob".into(), 1, ReadPos { seq: 2, messages: 2, sent: 0, mentioned: 0 }),
+            ]
+        );
+        assert_eq!(store.with(|t| Ok(t.meta.get("format")?)).unwrap().as_deref(), Some(FORMAT));
+    }
+
     /// Writes what a `FORMAT_2` release wrote for these rooms, members and
     /// messages: `rooms` name → id, `members` keys with empty values, the
     /// log, no `room_info`, `bans` or `invites`.
@@ -632,7 +826,7 @@ mod tests {
                 (3, "bob", member)
             ]
         );
-        assert_eq!(store.read_range(1, 1, 3).unwrap().len(), 3, "the log is untouched");
+        assert_eq!(store.read_range(1, 1, 3, "").unwrap().len(), 3, "the log is untouched");
         let format = store.with(|t| Ok(t.meta.get("format")?)).unwrap();
         assert_eq!(format.as_deref(), Some(FORMAT));
         drop(store);

@@ -26,10 +26,26 @@ impl SledStore {
     pub(super) fn reopen(&self) -> Result<(), StoreError> {
         let mut trees = self.trees.write().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = trees.take() {
-            let Trees { db, messages, rooms, members, bans, invites, revocations, reads, journal, meta, data_file } =
-                old;
+            let Trees {
+                db,
+                messages,
+                rooms,
+                members,
+                bans,
+                invites,
+                revocations,
+                reads,
+                journal,
+                folds,
+                reactions,
+                counts,
+                deleted,
+                meta,
+                data_file,
+            } = old;
             drop(data_file);
             std::mem::forget((db, messages, rooms, members, bans, invites, revocations, reads, journal, meta));
+            std::mem::forget((folds, reactions, counts, deleted));
             let detached = detach_file(&self.path.join("db"))?;
             tracing::warn!(path = %self.path.display(), detached, "reopening the database after a storage failure");
         }

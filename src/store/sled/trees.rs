@@ -6,13 +6,19 @@ use std::path::Path;
 use prost::Message as _;
 
 use super::journal::JOURNAL;
-use super::upgrade::{upgrade_from_format_1, upgrade_from_format_2};
+use super::upgrade::{upgrade_from_format_1, upgrade_from_format_2, upgrade_from_format_3};
 use crate::proto;
+use crate::store::fold::{Kv, Side};
 use crate::store::{RoomId, StoreError, message_key};
 
 /// Written to `meta/format` in a new store; anything but this,
-/// [`FORMAT_2`] and [`FORMAT_1`] is refused.
-pub const FORMAT: &[u8] = b"chatd-store-3";
+/// [`FORMAT_3`], [`FORMAT_2`] and [`FORMAT_1`] is refused.
+pub const FORMAT: &[u8] = b"chatd-store-4";
+
+/// The format before message changes: no `folds`, `reactions`, `counts`
+/// or `deleted` trees, and read markers without the counts through them.
+/// Upgraded in place when opened.
+pub const FORMAT_3: &[u8] = b"chatd-store-3";
 
 /// The format before rooms had kinds and members roles: `rooms` values
 /// were the id alone, `members` values empty, and there were no `bans` or
@@ -36,6 +42,10 @@ pub(super) struct Trees {
     pub(super) revocations: sled::Tree,
     pub(super) reads: sled::Tree,
     pub(super) journal: sled::Tree,
+    pub(super) folds: sled::Tree,
+    pub(super) reactions: sled::Tree,
+    pub(super) counts: sled::Tree,
+    pub(super) deleted: sled::Tree,
     pub(super) meta: sled::Tree,
     /// sled's data file, opened once so `sync` is one `fdatasync`.
     pub(super) data_file: File,
@@ -55,8 +65,13 @@ impl Trees {
             Some(v) if v.as_ref() == FORMAT_1 => {
                 upgrade_from_format_1(&db, &meta, &data_file)?;
                 upgrade_from_format_2(&db, &meta, &data_file)?;
+                upgrade_from_format_3(&db, &meta, &data_file)?;
             }
-            Some(v) if v.as_ref() == FORMAT_2 => upgrade_from_format_2(&db, &meta, &data_file)?,
+            Some(v) if v.as_ref() == FORMAT_2 => {
+                upgrade_from_format_2(&db, &meta, &data_file)?;
+                upgrade_from_format_3(&db, &meta, &data_file)?;
+            }
+            Some(v) if v.as_ref() == FORMAT_3 => upgrade_from_format_3(&db, &meta, &data_file)?,
             Some(v) => {
                 return Err(StoreError::Corrupt(format!(
                     "{} holds store format {:?}, this build reads {:?}",
@@ -96,6 +111,10 @@ impl Trees {
             revocations: db.open_tree("revocations")?,
             reads: db.open_tree("reads")?,
             journal: db.open_tree(JOURNAL)?,
+            folds: db.open_tree("folds")?,
+            reactions: db.open_tree("reactions")?,
+            counts: db.open_tree("counts")?,
+            deleted: db.open_tree("deleted")?,
             meta,
             db,
             data_file,
@@ -113,10 +132,40 @@ impl Trees {
         })
     }
 
+    fn side(&self, side: Side) -> &sled::Tree {
+        match side {
+            Side::Messages => &self.messages,
+            Side::Folds => &self.folds,
+            Side::Reactions => &self.reactions,
+            Side::Counts => &self.counts,
+            Side::Deleted => &self.deleted,
+        }
+    }
+
     pub(super) fn sync(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.data_file.sync_data()?;
         Ok(())
+    }
+}
+
+impl Kv for &Trees {
+    fn get(&mut self, side: Side, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.side(side).get(key)?.map(|v| v.to_vec()))
+    }
+    fn put(&mut self, side: Side, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.side(side).insert(key, value)?;
+        Ok(())
+    }
+    fn del(&mut self, side: Side, key: &[u8]) -> Result<(), StoreError> {
+        self.side(side).remove(key)?;
+        Ok(())
+    }
+    fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<crate::store::fold::Records, StoreError> {
+        self.side(side)
+            .scan_prefix(prefix)
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(StoreError::from))
+            .collect()
     }
 }
 
@@ -126,7 +175,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Opens the sled database, waiting briefly for its lock: sled writes its
 /// I/O buffers from a thread pool whose last jobs may still hold the file
 /// for a moment after the previous owner closed it (a quick restart).
-fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+pub(super) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         let opened = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open();

@@ -3,7 +3,7 @@
 use std::fs::File;
 
 use super::journal::{JOURNAL, write_journal};
-use super::trees::{FORMAT, FORMAT_2, corrupt_key, room_id_of};
+use super::trees::{FORMAT, FORMAT_2, FORMAT_3, corrupt_key, room_id_of};
 use crate::store::idem::Entry;
 use crate::store::{IdempotencyRecord, StoreError, split_user_key};
 
@@ -110,12 +110,88 @@ pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file:
         }
         upgraded += 1;
     }
-    meta.insert("format", FORMAT)?;
+    meta.insert("format", FORMAT_3)?;
     db.flush()?;
     data_file.sync_data()?;
     tracing::info!(
         rooms = upgraded,
         "store upgraded from chatd-store-2: rooms are public, their oldest members own them"
     );
+    Ok(())
+}
+
+/// Gives a `FORMAT_3` store the counters unread counts start from, then
+/// marks it [`FORMAT`]: one pass over every room's log counts each user's
+/// messages, and each read marker gets the counts through it. That format
+/// had no change entries and no mentions, so a message is a message and
+/// nobody was mentioned. A crash part way leaves a format-3 store, and the
+/// upgrade starts over (the counters are rewritten whole).
+pub(super) fn upgrade_from_format_3(db: &sled::Db, meta: &sled::Tree, data_file: &File) -> Result<(), StoreError> {
+    use std::collections::HashMap;
+
+    use prost::Message as _;
+
+    use crate::proto;
+    use crate::store::fold::{Counts, counts_key};
+    use crate::store::{ReadPos, message_key};
+
+    let rooms = db.open_tree("rooms")?;
+    let messages = db.open_tree("messages")?;
+    let reads = db.open_tree("reads")?;
+    let counts = db.open_tree("counts")?;
+    // Read markers by room, each with its user, in seq order.
+    let mut markers: HashMap<u64, Vec<(u64, String)>> = HashMap::new();
+    for kv in reads.iter() {
+        let (k, v) = kv?;
+        let (user, room) = split_user_key(&k).ok_or_else(|| corrupt_key(&k))?;
+        // A marker rewritten by an upgrade that a crash interrupted has
+        // its counts already.
+        let read = match ReadPos::decode(&v) {
+            Some(pos) => pos.seq,
+            None => room_id_of(&v)?,
+        };
+        markers.entry(room_id_of(room)?).or_default().push((read, user.to_string()));
+    }
+    let mut upgraded = 0u64;
+    for kv in rooms.iter() {
+        let (_, v) = kv?;
+        let id = room_id_of(v.get(..8).ok_or_else(|| corrupt_key(&v))?)?;
+        let mut at = markers.remove(&id).unwrap_or_default();
+        at.sort();
+        let mut at = at.into_iter().peekable();
+        let mut sent: HashMap<String, Counts> = HashMap::new();
+        let mut positions = Vec::new();
+        let mut count = 0u64;
+        for m in messages.range(message_key(id, 0)..=message_key(id, u64::MAX)) {
+            let (k, v) = m?;
+            let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| corrupt_key(&k))?);
+            while let Some((read, user)) = at.next_if(|(read, _)| *read < seq) {
+                let own = sent.get(&user).map_or(0, |c| c.sent);
+                positions.push((user, ReadPos { seq: read, messages: count, sent: own, mentioned: 0 }));
+            }
+            let m = proto::Message::decode(v.as_ref()).map_err(|_| corrupt_key(&k))?;
+            count += 1;
+            if !m.sender.is_empty() {
+                let c = sent.entry(m.sender).or_default();
+                c.sent += 1;
+                c.through = seq;
+            }
+        }
+        for (read, user) in at {
+            let own = sent.get(&user).map_or(0, |c| c.sent);
+            positions.push((user, ReadPos { seq: read, messages: count, sent: own, mentioned: 0 }));
+        }
+        for (user, c) in sent {
+            counts.insert(counts_key(id, &user), &c.encode()[..])?;
+        }
+        for (user, pos) in positions {
+            reads.insert(crate::store::user_key(&user, &id.to_be_bytes()), &pos.encode()[..])?;
+        }
+        upgraded += 1;
+    }
+    meta.insert("format", FORMAT)?;
+    db.flush()?;
+    data_file.sync_data()?;
+    tracing::info!(rooms = upgraded, "store upgraded from chatd-store-3: unread counters computed from the logs");
     Ok(())
 }

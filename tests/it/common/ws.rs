@@ -14,6 +14,8 @@ pub struct Ws {
 
 /// A data message as a test sees it.
 #[derive(Debug)]
+// A test helper matched by pattern; boxing would only make the matches longer.
+#[allow(clippy::large_enum_variant)]
 pub enum Received {
     Json(serde_json::Value),
     Binary(Envelope),

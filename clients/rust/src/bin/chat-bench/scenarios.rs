@@ -187,8 +187,8 @@ async fn publish(c: Conn, id: u64, rooms: Vec<String>, rate: f64, inflight: usiz
                         let p = proto::Publish {
                             room: room.clone(),
                             client_msg_id: format!("{id}-{counter}"),
-                            text: String::new(),
                             data: shared.payload(size, id, counter),
+                            ..Default::default()
                         };
                         put_frame(&mut buf, &Envelope::new(counter + 1_000, Body::Publish(p)));
                         s.push_back(now);
