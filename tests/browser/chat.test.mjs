@@ -2368,7 +2368,7 @@ describe('system notices in Chromium against chatd', { skip: missing ? `SKIPPED:
 });
 
 // ===========================================================================
-// q–x. Message changes (edits, deletes, reactions), replies, mentions, unread
+// q–z. Message changes (edits, deletes, reactions), replies, mentions, unread
 // and mention badges, and desktop notifications in the web app (proto/README.md
 // §9), two users in two browser contexts against a real server of their own.
 
@@ -2861,7 +2861,48 @@ describe('message changes, replies, mentions and badges in Chromium against chat
     assert.deepEqual(await cspViolations(cat), [], 'nothing the Content-Security-Policy blocks');
   });
 
-  check('y. a phone (390×844): a tap shows a message\'s actions; react and edit from there', { timeout: 60_000 }, async () => {
+  check('y. a change the server refuses (the message was deleted meanwhile) is shown as an error', { timeout: 60_000 }, async () => {
+    const { ann } = pages;
+    const room = 'refusals';
+    // dan's page hears from the server through a proxy that can hold what
+    // comes back: his page acts on a message that, for the server, is gone.
+    const ctx = await changes.browser.newContext({ viewport: { width: 1200, height: 760 } });
+    ctx.setDefaultTimeout(15_000);
+    changes.contexts.push(ctx);
+    let held = null;
+    let release = null;
+    await ctx.routeWebSocket(/\/ws$/, (ws) => {
+      const server = ws.connectToServer();
+      ws.onMessage((m) => server.send(m));
+      server.onMessage((m) => (held ? held.push(m) : ws.send(m)));
+      release = () => {
+        const frames = held;
+        held = null;
+        for (const m of frames) ws.send(m);
+      };
+    });
+    const dan = await login(ctx, 'dan', { server: changes.server });
+    await joinRoom(ann, room);
+    await joinRoom(dan, room);
+    await sendFromPage(dan, 'dan posts a thing');
+    await waitForTexts(ann, room, ['dan posts a thing']);
+
+    held = [];
+    await messageAction(ann, room, 'dan posts a thing', 'delete');
+    await row(ann, room, 'dan posts a thing').locator('.act-delete').click();
+    await row(ann, room, 'This message was deleted').waitFor();
+    // dan still sees it, and deletes it too: refused.
+    await messageAction(dan, room, 'dan posts a thing', 'delete');
+    await row(dan, room, 'dan posts a thing').locator('.act-delete').click();
+    await waitUntil(() => held.some((m) => String(m).includes('"error"')), { what: 'the refusal' });
+    release();
+    await dan.locator('.toast.error', { hasText: /^Could not delete the message: Not found: / }).waitFor();
+    await row(dan, room, 'This message was deleted').waitFor();
+    assert.deepEqual((await shown(dan, room)).map((m) => m.text), ['This message was deleted']);
+    assert.deepEqual(await cspViolations(dan), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('z. a phone (390×844): a tap shows a message\'s actions; react and edit from there', { timeout: 60_000 }, async () => {
     const PHONE = { width: 390, height: 844 };
     const { ann } = pages;
     const pia = await changesPage('pia', { phone: true });
