@@ -2502,6 +2502,14 @@ function bind() {
     } else if (e.key === 'Escape' && !input.value && rooms.get(active || '')?.replyTo) {
       e.stopPropagation();
       cancelReply();
+    } else if (e.key === 'ArrowUp' && !input.value && active) {
+      // Up in the empty composer edits one's last message (the actions are for the mouse).
+      const r = rooms.get(active);
+      const seq = r ? [...r.seqs].reverse().find((s) => canEdit(r, r.msgs.get(s))) : undefined;
+      if (seq) {
+        e.preventDefault();
+        startEdit(r, r.msgs.get(seq));
+      }
     }
   });
   input.addEventListener('input', () => {

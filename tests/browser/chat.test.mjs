@@ -2542,6 +2542,13 @@ describe('message changes, replies, mentions and badges in Chromium against chat
       assert.match(await mark.getAttribute('title'), /^Edited \S/, 'the edit time in its title');
     }
     assert.deepEqual((await shown(bob, room)).map((m) => m.text), ['ann writes a typo, fixed'], 'the edit is not a line of its own');
+    // Up in the empty composer edits one's last message, from the keyboard.
+    await ann.locator('#composer-input').press('ArrowUp');
+    await editor.waitFor();
+    assert.equal(await editor.inputValue(), 'ann writes a typo, fixed');
+    assert.equal(await editor.evaluate((el) => el === document.activeElement), true);
+    await editor.press('Escape');
+    await editor.waitFor({ state: 'detached' });
     assert.equal(await bob.locator(`.msg[data-room="${room}"]`, { hasText: 'tpyo' }).count(), 0, 'the old text is gone');
 
     // From history too (a reload): the folded text, still marked.
