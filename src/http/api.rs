@@ -450,13 +450,28 @@ struct PostBody {
     /// base64, as canonical JSON writes `bytes`.
     #[serde(default)]
     data: String,
-    /// The seq this message answers.
-    #[serde(default)]
+    /// The seq this message answers (a string, as canonical JSON writes
+    /// 64-bit integers, or a number).
+    #[serde(default, deserialize_with = "seq_of")]
     reply_to: u64,
     /// User ids it mentions.
     #[serde(default)]
     mentions: Vec<String>,
     act_as: Option<String>,
+}
+
+/// A 64-bit integer as canonical JSON writes it (a string) or as a number.
+fn seq_of<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seq {
+        Number(u64),
+        Text(String),
+    }
+    match Seq::deserialize(d)? {
+        Seq::Number(n) => Ok(n),
+        Seq::Text(t) => t.parse().map_err(|_| serde::de::Error::custom(format!("{t:?} is not a seq"))),
+    }
 }
 
 /// Most bytes in a `clientMsgId` (as on the wire).

@@ -112,9 +112,13 @@ async fn a_backend_creates_a_private_room_adds_people_and_posts_notices() {
     assert_eq!((m.sender.as_str(), m.text.as_str(), m.seq), ("", "your order has shipped", 1));
     let again = ok(&s, "POST", "/api/v1/rooms/order-42/messages", post).await;
     assert_eq!((again["seq"].as_str(), again["duplicate"].as_bool()), (Some("1"), Some(true)));
-    // Acting as a user: with that user's rights.
-    ok(&s, "POST", "/api/v1/rooms/order-42/messages", json!({"text": "on behalf of ann", "actAs": "ann"})).await;
-    assert_eq!(bob.next_message().await.sender, "ann");
+    // Acting as a user: with that user's rights; a reply that mentions.
+    let reply = json!({"text": "on behalf of ann", "actAs": "ann", "replyTo": "1", "mentions": ["bob"]});
+    ok(&s, "POST", "/api/v1/rooms/order-42/messages", reply).await;
+    let m = bob.next_message().await;
+    assert_eq!((m.sender.as_str(), m.reply_to, m.mentions), ("ann", 1, vec!["bob".to_string()]));
+    let past = r#"{"text": "x", "replyTo": 99}"#;
+    fails(&s, "POST", "/api/v1/rooms/order-42/messages", past, 400, ErrorCode::BadRequest).await;
     let not_member = r#"{"text": "hi", "actAs": "dave"}"#;
     fails(&s, "POST", "/api/v1/rooms/order-42/messages", not_member, 403, ErrorCode::Forbidden).await;
     fails(&s, "GET", "/api/v1/rooms/order-42?actAs=dave", "", 403, ErrorCode::Forbidden).await;

@@ -76,6 +76,13 @@ async fn every_scenario_runs_and_verifies() {
     let v =
         tokio::task::block_in_place(|| run(&s, &["durable", "--publishers", "2", "--inflight", "8", "--rooms", "2"]));
     assert!(total(&v, "ack_timeline") > 0, "{v}");
+    let durable = ["durable", "--publishers", "2", "--inflight", "8", "--rooms", "2", "--changes", "10"];
+    let v = tokio::task::block_in_place(|| run(&s, &durable));
+    assert!(total(&v, "ack_timeline") > 0 && v["errors"] == 0, "{v}");
+    assert_eq!(v["params"]["changes_percent"], 10);
+    let history = ["history", "--messages", "120", "--reactions", "3", "--readers", "2", "--limit", "50"];
+    let v = tokio::task::block_in_place(|| run(&s, &history));
+    assert!(v["pages_per_sec"].as_f64().unwrap() > 0.0 && v["errors"] == 0, "{v}");
     let v = tokio::task::block_in_place(|| run(&s, &["connections", "--connections", "50"]));
     assert_eq!(v["params"]["connections"], 50);
     assert_eq!(v["errors"], 0);

@@ -297,3 +297,39 @@ async fn cli_rooms_changes_reach_the_library_as_events() {
     assert_eq!((left.room.as_str(), left.reason(), left.by.as_str()), ("team", MemberChange::Left, "bob"));
     assert!(bob.rooms().is_empty());
 }
+
+/// The message-change commands (proto/README.md §9): edit, react, reply
+/// with a mention, delete — each printed by `history` in its latest state
+/// with the change entries as sentences, and the unread and mention counts
+/// in `rooms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_react_reply_and_delete_from_the_command_line() {
+    let s = TestServer::start().await;
+    assert_eq!(ok(&s, "ann", &["send", "talk", "helo wrold"]).await, vec!["sent talk #1"]);
+    ok(&s, "bob", &["send", "talk", "bob here"]).await;
+    assert_eq!(ok(&s, "ann", &["edit", "talk", "1", "hello world"]).await, vec!["edited talk #1 (entry #3)"]);
+    refused(&s, "bob", &["edit", "talk", "1", "mine now"], "FORBIDDEN").await;
+    assert_eq!(ok(&s, "bob", &["react", "talk", "1", "👍"]).await, vec!["reacted talk #1 (entry #4)"]);
+    assert_eq!(ok(&s, "bob", &["react", "talk", "1", "👍"]).await, vec!["reacted talk #1: already so"]);
+    let reply = ok(&s, "bob", &["reply", "talk", "1", "@ann nice", "--mention", "ann"]).await;
+    assert_eq!(reply, vec!["sent talk #5 (reply to #1)"]);
+    assert_eq!(ok(&s, "bob", &["delete", "talk", "2"]).await, vec!["deleted talk #2 (entry #6)"]);
+    refused(&s, "ann", &["react", "talk", "2", "👍"], "NOT_FOUND").await;
+    refused(&s, "ann", &["delete", "talk", "9"], "NOT_FOUND").await;
+    let history = ok(&s, "ann", &["history", "talk"]).await;
+    assert_eq!(
+        history,
+        vec![
+            "[talk #1] ann: hello world (edited)  [👍 1]",
+            "[talk #2] bob: (deleted)",
+            "[talk #3] ann edited #1: hello world",
+            "[talk #4] bob reacted 👍 to #1",
+            "[talk #5] bob: ↪ #1 @ann nice",
+            "[talk #6] bob deleted #2",
+        ]
+    );
+    // ann read up to her own message; bob's reply (mentioning her) is
+    // unread, his deleted message and the change entries are not.
+    let rooms = ok(&s, "ann", &["rooms"]).await;
+    assert_eq!(rooms, vec!["talk\thead 6\tread 1\tunread 1\tmentions 1"]);
+}

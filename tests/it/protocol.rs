@@ -272,3 +272,25 @@ async fn the_other_user_of_a_started_dm_can_publish_at_once() {
     a.join("dm:a:b").await;
     b.publish("dm:a:b", "hi").await;
 }
+
+/// Every JSON example in the protocol document is an envelope the server
+/// reads: the document cannot drift from the schema unnoticed.
+#[test]
+fn every_json_example_in_the_protocol_document_decodes() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proto/README.md")).unwrap();
+    let mut in_json = false;
+    let mut checked = 0;
+    for line in doc.lines() {
+        match line.trim() {
+            "```json" => in_json = true,
+            "```" => in_json = false,
+            l if in_json && l.starts_with('{') => {
+                let env: Result<chatd::proto::Envelope, _> = serde_json::from_str(l);
+                assert!(env.is_ok_and(|e| e.body.is_some()), "proto/README.md example does not decode: {l}");
+                checked += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(checked > 20, "only {checked} examples found");
+}

@@ -13,9 +13,15 @@
 //!   [--reason R]`, `ban ROOM USER [--reason R]`, `unban ROOM USER`, `role
 //!   ROOM USER member|admin|owner`, `members ROOM`, `topic ROOM TEXT`,
 //!   `directory [QUERY]`.
+//! * Message changes (proto/README.md §9): `edit ROOM SEQ TEXT`, `delete
+//!   ROOM SEQ`, `react ROOM SEQ KEY [--remove]`, `reply ROOM SEQ TEXT
+//!   [--mention USER]...`.
 //!
 //! Output is one item per line; a message is `[ROOM #SEQ] SENDER: TEXT`, or
 //! `[ROOM #SEQ] * notice: TEXT` when the system posted it (sender ""). A
+//! message shows its latest state: `(edited)` after an edited text, `(deleted)`
+//! for a deleted one, `↪ #N` before a reply and its reactions after it
+//! (`[👍 2]`); a change entry is a sentence (`ann edited #3: TEXT`). A
 //! refused request prints the server's error code and message on stderr and
 //! exits non-zero.
 
@@ -169,6 +175,46 @@ enum Cmd {
         /// Text to look for, case-insensitive (default: every public room).
         query: Option<String>,
     },
+    /// Replace the text of one of your messages.
+    Edit {
+        /// Room.
+        room: String,
+        /// The message's seq.
+        seq: u64,
+        /// The new text.
+        text: String,
+    },
+    /// Delete a message (yours, or any as a room admin): its content is erased.
+    Delete {
+        /// Room.
+        room: String,
+        /// The message's seq.
+        seq: u64,
+    },
+    /// React to a message (or take the reaction back).
+    React {
+        /// Room.
+        room: String,
+        /// The message's seq.
+        seq: u64,
+        /// The reaction, e.g. an emoji (at most 64 bytes).
+        key: String,
+        /// Take the reaction back instead.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Reply to a message.
+    Reply {
+        /// Room.
+        room: String,
+        /// The seq of the message answered.
+        seq: u64,
+        /// Text of the reply.
+        text: String,
+        /// Users to mention (repeat the option, or separate with commas).
+        #[arg(long, value_delimiter = ',')]
+        mention: Vec<String>,
+    },
 }
 
 /// A role `chat role` can give.
@@ -266,12 +312,44 @@ fn left_line(l: &proto::Left) -> String {
 /// `[general #4] * notice: your order has shipped`; the `*` keeps it apart
 /// from a user named `notice` (no user id has a `*` or a space).
 fn line(m: &proto::Message) -> String {
-    let body =
-        if m.text.is_empty() && !m.data.is_empty() { format!("<{} bytes>", m.data.len()) } else { m.text.clone() };
-    if m.sender.is_empty() {
-        format!("[{} #{}] * notice: {}", m.room, m.seq, body)
+    use chat_client::changes::Entry;
+    let at = format!("[{} #{}]", m.room, m.seq);
+    let who = &m.sender;
+    match Entry::of(m) {
+        Entry::Edit { target, text: "", .. } => format!("{at} {who} edited #{target} (since deleted)"),
+        Entry::Edit { target, text, .. } => format!("{at} {who} edited #{target}: {text}"),
+        Entry::Delete { target, .. } => format!("{at} {who} deleted #{target}"),
+        Entry::Reaction { target, key, add: true, .. } => format!("{at} {who} reacted {key} to #{target}"),
+        Entry::Reaction { target, key, add: false, .. } => format!("{at} {who} took back {key} on #{target}"),
+        Entry::Message(m) => {
+            let mut body = if m.deleted {
+                "(deleted)".to_string()
+            } else if m.text.is_empty() && !m.data.is_empty() {
+                format!("<{} bytes>", m.data.len())
+            } else {
+                m.text.clone()
+            };
+            if m.edited_ms > 0 && !m.deleted {
+                body.push_str(" (edited)");
+            }
+            if m.reply_to > 0 {
+                body = format!("↪ #{} {body}", m.reply_to);
+            }
+            if !m.reactions.is_empty() {
+                let r: Vec<String> = m.reactions.iter().map(|r| format!("{} {}", r.key, r.count)).collect();
+                body = format!("{body}  [{}]", r.join(", "));
+            }
+            if m.sender.is_empty() { format!("{at} * notice: {body}") } else { format!("{at} {who}: {body}") }
+        }
+    }
+}
+
+/// The ack of a change, as a line.
+fn change_line(what: &str, target: u64, ack: &proto::PublishAck) -> String {
+    if ack.duplicate && ack.seq == target {
+        format!("{what} {} #{target}: already so", ack.room)
     } else {
-        format!("[{} #{}] {}: {}", m.room, m.seq, m.sender, body)
+        format!("{what} {} #{target} (entry #{}){}", ack.room, ack.seq, if ack.duplicate { " (duplicate)" } else { "" })
     }
 }
 
@@ -317,13 +395,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Cmd::Rooms) => {
             for r in &client.welcome().rooms {
-                println!(
-                    "{}\thead {}\tread {}\tunread {}",
-                    r.room,
-                    r.head_seq,
-                    r.read_seq,
-                    r.head_seq.saturating_sub(r.read_seq)
-                );
+                let mentions = if r.mentions > 0 { format!("\tmentions {}", r.mentions) } else { String::new() };
+                println!("{}\thead {}\tread {}\tunread {}{mentions}", r.room, r.head_seq, r.read_seq, r.unread);
             }
         }
         Some(Cmd::Create { room, private, title, topic, invite }) => {
@@ -403,6 +476,21 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("topic of {room}: {text}");
             }
+        }
+        Some(Cmd::Edit { room, seq, text }) => {
+            println!("{}", change_line("edited", seq, &client.edit(&room, seq, &text).await?))
+        }
+        Some(Cmd::Delete { room, seq }) => {
+            println!("{}", change_line("deleted", seq, &client.delete(&room, seq).await?))
+        }
+        Some(Cmd::React { room, seq, key, remove }) => {
+            let ack = client.react(&room, seq, &key, !remove).await?;
+            println!("{}", change_line(if remove { "took back" } else { "reacted" }, seq, &ack));
+        }
+        Some(Cmd::Reply { room, seq, text, mention }) => {
+            let mentions: Vec<&str> = mention.iter().map(String::as_str).collect();
+            let ack = client.reply(&room, seq, &text, &mentions).await?;
+            println!("sent {} #{} (reply to #{seq})", ack.room, ack.seq);
         }
         Some(Cmd::Directory { query }) => {
             let query = query.unwrap_or_default();

@@ -1,7 +1,7 @@
 //! `chat-bench`: the load tester for chatd.
 //!
-//! Scenarios (subcommands): `fanout`, `rooms`, `durable`, `connections`,
-//! `resume`. Each runs a warm-up, then measures for `--duration`; verifies
+//! Scenarios (subcommands): `fanout`, `rooms`, `durable` (optionally with
+//! a share of edits and reactions), `history`, `connections`, `resume`. Each runs a warm-up, then measures for `--duration`; verifies
 //! what it receives (per room: seq order, no gap, no duplicate); reports
 //! delivered msgs/s, acks/s and latency percentiles from a send timestamp
 //! carried in each payload (HDR histogram), errors, and the server's CPU
@@ -130,6 +130,29 @@ enum Scenario {
         /// Rooms the publishers spread over.
         #[arg(long, default_value_t = 4)]
         rooms: usize,
+        /// Percent of requests that are changes to a publisher's own latest
+        /// message (reactions and edits in turn) instead of new messages.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
+        changes: u64,
+    },
+    /// History pages read from a room whose messages carry reactions: the
+    /// cost of folding a message's latest state into what is read.
+    History {
+        /// Messages in the room (published first, unless it has them).
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        /// Reactions on each message (by up to 50 users, as many keys as needed).
+        #[arg(long, default_value_t = 0)]
+        reactions: usize,
+        /// Reader connections.
+        #[arg(long, default_value_t = 4)]
+        readers: usize,
+        /// Pages outstanding per reader.
+        #[arg(long, default_value_t = 4)]
+        inflight: usize,
+        /// Messages per page.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
     /// Many idle authenticated connections; server memory per connection.
     Connections {
@@ -175,8 +198,11 @@ fn main() -> anyhow::Result<()> {
             Scenario::Rooms { rooms, members, publishers, rate, inflight } => {
                 scenarios::fanout(&ctx, rooms, members, publishers, rate, inflight, "rooms").await
             }
-            Scenario::Durable { publishers, inflight, rooms } => {
-                scenarios::durable(&ctx, publishers, inflight, rooms).await
+            Scenario::Durable { publishers, inflight, rooms, changes } => {
+                scenarios::durable(&ctx, publishers, inflight, rooms, scenarios::ChangeMix { percent: changes }).await
+            }
+            Scenario::History { messages, reactions, readers, inflight, limit } => {
+                scenarios::history(&ctx, messages, reactions, readers, inflight, limit).await
             }
             Scenario::Connections { connections } => scenarios::connections(&ctx, connections).await,
             Scenario::Resume { clients, rate, away } => {

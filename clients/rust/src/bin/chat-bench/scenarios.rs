@@ -2,7 +2,7 @@
 //! measures for the configured time, while a progress line updates on
 //! stderr; receivers verify per-room order throughout.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -150,15 +150,38 @@ async fn subscribe(mut c: Conn, shared: Arc<Shared>, stop: Instant) {
     rec.finish(&shared);
 }
 
+/// What a publisher sends besides messages: `percent` of its requests are
+/// changes to its own latest acknowledged message in the room, reactions
+/// and edits in turn (proto/README.md §9).
+#[derive(Clone, Copy, Default)]
+pub struct ChangeMix {
+    pub percent: u64,
+}
+
 /// Publishes round-robin over `rooms` until the window ends, with at most
 /// `inflight` unacknowledged publishes (and `rate` per second if non-zero).
-async fn publish(c: Conn, id: u64, rooms: Vec<String>, rate: f64, inflight: usize, size: usize, shared: Arc<Shared>) {
+#[allow(clippy::too_many_arguments)]
+async fn publish(
+    c: Conn,
+    id: u64,
+    rooms: Vec<String>,
+    rate: f64,
+    inflight: usize,
+    size: usize,
+    mix: ChangeMix,
+    shared: Arc<Shared>,
+) {
     let Conn { mut reader, mut writer, .. } = c;
     let window = Arc::new(Semaphore::new(inflight));
     let sent: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::new()));
+    // The latest acknowledged message per room (what changes target), and
+    // the requests that were changes.
+    let targets: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let changes: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let stop_sending = shared.measure_until;
     let sender = {
         let (window, sent, shared) = (window.clone(), sent.clone(), shared.clone());
+        let (targets, changes) = (targets.clone(), changes.clone());
         tokio::spawn(async move {
             let mut counter = 0u64;
             let mut buf = BytesMut::new();
@@ -184,13 +207,30 @@ async fn publish(c: Conn, id: u64, rooms: Vec<String>, rate: f64, inflight: usiz
                     let mut s = sent.lock().expect("not poisoned");
                     for _ in 0..n {
                         let room = &rooms[(counter as usize) % rooms.len()];
-                        let p = proto::Publish {
-                            room: room.clone(),
-                            client_msg_id: format!("{id}-{counter}"),
-                            data: shared.payload(size, id, counter),
-                            ..Default::default()
+                        let client_msg_id = format!("{id}-{counter}");
+                        let data = shared.payload(size, id, counter);
+                        let target = (counter % 100 < mix.percent)
+                            .then(|| targets.lock().expect("not poisoned").get(room).copied())
+                            .flatten();
+                        let body = match target {
+                            Some(seq) => {
+                                changes.lock().expect("not poisoned").insert(counter);
+                                if counter.is_multiple_of(2) {
+                                    let key = format!("k{}", counter % 50);
+                                    Body::React(proto::React { room: room.clone(), seq, key, add: true, client_msg_id })
+                                } else {
+                                    let (room, text) = (room.clone(), String::new());
+                                    Body::Edit(proto::Edit { room, seq, client_msg_id, text, data })
+                                }
+                            }
+                            None => Body::Publish(proto::Publish {
+                                room: room.clone(),
+                                client_msg_id,
+                                data,
+                                ..Default::default()
+                            }),
                         };
-                        put_frame(&mut buf, &Envelope::new(counter + 1_000, Body::Publish(p)));
+                        put_frame(&mut buf, &Envelope::new(counter + 1_000, body));
                         s.push_back(now);
                         counter += 1;
                     }
@@ -211,7 +251,11 @@ async fn publish(c: Conn, id: u64, rooms: Vec<String>, rate: f64, inflight: usiz
         };
         let Ok(env) = decode_envelope(&frame) else { continue };
         match env.body {
-            Some(Body::PublishAck(_)) => {
+            Some(Body::PublishAck(a)) => {
+                let request = env.id.wrapping_sub(1_000);
+                if mix.percent > 0 && !changes.lock().expect("not poisoned").remove(&request) {
+                    targets.lock().expect("not poisoned").insert(a.room, a.seq);
+                }
                 let at = sent.lock().expect("not poisoned").pop_front();
                 if let Some(at) = at {
                     rec.on_ack(&shared, at);
@@ -282,11 +326,17 @@ pub async fn fanout(
     .await?;
     let params = json!({"rooms": rooms, "members": members, "subscribers": rooms * members, "publishers": publishers,
         "rate": rate, "inflight": inflight, "size": c.size, "tls": c.tls});
-    run_pubsub(ctx, scenario, params, subs, pubs, names, rate, inflight).await
+    run_pubsub(ctx, scenario, params, subs, pubs, names, rate, inflight, ChangeMix::default()).await
 }
 
 /// `durable`: publishers only, acks counted.
-pub async fn durable(ctx: &Context, publishers: usize, inflight: usize, rooms: usize) -> anyhow::Result<BenchResult> {
+pub async fn durable(
+    ctx: &Context,
+    publishers: usize,
+    inflight: usize,
+    rooms: usize,
+    mix: ChangeMix,
+) -> anyhow::Result<BenchResult> {
     let c = &ctx.common;
     let names: Vec<String> = (0..rooms.max(1)).map(|r| ctx.room("durable", r)).collect();
     let pubs = conn::open_many(c, publishers, |p| {
@@ -300,8 +350,9 @@ pub async fn durable(ctx: &Context, publishers: usize, inflight: usize, rooms: u
         }
     })
     .await?;
-    let params = json!({"publishers": publishers, "inflight": inflight, "rooms": rooms, "size": c.size, "tls": c.tls});
-    run_pubsub(ctx, "durable", params, Vec::new(), pubs, names, 0.0, inflight).await
+    let params = json!({"publishers": publishers, "inflight": inflight, "rooms": rooms, "size": c.size, "tls": c.tls,
+        "changes_percent": mix.percent});
+    run_pubsub(ctx, "durable", params, Vec::new(), pubs, names, 0.0, inflight, mix).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -314,6 +365,7 @@ async fn run_pubsub(
     names: Vec<String>,
     rate: f64,
     inflight: usize,
+    mix: ChangeMix,
 ) -> anyhow::Result<BenchResult> {
     let c = &ctx.common;
     let (warmup, duration) = ctx.timing();
@@ -332,7 +384,7 @@ async fn run_pubsub(
             .filter(|(r, _)| names.len() < publishers || r % publishers == p)
             .map(|(_, n)| n.clone())
             .collect();
-        tasks.push(tokio::spawn(publish(conn, p as u64, mine, rate, inflight, c.size, shared.clone())));
+        tasks.push(tokio::spawn(publish(conn, p as u64, mine, rate, inflight, c.size, mix, shared.clone())));
     }
     for t in tasks {
         t.await?;
@@ -403,7 +455,16 @@ pub async fn resume(ctx: &Context, clients: usize, rate: f64, away: Duration) ->
     let shared = Arc::new(Shared::new(warmup, duration));
     let server = ServerWatch::start(c, &shared);
     let prog = progress(shared.clone());
-    let pub_task = tokio::spawn(publish(publisher, 0, vec![room.clone()], rate, 1024, c.size, shared.clone()));
+    let pub_task = tokio::spawn(publish(
+        publisher,
+        0,
+        vec![room.clone()],
+        rate,
+        1024,
+        c.size,
+        ChangeMix::default(),
+        shared.clone(),
+    ));
 
     let mut recorders: Vec<Recorder> = (0..clients).map(|_| Recorder::default()).collect();
     let mut catch_up = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000, 3)?;
@@ -481,4 +542,194 @@ pub async fn resume(ctx: &Context, clients: usize, rate: f64, away: Duration) ->
     );
     server.finish(&mut result).await;
     Ok(result)
+}
+
+/// Sends `requests` on `conn` with at most `window` unanswered, and waits
+/// for every answer; returns how many were errors.
+async fn pipeline_all(conn: &mut Conn, requests: Vec<Body>, window: usize) -> anyhow::Result<u64> {
+    let total = requests.len();
+    let (mut sent, mut answered, mut errors) = (0, 0, 0u64);
+    let mut requests = requests.into_iter();
+    let mut buf = BytesMut::new();
+    while answered < total {
+        buf.clear();
+        while sent < total && sent - answered < window {
+            let body = requests.next().expect("counted");
+            put_frame(&mut buf, &Envelope::new(1_000_000 + sent as u64, body));
+            sent += 1;
+        }
+        if !buf.is_empty() {
+            conn.writer.write_all(&buf).await?;
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(30), conn.reader.read_frame())
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer in 30 s while filling the room"))??
+            .ok_or_else(|| anyhow::anyhow!("the server closed the connection while filling the room"))?;
+        match decode_envelope(&frame)?.body {
+            Some(Body::PublishAck(_)) => answered += 1,
+            Some(Body::Error(_)) => {
+                answered += 1;
+                errors += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(errors)
+}
+
+/// `history`: a room of `messages` messages with `reactions` reactions on
+/// each (by up to 50 users, over as many keys as that takes), then
+/// `readers` connections paging through it (`limit` per page, `inflight`
+/// pages outstanding each, at seeded-random places). Reports pages/s and
+/// page latency, and checks that every page holds what was asked and
+/// that the reactions are folded into the messages.
+pub async fn history(
+    ctx: &Context,
+    messages: usize,
+    reactions: usize,
+    readers: usize,
+    inflight: usize,
+    limit: u32,
+) -> anyhow::Result<BenchResult> {
+    let c = &ctx.common;
+    let room = ctx.room("history", 0);
+    let mut filler = conn::open(c, &ctx.tokens, 0, &ctx.user("w", 0), vec![]).await?;
+    let head = filler.join(&room).await? as usize;
+    let fill_started = Instant::now();
+    if head < messages {
+        let publishes = (head..messages)
+            .map(|i| {
+                let text = format!("message {i} of the history scenario");
+                Body::Publish(proto::Publish { room: room.clone(), text, ..Default::default() })
+            })
+            .collect();
+        let errors = pipeline_all(&mut filler, publishes, 256).await?;
+        anyhow::ensure!(errors == 0, "{errors} publishes refused while filling the room");
+        let users = reactions.clamp(1, 50);
+        let keys = reactions.div_ceil(users);
+        eprintln!("filled {messages} messages; adding {reactions} reactions to each ({users} users x {keys} keys)...");
+        let mut reactors = Vec::new();
+        for u in 0..users.min(reactions) {
+            let (c, tokens, user, room) = (c.clone(), ctx.tokens.clone(), ctx.user("x", u), room.clone());
+            let mine = (0..keys).filter(|k| k * users + u < reactions).collect::<Vec<_>>();
+            reactors.push(tokio::spawn(async move {
+                let mut conn = conn::open(&c, &tokens, 1 + u, &user, vec![]).await?;
+                conn.join(&room).await?;
+                let requests = (1 + head as u64..=messages as u64)
+                    .flat_map(|seq| {
+                        let room = room.clone();
+                        mine.iter().map(move |k| {
+                            let key = format!("r{k}");
+                            Body::React(proto::React {
+                                room: room.clone(),
+                                seq,
+                                key,
+                                add: true,
+                                client_msg_id: String::new(),
+                            })
+                        })
+                    })
+                    .collect();
+                pipeline_all(&mut conn, requests, 256).await
+            }));
+        }
+        for r in reactors {
+            let errors = r.await??;
+            anyhow::ensure!(errors == 0, "{errors} reactions refused while filling the room");
+        }
+    }
+    let fill_s = fill_started.elapsed().as_secs_f64();
+    eprintln!("room {room} ready in {fill_s:.1}s; {readers} readers paging...");
+    let conns = conn::open_many(c, readers, |i| {
+        let (c, tokens, user, room) = (c.clone(), ctx.tokens.clone(), ctx.user("h", i), room.clone());
+        async move {
+            let mut conn = conn::open(&c, &tokens, 100 + i, &user, vec![]).await?;
+            conn.join(&room).await?;
+            Ok(conn)
+        }
+    })
+    .await?;
+    let (warmup, duration) = ctx.timing();
+    let shared = Arc::new(Shared::new(warmup, duration));
+    let server = ServerWatch::start(c, &shared);
+    let prog = progress(shared.clone());
+    let mut tasks = Vec::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let (shared, room) = (shared.clone(), room.clone());
+        tasks.push(tokio::spawn(read_pages(conn, i as u64, room, messages as u64, limit, inflight, reactions, shared)));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let _ = prog.await;
+    let params = json!({"messages": messages, "reactions": reactions, "readers": readers, "inflight": inflight,
+        "limit": limit, "tls": c.tls});
+    let mut result = BenchResult::collect("history", params, &shared, duration);
+    result.extra.insert("pages_per_sec".into(), json!(result.acks as f64 / duration.as_secs_f64()));
+    result.extra.insert("fill_s".into(), json!(fill_s));
+    server.finish(&mut result).await;
+    Ok(result)
+}
+
+/// One reader of the `history` scenario: pages ending at seeded-random
+/// seqs, `inflight` at a time; a page counts as an ack.
+#[allow(clippy::too_many_arguments)]
+async fn read_pages(
+    c: Conn,
+    id: u64,
+    room: String,
+    head: u64,
+    limit: u32,
+    inflight: usize,
+    reactions: usize,
+    shared: Arc<Shared>,
+) {
+    let Conn { mut reader, mut writer, .. } = c;
+    let mut rec = Recorder::default();
+    let mut sent: HashMap<u64, Instant> = HashMap::new();
+    let mut next = 0u64;
+    let mut seed = 0x9e37_79b9_7f4a_7c15 ^ id;
+    let stop = shared.measure_until;
+    let mut buf = BytesMut::new();
+    loop {
+        if Instant::now() < stop {
+            buf.clear();
+            while sent.len() < inflight {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let before_seq = 2 + seed % head.max(1);
+                let h = proto::History { room: room.clone(), before_seq, limit, ..Default::default() };
+                put_frame(&mut buf, &Envelope::new(next + 1, Body::History(h)));
+                sent.insert(next + 1, Instant::now());
+                next += 1;
+            }
+            if writer.write_all(&buf).await.is_err() {
+                break;
+            }
+        } else if sent.is_empty() {
+            break;
+        }
+        let frame = match tokio::time::timeout_at((stop + GRACE).into(), reader.read_frame()).await {
+            Ok(Ok(Some(f))) => f,
+            _ => break,
+        };
+        let Ok(env) = decode_envelope(&frame) else { continue };
+        let Some(at) = sent.remove(&env.id) else { continue };
+        match env.body {
+            Some(Body::HistoryPage(p)) => {
+                // Reactions are folded into every message of the page.
+                let folded =
+                    p.messages.iter().all(|m| m.reactions.iter().map(|r| r.count as usize).sum::<usize>() == reactions);
+                if p.messages.is_empty() || !folded {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                rec.on_ack(&shared, at);
+            }
+            _ => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    rec.finish(&shared);
 }
