@@ -1,7 +1,7 @@
 // The chatd web app served at `/`. Plain DOM, no framework; all protocol
 // work (ordering, resume, retries) is in chatd-client.js.
 
-import { ChatdClient, ChatdError, ErrorCode, MemberChange, Role, RoomKind, newClientMsgId } from './chatd-client.js';
+import { ChangeKind, ChatdClient, ChatdError, ErrorCode, MemberChange, Role, RoomKind, applyChange, newClientMsgId } from './chatd-client.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'chatd.token';
@@ -16,6 +16,16 @@ const GROUP_MS = 5 * 60 * 1000; // consecutive messages of one sender within thi
 const MEMBER_PAGE = 100; // members per ListMembers page
 const DIR_PAGE = 50; // rooms per directory page
 const DIR_SEARCH_DELAY_MS = 200; // the directory searches once typing pauses
+const REACTION_KEYS = ['👍', '❤️', '😂', '🎉', '😮', '😢']; // offered by "add reaction"
+const MAX_MENTIONS = 50; // user ids one Publish may mention
+const MENTION_CHOICES = 8; // names the @ autocomplete offers at once
+const QUOTE_CHARS = 80; // of a replied-to message, in the reply bar and quotes
+const NOTIFY_CHARS = 140; // of a message, in a desktop notification
+const BADGE_CAP = 9999; // the server caps unread counts here
+const FILL_PAGES = 5; // history pages fetched at most to fill a screen with messages (not changes)
+const MAX_ORPHANS = 500; // change entries kept for targets not loaded yet, per room
+/** `@name` in a message: at the start or after a character that cannot be part of a name. */
+const MENTION_RE = /(^|[^A-Za-z0-9_.@-])@([A-Za-z0-9_.-]{1,62})/g;
 // Phone widths, where the sidebar is a panel over the messages (the breakpoint in style.css).
 const narrow = matchMedia('(max-width: 720px)');
 
@@ -65,6 +75,20 @@ let scrollMode = null; // null | 'bottom' | {height, top} (keep position when pr
  * @property {boolean} membersStale   the membership changed while a page was on its way
  * @property {boolean} membersFailed  listing failed: not asked again until the panel is reopened
  * @property {{reason: string, by: string} | null} gone  removed or banned: the room receives nothing more
+ * @property {number} unreadSeeded   unread messages up to `countedThrough`, as the server counted them
+ * @property {number} mentionsSeeded of those, the ones that mention me
+ * @property {number} countedThrough the head the server's counts are for (Welcome, Joined)
+ * @property {Map<number, boolean>} liveUnread  unread messages counted since: seq -> mentions me
+ * @property {number} oldest     the lowest seq fetched (messages and change entries): where older pages start
+ * @property {Map<number, any[]>} orphans  change entries whose target is not loaded: target seq -> entries
+ * @property {Set<string>} memberNames  who is in the room (for @ mentions), as far as listed
+ * @property {boolean} memberNamesLoaded  a member list arrived since the last join
+ * @property {boolean} memberNamesLoading
+ * @property {number} replyTo    the message the composer answers (0: none)
+ * @property {number} editing    the message being edited (0: none)
+ * @property {string} editDraft  the editor's text
+ * @property {boolean} editFocus the editor is to be focused once rendered
+ * @property {number} picker     the message whose reaction picker is open (0: none)
  */
 
 function newRoom(name) {
@@ -94,6 +118,20 @@ function newRoom(name) {
     membersStale: false,
     membersFailed: false,
     gone: null,
+    unreadSeeded: 0,
+    mentionsSeeded: 0,
+    countedThrough: 0,
+    liveUnread: new Map(),
+    oldest: 0,
+    orphans: new Map(),
+    memberNames: new Set(),
+    memberNamesLoaded: false,
+    memberNamesLoading: false,
+    replyTo: 0,
+    editing: 0,
+    editDraft: '',
+    editFocus: false,
+    picker: 0,
   };
 }
 
@@ -130,7 +168,19 @@ const displayName = (name) => (isDm(name) ? dmPeer(name) : `#${name}`);
 const isNotice = (m) => m.sender === '';
 /** Whether `m` is mine: a notice never is, whoever is signed in. */
 const isMine = (m) => !isNotice(m) && m.sender === me;
-const unread = (r) => Math.max(0, r.head - r.read);
+/** Unread messages (never change entries, never mine), as the server counted them plus those since. */
+const unread = (r) => r.unreadSeeded + r.liveUnread.size;
+/** Of those, the ones that mention me. */
+const mentionCount = (r) => r.mentionsSeeded + [...r.liveUnread.values()].filter(Boolean).length;
+const badgeText = (n) => (n >= BADGE_CAP ? `${BADGE_CAP}+` : String(n));
+/** Whether the user sees `name` now: on screen, in a visible page. */
+const watching = (name) => name === active && document.visibilityState === 'visible';
+/** The first `n` characters of `text` on one line, with … when cut. */
+function excerpt(text, n) {
+  const one = text.replace(/\s+/g, ' ').trim();
+  const chars = [...one];
+  return chars.length > n ? `${chars.slice(0, n).join('').trimEnd()}…` : one;
+}
 
 // Roles, as the server ranks them: nobody may remove or ban anyone of equal
 // or higher role (proto/README.md §8); the server has the last word.
@@ -148,6 +198,10 @@ const canInvite = (r) => !!r && !r.gone && !isDirect(r) && (canManage(r) || (ran
 /** Whether I may remove or ban `user` (of role `role`). */
 const canModerate = (r, user, role) => canManage(r) && user !== me && rank(role) < rank(myRole(r));
 const canSetRoles = (r) => canManage(r) && myRole(r) === Role.OWNER;
+/** Only the sender edits (never a deleted message or a notice). */
+const canEdit = (r, m) => !!r && !r.gone && isMine(m) && !m.deleted;
+/** The sender deletes; so does an admin or the owner, any message. */
+const canDelete = (r, m) => !!r && !r.gone && !m.deleted && (isMine(m) || rank(myRole(r)) >= RANK[Role.ADMIN]);
 
 /** "You were removed from #room by ann" */
 function goneText(name, g) {
@@ -240,11 +294,36 @@ function errorText(e) {
 // ---------------------------------------------------------------------------
 // Message store
 
-function addMessage(m) {
+/**
+ * Adds a log entry of `m.room`: a message, or a change entry, which is
+ * applied to its target and never shown as a line of its own. `live`: it
+ * came as a push (live or resumed), not in a History page, so it may count
+ * as unread and raise a notification.
+ */
+function addMessage(m, live = false) {
   const r = room(m.room);
   r.head = Math.max(r.head, m.seq);
-  if (r.msgs.has(m.seq)) return false;
+  if (m.change) {
+    applyEntry(r, m);
+    return false;
+  }
+  const had = r.msgs.get(m.seq);
+  if (had) {
+    // A later History page folds in changes this copy may not have.
+    if (m.foldedSeq > (had.foldedSeq || 0)) {
+      Object.assign(had, { text: m.text, data: m.data, editedMs: m.editedMs, deleted: m.deleted, reactions: m.reactions, foldedSeq: m.foldedSeq });
+      if (m.room === active) invalidate('messages');
+    }
+    return false;
+  }
   r.msgs.set(m.seq, m);
+  // Changes that came before their target (a page still on its way).
+  const waiting = r.orphans.get(m.seq);
+  if (waiting) {
+    r.orphans.delete(m.seq);
+    for (const e of waiting) applyChange(m, e, me);
+  }
+  if (live) onLiveMessage(r, m);
   const s = r.seqs;
   if (!s.length || m.seq > s[s.length - 1]) s.push(m.seq);
   else {
@@ -261,6 +340,118 @@ function addMessage(m) {
   if (m.room === active) invalidate('messages');
   invalidate('sidebar');
   return true;
+}
+
+/** A change entry: applied to its target, or kept until the target is loaded. */
+function applyEntry(r, e) {
+  const seq = e.change.targetSeq;
+  const target = r.msgs.get(seq);
+  if (!target) {
+    const list = r.orphans.get(seq) || [];
+    list.push(e);
+    r.orphans.set(seq, list);
+    if (r.orphans.size > MAX_ORPHANS) r.orphans.delete(r.orphans.keys().next().value);
+    uncountDeleted(r, e, null);
+    return;
+  }
+  const wasDeleted = target.deleted;
+  if (!applyChange(target, e, me)) return;
+  if (e.change.kind === ChangeKind.DELETE && !wasDeleted) {
+    uncountDeleted(r, e, target);
+    if (r.editing === seq) r.editing = 0;
+    if (r.picker === seq) r.picker = 0;
+    if (r.replyTo === seq) r.replyTo = 0;
+    invalidate('header');
+  }
+  if (r.name === active) invalidate('messages');
+}
+
+/** A deleted message no longer counts as unread, when it was counted. */
+function uncountDeleted(r, e, target) {
+  if (e.change.kind !== ChangeKind.DELETE) return;
+  const seq = e.change.targetSeq;
+  if (r.liveUnread.delete(seq)) {
+    invalidate('sidebar');
+    return;
+  }
+  // Counted by the server (after my read marker, up to the head it counted
+  // for, someone else's): one less.
+  if (target && r.unreadSeeded > 0 && seq > r.read && seq <= r.countedThrough && !isMine(target)) {
+    r.unreadSeeded -= 1;
+    if (r.mentionsSeeded > 0 && target.mentions.includes(me)) r.mentionsSeeded -= 1;
+    invalidate('sidebar');
+  }
+}
+
+/**
+ * A message pushed by the server (live, or resumed after the head the
+ * server last counted for): unread while the room is not in sight, and
+ * maybe a desktop notification.
+ */
+function onLiveMessage(r, m) {
+  if (isMine(m) || m.deleted || m.seq <= r.countedThrough) return;
+  const mentionsMe = m.mentions.includes(me);
+  if (!watching(r.name)) {
+    r.liveUnread.set(m.seq, mentionsMe);
+    invalidate('sidebar');
+  }
+  if (!isNotice(m) && (mentionsMe || isDirect(r))) notify(r, m);
+}
+
+/** The server's counts for a room (Welcome, Joined): what came before is in them. */
+function seedCounts(r, st) {
+  r.unreadSeeded = st.unread || 0;
+  r.mentionsSeeded = st.mentions || 0;
+  r.countedThrough = Math.max(r.countedThrough, st.headSeq);
+  r.liveUnread.clear();
+  invalidate('sidebar');
+}
+
+/** The room was read (opened, or read on another device): no badges. */
+function clearCounts(r) {
+  if (!r.unreadSeeded && !r.mentionsSeeded && !r.liveUnread.size) return;
+  r.unreadSeeded = 0;
+  r.mentionsSeeded = 0;
+  r.liveUnread.clear();
+  invalidate('sidebar');
+}
+
+// ---------------------------------------------------------------------------
+// Desktop notifications: a mention, or any message in a direct room, from
+// someone else while the page is hidden, once the user allowed them.
+
+const notifySupported = () => typeof window.Notification === 'function';
+
+function notify(r, m) {
+  if (!notifySupported() || Notification.permission !== 'granted' || !document.hidden) return;
+  const title = isDm(r.name) ? `${m.sender} (direct message)` : `${m.sender} in #${r.name}`;
+  try {
+    const n = new Notification(title, { body: excerpt(messageText(m), NOTIFY_CHARS), tag: `${r.name}#${m.seq}` });
+    n.onclick = () => {
+      window.focus();
+      n.close();
+      if (!rooms.has(r.name)) return;
+      setNav(false);
+      selectRoom(r.name).then(() => jumpTo(r.name, m.seq));
+    };
+  } catch {
+    /* not allowed here (e.g. only from a service worker): nothing to show */
+  }
+}
+
+function renderNotifyButton() {
+  $('notify-btn').hidden = !(notifySupported() && Notification.permission === 'default') || !me;
+}
+
+async function enableNotifications() {
+  if (!notifySupported()) return;
+  try {
+    const answer = await Notification.requestPermission();
+    if (answer === 'denied') toast('Notifications are blocked for this site: the browser\'s site settings can allow them.', 'info');
+  } catch {
+    /* an old browser without the promise form */
+  }
+  renderNotifyButton();
 }
 
 // ---------------------------------------------------------------------------
@@ -281,6 +472,7 @@ function render() {
   if (d.sidebar) renderSidebar();
   if (d.header) renderHeader();
   if (d.messages) renderMessages();
+  if (d.header || d.messages) renderReplyBar();
   if (d.typing) renderTyping();
   if (d.members || d.header) renderMembers();
   if (d.sidebar || d.messages) maybeMarkRead();
@@ -290,7 +482,8 @@ function renderSidebar() {
   const names = [...rooms.keys()].sort();
   const item = (name) => {
     const r = rooms.get(name);
-    const n = unread(r);
+    const n = name === active ? 0 : unread(r);
+    const at = name === active ? 0 : mentionCount(r);
     const label = displayName(name);
     const icon = isDm(name)
       ? avatar(dmPeer(name), 'avatar small')
@@ -303,7 +496,8 @@ function renderSidebar() {
       { class: 'room-btn', type: 'button', title: r.gone ? goneText(name, r.gone) : r.info && r.info.title ? `${name} — ${r.info.title}` : name },
       icon,
       h('span', { class: 'room-name', text: isDm(name) ? label : name }),
-      n > 0 && name !== active ? h('span', { class: 'badge', 'data-unread': n, text: n > 99 ? '99+' : String(n) }) : null,
+      at > 0 ? h('span', { class: 'mention-badge', 'data-mentions': at, title: `${at} mention${at === 1 ? '' : 's'} of you`, text: `@${badgeText(at)}` }) : null,
+      n > 0 ? h('span', { class: 'badge', 'data-unread': n, title: `${n} unread`, text: badgeText(n) }) : null,
     );
     btn.addEventListener('click', () => {
       setNav(false, { refocus: true });
@@ -312,7 +506,7 @@ function renderSidebar() {
     return h(
       'li',
       {
-        class: `room-item${name === active ? ' active' : ''}${n > 0 && name !== active ? ' unread' : ''}${r.gone ? ' gone' : ''}`,
+        class: `room-item${name === active ? ' active' : ''}${n > 0 ? ' unread' : ''}${at > 0 ? ' mentioned' : ''}${r.gone ? ' gone' : ''}`,
         'data-room': name,
         'data-head': r.head,
         'data-read': r.acked || 0, // read marker as confirmed by the server
@@ -329,7 +523,9 @@ function renderSidebar() {
   const waiting = total + invites.size;
   const menuBadge = $('menu-unread');
   menuBadge.hidden = !waiting;
-  menuBadge.textContent = waiting > 99 ? '99+' : String(waiting);
+  menuBadge.textContent = badgeText(waiting);
+  const mentioned = [...rooms.values()].some((r) => r.name !== active && !r.gone && mentionCount(r) > 0);
+  menuBadge.classList.toggle('has-mentions', mentioned);
 }
 
 function renderInvites() {
@@ -406,42 +602,227 @@ function renderHeader() {
   );
 }
 
-const messageText = (m) => m.text || (m.data ? `[${Math.floor((m.data.length * 3) / 4)} bytes of data]` : '');
+const messageText = (m) => (m.deleted ? '' : m.text || (m.data ? `[${Math.floor((m.data.length * 3) / 4)} bytes of data]` : ''));
+const DELETED_TEXT = 'This message was deleted';
+
+/** Everyone known to be in `r`, for @ mentions: the member list as far as listed, and me. */
+function memberNamesOf(r) {
+  const names = new Set(r.memberNames);
+  for (const u of r.members.keys()) names.add(u);
+  if (me) names.add(me);
+  return names;
+}
+
+/** The user an `@name` names: as written, else without the dots that end a sentence. */
+function mentionedUser(name, known) {
+  if (known.has(name)) return name;
+  const bare = name.replace(/\.+$/, '');
+  return bare && known.has(bare) ? bare : '';
+}
+
+/** The room members `text` mentions with `@name`, once each, at most {@link MAX_MENTIONS}. */
+function mentionsIn(text, r) {
+  const known = memberNamesOf(r);
+  const out = [];
+  for (const x of text.matchAll(MENTION_RE)) {
+    const user = mentionedUser(x[2], known);
+    if (user && !out.includes(user)) out.push(user);
+    if (out.length >= MAX_MENTIONS) break;
+  }
+  return out;
+}
+
+/**
+ * `text` as nodes, each `@name` of a user the message mentions (its
+ * `mentions`, which the server counts) in a span.mention,
+ * span.mention.mention-me when it is me.
+ */
+function richText(text, m) {
+  const known = new Set(m.mentions || []);
+  const out = [];
+  if (!known.size) return [text];
+  let at = 0;
+  for (const x of text.matchAll(MENTION_RE)) {
+    const user = mentionedUser(x[2], known);
+    if (!user) continue;
+    const start = x.index + x[1].length;
+    if (start > at) out.push(text.slice(at, start));
+    out.push(h('span', { class: `mention${user === me ? ' mention-me' : ''}`, 'data-user': user, text: `@${user}` }));
+    at = start + 1 + user.length;
+  }
+  if (at < text.length) out.push(text.slice(at));
+  return out;
+}
+
+/** The text of a message: its words (mentions marked), or that it was deleted. */
+function textNode(r, m) {
+  if (m.deleted) return h('div', { class: 'msg-text deleted', text: DELETED_TEXT });
+  return h('div', { class: 'msg-text' }, ...richText(messageText(m), m));
+}
+
+/** "(edited)", with when in its tooltip. */
+function editedMark(m) {
+  if (!m.editedMs || m.deleted) return null;
+  return h('span', { class: 'msg-edited', title: `Edited ${fullFmt.format(new Date(m.editedMs))}`, text: '(edited)' });
+}
+
+/** What a quote of message `seq` of `r` says: its sender and the start of its text. */
+function quoteOf(r, seq) {
+  const t = r.msgs.get(seq);
+  if (!t) return { sender: '', text: `message #${seq}`, known: false };
+  if (t.deleted) return { sender: '', text: 'deleted message', known: true };
+  return { sender: isNotice(t) ? 'Notice' : t.sender, text: excerpt(messageText(t), QUOTE_CHARS), known: true };
+}
+
+/** The quote of the message `m` answers; a click goes to it. */
+function quoteNode(r, m) {
+  const q = quoteOf(r, m.replyTo);
+  return h(
+    'button',
+    { class: `msg-quote${q.known ? '' : ' unknown'}`, type: 'button', 'data-act': 'quote', 'data-target': m.replyTo, title: 'Go to the message replied to', 'aria-label': `In reply to ${q.sender || ''} ${q.text}`.replace(/\s+/g, ' ') },
+    q.sender ? h('span', { class: 'quote-sender', text: q.sender }) : null,
+    h('span', { class: 'quote-text', text: q.text }),
+  );
+}
+
+/** Reaction chips: emoji and count, mine highlighted, who reacted in the tooltip. */
+function reactionsNode(r, m) {
+  if (m.deleted || !m.reactions || !m.reactions.length) return null;
+  return h(
+    'div',
+    { class: 'reactions' },
+    ...m.reactions.map((x) => {
+      const more = x.count - x.users.length;
+      const who = x.users.map((u) => (u === me ? 'you' : u)).join(', ');
+      const title = `${who}${more > 0 ? `${who ? ' and ' : ''}${more} more` : ''} reacted with ${x.key}`;
+      return h(
+        'button',
+        {
+          class: `reaction${x.mine ? ' mine' : ''}`,
+          type: 'button',
+          'data-act': 'toggle-reaction',
+          'data-key': x.key,
+          'data-count': x.count,
+          'aria-pressed': String(x.mine),
+          title,
+          'aria-label': `${x.key} ${x.count}: ${title}`,
+        },
+        h('span', { class: 'reaction-key', text: x.key }),
+        h('span', { class: 'reaction-count', text: String(x.count) }),
+      );
+    }),
+    r.gone ? null : h('button', { class: 'reaction add-reaction', type: 'button', 'data-act': 'picker', title: 'Add reaction', 'aria-label': 'Add reaction', text: '+' }),
+  );
+}
+
+/** The emoji the "add reaction" button offers. */
+function pickerNode() {
+  return h(
+    'div',
+    { class: 'reaction-picker', role: 'group', 'aria-label': 'Add reaction' },
+    ...REACTION_KEYS.map((k) => h('button', { class: 'pick', type: 'button', 'data-act': 'pick', 'data-key': k, title: `React with ${k}`, 'aria-label': `React with ${k}`, text: k })),
+  );
+}
+
+/** Reply, react, edit and delete: shown on hover, focus, or a tap on the message. */
+function actionsNode(r, m) {
+  if (r.gone || m.deleted) return null;
+  const act = (name, text, label) => h('button', { class: `msg-act act-${name}`, type: 'button', 'data-act': name, title: label, 'aria-label': label, text });
+  return h(
+    'div',
+    { class: 'msg-actions', role: 'toolbar', 'aria-label': 'Message actions' },
+    act('picker', '☺', 'Add reaction'),
+    act('reply', 'Reply', 'Reply'),
+    canEdit(r, m) ? act('edit', 'Edit', 'Edit') : null,
+    canDelete(r, m) ? act('delete', 'Delete', 'Delete') : null,
+  );
+}
+
+/** The inline editor of one's own message: Enter saves, Escape cancels. */
+function editorNode(r, m) {
+  const input = h('textarea', { class: 'edit-input', rows: 1, 'aria-label': 'Edit message' });
+  input.value = r.editDraft;
+  input.addEventListener('input', () => {
+    r.editDraft = input.value;
+    input.style.height = 'auto';
+    input.style.height = `${Math.min(input.scrollHeight, 200)}px`;
+  });
+  input.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      saveEdit(r.name, m.seq);
+    } else if (e.key === 'Escape') {
+      e.preventDefault();
+      e.stopPropagation();
+      cancelEdit(r.name);
+    }
+  });
+  return h(
+    'div',
+    { class: 'msg-editor' },
+    input,
+    h(
+      'div',
+      { class: 'edit-bar' },
+      h('span', { class: 'edit-hint', text: 'Enter to save · Esc to cancel' }),
+      h('button', { class: 'ghost small', type: 'button', 'data-act': 'edit-cancel', text: 'Cancel' }),
+      h('button', { class: 'primary small', type: 'button', 'data-act': 'edit-save', text: 'Save' }),
+    ),
+  );
+}
+
+/**
+ * What a message's node shows, as a string: a node is rebuilt only when
+ * this changed (an edit, a reaction, the quoted message, the editor...).
+ */
+function nodeSig(r, m) {
+  const q = m.replyTo ? quoteOf(r, m.replyTo) : null;
+  return JSON.stringify([
+    m.text, m.data, m.editedMs, m.deleted, m.reactions, m.mentions, q,
+    r.editing === m.seq, r.picker === m.seq, canEdit(r, m), canDelete(r, m), me,
+  ]);
+}
 
 function messageNode(r, m) {
+  const sig = nodeSig(r, m);
   let el = r.nodes.get(m.seq);
-  if (el) return el;
-  el = isNotice(m) ? noticeNode(m) : userMessageNode(m);
+  if (el && el.dataset.sig === sig) return el;
+  el = isNotice(m) ? noticeNode(r, m) : userMessageNode(r, m);
+  el.dataset.sig = sig;
   r.nodes.set(m.seq, el);
   return el;
 }
 
 /** A notice: centred, muted, labelled "Notice"; no author, no avatar. */
-function noticeNode(m) {
+function noticeNode(r, m) {
   const ts = new Date(m.tsMs);
   return h(
     'div',
-    { class: 'msg notice', role: 'note', 'data-room': m.room, 'data-seq': m.seq, 'data-sender': '' },
+    { class: `msg notice${m.deleted ? ' deleted' : ''}`, role: 'note', 'data-room': m.room, 'data-seq': m.seq, 'data-sender': '' },
     h(
       'div',
       { class: 'notice-body' },
       h('span', { class: 'notice-label', text: 'Notice' }),
-      h('span', { class: 'msg-text', text: messageText(m) }),
+      h('span', { class: `msg-text${m.deleted ? ' deleted' : ''}`, text: m.deleted ? DELETED_TEXT : messageText(m) }),
+      editedMark(m),
       h('time', { class: 'msg-time', datetime: ts.toISOString(), title: `${fullFmt.format(ts)} · #${m.seq}`, text: timeFmt.format(ts) }),
     ),
+    m.deleted || !canDelete(r, m) ? null : h('div', { class: 'msg-actions', role: 'toolbar', 'aria-label': 'Message actions' }, h('button', { class: 'msg-act act-delete', type: 'button', 'data-act': 'delete', title: 'Delete', 'aria-label': 'Delete', text: 'Delete' })),
   );
 }
 
-function userMessageNode(m) {
+function userMessageNode(r, m) {
   const ts = new Date(m.tsMs);
+  const editing = r.editing === m.seq && !m.deleted;
   return h(
     'div',
     {
-      class: `msg${isMine(m) ? ' mine' : ''}`,
+      class: `msg${isMine(m) ? ' mine' : ''}${m.deleted ? ' deleted' : ''}${!m.deleted && m.mentions.includes(me) && !isMine(m) ? ' mentions-me' : ''}${editing ? ' editing' : ''}`,
       'data-room': m.room,
       'data-seq': m.seq,
       'data-sender': m.sender,
       'data-client-msg-id': m.clientMsgId || undefined,
+      'data-reply-to': m.replyTo || undefined,
     },
     avatar(m.sender),
     h(
@@ -453,9 +834,13 @@ function userMessageNode(m) {
         h('span', { class: 'msg-sender', text: m.sender }),
         h('time', { class: 'msg-time', datetime: ts.toISOString(), title: `${fullFmt.format(ts)} · #${m.seq}`, text: timeFmt.format(ts) }),
       ),
-      h('div', { class: 'msg-text', text: messageText(m) }),
+      m.replyTo && !m.deleted ? quoteNode(r, m) : null,
+      editing ? editorNode(r, m) : h('div', { class: 'msg-line' }, textNode(r, m), editedMark(m)),
+      reactionsNode(r, m),
+      r.picker === m.seq && !m.deleted ? pickerNode() : null,
     ),
     h('time', { class: 'msg-hover-time', datetime: ts.toISOString(), text: timeFmt.format(ts) }),
+    editing ? null : actionsNode(r, m),
   );
 }
 
@@ -487,6 +872,7 @@ function renderMessages() {
     // A notice stands alone: it is never grouped, nor is a message with it.
     const cont = !breakGroup && prev && !isNotice(prev) && !isNotice(m) && prev.sender === m.sender && m.tsMs - prev.tsMs < GROUP_MS;
     el.classList.toggle('cont', !!cont);
+    el.classList.toggle('selected', selected !== null && selected.room === r.name && selected.seq === seq);
     out.push(el);
     prev = m;
   }
@@ -500,13 +886,34 @@ function renderMessages() {
           'div',
           { class: 'msg-body' },
           h('div', { class: 'msg-meta' }, h('span', { class: 'msg-sender', text: me }), h('span', { class: 'msg-status', text: p.failed ? `Not sent — ${p.failed}` : 'Sending…' })),
+          p.replyTo ? quoteNode(r, { replyTo: p.replyTo }) : null,
           h('div', { class: 'msg-text', text: p.text }),
           p.failed ? retryButton(r, id) : null,
         ),
       ),
     );
   }
-  $('message-list').replaceChildren(...out);
+  const list = $('message-list');
+  const same = out.length === list.children.length && out.every((el, i) => list.children[i] === el);
+  if (!same) {
+    // Moving nodes loses focus (an editor, a button): it is given back.
+    const focused = list.contains(document.activeElement) ? document.activeElement : null;
+    const range = focused && 'selectionStart' in focused ? [focused.selectionStart, focused.selectionEnd] : null;
+    list.replaceChildren(...out);
+    if (focused && focused.isConnected && document.activeElement !== focused) {
+      focused.focus({ preventScroll: true });
+      if (range) focused.setSelectionRange(range[0], range[1]);
+    }
+  }
+  if (r.editFocus) {
+    const input = list.querySelector('.msg.editing .edit-input');
+    if (input) {
+      r.editFocus = false;
+      input.focus({ preventScroll: true });
+      input.setSelectionRange(input.value.length, input.value.length);
+      input.style.height = `${Math.min(input.scrollHeight, 200)}px`;
+    }
+  }
 
   $('load-older').hidden = !r.hasOlder || !r.loaded;
   $('load-older').disabled = r.loading;
@@ -534,7 +941,7 @@ function retryButton(r, id) {
   const b = h('button', { class: 'link', type: 'button', text: 'Retry' });
   b.addEventListener('click', () => {
     const p = r.pending.get(id);
-    if (p) sendPending(r.name, id, p.text);
+    if (p) sendPending(r.name, id, p.text, p.replyTo, p.mentions);
   });
   return b;
 }
@@ -625,14 +1032,349 @@ function renderConn() {
 }
 
 // ---------------------------------------------------------------------------
+// Message actions: reply, react, edit, delete (proto/README.md §9). Each
+// change is an entry in the room's log; every page (this one too) applies
+// it when it arrives. Applied here at once when the ack shows nothing else
+// came in between, so the page does not wait for the push.
+
+let selected = null; // {room, seq}: the message whose actions a tap showed (phones)
+
+/** Clicks in the message list, by the `data-act` of what was clicked. */
+function onMessageClick(e) {
+  const r = active ? rooms.get(active) : null;
+  const row = e.target.closest('.msg[data-seq]');
+  if (!r || !row) return;
+  const seq = Number(row.dataset.seq);
+  const btn = e.target.closest('[data-act]');
+  if (!btn) {
+    // A tap on a message shows its actions (there is no hover on a touch screen).
+    if (e.target.closest('.msg-editor, a')) return;
+    const on = !(selected && selected.room === r.name && selected.seq === seq);
+    selected = on ? { room: r.name, seq } : null;
+    for (const el of $('message-list').querySelectorAll('.msg.selected')) el.classList.remove('selected');
+    if (on) row.classList.add('selected');
+    return;
+  }
+  const m = r.msgs.get(seq);
+  if (!m) return;
+  // Done with this message's actions (a tap showed them): they go away.
+  if (['reply', 'pick', 'edit', 'quote'].includes(btn.dataset.act) || (btn.dataset.act === 'delete' && btn.dataset.armed === '1')) {
+    selected = null;
+    row.classList.remove('selected');
+  }
+  switch (btn.dataset.act) {
+    case 'reply':
+      startReply(r, seq);
+      break;
+    case 'picker':
+      r.picker = r.picker === seq ? 0 : seq;
+      invalidate('messages');
+      break;
+    case 'pick':
+      r.picker = 0;
+      invalidate('messages');
+      react(r, m, btn.dataset.key, true);
+      break;
+    case 'toggle-reaction': {
+      const x = m.reactions.find((y) => y.key === btn.dataset.key);
+      react(r, m, btn.dataset.key, !(x && x.mine));
+      break;
+    }
+    case 'edit':
+      startEdit(r, m);
+      break;
+    case 'edit-save':
+      saveEdit(r.name, seq);
+      break;
+    case 'edit-cancel':
+      cancelEdit(r.name);
+      break;
+    case 'delete':
+      // Asked twice: the second click within a few seconds deletes.
+      if (btn.dataset.armed !== '1') {
+        btn.dataset.armed = '1';
+        btn.textContent = 'Delete?';
+        btn.classList.add('armed');
+        btn.setAttribute('aria-label', 'Click again to delete');
+        setTimeout(() => {
+          if (!btn.isConnected) return;
+          btn.dataset.armed = '';
+          btn.textContent = 'Delete';
+          btn.classList.remove('armed');
+          btn.setAttribute('aria-label', 'Delete');
+        }, 4000);
+        break;
+      }
+      deleteMessage(r, m);
+      break;
+    case 'quote':
+      jumpTo(r.name, Number(btn.dataset.target));
+      break;
+    default:
+      break;
+  }
+}
+
+/**
+ * Applies the change an ack confirmed, unless entries before it are still
+ * on their way. A `duplicate` ack made no entry (a reaction already so, or
+ * a retry of one applied already): nothing to apply.
+ */
+function applyAcked(r, ack, change, text = '') {
+  if (!client || ack.duplicate || client.cursors()[r.name] !== ack.seq - 1) return;
+  addMessage({ room: r.name, seq: ack.seq, sender: me, tsMs: ack.tsMs, clientMsgId: ack.clientMsgId, text, data: '', replyTo: 0, mentions: [], change, editedMs: 0, deleted: false, reactions: [], foldedSeq: 0 });
+}
+
+async function react(r, m, key, add) {
+  if (!client || r.gone) return;
+  try {
+    const ack = await client.react(r.name, m.seq, key, add);
+    applyAcked(r, ack, { targetSeq: m.seq, kind: add ? ChangeKind.REACTION_ADD : ChangeKind.REACTION_REMOVE, key });
+  } catch (e) {
+    toast(`Could not ${add ? 'add' : 'remove'} the reaction: ${errorText(e)}`);
+  }
+}
+
+function startEdit(r, m) {
+  if (!canEdit(r, m)) return;
+  r.editing = m.seq;
+  r.editDraft = m.text;
+  r.editFocus = true;
+  r.picker = 0;
+  invalidate('messages');
+}
+
+function cancelEdit(name) {
+  const r = rooms.get(name);
+  if (!r || !r.editing) return;
+  const seq = r.editing;
+  r.editing = 0;
+  r.editDraft = '';
+  invalidate('messages');
+  // Back to the message, for the keyboard.
+  queueMicrotask(() => {
+    const el = r.nodes.get(seq);
+    if (name === active && el && document.activeElement === document.body) $('composer-input').focus({ preventScroll: true });
+  });
+}
+
+async function saveEdit(name, seq) {
+  const r = rooms.get(name);
+  const m = r && r.msgs.get(seq);
+  if (!r || !m || !client || r.editing !== seq) return;
+  const text = r.editDraft.replace(/\s+$/, '');
+  if (!text.trim() || text === m.text) {
+    if (!text.trim()) toast('A message cannot be empty: delete it instead.', 'info');
+    else cancelEdit(name);
+    return;
+  }
+  const node = r.nodes.get(seq);
+  const input = node && node.querySelector('.edit-input');
+  if (input) input.disabled = true;
+  try {
+    const ack = await client.edit(name, seq, text);
+    if (r.editing === seq) {
+      r.editing = 0;
+      r.editDraft = '';
+    }
+    applyAcked(r, ack, { targetSeq: seq, kind: ChangeKind.EDIT, key: '' }, text);
+    invalidate('messages');
+    if (name === active) $('composer-input').focus({ preventScroll: true });
+  } catch (e) {
+    if (input && input.isConnected) {
+      input.disabled = false;
+      input.focus();
+    }
+    toast(`Could not edit the message: ${errorText(e)}`);
+  }
+}
+
+async function deleteMessage(r, m) {
+  if (!client || !canDelete(r, m)) return;
+  try {
+    const ack = await client.deleteMessage(r.name, m.seq);
+    applyAcked(r, ack, { targetSeq: m.seq, kind: ChangeKind.DELETE, key: '' });
+  } catch (e) {
+    toast(`Could not delete the message: ${errorText(e)}`);
+  }
+}
+
+function startReply(r, seq) {
+  r.replyTo = seq;
+  invalidate('header');
+  $('composer-input').focus();
+}
+
+function cancelReply() {
+  const r = active ? rooms.get(active) : null;
+  if (!r || !r.replyTo) return;
+  r.replyTo = 0;
+  invalidate('header');
+  $('composer-input').focus();
+}
+
+/** "Replying to ann: …" above the composer, with × to cancel. */
+function renderReplyBar() {
+  const r = active ? rooms.get(active) : null;
+  const bar = $('reply-bar');
+  if (!r || r.gone || !r.replyTo) {
+    bar.hidden = true;
+    bar.dataset.target = '';
+    return;
+  }
+  const q = quoteOf(r, r.replyTo);
+  bar.hidden = false;
+  bar.dataset.target = String(r.replyTo);
+  $('reply-sender').textContent = q.sender;
+  $('reply-sender').hidden = !q.sender;
+  $('reply-excerpt').textContent = q.text;
+}
+
+/**
+ * Scrolls to message `seq` of `name` (loading older pages until it is there,
+ * within reason) and makes it flash.
+ */
+async function jumpTo(name, seq) {
+  const r = rooms.get(name);
+  if (!r || !seq) return;
+  for (let i = 0; i < 20 && !r.msgs.has(seq) && r.hasOlder && name === active; i++) {
+    const before = r.oldest;
+    await loadOlder();
+    if (r.oldest === before) break;
+  }
+  render();
+  const el = r.nodes.get(seq);
+  if (!r.msgs.has(seq) || !el || !el.isConnected) {
+    toast(`Message #${seq} is not available.`, 'info');
+    return;
+  }
+  el.scrollIntoView({ block: 'center' });
+  el.classList.remove('flash');
+  void el.offsetWidth; // restart the animation
+  el.classList.add('flash');
+  setTimeout(() => el.classList.remove('flash'), 1600);
+}
+
+// ---------------------------------------------------------------------------
+// @ mentions: typing @ in the composer offers the room's members.
+
+let mention = null; // {start, end, items, index}
+
+/** Lists the members of `r` for mentions (once; the member list keeps them current after). */
+function ensureMemberNames(r) {
+  if (!client || r.gone || r.memberNamesLoaded || r.memberNamesLoading) return;
+  r.memberNamesLoading = true;
+  client
+    .listMembers(r.name, { limit: 1000 })
+    .then((page) => {
+      for (const m of page.members) r.memberNames.add(m.user);
+      r.memberNamesLoaded = true;
+      if (mention && r.name === active) updateMentions();
+    }, () => {})
+    .finally(() => {
+      r.memberNamesLoading = false;
+    });
+}
+
+function updateMentions() {
+  const input = $('composer-input');
+  const r = active ? rooms.get(active) : null;
+  if (!r || r.gone || input.selectionStart !== input.selectionEnd) return closeMentions();
+  const caret = input.selectionStart;
+  const x = /(^|[^A-Za-z0-9_.@-])@([A-Za-z0-9_.-]{0,62})$/.exec(input.value.slice(0, caret));
+  if (!x) return closeMentions();
+  ensureMemberNames(r);
+  const q = x[2].toLowerCase();
+  const names = [...memberNamesOf(r)].filter((u) => u !== me);
+  const starts = names.filter((u) => u.toLowerCase().startsWith(q)).sort();
+  const inside = names.filter((u) => !u.toLowerCase().startsWith(q) && u.toLowerCase().includes(q)).sort();
+  const items = [...starts, ...inside].slice(0, MENTION_CHOICES);
+  if (!items.length) return closeMentions();
+  const keep = mention && mention.items[mention.index];
+  mention = { start: caret - x[2].length - 1, end: caret, items, index: Math.max(0, items.indexOf(keep)) };
+  renderMentions();
+}
+
+function renderMentions() {
+  const list = $('mention-list');
+  const input = $('composer-input');
+  if (!mention) {
+    list.hidden = true;
+    list.replaceChildren();
+    input.removeAttribute('aria-activedescendant');
+    return;
+  }
+  list.replaceChildren(
+    ...mention.items.map((u, i) => {
+      const li = h(
+        'li',
+        { class: `mention-option${i === mention.index ? ' active' : ''}`, id: `mention-${i}`, role: 'option', 'data-user': u, 'aria-selected': String(i === mention.index) },
+        avatar(u, 'avatar small'),
+        h('span', { class: 'mention-name', text: u }),
+      );
+      // Chosen without taking the focus from the composer.
+      li.addEventListener('mousedown', (e) => e.preventDefault());
+      li.addEventListener('click', () => chooseMention(u));
+      return li;
+    }),
+  );
+  list.hidden = false;
+  input.setAttribute('aria-activedescendant', `mention-${mention.index}`);
+}
+
+function closeMentions() {
+  if (!mention && $('mention-list').hidden) return;
+  mention = null;
+  renderMentions();
+}
+
+/** Puts `@user ` where the @ being typed is. */
+function chooseMention(user) {
+  if (!mention) return;
+  const input = $('composer-input');
+  const v = input.value;
+  const insert = `@${user} `;
+  const tail = v.slice(mention.end).replace(/^ /, '');
+  input.value = v.slice(0, mention.start) + insert + tail;
+  const caret = mention.start + insert.length;
+  closeMentions();
+  input.focus();
+  input.setSelectionRange(caret, caret);
+  autosize();
+}
+
+/** Keys in the composer while the mention list is open; true when handled. */
+function mentionKey(e) {
+  if (!mention) return false;
+  const n = mention.items.length;
+  if (e.key === 'ArrowDown' || e.key === 'ArrowUp') {
+    mention.index = (mention.index + (e.key === 'ArrowDown' ? 1 : n - 1)) % n;
+    renderMentions();
+  } else if ((e.key === 'Enter' || e.key === 'Tab') && !e.shiftKey && !e.isComposing) {
+    chooseMention(mention.items[mention.index]);
+  } else if (e.key === 'Escape') {
+    e.stopPropagation();
+    closeMentions();
+  } else return false;
+  e.preventDefault();
+  return true;
+}
+
+// ---------------------------------------------------------------------------
 // Actions
 
 async function selectRoom(name) {
   if (active && active !== name) stopTyping();
   const r = room(name);
+  if (active !== name) {
+    closeMentions();
+    selected = null;
+  }
   active = name;
   localStorage.setItem(ROOM_KEY, name);
   r.dividerAt = unread(r) > 0 ? r.read : -1;
+  if (document.visibilityState === 'visible') clearCounts(r);
+  ensureMemberNames(r);
   r.typing.forEach((exp, u) => exp < Date.now() && r.typing.delete(u));
   scrollMode = 'bottom';
   invalidate('sidebar', 'header', 'messages', 'typing');
@@ -645,9 +1387,14 @@ async function loadNewest(r) {
   if (r.loading || !client) return;
   r.loading = true;
   try {
-    const page = await client.history({ room: r.name, limit: PAGE });
+    let page = await client.history({ room: r.name, limit: PAGE });
     r.head = Math.max(r.head, page.headSeq);
-    for (const m of page.messages) addMessage(m);
+    addPage(r, page);
+    // A page of mostly edits and reactions shows little: fetch on.
+    for (let i = 1; i < FILL_PAGES && page.hasMore && r.msgs.size < PAGE / 2; i++) {
+      page = await client.history({ room: r.name, beforeSeq: r.oldest, limit: PAGE });
+      addPage(r, page);
+    }
     r.loaded = true;
     r.hasOlder = page.hasMore;
     if (r.name === active) scrollMode = 'bottom';
@@ -659,16 +1406,34 @@ async function loadNewest(r) {
   }
 }
 
+/** A History page: its messages, and its change entries applied where they are not folded in yet. */
+function addPage(r, page) {
+  for (const m of page.messages) {
+    addMessage(m);
+    if (!r.oldest || m.seq < r.oldest) r.oldest = m.seq;
+  }
+}
+
 async function loadOlder() {
   const r = active ? rooms.get(active) : null;
-  if (!r || r.loading || !r.hasOlder || !r.seqs.length || !client) return;
+  if (!r || r.loading || !r.hasOlder || !r.oldest || !client) return;
   r.loading = true;
   invalidate('messages');
   try {
-    const page = await client.history({ room: r.name, beforeSeq: r.seqs[0], limit: PAGE });
+    const had = r.msgs.size;
     const box = $('messages');
-    if (r.name === active) scrollMode = { height: box.scrollHeight, top: box.scrollTop };
-    for (const m of page.messages) addMessage(m);
+    // The messages on screen stay where they are as older ones come in above.
+    const keep = () => {
+      if (r.name === active) scrollMode = { height: box.scrollHeight, top: box.scrollTop };
+    };
+    let page = await client.history({ room: r.name, beforeSeq: r.oldest, limit: PAGE });
+    keep();
+    addPage(r, page);
+    for (let i = 1; i < FILL_PAGES && page.hasMore && r.msgs.size - had < PAGE / 2; i++) {
+      page = await client.history({ room: r.name, beforeSeq: r.oldest, limit: PAGE });
+      keep();
+      addPage(r, page);
+    }
     r.hasOlder = page.hasMore;
   } catch (e) {
     toast(`Could not load older messages: ${errorText(e)}`);
@@ -707,15 +1472,21 @@ function applyJoined(j) {
     r.msgs = new Map();
     r.seqs = [];
     r.nodes = new Map();
+    r.orphans = new Map();
+    r.oldest = 0;
     r.loaded = false;
     r.hasOlder = false;
     if (r.name === active) loadNewest(r);
   }
   r.membersLoaded = false;
+  r.memberNamesLoaded = false;
+  ensureMemberNames(r);
   if (invites.delete(r.name)) invalidate('sidebar');
   r.head = Math.max(r.head, j.state.headSeq);
   r.read = Math.max(r.read, j.state.readSeq);
   r.acked = Math.max(r.acked || 0, j.state.readSeq);
+  seedCounts(r, j.state);
+  if (watching(r.name)) clearCounts(r);
   r.online = new Set(j.online);
   invalidate('sidebar', 'header', 'members');
 }
@@ -726,6 +1497,8 @@ function refreshOnline(c, name) {
     const r = rooms.get(name);
     if (!r || r.gone) return;
     r.online = new Set(page.members.filter((m) => m.online).map((m) => m.user));
+    r.memberNames = new Set(page.members.map((m) => m.user));
+    r.memberNamesLoaded = true;
     invalidate('sidebar', 'header', 'members');
   }, () => {});
 }
@@ -764,6 +1537,10 @@ function dropRoom(name) {
 function markGone(name, reason, by) {
   const r = room(name);
   r.gone = { reason, by };
+  r.replyTo = 0;
+  r.editing = 0;
+  r.picker = 0;
+  if (name === active) closeMentions();
   if (typingRoom === name) stopTyping();
   r.typing.clear();
   r.online.clear();
@@ -822,6 +1599,7 @@ async function loadMembers(r, more = false) {
     if (!more) r.members = new Map();
     for (const m of page.members) {
       r.members.set(m.user, { role: m.role, online: m.online });
+      r.memberNames.add(m.user);
       if (m.online) r.online.add(m.user);
     }
     if (page.members.length) r.membersAfter = page.members[page.members.length - 1].user;
@@ -840,6 +1618,8 @@ async function loadMembers(r, more = false) {
 
 /** Keeps a listed room's members current from a RoomUpdate. */
 function applyMemberChange(r, u) {
+  if (u.change === MemberChange.JOINED) r.memberNames.add(u.user);
+  else if (u.change === MemberChange.LEFT || u.change === MemberChange.REMOVED || u.change === MemberChange.BANNED) r.memberNames.delete(u.user);
   if (r.membersLoading) {
     r.membersStale = true;
     return;
@@ -1197,12 +1977,12 @@ function openDm(peer) {
   joinRoom(`dm:${a}:${b}`);
 }
 
-function sendPending(roomName, id, text) {
+function sendPending(roomName, id, text, replyTo = 0, mentions = []) {
   const r = room(roomName);
-  r.pending.set(id, { text, failed: '', ts: Date.now() });
+  r.pending.set(id, { text, replyTo, mentions, failed: '', ts: Date.now() });
   invalidate('messages');
   client
-    .publish(roomName, text, { clientMsgId: id })
+    .publish(roomName, text, { clientMsgId: id, replyTo, mentions })
     .then((ack) => {
       if (r.msgs.has(ack.seq)) r.pending.delete(id);
       markRead(r, ack.seq);
@@ -1219,11 +1999,16 @@ function send() {
   const input = $('composer-input');
   const text = input.value.replace(/\s+$/, '');
   if (!text.trim() || !active || !client) return;
+  const r = room(active);
+  const replyTo = r.replyTo;
+  r.replyTo = 0;
   input.value = '';
   autosize();
+  closeMentions();
   stopTyping();
   scrollMode = 'bottom';
-  sendPending(active, newClientMsgId(), text);
+  invalidate('header');
+  sendPending(active, newClientMsgId(), text, replyTo, mentionsIn(text, r));
 }
 
 // Read markers: the room on screen is read up to its newest message. One
@@ -1231,6 +2016,7 @@ function send() {
 function maybeMarkRead() {
   const r = active ? rooms.get(active) : null;
   if (!r || r.gone || document.visibilityState !== 'visible') return;
+  clearCounts(r);
   if (r.head > r.read) markRead(r, r.head);
 }
 
@@ -1339,6 +2125,9 @@ function wire(c) {
       r.head = Math.max(r.head, st.headSeq);
       r.read = Math.max(r.read, st.readSeq);
       r.acked = Math.max(r.acked || 0, st.readSeq);
+      // The server's counts cover everything up to its head; messages after
+      // it (resumed or live) are counted as they come.
+      seedCounts(r, st);
       if (st.info) r.info = st.info;
       // Who is in it may have changed while away.
       r.membersLoaded = false;
@@ -1412,7 +2201,7 @@ function wire(c) {
   });
   c.on('message', (m) => {
     discover(m.room);
-    addMessage(m);
+    addMessage(m, true);
   });
   c.on('synced', (s) => {
     const r = room(s.room);
@@ -1444,6 +2233,12 @@ function wire(c) {
     if (rr.user === me) {
       r.read = Math.max(r.read, rr.seq);
       r.acked = Math.max(r.acked || 0, rr.seq);
+      // Read on another device: what it read no longer counts.
+      if (rr.seq >= r.countedThrough) {
+        r.unreadSeeded = 0;
+        r.mentionsSeeded = 0;
+      }
+      for (const seq of [...r.liveUnread.keys()]) if (seq <= rr.seq) r.liveUnread.delete(seq);
       invalidate('sidebar');
     } else {
       r.receipts.set(rr.user, Math.max(r.receipts.get(rr.user) || 0, rr.seq));
@@ -1527,6 +2322,7 @@ function showApp(w) {
   av.style.setProperty('--hue', String(hue(me || '?')));
   av.textContent = (me[0] || '?').toUpperCase();
   renderConn();
+  renderNotifyButton();
   if (!active) {
     const saved = localStorage.getItem(ROOM_KEY);
     const first = saved && rooms.has(saved) ? saved : [...rooms.keys()].sort()[0];
@@ -1562,6 +2358,8 @@ function signOut(error, { clearInput = false, notice = false } = {}) {
   rooms.clear();
   invites.clear();
   membersOpen = false;
+  selected = null;
+  closeMentions();
   for (const d of document.querySelectorAll('dialog[open]')) d.close();
   active = null;
   me = '';
@@ -1697,12 +2495,35 @@ function bind() {
   });
   const input = $('composer-input');
   input.addEventListener('keydown', (e) => {
+    if (mentionKey(e)) return;
     if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
       send();
+    } else if (e.key === 'Escape' && !input.value && rooms.get(active || '')?.replyTo) {
+      e.stopPropagation();
+      cancelReply();
+    } else if (e.key === 'ArrowUp' && !input.value && active) {
+      // Up in the empty composer edits one's last message (the actions are for the mouse).
+      const r = rooms.get(active);
+      const seq = r ? [...r.seqs].reverse().find((s) => canEdit(r, r.msgs.get(s))) : undefined;
+      if (seq) {
+        e.preventDefault();
+        startEdit(r, r.msgs.get(seq));
+      }
     }
   });
-  input.addEventListener('input', onComposerInput);
+  input.addEventListener('input', () => {
+    onComposerInput();
+    updateMentions();
+  });
+  // The caret moved (arrows, a click): the @ being typed may be another one.
+  input.addEventListener('keyup', (e) => {
+    if (['ArrowLeft', 'ArrowRight', 'Home', 'End'].includes(e.key)) updateMentions();
+  });
+  input.addEventListener('click', updateMentions);
+  $('message-list').addEventListener('click', onMessageClick);
+  $('reply-cancel').addEventListener('click', cancelReply);
+  $('notify-btn').addEventListener('click', enableNotifications);
   input.addEventListener('blur', stopTyping);
   document.addEventListener('visibilitychange', () => {
     if (document.visibilityState === 'visible') maybeMarkRead();

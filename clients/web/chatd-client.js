@@ -64,6 +64,8 @@ export const PROTOCOL_VERSION = 1;
 const HELLO_ID = 1;
 /** Longest wait for Welcome. */
 const HELLO_TIMEOUT_MS = 10_000;
+/** Most user ids one Publish may mention. */
+const MAX_MENTIONS = 50;
 /** Largest page the server returns; used to fill gaps. */
 const GAP_PAGE = 1000;
 /** A new token is fetched at least this long before the current one expires. */
@@ -146,12 +148,26 @@ export const MemberChange = Object.freeze({
   DECLINED: 'MEMBER_CHANGE_DECLINED',
 });
 
+/**
+ * What a change entry does to its target (`Message.change.kind`) as names
+ * (proto/README.md §9).
+ * @enum {string}
+ */
+export const ChangeKind = Object.freeze({
+  UNSPECIFIED: 'CHANGE_KIND_UNSPECIFIED',
+  EDIT: 'CHANGE_KIND_EDIT',
+  DELETE: 'CHANGE_KIND_DELETE',
+  REACTION_ADD: 'CHANGE_KIND_REACTION_ADD',
+  REACTION_REMOVE: 'CHANGE_KIND_REACTION_REMOVE',
+});
+
 // In enum number order: a numeric enum on the wire is an index here.
 const ERROR_NAMES = Object.values(ErrorCode);
 const CLOSE_NAMES = Object.values(CloseReason);
 const KIND_NAMES = Object.values(RoomKind);
 const ROLE_NAMES = Object.values(Role);
 const CHANGE_NAMES = Object.values(MemberChange);
+const CHANGE_KIND_NAMES = Object.values(ChangeKind);
 
 /**
  * A request the server refused (`code` is an {@link ErrorCode} name), a
@@ -211,9 +227,12 @@ const EXPIRED_TEXT = /\bexpired\b/i;
  * @typedef {object} RoomState
  * @property {string} room
  * @property {number} headSeq  seq of the room's last message (0: empty)
- * @property {number} readSeq  the user's read marker; unread = headSeq - readSeq
+ * @property {number} readSeq  the user's read marker
  * @property {RoomInfo | null} info  the room's details and the user's role
  *   (null from a server that does not send them)
+ * @property {number} unread  messages after readSeq sent by others and not
+ *   deleted (change entries excluded), capped at 9999
+ * @property {number} mentions  of those, the ones that mention the user
  */
 /**
  * A pending invitation (a push, and listed in `Welcome.invites`).
@@ -257,6 +276,22 @@ const EXPIRED_TEXT = /\bexpired\b/i;
  * @property {boolean} duplicate  true: a retry of an already stored message
  */
 /**
+ * What a change entry changes: message `targetSeq` of the same room.
+ * `key` is the reaction (an emoji) for REACTION_ADD and REACTION_REMOVE.
+ * @typedef {{targetSeq: number, kind: string, key: string}} MessageChange
+ */
+/**
+ * A reaction on a message: `users` are the first (up to 20) who reacted,
+ * earliest first; `mine` whether the reading user did.
+ * @typedef {{key: string, count: number, users: string[], mine: boolean}} Reaction
+ */
+/**
+ * A room log entry: a message, or (with `change` set) a change entry that
+ * edits, deletes or reacts to an earlier message. `sender` is who sent it
+ * (who made the change). History and resume give messages with their
+ * latest state folded in (`editedMs`, `deleted`, `reactions`, the text after
+ * the last edit) and `foldedSeq`, the seq of the last change folded in: a
+ * change entry with a seq at or below it is already included.
  * @typedef {object} Message
  * @property {string} room
  * @property {number} seq
@@ -265,6 +300,13 @@ const EXPIRED_TEXT = /\bexpired\b/i;
  * @property {string} clientMsgId
  * @property {string} text
  * @property {string} data  base64 ('' when none)
+ * @property {number} replyTo  the seq it answers (0: none)
+ * @property {string[]} mentions  user ids it mentions
+ * @property {MessageChange | null} change  set on a change entry
+ * @property {number} editedMs  when it was last edited (0: never)
+ * @property {boolean} deleted  deleted: text and data are gone
+ * @property {Reaction[]} reactions
+ * @property {number} foldedSeq  the last change entry folded in (0: none)
  */
 /** @typedef {{room: string, messages: Message[], headSeq: number, hasMore: boolean}} HistoryPage */
 /** @typedef {{room: string, headSeq: number, complete: boolean}} Synced */
@@ -305,6 +347,8 @@ const roomState = (v = {}) => ({
   headSeq: num(v.headSeq),
   readSeq: num(v.readSeq),
   info: maybe(v.info, roomInfo),
+  unread: num(v.unread),
+  mentions: num(v.mentions),
 });
 
 /** @returns {Invitation} */
@@ -312,6 +356,16 @@ const invitation = (v = {}) => ({ room: str(v.room), by: str(v.by), tsMs: num(v.
 
 /** @returns {Member} */
 const member = (v = {}) => ({ user: str(v.user), role: enumName(v.role, ROLE_NAMES, Role.UNSPECIFIED), online: bool(v.online) });
+
+/** @returns {MessageChange} */
+const messageChange = (v = {}) => ({
+  targetSeq: num(v.targetSeq),
+  kind: enumName(v.kind, CHANGE_KIND_NAMES, ChangeKind.UNSPECIFIED),
+  key: str(v.key),
+});
+
+/** @returns {Reaction} */
+const reaction = (v = {}) => ({ key: str(v.key), count: num(v.count), users: (v.users || []).map(str), mine: bool(v.mine) });
 
 /** @returns {Message} */
 const message = (v = {}) => ({
@@ -322,6 +376,13 @@ const message = (v = {}) => ({
   clientMsgId: str(v.clientMsgId),
   text: str(v.text),
   data: str(v.data),
+  replyTo: num(v.replyTo),
+  mentions: (v.mentions || []).map(str),
+  change: maybe(v.change, messageChange),
+  editedMs: num(v.editedMs),
+  deleted: bool(v.deleted),
+  reactions: (v.reactions || []).map(reaction),
+  foldedSeq: num(v.foldedSeq),
 });
 
 /** Fills in the defaults of a body, by its JSON name. */
@@ -454,6 +515,73 @@ function newerThan(fresh, stale) {
   const a = tokenExpiry(fresh);
   const b = tokenExpiry(stale);
   return a === null || b === null || a > b;
+}
+
+/** How many users a {@link Reaction} lists at most. */
+const REACTION_USERS = 20;
+
+/**
+ * Applies change entry `entry` (a {@link Message} with `change` set) to its
+ * target message `target` in place, as the server folds it into History:
+ * an edit replaces the text and data and sets `editedMs` to the entry's
+ * time; a delete erases the content and sets `deleted`; a reaction adds or
+ * removes `entry.sender` under `change.key` (`mine` is set when `user`, the
+ * reading user, made it). An entry whose seq is at or below
+ * `target.foldedSeq` is already included and skipped; so is one for a
+ * deleted target. Returns whether `target` changed.
+ * @param {Message} target
+ * @param {Message} entry
+ * @param {string} user  the reading user
+ * @returns {boolean}
+ */
+export function applyChange(target, entry, user) {
+  const c = entry.change;
+  if (!c || c.targetSeq !== target.seq || entry.seq <= (target.foldedSeq || 0)) return false;
+  target.foldedSeq = entry.seq;
+  if (target.deleted) return false;
+  switch (c.kind) {
+    case ChangeKind.EDIT:
+      target.text = entry.text;
+      target.data = entry.data;
+      target.editedMs = entry.tsMs || Date.now();
+      return true;
+    case ChangeKind.DELETE:
+      target.deleted = true;
+      target.text = '';
+      target.data = '';
+      target.reactions = [];
+      return true;
+    case ChangeKind.REACTION_ADD:
+    case ChangeKind.REACTION_REMOVE: {
+      const add = c.kind === ChangeKind.REACTION_ADD;
+      const who = entry.sender;
+      const list = target.reactions || (target.reactions = []);
+      let r = list.find((x) => x.key === c.key);
+      if (add) {
+        if (!r) {
+          r = { key: c.key, count: 0, users: [], mine: false };
+          list.push(r);
+        }
+        // Already counted (listed, or mine): an add that changes nothing.
+        if (r.users.includes(who) || (who === user && r.mine)) return false;
+        r.count += 1;
+        if (r.users.length < REACTION_USERS) r.users.push(who);
+        if (who === user) r.mine = true;
+        return true;
+      }
+      if (!r) return false;
+      const i = r.users.indexOf(who);
+      if (i >= 0) r.users.splice(i, 1);
+      else if (who === user && !r.mine) return false; // not there to remove
+      else if (r.users.length >= r.count) return false; // every reactor is listed, and not this one
+      r.count = Math.max(0, r.count - 1);
+      if (who === user) r.mine = false;
+      if (r.count === 0) list.splice(list.indexOf(r), 1);
+      return true;
+    }
+    default:
+      return false;
+  }
 }
 
 /** A random id for `Publish.clientMsgId` (works outside secure contexts). */
@@ -783,14 +911,67 @@ export class ChatdClient extends EventTarget {
    * its original seq and `duplicate: true`).
    * @param {string} room
    * @param {string} text
-   * @param {{data?: Uint8Array | string, clientMsgId?: string}} [opts]
-   *   `data`: bytes, or a base64 string
+   * @param {{data?: Uint8Array | string, clientMsgId?: string, replyTo?: number, mentions?: string[]}} [opts]
+   *   `data`: bytes, or a base64 string; `replyTo`: the seq it answers;
+   *   `mentions`: user ids it mentions (deduplicated, at most 50 sent)
    * @returns {Promise<PublishAck>}
    */
   publish(room, text, opts = {}) {
     const body = { room, clientMsgId: opts.clientMsgId || newClientMsgId(), text: text || '' };
     if (opts.data && opts.data.length) body.data = typeof opts.data === 'string' ? opts.data : toBase64(opts.data);
+    if (opts.replyTo) body.replyTo = String(opts.replyTo);
+    if (opts.mentions && opts.mentions.length) body.mentions = [...new Set(opts.mentions.map(String))].slice(0, MAX_MENTIONS);
     return this._request({ publish: body });
+  }
+
+  // -------------------------------------------------------------------------
+  // Message changes (proto/README.md §9). Each is a new entry in the room's
+  // log, answered by a PublishAck (its seq is the change entry's) and
+  // delivered to every session as a `message` event whose `change` is set.
+  // Only the sender edits; the sender or an admin/owner deletes; any member
+  // reacts. A change to a deleted message, to a change entry or to an
+  // unknown seq is refused (BAD_REQUEST or NOT_FOUND).
+
+  /**
+   * Replaces the text (and data) of the user's own message `seq`.
+   * @param {string} room
+   * @param {number} seq
+   * @param {string} text
+   * @param {{data?: Uint8Array | string, clientMsgId?: string}} [opts]
+   * @returns {Promise<PublishAck>}
+   */
+  edit(room, seq, text, opts = {}) {
+    const body = { room, seq: String(seq), clientMsgId: opts.clientMsgId || newClientMsgId(), text: text || '' };
+    if (opts.data && opts.data.length) body.data = typeof opts.data === 'string' ? opts.data : toBase64(opts.data);
+    return this._request({ edit: body });
+  }
+
+  /**
+   * Deletes message `seq` (the user's own, or any as an admin or the owner):
+   * its content is erased for everyone.
+   * @param {string} room
+   * @param {number} seq
+   * @param {{clientMsgId?: string}} [opts]
+   * @returns {Promise<PublishAck>}
+   */
+  deleteMessage(room, seq, opts = {}) {
+    return this._request({ delete: { room, seq: String(seq), clientMsgId: opts.clientMsgId || newClientMsgId() } });
+  }
+
+  /**
+   * Adds (`add` true) or removes the user's reaction `key` (an emoji) on
+   * message `seq`.
+   * @param {string} room
+   * @param {number} seq
+   * @param {string} key
+   * @param {boolean} add
+   * @param {{clientMsgId?: string}} [opts]
+   * @returns {Promise<PublishAck>}
+   */
+  react(room, seq, key, add, opts = {}) {
+    const body = { room, seq: String(seq), key: String(key), clientMsgId: opts.clientMsgId || newClientMsgId() };
+    if (add) body.add = true;
+    return this._request({ react: body });
   }
 
   /**

@@ -28,7 +28,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
-import { ChatdClient, Cursors, MemberChange, Role, RoomKind, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
+import { ChangeKind, ChatdClient, Cursors, MemberChange, Role, RoomKind, applyChange, parseEnvelope, tokenExpiry } from '../../clients/web/chatd-client.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const REPO = resolve(HERE, '../..');
@@ -600,6 +600,112 @@ describe('chatd-client.js (unit): rooms, roles and moderation', () => {
     assert.deepEqual(seqsOf(events, 'core'), [1, 2]);
     assert.deepEqual(c.cursors(), { core: 2 });
     c.close();
+  });
+});
+
+describe('chatd-client.js (unit): message changes', () => {
+  const entry = (seq, targetSeq, kind, extra = {}) => ({
+    room: 'r', seq, sender: 'bob', tsMs: 1000 + seq, clientMsgId: '', text: '', data: '', replyTo: 0, mentions: [],
+    change: { targetSeq, kind, key: '' }, editedMs: 0, deleted: false, reactions: [], foldedSeq: 0, ...extra,
+  });
+  const target = (extra = {}) => ({
+    room: 'r', seq: 1, sender: 'ann', tsMs: 1000, clientMsgId: 'c', text: 'hello', data: '', replyTo: 0, mentions: [],
+    change: null, editedMs: 0, deleted: false, reactions: [], foldedSeq: 0, ...extra,
+  });
+  const react = (seq, sender, kind, key = '👍') => ({ ...entry(seq, 1, kind), sender, change: { targetSeq: 1, kind, key } });
+
+  check('JSON mapping: changes, folded state, replies, mentions and unread counts', {}, () => {
+    const m = parseEnvelope(JSON.stringify({
+      message: {
+        room: 'r', seq: '9', sender: 'bob', tsMs: '5', text: 'new words',
+        change: { targetSeq: '4', kind: 'CHANGE_KIND_EDIT' },
+      },
+    })).body;
+    assert.deepEqual(m.change, { targetSeq: 4, kind: ChangeKind.EDIT, key: '' });
+    assert.equal(parseEnvelope('{"message":{"change":{"kind":3,"key":"x"}}}').body.change.kind, ChangeKind.REACTION_ADD, 'a numeric enum');
+    const folded = parseEnvelope(JSON.stringify({
+      historyPage: {
+        room: 'r',
+        messages: [{
+          room: 'r', seq: '4', sender: 'ann', text: 'hi @bob', replyTo: '2', mentions: ['bob'], editedMs: '77', deleted: false,
+          reactions: [{ key: '👍', count: 3, users: ['bob', 'cat'], mine: true }, { key: '🎉' }], foldedSeq: '12',
+        }],
+      },
+    })).body.messages[0];
+    assert.deepEqual(
+      [folded.replyTo, folded.mentions, folded.change, folded.editedMs, folded.deleted, folded.foldedSeq],
+      [2, ['bob'], null, 77, false, 12],
+    );
+    assert.deepEqual(folded.reactions, [{ key: '👍', count: 3, users: ['bob', 'cat'], mine: true }, { key: '🎉', count: 0, users: [], mine: false }]);
+    const plain = parseEnvelope('{"message":{"room":"r","seq":"1"}}').body;
+    assert.deepEqual([plain.replyTo, plain.mentions, plain.change, plain.editedMs, plain.deleted, plain.reactions, plain.foldedSeq], [0, [], null, 0, false, [], 0]);
+    const w = parseEnvelope('{"id":"1","welcome":{"rooms":[{"room":"r","headSeq":"9","readSeq":"2","unread":"5","mentions":"1"},{"room":"q"}]}}').body;
+    assert.deepEqual(w.rooms.map((r) => [r.room, r.unread, r.mentions]), [['r', 5, 1], ['q', 0, 0]]);
+    assert.deepEqual(parseEnvelope('{"joined":{"state":{"room":"r","unread":"9999","mentions":"3"}}}').body.state.unread, 9999);
+  });
+
+  check('requests: edit, delete and react are answered by a PublishAck; publish carries replyTo and mentions', { timeout: 5000 }, async () => {
+    const { c, sock } = fakeClient();
+    const p = c.connect();
+    await handshake(sock, [{ room: 'r', headSeq: '4', readSeq: '4' }]);
+    await p;
+    const answer = async (kind, promise, seq) => {
+      const req = sock().take(kind);
+      assert.ok(req, `a ${kind} request`);
+      sock().push({ id: req.id, publishAck: { room: 'r', seq: String(seq), tsMs: '1', clientMsgId: req[kind].clientMsgId } });
+      assert.equal((await promise).seq, seq);
+      return req[kind];
+    };
+    const pub = await answer('publish', c.publish('r', 'hi @bob @bob', { replyTo: 3, mentions: ['bob', 'bob', 'cat'] }), 5);
+    assert.deepEqual([pub.replyTo, pub.mentions], ['3', ['bob', 'cat']], 'a uint64 as a string; mentions once each');
+    const many = c.publish('r', 'everyone', { mentions: Array.from({ length: 60 }, (_, i) => `u${i}`) });
+    assert.equal(sock().take('publish').publish.mentions.length, 50, 'at most 50 mentions');
+    many.catch(() => {});
+    const edit = await answer('edit', c.edit('r', 5, 'hi @bob!'), 6);
+    assert.deepEqual({ ...edit, clientMsgId: 'x' }, { room: 'r', seq: '5', clientMsgId: 'x', text: 'hi @bob!' });
+    assert.ok(edit.clientMsgId, 'a clientMsgId, so a retry is not stored twice');
+    const del = await answer('delete', c.deleteMessage('r', 5), 7);
+    assert.deepEqual(Object.keys(del).sort(), ['clientMsgId', 'room', 'seq']);
+    const add = await answer('react', c.react('r', 4, '👍', true), 8);
+    assert.deepEqual([add.seq, add.key, add.add], ['4', '👍', true]);
+    const remove = await answer('react', c.react('r', 4, '👍', false), 9);
+    assert.equal('add' in remove, false, 'add = false is the default, left out');
+    // A refused change rejects like any request.
+    const bad = c.edit('r', 4, 'not mine');
+    const req = sock().take('edit');
+    sock().push({ id: req.id, error: { code: 'ERROR_CODE_BAD_REQUEST', message: 'not your message' } });
+    await assert.rejects(bad, (e) => e.code === 'ERROR_CODE_BAD_REQUEST');
+    c.close();
+  });
+
+  check('applyChange: edits, deletes and reactions fold in once; entries already folded are skipped', {}, () => {
+    const m = target();
+    assert.equal(applyChange(m, entry(2, 1, ChangeKind.EDIT, { sender: 'ann', text: 'hello again', tsMs: 4242 }), 'bob'), true);
+    assert.deepEqual([m.text, m.editedMs, m.foldedSeq], ['hello again', 4242, 2]);
+    assert.equal(applyChange(m, entry(2, 1, ChangeKind.EDIT, { text: 'twice' }), 'bob'), false, 'the same entry again');
+    assert.equal(applyChange(m, entry(5, 9, ChangeKind.EDIT, { text: 'elsewhere' }), 'bob'), false, 'another target');
+    // Reactions: bob (the reader) and cat; mine follows the reader's own changes.
+    assert.equal(applyChange(m, react(3, 'bob', ChangeKind.REACTION_ADD), 'bob'), true);
+    assert.equal(applyChange(m, react(4, 'cat', ChangeKind.REACTION_ADD), 'bob'), true);
+    assert.deepEqual(m.reactions, [{ key: '👍', count: 2, users: ['bob', 'cat'], mine: true }]);
+    assert.equal(applyChange(m, react(6, 'cat', ChangeKind.REACTION_ADD), 'bob'), false, 'cat already reacted so');
+    assert.equal(applyChange(m, react(7, 'bob', ChangeKind.REACTION_REMOVE), 'bob'), true);
+    assert.deepEqual(m.reactions, [{ key: '👍', count: 1, users: ['cat'], mine: false }]);
+    assert.equal(applyChange(m, react(8, 'cat', ChangeKind.REACTION_REMOVE), 'bob'), true);
+    assert.deepEqual(m.reactions, [], 'a reaction nobody has left is gone');
+    // Folded by the server up to seq 20: entries up to there are in it already.
+    const f = target({ text: 'folded', editedMs: 9, foldedSeq: 20, reactions: [{ key: '🎉', count: 25, users: ['u1'], mine: false }] });
+    assert.equal(applyChange(f, entry(15, 1, ChangeKind.EDIT, { text: 'older edit' }), 'bob'), false);
+    assert.equal(applyChange(f, { ...react(19, 'bob', ChangeKind.REACTION_ADD), change: { targetSeq: 1, kind: ChangeKind.REACTION_ADD, key: '🎉' } }, 'bob'), false);
+    assert.deepEqual([f.text, f.reactions[0].count], ['folded', 25]);
+    // Beyond the 20 listed: a removal by someone not listed still counts.
+    assert.equal(applyChange(f, { ...react(21, 'u30', ChangeKind.REACTION_REMOVE), change: { targetSeq: 1, kind: ChangeKind.REACTION_REMOVE, key: '🎉' } }, 'bob'), true);
+    assert.equal(f.reactions[0].count, 24);
+    // A delete erases the content; nothing applies after it.
+    assert.equal(applyChange(f, entry(22, 1, ChangeKind.DELETE, { sender: 'ann' }), 'bob'), true);
+    assert.deepEqual([f.deleted, f.text, f.data, f.reactions, f.foldedSeq], [true, '', '', [], 22]);
+    assert.equal(applyChange(f, entry(23, 1, ChangeKind.EDIT, { text: 'back?' }), 'bob'), false);
+    assert.equal(f.text, '');
   });
 });
 
@@ -2258,5 +2364,592 @@ describe('system notices in Chromium against chatd', { skip: missing ? `SKIPPED:
     } finally {
       await ctx.close();
     }
+  });
+});
+
+// ===========================================================================
+// q–z. Message changes (edits, deletes, reactions), replies, mentions, unread
+// and mention badges, and desktop notifications in the web app (proto/README.md
+// §9), two users in two browser contexts against a real server of their own.
+
+const changes = { server: null, data: null, browser: null, contexts: [] };
+
+/**
+ * A page of the message-change tests signed in as `name`. `phone`: a 390×844
+ * touch screen; `notifications`: notifications allowed, and every
+ * `new Notification(...)` recorded in `window.__notifications`.
+ */
+async function changesPage(name, { phone = false, notifications = false } = {}) {
+  const ctx = await changes.browser.newContext(
+    phone ? { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 } : { viewport: { width: 1200, height: 760 } },
+  );
+  ctx.setDefaultTimeout(15_000);
+  changes.contexts.push(ctx);
+  if (notifications) {
+    await ctx.grantPermissions(['notifications'], { origin: `http://127.0.0.1:${changes.server.http}` });
+    // The page's Notification, recording each call: what the client shows is
+    // what it passed to the constructor (a headless browser shows nothing).
+    await ctx.addInitScript(() => {
+      const Real = window.Notification;
+      window.__notifications = [];
+      function Recorded(title, options = {}) {
+        const seen = { title: String(title), body: options.body, tag: options.tag, n: null };
+        window.__notifications.push(seen);
+        try {
+          seen.n = new Real(title, options);
+        } catch {
+          // Still something to click, which calls its onclick as a real one does.
+          const t = new EventTarget();
+          t.close = () => {};
+          t.addEventListener('click', (e) => typeof t.onclick === 'function' && t.onclick(e));
+          seen.n = t;
+        }
+        return seen.n;
+      }
+      Object.defineProperty(Recorded, 'permission', { get: () => Real.permission });
+      Recorded.requestPermission = (...a) => Real.requestPermission(...a);
+      Recorded.prototype = Real.prototype;
+      window.Notification = Recorded;
+    });
+  }
+  return login(ctx, name, { server: changes.server, tap: phone });
+}
+
+/** A message of `room` on `page`, by its text (the rows of the message list). */
+const row = (page, room, text) =>
+  page.locator(`.msg[data-room="${room}"][data-seq]`).filter({ has: page.locator('.msg-text', { hasText: text }) });
+
+/** Clicks one of a message's actions (`reply`, `picker`, `edit`, `delete`): they show on hover. */
+async function messageAction(page, room, text, act) {
+  const r = row(page, room, text);
+  await r.hover();
+  await r.locator(`.msg-actions .act-${act}`).click();
+}
+
+/** The reaction chip `key` of a message: its count, title and whether it is mine; null when there is none. */
+async function chip(page, room, text, key) {
+  const c = row(page, room, text).locator(`.reaction[data-key="${key}"]`);
+  if (!(await c.count())) return null;
+  return c.evaluate((el) => ({ count: Number(el.dataset.count), shown: el.querySelector('.reaction-count').textContent, title: el.title, mine: el.classList.contains('mine') }));
+}
+
+/** Waits until `fn` (polled) deep-equals `want`; fails with the last value. */
+async function until(fn, want, what, timeout = 10_000) {
+  let last;
+  try {
+    await waitUntil(async () => {
+      last = await fn();
+      try {
+        assert.deepEqual(last, want);
+        return true;
+      } catch {
+        return false;
+      }
+    }, { timeout, what });
+  } catch (e) {
+    throw new Error(`${e.message}: last ${JSON.stringify(last)}, wanted ${JSON.stringify(want)}`);
+  }
+}
+
+/** The unread and mention badges of `room` in the room list ('' when not shown). */
+const badges = (page, room) =>
+  page.evaluate((room) => {
+    const li = document.querySelector(`.room-item[data-room="${room}"]`);
+    const text = (sel) => (li && li.querySelector(sel) ? li.querySelector(sel).textContent : '');
+    return { unread: text('.badge'), mentions: text('.mention-badge') };
+  }, room);
+
+/** Makes the page look hidden (another tab in front), or visible again. */
+function setHidden(page, hidden) {
+  return page.evaluate((hidden) => {
+    if (hidden) {
+      Object.defineProperty(document, 'hidden', { configurable: true, get: () => true });
+      Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => 'hidden' });
+    } else {
+      delete document.hidden;
+      delete document.visibilityState;
+    }
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+}
+
+/** Clicks a room in the sidebar (desktop). */
+async function openRoom(page, room) {
+  await page.click(`.room-item[data-room="${room}"] button`);
+  await page.locator(`.room-item.active[data-room="${room}"]`).waitFor();
+}
+
+describe('message changes, replies, mentions and badges in Chromium against chatd', { skip: missing ? `SKIPPED: ${missing}` : false }, () => {
+  const pages = {};
+
+  before(async () => {
+    try {
+      changes.data = mkdtempSync(join(tmpdir(), 'chatd-web-changes-'));
+      changes.server = await startServer(changes.data);
+      changes.browser = await within(
+        playwright.chromium.launch({
+          executablePath: CHROMIUM,
+          args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic'],
+        }),
+        30_000,
+        'Chromium to start',
+      );
+      pages.ann = await changesPage('ann');
+      pages.bob = await changesPage('bob');
+    } catch (e) {
+      results.failed++;
+      throw e;
+    }
+  });
+
+  after(async () => {
+    if (changes.browser) await changes.browser.close().catch(() => {});
+    await stopServer(changes.server).catch(() => {});
+    if (changes.data) rmSync(changes.data, { recursive: true, force: true });
+  });
+
+  check('q. an edit: the sender edits in place (Enter saves, Escape cancels); the other page shows the new text and "(edited)"', { timeout: 60_000 }, async () => {
+    const { ann, bob } = pages;
+    const room = 'edits';
+    await joinRoom(ann, room);
+    await joinRoom(bob, room);
+    await sendFromPage(ann, 'ann writes a tpyo');
+    await waitForTexts(bob, room, ['ann writes a tpyo']);
+    assert.equal(await row(bob, room, 'ann writes a tpyo').locator('.act-edit').count(), 0, "bob cannot edit ann's message");
+
+    // Escape leaves it as it was.
+    await messageAction(ann, room, 'ann writes a tpyo', 'edit');
+    const editor = ann.locator(`.msg[data-room="${room}"] .edit-input`);
+    await editor.waitFor();
+    assert.equal(await editor.evaluate((el) => el === document.activeElement), true, 'the editor has the focus');
+    assert.equal(await editor.inputValue(), 'ann writes a tpyo');
+    await editor.fill('never saved');
+    await editor.press('Escape');
+    await editor.waitFor({ state: 'detached' });
+    await waitForTexts(ann, room, ['ann writes a tpyo']);
+    assert.equal(await row(ann, room, 'ann writes a tpyo').locator('.msg-edited').count(), 0);
+
+    // Enter saves.
+    await messageAction(ann, room, 'ann writes a tpyo', 'edit');
+    await editor.fill('ann writes a typo, fixed');
+    await editor.press('Enter');
+    for (const page of [bob, ann]) {
+      await waitForTexts(page, room, ['ann writes a typo, fixed']);
+      const r = row(page, room, 'ann writes a typo, fixed');
+      const mark = r.locator('.msg-edited');
+      await mark.waitFor();
+      assert.equal(await mark.textContent(), '(edited)');
+      assert.match(await mark.getAttribute('title'), /^Edited \S/, 'the edit time in its title');
+    }
+    assert.deepEqual((await shown(bob, room)).map((m) => m.text), ['ann writes a typo, fixed'], 'the edit is not a line of its own');
+    // Up in the empty composer edits one's last message, from the keyboard.
+    await ann.locator('#composer-input').press('ArrowUp');
+    await editor.waitFor();
+    assert.equal(await editor.inputValue(), 'ann writes a typo, fixed');
+    assert.equal(await editor.evaluate((el) => el === document.activeElement), true);
+    await editor.press('Escape');
+    await editor.waitFor({ state: 'detached' });
+    assert.equal(await bob.locator(`.msg[data-room="${room}"]`, { hasText: 'tpyo' }).count(), 0, 'the old text is gone');
+
+    // From history too (a reload): the folded text, still marked.
+    await bob.reload();
+    await bob.locator('#conn-state[data-state="connected"]').waitFor();
+    await bob.locator(`.room-item.active[data-room="${room}"]`).waitFor();
+    await waitForTexts(bob, room, ['ann writes a typo, fixed']);
+    await row(bob, room, 'ann writes a typo, fixed').locator('.msg-edited').waitFor();
+    assert.deepEqual((await shown(bob, room)).map((m) => m.text), ['ann writes a typo, fixed']);
+    for (const page of [ann, bob]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('r. a delete: the placeholder on both pages, the words gone from the DOM; the owner may delete anyone\'s message, a member only their own', { timeout: 60_000 }, async () => {
+    const { ann, bob } = pages;
+    const room = 'deletes'; // ann joins first: its owner
+    await joinRoom(ann, room);
+    await joinRoom(bob, room);
+    await sendFromPage(bob, 'bob says something regrettable');
+    await waitForTexts(ann, room, ['bob says something regrettable']);
+    await sendFromPage(ann, 'ann keeps this one');
+    await waitForTexts(bob, room, ['ann keeps this one']);
+    await sendFromPage(bob, 'bob posts spam');
+    const all = ['bob says something regrettable', 'ann keeps this one', 'bob posts spam'];
+    await waitForTexts(ann, room, all);
+    await waitForTexts(bob, room, all);
+    assert.equal(await row(bob, room, 'ann keeps this one').locator('.act-delete').count(), 0, "a member cannot delete the owner's message");
+    assert.equal(await row(ann, room, 'bob says something regrettable').locator('.act-delete').count(), 1, "the owner may delete bob's message");
+
+    // bob deletes his own: asked twice.
+    await messageAction(bob, room, 'bob says something regrettable', 'delete');
+    const del = row(bob, room, 'bob says something regrettable').locator('.act-delete');
+    assert.equal(await del.textContent(), 'Delete?');
+    await del.click();
+    for (const page of [bob, ann]) {
+      await page.waitForFunction(
+        (room) => [...document.querySelectorAll(`.msg[data-room="${room}"] .msg-text.deleted`)].some((el) => el.textContent === 'This message was deleted'),
+        room,
+        { timeout: 10_000, polling: 50 },
+      );
+      assert.deepEqual((await shown(page, room)).map((m) => m.text), ['This message was deleted', 'ann keeps this one', 'bob posts spam']);
+      assert.equal((await page.content()).includes('regrettable'), false, 'the deleted words are nowhere in the page');
+      const gone = row(page, room, 'This message was deleted');
+      assert.equal(await gone.locator('.msg-actions').count(), 0, 'nothing more to do with a deleted message');
+    }
+    // The owner deletes bob's other message; gone for bob as well.
+    await messageAction(ann, room, 'bob posts spam', 'delete');
+    await row(ann, room, 'bob posts spam').locator('.act-delete').click();
+    const after = ['This message was deleted', 'ann keeps this one', 'This message was deleted'];
+    for (const page of [ann, bob]) await until(async () => (await shown(page, room)).map((m) => m.text), after, 'both placeholders');
+    assert.equal((await bob.content()).includes('spam'), false);
+  });
+
+  check('s. reactions: bob adds 👍, ann sees it (count 1, bob in its title), adds hers (2, highlighted), takes it back (1)', { timeout: 60_000 }, async () => {
+    const { ann, bob } = pages;
+    const room = 'reactions';
+    const text = 'ann asks who likes this';
+    await joinRoom(ann, room);
+    await joinRoom(bob, room);
+    await sendFromPage(ann, text);
+    await waitForTexts(bob, room, [text]);
+
+    // bob: "add reaction" offers a few emoji.
+    await messageAction(bob, room, text, 'picker');
+    const picker = row(bob, room, text).locator('.reaction-picker');
+    await picker.waitFor();
+    assert.deepEqual(await picker.locator('.pick').allTextContents(), ['👍', '❤️', '😂', '🎉', '😮', '😢']);
+    await picker.locator('.pick[data-key="👍"]').click();
+    await picker.waitFor({ state: 'detached' });
+    await until(() => chip(bob, room, text, '👍').then((c) => c && [c.count, c.mine]), [1, true], "bob's own 👍");
+
+    await until(() => chip(ann, room, text, '👍').then((c) => c && [c.count, c.shown, c.mine]), [1, '1', false], 'the 👍 on ann\'s page');
+    assert.match((await chip(ann, room, text, '👍')).title, /\bbob\b/, 'who reacted, in the title');
+
+    // ann clicks the chip: hers too.
+    await row(ann, room, text).locator('.reaction[data-key="👍"]').click();
+    await until(() => chip(ann, room, text, '👍').then((c) => c && [c.count, c.mine]), [2, true], 'ann\'s 👍 added');
+    assert.match((await chip(ann, room, text, '👍')).title, /bob.*you|you.*bob/);
+    await until(() => chip(bob, room, text, '👍').then((c) => c && [c.count, c.mine]), [2, true], "bob's page counts two, his still his");
+    assert.match((await chip(bob, room, text, '👍')).title, /\bann\b/);
+    assert.equal(await row(ann, room, text).locator('.reaction[data-key="👍"]').getAttribute('aria-pressed'), 'true');
+    await ann.screenshot({ path: '/tmp/chatd-web-reactions.png' });
+
+    // Again: hers is taken back.
+    await row(ann, room, text).locator('.reaction[data-key="👍"]').click();
+    await until(() => chip(ann, room, text, '👍').then((c) => c && [c.count, c.mine]), [1, false], 'ann\'s 👍 removed');
+    await until(() => chip(bob, room, text, '👍').then((c) => c && [c.count, c.mine]), [1, true], 'bob sees one again');
+    // Reactions are not lines in the room.
+    assert.deepEqual((await shown(ann, room)).map((m) => m.text), [text]);
+    // From history (a reload): the same chip, mine as the server says.
+    await bob.reload();
+    await bob.locator('#conn-state[data-state="connected"]').waitFor();
+    await bob.locator(`.room-item.active[data-room="${room}"]`).waitFor();
+    await until(() => chip(bob, room, text, '👍').then((c) => c && [c.count, c.mine]), [1, true], "bob's 👍 after a reload");
+  });
+
+  check('t. a reply: the bar above the composer quotes what is answered; the reply shows the quote on both pages, and a click on it goes there', { timeout: 60_000 }, async () => {
+    const { ann, bob } = pages;
+    const room = 'replies';
+    await joinRoom(ann, room);
+    await joinRoom(bob, room);
+    const question = 'bob asks: who is bringing the cake to the meeting on Friday afternoon, and should it be chocolate or lemon this time?';
+    await sendFromPage(bob, question);
+    await waitForTexts(ann, room, [question]);
+
+    // Reply, then cancel: nothing is answered.
+    await messageAction(ann, room, question, 'reply');
+    const bar = ann.locator('#reply-bar');
+    await bar.waitFor();
+    assert.equal(await ann.locator('#reply-sender').textContent(), 'bob');
+    const quoted = await ann.locator('#reply-excerpt').textContent();
+    assert.ok(question.startsWith(quoted.replace(/…$/, '')) && quoted.endsWith('…') && quoted.length <= 81, `the first ~80 characters: ${quoted}`);
+    await ann.click('#reply-cancel');
+    await bar.waitFor({ state: 'hidden' });
+
+    // Reply for real.
+    await messageAction(ann, room, question, 'reply');
+    await bar.waitFor();
+    await sendFromPage(ann, 'ann answers: lemon, and I bring it');
+    await bar.waitFor({ state: 'hidden' });
+    for (const page of [ann, bob]) {
+      await waitForTexts(page, room, ['ann answers: lemon, and I bring it']);
+      const quote = row(page, room, 'ann answers: lemon').locator('.msg-quote');
+      await quote.waitFor();
+      assert.equal(await quote.locator('.quote-sender').textContent(), 'bob');
+      assert.ok(question.startsWith((await quote.locator('.quote-text').textContent()).replace(/…$/, '')), 'the start of the question');
+      const target = await quote.getAttribute('data-target');
+      assert.equal(target, await row(page, room, question).getAttribute('data-seq'), 'it names the message answered');
+    }
+    // A click on the quote brings the message answered into view, flashing.
+    await row(bob, room, 'ann answers: lemon').locator('.msg-quote').click();
+    await row(bob, room, question).and(bob.locator('.flash')).waitFor({ timeout: 5000 });
+    assert.equal(await row(bob, room, question).isVisible(), true);
+
+    // A reply to a message deleted since: the quote says so.
+    await messageAction(bob, room, question, 'delete');
+    await row(bob, room, question).locator('.act-delete').click();
+    await until(() => row(ann, room, 'ann answers: lemon').locator('.msg-quote .quote-text').textContent(), 'deleted message', 'the quote of a deleted message');
+  });
+
+  check('u. a mention chosen from the @ autocomplete: highlighted as mine on the mentioned page, and counted in the room\'s mention badge while not open', { timeout: 60_000 }, async () => {
+    const { ann, bob } = pages;
+    const room = 'mentions';
+    await joinRoom(bob, room);
+    await joinRoom(ann, room);
+    await joinRoom(bob, 'mentions-elsewhere'); // bob looks at another room
+    await ann.locator(`.room-item.active[data-room="${room}"]`).waitFor();
+
+    const input = ann.locator('#composer-input');
+    await input.click();
+    await input.pressSequentially('see this @b');
+    const list = ann.locator('#mention-list');
+    await list.waitFor();
+    await list.locator('.mention-option[data-user="bob"]').waitFor();
+    assert.equal(await list.locator('.mention-option[data-user="ann"]').count(), 0, 'not oneself');
+    await input.press('Enter'); // chooses; does not send
+    assert.equal(await input.inputValue(), 'see this @bob ');
+    await list.waitFor({ state: 'hidden' });
+    await input.pressSequentially('before Friday');
+    await input.press('Enter');
+    const text = 'see this @bob before Friday';
+    await waitForTexts(ann, room, [text]);
+    // On ann's page a mention, not hers.
+    const annMention = row(ann, room, text).locator('.mention');
+    assert.equal(await annMention.textContent(), '@bob');
+    assert.equal(await annMention.evaluate((el) => el.classList.contains('mention-me')), false);
+
+    // bob, in another room: a mention badge and an unread badge.
+    await until(() => badges(bob, room), { unread: '1', mentions: '@1' }, "bob's badges");
+    // Opened: read, and the mention is his.
+    await openRoom(bob, room);
+    await waitForTexts(bob, room, [text]);
+    const mine = row(bob, room, text).locator('.mention.mention-me');
+    await mine.waitFor();
+    assert.equal(await mine.textContent(), '@bob');
+    assert.equal(await row(bob, room, text).evaluate((el) => el.classList.contains('mentions-me')), true);
+    await until(() => badges(bob, room), { unread: '', mentions: '' }, 'no badges once opened');
+
+    // A click on a name in the list works as well; @names that are not members are plain text.
+    await input.click();
+    await input.pressSequentially('@');
+    await list.locator('.mention-option[data-user="bob"]').click();
+    await input.pressSequentially('and @nobody-here too');
+    await input.press('Enter');
+    const text2 = '@bob and @nobody-here too';
+    await waitForTexts(bob, room, [text2]);
+    assert.deepEqual(await row(bob, room, text2).locator('.mention').allTextContents(), ['@bob']);
+    await bob.screenshot({ path: '/tmp/chatd-web-mentions.png' });
+    for (const page of [ann, bob]) assert.deepEqual(await cspViolations(page), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('v. unread badges count messages of a room not open (not changes, not deleted ones, not one\'s own) and clear when it is read, here or in another tab', { timeout: 60_000 }, async () => {
+    const { ann, bob } = pages;
+    const room = 'unread-room';
+    await joinRoom(bob, room);
+    await joinRoom(ann, room);
+    await joinRoom(bob, 'unread-elsewhere');
+    for (const t of ['ann one', 'ann two', 'ann three']) await sendFromPage(ann, t);
+    await waitForTexts(ann, room, ['ann one', 'ann two', 'ann three']);
+    await until(() => badges(bob, room), { unread: '3', mentions: '' }, 'three unread');
+    // A reaction and an edit are not new messages.
+    await messageAction(ann, room, 'ann one', 'picker');
+    await row(ann, room, 'ann one').locator('.pick[data-key="🎉"]').click();
+    await until(() => chip(ann, room, 'ann one', '🎉').then((c) => c && c.count), 1, 'ann\'s reaction');
+    await messageAction(ann, room, 'ann two', 'edit');
+    await ann.locator('.edit-input').fill('ann two, edited');
+    await ann.locator('.edit-input').press('Enter');
+    await waitForTexts(ann, room, ['ann two, edited']);
+    // A deleted one no longer counts.
+    await messageAction(ann, room, 'ann three', 'delete');
+    await row(ann, room, 'ann three').locator('.act-delete').click();
+    await until(() => badges(bob, room), { unread: '2', mentions: '' }, 'two unread once one is deleted');
+    assert.match(await bob.title(), /^\(2\) /, 'the page title counts them');
+
+    // bob reads the room in another tab (another session): the badge goes
+    // here too; what he sends there never counts for him here.
+    const tab = await bob.context().newPage();
+    await watchCsp(tab);
+    await tab.goto(`http://127.0.0.1:${changes.server.http}/`);
+    await tab.locator('#conn-state[data-state="connected"]').waitFor();
+    await openRoom(tab, room);
+    await waitForTexts(tab, room, ['ann one', 'ann two, edited']);
+    await until(() => badges(bob, room), { unread: '', mentions: '' }, 'read in the other tab');
+    await sendFromPage(tab, 'bob from his other tab');
+    await waitForTexts(ann, room, ['bob from his other tab']);
+    assert.deepEqual(await cspViolations(tab), []);
+    await tab.close(); // gone before ann writes again: it would read that too
+    await sendFromPage(ann, 'ann after that');
+    await waitForTexts(ann, room, ['ann after that']);
+    // Once this page has it (its head), it has bob's message before it too.
+    const seq = Number(await row(ann, room, 'ann after that').getAttribute('data-seq'));
+    await bob.waitForFunction(({ room, seq }) => Number(document.querySelector(`.room-item[data-room="${room}"]`).dataset.head) >= seq, { room, seq }, { timeout: 10_000, polling: 50 });
+    assert.deepEqual(await badges(bob, room), { unread: '1', mentions: '' }, "ann's message counts, bob's own does not");
+
+    // Opened: read.
+    await openRoom(bob, room);
+    await waitForTexts(bob, room, ['ann one', 'ann two, edited', 'bob from his other tab', 'ann after that']);
+    await until(() => badges(bob, room), { unread: '', mentions: '' }, 'no badge once opened');
+    assert.equal(await bob.title(), 'chatd');
+  });
+
+  check('w. after a reload (a new Welcome) the badges come back from the server\'s counts', { timeout: 60_000 }, async () => {
+    const { ann, bob } = pages;
+    const room = 'welcome-counts';
+    await joinRoom(bob, room);
+    await joinRoom(ann, room);
+    await joinRoom(bob, 'welcome-elsewhere');
+    await sendFromPage(ann, 'ann first');
+    await sendFromPage(ann, 'ann second');
+    const input = ann.locator('#composer-input');
+    await input.click();
+    await input.pressSequentially('@bo');
+    await ann.locator('#mention-list .mention-option[data-user="bob"]').waitFor();
+    await input.press('Tab');
+    await input.pressSequentially('third, for you');
+    await input.press('Enter');
+    await sendFromPage(ann, 'ann fourth, soon deleted');
+    await waitForTexts(ann, room, ['ann first', 'ann second', '@bob third, for you', 'ann fourth, soon deleted']);
+    await until(() => badges(bob, room), { unread: '4', mentions: '@1' }, 'four unread, one a mention');
+    await messageAction(ann, room, 'ann fourth, soon deleted', 'delete');
+    await row(ann, room, 'ann fourth, soon deleted').locator('.act-delete').click();
+    await until(() => badges(bob, room), { unread: '3', mentions: '@1' }, 'live counts');
+    await bob.reload();
+    await bob.locator('#conn-state[data-state="connected"]').waitFor();
+    await bob.locator('.room-item.active[data-room="welcome-elsewhere"]').waitFor();
+    await until(() => badges(bob, room), { unread: '3', mentions: '@1' }, 'the counts of Welcome');
+    await openRoom(bob, room);
+    await until(() => badges(bob, room), { unread: '', mentions: '' }, 'read');
+    await bob.reload();
+    await bob.locator('#conn-state[data-state="connected"]').waitFor();
+    await bob.locator(`.room-item.active[data-room="${room}"]`).waitFor();
+    await openRoom(bob, 'welcome-elsewhere');
+    assert.deepEqual(await badges(bob, room), { unread: '', mentions: '' }, 'read before the reload');
+  });
+
+  check('x. a desktop notification for a mention, and for a direct message, while the page is hidden; a click opens the room', { timeout: 60_000 }, async () => {
+    const { ann } = pages;
+    const cat = await changesPage('cat', { notifications: true });
+    const room = 'notify-room';
+    await joinRoom(cat, room);
+    await joinRoom(ann, room);
+    await joinRoom(cat, 'notify-elsewhere');
+    assert.equal(await cat.evaluate(() => Notification.permission), 'granted');
+    assert.equal(await cat.locator('#notify-btn').isVisible(), false, 'nothing to enable: allowed already');
+    const notes = () => cat.evaluate(() => window.__notifications.map(({ title, body, tag }) => ({ title, body, tag })));
+
+    // Visible: no notification.
+    await sendFromPage(ann, '@cat while you look');
+    await until(() => badges(cat, room), { unread: '1', mentions: '@1' }, 'the mention counted');
+    assert.deepEqual(await notes(), []);
+
+    await setHidden(cat, true);
+    // Not a mention: no notification (the mention after it comes in order behind it).
+    await sendFromPage(ann, 'ann to everyone');
+    await sendFromPage(ann, 'hey @cat, the build is green');
+    await waitUntil(async () => (await notes()).length >= 1, { what: 'a notification' });
+    const [n] = await notes();
+    assert.equal(n.title, 'ann in #notify-room');
+    assert.equal(n.body, 'hey @cat, the build is green');
+    assert.ok(n.tag, 'a tag');
+    assert.equal((await notes()).length, 1, 'only the mention');
+
+    // A direct message: always.
+    await ann.fill('#dm-input', 'cat');
+    await ann.press('#dm-input', 'Enter');
+    await ann.locator('.room-item.active[data-room="dm:ann:cat"]').waitFor();
+    await sendFromPage(ann, 'a word in private');
+    await waitUntil(async () => (await notes()).length >= 2, { what: 'a notification of the direct message' });
+    assert.deepEqual((await notes())[1].body, 'a word in private');
+    assert.match((await notes())[1].title, /^ann\b/);
+
+    // A click on the mention's notification opens its room.
+    await cat.evaluate(() => window.__notifications[0].n.dispatchEvent(new Event('click')));
+    await cat.locator(`.room-item.active[data-room="${room}"]`).waitFor();
+    await waitForTexts(cat, room, ['hey @cat, the build is green']);
+    await setHidden(cat, false);
+    await until(() => badges(cat, room), { unread: '', mentions: '' }, 'read once visible');
+    assert.deepEqual(await cspViolations(cat), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('y. a change the server refuses (the message was deleted meanwhile) is shown as an error', { timeout: 60_000 }, async () => {
+    const { ann } = pages;
+    const room = 'refusals';
+    // dan's page hears from the server through a proxy that can hold what
+    // comes back: his page acts on a message that, for the server, is gone.
+    const ctx = await changes.browser.newContext({ viewport: { width: 1200, height: 760 } });
+    ctx.setDefaultTimeout(15_000);
+    changes.contexts.push(ctx);
+    let held = null;
+    let release = null;
+    await ctx.routeWebSocket(/\/ws$/, (ws) => {
+      const server = ws.connectToServer();
+      ws.onMessage((m) => server.send(m));
+      server.onMessage((m) => (held ? held.push(m) : ws.send(m)));
+      release = () => {
+        const frames = held;
+        held = null;
+        for (const m of frames) ws.send(m);
+      };
+    });
+    const dan = await login(ctx, 'dan', { server: changes.server });
+    await joinRoom(ann, room);
+    await joinRoom(dan, room);
+    await sendFromPage(dan, 'dan posts a thing');
+    await waitForTexts(ann, room, ['dan posts a thing']);
+
+    held = [];
+    await messageAction(ann, room, 'dan posts a thing', 'delete');
+    await row(ann, room, 'dan posts a thing').locator('.act-delete').click();
+    await row(ann, room, 'This message was deleted').waitFor();
+    // dan still sees it, and deletes it too: refused.
+    await messageAction(dan, room, 'dan posts a thing', 'delete');
+    await row(dan, room, 'dan posts a thing').locator('.act-delete').click();
+    await waitUntil(() => held.some((m) => String(m).includes('"error"')), { what: 'the refusal' });
+    release();
+    await dan.locator('.toast.error', { hasText: /^Could not delete the message: Not found: / }).waitFor();
+    await row(dan, room, 'This message was deleted').waitFor();
+    assert.deepEqual((await shown(dan, room)).map((m) => m.text), ['This message was deleted']);
+    assert.deepEqual(await cspViolations(dan), [], 'nothing the Content-Security-Policy blocks');
+  });
+
+  check('z. a phone (390×844): a tap shows a message\'s actions; react and edit from there', { timeout: 60_000 }, async () => {
+    const PHONE = { width: 390, height: 844 };
+    const { ann } = pages;
+    const pia = await changesPage('pia', { phone: true });
+    const room = 'phone-changes';
+    await joinRoom(ann, room);
+    await openNav(pia);
+    await pia.fill('#join-input', room);
+    await pia.tap('#join-form button[type=submit]');
+    await pia.locator(`.room-item.active[data-room="${room}"]`).waitFor({ state: 'attached' });
+    await sendFromPage(ann, 'ann asks the phone');
+    await waitForTexts(pia, room, ['ann asks the phone']);
+
+    // A tap on the message: its actions, on the screen and big enough to tap.
+    await row(pia, room, 'ann asks the phone').locator('.msg-text').tap();
+    const bar = row(pia, room, 'ann asks the phone').locator('.msg-actions');
+    await bar.waitFor();
+    const box = await bar.boundingBox();
+    assert.ok(box && box.x >= 0 && box.x + box.width <= PHONE.width && box.y >= 0, `the actions are on the screen: ${JSON.stringify(box)}`);
+    const react = await bar.locator('.act-picker').boundingBox();
+    assert.ok(react.height >= 28 && react.width >= 28, `the react button can be tapped: ${JSON.stringify(react)}`);
+    await bar.locator('.act-picker').tap();
+    await row(pia, room, 'ann asks the phone').locator('.pick[data-key="❤️"]').tap();
+    await until(() => chip(pia, room, 'ann asks the phone', '❤️').then((c) => c && [c.count, c.mine]), [1, true], "pia's ❤️");
+    await until(() => chip(ann, room, 'ann asks the phone', '❤️').then((c) => c && [c.count, c.mine]), [1, false], "pia's ❤️ on ann's page");
+
+    // Her own message: edited.
+    await sendFromPage(pia, 'pia answers quikly');
+    await waitForTexts(ann, room, ['pia answers quikly']);
+    await row(pia, room, 'pia answers quikly').locator('.msg-text').tap();
+    await row(pia, room, 'pia answers quikly').locator('.act-edit').tap();
+    const editor = pia.locator('.edit-input');
+    await editor.waitFor();
+    const ebox = await editor.boundingBox();
+    assert.ok(ebox.x >= 0 && ebox.x + ebox.width <= PHONE.width, `the editor fits: ${JSON.stringify(ebox)}`);
+    await editor.fill('pia answers quickly');
+    await editor.press('Enter');
+    await waitForTexts(ann, room, ['pia answers quickly']);
+    await row(ann, room, 'pia answers quickly').locator('.msg-edited').waitFor();
+    await waitForTexts(pia, room, ['pia answers quickly']);
+    await pia.screenshot({ path: '/tmp/mobile-changes.png' });
+    assert.deepEqual(await cspViolations(pia), [], 'nothing the Content-Security-Policy blocks');
   });
 });
