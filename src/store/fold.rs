@@ -182,6 +182,17 @@ pub trait Kv {
     fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<Records, StoreError>;
     /// Every record with `start <= key < end`, in key order.
     fn range(&mut self, side: Side, start: &[u8], end: &[u8]) -> Result<Records, StoreError>;
+    /// Sets `key` to `value`, which replaces `before` (known to the caller).
+    fn put_replacing(
+        &mut self,
+        side: Side,
+        key: &[u8],
+        value: &[u8],
+        before: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let _ = before;
+        self.put(side, key, value)
+    }
 }
 
 /// Key of a user's counters in a room.
@@ -264,17 +275,33 @@ fn message_of(kv: &mut dyn Kv, room: RoomId, seq: u64) -> Result<Option<proto::M
         .transpose()
 }
 
+/// The counters as stored, by [`counts_key`], kept by a store between
+/// batches so that raising them costs a write and no read.
+pub type CountsCache = HashMap<Vec<u8>, Counts>;
+
 /// Applies the entries of one room's run, in seq order: counters, folds,
 /// erasure. Entries already applied (by a run before a crash) are skipped.
-pub fn apply(kv: &mut dyn Kv, room: RoomId, entries: &[(u64, &Entry, &Bytes)]) -> Result<(), StoreError> {
-    // Counters are read once and written once per run.
-    let mut counts: HashMap<String, Counts> = HashMap::new();
+pub fn apply(
+    kv: &mut dyn Kv,
+    room: RoomId,
+    entries: &[(u64, &Entry, &Bytes)],
+    cache: &mut CountsCache,
+) -> Result<(), StoreError> {
+    // Counters are read once (from the cache when it has them) and written
+    // once per run; the value they replace is what a failed batch's undo
+    // puts back.
+    let mut counts: HashMap<String, (Counts, Option<Vec<u8>>)> = HashMap::new();
     let mut bump = |kv: &mut dyn Kv, user: &str, seq: u64, f: &dyn Fn(&mut Counts)| -> Result<(), StoreError> {
         if !counts.contains_key(user) {
-            let c = kv.get(Side::Counts, &counts_key(room, user))?.map(|v| Counts::decode(&v)).transpose()?;
-            counts.insert(user.to_string(), c.unwrap_or_default());
+            let key = counts_key(room, user);
+            let before = match cache.get(&key) {
+                Some(c) => Some(c.encode().to_vec()),
+                None => kv.get(Side::Counts, &key)?,
+            };
+            let c = before.as_deref().map(Counts::decode).transpose()?.unwrap_or_default();
+            counts.insert(user.to_string(), (c, before));
         }
-        let c = counts.get_mut(user).expect("inserted");
+        let (c, _) = counts.get_mut(user).expect("inserted");
         if seq > c.through {
             f(c);
             c.through = seq;
@@ -308,8 +335,10 @@ pub fn apply(kv: &mut dyn Kv, room: RoomId, entries: &[(u64, &Entry, &Bytes)]) -
     for (target, fold) in folds {
         kv.put(Side::Folds, &message_key(room, target), &fold.encode_to_vec())?;
     }
-    for (user, c) in counts {
-        kv.put(Side::Counts, &counts_key(room, &user), &c.encode())?;
+    for (user, (c, before)) in counts {
+        let key = counts_key(room, &user);
+        kv.put_replacing(Side::Counts, &key, &c.encode(), before)?;
+        cache.insert(key, c);
     }
     Ok(())
 }
@@ -559,11 +588,14 @@ pub struct Recording<'a> {
 }
 
 impl Recording<'_> {
-    fn note(&mut self, side: Side, key: &[u8]) -> Result<(), StoreError> {
+    fn note(&mut self, side: Side, key: &[u8], known: Option<Option<Vec<u8>>>) -> Result<(), StoreError> {
         // Taking back restores the first before-image of a key (newest
         // first), so later ones would only cost a read.
         if self.noted.insert((side, key.to_vec())) {
-            let before = self.kv.get(side, key)?;
+            let before = match known {
+                Some(before) => before,
+                None => self.kv.get(side, key)?,
+            };
             self.log.push(Undo { room: self.room, first: self.first, side, key: key.to_vec(), before });
         }
         Ok(())
@@ -575,11 +607,21 @@ impl Kv for Recording<'_> {
         self.kv.get(side, key)
     }
     fn put(&mut self, side: Side, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.note(side, key)?;
+        self.note(side, key, None)?;
+        self.kv.put(side, key, value)
+    }
+    fn put_replacing(
+        &mut self,
+        side: Side,
+        key: &[u8],
+        value: &[u8],
+        before: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        self.note(side, key, Some(before))?;
         self.kv.put(side, key, value)
     }
     fn del(&mut self, side: Side, key: &[u8]) -> Result<(), StoreError> {
-        self.note(side, key)?;
+        self.note(side, key, None)?;
         self.kv.del(side, key)
     }
     fn prefix(&mut self, side: Side, prefix: &[u8]) -> Result<Records, StoreError> {
@@ -617,7 +659,7 @@ pub fn reapply(kv: &mut dyn Kv, room: RoomId, from: u64, to: u64) -> Result<(), 
         }
     }
     let entries: Vec<_> = stored.iter().map(|(s, e, b)| (*s, e, b)).collect();
-    apply(kv, room, &entries)
+    apply(kv, room, &entries, &mut CountsCache::new())
 }
 
 /// Groups a batch's appends by room, in seq order, for [`apply`].
@@ -679,7 +721,7 @@ mod tests {
     fn react(kv: &mut Maps, seq: u64, user: &str, key: &str, add: bool) {
         let kind = if add { ChangeKind::ReactionAdd } else { ChangeKind::ReactionRemove };
         let e = Entry::Change { user: user.into(), target: 1, kind, key: key.into() };
-        apply(kv, 7, &[(seq, &e, &Bytes::new())]).unwrap();
+        apply(kv, 7, &[(seq, &e, &Bytes::new())], &mut CountsCache::new()).unwrap();
     }
 
     fn folded(kv: &mut Maps, viewer: &str) -> proto::Message {
@@ -715,11 +757,11 @@ mod tests {
         // Applied again (a crash cut the run short before its fold was
         // written): counted once.
         let e = Entry::Change { user: "u05".into(), target: 1, kind: ChangeKind::ReactionRemove, key: "👍".into() };
-        apply(&mut kv, 7, &[(32, &e, &Bytes::new())]).unwrap();
+        apply(&mut kv, 7, &[(32, &e, &Bytes::new())], &mut CountsCache::new()).unwrap();
         let fold = kv.get(Side::Folds, &message_key(7, 1)).unwrap();
         kv.del(Side::Folds, &message_key(7, 1)).unwrap();
         kv.put(Side::Folds, &message_key(7, 1), &fold.clone().unwrap()).unwrap();
-        apply(&mut kv, 7, &[(32, &e, &Bytes::new())]).unwrap();
+        apply(&mut kv, 7, &[(32, &e, &Bytes::new())], &mut CountsCache::new()).unwrap();
         assert_eq!(folded(&mut kv, "u01").reactions[0].count, 23);
         assert_eq!(folded(&mut kv, "u01").folded_seq, 32);
     }
@@ -730,17 +772,23 @@ mod tests {
         let edit = proto::Message { seq: 2, text: "more secret".into(), ts_ms: 55, ..Default::default() };
         kv.put(Side::Messages, &message_key(7, 2), &edit.encode_to_vec()).unwrap();
         let e = Entry::Change { user: "ann".into(), target: 1, kind: ChangeKind::Edit, key: String::new() };
-        apply(&mut kv, 7, &[(2, &e, &Bytes::from(edit.encode_to_vec()))]).unwrap();
+        apply(&mut kv, 7, &[(2, &e, &Bytes::from(edit.encode_to_vec()))], &mut CountsCache::new()).unwrap();
         assert_eq!((folded(&mut kv, "").text.as_str(), folded(&mut kv, "").edited_ms), ("more secret", 55));
         react(&mut kv, 3, "bob", "x", true);
         let d = Entry::Change { user: "ann".into(), target: 1, kind: ChangeKind::Delete, key: String::new() };
-        apply(&mut kv, 7, &[(4, &d, &Bytes::new())]).unwrap();
+        apply(&mut kv, 7, &[(4, &d, &Bytes::new())], &mut CountsCache::new()).unwrap();
         let m = folded(&mut kv, "");
         assert!(m.deleted && m.text.is_empty() && m.reactions.is_empty());
         assert!(kv.0.values().all(|v| !v.windows(6).any(|w| w == b"secret")), "no record holds the content");
         // Applying the same run again (after a crash) changes nothing.
         let before = kv.0.clone();
-        apply(&mut kv, 7, &[(2, &e, &Bytes::from(edit.encode_to_vec())), (3, &d, &Bytes::new())]).unwrap();
+        apply(
+            &mut kv,
+            7,
+            &[(2, &e, &Bytes::from(edit.encode_to_vec())), (3, &d, &Bytes::new())],
+            &mut CountsCache::new(),
+        )
+        .unwrap();
         assert_eq!(kv.0, before);
     }
 }

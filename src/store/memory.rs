@@ -28,6 +28,8 @@ struct Inner {
     side: BTreeMap<(Side, Vec<u8>), Vec<u8>>,
     /// What the last batch replaced beside the log.
     undo: Vec<Undo>,
+    /// The counters as stored.
+    counts: fold::CountsCache,
 }
 
 fn seq_key(key: &[u8]) -> Result<(RoomId, u64), StoreError> {
@@ -208,13 +210,15 @@ impl Store for MemoryStore {
         if !runs.is_empty() {
             let inner = &mut *g;
             let mut undo = std::mem::take(&mut inner.undo);
+            let mut cache = std::mem::take(&mut inner.counts);
             undo.clear();
             for (room, entries) in &runs {
                 let first = entries[0].0;
                 let mut rec = Recording { kv: inner, room: *room, first, log: &mut undo, noted: Default::default() };
-                fold::apply(&mut rec, *room, entries)?;
+                fold::apply(&mut rec, *room, entries, &mut cache)?;
             }
             inner.undo = undo;
+            inner.counts = cache;
         }
         Ok(())
     }
@@ -226,6 +230,7 @@ impl Store for MemoryStore {
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError> {
         let mut g = self.lock();
         let inner = &mut *g;
+        inner.counts.clear();
         let mut undo = std::mem::take(&mut inner.undo);
         let undone = fold::undo(inner, &mut undo, room)?;
         inner.undo = undo;

@@ -118,6 +118,8 @@ pub struct SledStore {
     /// What the last batch's state beside the log replaced: if its commit
     /// fails, `truncate` puts it back.
     undo: Mutex<Vec<Undo>>,
+    /// The unread counters as stored (dropped after a truncation).
+    counts: Mutex<fold::CountsCache>,
 }
 
 impl SledStore {
@@ -149,6 +151,7 @@ impl SledStore {
             index: Mutex::new(index),
             next_record: AtomicU64::new(next_record),
             undo: Mutex::new(Vec::new()),
+            counts: Mutex::new(fold::CountsCache::new()),
         })
     }
 
@@ -197,7 +200,7 @@ impl SledStore {
                 stored.push((m.seq, Entry::of(&m), Bytes::copy_from_slice(&v)));
             }
             let entries: Vec<_> = stored.iter().map(|(s, e, b)| (*s, e, b)).collect();
-            fold::apply(&mut &*t, room, &entries)?;
+            fold::apply(&mut &*t, room, &entries, &mut fold::CountsCache::new())?;
             tracing::info!(
                 room,
                 from = first,
@@ -343,11 +346,16 @@ impl Store for SledStore {
             if !runs.is_empty() {
                 let mut undo = self.undo_log();
                 undo.clear();
+                let mut cache = self.counts.lock().unwrap_or_else(|e| e.into_inner());
                 for (room, entries) in &runs {
                     let first = entries[0].0;
                     let mut rec =
                         Recording { kv: &mut &*t, room: *room, first, log: &mut undo, noted: Default::default() };
-                    fold::apply(&mut rec, *room, entries)?;
+                    if let Err(e) = fold::apply(&mut rec, *room, entries, &mut cache) {
+                        // What it holds may be ahead of the store now.
+                        cache.clear();
+                        return Err(e);
+                    }
                 }
                 t.meta.remove(APPLYING)?;
             }
@@ -392,6 +400,7 @@ impl Store for SledStore {
         self.with(|t| {
             // What the failed batch changed beside the log goes back first
             // (its entries below `from` — the messages it erased — too).
+            self.counts.lock().unwrap_or_else(|e| e.into_inner()).clear();
             let undone = fold::undo(&mut &*t, &mut self.undo_log(), room)?;
             t.meta.remove(APPLYING)?;
             let mut messages = Vec::new();

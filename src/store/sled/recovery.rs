@@ -24,6 +24,9 @@ impl SledStore {
     /// holds is what reached the disk; the commit writer then truncates what
     /// was never acknowledged.
     pub(super) fn reopen(&self) -> Result<(), StoreError> {
+        // The reopened database holds what reached the disk, which the
+        // cached counters may be ahead of.
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let mut trees = self.trees.write().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = trees.take() {
             let Trees {
