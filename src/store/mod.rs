@@ -212,13 +212,18 @@ pub trait Store: Send + Sync + 'static {
     /// never acknowledged, and its seqs are about to be handed out again.
     fn truncate(&self, room: RoomId, from: u64) -> Result<usize, StoreError>;
 
-    /// The encoded `Message`s of `room` with `from <= seq <= to`, ascending,
-    /// each with its latest state folded in as `viewer` sees it
-    /// ([`fold::view`]).
-    fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError>;
+    /// The `Message`s of `room` with `from <= seq <= to`, ascending, each
+    /// with its latest state folded in as `viewer` sees it
+    /// ([`fold::fold_all`]): as stored when nothing changed it.
+    fn read_folded(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<fold::Folded>, StoreError>;
 
-    /// [`Store::read_range`], decoded (a store that folds decoded messages
-    /// saves encoding them again).
+    /// [`Store::read_folded`], encoded: what catch-up and resume send.
+    fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError> {
+        Ok(self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::encoded).collect())
+    }
+
+    /// [`Store::read_folded`], decoded: what a history page holds (a
+    /// folded message is not encoded only to be decoded again).
     fn read_messages(
         &self,
         room: RoomId,
@@ -226,13 +231,7 @@ pub trait Store: Send + Sync + 'static {
         to: u64,
         viewer: &str,
     ) -> Result<Vec<crate::proto::Message>, StoreError> {
-        use prost::Message as _;
-        self.read_range(room, from, to, viewer)?
-            .iter()
-            .map(|b| {
-                crate::proto::Message::decode(b.as_ref()).map_err(|e| StoreError::Corrupt(format!("a message: {e}")))
-            })
-            .collect()
+        self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::decoded).collect()
     }
 
     /// The message at `seq` as the target of a change (committed state).

@@ -653,14 +653,14 @@ impl chatd::store::Store for LossyStore {
     fn truncate(&self, room: u64, from: u64) -> Result<usize, chatd::store::StoreError> {
         self.inner.truncate(room, from)
     }
-    fn read_range(
+    fn read_folded(
         &self,
         room: u64,
         from: u64,
         to: u64,
         viewer: &str,
-    ) -> Result<Vec<bytes::Bytes>, chatd::store::StoreError> {
-        self.inner.read_range(room, from, to, viewer)
+    ) -> Result<Vec<chatd::store::fold::Folded>, chatd::store::StoreError> {
+        self.inner.read_folded(room, from, to, viewer)
     }
     fn target(&self, room: u64, seq: u64) -> Result<Option<chatd::store::Target>, chatd::store::StoreError> {
         self.inner.target(room, seq)

@@ -54,8 +54,14 @@ impl Store for Switchable {
         self.check()?;
         self.inner.truncate(room, from)
     }
-    fn read_range(&self, room: u64, from: u64, to: u64, viewer: &str) -> Result<Vec<bytes::Bytes>, StoreError> {
-        self.inner.read_range(room, from, to, viewer)
+    fn read_folded(
+        &self,
+        room: u64,
+        from: u64,
+        to: u64,
+        viewer: &str,
+    ) -> Result<Vec<chatd::store::fold::Folded>, StoreError> {
+        self.inner.read_folded(room, from, to, viewer)
     }
     fn target(&self, room: u64, seq: u64) -> Result<Option<chatd::store::Target>, StoreError> {
         self.inner.target(room, seq)

@@ -221,7 +221,7 @@ mod tests {
         fn truncate(&self, _: u64, _: u64) -> Result<usize, StoreError> {
             Ok(0)
         }
-        fn read_range(&self, _: u64, _: u64, _: u64, _: &str) -> Result<Vec<bytes::Bytes>, StoreError> {
+        fn read_folded(&self, _: u64, _: u64, _: u64, _: &str) -> Result<Vec<crate::store::fold::Folded>, StoreError> {
             Ok(vec![])
         }
         fn target(&self, _: u64, _: u64) -> Result<Option<crate::store::Target>, StoreError> {
@@ -302,8 +302,14 @@ mod tests {
         fn truncate(&self, room: u64, from: u64) -> Result<usize, StoreError> {
             self.inner.truncate(room, from)
         }
-        fn read_range(&self, room: u64, from: u64, to: u64, viewer: &str) -> Result<Vec<bytes::Bytes>, StoreError> {
-            self.inner.read_range(room, from, to, viewer)
+        fn read_folded(
+            &self,
+            room: u64,
+            from: u64,
+            to: u64,
+            viewer: &str,
+        ) -> Result<Vec<crate::store::fold::Folded>, StoreError> {
+            self.inner.read_folded(room, from, to, viewer)
         }
         fn target(&self, room: u64, seq: u64) -> Result<Option<crate::store::Target>, StoreError> {
             self.inner.target(room, seq)

@@ -158,7 +158,7 @@ impl SledStore {
     /// The messages `from..=to` of `room` with their folds merged in as
     /// the log is read: one pass over both trees, whatever the number of
     /// changes.
-    fn read_folded(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<fold::Folded>, StoreError> {
+    fn folded_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<fold::Folded>, StoreError> {
         if from > to {
             return Ok(Vec::new());
         }
@@ -439,18 +439,8 @@ impl Store for SledStore {
         })
     }
 
-    fn read_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<Bytes>, StoreError> {
-        Ok(self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::encoded).collect())
-    }
-
-    fn read_messages(
-        &self,
-        room: RoomId,
-        from: u64,
-        to: u64,
-        viewer: &str,
-    ) -> Result<Vec<crate::proto::Message>, StoreError> {
-        self.read_folded(room, from, to, viewer)?.into_iter().map(fold::Folded::decoded).collect()
+    fn read_folded(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<fold::Folded>, StoreError> {
+        self.folded_range(room, from, to, viewer)
     }
 
     fn target(&self, room: RoomId, seq: u64) -> Result<Option<Target>, StoreError> {
