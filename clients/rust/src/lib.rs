@@ -148,7 +148,10 @@ pub fn error_code_name(code: proto::ErrorCode) -> &'static str {
 /// Something the server pushed, in order.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A room message, exactly once and in seq order per room.
+    /// A room message, exactly once and in seq order per room. An edit,
+    /// delete or reaction is a message of its own with `change` set:
+    /// [`changes::Entry::of`] says which, and [`changes::apply`] applies it
+    /// to a copy of its target.
     Message(proto::Message),
     /// A resume replay of a room is complete.
     Synced(proto::Synced),
