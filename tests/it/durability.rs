@@ -330,12 +330,21 @@ async fn publish_keys(
     let mut acks = HashMap::new();
     loop {
         let Ok(Ok(Some(f))) = tokio::time::timeout(WAIT, r.reader.read_frame()).await else { break };
-        if let Ok(Envelope { body: Some(Body::PublishAck(a)), .. }) = chatd::codec::decode_envelope(&f) {
-            acks.insert(a.client_msg_id.clone(), (a.room, a.seq));
-            counter.fetch_add(1, Ordering::Relaxed);
-            if acks.len() == keys.len() {
-                break;
+        match chatd::codec::decode_envelope(&f) {
+            Ok(Envelope { body: Some(Body::PublishAck(a)), .. }) => {
+                acks.insert(a.client_msg_id.clone(), (a.room, a.seq));
+                counter.fetch_add(1, Ordering::Relaxed);
+                if acks.len() == keys.len() {
+                    break;
+                }
             }
+            // Nothing is refused here: every request is valid when sent.
+            Ok(Envelope { id, body: Some(Body::Error(e)) }) => {
+                let key = keys.get((id as usize).wrapping_sub(1000)).map(|(k, _)| k.as_str());
+                let change = key.and_then(|k| changes.get(k));
+                panic!("{key:?} ({change:?}) refused: {e:?}");
+            }
+            _ => {}
         }
     }
     acks
@@ -454,12 +463,18 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
     let mut kills = Vec::new();
     let mut moderation: Vec<(usize, usize, Body)> = Vec::new();
     const MOD_ROOMS: usize = 40;
-    // One key in ten is a change to a message acknowledged in an earlier
-    // round: c0 and c1 react to each other's messages, everyone edits their
-    // own, c2 deletes some of its own (and nobody reacts to those).
+    // Three keys in thirty are changes to messages acknowledged in earlier
+    // rounds: each user reacts to the next one's messages, edits its own
+    // and deletes its own — from three separate pools of targets (by the
+    // counter of the message's key), so no change races another's retry
+    // (a reaction to a message being deleted would be refused).
     let mut changes: HashMap<String, ChangeOf> = HashMap::new();
-    let mut targets: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
-    let mut used: HashSet<(String, u64)> = HashSet::new();
+    let mut targets: HashMap<(&str, u64), Vec<(String, u64)>> = HashMap::new();
+    let next_user = |u: &str| match u {
+        "c0" => "c1",
+        "c1" => "c2",
+        _ => "c0",
+    };
     for round in 0..=CRASHES {
         let server = Process::start(tmp.path(), &[]);
         let counter = Arc::new(AtomicUsize::new(0));
@@ -487,23 +502,15 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
                 let c = next[u];
                 next.insert(u, c + 1);
                 let key = format!("{u}-{c}");
-                let change = match (c % 10, u) {
-                    (3, "c0" | "c1") => {
-                        let other = if u == "c0" { "c1" } else { "c0" };
-                        targets
-                            .get(other)
-                            .and_then(|t| t.get(c as usize % t.len().max(1)))
-                            .map(|(room, seq)| (room.clone(), ChangeOf::React(*seq)))
-                    }
-                    (6, _) | (9, "c2") => {
-                        let own = targets.entry(u).or_default();
-                        let pick = own.iter().position(|t| !used.contains(t));
-                        pick.map(|i| {
-                            let (room, seq) = if c % 10 == 9 { own.swap_remove(i) } else { own[i].clone() };
-                            used.insert((room.clone(), seq));
-                            let change = if c % 10 == 9 { ChangeOf::Delete(seq) } else { ChangeOf::Edit(seq) };
-                            (room, change)
-                        })
+                let change = match c % 10 {
+                    // Once each: a message takes at most `max_reaction_keys`.
+                    3 => targets
+                        .get_mut(&(next_user(u), 0))
+                        .and_then(|t| t.pop())
+                        .map(|(room, seq)| (room, ChangeOf::React(seq))),
+                    6 => targets.get_mut(&(u, 1)).and_then(|t| t.pop()).map(|(room, seq)| (room, ChangeOf::Edit(seq))),
+                    9 => {
+                        targets.get_mut(&(u, 2)).and_then(|t| t.pop()).map(|(room, seq)| (room, ChangeOf::Delete(seq)))
                     }
                     _ => None,
                 };
@@ -540,10 +547,10 @@ async fn ten_crashes_at_random_moments_lose_no_acknowledged_message() {
             let got = t.await.unwrap();
             pending.get_mut(u).unwrap().retain(|(k, _)| !got.contains_key(k));
             for (k, v) in got {
-                // c2's messages are deleted, not reacted to; a message is
-                // edited once (a later edit could race its retry).
-                if !changes.contains_key(&k) && (u != "c2" || k.ends_with('0')) {
-                    targets.entry(u).or_default().push(v.clone());
+                if !changes.contains_key(&k)
+                    && let Some(counter) = k.rsplit_once('-').and_then(|(_, c)| c.parse::<u64>().ok())
+                {
+                    targets.entry((u, counter % 3)).or_default().push(v.clone());
                 }
                 if let Some(prev) = acked.insert(k.clone(), v.clone()) {
                     assert_eq!(prev, v, "{k} acked twice with different seqs");
