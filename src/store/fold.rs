@@ -116,20 +116,14 @@ pub struct Counts {
 impl Counts {
     /// 24 bytes: the three fields, u64 BE each.
     pub fn encode(&self) -> [u8; 24] {
-        let mut v = [0u8; 24];
-        v[..8].copy_from_slice(&self.sent.to_be_bytes());
-        v[8..16].copy_from_slice(&self.mentioned.to_be_bytes());
-        v[16..].copy_from_slice(&self.through.to_be_bytes());
-        v
+        super::encode_u64s(&[self.sent, self.mentioned, self.through])
     }
 
     /// Inverse of [`Counts::encode`].
     pub fn decode(v: &[u8]) -> Result<Self, StoreError> {
-        if v.len() != 24 {
-            return Err(StoreError::Corrupt(format!("a counters record of {} bytes", v.len())));
-        }
-        let n = |r: std::ops::Range<usize>| u64::from_be_bytes(v[r].try_into().expect("8 bytes"));
-        Ok(Counts { sent: n(0..8), mentioned: n(8..16), through: n(16..24) })
+        let [sent, mentioned, through] = super::decode_u64s(v)
+            .ok_or_else(|| StoreError::Corrupt(format!("a counters record of {} bytes", v.len())))?;
+        Ok(Counts { sent, mentioned, through })
     }
 }
 

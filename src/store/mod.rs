@@ -104,20 +104,13 @@ pub struct ReadPos {
 impl ReadPos {
     /// 32 bytes: the four fields, u64 BE each.
     pub fn encode(&self) -> [u8; 32] {
-        let mut v = [0u8; 32];
-        for (i, n) in [self.seq, self.messages, self.sent, self.mentioned].into_iter().enumerate() {
-            v[i * 8..i * 8 + 8].copy_from_slice(&n.to_be_bytes());
-        }
-        v
+        encode_u64s(&[self.seq, self.messages, self.sent, self.mentioned])
     }
 
     /// Inverse of [`ReadPos::encode`].
     pub fn decode(v: &[u8]) -> Option<Self> {
-        if v.len() != 32 {
-            return None;
-        }
-        let n = |i: usize| u64::from_be_bytes(v[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        Some(ReadPos { seq: n(0), messages: n(1), sent: n(2), mentioned: n(3) })
+        let [seq, messages, sent, mentioned] = decode_u64s(v)?;
+        Some(ReadPos { seq, messages, sent, mentioned })
     }
 }
 
@@ -284,25 +277,41 @@ pub fn split_user_key(key: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(&key[..nul]).ok()?, &key[nul + 1..]))
 }
 
+/// `ns` as big-endian u64s back to back: the fixed-size records of the
+/// store (`B` must be 8 × `ns.len()`).
+pub fn encode_u64s<const B: usize>(ns: &[u64]) -> [u8; B] {
+    debug_assert_eq!(B, ns.len() * 8, "a record of {} u64s in {B} bytes", ns.len());
+    let mut v = [0u8; B];
+    for (chunk, n) in v.chunks_exact_mut(8).zip(ns) {
+        chunk.copy_from_slice(&n.to_be_bytes());
+    }
+    v
+}
+
+/// Inverse of [`encode_u64s`]: `None` unless `v` holds exactly `N` u64s.
+pub fn decode_u64s<const N: usize>(v: &[u8]) -> Option<[u64; N]> {
+    if v.len() != N * 8 {
+        return None;
+    }
+    let mut ns = [0u64; N];
+    for (n, chunk) in ns.iter_mut().zip(v.chunks_exact(8)) {
+        *n = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    Some(ns)
+}
+
 impl IdempotencyRecord {
     /// Fixed 24-byte encoding: room, seq, ts (u64 BE each). The value of the
     /// sled store's per-key records in its previous format, read when such a
     /// store is upgraded.
     pub fn encode(&self) -> [u8; 24] {
-        let mut v = [0u8; 24];
-        v[..8].copy_from_slice(&self.room.to_be_bytes());
-        v[8..16].copy_from_slice(&self.seq.to_be_bytes());
-        v[16..].copy_from_slice(&self.ts_ms.to_be_bytes());
-        v
+        encode_u64s(&[self.room, self.seq, self.ts_ms])
     }
 
     /// Inverse of [`IdempotencyRecord::encode`].
     pub fn decode(v: &[u8]) -> Option<Self> {
-        if v.len() != 24 {
-            return None;
-        }
-        let n = |r: std::ops::Range<usize>| u64::from_be_bytes(v[r].try_into().expect("8 bytes"));
-        Some(IdempotencyRecord { room: n(0..8), seq: n(8..16), ts_ms: n(16..24) })
+        let [room, seq, ts_ms] = decode_u64s(v)?;
+        Some(IdempotencyRecord { room, seq, ts_ms })
     }
 }
 
