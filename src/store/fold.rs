@@ -438,6 +438,9 @@ fn erase(kv: &mut dyn Kv, room: RoomId, target: u64, fold: &mut FoldRecord) -> R
             if seq == target {
                 let record = DeletedRecord { sender: m.sender.clone(), mentions: m.mentions.clone() };
                 kv.put(Side::Deleted, &message_key(room, target), &record.encode_to_vec())?;
+                // The stored message says so itself: a copy of the log
+                // taken without the fold (a backup) still shows it deleted.
+                m.deleted = true;
             }
             m.text.clear();
             m.data = Bytes::new();

@@ -44,10 +44,8 @@ impl SledStore {
     ) -> Result<usize, StoreError> {
         let mut lost = Vec::new();
         let from = head.saturating_sub(REPAIR_WINDOW) + 1;
-        let range = message_key(room, from)..=message_key(room, head);
-        for kv in t.messages.range(range).rev() {
-            let (k, v) = kv?;
-            let msg = decode_message(&k, &v)?;
+        for (seq, v) in t.entries(room, from, head)?.into_iter().rev() {
+            let msg = decode_message(&message_key(room, seq), &v)?;
             if msg.ts_ms < expired_before {
                 break;
             }

@@ -1,8 +1,9 @@
 //! The server's store: sled 0.34 with an explicit `fdatasync`.
 //!
 //! Trees (ARCHITECTURE.md, "Storage"):
-//! * `messages` — `room_id ‖ seq` (u64 BE each) → encoded `Message`. One tree
-//!   for every room: sled rewrites its meta map for every new tree.
+//! * `messages` — `room_id ‖ first_seq` (u64 BE each) → a [`runs`] value:
+//!   the encoded `Message`s of one room that one group commit wrote. One
+//!   tree for every room: sled rewrites its meta map for every new tree.
 //! * `rooms` — room name → room id (u64 BE) ‖ [`RoomDetails`](super::RoomDetails) (kind, title,
 //!   topic, creator).
 //! * `members` — `user ‖ 0 ‖ room_id` → [`MemberRecord`]: role and since
@@ -29,7 +30,8 @@
 //! with `fdatasync` on the data file.
 //!
 //! A group commit is written as single inserts in a fixed order — room
-//! names, details, members, bans and invitations, then messages (each room's in seq order), then
+//! names, details, members, bans and invitations, then messages (each
+//! room's runs in seq order), then
 //! their idempotency journal record, then read markers — not with `apply_batch`.
 //! sled recovers a prefix of its log (it stops at the first torn or missing
 //! segment), so a crash keeps a prefix of that order: never a message
@@ -63,6 +65,7 @@
 pub mod compact;
 mod journal;
 mod recovery;
+mod runs;
 mod trees;
 mod upgrade;
 
@@ -70,11 +73,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, RwLock};
 
-use bytes::Bytes;
-
 use self::journal::{EXPIRED_BEFORE, decode_record, journal_entries, keep_in_record, record_number};
 use self::recovery::check_writable;
-pub use self::trees::{FORMAT, FORMAT_1, FORMAT_2, FORMAT_3};
+pub use self::trees::{FORMAT, FORMAT_1, FORMAT_2, FORMAT_3, FORMAT_4};
 use self::trees::{Trees, corrupt_key, decode_message, parse_room_value, room_id_of, room_value};
 use super::fold::{self, Counts, DeletedRecord, Entry, Recording, Target, Undo};
 use super::idem::{self, IdemIndex, Loc};
@@ -164,19 +165,19 @@ impl SledStore {
         }
         self.with(|t| {
             let range = message_key(room, from)..=message_key(room, to);
-            let mut folds = t.folds.range(range.clone()).peekable();
+            let mut folds = t.folds.range(range).peekable();
             let mut stored = Vec::new();
-            for kv in t.messages.range(range) {
-                let (k, v) = kv?;
+            for (seq, v) in t.entries(room, from, to)? {
+                let k = message_key(room, seq);
                 if let Some(Err(_)) = folds.peek() {
                     folds.next().expect("peeked")?;
                 }
-                while folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk < &k)).is_some() {}
-                let fold = match folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk == &k)) {
+                while folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk.as_ref() < &k[..])).is_some() {}
+                let fold = match folds.next_if(|f| f.as_ref().is_ok_and(|(fk, _)| fk.as_ref() == &k[..])) {
                     Some(f) => Some(f?.1.to_vec()),
                     None => None,
                 };
-                stored.push((room_id_of(&k[8..16])?, Bytes::copy_from_slice(&v), fold));
+                stored.push((seq, v, fold));
             }
             fold::fold_all(&mut &*t, room, viewer, stored)
         })
@@ -194,10 +195,9 @@ impl SledStore {
             let room = room_id_of(&run[..8])?;
             let first = room_id_of(&run[8..])?;
             let mut stored = Vec::new();
-            for kv in t.messages.range(message_key(room, first)..=message_key(room, u64::MAX)) {
-                let (k, v) = kv?;
-                let m = decode_message(&k, &v)?;
-                stored.push((m.seq, Entry::of(&m), Bytes::copy_from_slice(&v)));
+            for (seq, v) in t.entries(room, first, u64::MAX)? {
+                let m = decode_message(&message_key(room, seq), &v)?;
+                stored.push((seq, Entry::of(&m), v));
             }
             let entries: Vec<_> = stored.iter().map(|(s, e, b)| (*s, e, b)).collect();
             fold::apply(&mut &*t, room, &entries, &mut fold::CountsCache::new())?;
@@ -333,9 +333,7 @@ impl Store for SledStore {
                 }
                 t.meta.insert(APPLYING, applying)?;
             }
-            for a in &batch.appends {
-                t.messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref())?;
-            }
+            t.append_runs(&batch.appends)?;
             self.put_journal(t, journal_entries(&batch.appends))?;
             for r in &batch.read_markers {
                 t.reads.insert(user_key(&r.user, &r.room.to_be_bytes()), &r.pos.encode()[..])?;
@@ -403,15 +401,13 @@ impl Store for SledStore {
             self.counts.lock().unwrap_or_else(|e| e.into_inner()).clear();
             let undone = fold::undo(&mut &*t, &mut self.undo_log(), room)?;
             t.meta.remove(APPLYING)?;
-            let mut messages = Vec::new();
             let mut keyed = Vec::new();
-            for kv in t.messages.range(message_key(room, from)..=message_key(room, u64::MAX)) {
-                let (k, v) = kv?;
-                let msg = decode_message(&k, &v)?;
+            let cut = t.entries(room, from, u64::MAX)?;
+            for (seq, v) in &cut {
+                let msg = decode_message(&message_key(room, *seq), v)?;
                 if !msg.client_msg_id.is_empty() {
                     keyed.push(msg);
                 }
-                messages.push(k);
             }
             // Journal entries first: a crash in between leaves messages
             // without entries, which `load` re-indexes, never an entry for a
@@ -429,13 +425,11 @@ impl Store for SledStore {
             drop(index);
             // Then the messages from the newest back, so a crash part way
             // leaves the log contiguous.
-            for key in messages.iter().rev() {
-                t.messages.remove(key)?;
-            }
+            let removed = t.cut_from(room, from)?.len();
             if let Some(first) = undone.filter(|f| *f < from) {
                 fold::reapply(&mut &*t, room, first, from - 1)?;
             }
-            Ok(messages.len())
+            Ok(removed)
         })
     }
 
@@ -458,9 +452,8 @@ impl Store for SledStore {
         }
         self.with(|t| {
             for loc in candidates {
-                let key = message_key(loc.room, loc.seq);
-                let Some(v) = t.messages.get(key)? else { continue };
-                let msg = decode_message(&key, &v)?;
+                let Some(v) = t.entry(loc.room, loc.seq)? else { continue };
+                let msg = decode_message(&message_key(loc.room, loc.seq), &v)?;
                 if super::idempotency_owner(&msg.sender, &msg.room) == sender && msg.client_msg_id == client_msg_id {
                     return Ok(Some(IdempotencyRecord { room: loc.room, seq: loc.seq, ts_ms: msg.ts_ms }));
                 }
@@ -845,6 +838,56 @@ mod tests {
         // Opened again, it is a current store: nothing is redone.
         let snap = SledStore::open(dir.path(), 8 << 20).unwrap().load().unwrap();
         assert_eq!(snap.memberships.len(), 7);
+    }
+
+    #[test]
+    fn a_store_of_one_key_per_message_is_read_as_it_is_and_continued_in_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What the previous release wrote: every message under its own
+            // key, format 4.
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let b = keyed_batch(1..=5, "ann");
+            store.write(&b).unwrap();
+            store
+                .with(|t| {
+                    t.messages.clear()?;
+                    for a in &b.appends {
+                        t.messages.insert(&message_key(a.room, a.seq)[..], a.message.as_ref())?;
+                    }
+                    t.meta.insert("format", FORMAT_4)?;
+                    Ok(())
+                })
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.rooms[0].head, 5);
+        assert_eq!(store.lookup_idempotent("ann", "c4").unwrap().map(|r| r.seq), Some(4));
+        store.write(&keyed_batch(6..=8, "ann")).unwrap();
+        // A failed commit cut back into the old part of the log.
+        assert_eq!(store.truncate(1, 4).unwrap(), 5);
+        store.write(&keyed_batch(4..=9, "bob")).unwrap();
+        store.sync().unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.load().unwrap().rooms[0].head, 9);
+        let senders: Vec<(u64, String)> = store
+            .read_range(1, 1, 9, "")
+            .unwrap()
+            .iter()
+            .map(|b| <crate::proto::Message as prost::Message>::decode(b.as_ref()).unwrap())
+            .map(|m| (m.seq, m.sender))
+            .collect();
+        let expected: Vec<(u64, String)> =
+            (1..=9).map(|s| (s, if s < 4 { "ann" } else { "bob" }.to_string())).collect();
+        assert_eq!(senders, expected);
+        assert_eq!(store.lookup_idempotent("ann", "c3").unwrap().map(|r| r.seq), Some(3));
+        assert_eq!(store.lookup_idempotent("ann", "c4").unwrap(), None, "truncated");
+        assert_eq!(store.lookup_idempotent("bob", "c9").unwrap().map(|r| r.seq), Some(9));
+        let format = store.with(|t| Ok(t.meta.get("format")?)).unwrap();
+        assert_eq!(format.as_deref(), Some(FORMAT));
     }
 
     #[test]

@@ -9,11 +9,16 @@ use super::journal::JOURNAL;
 use super::upgrade::{upgrade_from_format_1, upgrade_from_format_2, upgrade_from_format_3};
 use crate::proto;
 use crate::store::fold::{Kv, Side};
-use crate::store::{RoomId, StoreError, message_key};
+use crate::store::{RoomId, StoreError};
 
 /// Written to `meta/format` in a new store; anything but this,
-/// [`FORMAT_3`], [`FORMAT_2`] and [`FORMAT_1`] is refused.
-pub const FORMAT: &[u8] = b"chatd-store-4";
+/// [`FORMAT_4`], [`FORMAT_3`], [`FORMAT_2`] and [`FORMAT_1`] is refused.
+pub const FORMAT: &[u8] = b"chatd-store-5";
+
+/// The format before runs ([`super::runs`]): one key per message. This
+/// build reads such values as they are, so the upgrade only changes the
+/// marker — which an older build then refuses rather than misread a run.
+pub const FORMAT_4: &[u8] = b"chatd-store-4";
 
 /// The format before message changes: no `folds`, `reactions`, `counts`
 /// or `deleted` trees, and read markers without the counts through them.
@@ -73,6 +78,12 @@ impl Trees {
                 upgrade_from_format_3(&db, &meta, &data_file)?;
             }
             Some(v) if v.as_ref() == FORMAT_3 => upgrade_from_format_3(&db, &meta, &data_file)?,
+            Some(v) if v.as_ref() == FORMAT_4 => {
+                meta.insert("format", FORMAT)?;
+                db.flush()?;
+                data_file.sync_data()?;
+                tracing::info!("store upgraded from chatd-store-4: new commits write runs");
+            }
             Some(v) => {
                 return Err(StoreError::Corrupt(format!(
                     "{} holds store format {:?}, this build reads {:?}",
@@ -124,14 +135,7 @@ impl Trees {
     }
 
     pub(super) fn head_of(&self, room: RoomId) -> Result<u64, StoreError> {
-        let range = message_key(room, 0)..=message_key(room, u64::MAX);
-        Ok(match self.messages.range(range).next_back() {
-            Some(kv) => {
-                let (k, _) = kv?;
-                u64::from_be_bytes(k[8..16].try_into().map_err(|_| corrupt_key(&k))?)
-            }
-            None => 0,
-        })
+        self.last_entry(room)
     }
 
     fn side(&self, side: Side) -> &sled::Tree {
@@ -152,15 +156,39 @@ impl Trees {
     }
 }
 
+/// A messages key split into its room and seq.
+fn entry_key(key: &[u8]) -> Result<(RoomId, u64), StoreError> {
+    match (key.get(..8), key.get(8..16)) {
+        (Some(room), Some(seq)) if key.len() == 16 => Ok((room_id_of(room)?, room_id_of(seq)?)),
+        _ => Err(corrupt_key(key)),
+    }
+}
+
+/// The state beside the log reads and rewrites entries one seq at a time;
+/// in the messages tree they live in runs ([`super::runs`]).
 impl Kv for &Trees {
     fn get(&mut self, side: Side, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if side == Side::Messages {
+            let (room, seq) = entry_key(key)?;
+            return Ok(self.entry(room, seq)?.map(|m| m.to_vec()));
+        }
         Ok(self.side(side).get(key)?.map(|v| v.to_vec()))
     }
     fn put(&mut self, side: Side, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if side == Side::Messages {
+            let (room, seq) = entry_key(key)?;
+            return self.replace_entry(room, seq, value);
+        }
         self.side(side).insert(key, value)?;
         Ok(())
     }
     fn del(&mut self, side: Side, key: &[u8]) -> Result<(), StoreError> {
+        if side == Side::Messages {
+            // Entries are only rewritten in place (erased) or cut from the
+            // end of the log (`Trees::cut_from`), never removed one by one:
+            // that would leave a gap.
+            return Err(StoreError::Corrupt(format!("refused to remove the single log entry {key:?}")));
+        }
         self.side(side).remove(key)?;
         Ok(())
     }

@@ -81,9 +81,9 @@ pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file:
         let direct = name.starts_with("dm:");
         let mut first_ts = 0;
         let mut owner = None;
-        for m in messages.range(message_key(id, 1)..=message_key(id, OWNER_SCAN)) {
-            let (k, v) = m?;
-            let m = proto::Message::decode(v.as_ref()).map_err(|_| corrupt_key(&k))?;
+        let stored = messages.range(message_key(id, 1)..=message_key(id, OWNER_SCAN));
+        for (seq, v) in runs_of(stored)? {
+            let m = proto::Message::decode(v.as_ref()).map_err(|_| corrupt_key(&message_key(id, seq)))?;
             if first_ts == 0 {
                 first_ts = m.ts_ms;
             }
@@ -162,9 +162,8 @@ pub(super) fn upgrade_from_format_3(db: &sled::Db, meta: &sled::Tree, data_file:
         let mut sent: HashMap<String, Counts> = HashMap::new();
         let mut positions = Vec::new();
         let mut count = 0u64;
-        for m in messages.range(message_key(id, 0)..=message_key(id, u64::MAX)) {
-            let (k, v) = m?;
-            let seq = u64::from_be_bytes(k[8..16].try_into().map_err(|_| corrupt_key(&k))?);
+        for (seq, v) in runs_of(messages.range(message_key(id, 0)..=message_key(id, u64::MAX)))? {
+            let k = message_key(id, seq);
             while let Some((read, user)) = at.next_if(|(read, _)| *read < seq) {
                 let own = sent.get(&user).map_or(0, |c| c.sent);
                 positions.push((user, ReadPos { seq: read, messages: count, sent: own, mentioned: 0 }));
@@ -194,4 +193,16 @@ pub(super) fn upgrade_from_format_3(db: &sled::Db, meta: &sled::Tree, data_file:
     data_file.sync_data()?;
     tracing::info!(rooms = upgraded, "store upgraded from chatd-store-3: unread counters computed from the logs");
     Ok(())
+}
+
+/// The entries of the stored values `range` yields, `(seq, message)` in
+/// seq order, whether stored as runs or one per key (a store that was
+/// written partly by this build).
+fn runs_of(range: sled::Iter) -> Result<Vec<(u64, bytes::Bytes)>, StoreError> {
+    let mut entries = Vec::new();
+    for kv in range {
+        let (k, v) = kv?;
+        entries.extend(super::runs::decode(&k, &v)?);
+    }
+    Ok(entries)
 }
