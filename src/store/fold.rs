@@ -246,6 +246,33 @@ pub fn reactions_of(
     Ok(mine)
 }
 
+/// Removes what is kept beside the log for the entries of `room` below
+/// `start` (retention trimmed them): their folds, reactions (with each
+/// reactor's index) and deleted-message records. The counters stay: they
+/// count from seq 1 ([`super::retention`]). Returns how many records.
+pub fn forget_below(kv: &mut dyn Kv, room: RoomId, start: u64) -> Result<usize, StoreError> {
+    let (from, to) = (message_key(room, 0), message_key(room, start));
+    let mut removed = 0;
+    for side in [Side::Folds, Side::Deleted] {
+        for (k, _) in kv.range(side, &from, &to)? {
+            kv.del(side, &k)?;
+            removed += 1;
+        }
+    }
+    for (k, _) in kv.range(Side::Reactions, &from, &to)? {
+        let seq = k.get(8..16).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let rest = k.get(16..).unwrap_or_default();
+        if let (Some(seq), Some(nul)) = (seq, rest.iter().position(|b| *b == 0)) {
+            let key = String::from_utf8_lossy(&rest[..nul]);
+            let user = String::from_utf8_lossy(&rest[nul + 1..]);
+            kv.del(Side::Reacted, &reacted_key(room, &user, seq, &key))?;
+        }
+        kv.del(Side::Reactions, &k)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 /// Key of one user's reaction.
 pub fn reaction_key(room: RoomId, seq: u64, key: &str, user: &str) -> Vec<u8> {
     let mut k = reaction_prefix(room, seq, Some(key));

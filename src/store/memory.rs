@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::fold::{self, Counts, DeletedRecord, Kv, Recording, Side, Target, Undo};
 use super::{
     BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, ReadPos, RoomDetails, RoomId, RoomRecord,
-    RoomWrite, Snapshot, Store, StoreError, message_key,
+    RoomWrite, Snapshot, Store, StoreError, Trim, TrimRecord, message_key,
 };
 
 #[derive(Default)]
@@ -30,6 +30,8 @@ struct Inner {
     undo: Vec<Undo>,
     /// The counters as stored.
     counts: fold::CountsCache,
+    /// Where trimmed logs start.
+    trims: HashMap<RoomId, TrimRecord>,
 }
 
 fn seq_key(key: &[u8]) -> Result<(RoomId, u64), StoreError> {
@@ -120,7 +122,12 @@ impl Store for MemoryStore {
             .map(|(name, &id)| RoomRecord {
                 name: name.clone(),
                 id,
-                head: g.messages.range((id, 0)..=(id, u64::MAX)).next_back().map_or(0, |((_, s), _)| *s),
+                head: g
+                    .messages
+                    .range((id, 0)..=(id, u64::MAX))
+                    .next_back()
+                    .map_or(0, |((_, s), _)| *s)
+                    .max(g.trims.get(&id).map_or(0, |t| t.start() - 1)),
                 details: g.details.get(&id).cloned().unwrap_or_default(),
             })
             .collect();
@@ -161,6 +168,7 @@ impl Store for MemoryStore {
                     Ok((room, seq, record))
                 })
                 .collect::<Result<Vec<(RoomId, u64, DeletedRecord)>, StoreError>>()?,
+            trims: g.trims.iter().map(|(r, t)| (*r, t.clone())).collect(),
         })
     }
 
@@ -265,6 +273,25 @@ impl Store for MemoryStore {
         let before = g.idem.len();
         g.idem.retain(|_, r| r.ts_ms >= before_ts_ms);
         Ok(before - g.idem.len())
+    }
+
+    fn trim(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError> {
+        let mut g = self.lock();
+        let mut rec = g.trims.get(&room).cloned().unwrap_or_default();
+        let from = rec.start();
+        if from > trim.head {
+            return Ok(rec);
+        }
+        let entries: Vec<(u64, Bytes)> =
+            g.messages.range((room, from)..=(room, trim.head)).map(|((_, s), m)| (*s, m.clone())).collect();
+        rec.advance(trim, entries)?;
+        let below: Vec<_> = g.messages.range((room, 0)..(room, rec.start())).map(|(k, _)| *k).collect();
+        for k in below {
+            g.messages.remove(&k);
+        }
+        fold::forget_below(&mut *g, room, rec.start())?;
+        g.trims.insert(room, rec.clone());
+        Ok(rec)
     }
 
     fn size_on_disk(&self) -> u64 {

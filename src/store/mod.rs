@@ -15,12 +15,14 @@ pub mod commit;
 pub mod fold;
 pub mod idem;
 pub mod memory;
+pub mod retention;
 pub mod rooms;
 pub mod sled;
 
 use bytes::Bytes;
 
 pub use self::fold::{Counts, DeletedRecord, Entry, Target};
+pub use self::retention::{Trim, TrimRecord};
 pub use self::rooms::{BanRecord, InviteRecord, MemberRecord, RoomDetails, RoomWrite};
 
 /// A room's numeric id: the prefix of its messages' keys.
@@ -168,6 +170,8 @@ pub struct Snapshot {
     pub deleted: Vec<(RoomId, u64, DeletedRecord)>,
     /// (user, Unix seconds) revocations: tokens issued before are refused.
     pub revocations: Vec<(String, u64)>,
+    /// Where the logs of rooms that retention trimmed start.
+    pub trims: Vec<(RoomId, TrimRecord)>,
 }
 
 /// The storage interface of the data path.
@@ -239,6 +243,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Drops idempotency records older than `before_ts_ms`; returns how many.
     fn expire_idempotency(&self, before_ts_ms: u64) -> Result<usize, StoreError>;
+
+    /// Removes the oldest entries of `room` as `trim` allows, with what is
+    /// kept beside them; returns where the log now starts. Called by one
+    /// task at a time ([`crate::hub`]'s retention), never with a head above
+    /// the room's dispatched one. Readers must not ask for seqs below the
+    /// start it returns.
+    fn trim(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError>;
 
     /// Bytes the store occupies on disk (0 for memory).
     fn size_on_disk(&self) -> u64;
@@ -451,6 +462,7 @@ pub(crate) mod contract {
         let heads: Vec<_> = store.load().unwrap().rooms.iter().map(|r| (r.id, r.head)).collect();
         assert!(heads.contains(&(1, 3)) && heads.contains(&(2, 1)), "{heads:?}");
         changes(store);
+        trims(store);
     }
 
     /// A change entry by `user` of `kind` to `target`, at `seq` of room 3.
@@ -474,6 +486,49 @@ pub(crate) mod contract {
             ts_ms: 2000 + seq,
             entry: Entry::Change { user: user.into(), target, kind, key: "+1".into() },
         }
+    }
+
+    /// Retention: the start moves, entries and their reactions below it go,
+    /// the head stays (also with every entry gone), writing goes on.
+    fn trims(store: &dyn Store) {
+        use crate::proto::ChangeKind;
+        let mut b = Batch::default();
+        b.rooms.push(RoomWrite::Details { room: 3, name: "trimmed".into(), details: RoomDetails::default() });
+        for seq in 1..=6 {
+            b.appends.push(append(3, seq, "ann", ""));
+        }
+        b.appends.push(change(7, "bob", 2, ChangeKind::ReactionAdd, ""));
+        b.appends.push(change(8, "bob", 5, ChangeKind::ReactionAdd, ""));
+        store.write(&b).unwrap();
+        store.sync().unwrap();
+        let seqs = |from, to| -> Vec<u64> {
+            let msgs = store.read_messages(3, from, to, "bob").unwrap();
+            msgs.iter().map(|m| m.seq).collect()
+        };
+        let rec = store.trim(3, &Trim { keep_from: 4, older_than_ms: 0, head: 8 }).unwrap();
+        assert_eq!((rec.start(), rec.messages), (4, 3));
+        assert_eq!(rec.read_pos("ann").sent, 3);
+        assert_eq!(seqs(4, 8), vec![4, 5, 6, 7, 8]);
+        assert_eq!(seqs(1, 8), vec![4, 5, 6, 7, 8], "nothing below the start");
+        assert!(!store.has_reaction(3, 2, "+1", "bob").unwrap(), "its reactions went with it");
+        assert!(store.has_reaction(3, 5, "+1", "bob").unwrap());
+        assert!(store.target(3, 2).unwrap().is_none());
+        // By age: appends are stamped 1000 + seq, changes 2000 + seq.
+        let rec = store.trim(3, &Trim { keep_from: 0, older_than_ms: 1006, head: 8 }).unwrap();
+        assert_eq!(rec.start(), 6);
+        let again = store.trim(3, &Trim { keep_from: 0, older_than_ms: 1006, head: 8 }).unwrap();
+        assert_eq!(again, rec, "a trim with nothing to do changes nothing");
+        let rec = store.trim(3, &Trim { keep_from: 100, older_than_ms: 0, head: 8 }).unwrap();
+        assert_eq!((rec.start(), rec.messages), (9, 6));
+        assert_eq!(seqs(1, 8), Vec::<u64>::new());
+        let snap = store.load().unwrap();
+        let room = snap.rooms.iter().find(|r| r.id == 3).unwrap();
+        assert_eq!(room.head, 8, "seqs are never reused");
+        assert_eq!(snap.trims.iter().find(|(r, _)| *r == 3).map(|(_, t)| t.start()), Some(9));
+        let mut b = Batch::default();
+        b.appends.push(append(3, 9, "ann", ""));
+        store.write(&b).unwrap();
+        assert_eq!(seqs(1, 9), vec![9]);
     }
 
     fn decoded(store: &dyn Store, seq: u64, viewer: &str) -> crate::proto::Message {

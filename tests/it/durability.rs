@@ -685,6 +685,9 @@ impl chatd::store::Store for LossyStore {
     fn expire_idempotency(&self, before: u64) -> Result<usize, chatd::store::StoreError> {
         self.inner.expire_idempotency(before)
     }
+    fn trim(&self, room: u64, trim: &chatd::store::Trim) -> Result<chatd::store::TrimRecord, chatd::store::StoreError> {
+        self.inner.trim(room, trim)
+    }
     fn size_on_disk(&self) -> u64 {
         0
     }

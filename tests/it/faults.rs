@@ -75,6 +75,9 @@ impl Store for Switchable {
     fn expire_idempotency(&self, before: u64) -> Result<usize, StoreError> {
         self.inner.expire_idempotency(before)
     }
+    fn trim(&self, room: u64, trim: &chatd::store::Trim) -> Result<chatd::store::TrimRecord, StoreError> {
+        self.inner.trim(room, trim)
+    }
     fn size_on_disk(&self) -> u64 {
         0
     }

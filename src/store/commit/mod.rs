@@ -236,6 +236,9 @@ mod tests {
         fn expire_idempotency(&self, _: u64) -> Result<usize, StoreError> {
             Ok(0)
         }
+        fn trim(&self, _: u64, _: &crate::store::Trim) -> Result<crate::store::TrimRecord, StoreError> {
+            Ok(crate::store::TrimRecord::default())
+        }
         fn size_on_disk(&self) -> u64 {
             0
         }
@@ -326,6 +329,9 @@ mod tests {
         }
         fn expire_idempotency(&self, before: u64) -> Result<usize, StoreError> {
             self.inner.expire_idempotency(before)
+        }
+        fn trim(&self, room: u64, trim: &crate::store::Trim) -> Result<crate::store::TrimRecord, StoreError> {
+            self.inner.trim(room, trim)
         }
         fn size_on_disk(&self) -> u64 {
             self.inner.size_on_disk()

@@ -67,6 +67,7 @@ mod journal;
 mod recovery;
 mod runs;
 mod trees;
+mod trim;
 mod upgrade;
 
 use std::path::{Path, PathBuf};
@@ -81,7 +82,7 @@ use super::fold::{self, Counts, DeletedRecord, Entry, Recording, Target, Undo};
 use super::idem::{self, IdemIndex, Loc};
 use super::{
     BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, ReadPos, RoomId, RoomRecord, RoomWrite, Snapshot,
-    Store, StoreError, message_key, split_user_key, user_key,
+    Store, StoreError, Trim, TrimRecord, message_key, split_user_key, user_key,
 };
 
 /// The `meta` key of the batch whose state beside the log is being applied.
@@ -121,6 +122,9 @@ pub struct SledStore {
     undo: Mutex<Vec<Undo>>,
     /// The unread counters as stored (dropped after a truncation).
     counts: Mutex<fold::CountsCache>,
+    /// Held by work on the whole log that must not overlap: a trim, a
+    /// backup's copy.
+    maintenance: Mutex<()>,
 }
 
 impl SledStore {
@@ -153,6 +157,7 @@ impl SledStore {
             next_record: AtomicU64::new(next_record),
             undo: Mutex::new(Vec::new()),
             counts: Mutex::new(fold::CountsCache::new()),
+            maintenance: Mutex::new(()),
         })
     }
 
@@ -212,6 +217,10 @@ impl SledStore {
         t.sync()
     }
 
+    fn maintenance(&self) -> MutexGuard<'_, ()> {
+        self.maintenance.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn index(&self) -> MutexGuard<'_, IdemIndex> {
         // Every change to the index is complete before the next one starts,
         // so a panic elsewhere cannot leave it half-updated.
@@ -246,6 +255,17 @@ impl Store for SledStore {
                 let head = t.head_of(id)?;
                 repaired += self.repair_idempotency(t, id, head, expired_before)?;
                 snap.rooms.push(RoomRecord { name, id, head, details });
+            }
+            let mut cleaned = 0;
+            for kv in t.trims.iter() {
+                let (k, v) = kv?;
+                let (room, rec) = (room_id_of(&k)?, TrimRecord::decode_stored(&v)?);
+                // What a crash left of a trim.
+                cleaned += trim::forget_below(t, room, rec.start())?;
+                snap.trims.push((room, rec));
+            }
+            if cleaned > 0 {
+                tracing::info!(records = cleaned, "finished a trim a crash interrupted");
             }
             if repaired > 0 {
                 t.sync()?;
@@ -487,6 +507,10 @@ impl Store for SledStore {
             }
             Ok(expired)
         })
+    }
+
+    fn trim(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError> {
+        self.trim_room(room, trim)
     }
 
     fn size_on_disk(&self) -> u64 {
@@ -888,6 +912,34 @@ mod tests {
         assert_eq!(store.lookup_idempotent("bob", "c9").unwrap().map(|r| r.seq), Some(9));
         let format = store.with(|t| Ok(t.meta.get("format")?)).unwrap();
         assert_eq!(format.as_deref(), Some(FORMAT));
+    }
+
+    #[test]
+    fn a_trim_a_crash_cut_short_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            for seqs in [1..=3, 4..=6, 7..=10] {
+                store.write(&keyed_batch(seqs, "ann")).unwrap();
+            }
+            // The crash: the record of a trim to 5 is written, nothing
+            // below it removed yet.
+            let rec = crate::store::TrimRecord { start: 5, messages: 4, users: Vec::new() };
+            store.with(|t| Ok(t.trims.insert(1u64.to_be_bytes(), prost::Message::encode_to_vec(&rec))?)).unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!((snap.rooms[0].head, snap.trims[0].1.start()), (10, 5));
+        let keys: Vec<u64> = store
+            .with(|t| Ok(t.messages.iter().keys().map(|k| room_id_of(&k.unwrap()[8..]).unwrap()).collect()))
+            .unwrap();
+        assert_eq!(keys, vec![5, 7], "the run 4-6 now starts at 5; the run 1-3 is gone");
+        let seqs: Vec<u64> = store.read_messages(1, 5, 10, "").unwrap().iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (5..=10).collect::<Vec<_>>());
+        // The next trim goes on from there.
+        let rec = store.trim(1, &crate::store::Trim { keep_from: 8, older_than_ms: 0, head: 10 }).unwrap();
+        assert_eq!((rec.start(), rec.messages), (8, 7));
     }
 
     #[test]

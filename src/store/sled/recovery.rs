@@ -44,12 +44,13 @@ impl SledStore {
                 reacted,
                 counts,
                 deleted,
+                trims,
                 meta,
                 data_file,
             } = old;
             drop(data_file);
             std::mem::forget((db, messages, rooms, members, bans, invites, revocations, reads, journal, meta));
-            std::mem::forget((folds, reactions, reacted, counts, deleted));
+            std::mem::forget((folds, reactions, reacted, counts, deleted, trims));
             let detached = detach_file(&self.path.join("db"))?;
             tracing::warn!(path = %self.path.display(), detached, "reopening the database after a storage failure");
         }

@@ -194,6 +194,26 @@ impl Trees {
         }
     }
 
+    /// Removes the entries of `room` below `start` (retention), oldest run
+    /// first; a run that reaches past `start` is written again from
+    /// `start` on under its new first seq before the old one goes, so a
+    /// crash part way leaves at worst entries below `start`, which readers
+    /// never ask for (the trim record is written first). Returns how many
+    /// runs it removed.
+    pub(super) fn drop_below(&self, room: RoomId, start: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for kv in self.messages.range(message_key(room, 0)..message_key(room, start)) {
+            let (k, v) = kv?;
+            if last_seq(&k, &v)? >= start {
+                let keep: Vec<_> = decode(&k, &v)?.into_iter().filter(|(s, _)| *s >= start).collect();
+                self.messages.insert(&message_key(room, start)[..], encode(keep.iter().map(|(_, m)| m.as_ref())))?;
+            }
+            self.messages.remove(k)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// Removes the entries of `room` from `from` on, newest run first (so a
     /// crash part way leaves the log contiguous); a run that starts below
     /// `from` is cut short. Returns the removed entries in seq order.

@@ -9,7 +9,7 @@ use super::journal::JOURNAL;
 use super::upgrade::{upgrade_from_format_1, upgrade_from_format_2, upgrade_from_format_3};
 use crate::proto;
 use crate::store::fold::{Kv, Side};
-use crate::store::{RoomId, StoreError};
+use crate::store::{RoomId, StoreError, TrimRecord};
 
 /// Written to `meta/format` in a new store; anything but this,
 /// [`FORMAT_4`], [`FORMAT_3`], [`FORMAT_2`] and [`FORMAT_1`] is refused.
@@ -52,6 +52,7 @@ pub(super) struct Trees {
     pub(super) reacted: sled::Tree,
     pub(super) counts: sled::Tree,
     pub(super) deleted: sled::Tree,
+    pub(super) trims: sled::Tree,
     pub(super) meta: sled::Tree,
     /// sled's data file, opened once so `sync` is one `fdatasync`.
     pub(super) data_file: File,
@@ -128,14 +129,23 @@ impl Trees {
             reacted: db.open_tree("reacted")?,
             counts: db.open_tree("counts")?,
             deleted: db.open_tree("deleted")?,
+            trims: db.open_tree("trims")?,
             meta,
             db,
             data_file,
         })
     }
 
+    /// The head of `room`: its last entry, or the entry before its start
+    /// when retention removed every one (seqs are never reused).
     pub(super) fn head_of(&self, room: RoomId) -> Result<u64, StoreError> {
-        self.last_entry(room)
+        let start = self.trim_of(room)?.map_or(1, |t| t.start());
+        Ok(self.last_entry(room)?.max(start - 1))
+    }
+
+    /// The trim record of `room`, if retention trimmed it.
+    pub(super) fn trim_of(&self, room: RoomId) -> Result<Option<TrimRecord>, StoreError> {
+        self.trims.get(room.to_be_bytes())?.map(|v| TrimRecord::decode_stored(&v)).transpose()
     }
 
     fn side(&self, side: Side) -> &sled::Tree {

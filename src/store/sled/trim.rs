@@ -1,0 +1,42 @@
+//! Retention in the sled store: the trim record first, then the runs below
+//! its start and what is kept beside them ([`crate::store::retention`]).
+
+use prost::Message as _;
+
+use super::SledStore;
+use super::trees::Trees;
+use crate::store::{RoomId, StoreError, Trim, TrimRecord, fold};
+
+/// Entries read per step of a trim: a room trimmed for the first time
+/// after years holds millions, and each step is a complete, smaller trim.
+const TRIM_STEP: u64 = 4096;
+
+impl SledStore {
+    pub(super) fn trim_room(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError> {
+        let _maintenance = self.maintenance();
+        self.with(|t| {
+            let mut rec = t.trim_of(room)?.unwrap_or_default();
+            while rec.start() <= trim.head {
+                let (from, before) = (rec.start(), rec.start());
+                let to = trim.head.min(from.saturating_add(TRIM_STEP - 1));
+                let stopped = rec.advance(trim, t.entries(room, from, to)?)?;
+                if rec.start() == before {
+                    break;
+                }
+                t.trims.insert(room.to_be_bytes(), rec.encode_to_vec())?;
+                forget_below(t, room, rec.start())?;
+                if stopped {
+                    break;
+                }
+            }
+            Ok(rec)
+        })
+    }
+}
+
+/// Removes the entries of `room` below `start` and what is kept beside
+/// them; what a crash left of an earlier trim is removed the same way.
+pub(super) fn forget_below(t: &Trees, room: RoomId, start: u64) -> Result<usize, StoreError> {
+    let runs = t.drop_below(room, start)?;
+    Ok(runs + fold::forget_below(&mut &*t, room, start)?)
+}
