@@ -198,6 +198,12 @@ config! {
     max_reaction_keys: usize = Limits::default().max_reaction_keys, check check::at_least(1);
     /// How long a client_msg_id is remembered (at least 24 h is promised).
     idempotency_hours: u64 = 24;
+    /// Remove messages older than this from every room that sets no limit of its own, e.g. "30d", "12h", "90m", "45s"; "" keeps them.
+    retention_max_age: String = String::new(), example "\"365d\"", check check::age();
+    /// Keep at most this many newest messages in every room that sets no limit of its own; 0 keeps them all.
+    retention_max_messages: u64 = 0;
+    /// How often retention trims the rooms, ms.
+    retention_interval_ms: u64 = 60_000, check check::at_least(10);
     /// Deadline of a graceful shutdown.
     shutdown_timeout_ms: u64 = 10_000;
     /// Development login POST /dev/token?user=NAME; refused unless http is a loopback address.
@@ -263,12 +269,36 @@ mod check {
         move |v| if (lo..=hi).contains(&v.get()) { Ok(()) } else { Err(format!("must be between {lo} and {hi}")) }
     }
 
+    pub fn age() -> impl Fn(&String) -> Result<(), String> {
+        |v| super::parse_age(v).map(|_| ())
+    }
+
     pub fn min_len(n: usize) -> impl Fn(&Option<String>) -> Result<(), String> {
         move |v| match v {
             Some(s) if s.len() < n => Err(format!("must be at least {n} bytes long")),
             _ => Ok(()),
         }
     }
+}
+
+/// A retention age: a whole number with a unit (`d`, `h`, `m`, `s`), as ms;
+/// "" is 0 (no limit).
+pub fn parse_age(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(0);
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let unit_ms: u64 = match unit.trim() {
+        "d" => 86_400_000,
+        "h" => 3_600_000,
+        "m" => 60_000,
+        "s" => 1_000,
+        _ => return Err(format!("{text:?} is not an age like \"30d\", \"12h\", \"90m\" or \"45s\"")),
+    };
+    let n: u64 = n.parse().map_err(|_| format!("{text:?} does not start with a whole number"))?;
+    n.checked_mul(unit_ms).filter(|ms| *ms > 0).ok_or_else(|| format!("{text:?} is out of range"))
 }
 
 /// Most connection threads `workers` may ask for.
@@ -309,6 +339,14 @@ impl Config {
         match self.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
             n => n,
+        }
+    }
+
+    /// The default retention of rooms (checked when the config was read).
+    pub fn retention(&self) -> crate::hub::retention::Retention {
+        crate::hub::retention::Retention {
+            max_age_ms: parse_age(&self.retention_max_age).unwrap_or(0),
+            max_messages: self.retention_max_messages,
         }
     }
 
@@ -450,6 +488,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_ages_take_a_unit_and_a_bad_one_names_the_field() {
+        assert_eq!(parse_age("30d"), Ok(30 * 86_400_000));
+        assert_eq!(parse_age(" 12h "), Ok(12 * 3_600_000));
+        assert_eq!((parse_age("90m"), parse_age("45s"), parse_age("")), (Ok(5_400_000), Ok(45_000), Ok(0)));
+        for bad in ["30", "d", "5x", "0s", "-1d", "99999999999999999d"] {
+            assert!(parse_age(bad).is_err(), "{bad}");
+        }
+        let err = Config::build(None, &[("retention_max_age", toml::Value::String("soon".into()))]).unwrap_err();
+        assert!(err.to_string().contains("retention_max_age"), "{err}");
+        let c = Config::build(None, &[("retention_max_messages", toml::Value::Integer(10))]).unwrap();
+        assert_eq!(c.retention().max_messages, 10);
+    }
 
     #[test]
     fn defaults_are_valid_and_match_the_design() {

@@ -80,6 +80,8 @@ pub const COMMIT_QUEUE_DEPTH: &str = "chatd_commit_queue_depth";
 /// Server API calls, by `endpoint` (the route, e.g.
 /// `/api/v1/rooms/{room}`), `method` and `status`.
 pub const API_CALLS: &str = "chatd_api_calls_total";
+/// Log entries removed by retention.
+pub const RETENTION_REMOVED: &str = "chatd_retention_removed_total";
 /// Room administration done, by `action` (create, update, invite, add,
 /// decline, remove, ban, unban, set_role).
 pub const MODERATION: &str = "chatd_moderation_total";
@@ -119,6 +121,7 @@ pub const ALL: &[&str] = &[
     COMMIT_QUEUE_DEPTH,
     MODERATION,
     API_CALLS,
+    RETENTION_REMOVED,
 ];
 
 /// Latency buckets (seconds): 50 µs to 5 s.
@@ -201,6 +204,8 @@ pub struct Metrics {
     pub sync_seconds: Histogram,
     /// History page read time.
     pub history_read: Histogram,
+    /// Entries retention removed.
+    pub retention_removed: Counter,
     /// Authenticated sessions.
     pub sessions: Gauge,
     /// Requests received.
@@ -247,6 +252,7 @@ impl Metrics {
             batch_size: histogram!(COMMIT_BATCH_SIZE),
             sync_seconds: histogram!(COMMIT_SYNC_SECONDS),
             history_read: histogram!(HISTORY_READ_SECONDS),
+            retention_removed: counter!(RETENTION_REMOVED),
             sessions: gauge!(SESSIONS),
             tcp: TransportMetrics::new("tcp"),
             tls: TransportMetrics::new("tls"),

@@ -186,10 +186,23 @@ impl Server {
             _ => None,
         };
         let keep = Duration::from_secs(config.idempotency_hours * 3600);
+        let (retention, every) = (config.retention(), Duration::from_millis(config.retention_interval_ms));
+        if retention != Default::default() {
+            tracing::info!(
+                max_age_ms = retention.max_age_ms,
+                max_messages = retention.max_messages,
+                "default retention"
+            );
+        }
         let housekeeping = tokio::spawn({
             let hub = hub.clone();
             async move {
-                tokio::join!(expire_idempotency(hub.clone(), keep), expire_typing(hub), metrics_upkeep(metrics_handle));
+                tokio::join!(
+                    expire_idempotency(hub.clone(), keep),
+                    expire_typing(hub.clone()),
+                    metrics_upkeep(metrics_handle),
+                    crate::hub::retention::run(hub, retention, every)
+                );
             }
         });
         app.serving.store(true, Ordering::Release);

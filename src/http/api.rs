@@ -346,6 +346,11 @@ async fn get_room(State(app): State<Arc<App>>, Path(room): Path<String>, q: Quer
 struct UpdateRoomBody {
     title: Option<String>,
     topic: Option<String>,
+    /// Canonical proto3 JSON: 64-bit integers as text, or a number.
+    #[serde(default, deserialize_with = "some_seq_of")]
+    retention_max_age_ms: Option<u64>,
+    #[serde(default, deserialize_with = "some_seq_of")]
+    retention_max_messages: Option<u64>,
     act_as: Option<String>,
 }
 
@@ -356,7 +361,13 @@ async fn update_room(
 ) -> Answer {
     room_name(&room)?;
     let b: UpdateRoomBody = body(b)?;
-    let u = proto::UpdateRoom { room, title: b.title, topic: b.topic };
+    let u = proto::UpdateRoom {
+        room,
+        title: b.title,
+        topic: b.topic,
+        retention_max_age_ms: b.retention_max_age_ms,
+        retention_max_messages: b.retention_max_messages,
+    };
     ok(&app.hub.update_room(&actor(b.act_as)?, u).await?)
 }
 
@@ -472,6 +483,10 @@ fn seq_of<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         Seq::Number(n) => Ok(n),
         Seq::Text(t) => t.parse().map_err(|_| serde::de::Error::custom(format!("{t:?} is not a seq"))),
     }
+}
+
+fn some_seq_of<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    seq_of(d).map(Some)
 }
 
 /// Most bytes in a `clientMsgId` (as on the wire).

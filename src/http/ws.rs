@@ -319,6 +319,8 @@ mod tests {
             member_count: 2,
             my_role: proto::Role::Admin as i32,
             owner: "ann".into(),
+            retention_max_age_ms: 86_400_000,
+            retention_max_messages: 1000,
         };
         let invitation = proto::Invitation { room: "r".into(), by: "ann".into(), ts_ms: 5, info: Some(info.clone()) };
         let state = proto::RoomState {
@@ -387,8 +389,9 @@ mod tests {
                 messages: vec![msg],
                 head_seq: 9,
                 has_more: true,
+                first_seq: 2,
             }),
-            Body::Synced(proto::Synced { room: "r".into(), head_seq: 9, complete: true }),
+            Body::Synced(proto::Synced { room: "r".into(), head_seq: 9, complete: true, first_seq: 1 }),
             Body::Typing(proto::Typing { room: "r".into(), user: "ann".into(), active: true }),
             Body::MarkRead(proto::MarkRead { room: "r".into(), seq: 2 }),
             Body::ReadReceipt(proto::ReadReceipt { room: "r".into(), user: "ann".into(), seq: 2 }),
@@ -408,7 +411,7 @@ mod tests {
                 topic: "x".into(),
                 invite: vec!["bob".into()],
             }),
-            Body::UpdateRoom(proto::UpdateRoom { room: "r".into(), title: None, topic: Some(String::new()) }),
+            Body::UpdateRoom(proto::UpdateRoom { room: "r".into(), topic: Some(String::new()), ..Default::default() }),
             Body::GetRoom(proto::GetRoom { room: "r".into() }),
             Body::RoomInfo(info.clone()),
             Body::Invite(proto::Invite { room: "r".into(), user: "bob".into() }),

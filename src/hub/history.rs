@@ -24,19 +24,23 @@ impl Hub {
         viewer: &str,
     ) -> Result<proto::HistoryPage, Refusal> {
         let head = room.head();
+        // Read after the head: a trim that moves the start past a page
+        // being read leaves it shorter, never with a hole.
+        let start = room.start();
         let limit = u64::from(match h.limit {
             0 => HISTORY_DEFAULT,
             n => n.min(HISTORY_MAX),
         });
-        // Seqs are contiguous from 1, so a page is a seq range.
+        // Seqs are contiguous from the log's start, so a page is a seq range.
         let (from, to, has_more) = if h.forward {
-            let from = h.after_seq.saturating_add(1);
-            let to = head.min(h.after_seq.saturating_add(limit));
+            let after = h.after_seq.max(start - 1);
+            let from = after.saturating_add(1);
+            let to = head.min(after.saturating_add(limit));
             (from, to, to < head)
         } else {
             let below = if h.before_seq == 0 { head } else { h.before_seq.saturating_sub(1).min(head) };
-            let from = below.saturating_sub(limit - 1).max(1);
-            (from, below, from > 1 && below >= 1)
+            let from = below.saturating_sub(limit - 1).max(start);
+            (from, below, from > start && below >= start)
         };
         let started = std::time::Instant::now();
         let mut messages =
@@ -66,6 +70,6 @@ impl Hub {
             messages.drain(..messages.len() - keep);
             has_more || cut
         };
-        Ok(proto::HistoryPage { room: room.name.to_string(), messages, head_seq: head, has_more })
+        Ok(proto::HistoryPage { room: room.name.to_string(), messages, head_seq: head, has_more, first_seq: start })
     }
 }

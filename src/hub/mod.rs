@@ -14,6 +14,7 @@ pub mod changes;
 mod history;
 pub mod publish;
 pub mod repair;
+pub mod retention;
 pub mod rooms;
 mod signout;
 mod unread;
@@ -262,6 +263,11 @@ impl Hub {
         for (room, seq, record) in snapshot.deleted {
             if let Some(room) = by_id.get(&room) {
                 room.counts().add_deleted(seq, record);
+            }
+        }
+        for (room, trim) in snapshot.trims {
+            if let Some(room) = by_id.get(&room) {
+                room.set_trim(trim);
             }
         }
         let metrics = crate::metrics::Metrics::new();

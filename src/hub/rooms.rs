@@ -572,6 +572,7 @@ impl Hub {
             topic: c.topic.clone(),
             created_by: owner.as_deref().unwrap_or(actor.id()).to_string(),
             created_ms: now,
+            ..Default::default()
         };
         let exists = || Refusal::new(ErrorCode::AlreadyExists, format!("room {} already exists", c.room));
         let (room, new) = self.room_or_insert(&c.room, &details);
@@ -656,7 +657,8 @@ impl Hub {
         self.room_update(room, &invite.by, invitee, MemberChange::Invited, Role::Unspecified);
     }
 
-    /// `UpdateRoom`: changes title and topic (admins and the owner).
+    /// `UpdateRoom`: changes title and topic (admins and the owner) and
+    /// the room's retention (the owner).
     pub async fn update_room(&self, actor: &Actor, u: proto::UpdateRoom) -> Result<proto::RoomInfo, Refusal> {
         let room = self.existing(&u.room)?;
         gov::check_texts(u.title.as_deref(), u.topic.as_deref()).map_err(bad)?;
@@ -668,13 +670,25 @@ impl Hub {
             let mut d = g.details();
             d.title = u.title.clone().unwrap_or(d.title);
             d.topic = u.topic.clone().unwrap_or(d.topic);
-            let changed = d.title != g.title() || d.topic != g.topic();
+            d.retention_max_age_ms = u.retention_max_age_ms.unwrap_or(d.retention_max_age_ms);
+            d.retention_max_messages = u.retention_max_messages.unwrap_or(d.retention_max_messages);
+            let retention = (d.retention_max_age_ms, d.retention_max_messages);
+            if retention != g.retention()
+                && let Actor::User(user) = actor
+                && g.role_of(user) != Role::Owner
+            {
+                return Err(forbidden(format!("only the owner of {} sets its retention", room.name)));
+            }
+            let changed = d.title != g.title() || d.topic != g.topic() || retention != g.retention();
             (d, changed)
         };
         if changed {
             let write = RoomWrite::Details { room: room.id, name: room.name.to_string(), details: details.clone() };
             self.commit_room(&room, vec![write]).await?;
-            room.gov().set_texts(details.title, details.topic);
+            let mut g = room.gov();
+            g.set_retention(details.retention_max_age_ms, details.retention_max_messages);
+            g.set_texts(details.title, details.topic);
+            drop(g);
             self.room_update(&room, actor.id(), "", MemberChange::Unspecified, Role::Unspecified);
             self.audit(actor.id(), "update", "", &room.name, "");
         }

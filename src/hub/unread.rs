@@ -64,7 +64,14 @@ impl Hub {
     /// through it, from the room's counters less what the log holds
     /// between it and the last counted seq.
     pub fn read_pos(&self, room: &Room, user: &str, seq: u64) -> Result<ReadPos, Refusal> {
-        let at = room.counts().at_head(user);
+        let (at, floor) = {
+            let c = room.counts();
+            (c.at_head(user), c.floor(user, &ReadPos { seq, ..ReadPos::default() }))
+        };
+        if floor.seq > seq {
+            // Below the log's start: nothing there can be read any more.
+            return Ok(floor);
+        }
         if seq >= at.seq {
             return Ok(ReadPos { seq, ..at });
         }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::store::{Counts, DeletedRecord, Entry, ReadPos};
+use crate::store::{Counts, DeletedRecord, Entry, ReadPos, TrimRecord};
 
 /// Unread and mention counts above this are reported as this.
 pub const UNREAD_CAP: u64 = 9_999;
@@ -37,6 +37,9 @@ pub struct RoomCounts {
     users: HashMap<Arc<str>, (u64, u64)>,
     /// Deleted messages in seq order.
     deleted: Vec<Deleted>,
+    /// The counters through the entry before the log's start, once
+    /// retention trimmed it: a read marker below counts from there.
+    base: Option<TrimRecord>,
 }
 
 impl RoomCounts {
@@ -96,6 +99,23 @@ impl RoomCounts {
         self.users.get_mut(user).expect("inserted")
     }
 
+    /// Retention moved the log's start: markers below it count from the
+    /// counters through it, and deleted messages below it no longer count.
+    pub fn set_base(&mut self, base: TrimRecord) {
+        let start = base.start();
+        self.deleted.drain(..self.deleted.partition_point(|d| d.seq < start));
+        self.base = Some(base);
+    }
+
+    /// Where a read marker at `seq` counts from: itself, or the counters
+    /// through the log's start when it is below it.
+    pub fn floor(&self, user: &str, pos: &ReadPos) -> ReadPos {
+        match &self.base {
+            Some(b) if pos.seq < b.start() - 1 => b.read_pos(user),
+            _ => *pos,
+        }
+    }
+
     /// The last seq counted.
     pub fn through(&self) -> u64 {
         self.through
@@ -110,6 +130,7 @@ impl RoomCounts {
     /// `user`'s (unread, mentions) with their marker at `pos`, each capped
     /// at [`UNREAD_CAP`].
     pub fn unread(&self, user: &str, pos: &ReadPos) -> (u64, u64) {
+        let pos = &self.floor(user, pos);
         let head = self.at_head(user);
         let after = &self.deleted[self.deleted.partition_point(|d| d.seq <= pos.seq)..];
         let others = after.iter().filter(|d| *d.sender != *user);

@@ -100,6 +100,8 @@ impl Members {
 struct Extra {
     title: String,
     topic: String,
+    /// The room's own retention: (max age ms, max messages); 0: the default.
+    retention: (u64, u64),
     bans: BTreeMap<Arc<str>, BanRecord>,
     invites: BTreeMap<Arc<str>, InviteRecord>,
 }
@@ -172,7 +174,21 @@ impl Governance {
             extra: None,
         };
         g.set_texts(details.title.clone(), details.topic.clone());
+        g.set_retention(details.retention_max_age_ms, details.retention_max_messages);
         g
+    }
+
+    /// The room's own retention: (max age ms, max messages); 0: the
+    /// server's default.
+    pub fn retention(&self) -> (u64, u64) {
+        self.extra.as_ref().map_or((0, 0), |e| e.retention)
+    }
+
+    /// Sets the room's own retention.
+    pub fn set_retention(&mut self, max_age_ms: u64, max_messages: u64) {
+        if (max_age_ms, max_messages) != self.retention() {
+            self.extra().retention = (max_age_ms, max_messages);
+        }
     }
 
     fn extra(&mut self) -> &mut Extra {
@@ -233,6 +249,8 @@ impl Governance {
             topic: self.topic().to_string(),
             created_by: self.created_by.to_string(),
             created_ms: self.created_ms,
+            retention_max_age_ms: self.retention().0,
+            retention_max_messages: self.retention().1,
         }
     }
 
@@ -268,6 +286,8 @@ impl Governance {
             member_count: self.members.len() as u32,
             my_role: role as i32,
             owner: self.owner.as_deref().unwrap_or_default().to_string(),
+            retention_max_age_ms: self.retention().0,
+            retention_max_messages: self.retention().1,
         }
     }
 

@@ -123,6 +123,8 @@ pub struct Room {
     /// Changes to its messages on their way through the group commit.
     /// Lock order: this, then `next_seq`.
     pending: Mutex<pending::Pending>,
+    /// The first seq its log holds ([`Room::start`]).
+    start: AtomicU64,
 }
 
 /// The most subscribers a room may have for its fan-out to write to their
@@ -176,7 +178,20 @@ impl Room {
             stored: std::sync::atomic::AtomicBool::new(false),
             counts: Mutex::new(counts::RoomCounts::new(head, 0)),
             pending: Mutex::new(pending::Pending::default()),
+            start: AtomicU64::new(1),
         }
+    }
+
+    /// The first seq its log holds: 1, or where retention trimmed it to
+    /// (the head + 1 when it removed every entry).
+    pub fn start(&self) -> u64 {
+        self.start.load(Ordering::Acquire)
+    }
+
+    /// Retention moved the log's start (`store::retention`).
+    pub fn set_trim(&self, trim: crate::store::TrimRecord) {
+        self.start.fetch_max(trim.start(), Ordering::AcqRel);
+        self.counts().set_base(trim);
     }
 
     /// The room's unread counters.
@@ -392,10 +407,20 @@ impl Room {
         max: u64,
         queued: &mut u64,
     ) -> Result<CatchUp, StoreError> {
+        let start = self.start();
         let from = {
-            let subs = self.subs();
-            match subs.get(&session.id) {
-                Some(Subscription { delivered, mode: Mode::CatchingUp { .. }, .. }) => *delivered,
+            let mut subs = self.subs();
+            match subs.get_mut(&session.id) {
+                Some(Subscription { delivered, mode: Mode::CatchingUp { synced, .. }, .. }) => {
+                    if *delivered + 1 < start {
+                        // Retention removed what it was still to get: it
+                        // goes on from the log's start, and the Synced
+                        // that ends its catch-up says so.
+                        *delivered = start - 1;
+                        *synced = Some(false);
+                    }
+                    *delivered
+                }
                 _ => return Ok(CatchUp::Done),
             }
         };
@@ -403,6 +428,10 @@ impl Room {
         let frames: Vec<Bytes> = if from < head {
             let to = head.min(from + max);
             let msgs = store.read_range(self.id, from + 1, to, session.user())?;
+            if msgs.len() as u64 != to - from && self.start() > from + 1 {
+                // A trim moved the start past it while it read.
+                return Ok(CatchUp::More);
+            }
             if msgs.len() as u64 != to - from {
                 return Err(StoreError::Corrupt(format!(
                     "room {} log has {} messages in {}..={}, expected {}",
@@ -439,7 +468,12 @@ impl Room {
             return Ok(CatchUp::More);
         }
         if let Some(complete) = synced {
-            let synced = proto::Synced { room: self.name.to_string(), head_seq: sub.delivered, complete };
+            let synced = proto::Synced {
+                room: self.name.to_string(),
+                head_seq: sub.delivered,
+                complete,
+                first_seq: self.start(),
+            };
             let _ = session.outbound.push(encode_frame(&Envelope::push(Body::Synced(synced))));
         }
         sub.mode = Mode::Live;

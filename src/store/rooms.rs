@@ -27,6 +27,12 @@ pub struct RoomDetails {
     /// When (Unix ms).
     #[prost(uint64, tag = "5")]
     pub created_ms: u64,
+    /// The room's own retention by age, ms (0: the server's default).
+    #[prost(uint64, tag = "6")]
+    pub retention_max_age_ms: u64,
+    /// The room's own retention by count (0: the server's default).
+    #[prost(uint64, tag = "7")]
+    pub retention_max_messages: u64,
 }
 
 /// A user's standing in a room: a member with a role, or (`role = 0`) the

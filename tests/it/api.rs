@@ -128,6 +128,15 @@ async fn a_backend_creates_a_private_room_adds_people_and_posts_notices() {
     // Reading: details, members, history.
     let info = ok(&s, "PATCH", "/api/v1/rooms/order-42", json!({"topic": "Delivery on Friday"})).await;
     assert_eq!(info["topic"], "Delivery on Friday");
+    // Retention is the owner's (the system's) to set, not an admin's.
+    let keep = json!({"retentionMaxMessages": "1000", "retentionMaxAgeMs": "86400000"});
+    let info = ok(&s, "PATCH", "/api/v1/rooms/order-42", keep).await;
+    assert_eq!(
+        (info["retentionMaxMessages"].as_str(), info["retentionMaxAgeMs"].as_str()),
+        (Some("1000"), Some("86400000"))
+    );
+    let as_admin = r#"{"retentionMaxMessages": 5, "actAs": "bob"}"#;
+    fails(&s, "PATCH", "/api/v1/rooms/order-42", as_admin, 403, ErrorCode::Forbidden).await;
     let members = ok(&s, "GET", "/api/v1/rooms/order-42/members", json!(null)).await;
     let names: Vec<&str> = members["members"].as_array().unwrap().iter().map(|m| m["user"].as_str().unwrap()).collect();
     assert_eq!(names, ["ann", "bob"]);

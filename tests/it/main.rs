@@ -23,6 +23,7 @@ mod properties;
 mod protocol;
 mod release;
 mod resume;
+mod retention;
 mod rooms;
 mod rooms_model;
 mod tls;

@@ -56,7 +56,9 @@ async fn resume_replays_what_was_missed_then_synced_then_live() {
         assert_eq!(ann.next_message().await.seq, seq);
     }
     match ann.recv().await.body {
-        Some(Body::Synced(sy)) => assert_eq!(sy, proto::Synced { room: "r".into(), head_seq: 15, complete: true }),
+        Some(Body::Synced(sy)) => {
+            assert_eq!(sy, proto::Synced { room: "r".into(), head_seq: 15, complete: true, first_seq: 1 })
+        }
         other => panic!("expected synced, got {other:?}"),
     }
     publish_n(&s, "bob", "r", 1).await;

@@ -164,8 +164,11 @@ async fn roles_bound_what_members_may_do_and_refusals_change_nothing() {
     let long_title =
         Body::CreateRoom(proto::CreateRoom { room: "x".into(), title: "t".repeat(129), ..Default::default() });
     refused(&mut ann, long_title, ErrorCode::BadRequest).await;
-    let long_topic =
-        Body::UpdateRoom(proto::UpdateRoom { room: "team".into(), title: None, topic: Some("t".repeat(1025)) });
+    let long_topic = Body::UpdateRoom(proto::UpdateRoom {
+        room: "team".into(),
+        topic: Some("t".repeat(1025)),
+        ..Default::default()
+    });
     refused(&mut ann, long_topic, ErrorCode::BadRequest).await;
     refused(&mut ann, set_role("team", "mia", Role::Unspecified), ErrorCode::BadRequest).await;
     refused(&mut ann, invite("bad name!", "mia"), ErrorCode::BadRequest).await;
@@ -179,7 +182,8 @@ async fn roles_bound_what_members_may_do_and_refusals_change_nothing() {
     refused(&mut mia, invite("team", "zed"), ErrorCode::Forbidden).await;
     refused(&mut mia, remove("team", "adam"), ErrorCode::Forbidden).await;
     refused(&mut mia, set_role("team", "mia", Role::Admin), ErrorCode::Forbidden).await;
-    let topic = Body::UpdateRoom(proto::UpdateRoom { room: "team".into(), title: None, topic: Some("mine".into()) });
+    let topic =
+        Body::UpdateRoom(proto::UpdateRoom { room: "team".into(), topic: Some("mine".into()), ..Default::default() });
     refused(&mut mia, topic, ErrorCode::Forbidden).await;
     refused(&mut adam, remove("team", "abby"), ErrorCode::Forbidden).await;
     refused(&mut adam, ban("team", "ann"), ErrorCode::Forbidden).await;

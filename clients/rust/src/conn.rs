@@ -687,7 +687,7 @@ mod tests {
         };
         assert_eq!(client.create_room(create.clone()).await.unwrap().my_role(), Role::Owner);
         assert_eq!(client.room_info("r").unwrap().my_role(), Role::Owner, "the creator is a member");
-        let update = proto::UpdateRoom { room: "r".into(), title: None, topic: Some(String::new()) };
+        let update = proto::UpdateRoom { room: "r".into(), topic: Some(String::new()), ..Default::default() };
         client.update_room(update.clone()).await.unwrap();
         client.get_room("r").await.unwrap();
         client.invite("r", "bob").await.unwrap();

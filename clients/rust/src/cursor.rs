@@ -126,6 +126,11 @@ impl Cursors {
                 Held::Synced(_) => None,
             })
             .unwrap_or(u64::MAX);
+        // What retention removed is gone for good: the log starts at
+        // `first_seq`.
+        if r.last + 1 < page.first_seq && page.first_seq <= first_held {
+            r.last = page.first_seq - 1;
+        }
         let before = r.last;
         for m in page.messages {
             if m.seq == r.last + 1 && m.seq < first_held {
@@ -188,10 +193,11 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(c.on_message(msg("r", 20), &mut out), Action::FetchAfter(10));
         c.on_message(msg("r", 21), &mut out);
-        c.on_synced(proto::Synced { room: "r".into(), head_seq: 21, complete: false }, &mut out);
+        c.on_synced(proto::Synced { room: "r".into(), head_seq: 21, complete: false, first_seq: 1 }, &mut out);
         c.on_message(msg("r", 22), &mut out);
         assert!(out.is_empty(), "held behind the gap");
         let page1 = proto::HistoryPage {
+            first_seq: 1,
             room: "r".into(),
             messages: (11..=15).map(|s| msg("r", s)).collect(),
             head_seq: 22,
@@ -199,6 +205,7 @@ mod tests {
         };
         assert_eq!(c.on_gap_page("r", page1, &mut out), Action::FetchAfter(15));
         let page2 = proto::HistoryPage {
+            first_seq: 1,
             room: "r".into(),
             messages: (16..=22).map(|s| msg("r", s)).collect(),
             head_seq: 22,

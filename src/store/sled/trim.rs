@@ -9,16 +9,20 @@ use crate::store::{RoomId, StoreError, Trim, TrimRecord, fold};
 
 /// Entries read per step of a trim: a room trimmed for the first time
 /// after years holds millions, and each step is a complete, smaller trim.
-const TRIM_STEP: u64 = 4096;
+/// The first step is small: most passes of an age limit find the first
+/// entry young enough and stop there.
+const TRIM_STEP: (u64, u64) = (64, 4096);
 
 impl SledStore {
     pub(super) fn trim_room(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError> {
         let _maintenance = self.maintenance();
         self.with(|t| {
             let mut rec = t.trim_of(room)?.unwrap_or_default();
+            let mut step = TRIM_STEP.0;
             while rec.start() <= trim.head {
                 let (from, before) = (rec.start(), rec.start());
-                let to = trim.head.min(from.saturating_add(TRIM_STEP - 1));
+                let to = trim.head.min(from.saturating_add(step - 1));
+                step = (step * 4).min(TRIM_STEP.1);
                 let stopped = rec.advance(trim, t.entries(room, from, to)?)?;
                 if rec.start() == before {
                     break;

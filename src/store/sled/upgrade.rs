@@ -101,6 +101,7 @@ pub(super) fn upgrade_from_format_2(db: &sled::Db, meta: &sled::Tree, data_file:
             topic: String::new(),
             created_by: owner.clone(),
             created_ms: first_ts,
+            ..Default::default()
         };
         rooms.insert(&k, super::trees::room_value(id, &details))?;
         for user in &users {

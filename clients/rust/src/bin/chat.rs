@@ -469,7 +469,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Some(Cmd::Topic { room, text }) => {
-            let update = proto::UpdateRoom { room: room.clone(), title: None, topic: Some(text.clone()) };
+            let update = proto::UpdateRoom { room: room.clone(), topic: Some(text.clone()), ..Default::default() };
             client.update_room(update).await?;
             if text.is_empty() {
                 println!("cleared the topic of {room}");
