@@ -199,7 +199,7 @@ config! {
     /// How long a client_msg_id is remembered (at least 24 h is promised).
     idempotency_hours: u64 = 24;
     /// Remove messages older than this from every room that sets no limit of its own, e.g. "30d", "12h", "90m", "45s"; "" keeps them.
-    retention_max_age: String = String::new(), example "\"365d\"", check check::age();
+    retention_max_age: String = String::new(), check check::age();
     /// Keep at most this many newest messages in every room that sets no limit of its own; 0 keeps them all.
     retention_max_messages: u64 = 0;
     /// How often retention trims the rooms, ms.
