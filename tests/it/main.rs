@@ -4,6 +4,7 @@
 //! `chatd` binary to signal and kill it (`durability`).
 
 mod api;
+mod battery;
 mod bench;
 mod browser;
 mod changes;
