@@ -2,7 +2,7 @@
 //! and a SIGKILL under load (the `chatd` binary as a child process) — for
 //! messages and for room administration (an answered removal, ban, creation
 //! or invitation is never undone by a crash). The crash battery itself is
-//! `battery`.
+//! `battery`; `powerloss` runs it with power cuts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
