@@ -187,9 +187,10 @@ impl Drop for LazyFs {
 /// Cuts in each battery: at least twenty.
 const CUTS: usize = 20;
 
-/// The `batch_sync_ms` of the `batch` battery: ten times the default, so a
-/// cut finds something unsynced to take and the bound is measured against
-/// a window that is long next to a sync.
+/// The `batch_sync_ms` of the `batch` battery: ten times the default, so
+/// the window is long next to a sync and some cuts fall inside it (the
+/// printed losses: from 126 to 4,112 acknowledged keys over twenty cuts in
+/// four runs).
 const BATCH_SYNC_MS: u64 = 100;
 
 /// What a `batch` cut may take beyond `batch_sync_ms`: the writer syncs
