@@ -1,9 +1,11 @@
 //! Integration tests: each starts a real server on ephemeral ports with a
 //! temporary data directory and talks to it over TCP, either frame by frame
 //! (`protocol`) or through `chat-client` (`chat`, `resume`), or runs the
-//! `chatd` binary to signal and kill it (`durability`).
+//! `chatd` binary to signal and kill it (`durability`), also on a file
+//! system that can lose what was not synced (`powerloss`).
 
 mod api;
+mod battery;
 mod bench;
 mod browser;
 mod changes;
@@ -18,6 +20,7 @@ mod hostile;
 mod layers;
 mod limits;
 mod ops;
+mod powerloss;
 mod presence;
 mod properties;
 mod protocol;

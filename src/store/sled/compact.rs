@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::trees::open_db;
+use super::trees::{Blobs, open_db};
 use crate::store::StoreError;
 
 /// Beside the store: the copy being made, and the store it replaced.
@@ -57,6 +57,7 @@ pub fn compact(store: &Path, cache_bytes: u64) -> Result<(u64, u64), StoreError>
             }
         }
         target.flush()?;
+        Blobs::new(&copy).sync()?;
         std::fs::File::open(copy.join("db"))?.sync_all()?;
         Ok(target.size_on_disk()?)
     })?;

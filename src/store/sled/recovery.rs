@@ -47,8 +47,9 @@ impl SledStore {
                 trims,
                 meta,
                 data_file,
+                blobs,
             } = old;
-            drop(data_file);
+            drop((data_file, blobs));
             std::mem::forget((db, messages, rooms, members, bans, invites, revocations, reads, journal, meta));
             std::mem::forget((folds, reactions, reacted, counts, deleted, trims));
             let detached = detach_file(&self.path.join("db"))?;

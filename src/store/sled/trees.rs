@@ -1,7 +1,10 @@
 //! Opening the database: the trees, the format marker, the file lock.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use prost::Message as _;
 
@@ -56,6 +59,65 @@ pub(super) struct Trees {
     pub(super) meta: sled::Tree,
     /// sled's data file, opened once so `sync` is one `fdatasync`.
     pub(super) data_file: File,
+    /// The log items sled keeps in files of their own.
+    pub(super) blobs: Blobs,
+}
+
+/// sled's `blobs` directory: a log item too large for its segment (a big
+/// value, or a leaf rewritten whole) is written to a file of its own there,
+/// named by its LSN, and the log holds a pointer to it. sled 0.34 never
+/// syncs that file nor the directory (`pagecache::blob_io::write_blob`), so
+/// the `fdatasync` of the data file alone made the pointer durable without
+/// what it points to: after a power cut sled's recovery cannot read the
+/// blob, ends the log there and removes every blob above — taking every
+/// write after it, acknowledged ones included (found by the power-cut
+/// battery, tests/it/powerloss.rs). `sync` syncs each new blob file and the
+/// directory before the data file.
+pub(super) struct Blobs {
+    dir: PathBuf,
+    /// Blob files synced already; a file is written once, before the log
+    /// item pointing to it is flushed.
+    synced: Mutex<HashSet<OsString>>,
+}
+
+impl Blobs {
+    pub(super) fn new(store: &Path) -> Blobs {
+        Blobs { dir: store.join("blobs"), synced: Mutex::new(HashSet::new()) }
+    }
+
+    /// Syncs every blob file not synced yet, then the directory naming
+    /// them. Reads the directory each time: sled keeps few blobs (it
+    /// removes those nothing in the log points to any more), and a listing
+    /// costs little next to the `fdatasync` that follows.
+    pub(super) fn sync(&self) -> std::io::Result<()> {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        let mut present = HashSet::new();
+        let mut new = false;
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    // Removed by sled since the listing: nothing to sync.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        *synced = present;
+        Ok(())
+    }
 }
 
 impl Trees {
@@ -133,6 +195,7 @@ impl Trees {
             meta,
             db,
             data_file,
+            blobs: Blobs::new(dir),
         })
     }
 
@@ -159,8 +222,11 @@ impl Trees {
         }
     }
 
+    /// What the flush wrote, durable: the blob files the log points to
+    /// first, then the log.
     pub(super) fn sync(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        self.blobs.sync()?;
         self.data_file.sync_data()?;
         Ok(())
     }

@@ -29,6 +29,17 @@ impl Process {
 
     /// Starts `chatd serve` with extra environment variables.
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Process {
+        Self::try_start_with_env(dir, extra, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts `chatd serve` on `dir`, or says why it did not come up (it
+    /// exited, or printed no address within `WAIT`): for a test that
+    /// counts a refusal to start as a finding rather than a failure.
+    pub fn try_start(dir: &Path, extra: &[&str]) -> Result<Process, String> {
+        Self::try_start_with_env(dir, extra, &[("RUST_LOG", "warn")])
+    }
+
+    fn try_start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Process, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
             .args(["serve", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--publish-rate", "0", "--data"])
             .arg(dir)
@@ -58,17 +69,19 @@ impl Process {
             Ok(line) => line,
             Err(e) => {
                 let status = child.try_wait();
-                panic!(
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
                     "chatd did not print its address ({e}); exit: {status:?}; its output: {:?}",
                     logs.lock().unwrap()
-                );
+                ));
             }
         };
         let words: Vec<&str> = line.split_whitespace().collect();
         let addr = words[0].to_string();
         let tls = words.iter().position(|w| *w == "tls").map(|i| words[i + 1].to_string());
         let http = words.iter().position(|w| *w == "http").map(|i| words[i + 1].to_string()).unwrap_or_default();
-        Process { child, addr, http, tls, dir: dir.to_path_buf(), logs }
+        Ok(Process { child, addr, http, tls, dir: dir.to_path_buf(), logs })
     }
 
     /// Log lines printed so far (after the listening line).

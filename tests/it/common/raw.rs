@@ -193,7 +193,13 @@ impl Raw {
 
     /// Every message of `room`, oldest first, read forward page by page.
     pub async fn history_all(&mut self, room: &str) -> Vec<proto::Message> {
+        self.history_after(room, 0).await
+    }
+
+    /// Every message of `room` after seq `after`, oldest first.
+    pub async fn history_after(&mut self, room: &str, after: u64) -> Vec<proto::Message> {
         page_through(async |after_seq| {
+            let after_seq = after_seq.max(after);
             let req = proto::History { room: room.into(), after_seq, forward: true, limit: 1000, before_seq: 0 };
             match self.request(Body::History(req)).await {
                 Body::HistoryPage(p) => p,
