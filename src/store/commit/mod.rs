@@ -26,6 +26,10 @@
 //! older epoch, and a room seeing a new epoch restarts its seqs
 //! from its durable head — so no gap and no reused seq is ever stored.
 //!
+//! Between two batches the writer can run work that must see the store
+//! with no batch half-written and hold up the next one ([`Write::Exclusive`]:
+//! the consistent point of an online backup).
+//!
 //! [`writer`] gathers, writes and syncs batches; [`recovery`] is the
 //! failure state machine (probes, the failed tails to remove, the marker).
 
@@ -82,6 +86,34 @@ pub enum Write {
     /// Writes nothing: its completion comes out once everything before it
     /// has been committed (used by shutdown).
     Barrier,
+    /// Work on the store between two batches: the writes queued before it
+    /// are written (and, with `fsync`, synced) in a batch that it ends, then
+    /// it runs on the blocking pool, and no write queued after it is
+    /// written until it returns. Its completion comes out with that batch,
+    /// before it runs. It is dropped without running when the batch failed
+    /// or the store has (its owner sees its channel closed). A backup takes
+    /// its consistent point this way (`store::sled::backup`).
+    Exclusive(Exclusive),
+}
+
+/// The work of a [`Write::Exclusive`].
+pub struct Exclusive(Box<dyn FnOnce() + Send>);
+
+impl Exclusive {
+    /// Wraps `work`, which should be short: every publish waits for it.
+    pub fn new(work: impl FnOnce() + Send + 'static) -> Self {
+        Exclusive(Box::new(work))
+    }
+
+    fn run(self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Exclusive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Exclusive(..)")
+    }
 }
 
 /// A write and what to do once it is committed.
@@ -414,6 +446,49 @@ mod tests {
             assert_eq!(writes, expected, "{durability}");
             assert_eq!(store.read_range(1, 1, 1000, "").unwrap().len(), 2 * ops + 6);
         }
+    }
+
+    #[tokio::test]
+    async fn exclusive_work_runs_between_the_batch_it_ends_and_the_next() {
+        let store = Arc::new(Observed::default());
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let (queue, handle) = start::<u64>(store.clone(), Durability::Fsync, 1024, out_tx);
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+        let st = store.clone();
+        // All queued before the writer runs (this runtime has one thread):
+        // without the exclusive work they would be one batch.
+        queue_appends(&queue, 1..=3, 10).await;
+        queue.reserve().await.unwrap().send(Pending {
+            write: Write::Exclusive(Exclusive::new(move || {
+                let _ = seen_tx.send(st.read_range(1, 1, 100, "").unwrap().len());
+            })),
+            completion: 100,
+            epoch: queue.epoch(),
+        });
+        queue_appends(&queue, 4..=6, 10).await;
+        assert_eq!(out_rx.recv().await.unwrap().completions, vec![1, 2, 3, 100]);
+        assert_eq!(seen_rx.await.unwrap(), 3, "the work saw the batch before it and nothing after");
+        assert_eq!(out_rx.recv().await.unwrap().completions, vec![4, 5, 6]);
+        drop(queue);
+        handle.await.unwrap();
+        let sizes: Vec<usize> = store.writes.lock().unwrap().iter().map(|w| w.0).collect();
+        assert_eq!(sizes, vec![3, 3]);
+    }
+
+    #[tokio::test]
+    async fn exclusive_work_is_dropped_unrun_while_the_store_has_failed() {
+        let (queue, _h, mut out_rx) = one_append_to_failing_store(false, Durability::Fsync).await;
+        assert!(out_rx.recv().await.unwrap().result.is_err());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        queue.reserve().await.unwrap().send(Pending {
+            write: Write::Exclusive(Exclusive::new(move || {
+                let _ = tx.send(());
+            })),
+            completion: 2,
+            epoch: queue.epoch(),
+        });
+        assert!(out_rx.recv().await.unwrap().result.is_err());
+        assert!(rx.await.is_err(), "the work never ran");
     }
 
     /// A panic in the store must not end the writer: the publishes of its

@@ -175,7 +175,11 @@ impl<C: Send + 'static> Writer<C> {
     /// it and hands the outcome on. `Break` once the fan-out is gone.
     async fn commit(&mut self, first: Pending<C>, rx: &mut mpsc::Receiver<Pending<C>>) -> ControlFlow<()> {
         self.items.push(first);
-        while self.items.len() < MAX_BATCH_OPS {
+        // An exclusive write ends the batch: what is queued after it waits
+        // until it has run.
+        while self.items.len() < MAX_BATCH_OPS
+            && !matches!(self.items.last(), Some(Pending { write: Write::Exclusive(_), .. }))
+        {
             match rx.try_recv() {
                 Ok(item) => self.items.push(item),
                 Err(_) => break,
@@ -206,6 +210,7 @@ impl<C: Send + 'static> Writer<C> {
         self.metrics.batch_size.record(size as f64);
         let mut batch = Batch::default();
         let mut completions = Vec::with_capacity(size);
+        let mut exclusive = None;
         for p in fresh {
             match p.write {
                 Write::Append(a) => batch.appends.push(a),
@@ -213,6 +218,7 @@ impl<C: Send + 'static> Writer<C> {
                 Write::ReadMarker(r) => batch.read_markers.push(r),
                 Write::Revocation(user, at) => batch.revocations.push((user, at)),
                 Write::Barrier => {}
+                Write::Exclusive(work) => exclusive = Some(work),
             }
             completions.push(p.completion);
         }
@@ -223,8 +229,18 @@ impl<C: Send + 'static> Writer<C> {
         {
             self.sync().await;
         }
+        let written = result.is_ok();
         if self.out.send(Committed { completions, result, size, recovered: false }).await.is_err() {
             return ControlFlow::Break(());
+        }
+        // After the batch's outcome went on, so its acks need not wait for
+        // the work; a store that failed is not worked on.
+        if let Some(work) = exclusive
+            && written
+            && !self.failed.load(Ordering::Acquire)
+            && let Err(e) = tokio::task::spawn_blocking(move || work.run()).await
+        {
+            tracing::error!(error = %e, "work between two group commits failed");
         }
         // A write on this task did not yield; with more writes waiting (other
         // workers filled the queue meanwhile) the next batch would not either.
