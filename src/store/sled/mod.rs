@@ -62,6 +62,7 @@
 //! [`compact`] copies the store into fresh files, leaving behind the
 //! bytes of what was overwritten or removed.
 
+pub mod backup;
 pub mod compact;
 mod journal;
 mod recovery;
