@@ -5,6 +5,11 @@
 //!   generated from `config::FIELDS`, over an optional `--config FILE`.
 //! * `chatd token --data DIR --user NAME [--ttl 24h]` mints a token with the
 //!   data directory's secret.
+//! * `chatd compact --data DIR` rewrites a stopped server's store into
+//!   fresh files.
+//! * `chatd backup --data DIR --out FILE` writes a consistent backup of the
+//!   store, made by the server running on DIR if there is one;
+//!   `chatd restore --in FILE --data NEWDIR` makes a store from one.
 //! * `chatd config print-default` prints a commented configuration file.
 
 use std::path::PathBuf;
@@ -69,6 +74,33 @@ fn cli() -> Command {
                 ),
         )
         .subcommand(
+            Command::new("backup")
+                .about(
+                    "Write a consistent backup of the store: made by the server running on the data directory \
+                     (it goes on serving), or from the store itself when none runs",
+                )
+                .arg(
+                    Arg::new("data")
+                        .long("data")
+                        .env("CHATD_DATA")
+                        .default_value("./chatd-data")
+                        .help("The server's data directory"),
+                )
+                .arg(Arg::new("out").long("out").required(true).value_name("FILE").help("The backup file to write")),
+        )
+        .subcommand(
+            Command::new("restore")
+                .about("Make the store of a new data directory from a backup (then `chatd serve --data NEWDIR`)")
+                .arg(Arg::new("in").long("in").required(true).value_name("FILE").help("The backup file"))
+                .arg(
+                    Arg::new("data")
+                        .long("data")
+                        .required(true)
+                        .value_name("NEWDIR")
+                        .help("The data directory to restore into; it must hold no store"),
+                ),
+        )
+        .subcommand(
             Command::new("config").about("Configuration helpers").subcommand_required(true).subcommand(
                 Command::new("print-default").about("Print a commented configuration file with every default"),
             ),
@@ -127,6 +159,51 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(store.join("db").exists(), "{} holds no chatd store", data.display());
             let (before, after) = chatd::store::sled::compact::compact(&store, 64 << 20)?;
             println!("compacted {}: {before} bytes before, {after} after", store.display());
+            Ok(())
+        }
+        Some(("backup", m)) => {
+            let data = PathBuf::from(m.get_one::<String>("data").expect("has a default"));
+            let out = PathBuf::from(m.get_one::<String>("out").expect("required"));
+            let started = std::time::Instant::now();
+            let taken = chatd::net::backup::backup_to_file(&data, &out, 64 << 20)
+                .with_context(|| format!("backing up {}", data.display()))?;
+            let s = &taken.summary;
+            println!(
+                "backed up {} ({}) to {}: {} bytes, {} records, {} of them the logs of {} rooms; store format {}, \
+                 point at {} ms since the epoch; {:.1} s",
+                data.display(),
+                if taken.online { "made by the running server" } else { "no server running" },
+                out.display(),
+                s.bytes,
+                s.records,
+                s.log_records,
+                s.rooms,
+                s.format,
+                s.at_ms,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Some(("restore", m)) => {
+            let file = PathBuf::from(m.get_one::<String>("in").expect("required"));
+            let data = PathBuf::from(m.get_one::<String>("data").expect("required"));
+            let mut input =
+                std::fs::File::open(&file).with_context(|| format!("opening the backup {}", file.display()))?;
+            let s = chatd::store::sled::backup::restore(&mut input, &data.join("store"), 64 << 20)
+                .with_context(|| format!("restoring {} into {}", file.display(), data.display()))?;
+            println!(
+                "restored {} into {}: {} records, {} of them the logs of {} rooms; store format {}, point at {} ms \
+                 since the epoch. The token secret is not in a backup: copy the old data directory's `secret` \
+                 there to keep issued tokens valid. Serve it with: chatd serve --data {}",
+                file.display(),
+                data.display(),
+                s.records,
+                s.log_records,
+                s.rooms,
+                s.format,
+                s.at_ms,
+                data.display()
+            );
             Ok(())
         }
         Some(("config", _)) => {

@@ -85,6 +85,8 @@ pub const RETENTION_REMOVED: &str = "chatd_retention_removed_total";
 /// Room administration done, by `action` (create, update, invite, add,
 /// decline, remove, ban, unban, set_role).
 pub const MODERATION: &str = "chatd_moderation_total";
+/// Backups streamed over the backup socket, by `outcome` (ok, failed).
+pub const BACKUPS: &str = "chatd_backups_total";
 
 /// Every name above, for the README and tests.
 pub const ALL: &[&str] = &[
@@ -122,6 +124,7 @@ pub const ALL: &[&str] = &[
     MODERATION,
     API_CALLS,
     RETENTION_REMOVED,
+    BACKUPS,
 ];
 
 /// Latency buckets (seconds): 50 µs to 5 s.
@@ -235,6 +238,9 @@ impl Metrics {
         }
         for kind in ["publish", "typing"] {
             counter!(RATE_LIMITED, "kind" => kind).increment(0);
+        }
+        for outcome in ["ok", "failed"] {
+            counter!(BACKUPS, "outcome" => outcome).increment(0);
         }
         gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         let started =

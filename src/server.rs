@@ -58,6 +58,8 @@ pub struct Server {
     fanout_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
     housekeeping: tokio::task::JoinHandle<()>,
+    /// Where `chatd backup` asks for a backup (the sled store only).
+    backup_socket: Option<crate::net::backup::BackupSocket>,
     shutdown_timeout: Duration,
 }
 
@@ -72,10 +74,23 @@ impl Server {
         };
         let dir = config.data.join("store");
         let cache = config.cache_mb << 20;
-        let store = tokio::task::spawn_blocking(move || SledStore::open(&dir, cache))
-            .await
-            .map_err(|e| StartError::Io(e.to_string()))??;
-        Self::start_with_store(config, Arc::new(store), Auth::new(secret.as_bytes())).await
+        let store = Arc::new(
+            tokio::task::spawn_blocking(move || SledStore::open(&dir, cache))
+                .await
+                .map_err(|e| StartError::Io(e.to_string()))??,
+        );
+        let mut server = Self::start_with_store(config, store.clone(), Auth::new(secret.as_bytes())).await?;
+        match crate::net::backup::listen(&config.data, store, server.hub.pipeline.commits.clone()) {
+            Ok(socket) => server.backup_socket = Some(socket),
+            // The server runs without it; `chatd backup` then says that no
+            // server answers.
+            Err(e) => tracing::error!(
+                error = %e,
+                dir = %config.data.display(),
+                "no backup socket: online backups are off (a Unix socket path must be under 108 bytes)"
+            ),
+        }
+        Ok(server)
     }
 
     /// Starts with any store (tests use the in-memory one).
@@ -227,6 +242,7 @@ impl Server {
             fanout_task,
             http_task,
             housekeeping,
+            backup_socket: None,
             shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
         })
     }
@@ -252,6 +268,12 @@ impl Server {
         tracing::info!("shutting down: no new connections or requests");
         self.app.serving.store(false, Ordering::Release);
         self.stop_accepting.cancel();
+        if let Some(socket) = self.backup_socket {
+            // A backup being streamed is cut short at its next write (its
+            // client keeps nothing); the group commit still runs, so one
+            // waiting for its point gets there first.
+            socket.stop(deadline).await;
+        }
         self.shutdown.stop_reading.cancel();
         // Request loops check the token rather than wait on it: wake them.
         crate::session::driver::wake_all_for_shutdown(&self.hub);
