@@ -5,6 +5,7 @@
 //! system that can lose what was not synced (`powerloss`).
 
 mod api;
+mod backup;
 mod battery;
 mod bench;
 mod browser;

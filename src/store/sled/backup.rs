@@ -545,8 +545,11 @@ mod tests {
         store
     }
 
-    /// Every tree of the store in `dir`, record by record.
-    fn contents(store: &SledStore) -> BTreeMap<Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>> {
+    /// A tree's records.
+    type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+    /// Every tree of `store` that holds anything, by name.
+    fn contents(store: &SledStore) -> BTreeMap<Vec<u8>, Records> {
         store
             .with(|t| {
                 let mut all = BTreeMap::new();
@@ -568,7 +571,7 @@ mod tests {
     /// A backup of `store` taken with nothing else writing.
     fn backup_of(store: &Arc<SledStore>) -> (Vec<u8>, Summary) {
         let mut out = Vec::new();
-        let summary = backup(&store, |take| Ok(take()?), &mut out).unwrap();
+        let summary = backup(store, |take| Ok(take()?), &mut out).unwrap();
         (out, summary)
     }
 
