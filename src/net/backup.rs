@@ -157,7 +157,7 @@ fn serve(
                 bytes = s.bytes,
                 records = s.records,
                 rooms = s.rooms,
-                stall_ms = s.stall.as_secs_f64() * 1000.0,
+                stall_us = s.stall.as_micros() as u64,
                 duration_ms = started.elapsed().as_millis() as u64,
                 "backup finished"
             );

@@ -113,7 +113,7 @@ async fn retries_are_duplicates(addr: &str, dir: &Path, acks: &Acks, users: &[&s
 async fn a_backup_under_load_restores_every_message_acked_before_it() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let server = Process::start(&data, &[]);
+    let server = Process::start_with_env(&data, &[], &[("RUST_LOG", "warn,chatd::net::backup=info")]);
     let rooms: Vec<String> = (0..4).map(|i| format!("room{i}")).collect();
     let users = ["p0", "p1", "p2"];
 
@@ -167,6 +167,9 @@ async fn a_backup_under_load_restores_every_message_acked_before_it() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("made by the running server"), "{said}");
     assert!(acks_at_end > acks_at_start, "publishes went on during the backup ({acks_at_start} acks before it)");
+    let finished = server.wait_for_logs("the backup's log line", |lines| {
+        lines.iter().find(|l| l.contains("backup finished") && l.contains("stall_us")).cloned()
+    });
 
     stop.store(true, Ordering::Relaxed);
     for p in publishers {
@@ -185,7 +188,7 @@ async fn a_backup_under_load_restores_every_message_acked_before_it() {
     let auditor = token_for(&restored, "auditor");
     let n = audit_restored(&server.addr, &auditor, &rooms, &all, &before).await;
     eprintln!(
-        "backup under load: {} acks before it, {n} messages in it, {} acks in all, {} during it",
+        "backup under load: {} acks before it, {n} messages in it, {} acks in all, {} during it; the server: {finished}",
         before.len(),
         all.len(),
         acks_at_end - acks_at_start
