@@ -63,7 +63,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::SledStore;
-use super::trees::{FORMAT, FORMAT_1, FORMAT_2, FORMAT_3, FORMAT_4, open_db};
+use super::trees::{Blobs, FORMAT, FORMAT_1, FORMAT_2, FORMAT_3, FORMAT_4, open_db};
 use crate::store::{Store, StoreError};
 
 /// The first bytes of a backup file.
@@ -474,12 +474,17 @@ fn write_store(input: &mut dyn Read, dir: &Path, cache_bytes: u64) -> Result<Sum
             Ok(())
         })?;
         db.flush().map_err(StoreError::from)?;
+        // sled syncs neither its blob files nor their directory (`Blobs`).
+        Blobs::new(dir).sync()?;
         std::fs::File::open(dir.join("db"))?.sync_all()?;
         summary
     };
     let store = SledStore::open(dir, cache_bytes)?;
     store.load()?;
     store.sync()?;
+    drop(store);
+    // The names of the files in it, before it is renamed into place.
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(summary)
 }
 
