@@ -16,8 +16,8 @@
 //! 2. Then commits go on, and the log is copied: of each room, the keys up
 //!    to its last key at the point. A `messages` key is `room_id ‖ seq`
 //!    (u64 BE each), the seq being the first of the entries its value holds,
-//!    and one group commit writes a value whole, so the keys up to the
-//!    point's last are exactly the room's log at the point. Values are
+//!    and a value holds entries of one group commit only, so the keys up to
+//!    the point's last are exactly the room's log at the point. Values are
 //!    copied as they are, never decoded: the backup does not depend on how
 //!    a value holds its entries. A room created after the point is not in
 //!    the backup at all (its name is not in the `rooms` copied).
