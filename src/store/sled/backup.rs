@@ -506,7 +506,13 @@ pub fn write_file<T>(
     name.push(".tmp");
     let temp = PathBuf::from(name);
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+        // A file left by an interrupted backup is not reused: it may have
+        // other permissions than a new one gets.
+        match std::fs::remove_file(&temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&temp)?;
         let written = write(&mut f)?;
         f.sync_all()?;
         drop(f);
@@ -740,5 +746,12 @@ mod tests {
         let err = write_file(&out.path().join("c.chatd"), |w| Ok(w.write_all(&MAGIC[..])?)).unwrap_err();
         assert!(matches!(err, BackupError::Invalid(_)), "{err}");
         assert!(!out.path().join("c.chatd").exists() && !out.path().join("c.chatd.tmp").exists());
+        // Nor does what an interrupted one left decide who may read the next.
+        let left = out.path().join("d.chatd.tmp");
+        std::fs::write(&left, b"left over").unwrap();
+        std::fs::set_permissions(&left, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_file(&out.path().join("d.chatd"), |w| backup(&store, |take| Ok(take()?), w)).unwrap();
+        let mode = std::fs::metadata(out.path().join("d.chatd")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }
