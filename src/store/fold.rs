@@ -563,8 +563,15 @@ pub fn fold_all(
         let fold = FoldRecord::decode(fold.as_slice()).map_err(|e| corrupt("a fold record", e))?;
         let mut m = proto::Message::decode(bytes.as_ref()).map_err(|e| corrupt("a message", e))?;
         m.folded_seq = fold.folded_seq;
-        m.deleted = fold.deleted;
-        if fold.edited_ms > 0 && !fold.deleted {
+        // An erased message says so itself: a copy of the log taken with
+        // the state beside it from before the delete (a backup) still reads
+        // as deleted, with nothing of its content.
+        m.deleted |= fold.deleted;
+        if m.deleted {
+            out.push(Folded::Changed(Box::new(m)));
+            continue;
+        }
+        if fold.edited_ms > 0 {
             m.text = fold.text;
             m.data = fold.data;
         }
@@ -814,5 +821,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(kv.0, before);
+    }
+
+    #[test]
+    fn an_erased_message_reads_as_deleted_whatever_its_fold_says() {
+        // What a backup can hold: the log copied after a delete erased the
+        // message, the state beside it from before (edited, reacted to).
+        let mut kv = with_message();
+        let edit = proto::Message { seq: 2, text: "secret".into(), ts_ms: 55, ..Default::default() };
+        let e = Entry::Change { user: "ann".into(), target: 1, kind: ChangeKind::Edit, key: String::new() };
+        apply(&mut kv, 7, &[(2, &e, &Bytes::from(edit.encode_to_vec()))], &mut CountsCache::new()).unwrap();
+        react(&mut kv, 3, "bob", "x", true);
+        let before = kv.0.clone();
+        let d = Entry::Change { user: "ann".into(), target: 1, kind: ChangeKind::Delete, key: String::new() };
+        apply(&mut kv, 7, &[(4, &d, &Bytes::new())], &mut CountsCache::new()).unwrap();
+        let erased = kv.get(Side::Messages, &message_key(7, 1)).unwrap().unwrap();
+        kv.0 = before;
+        kv.put(Side::Messages, &message_key(7, 1), &erased).unwrap();
+        let m = folded(&mut kv, "bob");
+        assert!(m.deleted && m.text.is_empty() && m.reactions.is_empty() && m.edited_ms == 0, "{m:?}");
     }
 }

@@ -30,10 +30,11 @@
 //!
 //! What can change below the point while the log is copied: a `Delete`
 //! committed after the point overwrites its target's stored content
-//! ([`super::super::fold`]), so the backup may hold that message erased
-//! while its state beside the log, taken at the point, does not say it is
-//! deleted (it then reads as an empty message). Edits and reactions change
-//! only the state beside the log and are not affected.
+//! ([`super::super::fold`]), so the backup may hold that message erased.
+//! An erased message is marked deleted itself, so it reads as deleted
+//! whatever the state beside the log taken at the point says: an erasure
+//! is never undone by a restore. Edits and reactions change only the state
+//! beside the log and are not affected.
 //!
 //! **The file.** Big-endian integers throughout:
 //!
