@@ -85,6 +85,7 @@ use super::{
     BanRecord, Batch, IdempotencyRecord, InviteRecord, MemberRecord, ReadPos, RoomId, RoomRecord, RoomWrite, Snapshot,
     Store, StoreError, Trim, TrimRecord, message_key, split_user_key, user_key,
 };
+use crate::proto::ChangeKind;
 
 /// The `meta` key of the batch whose state beside the log is being applied.
 const APPLYING: &[u8] = b"applying";
@@ -126,6 +127,11 @@ pub struct SledStore {
     /// Held by work on the whole log that must not overlap: a trim, a
     /// backup's copy.
     maintenance: Mutex<()>,
+    /// Held by everything that rewrites runs below the head: erasing a
+    /// deleted message (the group commit), taking a failed batch back, a
+    /// trim, a merge — each reads a run and writes it again, and one must
+    /// not write back what another changed meanwhile.
+    rewrites: Mutex<()>,
 }
 
 impl SledStore {
@@ -159,6 +165,7 @@ impl SledStore {
             undo: Mutex::new(Vec::new()),
             counts: Mutex::new(fold::CountsCache::new()),
             maintenance: Mutex::new(()),
+            rewrites: Mutex::new(()),
         })
     }
 
@@ -222,6 +229,21 @@ impl SledStore {
         self.maintenance.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The maintenance lock unless a backup holds it: a trim or a merge runs
+    /// in the group commit's writer, which must not wait for a backup's
+    /// copy of the log — they skip a pass instead.
+    fn try_maintenance(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.maintenance.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn rewrites(&self) -> MutexGuard<'_, ()> {
+        self.rewrites.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn index(&self) -> MutexGuard<'_, IdemIndex> {
         // Every change to the index is complete before the next one starts,
         // so a panic elsewhere cannot leave it half-updated.
@@ -247,6 +269,9 @@ impl Store for SledStore {
         self.with(|t| {
             let mut snap = Snapshot::default();
             let mut repaired = 0;
+            if t.finish_merge()? {
+                tracing::info!("finished a merge of runs a crash cut short");
+            }
             self.finish_applying(t)?;
             let expired_before = t.meta.get(EXPIRED_BEFORE)?.map_or(Ok(0), |v| record_number(&v))?;
             for kv in t.rooms.iter() {
@@ -363,6 +388,9 @@ impl Store for SledStore {
                 t.revocations.insert(user.as_bytes(), &at.to_be_bytes()[..])?;
             }
             if !runs.is_empty() {
+                let erases =
+                    batch.appends.iter().any(|a| matches!(a.entry, Entry::Change { kind: ChangeKind::Delete, .. }));
+                let _rewrites = erases.then(|| self.rewrites());
                 let mut undo = self.undo_log();
                 undo.clear();
                 let mut cache = self.counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -420,6 +448,7 @@ impl Store for SledStore {
             // What the failed batch changed beside the log goes back first
             // (its entries below `from` — the messages it erased — too).
             self.counts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            let _rewrites = self.rewrites();
             let undone = fold::undo(&mut &*t, &mut self.undo_log(), room)?;
             t.meta.remove(APPLYING)?;
             let mut keyed = Vec::new();
@@ -512,6 +541,12 @@ impl Store for SledStore {
 
     fn trim(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError> {
         self.trim_room(room, trim)
+    }
+
+    fn merge_runs(&self, room: RoomId, from: u64, to: u64, budget: usize) -> Result<(u64, usize), StoreError> {
+        let Some(_maintenance) = self.try_maintenance() else { return Ok((from, 0)) };
+        let _rewrites = self.rewrites();
+        self.with(|t| t.merge_runs(room, from, to, budget))
     }
 
     fn size_on_disk(&self) -> u64 {

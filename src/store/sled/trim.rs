@@ -15,9 +15,9 @@ const TRIM_STEP: (u64, u64) = (64, 4096);
 
 impl SledStore {
     pub(super) fn trim_room(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError> {
-        let _maintenance = self.maintenance();
         self.with(|t| {
             let mut rec = t.trim_of(room)?.unwrap_or_default();
+            let Some(_maintenance) = self.try_maintenance() else { return Ok(rec) };
             let mut step = TRIM_STEP.0;
             while rec.start() <= trim.head {
                 let (from, before) = (rec.start(), rec.start());
@@ -28,6 +28,7 @@ impl SledStore {
                     break;
                 }
                 t.trims.insert(room.to_be_bytes(), rec.encode_to_vec())?;
+                let _rewrites = self.rewrites();
                 forget_below(t, room, rec.start())?;
                 if stopped {
                     break;
