@@ -308,8 +308,8 @@ const EXPIRED_TEXT = /\bexpired\b/i;
  * @property {Reaction[]} reactions
  * @property {number} foldedSeq  the last change entry folded in (0: none)
  */
-/** @typedef {{room: string, messages: Message[], headSeq: number, hasMore: boolean}} HistoryPage */
-/** @typedef {{room: string, headSeq: number, complete: boolean}} Synced */
+/** @typedef {{room: string, messages: Message[], headSeq: number, hasMore: boolean, firstSeq: number}} HistoryPage */
+/** @typedef {{room: string, headSeq: number, complete: boolean, firstSeq: number}} Synced */
 /** @typedef {{room: string, user: string, active: boolean}} Typing */
 /** @typedef {{room: string, user: string, seq: number}} ReadReceipt */
 /** @typedef {{room: string, user: string, online: boolean, devices: number}} Presence */
@@ -412,8 +412,14 @@ const NORMALIZE = {
     messages: (v.messages || []).map(message),
     headSeq: num(v.headSeq),
     hasMore: bool(v.hasMore),
+    firstSeq: num(v.firstSeq),
   }),
-  synced: (v) => ({ room: str(v.room), headSeq: num(v.headSeq), complete: bool(v.complete) }),
+  synced: (v) => ({
+    room: str(v.room),
+    headSeq: num(v.headSeq),
+    complete: bool(v.complete),
+    firstSeq: num(v.firstSeq),
+  }),
   typing: (v) => ({ room: str(v.room), user: str(v.user), active: bool(v.active) }),
   readReceipt: (v) => ({ room: str(v.room), user: str(v.user), seq: num(v.seq) }),
   presence: (v) => ({ room: str(v.room), user: str(v.user), online: bool(v.online), devices: num(v.devices) }),
@@ -699,6 +705,8 @@ export class Cursors {
     // The page fills the gap up to the first held message; the held events
     // then follow in the order the server sent them.
     const firstHeld = r.held.find((e) => e.type === 'message')?.value.seq ?? Infinity;
+    // What retention removed is gone for good: the log starts at firstSeq.
+    if (r.last + 1 < page.firstSeq && page.firstSeq <= firstHeld) r.last = page.firstSeq - 1;
     const before = r.last;
     for (const m of page.messages) {
       if (m.seq === r.last + 1 && m.seq < firstHeld) {

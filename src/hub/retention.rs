@@ -4,25 +4,15 @@
 //! the store, and the room's log then starts later (`first_seq` in
 //! `HistoryPage` and `Synced`). Seqs are never reused.
 //!
-//! The same pass has the store merge the small pieces its group commits
-//! left of each room's log since the last pass ([`crate::store::Store::merge_runs`]):
-//! with many rooms most are a single message, which costs sled about
-//! three times its size on disk.
-//!
-//! Both run in the group commit's writer, between two batches
-//! ([`crate::store::commit::Write::Exclusive`]), one room (and a bounded
-//! amount of work) at a time: nothing else writes while they do, so
-//! nothing sled writes for them can be half-made when a batch is synced
-//! (sled writes large items to files of their own, which a sync lists
-//! first; one created meanwhile by another thread would have its pointer
-//! made durable without it — the power-cut battery found exactly that).
-//! And each is synced at once, whatever the durability mode, so a rewrite
-//! of runs is never part of an unsynced stretch of sled's log that a power
-//! cut could leave half-recovered: with `batch`, the battery once found
-//! holes and duplicates after such cuts (while sled's own periodic flush
-//! was still on, `store::sled::trees`). One fsync per room merged a pass.
+//! A trim runs in the group commit's writer, between two batches
+//! ([`crate::store::commit::Write::Exclusive`]), one room at a time:
+//! nothing else writes while it does, so nothing sled writes for it can be
+//! half-made when a batch is synced (sled writes large items to files of
+//! their own, which a sync lists first; one created meanwhile by another
+//! thread would have its pointer made durable without it). And it is
+//! synced at once, whatever the durability mode, so a rewrite of runs is
+//! never part of an unsynced stretch of sled's log.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +22,7 @@ use super::Hub;
 use crate::pipeline::Completion;
 use crate::room::Room;
 use crate::store::commit::{Exclusive, Pending, Write};
-use crate::store::{RoomId, StoreError, Trim};
-
-/// Stored pieces of one room's log a pass reads at most to merge them: a
-/// few MiB, so one room does not hold up the others, and a room that
-/// grew by more catches up over the next passes.
-const MERGE_BUDGET: usize = 4096;
+use crate::store::{StoreError, Trim};
 
 /// Retention limits; 0 means none.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,34 +44,12 @@ impl Retention {
 }
 
 impl Hub {
-    /// One pass over every room: trims what its retention allows, then
-    /// merges what was written since `merged` (each room's seq to go on
-    /// from); returns how many entries were removed.
-    pub async fn tidy_rooms(&self, default: Retention, now_ms: u64, merged: &mut HashMap<RoomId, u64>) -> u64 {
+    /// One pass over every room: trims what its retention allows; returns
+    /// how many entries were removed.
+    pub async fn trim_rooms(&self, default: Retention, now_ms: u64) -> u64 {
         let mut removed = 0;
         for room in self.rooms() {
             removed += self.trim_room(&room, default, now_ms).await;
-            let from = merged.get(&room.id).copied().unwrap_or(0).max(room.start());
-            let to = room.head();
-            if from >= to {
-                continue;
-            }
-            let store = self.store.clone();
-            let id = room.id;
-            let merge = move || {
-                let merged = store.merge_runs(id, from, to, MERGE_BUDGET)?;
-                if merged.1 > 0 {
-                    store.sync()?;
-                }
-                Ok(merged)
-            };
-            match self.between_commits(merge).await {
-                Some(Ok((next, _))) => {
-                    merged.insert(id, next);
-                }
-                Some(Err(e)) => tracing::warn!(room = %room.name, error = %e, "could not merge the log's pieces"),
-                None => {}
-            }
         }
         removed
     }
@@ -155,13 +118,12 @@ impl Hub {
     }
 }
 
-/// Trims and merges every `interval`, for as long as the server runs.
+/// Trims every `interval`, for as long as the server runs.
 pub async fn run(hub: Arc<Hub>, default: Retention, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut merged = HashMap::new();
     loop {
         tick.tick().await;
-        hub.tidy_rooms(default, crate::time::now_ms(), &mut merged).await;
+        hub.trim_rooms(default, crate::time::now_ms()).await;
     }
 }

@@ -251,14 +251,6 @@ pub trait Store: Send + Sync + 'static {
     /// start it returns.
     fn trim(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError>;
 
-    /// Merges the small stored pieces of `room`'s log between `from` and
-    /// `to` (committed seqs) into larger ones, reading at most `budget`
-    /// pieces; returns the seq to go on from and how many pieces went. Only
-    /// a store that keeps the log in pieces per commit has work here.
-    fn merge_runs(&self, _room: RoomId, _from: u64, to: u64, _budget: usize) -> Result<(u64, usize), StoreError> {
-        Ok((to.saturating_add(1), 0))
-    }
-
     /// Bytes the store occupies on disk (0 for memory).
     fn size_on_disk(&self) -> u64;
 }

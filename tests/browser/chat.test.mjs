@@ -208,6 +208,16 @@ describe('chatd-client.js (unit)', () => {
     assert.equal(c.last('r'), 22);
   });
 
+  check('Cursors: what retention removed from a gap is skipped from firstSeq on', {}, () => {
+    const c = new Cursors();
+    c.track('r', 10);
+    const out = [];
+    assert.deepEqual(c.onMessage({ room: 'r', seq: 40 }, out), { fetchAfter: 10 });
+    const messages = Array.from({ length: 9 }, (_, i) => ({ room: 'r', seq: 31 + i }));
+    assert.equal(c.onGapPage('r', { room: 'r', messages, headSeq: 40, hasMore: true, firstSeq: 31 }, out), null);
+    assert.deepEqual(out.map((e) => e.value.seq), [31, 32, 33, 34, 35, 36, 37, 38, 39, 40]);
+  });
+
   check('Cursors: an unknown room starts at its first message', {}, () => {
     const c = new Cursors();
     const out = [];
@@ -216,7 +226,7 @@ describe('chatd-client.js (unit)', () => {
   });
 
   check('JSON mapping: defaults filled in, 64-bit strings become numbers', {}, () => {
-    assert.deepEqual(parseEnvelope('{"synced":{"room":"r","headSeq":"8"}}'), { id: 0, kind: 'synced', body: { room: 'r', headSeq: 8, complete: false } });
+    assert.deepEqual(parseEnvelope('{"synced":{"room":"r","headSeq":"8"}}'), { id: 0, kind: 'synced', body: { room: 'r', headSeq: 8, complete: false, firstSeq: 0 } });
     assert.deepEqual(parseEnvelope('{"id":"3","publishAck":{"room":"r","seq":"1","tsMs":"5","clientMsgId":"k"}}').body, {
       room: 'r', seq: 1, tsMs: 5, clientMsgId: 'k', duplicate: false,
     });

@@ -571,11 +571,8 @@ impl Battery<'_> {
         };
         let mut seed = self.seed;
         let mut last: Option<Round> = None;
-        // The store merges each room's runs every pass of retention: every
-        // 20 ms here, so merges are cut by the kills too.
-        let flags: Vec<&str> = self.flags.iter().copied().chain(["--retention-interval-ms", "20"]).collect();
         for round in 0..=self.cuts {
-            let server = match Process::try_start(self.dir, &flags) {
+            let server = match Process::try_start(self.dir, self.flags) {
                 Ok(s) => s,
                 Err(e) => {
                     st.report.violations.push(format!("chatd did not start after cut {round}: {e}"));

@@ -129,7 +129,7 @@ pub struct SledStore {
     maintenance: Mutex<()>,
     /// Held by everything that rewrites runs below the head: erasing a
     /// deleted message (the group commit), taking a failed batch back, a
-    /// trim, a merge — each reads a run and writes it again, and one must
+    /// trim — each reads a run and writes it again, and one must
     /// not write back what another changed meanwhile.
     rewrites: Mutex<()>,
 }
@@ -229,9 +229,9 @@ impl SledStore {
         self.maintenance.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The maintenance lock unless a backup holds it: a trim or a merge runs
-    /// in the group commit's writer, which must not wait for a backup's
-    /// copy of the log — they skip a pass instead.
+    /// The maintenance lock unless a backup holds it: a trim runs in the
+    /// group commit's writer, which must not wait for a backup's copy of
+    /// the log — it skips a pass instead.
     fn try_maintenance(&self) -> Option<MutexGuard<'_, ()>> {
         match self.maintenance.try_lock() {
             Ok(g) => Some(g),
@@ -269,9 +269,6 @@ impl Store for SledStore {
         self.with(|t| {
             let mut snap = Snapshot::default();
             let mut repaired = 0;
-            if t.finish_merge()? {
-                tracing::info!("finished a merge of runs a crash cut short");
-            }
             self.finish_applying(t)?;
             let expired_before = t.meta.get(EXPIRED_BEFORE)?.map_or(Ok(0), |v| record_number(&v))?;
             for kv in t.rooms.iter() {
@@ -541,12 +538,6 @@ impl Store for SledStore {
 
     fn trim(&self, room: RoomId, trim: &Trim) -> Result<TrimRecord, StoreError> {
         self.trim_room(room, trim)
-    }
-
-    fn merge_runs(&self, room: RoomId, from: u64, to: u64, budget: usize) -> Result<(u64, usize), StoreError> {
-        let Some(_maintenance) = self.try_maintenance() else { return Ok((from, 0)) };
-        let _rewrites = self.rewrites();
-        self.with(|t| t.merge_runs(room, from, to, budget))
     }
 
     fn size_on_disk(&self) -> u64 {

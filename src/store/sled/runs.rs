@@ -26,14 +26,6 @@ use crate::store::{Append, RoomId, StoreError, message_key};
 /// Entries as read from the log: `(seq, encoded Message)`, in seq order.
 pub(super) type Entries = Vec<(u64, Bytes)>;
 
-/// The `meta` key of a merge of runs in progress: room, first and last
-/// run's first seq (u64 BE each).
-const MERGING: &[u8] = b"merging";
-
-fn room_of(b: &[u8]) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(b.try_into().map_err(|_| corrupt_key(b))?))
-}
-
 /// Marks a value as a run.
 const RUN_TAG: u8 = 0;
 
@@ -42,6 +34,13 @@ const RUN_TAG: u8 = 0;
 /// and rewrites a whole leaf when one of its values changes; 32 KiB keeps
 /// a run far from the first and a leaf rewrite small.
 pub(super) const RUN_SPLIT: usize = 32 * 1024;
+
+/// What `chatd compact` merges a room's small runs into. Not [`RUN_SPLIT`]:
+/// a leaf of sled's that holds a few large values passes a quarter of a
+/// segment and is then written whole, as a blob, each time anything in it
+/// changes — the next commit's small run for a neighbouring room included
+/// (benches/README.md, "Space on disk").
+pub(super) const MERGE_TARGET: usize = 4 * 1024;
 
 /// Encodes entries (consecutive seqs) as one run value.
 pub(super) fn encode<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
@@ -128,6 +127,43 @@ pub(super) fn split(appends: &[Append]) -> Vec<(RoomId, u64, Vec<&[u8]>)> {
     runs
 }
 
+/// Copies a `messages` tree into `to` with each room's consecutive small
+/// runs merged into runs of about [`MERGE_TARGET`] bytes (`chatd compact`:
+/// with many rooms a commit leaves one or two messages per room, and sled
+/// stores such a small value at about three times its size). Returns the
+/// values read and written.
+pub(super) fn copy_merged(from: &sled::Tree, to: &sled::Tree) -> Result<(u64, u64), StoreError> {
+    let (mut read, mut written) = (0, 0);
+    let mut group: Option<(sled::IVec, Vec<Bytes>, usize)> = None;
+    let mut flush = |group: &mut Option<(sled::IVec, Vec<Bytes>, usize)>| -> Result<(), StoreError> {
+        if let Some((key, entries, _)) = group.take() {
+            to.insert(key, encode(entries.iter().map(|m| m.as_ref())))?;
+            written += 1;
+        }
+        Ok(())
+    };
+    for kv in from.iter() {
+        let (k, v) = kv?;
+        read += 1;
+        let entries = decode(&k, &v)?;
+        let bytes: usize = entries.iter().map(|(_, m)| m.len()).sum();
+        let joins = group.as_ref().is_some_and(|(gk, ge, gb)| {
+            gk[..8] == k[..8]
+                && seq_of(gk).is_ok_and(|first| first + ge.len() as u64 == seq_of(&k).unwrap_or(0))
+                && gb + bytes <= MERGE_TARGET
+        });
+        if !joins {
+            flush(&mut group)?;
+            group = Some((k, Vec::new(), 0));
+        }
+        let g = group.as_mut().expect("set above");
+        g.1.extend(entries.into_iter().map(|(_, m)| m));
+        g.2 += bytes;
+    }
+    flush(&mut group)?;
+    Ok((read, written))
+}
+
 impl Trees {
     /// Writes a group commit's entries as runs.
     pub(super) fn append_runs(&self, appends: &[Append]) -> Result<(), StoreError> {
@@ -187,8 +223,8 @@ impl Trees {
         let mut next = from;
         for kv in self.messages.range(start..=message_key(room, to).to_vec()) {
             let (k, v) = kv?;
-            // A merge (`merge_runs`) writes the merged run before it removes
-            // the runs it replaces: an entry may be read twice meanwhile.
+            // A trim writes the rest of the run its start falls in before
+            // it removes that run: an entry may be stored twice meanwhile.
             for (s, m) in decode(&k, &v)? {
                 if s >= next && s <= to {
                     out.push((s, m));
@@ -197,101 +233,6 @@ impl Trees {
             }
         }
         Ok(out)
-    }
-
-    /// Merges the runs of `room` that start at `from` or later and end by
-    /// `to` (all committed) into runs of up to [`RUN_SPLIT`] bytes, reading
-    /// at most `budget` runs. Returns the seq to go on from and how many
-    /// runs the merged ones replaced.
-    ///
-    /// With many rooms a group commit holds one or two entries per room, so
-    /// most runs are a single message — and sled stores a small value at
-    /// about three times its size, a 32 KiB one at under one and a half
-    /// (benches/README.md, "Space on disk"). The merged run is written
-    /// under the first run's key before the others go, with a `merging`
-    /// record around the two steps that `finish_merge` completes after a
-    /// crash; readers skip what they have read already (`entries`).
-    pub(super) fn merge_runs(
-        &self,
-        room: RoomId,
-        from: u64,
-        to: u64,
-        budget: usize,
-    ) -> Result<(u64, usize), StoreError> {
-        let start = match self.messages.range(message_key(room, 0)..=message_key(room, from)).next_back() {
-            Some(kv) => kv?.0.to_vec(),
-            None => message_key(room, from).to_vec(),
-        };
-        let (mut group, mut bytes, mut replaced, mut read) = (Vec::new(), 0, 0, 0);
-        let mut next = from;
-        for kv in self.messages.range(start..=message_key(room, to).to_vec()) {
-            let (k, v) = kv?;
-            let last = last_seq(&k, &v)?;
-            if last > to {
-                break;
-            }
-            if read >= budget {
-                break;
-            }
-            read += 1;
-            if bytes + v.len() > RUN_SPLIT {
-                replaced += self.write_merged(room, &group)?;
-                group.clear();
-                bytes = 0;
-                next = seq_of(&k)?;
-            }
-            bytes += v.len();
-            group.push((k, v));
-        }
-        // The last group is merged too, and the next pass starts at it: it
-        // may still grow with the runs to come (a rewrite of at most one
-        // run's worth per room and pass).
-        replaced += self.write_merged(room, &group)?;
-        if let Some((k, _)) = group.first() {
-            next = seq_of(k)?;
-        }
-        Ok((next.max(from), replaced))
-    }
-
-    /// Replaces the runs of `group` (consecutive, one room) with one.
-    fn write_merged(&self, room: RoomId, group: &[(sled::IVec, sled::IVec)]) -> Result<usize, StoreError> {
-        if group.len() < 2 {
-            return Ok(0);
-        }
-        let mut entries = Vec::new();
-        for (k, v) in group {
-            entries.extend(decode(k, v)?);
-        }
-        let (first, last) = (&group[0].0, &group[group.len() - 1].0);
-        let mut merging = room.to_be_bytes().to_vec();
-        merging.extend_from_slice(&first[8..]);
-        merging.extend_from_slice(&last[8..]);
-        self.meta.insert(MERGING, merging)?;
-        self.messages.insert(first, encode(entries.iter().map(|(_, m)| m.as_ref())))?;
-        for (k, _) in &group[1..] {
-            self.messages.remove(k)?;
-        }
-        self.meta.remove(MERGING)?;
-        Ok(group.len() - 1)
-    }
-
-    /// Completes a merge a crash cut short: once the merged run is written,
-    /// the runs it replaced go; before, nothing had changed.
-    pub(super) fn finish_merge(&self) -> Result<bool, StoreError> {
-        let Some(v) = self.meta.get(MERGING)? else { return Ok(false) };
-        let (room, first, last) = match (v.get(..8), v.get(8..16), v.get(16..24)) {
-            (Some(r), Some(f), Some(l)) => (room_of(r)?, room_of(f)?, room_of(l)?),
-            _ => return Err(corrupt_key(&v)),
-        };
-        if let Some(merged) = self.messages.get(message_key(room, first))?
-            && last_seq(&message_key(room, first), &merged)? >= last
-        {
-            for kv in self.messages.range(message_key(room, first + 1)..=message_key(room, last)) {
-                self.messages.remove(kv?.0)?;
-            }
-        }
-        self.meta.remove(MERGING)?;
-        Ok(true)
     }
 
     /// The head of `room`: the seq of its last stored entry (0 if none).
@@ -416,79 +357,36 @@ mod tests {
         assert_eq!(seqs(1, 9), vec![1]);
     }
 
-    /// Trees with room 4's seqs 1..=n, one run per commit of `per` entries.
-    fn committed(n: u64, per: u64) -> (tempfile::TempDir, Trees) {
-        let dir = tempfile::tempdir().unwrap();
-        let t = Trees::open(dir.path(), 8 << 20).unwrap();
-        for first in (1..=n).step_by(per as usize) {
-            let run: Vec<_> = (first..=(first + per - 1).min(n)).map(|s| append(4, s, "ann", "")).collect();
-            t.append_runs(&run).unwrap();
-        }
-        (dir, t)
-    }
-
     fn keys(t: &Trees) -> Vec<u64> {
         t.messages.iter().keys().map(|k| seq_of(&k.unwrap()).unwrap()).collect()
     }
 
-    #[test]
-    fn small_runs_are_merged_up_to_the_split_size_and_read_the_same() {
-        let (_dir, t) = committed(1000, 1);
-        let before = t.entries(4, 1, 1000).unwrap();
-        let (next, replaced) = t.merge_runs(4, 1, 1000, usize::MAX).unwrap();
-        let after = keys(&t);
-        assert_eq!(after, vec![1], "1,000 small messages fit one run");
-        assert_eq!((next, replaced), (1, 999), "the next pass starts at the last run, which may grow");
-        assert_eq!(t.entries(4, 1, 1000).unwrap(), before);
-        assert_eq!(t.entry(4, 500).unwrap(), before[499].1.clone().into());
-        assert_eq!(t.last_entry(4).unwrap(), 1000);
-        // Merged runs are not merged again; nothing past `to` is touched.
-        let (_dir, t) = committed(300, 1);
-        t.merge_runs(4, 1, 200, usize::MAX).unwrap();
-        assert_eq!(keys(&t), [1].into_iter().chain(201..=300).collect::<Vec<_>>(), "nothing past 200 is touched");
-        assert_eq!(t.merge_runs(4, 1, 200, usize::MAX).unwrap(), (1, 0), "a merged run is not merged again");
-        // Messages of 10 KiB: three to a run.
+    /// Trees with room 4's seqs 1..=n, one run of a message of `size`
+    /// bytes per commit.
+    fn sized(n: u64, size: usize) -> (tempfile::TempDir, Trees) {
         let dir = tempfile::tempdir().unwrap();
         let t = Trees::open(dir.path(), 8 << 20).unwrap();
-        for seq in 1..=10 {
+        for seq in 1..=n {
             let mut a = append(4, seq, "ann", "");
-            a.message = Bytes::from(vec![8u8; 10 * 1024]);
+            a.message = Bytes::from(vec![8u8; size]);
             t.append_runs(&[a]).unwrap();
         }
-        let (next, replaced) = t.merge_runs(4, 1, 10, usize::MAX).unwrap();
-        assert_eq!((keys(&t), next, replaced), (vec![1, 4, 7, 10], 10, 6));
-        assert_eq!(t.entries(4, 1, 10).unwrap().len(), 10);
+        (dir, t)
     }
 
     #[test]
-    fn a_merge_cut_by_its_budget_still_gets_further_each_pass() {
-        let (_dir, t) = committed(1000, 1);
-        let mut from = 1;
-        for _ in 0..200 {
-            let (next, _) = t.merge_runs(4, from, 1000, 50).unwrap();
-            from = next;
-        }
-        assert_eq!(keys(&t), vec![1]);
-        assert_eq!(t.entries(4, 1, 1000).unwrap().len(), 1000);
-    }
-
-    #[test]
-    fn a_merge_a_crash_cut_short_is_finished_or_left_as_it_was() {
-        // The merged run written, the runs it replaces not yet removed:
-        // reads skip the overlap, and the next start removes them.
-        let (_dir, t) = committed(10, 1);
-        let all = t.entries(4, 1, 10).unwrap();
-        t.meta.insert(MERGING, [4u64.to_be_bytes(), 1u64.to_be_bytes(), 5u64.to_be_bytes()].concat()).unwrap();
-        t.messages.insert(&message_key(4, 1)[..], encode(all[..5].iter().map(|(_, m)| m.as_ref()))).unwrap();
-        assert_eq!(t.entries(4, 1, 10).unwrap(), all, "no entry twice");
-        assert!(t.finish_merge().unwrap());
-        assert_eq!(keys(&t), vec![1, 6, 7, 8, 9, 10]);
-        assert_eq!(t.entries(4, 1, 10).unwrap(), all);
-        // The record written, nothing else: nothing is removed.
-        t.meta.insert(MERGING, [4u64.to_be_bytes(), 6u64.to_be_bytes(), 9u64.to_be_bytes()].concat()).unwrap();
-        assert!(t.finish_merge().unwrap());
-        assert_eq!(keys(&t), vec![1, 6, 7, 8, 9, 10]);
-        assert!(!t.finish_merge().unwrap(), "the record is gone");
+    fn a_compaction_merges_small_runs_per_room_and_reads_the_same() {
+        // A run of one 1,000-byte message: four make a merged run.
+        let (_dir, t) = sized(10, 1000);
+        let more: Vec<_> = (1..=3).map(|s| append(5, s, "bob", "")).collect();
+        t.append_runs(&more).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let copy = Trees::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(copy_merged(&t.messages, &copy.messages).unwrap(), (11, 4));
+        assert_eq!(keys(&copy), vec![1, 5, 9, 1], "room 4: 1-4, 5-8, 9-10; room 5 as it was");
+        assert_eq!(copy.entries(4, 1, 10).unwrap(), t.entries(4, 1, 10).unwrap());
+        assert_eq!(copy.entries(5, 1, 3).unwrap(), t.entries(5, 1, 3).unwrap());
+        assert_eq!((copy.last_entry(4).unwrap(), copy.last_entry(5).unwrap()), (10, 3));
     }
 
     #[test]
