@@ -33,6 +33,12 @@ pub struct Retention {
     pub max_messages: u64,
 }
 
+/// The most entries one step of a trim removes: a few milliseconds of
+/// sled removals and one fsync, which the group commit waits for. A room
+/// trimmed for the first time after years takes many steps, and other
+/// writes go on between them.
+const TRIM_STEP: u64 = 1024;
+
 impl Retention {
     /// The room's own limits where it set them, else these.
     fn over(self, room: (u64, u64)) -> Retention {
@@ -54,42 +60,46 @@ impl Hub {
         removed
     }
 
-    /// Trims `room` as its retention allows; returns how many entries went.
+    /// Trims `room` as its retention allows, [`TRIM_STEP`] entries at a
+    /// time, each step between two group commits; returns how many went.
     async fn trim_room(&self, room: &Arc<Room>, default: Retention, now_ms: u64) -> u64 {
         let limits = default.over(room.gov().retention());
         if limits == Retention::default() {
             return 0;
         }
-        let (head, start) = (room.head(), room.start());
-        let trim = Trim {
-            keep_from: if limits.max_messages > 0 { head.saturating_sub(limits.max_messages) + 1 } else { 0 },
-            older_than_ms: if limits.max_age_ms > 0 { now_ms.saturating_sub(limits.max_age_ms) } else { 0 },
-            head,
-        };
-        if start > head || (trim.keep_from <= start && trim.older_than_ms == 0) {
-            return 0;
-        }
-        let store = self.store.clone();
-        let id = room.id;
-        let work = move || {
-            let rec = store.trim(id, &trim)?;
-            if rec.start() > start {
-                store.sync()?;
+        let head = room.head();
+        let keep_from = if limits.max_messages > 0 { head.saturating_sub(limits.max_messages) + 1 } else { 0 };
+        let older_than_ms = if limits.max_age_ms > 0 { now_ms.saturating_sub(limits.max_age_ms) } else { 0 };
+        let mut removed = 0;
+        loop {
+            let start = room.start();
+            if start > head || (keep_from <= start && older_than_ms == 0) {
+                return removed;
             }
-            Ok(rec)
-        };
-        match self.between_commits(work).await {
-            Some(Ok(rec)) if rec.start() > start => {
-                let n = rec.start() - start;
-                self.metrics.retention_removed.increment(n);
-                tracing::info!(room = %room.name, from = start, to = rec.start() - 1, removed = n, "retention trimmed the log");
-                room.set_trim(rec);
-                n
-            }
-            Some(Ok(_)) | None => 0,
-            Some(Err(e)) => {
-                tracing::warn!(room = %room.name, error = %e, "retention could not trim the log");
-                0
+            // A step at a time: every publish waits while one runs.
+            let trim = Trim { keep_from, older_than_ms, head: head.min(start + TRIM_STEP - 1) };
+            let store = self.store.clone();
+            let id = room.id;
+            let work = move || {
+                let rec = store.trim(id, &trim)?;
+                if rec.start() > start {
+                    store.sync()?;
+                }
+                Ok(rec)
+            };
+            match self.between_commits(work).await {
+                Some(Ok(rec)) if rec.start() > start => {
+                    let n = rec.start() - start;
+                    removed += n;
+                    self.metrics.retention_removed.increment(n);
+                    tracing::info!(room = %room.name, from = start, to = rec.start() - 1, removed = n, "retention trimmed the log");
+                    room.set_trim(rec);
+                }
+                Some(Ok(_)) | None => return removed,
+                Some(Err(e)) => {
+                    tracing::warn!(room = %room.name, error = %e, "retention could not trim the log");
+                    return removed;
+                }
             }
         }
     }
