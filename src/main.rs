@@ -26,6 +26,11 @@ use chatd::config::{Config, FIELDS, Kind};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `--data DIR` of the subcommands that work on a server's data directory.
+fn data_arg() -> Arg {
+    Arg::new("data").long("data").env("CHATD_DATA").default_value("./chatd-data").help("The server's data directory")
+}
+
 fn cli() -> Command {
     let mut serve = Command::new("serve")
         .about("Run the server")
@@ -50,10 +55,7 @@ fn cli() -> Command {
             Command::new("token")
                 .about("Print a token for a user, signed with the data directory's secret")
                 .arg(
-                    Arg::new("data")
-                        .long("data")
-                        .env("CHATD_DATA")
-                        .default_value("./chatd-data")
+                    data_arg()
                         .help("The server's data directory, holding `secret` (created in a new or empty directory)"),
                 )
                 .arg(Arg::new("user").long("user").required(true).help("User id (the token's sub)"))
@@ -65,13 +67,7 @@ fn cli() -> Command {
                     "Rewrite the store into fresh files, leaving behind the bytes of deleted messages \
                      (offline: stop the server first)",
                 )
-                .arg(
-                    Arg::new("data")
-                        .long("data")
-                        .env("CHATD_DATA")
-                        .default_value("./chatd-data")
-                        .help("The server's data directory"),
-                ),
+                .arg(data_arg()),
         )
         .subcommand(
             Command::new("backup")
@@ -79,13 +75,7 @@ fn cli() -> Command {
                     "Write a consistent backup of the store: made by the server running on the data directory \
                      (it goes on serving), or from the store itself when none runs",
                 )
-                .arg(
-                    Arg::new("data")
-                        .long("data")
-                        .env("CHATD_DATA")
-                        .default_value("./chatd-data")
-                        .help("The server's data directory"),
-                )
+                .arg(data_arg())
                 .arg(Arg::new("out").long("out").required(true).value_name("FILE").help("The backup file to write")),
         )
         .subcommand(

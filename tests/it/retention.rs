@@ -43,17 +43,22 @@ async fn first_seq(r: &mut Raw, room: &str) -> u64 {
     page(r, room, 0, true).await.first_seq
 }
 
+/// A server that keeps the newest 10 messages of every room, checked every 20 ms.
+async fn keeping_ten() -> TestServer {
+    TestServer::start_with(|c| {
+        c.retention_max_messages = 10;
+        c.retention_interval_ms = 20;
+    })
+    .await
+}
+
 fn seqs(p: &proto::HistoryPage) -> Vec<u64> {
     p.messages.iter().map(|m| m.seq).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_count_limit_trims_the_oldest_and_history_and_resume_start_after_them() {
-    let s = TestServer::start_with(|c| {
-        c.retention_max_messages = 10;
-        c.retention_interval_ms = 20;
-    })
-    .await;
+    let s = keeping_ten().await;
     let mut ann = s.raw_member("ann", "r").await;
     let mut bob = s.raw_member("bob", "r").await;
     let head = publish(&mut ann, "r", 30, |_| None).await;
@@ -162,11 +167,7 @@ async fn a_room_sets_its_own_retention_by_its_owner_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_counts_and_read_markers_count_only_what_remains() {
-    let s = TestServer::start_with(|c| {
-        c.retention_max_messages = 10;
-        c.retention_interval_ms = 20;
-    })
-    .await;
+    let s = keeping_ten().await;
     let mut ann = s.raw_member("ann", "r").await;
     let mut bob = s.raw_member("bob", "r").await;
     s.raw_member("cat", "r").await;
