@@ -15,6 +15,7 @@ pub mod commit;
 pub mod fold;
 pub mod idem;
 pub mod memory;
+pub mod redis;
 pub mod retention;
 pub mod rooms;
 pub mod sled;

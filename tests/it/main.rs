@@ -13,6 +13,7 @@ mod changes;
 mod chat;
 mod cli;
 mod cli_rooms;
+mod cluster;
 mod common;
 mod deploy;
 mod durability;

@@ -18,6 +18,7 @@ pub mod client;
 pub mod http;
 pub mod process;
 pub mod raw;
+pub mod redis;
 pub mod server;
 pub mod wait;
 pub mod ws;

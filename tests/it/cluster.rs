@@ -1,0 +1,351 @@
+//! Cluster mode's shared log against a real `redis-server` on loopback:
+//! seqs assigned atomically by the append script whatever the number of
+//! nodes appending, idempotent retries across nodes, the membership check,
+//! the refusal of a Redis that would lose what it acknowledged, and feeds
+//! that deliver every entry once, in order, through lost subscriptions, a
+//! killed Redis and an emptied one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatd::proto::Message;
+use chatd::store::redis::feed::{Delivery, Feed};
+use chatd::store::redis::{AppendError, Durability, NewEntry, OpenError, Options, RedisLog, Target, fresh_epoch};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use crate::common::WAIT;
+use crate::common::redis::RedisServer;
+
+async fn open(redis: &RedisServer) -> Arc<RedisLog> {
+    Arc::new(RedisLog::open(&Target::Single(redis.url()), Options::default()).await.expect("the log opens"))
+}
+
+/// A message as a node encodes it before the script adds seq and time.
+fn body(room: &str, sender: &str, text: &str) -> Vec<u8> {
+    Message { room: room.into(), sender: sender.into(), text: text.into(), ..Default::default() }.encode_to_vec()
+}
+
+async fn append(
+    log: &RedisLog,
+    room: &str,
+    text: &str,
+    key: &str,
+) -> Result<chatd::store::redis::Appended, AppendError> {
+    let message = body(room, "ann", text);
+    let e = NewEntry { room, message: &message, owner: "ann", client_msg_id: key, member: "", seen: 0 };
+    log.append(&e, &fresh_epoch()).await
+}
+
+/// A feed's entries by room: (seq, encoded message) in delivery order.
+type Seen = HashMap<String, Vec<(u64, Vec<u8>)>>;
+
+/// Takes a feed's deliveries as they come (a feed waits for its consumer,
+/// as the fan-out takes them at once in the server) and hands them to
+/// [`collect`] through a fresh channel.
+fn drain(mut rx: mpsc::Receiver<Delivery>) -> mpsc::Receiver<Delivery> {
+    let (tx, out) = mpsc::channel(1 << 20);
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            if tx.send(d).await.is_err() {
+                return;
+            }
+        }
+    });
+    out
+}
+
+/// Collects a feed's deliveries per room until `want` entries of each room
+/// of `rooms` arrived; asserts each room's seqs are 1..=want in order.
+async fn collect(rx: &mut mpsc::Receiver<Delivery>, rooms: &[&str], want: u64) -> Seen {
+    let mut got: Seen = HashMap::new();
+    let done = |got: &Seen| rooms.iter().all(|r| got.get(*r).map_or(0, |v| v.len() as u64) >= want);
+    while !done(&got) {
+        let d = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("a feed stalled: {:?}", got.iter().map(|(r, v)| (r, v.len())).collect::<Vec<_>>())
+            })
+            .expect("the feed runs");
+        assert!(!d.epoch_changed, "no entry was lost, yet the feed saw an epoch change");
+        let entries = got.entry(d.room.to_string()).or_default();
+        for e in d.entries {
+            entries.push((e.seq, e.message.to_vec()));
+        }
+    }
+    for r in rooms {
+        let seqs: Vec<u64> = got[*r].iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=want).collect::<Vec<_>>(), "room {r}: every entry once, in order");
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_appending_to_the_same_rooms_get_one_order_seen_alike_by_every_feed() {
+    if !RedisServer::available("the cluster log test") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let nodes = [open(&redis).await, open(&redis).await, open(&redis).await];
+    let rooms = ["r1", "r2"];
+    let mut feeds = Vec::new();
+    for node in &nodes {
+        let (tx, rx) = mpsc::channel(64);
+        let feed = Feed::start(node.clone(), tx);
+        let rx = drain(rx);
+        for r in rooms {
+            feed.subscribe(r.into(), 0);
+        }
+        feeds.push((feed, rx));
+    }
+    const PER_TASK: u64 = 150;
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for t in 0..2 {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..PER_TASK {
+                    let room = rooms[(i % 2) as usize];
+                    let text = format!("n{n}-t{t}-{i}");
+                    let a = append(&node, room, &text, &text).await.expect("appended");
+                    assert!(!a.duplicate);
+                    acked.push((room, a.seq, text));
+                }
+                acked
+            }));
+        }
+    }
+    let mut acked: HashMap<(&str, u64), String> = HashMap::new();
+    for t in tasks {
+        for (room, seq, text) in t.await.unwrap() {
+            assert!(acked.insert((room, seq), text).is_none(), "seq {seq} of {room} handed out twice");
+        }
+    }
+    let per_room = 3 * 2 * PER_TASK / 2;
+    assert_eq!(acked.len() as u64, 2 * per_room);
+    let mut first: Option<Seen> = None;
+    for (_, rx) in &mut feeds {
+        let got = collect(rx, &rooms, per_room).await;
+        for (room, entries) in &got {
+            for (seq, bytes) in entries {
+                let m = Message::decode(&bytes[..]).expect("a Message");
+                assert_eq!((m.seq, m.room.as_str()), (*seq, room.as_str()), "the script wrote the seq into it");
+                assert!(m.ts_ms > 1_600_000_000_000, "and the time: {}", m.ts_ms);
+                assert_eq!(acked[&(room.as_str(), *seq)], m.text, "the acked message is at its seq");
+            }
+        }
+        match &first {
+            None => first = Some(got),
+            Some(f) => assert_eq!(f, &got, "every node saw the same entries in the same order"),
+        }
+    }
+    // History reads the same log back.
+    let back = nodes[1].range("r1", 10, 20).await.unwrap();
+    assert_eq!(back.iter().map(|e| e.seq).collect::<Vec<_>>(), (10..=20).collect::<Vec<_>>());
+    assert_eq!(
+        back.iter().map(|e| e.message.to_vec()).collect::<Vec<_>>(),
+        first.unwrap()["r1"][9..20].iter().map(|(_, m)| m.clone()).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_key_is_answered_with_the_original_on_any_node_and_members_are_checked() {
+    if !RedisServer::available("the cluster log test") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (a, b) = (open(&redis).await, open(&redis).await);
+    let first = append(&a, "r", "hello", "k1").await.unwrap();
+    let retry = append(&b, "r", "hello again", "k1").await.unwrap();
+    assert!(!first.duplicate && retry.duplicate);
+    assert_eq!((retry.seq, retry.ts_ms, &retry.epoch), (first.seq, first.ts_ms, &first.epoch));
+    assert_eq!(a.range("r", 1, 10).await.unwrap().len(), 1, "stored once");
+    let other = append(&b, "r", "x", "k2").await.unwrap();
+    assert_eq!(other.seq, 2);
+    assert_eq!(append(&b, "r2", "x", "k1").await.unwrap().seq, 1, "keys are per room");
+
+    let message = body("r", "bob", "hi");
+    let as_bob = NewEntry { room: "r", message: &message, owner: "bob", client_msg_id: "", member: "bob", seen: 0 };
+    match a.append(&as_bob, &fresh_epoch()).await {
+        Err(AppendError::Forbidden(why)) => assert!(why.contains("bob"), "{why}"),
+        other => panic!("a non-member's append: {other:?}"),
+    }
+    a.set_role("r", "bob", 1).await.unwrap();
+    assert_eq!(b.append(&as_bob, &fresh_epoch()).await.unwrap().seq, 3);
+    a.set_role("r", "bob", 0).await.unwrap();
+    assert!(matches!(b.append(&as_bob, &fresh_epoch()).await, Err(AppendError::Forbidden(_))));
+    assert_eq!(a.head("r").await.unwrap().0, 3, "refused appends take no seq");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_would_lose_acknowledged_writes_is_refused_unless_relaxed() {
+    if !RedisServer::available("the cluster log test") {
+        return;
+    }
+    let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let target = Target::Single(redis.url());
+    match RedisLog::open(&target, Options::default()).await {
+        Err(e @ OpenError::NotDurable { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("appendfsync \"everysec\"") && text.contains("relaxed"), "{text}");
+        }
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("a Redis with appendfsync everysec was accepted"),
+    }
+    let relaxed = Options { durability: Durability::Relaxed, ..Options::default() };
+    let log = RedisLog::open(&target, relaxed).await.expect("accepted when relaxed");
+    assert_eq!(append(&log, "r", "x", "").await.unwrap().seq, 1);
+    let none = Target::Single("redis://127.0.0.1:1".into());
+    assert!(matches!(RedisLog::open(&none, Options::default()).await, Err(OpenError::Unreachable { .. })));
+}
+
+/// Kills the feeds' subscription connections (by their client name);
+/// returns how many.
+fn kill_feeds(redis: &RedisServer) -> usize {
+    let list = redis.cli(&["CLIENT", "LIST"]).unwrap_or_default();
+    let name = format!("name={}", chatd::store::redis::feed::FEED_CLIENT_NAME);
+    let ids: Vec<&str> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f == name))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .collect();
+    ids.iter().filter(|id| redis.cli(&["CLIENT", "KILL", "ID", id]).as_deref() == Some("1")).count()
+}
+
+/// Appends to `room` until `stop`, returning every acked (seq, text).
+fn publisher(
+    log: Arc<RedisLog>,
+    room: &'static str,
+    stop: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<Vec<(u64, String)>> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut i = 0u64;
+        let stopped = stop.notified();
+        tokio::pin!(stopped);
+        loop {
+            let text = format!("m{i}");
+            tokio::select! {
+                _ = &mut stopped => return acked,
+                r = append(&log, room, &text, &text) => {
+                    if let Ok(a) = r {
+                        acked.push((a.seq, text));
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_whose_subscription_is_killed_under_load_fills_the_gap_from_the_stream() {
+    if !RedisServer::available("the cluster log test") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (writer, reader) = (open(&redis).await, open(&redis).await);
+    let (tx, rx) = mpsc::channel(64);
+    let feed = Feed::start(reader, tx);
+    let mut rx = drain(rx);
+    feed.subscribe("busy".into(), 0);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let publishing = publisher(writer.clone(), "busy", stop.clone());
+    let connections = || feed.state.connections.load(std::sync::atomic::Ordering::Relaxed);
+    for kill in 1..=5 {
+        // Each kill lands on a subscribed feed with appends going on.
+        let deadline = std::time::Instant::now() + WAIT;
+        while connections() < kill {
+            assert!(std::time::Instant::now() < deadline, "the feed did not reconnect after kill {}", kill - 1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(kill_feeds(&redis), 1, "kill {kill} found the feed's connection");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.notify_one();
+    let acked = publishing.await.unwrap();
+    assert!(acked.len() > 50, "{} appends", acked.len());
+    let got = collect(&mut rx, &["busy"], acked.len() as u64).await;
+    for ((seq, text), (got_seq, bytes)) in acked.iter().zip(&got["busy"]) {
+        assert_eq!(seq, got_seq);
+        assert_eq!(&Message::decode(&bytes[..]).unwrap().text, text);
+    }
+    assert!(connections() >= 6, "it reconnected after every kill");
+    assert!(feed.state.filled.load(std::sync::atomic::Ordering::Relaxed) > 0, "and filled gaps from the stream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redis_keeps_every_acknowledged_entry_and_the_feed_comes_back_by_itself() {
+    if !RedisServer::available("the cluster log test") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let (writer, reader) = (open(&redis).await, open(&redis).await);
+    let (tx, rx) = mpsc::channel(64);
+    let feed = Feed::start(reader.clone(), tx);
+    let mut rx = drain(rx);
+    feed.subscribe("r".into(), 0);
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let publishing = publisher(writer.clone(), "r", stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let head_before = reader.head("r").await.unwrap().0;
+    redis.kill();
+    // Appends fail while it is down (never a false ack).
+    assert!(matches!(append(&writer, "r", "down", "").await, Err(AppendError::Unavailable(_))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.restart();
+    let deadline = std::time::Instant::now() + WAIT;
+    while reader.head("r").await.map_or(0, |(h, _)| h) < head_before + 20 {
+        assert!(std::time::Instant::now() < deadline, "appends did not resume after the restart");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.notify_one();
+    let acked = publishing.await.unwrap();
+    let stored = reader.range("r", 1, u64::MAX).await.unwrap();
+    let by_seq: HashMap<u64, String> =
+        stored.iter().map(|e| (e.seq, Message::decode(&e.message[..]).unwrap().text)).collect();
+    for (seq, text) in &acked {
+        assert_eq!(by_seq.get(seq), Some(text), "acknowledged entry {seq} survived the kill");
+    }
+    let seqs: Vec<u64> = stored.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no seq skipped or reused");
+    assert!(acked.iter().any(|(s, _)| *s > head_before), "acknowledged appends after the restart");
+    let head = seqs.len() as u64;
+    collect(&mut rx, &["r"], head).await;
+    assert!(feed.state.is_up());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_redis_never_reuses_a_seq_and_the_feed_says_the_epoch_changed() {
+    if !RedisServer::available("the cluster log test") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let log = open(&redis).await;
+    let (tx, mut rx) = mpsc::channel(64);
+    let feed = Feed::start(log.clone(), tx);
+    feed.subscribe("r".into(), 0);
+    for i in 0..5 {
+        append(&log, "r", &format!("m{i}"), "").await.unwrap();
+    }
+    let before = collect(&mut rx, &["r"], 5).await;
+    assert_eq!(before["r"].len(), 5);
+    let epoch = log.head("r").await.unwrap().1.unwrap();
+    assert_eq!(redis.cli(&["FLUSHALL"]).as_deref(), Some("OK"));
+    // A node that has seen seq 5 appends: seqs go on after it.
+    let message = body("r", "ann", "after");
+    let e = NewEntry { room: "r", message: &message, owner: "ann", client_msg_id: "", member: "", seen: 5 };
+    let a = log.append(&e, &fresh_epoch()).await.unwrap();
+    assert_eq!(a.seq, 6, "seqs 1..=5 are never handed out again");
+    assert_ne!(a.epoch, epoch, "a new epoch");
+    let d = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert!(d.epoch_changed, "the feed reports the change");
+    assert_eq!(d.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6]);
+    assert_eq!(feed.state.epoch_changes.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

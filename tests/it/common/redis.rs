@@ -1,0 +1,124 @@
+//! A real `redis-server` on loopback for the cluster tests: started on a
+//! free port in a temporary directory, durable as chatd requires
+//! (`appendonly yes`, `appendfsync always`) unless a test asks otherwise,
+//! and killable and restartable on the same port and data.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::WAIT;
+
+/// A `redis-server` child process.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// The binary, or `None` after a loud skip message; under `CI=true` a
+    /// missing Redis fails the test instead.
+    pub fn available(test: &str) -> bool {
+        let found = Command::new("redis-server").arg("--version").output().is_ok_and(|o| o.status.success());
+        if !found {
+            let msg = format!(
+                "SKIPPED: {test} needs redis-server (apt-get install redis-server); cluster mode was NOT tested"
+            );
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg} — under CI=true this is a failure");
+            eprintln!("\n!!!!!!!!!! {msg} !!!!!!!!!!\n");
+        }
+        found
+    }
+
+    /// A durable Redis (`appendonly yes`, `appendfsync always`).
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// A Redis with `extra` arguments after the durable defaults.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut r = RedisServer { child: None, port, dir, extra: extra.iter().map(|s| s.to_string()).collect() };
+        r.spawn();
+        r
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let dir = self.dir.path().to_str().unwrap().to_string();
+        let mut args: Vec<String> = [
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--logfile",
+            "redis.log",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(self.extra.iter().cloned());
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while self.cli(&["PING"]).as_deref() != Some("PONG") {
+            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `redis-cli` against it; its trimmed output, or `None` when it
+    /// failed to connect.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !text.starts_with("Could not connect")).then_some(text)
+    }
+
+    /// SIGKILL: whatever Redis had not written is gone with it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
