@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use chatd::proto::Message;
 use chatd::store::redis::feed::{Delivery, Feed};
-use chatd::store::redis::{AppendError, Durability, NewEntry, OpenError, Options, RedisLog, Target, fresh_epoch};
+use chatd::store::redis::{
+    AppendError, Durability, NewEntry, OpenError, Options, RedisLog, Target, fresh_epoch, room_key,
+};
 use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::common::WAIT;
-use crate::common::redis::RedisServer;
+use crate::common::redis::{RedisCluster, RedisServer};
 
 async fn open(redis: &RedisServer) -> Arc<RedisLog> {
     Arc::new(RedisLog::open(&Target::Single(redis.url()), Options::default()).await.expect("the log opens"))
@@ -348,4 +350,84 @@ async fn an_emptied_redis_never_reuses_a_seq_and_the_feed_says_the_epoch_changed
     assert!(d.epoch_changed, "the feed reports the change");
     assert_eq!(d.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6]);
     assert_eq!(feed.state.epoch_changes.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_each_room_lives_on_one_shard_and_feeds_use_sharded_pub_sub() {
+    if !RedisServer::available("the Redis Cluster test") {
+        return;
+    }
+    let cluster = RedisCluster::start();
+    let target = Target::parse(&cluster.url()).unwrap();
+    assert!(target.is_cluster());
+    // One room on each master.
+    let mut rooms: Vec<&'static str> = Vec::new();
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p"];
+    for master in 0..3 {
+        let name = names
+            .iter()
+            .find(|r| cluster.owner_of(&room_key(r, "log")) == master)
+            .unwrap_or_else(|| panic!("no room on master {master}"));
+        for part in ["meta", "members", "idem:ann:k", "ch"] {
+            assert_eq!(cluster.owner_of(&room_key(name, part)), master, "{part} of {name} shares its slot");
+        }
+        rooms.push(name);
+    }
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Arc::new(RedisLog::open(&target, Options::default()).await.expect("the log opens")));
+    }
+    let mut feeds = Vec::new();
+    for node in &nodes {
+        let (tx, rx) = mpsc::channel(64);
+        let feed = Feed::start(node.clone(), tx);
+        for r in &rooms {
+            feed.subscribe((*r).into(), 0);
+        }
+        feeds.push((feed, drain(rx)));
+    }
+    const PER_NODE: u64 = 90;
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let (node, rooms) = (node.clone(), rooms.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_NODE {
+                let text = format!("n{n}-{i}");
+                append(&node, rooms[(i % 3) as usize], &text, &text).await.expect("appended");
+            }
+        }));
+    }
+    // Cut every feed's shard connections mid-run: the cluster client
+    // reconnects and resubscribes, and the feeds fill what they missed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut cut = 0;
+    for master in &cluster.nodes {
+        let list = master.cli(&["CLIENT", "LIST"]).unwrap_or_default();
+        for id in list
+            .lines()
+            .filter(|l| !l.contains(" ssub=0 "))
+            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        {
+            cut += usize::from(master.cli(&["CLIENT", "KILL", "ID", id]).as_deref() == Some("1"));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(cut >= 3, "{cut} shard subscriptions cut");
+    let retry = append(&nodes[2], rooms[0], "n0-0", "n0-0").await.unwrap();
+    assert!(retry.duplicate, "a retry on another node, through the cluster, is a duplicate");
+    let mut first: Option<Seen> = None;
+    for (_, rx) in &mut feeds {
+        let got = collect(rx, &rooms, PER_NODE).await;
+        match &first {
+            None => first = Some(got),
+            Some(f) => assert_eq!(f, &got, "every node saw the same entries in the same order"),
+        }
+    }
+    // Sharded channels: each master served its own room's subscriptions.
+    for (master, room) in rooms.iter().enumerate() {
+        let channels = cluster.nodes[master].cli(&["PUBSUB", "SHARDCHANNELS"]).unwrap_or_default();
+        assert!(channels.contains(&room_key(room, "ch")), "master {master} has {room}'s shard channel: {channels}");
+    }
 }

@@ -118,6 +118,73 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of three masters (no replicas), each a durable
+/// `redis-server` with cluster mode on, joined by `redis-cli --cluster
+/// create`.
+pub struct RedisCluster {
+    /// The masters.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three masters and waits until the cluster is ok on each.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "redis-cli --cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = Instant::now() + WAIT;
+        for n in &nodes {
+            while !n.cli(&["CLUSTER", "INFO"]).is_some_and(|i| i.contains("cluster_state:ok")) {
+                assert!(Instant::now() < deadline, "the Redis Cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// `redis+cluster://H1:P1,H2:P2,H3:P3`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// The master that serves `key`'s slot.
+    pub fn owner_of(&self, key: &str) -> usize {
+        let slot: u16 = self.nodes[0].cli(&["CLUSTER", "KEYSLOT", key]).unwrap().parse().unwrap();
+        // Each master's own line of CLUSTER NODES ends with its slot ranges.
+        for (i, n) in self.nodes.iter().enumerate() {
+            let nodes = n.cli(&["CLUSTER", "NODES"]).unwrap();
+            let mine = nodes.lines().find(|l| l.contains("myself")).unwrap();
+            for range in mine.split(' ').skip(8) {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(start), Ok(end)) = (start.parse::<u16>(), end.parse::<u16>())
+                    && (start..=end).contains(&slot)
+                {
+                    return i;
+                }
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+}
+
 /// A port nothing listens on now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
