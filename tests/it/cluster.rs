@@ -425,9 +425,82 @@ async fn on_a_redis_cluster_each_room_lives_on_one_shard_and_feeds_use_sharded_p
             Some(f) => assert_eq!(f, &got, "every node saw the same entries in the same order"),
         }
     }
+    state_round_trip(&nodes[0], &nodes[1]).await;
     // Sharded channels: each master served its own room's subscriptions.
     for (master, room) in rooms.iter().enumerate() {
         let channels = cluster.nodes[master].cli(&["PUBSUB", "SHARDCHANNELS"]).unwrap_or_default();
         assert!(channels.contains(&room_key(room, "ch")), "master {master} has {room}'s shard channel: {channels}");
     }
+}
+
+/// Writes rooms' state on one node and reads it back on another: details,
+/// members with roles and a departure, a ban placed and one lifted, an
+/// invitation made and one withdrawn, a read marker, a revocation; the
+/// append script sees the roles written.
+async fn state_round_trip(a: &RedisLog, b: &RedisLog) {
+    use chatd::store::redis::state::StateWrite;
+    use chatd::store::{BanRecord, InviteRecord, MemberRecord, ReadPos, RoomDetails};
+    let details =
+        RoomDetails { kind: 2, title: "Ops".into(), created_by: "ann".into(), created_ms: 5, ..Default::default() };
+    let owner = MemberRecord { role: 3, since: 5, ..Default::default() };
+    let member = MemberRecord { role: 1, since: 6, ..Default::default() };
+    let removed = MemberRecord { role: 0, reason: 4, by: "ann".into(), ..Default::default() };
+    let ban = BanRecord { by: "ann".into(), reason: "spam".into(), ts_ms: 7 };
+    let invite = InviteRecord { by: "ann".into(), ts_ms: 8 };
+    let pos = ReadPos { seq: 3, messages: 3, sent: 1, mentioned: 0 };
+    let other = RoomDetails { kind: 1, ..Default::default() };
+    a.write_state(&[
+        StateWrite::Details { room: "ops", details: &details },
+        StateWrite::Details { room: "lobby", details: &other },
+        StateWrite::Member { room: "ops", user: "ann", record: &owner },
+        StateWrite::Member { room: "ops", user: "bob", record: &member },
+        StateWrite::Member { room: "ops", user: "cat", record: &member },
+        StateWrite::Ban { room: "ops", user: "eve", ban: Some(&ban) },
+        StateWrite::Ban { room: "ops", user: "mal", ban: Some(&ban) },
+        StateWrite::Invite { room: "ops", user: "dan", invite: Some(&invite) },
+        StateWrite::Invite { room: "lobby", user: "dan", invite: Some(&invite) },
+        StateWrite::ReadMarker { room: "ops", user: "bob", pos },
+        StateWrite::Revocation { user: "eve", secs: 100 },
+    ])
+    .await
+    .unwrap();
+    a.write_state(&[
+        StateWrite::Member { room: "ops", user: "cat", record: &removed },
+        StateWrite::Ban { room: "ops", user: "mal", ban: None },
+        StateWrite::Invite { room: "lobby", user: "dan", invite: None },
+    ])
+    .await
+    .unwrap();
+    let message = body("ops", "bob", "hi");
+    let as_user =
+        |user| NewEntry { room: "ops", message: &message, owner: user, client_msg_id: "", member: user, seen: 0 };
+    assert_eq!(b.append(&as_user("bob"), &fresh_epoch()).await.unwrap().seq, 1, "a member appends");
+    assert!(
+        matches!(b.append(&as_user("cat"), &fresh_epoch()).await, Err(AppendError::Forbidden(_))),
+        "a removed one may not"
+    );
+
+    let state = b.load_state().await.unwrap();
+    let mut names: Vec<&String> = state.rooms.keys().collect();
+    names.sort();
+    assert_eq!(names, ["lobby", "ops"]);
+    let ops = &state.rooms["ops"];
+    assert_eq!((&ops.details, ops.head), (&details, 1));
+    assert_eq!(ops.records, vec![("ann".into(), owner), ("bob".into(), member), ("cat".into(), removed)]);
+    assert_eq!(ops.bans, vec![("eve".into(), ban)]);
+    assert_eq!(ops.invites, vec![("dan".into(), invite)]);
+    assert_eq!(ops.reads, vec![("bob".into(), pos)]);
+    assert!(state.rooms["lobby"].invites.is_empty());
+    assert_eq!(state.revocations, vec![("eve".into(), 100)]);
+    assert_eq!(b.invitations_of("dan").await.unwrap(), ["ops"]);
+    assert_eq!(b.room_state("nowhere").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_state_written_on_one_node_is_read_back_on_another() {
+    if !RedisServer::available("the cluster state test") {
+        return;
+    }
+    let redis = RedisServer::start();
+    state_round_trip(&*open(&redis).await, &*open(&redis).await).await;
 }

@@ -17,6 +17,7 @@
 //! channel is a shard channel (`SPUBLISH`/`SSUBSCRIBE`).
 
 pub mod feed;
+pub mod state;
 
 use std::time::Duration;
 

@@ -1,0 +1,275 @@
+//! What cluster mode keeps in Redis beside the logs: rooms' details,
+//! memberships with their roles (and how ended ones ended), bans,
+//! invitations, read markers and revocations (ARCHITECTURE.md, "Cluster
+//! mode"), written as they change and read back whole when a node starts.
+//!
+//! A room's state sits under its hash tag with its log: `:details` (the
+//! encoded `RoomDetails`), `:members` (user → role, which the append script
+//! checks), `:records` (user → the encoded `MemberRecord`, departures
+//! included), `:bans`, `:invites` and `:reads` (user → `ReadPos`). Three
+//! keys span rooms and so live in slots of their own: `chatd:rooms` (every
+//! room's name), `chatd:user:{user}:invites` (the rooms inviting a user)
+//! and `chatd:revoked` (user → Unix seconds). Every write sets or removes a
+//! value, so writing a batch again after a failure converges on the same
+//! state; on one Redis a batch is also one `MULTI`.
+
+use std::collections::HashMap;
+
+use prost::Message as _;
+use redis::RedisError;
+
+use super::{RedisLog, room_key};
+use crate::store::{BanRecord, InviteRecord, MemberRecord, ReadPos, RoomDetails};
+
+/// The set of every room's name.
+const ROOMS: &str = "chatd:rooms";
+
+/// User → Unix seconds of their sign-out everywhere.
+const REVOKED: &str = "chatd:revoked";
+
+/// The rooms with a pending invitation for `user`.
+fn invites_of(user: &str) -> String {
+    format!("chatd:user:{{{user}}}:invites")
+}
+
+/// One change to the shared state.
+#[derive(Clone, Debug)]
+pub enum StateWrite<'a> {
+    /// A room's details (and its name in the registry).
+    Details {
+        /// Room name.
+        room: &'a str,
+        /// Its details.
+        details: &'a RoomDetails,
+    },
+    /// A membership began, changed role or ended (`role = 0`).
+    Member {
+        /// Room name.
+        room: &'a str,
+        /// User id.
+        user: &'a str,
+        /// The new record.
+        record: &'a MemberRecord,
+    },
+    /// A ban placed or lifted.
+    Ban {
+        /// Room name.
+        room: &'a str,
+        /// User id.
+        user: &'a str,
+        /// The ban; `None` lifts it.
+        ban: Option<&'a BanRecord>,
+    },
+    /// An invitation made, or used, declined or withdrawn.
+    Invite {
+        /// Room name.
+        room: &'a str,
+        /// The invitee.
+        user: &'a str,
+        /// The invitation; `None` ends it.
+        invite: Option<&'a InviteRecord>,
+    },
+    /// A read marker moved.
+    ReadMarker {
+        /// Room name.
+        room: &'a str,
+        /// User id.
+        user: &'a str,
+        /// Its new position.
+        pos: ReadPos,
+    },
+    /// A user signed out everywhere at this Unix second.
+    Revocation {
+        /// User id.
+        user: &'a str,
+        /// When.
+        secs: u64,
+    },
+}
+
+/// One room's state as read back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoomState {
+    /// Its details.
+    pub details: RoomDetails,
+    /// Its head (0 for no entries).
+    pub head: u64,
+    /// Every user's record: members (`role > 0`) and departures.
+    pub records: Vec<(String, MemberRecord)>,
+    /// Bans in force.
+    pub bans: Vec<(String, BanRecord)>,
+    /// Pending invitations.
+    pub invites: Vec<(String, InviteRecord)>,
+    /// Read markers.
+    pub reads: Vec<(String, ReadPos)>,
+}
+
+/// Everything read back when a node starts.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SharedState {
+    /// Rooms by name.
+    pub rooms: HashMap<String, RoomState>,
+    /// (user, Unix seconds) revocations.
+    pub revocations: Vec<(String, u64)>,
+}
+
+/// The pipeline of `slot` in `pipes`, started (atomic on one Redis) if new.
+fn pipeline_for(pipes: &mut Vec<(String, redis::Pipeline)>, slot: String, atomic: bool) -> &mut redis::Pipeline {
+    let i = match pipes.iter().position(|(s, _)| *s == slot) {
+        Some(i) => i,
+        None => {
+            let mut pipe = redis::pipe();
+            if atomic {
+                pipe.atomic();
+            }
+            pipes.push((slot, pipe));
+            pipes.len() - 1
+        }
+    };
+    &mut pipes[i].1
+}
+
+fn malformed(what: String) -> RedisError {
+    RedisError::from((redis::ErrorKind::Parse, "malformed chatd state", what))
+}
+
+/// `field → encoded record` of a hash, decoded and sorted by field.
+fn decode_all<T: prost::Message + Default>(
+    key: &str,
+    raw: HashMap<String, Vec<u8>>,
+) -> Result<Vec<(String, T)>, RedisError> {
+    let mut out = raw
+        .into_iter()
+        .map(|(user, v)| {
+            T::decode(&v[..]).map(|r| (user.clone(), r)).map_err(|e| malformed(format!("{key} {user}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+impl RedisLog {
+    /// Writes `writes` (in order). Fails as a whole only on one Redis; on
+    /// a Redis Cluster a failure may leave a prefix, which the same batch
+    /// written again completes.
+    pub async fn write_state(&self, writes: &[StateWrite<'_>]) -> Result<(), RedisError> {
+        // One pipeline per slot: a Redis Cluster refuses a pipeline whose
+        // keys cross slots. On one Redis, one pipeline in one MULTI.
+        let mut pipes: Vec<(String, redis::Pipeline)> = Vec::new();
+        let single = !self.target.is_cluster();
+        macro_rules! on {
+            ($slot:expr) => {
+                pipeline_for(&mut pipes, if single { String::new() } else { $slot }, single)
+            };
+        }
+        for w in writes {
+            match w {
+                StateWrite::Details { room, details } => {
+                    on!(room_key(room, "")).set(room_key(room, "details"), details.encode_to_vec()).ignore();
+                    on!(ROOMS.into()).sadd(ROOMS, *room).ignore();
+                }
+                StateWrite::Member { room, user, record } => {
+                    let pipe = on!(room_key(room, ""));
+                    pipe.hset(room_key(room, "records"), *user, record.encode_to_vec()).ignore();
+                    if record.role > 0 {
+                        pipe.hset(room_key(room, "members"), *user, record.role).ignore();
+                    } else {
+                        pipe.hdel(room_key(room, "members"), *user).ignore();
+                    }
+                }
+                StateWrite::Ban { room, user, ban: Some(b) } => {
+                    on!(room_key(room, "")).hset(room_key(room, "bans"), *user, b.encode_to_vec()).ignore();
+                }
+                StateWrite::Ban { room, user, ban: None } => {
+                    on!(room_key(room, "")).hdel(room_key(room, "bans"), *user).ignore();
+                }
+                StateWrite::Invite { room, user, invite: Some(i) } => {
+                    on!(room_key(room, "")).hset(room_key(room, "invites"), *user, i.encode_to_vec()).ignore();
+                    on!(invites_of(user)).sadd(invites_of(user), *room).ignore();
+                }
+                StateWrite::Invite { room, user, invite: None } => {
+                    on!(room_key(room, "")).hdel(room_key(room, "invites"), *user).ignore();
+                    on!(invites_of(user)).srem(invites_of(user), *room).ignore();
+                }
+                StateWrite::ReadMarker { room, user, pos } => {
+                    on!(room_key(room, "")).hset(room_key(room, "reads"), *user, pos.encode().to_vec()).ignore();
+                }
+                StateWrite::Revocation { user, secs } => {
+                    on!(REVOKED.into()).hset(REVOKED, *user, *secs).ignore();
+                }
+            }
+        }
+        let mut conn = self.connection();
+        for (_, pipe) in pipes {
+            pipe.exec_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    /// The rooms with a pending invitation for `user`.
+    pub async fn invitations_of(&self, user: &str) -> Result<Vec<String>, RedisError> {
+        let mut rooms: Vec<String> =
+            redis::cmd("SMEMBERS").arg(invites_of(user)).query_async(&mut self.connection()).await?;
+        rooms.sort();
+        Ok(rooms)
+    }
+
+    /// Reads one room's state; `None` for a room never created.
+    pub async fn room_state(&self, room: &str) -> Result<Option<RoomState>, RedisError> {
+        let mut conn = self.connection();
+        type Records = HashMap<String, Vec<u8>>;
+        let (details, head, records, bans, invites, reads): (
+            Option<Vec<u8>>,
+            Option<u64>,
+            Records,
+            Records,
+            Records,
+            Records,
+        ) = redis::pipe()
+            .get(room_key(room, "details"))
+            .hget(room_key(room, "meta"), "head")
+            .hgetall(room_key(room, "records"))
+            .hgetall(room_key(room, "bans"))
+            .hgetall(room_key(room, "invites"))
+            .hgetall(room_key(room, "reads"))
+            .query_async(&mut conn)
+            .await?;
+        let Some(details) = details else { return Ok(None) };
+        let key = |part| room_key(room, part);
+        let mut reads = reads
+            .into_iter()
+            .map(|(user, v)| {
+                ReadPos::decode(&v)
+                    .map(|p| (user.clone(), p))
+                    .ok_or_else(|| malformed(format!("{} {user}", key("reads"))))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        reads.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Some(RoomState {
+            details: RoomDetails::decode(&details[..]).map_err(|e| malformed(format!("{}: {e}", key("details"))))?,
+            head: head.unwrap_or(0),
+            records: decode_all(&key("records"), records)?,
+            bans: decode_all(&key("bans"), bans)?,
+            invites: decode_all(&key("invites"), invites)?,
+            reads,
+        }))
+    }
+
+    /// Reads every room's state and the revocations.
+    pub async fn load_state(&self) -> Result<SharedState, RedisError> {
+        let mut conn = self.connection();
+        let names: Vec<String> = redis::cmd("SMEMBERS").arg(ROOMS).query_async(&mut conn).await?;
+        let mut rooms = HashMap::with_capacity(names.len());
+        for name in names {
+            // A name whose details are missing was registered by a write
+            // that failed half-way: the room was never created.
+            if let Some(state) = self.room_state(&name).await? {
+                rooms.insert(name, state);
+            }
+        }
+        let revoked: HashMap<String, u64> = redis::cmd("HGETALL").arg(REVOKED).query_async(&mut conn).await?;
+        let mut revocations: Vec<(String, u64)> = revoked.into_iter().collect();
+        revocations.sort();
+        Ok(SharedState { rooms, revocations })
+    }
+}
