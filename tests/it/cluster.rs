@@ -85,10 +85,7 @@ async fn collect(rx: &mut mpsc::Receiver<Delivery>, rooms: &[&str], want: u64) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_appending_to_the_same_rooms_get_one_order_seen_alike_by_every_feed() {
-    if !RedisServer::available("the cluster log test") {
-        return;
-    }
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::for_test("the cluster log test", &[]) else { return };
     let nodes = [open(&redis).await, open(&redis).await, open(&redis).await];
     let rooms = ["r1", "r2"];
     let mut feeds = Vec::new();
@@ -154,10 +151,7 @@ async fn three_nodes_appending_to_the_same_rooms_get_one_order_seen_alike_by_eve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_key_is_answered_with_the_original_on_any_node_and_members_are_checked() {
-    if !RedisServer::available("the cluster log test") {
-        return;
-    }
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::for_test("the cluster log test", &[]) else { return };
     let (a, b) = (open(&redis).await, open(&redis).await);
     let first = append(&a, "r", "hello", "k1").await.unwrap();
     let retry = append(&b, "r", "hello again", "k1").await.unwrap();
@@ -183,10 +177,7 @@ async fn a_retried_key_is_answered_with_the_original_on_any_node_and_members_are
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_would_lose_acknowledged_writes_is_refused_unless_relaxed() {
-    if !RedisServer::available("the cluster log test") {
-        return;
-    }
-    let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let Some(redis) = RedisServer::for_test("the cluster log test", &["--appendfsync", "everysec"]) else { return };
     let target = Target::Single(redis.url());
     match RedisLog::open(&target, Options::default()).await {
         Err(e @ OpenError::NotDurable { .. }) => {
@@ -247,10 +238,7 @@ fn publisher(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_whose_subscription_is_killed_under_load_fills_the_gap_from_the_stream() {
-    if !RedisServer::available("the cluster log test") {
-        return;
-    }
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::for_test("the cluster log test", &[]) else { return };
     let (writer, reader) = (open(&redis).await, open(&redis).await);
     let (tx, rx) = mpsc::channel(64);
     let feed = Feed::start(reader, tx);
@@ -284,10 +272,7 @@ async fn a_feed_whose_subscription_is_killed_under_load_fills_the_gap_from_the_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_redis_keeps_every_acknowledged_entry_and_the_feed_comes_back_by_itself() {
-    if !RedisServer::available("the cluster log test") {
-        return;
-    }
-    let mut redis = RedisServer::start();
+    let Some(mut redis) = RedisServer::for_test("the cluster log test", &[]) else { return };
     let (writer, reader) = (open(&redis).await, open(&redis).await);
     let (tx, rx) = mpsc::channel(64);
     let feed = Feed::start(reader.clone(), tx);
@@ -325,10 +310,7 @@ async fn a_killed_redis_keeps_every_acknowledged_entry_and_the_feed_comes_back_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_redis_never_reuses_a_seq_and_the_feed_says_the_epoch_changed() {
-    if !RedisServer::available("the cluster log test") {
-        return;
-    }
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::for_test("the cluster log test", &[]) else { return };
     let log = open(&redis).await;
     let (tx, mut rx) = mpsc::channel(64);
     let feed = Feed::start(log.clone(), tx);
@@ -498,9 +480,6 @@ async fn state_round_trip(a: &RedisLog, b: &RedisLog) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_state_written_on_one_node_is_read_back_on_another() {
-    if !RedisServer::available("the cluster state test") {
-        return;
-    }
-    let redis = RedisServer::start();
+    let Some(redis) = RedisServer::for_test("the cluster state test", &[]) else { return };
     state_round_trip(&*open(&redis).await, &*open(&redis).await).await;
 }

@@ -32,12 +32,14 @@ impl RedisServer {
         found
     }
 
-    /// A durable Redis (`appendonly yes`, `appendfsync always`).
-    pub fn start() -> RedisServer {
-        Self::start_with(&[])
+    /// [`RedisServer::start_with`] for `test`, or `None` after the skip
+    /// message of [`RedisServer::available`].
+    pub fn for_test(test: &str, extra: &[&str]) -> Option<RedisServer> {
+        Self::available(test).then(|| Self::start_with(extra))
     }
 
-    /// A Redis with `extra` arguments after the durable defaults.
+    /// A durable Redis (`appendonly yes`, `appendfsync always`), with
+    /// `extra` arguments after those defaults.
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
