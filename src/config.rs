@@ -31,6 +31,25 @@ pub enum DurabilityMode {
     None,
 }
 
+/// How much chatd asks of the cluster's Redis (`cluster_durability`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterDurability {
+    /// `appendonly yes` and `appendfsync always`, or chatd refuses to start.
+    Strict,
+    /// Whatever Redis does; a warning at start and in `/metrics`.
+    Relaxed,
+}
+
+impl std::fmt::Display for ClusterDurability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClusterDurability::Strict => "strict",
+            ClusterDurability::Relaxed => "relaxed",
+        })
+    }
+}
+
 /// How logs are written (`log_format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,7 +80,7 @@ trait FieldType {
 macro_rules! field_types {
     ($kind:ident: $($t:ty),*) => { $(impl FieldType for $t { const KIND: Kind = Kind::$kind; })* };
 }
-field_types!(Text: PathBuf, SocketAddr, String, DurabilityMode, LogFormat);
+field_types!(Text: PathBuf, SocketAddr, String, DurabilityMode, ClusterDurability, LogFormat);
 field_types!(Int: u32, u64, usize);
 field_types!(Bool: bool);
 
@@ -220,6 +239,12 @@ config! {
     api_key_name: String = "backend".into();
     /// Server API calls per second for the key (bucket of as many), then 429 with Retry-After.
     api_rate_per_sec: u32 = 10_000, check check::at_least(1);
+    /// Cluster mode: share rooms with other nodes through this Redis: redis://HOST:PORT, or a comma-separated list or redis+cluster://H:P,H:P for a Redis Cluster; unset: one node on its own store.
+    cluster_redis: Option<String> = None, example "\"redis://10.0.0.5:6379\"", check check::cluster_target();
+    /// Cluster mode: strict (refuse to start unless Redis has appendonly yes and appendfsync always) or relaxed (warn).
+    cluster_durability: ClusterDurability = ClusterDurability::Strict;
+    /// Cluster mode: Redis replicas that must have each append (WAIT) before it is acknowledged.
+    cluster_replicas: u32 = 0;
     /// Logs as text (human-readable) or json.
     log_format: LogFormat = LogFormat::Text;
     /// Log filter in tracing syntax, e.g. info or chatd=debug; RUST_LOG takes precedence.
@@ -271,6 +296,13 @@ mod check {
 
     pub fn age() -> impl Fn(&String) -> Result<(), String> {
         |v| super::parse_age(v).map(|_| ())
+    }
+
+    pub fn cluster_target() -> impl Fn(&Option<String>) -> Result<(), String> {
+        |v| match v {
+            Some(s) => crate::store::redis::Target::parse(s).map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     pub fn min_len(n: usize) -> impl Fn(&Option<String>) -> Result<(), String> {
@@ -348,6 +380,23 @@ impl Config {
             max_age_ms: parse_age(&self.retention_max_age).unwrap_or(0),
             max_messages: self.retention_max_messages,
         }
+    }
+
+    /// The cluster's Redis and how to use it, in cluster mode.
+    pub fn cluster(&self) -> Option<(crate::store::redis::Target, crate::store::redis::Options)> {
+        use crate::store::redis::{Durability, Options, Target};
+        let target = Target::parse(self.cluster_redis.as_deref()?).ok()?;
+        let durability = match self.cluster_durability {
+            ClusterDurability::Strict => Durability::Strict,
+            ClusterDurability::Relaxed => Durability::Relaxed,
+        };
+        let options = Options {
+            durability,
+            replicas: self.cluster_replicas,
+            idempotency_window: Duration::from_secs(self.idempotency_hours * 3600),
+            ..Options::default()
+        };
+        Some((target, options))
     }
 
     /// The group commit's durability.
@@ -545,6 +594,7 @@ mod fields {
             admin_token: Some("a".into()),
             api_key: Some("k".into()),
             api_key_file: Some("f".into()),
+            cluster_redis: Some("redis://h:1".into()),
             ..Config::default()
         };
         let table = toml::Table::try_from(full).unwrap();

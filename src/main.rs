@@ -41,6 +41,10 @@ fn cli() -> Command {
             Kind::Bool => arg.action(ArgAction::SetTrue),
             Kind::Int | Kind::Text => arg.value_name("VALUE"),
         };
+        if f.name == "cluster_redis" {
+            // As the cluster's documentation writes it.
+            arg = arg.visible_alias("cluster");
+        }
         if matches!(f.name, "token_secret" | "admin_token") {
             arg = arg.hide_env_values(true);
         }

@@ -87,6 +87,25 @@ pub const RETENTION_REMOVED: &str = "chatd_retention_removed_total";
 pub const MODERATION: &str = "chatd_moderation_total";
 /// Backups streamed over the backup socket, by `outcome` (ok, failed).
 pub const BACKUPS: &str = "chatd_backups_total";
+/// Cluster mode: 1 while the node's feed is connected to Redis, 0 while not
+/// (publishes then get `SERVER_BUSY` and `/readyz` is 503).
+pub const CLUSTER_UP: &str = "chatd_cluster_up";
+/// Cluster mode: always 1, with `mode` strict (Redis must fsync every
+/// write) or relaxed (`--cluster-durability relaxed`).
+pub const CLUSTER_DURABILITY: &str = "chatd_cluster_durability_info";
+/// Cluster mode: times the feed's connection to Redis was (re)made.
+pub const CLUSTER_FEED_CONNECTIONS: &str = "chatd_cluster_feed_connections_total";
+/// Cluster mode: entries read from a room's stream because its channel did
+/// not bring them (a lost connection, a seq jump).
+pub const CLUSTER_FILLED: &str = "chatd_cluster_filled_entries_total";
+/// Appends to the cluster's Redis that failed (answered `SERVER_BUSY`).
+pub const CLUSTER_APPEND_FAILURES: &str = "chatd_cluster_append_failures_total";
+/// Rooms whose epoch changed: Redis came back without some of their
+/// entries (resumes from before them end with `Synced{complete: false}`).
+pub const CLUSTER_EPOCH_CHANGES: &str = "chatd_cluster_epoch_changes_total";
+
+/// The names exported only in cluster mode.
+pub const CLUSTER_ONLY: &[&str] = &[CLUSTER_UP, CLUSTER_DURABILITY, CLUSTER_FEED_CONNECTIONS, CLUSTER_FILLED];
 
 /// Every name above, for the README and tests.
 pub const ALL: &[&str] = &[
@@ -125,6 +144,12 @@ pub const ALL: &[&str] = &[
     API_CALLS,
     RETENTION_REMOVED,
     BACKUPS,
+    CLUSTER_UP,
+    CLUSTER_DURABILITY,
+    CLUSTER_FEED_CONNECTIONS,
+    CLUSTER_FILLED,
+    CLUSTER_APPEND_FAILURES,
+    CLUSTER_EPOCH_CHANGES,
 ];
 
 /// Latency buckets (seconds): 50 µs to 5 s.
@@ -213,6 +238,10 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Requests received.
     pub requests: Counter,
+    /// Appends to the cluster's Redis that failed.
+    pub cluster_append_failures: Counter,
+    /// Epoch changes of rooms seen by the cluster feed.
+    pub cluster_epoch_changes: Counter,
     tcp: TransportMetrics,
     tls: TransportMetrics,
     ws: TransportMetrics,
@@ -260,6 +289,8 @@ impl Metrics {
             history_read: histogram!(HISTORY_READ_SECONDS),
             retention_removed: counter!(RETENTION_REMOVED),
             sessions: gauge!(SESSIONS),
+            cluster_append_failures: counter!(CLUSTER_APPEND_FAILURES),
+            cluster_epoch_changes: counter!(CLUSTER_EPOCH_CHANGES),
             tcp: TransportMetrics::new("tcp"),
             tls: TransportMetrics::new("tls"),
             ws: TransportMetrics::new("ws"),

@@ -19,7 +19,7 @@ use crate::hub::Hub;
 use crate::net::tls::{Certificates, TlsSettings};
 use crate::pipeline::{self, Completion};
 use crate::session::driver::Shutdown;
-use crate::store::commit::{self, Pending, Write};
+use crate::store::commit::{self, Durability, Pending, Write};
 use crate::store::sled::SledStore;
 use crate::store::{Store, StoreError};
 
@@ -72,6 +72,9 @@ impl Server {
             None => crate::auth::load_or_create_secret(&config.data)
                 .map_err(|e| StartError::Io(format!("token secret in {}: {e}", config.data.display())))?,
         };
+        if let Some((target, options)) = config.cluster() {
+            return Self::start_cluster(config, target, options, Auth::new(secret.as_bytes())).await;
+        }
         let dir = config.data.join("store");
         let cache = config.cache_mb << 20;
         let store = Arc::new(
@@ -93,10 +96,46 @@ impl Server {
         Ok(server)
     }
 
+    /// Starts a cluster node over the Redis at `target`: its rooms follow
+    /// the shared log there, and its own store is the in-memory replica of
+    /// the rooms it serves (ARCHITECTURE.md, "Cluster mode").
+    async fn start_cluster(
+        config: &Config,
+        target: crate::store::redis::Target,
+        options: crate::store::redis::Options,
+        auth: Auth,
+    ) -> Result<Server, StartError> {
+        use crate::store::redis::{Durability, RedisLog, feed::Feed};
+        let durability = options.durability;
+        let log = RedisLog::open(&target, options)
+            .await
+            .map_err(|e| StartError::Config(ConfigError(format!("cluster_redis: {e}"))))?;
+        if durability == Durability::Relaxed {
+            tracing::warn!(redis = ?target.urls(), "--cluster-durability relaxed: Redis is not required to fsync each append; an acknowledged message may be lost with it");
+        }
+        let log = Arc::new(log);
+        let (deliveries, applied) = mpsc::channel(1024);
+        let feed = Feed::start(log.clone(), deliveries);
+        let cluster = Arc::new(crate::hub::cluster::Cluster::new(log, feed));
+        let store = Arc::new(crate::store::memory::MemoryStore::new());
+        Self::start_inner(config, store, auth, Some((cluster, applied))).await
+    }
+
     /// Starts with any store (tests use the in-memory one).
     pub async fn start_with_store(config: &Config, store: Arc<dyn Store>, auth: Auth) -> Result<Server, StartError> {
+        Self::start_inner(config, store, auth, None).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        store: Arc<dyn Store>,
+        auth: Auth,
+        cluster: Option<(Arc<crate::hub::cluster::Cluster>, mpsc::Receiver<crate::store::redis::feed::Delivery>)>,
+    ) -> Result<Server, StartError> {
         config.validate()?;
-        let durability = config.durability();
+        // A cluster node's store is its in-memory replica: durability is
+        // Redis's (checked when it was opened).
+        let durability = if cluster.is_some() { Durability::None } else { config.durability() };
         if config.dev_auth && !config.http.ip().is_loopback() {
             return Err(StartError::Config(ConfigError(format!(
                 "dev_auth: the dev login mints tokens for anyone; it is refused unless the HTTP listener is on a loopback address (http = {})",
@@ -129,8 +168,23 @@ impl Server {
         let (commits, commit_task) =
             commit::start::<Completion>(store.clone(), durability, config.commit_queue, committed_tx);
         let rooms = snapshot.rooms.len();
-        let hub = Arc::new(Hub::new(config.limits(), store, commits, auth, snapshot));
+        let mut hub = Hub::new(config.limits(), store, commits, auth, snapshot);
+        let mut applied = None;
+        if let Some((c, rx)) = cluster {
+            hub = hub.clustered(c);
+            applied = Some(rx);
+        }
+        let hub = Arc::new(hub);
         let fanout_task = tokio::spawn(pipeline::fanout::run(hub.pipeline.clone(), committed_rx));
+        let mut rooms = rooms;
+        if let Some(rx) = applied {
+            rooms = hub
+                .cluster_load()
+                .await
+                .map_err(|e| StartError::Io(format!("cluster_redis: reading the shared state: {e}")))?;
+            // Ends with the local commit queue, at shutdown.
+            tokio::spawn(crate::hub::cluster::apply(hub.clone(), rx));
+        }
 
         let tls = match config.tls_addr() {
             Some(addr) => Some(crate::net::tcp::listen(addr).map_err(|e| StartError::Io(format!("tls {addr}: {e}")))?),
@@ -165,7 +219,10 @@ impl Server {
             dev_auth: config.dev_auth,
             web_dir: config.web_dir.clone(),
             metrics: metrics_handle.clone(),
-            durability: durability.to_string(),
+            durability: match hub.cluster() {
+                Some(c) => format!("redis-{}", c.log.options().durability),
+                None => durability.to_string(),
+            },
             admin_token: config.admin_token.clone(),
             certs: certs.clone(),
             api: api_key(config)?

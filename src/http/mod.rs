@@ -135,6 +135,15 @@ async fn render_metrics(State(app): State<Arc<App>>) -> Response {
     metrics::gauge!(m::COMMIT_QUEUE_DEPTH).set(hub.pipeline.commits.depth() as f64);
     metrics::gauge!(m::STORAGE_HEALTHY).set(if hub.pipeline.commits.has_failed() { 0.0 } else { 1.0 });
     metrics::gauge!(m::DURABILITY, "mode" => app.durability.clone()).set(1.0);
+    if let Some(c) = hub.cluster() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let feed = &c.feed.state;
+        metrics::gauge!(m::CLUSTER_UP).set(if feed.is_up() { 1.0 } else { 0.0 });
+        let mode = c.log.options().durability.to_string();
+        metrics::gauge!(m::CLUSTER_DURABILITY, "mode" => mode).set(1.0);
+        metrics::counter!(m::CLUSTER_FEED_CONNECTIONS).absolute(feed.connections.load(Relaxed));
+        metrics::counter!(m::CLUSTER_FILLED).absolute(feed.filled.load(Relaxed));
+    }
     let store = hub.store.clone();
     let size = tokio::task::spawn_blocking(move || store.size_on_disk()).await.unwrap_or(0);
     metrics::gauge!(m::STORAGE_BYTES).set(size as f64);
@@ -152,6 +161,8 @@ async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, String) {
         (StatusCode::SERVICE_UNAVAILABLE, "not serving (starting or shutting down)\n".into())
     } else if app.hub.pipeline.commits.has_failed() {
         (StatusCode::SERVICE_UNAVAILABLE, "storage failed; see the logs\n".into())
+    } else if app.hub.cluster().is_some_and(|c| !c.feed.state.is_up()) {
+        (StatusCode::SERVICE_UNAVAILABLE, "the cluster's Redis is unreachable; see the logs\n".into())
     } else {
         (StatusCode::OK, format!("ready: {} rooms\n", app.hub.room_count()))
     }

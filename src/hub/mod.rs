@@ -11,6 +11,7 @@
 //! subscriber locks.
 
 pub mod changes;
+pub mod cluster;
 mod history;
 pub mod publish;
 pub mod repair;
@@ -188,6 +189,8 @@ pub struct Hub {
     change_locks: Box<[tokio::sync::Mutex<()>]>,
     /// Users signed out everywhere, and when (Unix seconds).
     revoked: Mutex<HashMap<Arc<str>, u64>>,
+    /// The shared log and state, in cluster mode ([`cluster`]).
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// How long a typing indicator lasts without a refresh.
@@ -287,7 +290,14 @@ impl Hub {
             metrics,
             change_locks: (0..rooms::CHANGE_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
             revoked: Mutex::new(revoked),
+            cluster: None,
         }
+    }
+
+    /// The hub of a cluster node: rooms follow `cluster`'s shared log.
+    pub fn clustered(mut self, cluster: Arc<cluster::Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// A fresh session id.

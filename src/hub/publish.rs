@@ -116,9 +116,15 @@ impl Hub {
         };
         let commits = &self.pipeline.commits;
         // The commit-queue slot is taken before the idempotency key goes
-        // in flight, so nothing below can wait.
-        let slot =
-            commits.reserve().await.ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?;
+        // in flight, so nothing below can wait. A cluster node appends in
+        // Redis instead (`cluster`).
+        let slot = match &self.cluster {
+            Some(c) => Err(c.clone()),
+            None => Ok(commits
+                .reserve()
+                .await
+                .ok_or_else(|| Refusal::new(ErrorCode::ServerBusy, "server is shutting down"))?),
+        };
         if !still_allowed() {
             return Err(Refusal::new(ErrorCode::Forbidden, format!("not a member of room {}", room.name)));
         }
@@ -136,6 +142,13 @@ impl Hub {
                     publisher.ack(ack);
                     return Ok(());
                 }
+            }
+        };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(c) => {
+                let author = Author { sender: sender.clone(), publisher, permit, received };
+                return self.append_in_cluster(&c, room, message, kind, &key_owner, author).await;
             }
         };
         let ts_ms = now_ms();
@@ -159,7 +172,7 @@ impl Hub {
                     seq,
                     ts_ms,
                     message: encoded,
-                    publisher,
+                    publisher: Some(publisher),
                     client_msg_id: client_msg_id.clone(),
                     sender: key_owner.clone(),
                     permit,
@@ -214,6 +227,55 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// [`Hub::append`] on a cluster node: a change is decided against the
+    /// room's replica here, then the entry is appended in Redis, which
+    /// gives it its seq (`cluster`).
+    async fn append_in_cluster(
+        &self,
+        c: &super::cluster::Cluster,
+        room: &Arc<Room>,
+        mut message: proto::Message,
+        kind: Kind,
+        key_owner: &Arc<str>,
+        author: Author,
+    ) -> Result<(), Refusal> {
+        let client_msg_id = message.client_msg_id.clone();
+        if let Kind::Change(change) = kind {
+            let decision = {
+                let mut pending = room.pending();
+                let targets = pending.targets(self.pipeline.commits.epoch());
+                self.decide(room, targets, &author.sender, &change).map(|(d, _)| d)
+            };
+            match decision {
+                Ok(super::changes::Decision::Apply { .. }) => {}
+                Ok(super::changes::Decision::Unchanged) => {
+                    let ack = proto::PublishAck {
+                        room: room.name.to_string(),
+                        seq: change.target,
+                        ts_ms: 0,
+                        client_msg_id: client_msg_id.clone(),
+                        duplicate: true,
+                    };
+                    for w in self.release_key(key_owner, &client_msg_id) {
+                        w.ack(ack.clone());
+                    }
+                    author.publisher.ack(ack);
+                    return Ok(());
+                }
+                Err(refusal) => {
+                    for w in self.release_key(key_owner, &client_msg_id) {
+                        w.fail(refusal.message.clone());
+                    }
+                    return Err(refusal);
+                }
+            }
+        }
+        // The script adds both.
+        message.seq = 0;
+        message.ts_ms = 0;
+        self.append_clustered(c, room, &message, key_owner, author).await
     }
 
     /// Ends the flight of a key whose request stored nothing; returns the

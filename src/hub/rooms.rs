@@ -141,12 +141,22 @@ impl Hub {
     /// Takes the lock that serialises `room`'s changes (held across their
     /// commit): one of [`CHANGE_LOCKS`] shared by rooms, so an idle room
     /// carries no lock of its own; changes are rare and short.
-    async fn lock_changes(&self, room: &Room) -> tokio::sync::MutexGuard<'_, ()> {
+    pub(super) async fn lock_changes(&self, room: &Room) -> tokio::sync::MutexGuard<'_, ()> {
         self.change_locks[(room.id % CHANGE_LOCKS as u64) as usize].lock().await
     }
 
     /// Submits a write other than a message and waits until it is durable.
     pub async fn commit(&self, write: Write) -> Result<(), Refusal> {
+        if let Some(c) = &self.cluster
+            && let Some(shared) = super::cluster::Shared::of(&write)
+        {
+            self.share(c, shared).await?;
+        }
+        self.commit_here(write).await
+    }
+
+    /// [`Hub::commit`] to this node's store only.
+    pub(super) async fn commit_here(&self, write: Write) -> Result<(), Refusal> {
         let commits = &self.pipeline.commits;
         if commits.has_failed() {
             return Err(Refusal::new(ErrorCode::ServerBusy, "storage is unavailable"));
@@ -246,7 +256,7 @@ impl Hub {
 
     /// Tells every session of the room's members about a change, each with
     /// its own user's role in `info.my_role`.
-    fn room_update(&self, room: &Room, by: &str, user: &str, change: MemberChange, role: Role) {
+    pub(super) fn room_update(&self, room: &Room, by: &str, user: &str, change: MemberChange, role: Role) {
         let sessions = room.subscribers();
         if sessions.is_empty() {
             return;
@@ -370,7 +380,7 @@ impl Hub {
     /// Applies a committed membership: the room's members, the user's
     /// rooms, their sessions' subscriptions (with `Joined`), then tells the
     /// room.
-    fn admit(
+    pub(super) fn admit(
         &self,
         room: &Arc<Room>,
         user: &Arc<str>,
@@ -399,6 +409,10 @@ impl Hub {
         origin: Option<Origin<'_>>,
         only_origin: bool,
     ) -> usize {
+        if let Some(c) = &self.cluster {
+            // The room's entries must reach this node from now on.
+            c.attach(room);
+        }
         let mut st = entry.lock();
         st.rooms.insert(room.id, room.clone());
         st.invited.remove(&room.id);
@@ -490,13 +504,28 @@ impl Hub {
             record: MemberRecord { role: 0, since: 0, reason: reason as i32, by: by.to_string(), role_ms: now_ms() },
         });
         self.commit_room(room, writes).await?;
-        {
-            let mut g = room.gov();
-            g.apply_departure(user);
-            if let Some((h, since)) = &heir {
-                g.apply_member(h, Role::Owner, *since);
-            }
+        if let Some((h, since)) = &heir {
+            room.gov().apply_member(h, Role::Owner, *since);
         }
+        self.departed_here(room, user, reason, by, except);
+        if let Some((h, _)) = heir {
+            self.room_update(room, "", &h, MemberChange::RoleChanged, Role::Owner);
+        }
+        Ok(())
+    }
+
+    /// Applies a committed departure: the room's members, the user's
+    /// rooms, `Left{reason, by}` to every session of theirs but `except`,
+    /// their typing and presence, then tells the room.
+    pub(super) fn departed_here(
+        &self,
+        room: &Arc<Room>,
+        user: &str,
+        reason: MemberChange,
+        by: &str,
+        except: Option<u64>,
+    ) {
+        room.gov().apply_departure(user);
         let entry = self.user(user);
         let user: Arc<str> = user.into();
         {
@@ -515,10 +544,6 @@ impl Hub {
         }
         self.presence(room, &user, 0, None);
         self.room_update(room, by, &user, reason, Role::Unspecified);
-        if let Some((h, _)) = heir {
-            self.room_update(room, "", &h, MemberChange::RoleChanged, Role::Owner);
-        }
-        Ok(())
     }
 
     /// `CreateRoom`: a new room and its invitations. A user creating it
@@ -633,7 +658,7 @@ impl Hub {
 
     /// Applies a committed invitation: the invitee's sessions get an
     /// `Invitation`, the room a `RoomUpdate`.
-    fn apply_invite(&self, room: &Arc<Room>, invitee: &Arc<str>, invite: &InviteRecord) {
+    pub(super) fn apply_invite(&self, room: &Arc<Room>, invitee: &Arc<str>, invite: &InviteRecord) {
         let info = {
             let mut g = room.gov();
             g.invites_mut().insert(invitee.clone(), invite.clone());

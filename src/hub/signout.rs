@@ -22,6 +22,14 @@ impl Hub {
         }
     }
 
+    /// Refuses tokens of `user` issued before `at` (Unix seconds) from now
+    /// on (the store has it already).
+    pub(super) fn note_revocation(&self, user: &str, at: u64) {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = revoked.entry(Arc::from(user)).or_insert(at);
+        *entry = (*entry).max(at);
+    }
+
     /// Closes every session of `user` with `GoAway`. With `revoke`, first
     /// stores that tokens of `user` issued before now are refused (the
     /// sessions get `AUTH_EXPIRED`: ask for a new token); without, they
@@ -30,9 +38,7 @@ impl Hub {
         if revoke {
             let at = crate::auth::unix_now();
             self.commit(Write::Revocation(user.to_string(), at)).await?;
-            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = revoked.entry(Arc::from(user)).or_insert(at);
-            *entry = (*entry).max(at);
+            self.note_revocation(user, at);
         }
         let (reason, message) = if revoke {
             (CloseReason::AuthExpired, "signed out everywhere: sign in again")

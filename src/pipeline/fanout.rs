@@ -168,11 +168,16 @@ fn count(room: &crate::room::Room, entries: &[PublishDone]) {
 
 /// Acknowledges delivered publishes, releasing their in-flight permits.
 fn acknowledge_all(pipeline: &Pipeline, delivered: impl ExactSizeIterator<Item = PublishDone>) {
-    pipeline.metrics.published.increment(delivered.len() as u64);
+    // Entries another cluster node appended are its to count.
+    let mut published = 0;
     for p in delivered {
-        pipeline.metrics.publish_delivery.record(p.received.elapsed().as_secs_f64());
+        if p.publisher.is_some() {
+            published += 1;
+            pipeline.metrics.publish_delivery.record(p.received.elapsed().as_secs_f64());
+        }
         acknowledge(pipeline, p);
     }
+    pipeline.metrics.published.increment(published);
 }
 
 fn acknowledge(pipeline: &Pipeline, p: PublishDone) {
@@ -184,7 +189,9 @@ fn acknowledge(pipeline: &Pipeline, p: PublishDone) {
         client_msg_id: p.client_msg_id.clone(),
         duplicate,
     };
-    p.publisher.ack(ack(false));
+    if let Some(publisher) = p.publisher {
+        publisher.ack(ack(false));
+    }
     let latency = p.received.elapsed();
     m.publish_ack.record(latency.as_secs_f64());
     p.room.stats.record_publish(latency, p.ts_ms / 1000);
@@ -204,7 +211,9 @@ fn fail(pipeline: &Pipeline, p: PublishDone, e: &StoreError) {
             w.fail(message.clone());
         }
     }
-    p.publisher.fail(message);
+    if let Some(publisher) = p.publisher {
+        publisher.fail(message);
+    }
 }
 
 #[cfg(test)]
@@ -245,7 +254,7 @@ mod tests {
                 seq: 1,
                 ts_ms: 0,
                 message,
-                publisher: Publisher::Session(publisher.clone(), i as u64),
+                publisher: Some(Publisher::Session(publisher.clone(), i as u64)),
                 client_msg_id: String::new(),
                 sender: "ann".into(),
                 permit: Some(permits.clone().try_acquire_owned().unwrap()),

@@ -100,8 +100,9 @@ pub struct PublishDone {
     pub ts_ms: u64,
     /// The encoded `Message`.
     pub message: Bytes,
-    /// Who is answered.
-    pub publisher: Publisher,
+    /// Who is answered: nobody for an entry another cluster node appended
+    /// (its own publisher is answered there).
+    pub publisher: Option<Publisher>,
     /// Idempotency key (empty: none).
     pub client_msg_id: String,
     /// The idempotency key's owner (`store::idempotency_owner`: the sender,

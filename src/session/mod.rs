@@ -167,6 +167,10 @@ impl Session {
             State::AwaitingHello => match body {
                 Body::Hello(h) => {
                     self.hub.metrics.requests.increment(1);
+                    // A cluster node first reads what the user did on others.
+                    if let Err(r) = self.hub.cluster_before_hello(&h.token).await {
+                        return self.refuse(id, r.code, CloseReason::Unspecified, r.message);
+                    }
                     self.hello(id, h)
                 }
                 other => self.refuse(

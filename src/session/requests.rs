@@ -139,7 +139,8 @@ impl Session {
                     let head = room.head();
                     let after = c.after_seq.min(head);
                     let start = after.max(head.saturating_sub(limits.replay_limit));
-                    room.subscribe_from(&self.handle, start, Some(start == after));
+                    let complete = start == after && self.hub.cluster().is_none_or(|c| c.complete_after(room, after));
+                    room.subscribe_from(&self.handle, start, Some(complete));
                     *from = u64::MAX;
                 }
                 None if !valid_room_name(&c.room) => {
@@ -197,6 +198,11 @@ impl Session {
             _ => None,
         };
         let hub = &*self.hub;
+        if let Some(name) = &room_name
+            && let Err(Refusal { code, message }) = hub.cluster_use(name).await
+        {
+            return self.reject(id, code, message);
+        }
         let actor = &Actor::User(user.clone());
         let info = |r: Result<proto::RoomInfo, Refusal>| r.map(|i| Some(Body::RoomInfo(i)));
         let reply = match body {

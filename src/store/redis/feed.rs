@@ -41,7 +41,16 @@ pub struct Delivery {
     /// The room's epoch changed before these: Redis lost entries of it
     /// (some seqs below these may never be delivered).
     pub epoch_changed: bool,
+    /// The room's state (members, roles, bans, invitations, details) may
+    /// have changed since it was last read: a node changed it
+    /// ([`STATE_NOTICE`]), or the room was just subscribed, or the
+    /// connection was lost meanwhile. Read it again.
+    pub state_changed: bool,
 }
+
+/// The payload a node publishes on a room's channel after it changed the
+/// room's state ([`RedisLog::write_state`]).
+pub const STATE_NOTICE: &[u8] = b"state";
 
 /// What the feed has seen, for `/readyz` and `/metrics`.
 #[derive(Default, Debug)]
@@ -216,13 +225,17 @@ struct Gathered {
 }
 
 impl Gathered {
-    fn push(&mut self, room: &Arc<str>, entries: Vec<LogEntry>, epoch_changed: bool) {
-        if entries.is_empty() && !epoch_changed {
+    fn push(&mut self, room: &Arc<str>, entries: Vec<LogEntry>, epoch_changed: bool, state_changed: bool) {
+        if entries.is_empty() && !epoch_changed && !state_changed {
             return;
         }
         match self.rooms.iter_mut().find(|d| d.room == *room) {
-            Some(d) if !epoch_changed => d.entries.extend(entries),
-            _ => self.rooms.push(Delivery { room: room.clone(), entries, epoch_changed }),
+            // A state notice applies after the entries gathered before it.
+            Some(d) if !epoch_changed && !d.state_changed => {
+                d.entries.extend(entries);
+                d.state_changed = state_changed;
+            }
+            _ => self.rooms.push(Delivery { room: room.clone(), entries, epoch_changed, state_changed }),
         }
     }
 
@@ -276,7 +289,9 @@ impl Feeder {
             self.places.get_mut(room).expect("checked above").last = e.seq;
         }
         self.state.filled.fetch_add(entries.len() as u64, Ordering::Relaxed);
-        out.push(room, entries, changed);
+        // Checked on subscription and reconnection, when state notices may
+        // have been missed.
+        out.push(room, entries, changed, check_epoch);
         Ok(())
     }
 
@@ -284,6 +299,10 @@ impl Feeder {
     async fn published(&mut self, room: &str, payload: &[u8], out: &mut Gathered) -> redis::RedisResult<()> {
         let Some((room, _)) = self.places.get_key_value(room) else { return Ok(()) };
         let room = room.clone();
+        if payload == STATE_NOTICE {
+            out.push(&room, Vec::new(), false, true);
+            return Ok(());
+        }
         let Some((seq, epoch, message)) = parse_payload(payload) else {
             tracing::warn!(room = &*room, "a malformed entry on the room's channel; the stream is read instead");
             return self.fill(&room, u64::MAX, true, out).await;
@@ -310,7 +329,7 @@ impl Feeder {
         }
         if seq > place.last {
             place.last = seq;
-            out.push(&room, vec![LogEntry { seq, message }], changed);
+            out.push(&room, vec![LogEntry { seq, message }], changed, false);
         }
         Ok(())
     }

@@ -100,6 +100,15 @@ pub enum Durability {
     Relaxed,
 }
 
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::Strict => "strict",
+            Durability::Relaxed => "relaxed",
+        })
+    }
+}
+
 /// How the log is run.
 #[derive(Clone, Debug)]
 pub struct Options {

@@ -32,6 +32,18 @@ fn invites_of(user: &str) -> String {
     format!("chatd:user:{{{user}}}:invites")
 }
 
+/// The name under which a feed subscribes to `user`'s state notices: a
+/// member or invitee changed in any room. No room is called so (`@` is not
+/// in room names).
+pub fn user_channel(user: &str) -> String {
+    format!("@{user}")
+}
+
+/// The rooms `user` is a member of.
+fn rooms_of(user: &str) -> String {
+    format!("chatd:user:{{{user}}}:rooms")
+}
+
 /// One change to the shared state.
 #[derive(Clone, Debug)]
 pub enum StateWrite<'a> {
@@ -85,6 +97,20 @@ pub enum StateWrite<'a> {
         /// When.
         secs: u64,
     },
+}
+
+impl StateWrite<'_> {
+    /// The room it changes, if any.
+    pub fn room(&self) -> Option<&str> {
+        match self {
+            StateWrite::Details { room, .. }
+            | StateWrite::Member { room, .. }
+            | StateWrite::Ban { room, .. }
+            | StateWrite::Invite { room, .. }
+            | StateWrite::ReadMarker { room, .. } => Some(room),
+            StateWrite::Revocation { .. } => None,
+        }
+    }
 }
 
 /// One room's state as read back.
@@ -173,8 +199,10 @@ impl RedisLog {
                     pipe.hset(room_key(room, "records"), *user, record.encode_to_vec()).ignore();
                     if record.role > 0 {
                         pipe.hset(room_key(room, "members"), *user, record.role).ignore();
+                        on!(rooms_of(user)).sadd(rooms_of(user), *room).ignore();
                     } else {
                         pipe.hdel(room_key(room, "members"), *user).ignore();
+                        on!(rooms_of(user)).srem(rooms_of(user), *room).ignore();
                     }
                 }
                 StateWrite::Ban { room, user, ban: Some(b) } => {
@@ -203,7 +231,38 @@ impl RedisLog {
         for (_, pipe) in pipes {
             pipe.exec_async(&mut conn).await?;
         }
+        // Then the nodes that serve the rooms read them again (not for a
+        // read marker: a session's next Hello reads those).
+        let notified = writes.iter().filter(|w| !matches!(w, StateWrite::ReadMarker { .. }));
+        let mut rooms: Vec<String> = Vec::new();
+        for w in notified {
+            rooms.extend(w.room().map(str::to_string));
+            // The invitee's or member's own nodes, which may not serve the
+            // room yet.
+            if let StateWrite::Member { user, .. } | StateWrite::Invite { user, .. } = w {
+                rooms.push(user_channel(user));
+            }
+        }
+        rooms.sort_unstable();
+        rooms.dedup();
+        let publish = if self.target.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        for room in rooms {
+            redis::cmd(publish).arg(room_key(&room, "ch")).arg(super::feed::STATE_NOTICE).exec_async(&mut conn).await?;
+        }
         Ok(())
+    }
+
+    /// The rooms `user` is a member of, sorted.
+    pub async fn rooms_of(&self, user: &str) -> Result<Vec<String>, RedisError> {
+        let mut rooms: Vec<String> =
+            redis::cmd("SMEMBERS").arg(rooms_of(user)).query_async(&mut self.connection()).await?;
+        rooms.sort();
+        Ok(rooms)
+    }
+
+    /// When `user` signed out everywhere (Unix seconds), if they did.
+    pub async fn revoked_at(&self, user: &str) -> Result<Option<u64>, RedisError> {
+        redis::cmd("HGET").arg(REVOKED).arg(user).query_async(&mut self.connection()).await
     }
 
     /// The rooms with a pending invitation for `user`.

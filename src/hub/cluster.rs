@@ -1,0 +1,615 @@
+//! Cluster mode in the hub: the node's rooms follow the shared log in Redis
+//! (ARCHITECTURE.md, "Cluster mode").
+//!
+//! A publish is appended by Redis's script ([`RedisLog::append`]), which
+//! gives it its seq; it is never given one here. Every entry of a room this
+//! node serves — its own and the other nodes' — comes back through the
+//! node's [`Feed`], in seq order with every gap filled from the stream, and
+//! the applier ([`apply`]) hands it to the local group commit with that
+//! seq. From there it takes the single node's path: the local store (the
+//! node's replica of the rooms it serves, which history, catch-up, resume
+//! and the folds of changes read), the fan-out, and for the node's own
+//! publishes the ack, sent once the entry is durable in Redis and offered
+//! to the room here.
+//!
+//! A room is *attached* — subscribed on the feed — once a session of this
+//! node needs it; its replica is filled from the stream from where it
+//! stands. A client that acted on another node and comes here must see
+//! what it saw there: before a `Hello` is answered, its rooms are brought
+//! up to their heads in Redis ([`Hub::cluster_sync`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
+
+use super::publish::Author;
+use super::{Hub, Refusal};
+use crate::pipeline::{Completion, PublishDone, Publisher};
+use crate::proto::{self, ErrorCode};
+use crate::room::Room;
+use crate::store::commit::{Pending, Write};
+use crate::store::redis::feed::{Delivery, Feed};
+use crate::store::redis::{AppendError, NewEntry, RedisLog};
+use crate::store::{Append, Entry, RoomId};
+
+/// How long a `Hello` (or the first use of a room here) waits for the
+/// room's replica to reach the head Redis gave, before it is refused with
+/// `SERVER_BUSY`.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node's side of the cluster: the shared log, the feed, and which of
+/// the node's publishes wait for their entry to come back.
+pub struct Cluster {
+    /// The shared log.
+    pub log: Arc<RedisLog>,
+    /// The node's subscription to its rooms' entries.
+    pub feed: Feed,
+    /// The epoch a room's first append starts (a random id per node start).
+    epoch: String,
+    inner: Mutex<Inner>,
+    /// Woken whenever entries handed to the local commit have been fanned
+    /// out (the rooms' heads moved).
+    applied: Notify,
+    /// Entries whose log could not be read as a `Message` (never expected:
+    /// only chatd's script writes the log).
+    pub malformed: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Rooms subscribed on the feed.
+    attached: HashSet<RoomId>,
+    /// Per room, the highest seq the applier handed to the local commit.
+    submitted: HashMap<RoomId, u64>,
+    /// The node's publishes appended in Redis whose entry the applier has
+    /// not reached yet, by (room, seq).
+    waiting: HashMap<(RoomId, u64), Waiter>,
+    /// Per room, the first seq delivered after Redis lost entries of it (an
+    /// epoch change): a resume from below it cannot be complete.
+    lost_before: HashMap<RoomId, u64>,
+}
+
+/// A publish appended by this node, answered when its entry is applied.
+struct Waiter {
+    publisher: Publisher,
+    permit: Option<OwnedSemaphorePermit>,
+    received: Instant,
+}
+
+impl Cluster {
+    /// The cluster side of a node over `log`, whose feed is `feed`.
+    pub fn new(log: Arc<RedisLog>, feed: Feed) -> Self {
+        Cluster {
+            log,
+            feed,
+            epoch: crate::store::redis::fresh_epoch(),
+            inner: Mutex::new(Inner::default()),
+            applied: Notify::new(),
+            malformed: Default::default(),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes `room` on the feed unless it is already; its replica is
+    /// then filled from where it stands.
+    pub fn attach(&self, room: &Room) {
+        if self.inner().attached.insert(room.id) {
+            self.feed.subscribe(room.name.clone(), room.head());
+        }
+    }
+
+    /// Whether `room` is subscribed on the feed.
+    pub fn is_attached(&self, room: &Room) -> bool {
+        self.inner().attached.contains(&room.id)
+    }
+
+    /// Whether every entry of `room` after `after` is still in the log:
+    /// false when Redis lost entries above it (an epoch change).
+    pub fn complete_after(&self, room: &Room, after: u64) -> bool {
+        self.inner().lost_before.get(&room.id).is_none_or(|first| *first <= after + 1)
+    }
+
+    /// Waits until `room`'s replica here has reached `seq` (false after
+    /// `timeout`).
+    async fn reached(&self, room: &Room, seq: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.applied.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if room.head() >= seq {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return room.head() >= seq;
+            }
+        }
+    }
+}
+
+/// The part of a local write that is shared state.
+pub(super) enum Shared<'a> {
+    /// Rooms' details, members, bans, invitations.
+    Rooms(&'a [crate::store::RoomWrite]),
+    /// A read marker.
+    ReadMarker(&'a crate::store::ReadMarker),
+    /// A user signed out everywhere at (Unix seconds).
+    Revocation(&'a str, u64),
+}
+
+impl<'a> Shared<'a> {
+    /// `write`'s shared part, if it has one.
+    pub(super) fn of(write: &'a Write) -> Option<Self> {
+        match write {
+            Write::Rooms(w) => Some(Shared::Rooms(w)),
+            Write::ReadMarker(m) => Some(Shared::ReadMarker(m)),
+            Write::Revocation(user, secs) => Some(Shared::Revocation(user, *secs)),
+            _ => None,
+        }
+    }
+}
+
+/// A refusal for a Redis that did not answer.
+fn unavailable(e: impl std::fmt::Display) -> Refusal {
+    Refusal::new(ErrorCode::ServerBusy, format!("the cluster's Redis is unavailable, try again: {e}"))
+}
+
+impl Hub {
+    /// The cluster side, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Brings `rooms` up to their heads in Redis (attaching them), so that
+    /// what a client saw on any node is here before it is answered. A no-op
+    /// on a single node.
+    pub async fn cluster_sync(&self, rooms: &[Arc<Room>]) -> Result<(), Refusal> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        let mut heads = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            c.attach(room);
+            heads.push(c.log.head(&room.name).await.map_err(unavailable)?.0);
+        }
+        for (room, head) in rooms.iter().zip(heads) {
+            if !c.reached(room, head, SYNC_TIMEOUT).await {
+                let msg = format!("room {} is still catching up with the cluster; try again", room.name);
+                return Err(Refusal::new(ErrorCode::ServerBusy, msg));
+            }
+        }
+        Ok(())
+    }
+
+    /// Before a `Hello` with `token`: its user's revocation and rooms as
+    /// Redis has them, each room here brought up to its head there
+    /// ([`Hub::cluster_sync`]). A token that does not verify is left to the
+    /// `Hello` to refuse.
+    pub async fn cluster_before_hello(&self, token: &str) -> Result<(), Refusal> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        let Ok(claims) = self.auth.verify(token, crate::auth::unix_now()) else { return Ok(()) };
+        let user = claims.sub;
+        // Changes to the user's rooms made on other nodes reach this one
+        // from now on.
+        c.feed.subscribe(crate::store::redis::state::user_channel(&user).into(), 0);
+        if let Some(at) = c.log.revoked_at(&user).await.map_err(unavailable)? {
+            self.note_revocation(&user, at);
+        }
+        let mut rooms: Vec<Arc<Room>> = self.user(&user).lock().rooms.values().cloned().collect();
+        for name in c.log.rooms_of(&user).await.map_err(unavailable)? {
+            if !rooms.iter().any(|r| *r.name == *name) {
+                rooms.extend(self.cluster_refresh(&name).await?);
+            }
+        }
+        for room in &rooms {
+            if !c.is_attached(room) {
+                self.cluster_refresh(&room.name).await?;
+            }
+        }
+        // What the refreshes changed.
+        let rooms: Vec<Arc<Room>> = self.user(&user).lock().rooms.values().cloned().collect();
+        self.cluster_sync(&rooms).await
+    }
+
+    /// Reads again every room `user` is a member of or invited to (their
+    /// sessions here get what changed).
+    async fn cluster_refresh_user(&self, user: &str) -> Result<(), Refusal> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        let mut names = c.log.rooms_of(user).await.map_err(unavailable)?;
+        names.extend(c.log.invitations_of(user).await.map_err(unavailable)?);
+        // And rooms they just left: gone from both lists.
+        names.extend(self.user(user).lock().rooms.values().map(|r| r.name.to_string()));
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            self.cluster_refresh(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// Before a request on the room called `name`: a room this node does
+    /// not know yet, or does not serve yet, is read from Redis and synced.
+    pub async fn cluster_use(&self, name: &str) -> Result<(), Refusal> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        let room = match self.room(name) {
+            Some(room) if c.is_attached(&room) => return Ok(()),
+            _ if !crate::room::valid_room_name(name) => return Ok(()),
+            _ => self.cluster_refresh(name).await?,
+        };
+        match room {
+            Some(room) => self.cluster_sync(std::slice::from_ref(&room)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Appends `message` (without seq and time: the script adds both) to
+    /// `room` in Redis as `sender`, with the idempotency key's `owner`; the
+    /// publisher is answered once the entry is back here and offered to the
+    /// room ([`apply`]), or at once for a duplicate. `Err` when nothing was
+    /// appended (as far as this node can tell: a retry with the same key is
+    /// always safe).
+    pub(super) async fn append_clustered(
+        &self,
+        c: &Cluster,
+        room: &Arc<Room>,
+        message: &proto::Message,
+        owner: &Arc<str>,
+        author: Author,
+    ) -> Result<(), Refusal> {
+        let Author { sender, publisher, permit, received } = author;
+        c.attach(room);
+        let encoded = message.encode_to_vec();
+        let cmid = &message.client_msg_id;
+        let new = NewEntry {
+            room: &room.name,
+            message: &encoded,
+            owner,
+            client_msg_id: cmid,
+            member: &sender,
+            seen: room.head(),
+        };
+        let appended = match c.log.append(&new, &c.epoch).await {
+            Ok(a) => a,
+            Err(e) => {
+                let refusal = match e {
+                    AppendError::Forbidden(m) => Refusal::new(ErrorCode::Forbidden, m),
+                    AppendError::Unavailable(m) => {
+                        self.metrics.cluster_append_failures.increment(1);
+                        unavailable(m)
+                    }
+                    e @ AppendError::NotReplicated { .. } => {
+                        self.metrics.cluster_append_failures.increment(1);
+                        Refusal::new(ErrorCode::ServerBusy, format!("{e}; retry with the same client_msg_id"))
+                    }
+                };
+                for w in self.pipeline.in_flight.settle(owner, cmid) {
+                    w.fail(refusal.message.clone());
+                }
+                return Err(refusal);
+            }
+        };
+        let ack = |duplicate| proto::PublishAck {
+            room: room.name.to_string(),
+            seq: appended.seq,
+            ts_ms: appended.ts_ms,
+            client_msg_id: cmid.clone(),
+            duplicate,
+        };
+        if appended.duplicate {
+            self.metrics.duplicates.increment(1);
+            for w in self.pipeline.in_flight.settle(owner, cmid) {
+                w.ack(ack(true));
+            }
+            publisher.ack(ack(true));
+            return Ok(());
+        }
+        let waiter = Waiter { publisher, permit, received };
+        let early = {
+            let mut inner = c.inner();
+            if inner.submitted.get(&room.id).is_some_and(|s| *s >= appended.seq) {
+                Some(waiter)
+            } else {
+                inner.waiting.insert((room.id, appended.seq), waiter);
+                None
+            }
+        };
+        if let Some(w) = early {
+            // The entry came back through the feed before Redis's answer
+            // did: it is durable and on its way to the room here, where it
+            // is offered before the ack, as on one node.
+            c.reached(room, appended.seq, SYNC_TIMEOUT).await;
+            self.metrics.published.increment(1);
+            self.metrics.publish_ack.record(w.received.elapsed().as_secs_f64());
+            for r in self.pipeline.in_flight.settle(owner, cmid) {
+                r.ack(ack(true));
+            }
+            w.publisher.ack(ack(false));
+        }
+        Ok(())
+    }
+}
+
+/// Applies the feed's deliveries to the node's rooms until the feed or the
+/// local commit stops: each entry goes through the local group commit with
+/// the seq Redis gave it, then the fan-out, which answers the node's own
+/// publishers.
+pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
+    let Some(c) = hub.cluster.clone() else { return };
+    let (markers, mut marked) = mpsc::unbounded_channel::<oneshot::Receiver<_>>();
+    let waker = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            while let Some(rx) = marked.recv().await {
+                let _ = rx.await;
+                c.applied.notify_waiters();
+            }
+        })
+    };
+    let commits = hub.pipeline.commits.clone();
+    while let Some(d) = deliveries.recv().await {
+        if let Some(user) = d.room.strip_prefix('@') {
+            if d.state_changed {
+                let (hub, user) = (hub.clone(), user.to_string());
+                tokio::spawn(async move {
+                    if let Err(e) = hub.cluster_refresh_user(&user).await {
+                        tracing::warn!(user, error = %e.message, "could not read the user's rooms from Redis");
+                    }
+                });
+            }
+            continue;
+        }
+        let Some(room) = hub.room(&d.room) else {
+            tracing::warn!(room = %d.room, "entries for a room this node does not know; dropped");
+            continue;
+        };
+        if d.state_changed {
+            // Read off the applier's path: entries keep flowing meanwhile.
+            let (hub, name) = (hub.clone(), d.room.clone());
+            tokio::spawn(async move {
+                if let Err(e) = hub.cluster_refresh(&name).await {
+                    tracing::warn!(room = %name, error = %e.message, "could not read the room's state from Redis");
+                }
+            });
+        }
+        if d.epoch_changed
+            && let Some(first) = d.entries.first()
+        {
+            tracing::error!(
+                room = %room.name,
+                first_seq = first.seq,
+                head = room.head(),
+                "Redis lost entries of this room (its epoch changed): resumes from before them are answered with Synced{{complete: false}}"
+            );
+            hub.metrics.cluster_epoch_changes.increment(1);
+            c.inner().lost_before.insert(room.id, first.seq);
+        }
+        for e in d.entries {
+            let message = match proto::Message::decode(&e.message[..]) {
+                Ok(m) if m.seq == e.seq => m,
+                other => {
+                    c.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(room = %room.name, seq = e.seq, decoded = other.is_ok(), "a log entry is not a Message of its seq; skipped");
+                    continue;
+                }
+            };
+            let entry = Entry::of(&message);
+            // A delete's unread bookkeeping needs what it deleted, as the
+            // replica has it (nothing if it is deleted already).
+            let erased = match &entry {
+                Entry::Change { target, kind: proto::ChangeKind::Delete, .. } => {
+                    hub.store.target(room.id, *target).ok().flatten().filter(|t| !t.deleted)
+                }
+                _ => None,
+            }
+            .map(|t| Box::new((Arc::<str>::from(t.sender), t.mentions)));
+            let owner: Arc<str> = crate::store::idempotency_owner(&message.sender, &room.name).into();
+            let Some(slot) = commits.reserve().await else { return };
+            let waiter = {
+                let mut inner = c.inner();
+                inner.submitted.insert(room.id, e.seq);
+                inner.waiting.remove(&(room.id, e.seq))
+            };
+            let (publisher, permit, received) = match waiter {
+                Some(w) => (Some(w.publisher), w.permit, w.received),
+                None => (None, None, Instant::now()),
+            };
+            slot.send(Pending {
+                write: Write::Append(Append {
+                    room: room.id,
+                    seq: e.seq,
+                    message: e.message.clone(),
+                    sender: owner.to_string(),
+                    client_msg_id: message.client_msg_id.clone(),
+                    ts_ms: message.ts_ms,
+                    entry: entry.clone(),
+                }),
+                completion: Completion::Publish(Box::new(PublishDone {
+                    room: room.clone(),
+                    seq: e.seq,
+                    ts_ms: message.ts_ms,
+                    message: e.message,
+                    publisher,
+                    client_msg_id: message.client_msg_id,
+                    sender: owner,
+                    permit,
+                    received,
+                    entry,
+                    erased,
+                })),
+                epoch: commits.epoch(),
+            });
+        }
+        // Its completion comes out once the entries above are fanned out.
+        let Some(slot) = commits.reserve().await else { return };
+        let (tx, rx) = oneshot::channel();
+        slot.send(Pending { write: Write::Barrier, completion: Completion::Notify(tx), epoch: commits.epoch() });
+        let _ = markers.send(rx);
+    }
+    drop(markers);
+    let _ = waker.await;
+}
+
+impl Hub {
+    /// Writes `write`'s part of the shared state in Redis before it is
+    /// committed here, and tells the nodes serving its rooms. A message's
+    /// append takes the log's path instead.
+    pub(super) async fn share(&self, c: &Cluster, write: Shared<'_>) -> Result<(), Refusal> {
+        use crate::store::RoomWrite;
+        use crate::store::redis::state::StateWrite;
+        let name = |id: RoomId| {
+            self.room_by_id(id).map(|r| r.name.clone()).ok_or_else(|| {
+                Refusal::new(ErrorCode::Internal, format!("a change to room {id}, which this node does not know"))
+            })
+        };
+        let names = match write {
+            Shared::Rooms(writes) => writes
+                .iter()
+                .map(|w| match w {
+                    RoomWrite::Details { room, .. }
+                    | RoomWrite::Member { room, .. }
+                    | RoomWrite::Ban { room, .. }
+                    | RoomWrite::Invite { room, .. } => name(*room),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Shared::ReadMarker(m) => vec![name(m.room)?],
+            Shared::Revocation(..) => Vec::new(),
+        };
+        let shared: Vec<StateWrite<'_>> = match write {
+            Shared::Rooms(writes) => writes
+                .iter()
+                .zip(&names)
+                .map(|(w, room)| match w {
+                    RoomWrite::Details { details, .. } => StateWrite::Details { room, details },
+                    RoomWrite::Member { user, record, .. } => StateWrite::Member { room, user, record },
+                    RoomWrite::Ban { user, ban, .. } => StateWrite::Ban { room, user, ban: ban.as_ref() },
+                    RoomWrite::Invite { user, invite, .. } => {
+                        StateWrite::Invite { room, user, invite: invite.as_ref() }
+                    }
+                })
+                .collect(),
+            Shared::ReadMarker(m) => vec![StateWrite::ReadMarker { room: &names[0], user: &m.user, pos: m.pos }],
+            Shared::Revocation(user, secs) => vec![StateWrite::Revocation { user, secs }],
+        };
+        c.log.write_state(&shared).await.map_err(unavailable)
+    }
+
+    /// Makes the room called `name` here what Redis holds — creating it
+    /// here if need be, telling the sessions here what changed — and
+    /// attaches it. `None` when Redis has no such room.
+    pub async fn cluster_refresh(&self, name: &str) -> Result<Option<Arc<Room>>, Refusal> {
+        let Some(c) = &self.cluster else { return Ok(self.room(name)) };
+        let Some(state) = c.log.room_state(name).await.map_err(unavailable)? else { return Ok(None) };
+        let room = self.adopt(name, state).await;
+        c.attach(&room);
+        Ok(Some(room))
+    }
+
+    /// Applies a room's state as read from Redis (see
+    /// [`Hub::cluster_refresh`]), and stores it here.
+    async fn adopt(&self, name: &str, st: crate::store::redis::state::RoomState) -> Arc<Room> {
+        use crate::proto::{MemberChange, Role};
+        use crate::room::gov::Membership;
+        use crate::store::RoomWrite;
+        let (room, _) = self.room_or_insert(name, &st.details);
+        room.mark_stored();
+        let _changes = self.lock_changes(&room).await;
+        let mut local = vec![RoomWrite::Details { room: room.id, name: name.to_string(), details: st.details.clone() }];
+        let retitled = {
+            let mut g = room.gov();
+            let before = g.details();
+            g.set_texts(st.details.title.clone(), st.details.topic.clone());
+            g.set_retention(st.details.retention_max_age_ms, st.details.retention_max_messages);
+            g.details() != before
+        };
+        if retitled {
+            self.room_update(&room, "", "", MemberChange::Unspecified, Role::Unspecified);
+        }
+        for (user, rec) in &st.records {
+            let current = room.gov().members.get(user).copied();
+            let id: Arc<str> = user.as_str().into();
+            if rec.role > 0 {
+                let role = Role::try_from(rec.role).unwrap_or(Role::Member);
+                match current {
+                    None => {
+                        self.admit(&room, &id, &self.user(user), Membership { role, since: rec.since }, &rec.by, None)
+                    }
+                    Some(m) if m.role != role => {
+                        room.gov().apply_member(&id, role, m.since);
+                        self.room_update(&room, &rec.by, user, MemberChange::RoleChanged, role);
+                    }
+                    Some(_) => {}
+                }
+            } else if current.is_some() {
+                let reason = MemberChange::try_from(rec.reason).unwrap_or(MemberChange::Left);
+                self.departed_here(&room, user, reason, &rec.by, None);
+            }
+            local.push(RoomWrite::Member { user: user.clone(), room: room.id, record: rec.clone() });
+        }
+        let (lifted, stale_invites) = {
+            let mut g = room.gov();
+            let lifted: Vec<Arc<str>> =
+                g.bans().keys().filter(|u| !st.bans.iter().any(|(b, _)| **b == ***u)).cloned().collect();
+            for u in &lifted {
+                g.bans_mut().remove(u);
+                local.push(RoomWrite::Ban { room: room.id, user: u.to_string(), ban: None });
+            }
+            for (u, ban) in &st.bans {
+                g.bans_mut().insert(u.as_str().into(), ban.clone());
+                local.push(RoomWrite::Ban { room: room.id, user: u.clone(), ban: Some(ban.clone()) });
+            }
+            let stale: Vec<Arc<str>> =
+                g.invites().keys().filter(|u| !st.invites.iter().any(|(i, _)| **i == ***u)).cloned().collect();
+            for u in &stale {
+                g.invites_mut().remove(u);
+                local.push(RoomWrite::Invite { user: u.to_string(), room: room.id, invite: None });
+            }
+            (lifted, stale)
+        };
+        for u in lifted {
+            self.room_update(&room, "", &u, MemberChange::Unbanned, Role::Unspecified);
+        }
+        for u in stale_invites {
+            self.user(&u).lock().invited.remove(&room.id);
+        }
+        for (u, invite) in &st.invites {
+            let known = room.gov().invites().contains_key(u.as_str());
+            if !known {
+                self.apply_invite(&room, &u.as_str().into(), invite);
+            }
+            local.push(RoomWrite::Invite { user: u.clone(), room: room.id, invite: Some(invite.clone()) });
+        }
+        for (u, pos) in &st.reads {
+            let entry = self.user(u);
+            let mut us = entry.lock();
+            let marker = us.read.get_or_insert(room.id, Default::default());
+            if pos.seq > marker.seq {
+                *marker = *pos;
+            }
+        }
+        if let Err(e) = self.commit_here(Write::Rooms(local)).await {
+            tracing::error!(room = name, error = %e.message, "could not store the room's state from Redis here");
+        }
+        room
+    }
+
+    /// Loads every room's state and the revocations from Redis into a
+    /// node that starts.
+    pub async fn cluster_load(&self) -> Result<usize, ::redis::RedisError> {
+        let Some(c) = &self.cluster else { return Ok(0) };
+        let state = c.log.load_state().await?;
+        let rooms = state.rooms.len();
+        let mut names: Vec<_> = state.rooms.into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, room) in names {
+            self.adopt(&name, room).await;
+        }
+        for (user, at) in state.revocations {
+            self.note_revocation(&user, at);
+        }
+        Ok(rooms)
+    }
+}

@@ -1,0 +1,228 @@
+//! Cluster mode end to end: three chatd nodes in this process over one real
+//! `redis-server`, clients on different nodes in the same rooms. One order
+//! per room for every member on every node, resume on another node with
+//! every missed message once, membership seen across nodes, and a Redis
+//! that goes away: `SERVER_BUSY` and a 503 `/readyz` meanwhile, no false
+//! ack, recovery by itself.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chatd::proto::{self, Body, ErrorCode};
+
+use crate::common::redis::RedisServer;
+use crate::common::{ChatServer, Polling, Raw, TestServer, http_get};
+
+/// Three nodes over `redis`, sharing one data directory (which holds only
+/// the token secret in cluster mode).
+async fn nodes(redis: &RedisServer, dir: &std::path::Path) -> Vec<TestServer> {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let url = redis.url();
+        nodes.push(TestServer::start_in(dir, move |c| c.cluster_redis = Some(url)).await);
+    }
+    nodes
+}
+
+fn publish(room: &str, text: String, cmid: String) -> proto::Publish {
+    proto::Publish { room: room.into(), text, client_msg_id: cmid, ..Default::default() }
+}
+
+/// The next `n` messages of `room` pushed to `r`.
+async fn messages(r: &mut Raw, room: &str, n: usize) -> Vec<proto::Message> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let m = r.next_message().await;
+        if m.room == room {
+            got.push(m);
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_on_three_nodes_give_every_member_one_order() {
+    let Some(redis) = RedisServer::for_test("publishers_on_three_nodes_give_every_member_one_order", &[]) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    // A reader and a publisher on each node, all in one room that the
+    // first join creates.
+    let mut readers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        readers.push(node.raw_member(&format!("reader{i}"), "general").await);
+    }
+    let mut publishers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        publishers.push(node.raw_member(&format!("pub{i}"), "general").await);
+    }
+    const EACH: usize = 40;
+    let sends = publishers.iter_mut().enumerate().map(|(i, p)| async move {
+        let batch = (0..EACH).map(|k| publish("general", format!("{i}-{k}"), format!("c{i}-{k}")));
+        p.publish_all(batch).await
+    });
+    let acks: Vec<Vec<proto::PublishAck>> = futures_util::future::join_all(sends).await;
+    let mut acked: Vec<u64> = acks.iter().flatten().map(|a| a.seq).collect();
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=3 * EACH as u64).collect::<Vec<_>>(), "every publish acked with its own seq, gapless");
+    assert!(acks.iter().flatten().all(|a| !a.duplicate));
+
+    let mut seen = Vec::new();
+    for r in &mut readers {
+        let got = messages(r, "general", 3 * EACH).await;
+        let order: Vec<(u64, String)> = got.iter().map(|m| (m.seq, m.text.clone())).collect();
+        seen.push(order);
+    }
+    assert_eq!(seen[0].iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=3 * EACH as u64).collect::<Vec<_>>());
+    assert_eq!(seen[0], seen[1], "nodes 0 and 1 deliver the same order");
+    assert_eq!(seen[0], seen[2], "nodes 0 and 2 deliver the same order");
+    // Each publisher's messages in the order it sent them.
+    for i in 0..3 {
+        let mine: Vec<&str> =
+            seen[0].iter().filter(|(_, t)| t.starts_with(&format!("{i}-"))).map(|(_, t)| t.as_str()).collect();
+        let sent: Vec<String> = (0..EACH).map(|k| format!("{i}-{k}")).collect();
+        assert_eq!(mine, sent.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    // History on every node is the same log.
+    for node in &nodes {
+        let mut r = node.raw_member("auditor", "general").await;
+        let history: Vec<(u64, String)> = r.history_all("general").await.into_iter().map(|m| (m.seq, m.text)).collect();
+        assert_eq!(history, seen[0]);
+    }
+    // A retry on another node is a duplicate with the original's seq.
+    let original = &acks[0][0];
+    let mut other = nodes[2].raw_member("pub0", "general").await;
+    let retry = other.publish_message(publish("general", "0-0".into(), "c0-0".into())).await;
+    assert!(retry.duplicate, "{retry:?}");
+    assert_eq!((retry.seq, retry.ts_ms), (original.seq, original.ts_ms));
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_on_another_node_with_every_missed_message_once() {
+    let Some(redis) = RedisServer::for_test("a_client_resumes_on_another_node_with_every_missed_message_once", &[])
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    let mut ann = nodes[0].raw_member("ann", "lobby").await;
+    let mut bob = nodes[1].raw_member("bob", "lobby").await;
+    for k in 0..5 {
+        bob.publish("lobby", &format!("before {k}")).await;
+    }
+    let got = messages(&mut ann, "lobby", 5).await;
+    let cursor = got.last().unwrap().seq;
+    drop(ann);
+    // While ann is away, bob sends more through node 1; ann comes back on
+    // node 2, which has never served the room.
+    let mut acks = Vec::new();
+    for k in 0..20 {
+        acks.push(bob.publish("lobby", &format!("missed {k}")).await.seq);
+    }
+    let mut ann = nodes[2].raw().await;
+    let resume = vec![proto::Cursor { room: "lobby".into(), after_seq: cursor }];
+    let welcome = ann.hello(&nodes[2].token("ann"), resume).await;
+    let lobby = welcome.rooms.iter().find(|r| r.room == "lobby").expect("node 2 knows ann is in lobby");
+    assert_eq!(lobby.head_seq, 25, "node 2 has the room's head from the shared log");
+    let mut replayed = Vec::new();
+    let synced = loop {
+        match ann.recv().await.body {
+            Some(Body::Message(m)) => replayed.push(m.seq),
+            Some(Body::Synced(s)) => break s,
+            _ => {}
+        }
+    };
+    assert_eq!(replayed, acks, "every missed message once, in order");
+    assert!(synced.complete, "{synced:?}");
+    // Live from here, from either node.
+    let live = bob.publish("lobby", "live").await;
+    assert_eq!(ann.next_message().await.seq, live.seq);
+    let mine = ann.publish("lobby", "back").await;
+    assert_eq!(bob.next_message().await.seq, mine.seq);
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_reach_the_other_nodes() {
+    let Some(redis) = RedisServer::for_test("membership_changes_reach_the_other_nodes", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    let (mut owner, _) = nodes[0].raw_user("olga").await;
+    let create = proto::CreateRoom { room: "team".into(), kind: proto::RoomKind::Private as i32, ..Default::default() };
+    assert!(matches!(owner.request(Body::CreateRoom(create)).await, Body::RoomInfo(_)));
+    // Not a member, on another node: refused there too.
+    let (mut eve, _) = nodes[1].raw_user("eve").await;
+    eve.send(1, Body::Join(proto::Join { room: "team".into() })).await;
+    eve.expect_error_reply(1, ErrorCode::Forbidden).await;
+    let p = publish("team", "hi".into(), String::new());
+    eve.send(2, Body::Publish(p)).await;
+    eve.expect_error_reply(2, ErrorCode::Forbidden).await;
+    // Invited on node 0, the invitee on node 2 is told and can join there.
+    let (mut ivan, _) = nodes[2].raw_user("ivan").await;
+    let invite = proto::Invite { room: "team".into(), user: "ivan".into() };
+    assert!(matches!(owner.request(Body::Invite(invite)).await, Body::RoomInfo(_)));
+    let invitation = ivan
+        .next_push(|b| match b {
+            Body::Invitation(i) => Some(i),
+            _ => None,
+        })
+        .await;
+    assert_eq!(invitation.room, "team");
+    ivan.join("team").await;
+    let hi = ivan.publish("team", "hello from node 2").await;
+    let m = owner.next_message().await;
+    assert_eq!((m.seq, m.sender.as_str()), (hi.seq, "ivan"));
+    // Removed on node 0: node 2's session is told, and its publishes refused.
+    let remove = proto::RemoveMember { room: "team".into(), user: "ivan".into(), reason: "done".into() };
+    assert!(matches!(owner.request(Body::RemoveMember(remove)).await, Body::RoomInfo(_)));
+    let left = ivan
+        .next_push(|b| match b {
+            Body::Left(l) => Some(l),
+            _ => None,
+        })
+        .await;
+    assert_eq!((left.room.as_str(), left.by.as_str()), ("team", "olga"));
+    ivan.send(9, Body::Publish(publish("team", "still here?".into(), String::new()))).await;
+    ivan.expect_error_reply(9, ErrorCode::Forbidden).await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_publishes_are_refused_and_ready_is_503_then_it_recovers() {
+    let Some(mut redis) = RedisServer::for_test("while_redis_is_down_publishes_are_refused", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let node = TestServer::start_in(tmp.path(), move |c| c.cluster_redis = Some(url)).await;
+    let mut ann = node.raw_member("ann", "r").await;
+    let mut acked = BTreeMap::new();
+    for k in 0..10 {
+        let a = ann.publish("r", &format!("m{k}")).await;
+        acked.insert(a.seq, format!("m{k}"));
+    }
+    assert_eq!(http_get(&node.http, "/readyz").await.0, 200);
+    redis.kill();
+    Polling::new(Duration::from_secs(10), 20)
+        .until("readyz says 503", async || http_get(&node.http, "/readyz").await.0 == 503)
+        .await;
+    ann.send(77, Body::Publish(publish("r", "lost?".into(), "k-down".into()))).await;
+    let why = ann.expect_error_reply(77, ErrorCode::ServerBusy).await;
+    assert!(why.contains("Redis"), "{why}");
+    redis.restart();
+    Polling::new(Duration::from_secs(20), 20)
+        .until("readyz says 200", async || http_get(&node.http, "/readyz").await.0 == 200)
+        .await;
+    // The refused publish, retried with its key, is stored once.
+    let retry = ann.publish_message(publish("r", "lost?".into(), "k-down".into())).await;
+    acked.insert(retry.seq, "lost?".into());
+    let history: BTreeMap<u64, String> = ann.history_all("r").await.into_iter().map(|m| (m.seq, m.text)).collect();
+    assert_eq!(history, acked, "every acknowledged message, nothing else");
+    node.stop().await;
+}
