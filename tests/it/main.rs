@@ -14,6 +14,7 @@ mod chat;
 mod cli;
 mod cli_rooms;
 mod cluster;
+mod cluster_faults;
 mod cluster_nodes;
 mod common;
 mod deploy;

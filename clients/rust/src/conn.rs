@@ -84,6 +84,11 @@ impl Conn {
         let env = decode(reply)?;
         match env.body {
             Some(Body::Welcome(w)) => Ok((conn, w)),
+            // Busy (a cluster node that cannot reach Redis, a full server):
+            // worth another try, here or on another node.
+            Some(Body::Error(e)) if e.code() == proto::ErrorCode::ServerBusy => {
+                Err(ClientError::Connection(format!("{} is busy: {}", config.addr, e.message)))
+            }
             Some(Body::Error(e)) => Err(ClientError::Closed(format!("{:?}: {}", e.code(), e.message))),
             _ => Err(ClientError::Connection("expected welcome".into())),
         }
@@ -201,6 +206,7 @@ pub(crate) async fn run(
                     return;
                 }
                 Err(_) => {
+                    st.config.next_addr();
                     wait = backoff + Duration::from_millis(crate::random_u64() % 100);
                     backoff = (backoff * 2).min(st.config.max_backoff);
                 }

@@ -64,6 +64,10 @@ pub struct ClientConfig {
     pub device: String,
     /// Initial cursors (rooms the application already has up to a seq).
     pub resume: Vec<proto::Cursor>,
+    /// Other nodes of the same chatd cluster: when `addr` cannot be
+    /// reached (or is busy), reconnecting tries them in turn, then `addr`
+    /// again. Resume works on any node of a cluster.
+    pub fallback_addrs: Vec<String>,
     /// Reconnect when the connection drops (default true).
     pub reconnect: bool,
     /// Longest wait between reconnect attempts.
@@ -96,11 +100,24 @@ impl ClientConfig {
             token: token.into(),
             device: "rust".into(),
             resume: Vec::new(),
+            fallback_addrs: Vec::new(),
             reconnect: true,
             max_backoff: Duration::from_secs(5),
             max_frame_bytes: proto::DEFAULT_MAX_FRAME_BYTES,
             event_buffer: 65536,
             tls: None,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Moves on to the next address: the first fallback becomes `addr`,
+    /// and `addr` goes to the end of the fallbacks.
+    pub fn next_addr(&mut self) {
+        if !self.fallback_addrs.is_empty() {
+            let next = self.fallback_addrs.remove(0);
+            let previous = std::mem::replace(&mut self.addr, next);
+            self.fallback_addrs.push(previous);
         }
     }
 }
@@ -226,10 +243,22 @@ pub struct Client {
 
 impl Client {
     /// Connects, says `Hello`, and waits for `Welcome`.
-    pub async fn connect(config: ClientConfig) -> Result<(Client, Events), ClientError> {
+    /// With `fallback_addrs`, each address is tried once, in order, until
+    /// one answers.
+    pub async fn connect(mut config: ClientConfig) -> Result<(Client, Events), ClientError> {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ev_tx, ev_rx) = mpsc::channel(config.event_buffer.max(1));
-        let (conn, welcome) = conn::Conn::open(&config, &config.resume).await?;
+        let mut left = config.fallback_addrs.len();
+        let (conn, welcome) = loop {
+            match conn::Conn::open(&config, &config.resume).await {
+                Ok(opened) => break opened,
+                Err(ClientError::Connection(_)) if left > 0 => {
+                    left -= 1;
+                    config.next_addr();
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let msg_prefix = format!("{}-{:016x}", welcome.session_id, random_u64());
         let mut known = membership::Membership::default();
         known.on_welcome(&welcome);

@@ -39,9 +39,19 @@ impl Process {
         Self::try_start_with_env(dir, extra, &[("RUST_LOG", "warn")])
     }
 
+    /// Starts `chatd serve` on `dir` listening on the given TCP and HTTP
+    /// addresses (a node restarted where its clients look for it).
+    pub fn start_at(dir: &Path, tcp: &str, http: &str, extra: &[&str]) -> Process {
+        Self::spawn(dir, [tcp, http], extra, &[("RUST_LOG", "warn")]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     fn try_start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<Process, String> {
+        Self::spawn(dir, ["127.0.0.1:0", "127.0.0.1:0"], extra, env)
+    }
+
+    fn spawn(dir: &Path, [tcp, http]: [&str; 2], extra: &[&str], env: &[(&str, &str)]) -> Result<Process, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-            .args(["serve", "--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--publish-rate", "0", "--data"])
+            .args(["serve", "--tcp", tcp, "--http", http, "--publish-rate", "0", "--data"])
             .arg(dir)
             .args(extra)
             .envs(env.iter().copied())
