@@ -245,6 +245,8 @@ config! {
     cluster_durability: ClusterDurability = ClusterDurability::Strict;
     /// Cluster mode: Redis replicas that must have each append (WAIT) before it is acknowledged.
     cluster_replicas: u32 = 0;
+    /// Cluster mode: a node's presence entries hold this long unless renewed (every third of it); a crashed node's users go offline within about this.
+    cluster_presence_ttl_ms: u64 = 15_000, check check::at_least(300);
     /// Logs as text (human-readable) or json.
     log_format: LogFormat = LogFormat::Text;
     /// Log filter in tracing syntax, e.g. info or chatd=debug; RUST_LOG takes precedence.

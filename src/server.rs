@@ -116,7 +116,7 @@ impl Server {
         let log = Arc::new(log);
         let (deliveries, applied) = mpsc::channel(1024);
         let feed = Feed::start(log.clone(), deliveries);
-        let cluster = Arc::new(crate::hub::cluster::Cluster::new(log, feed));
+        let cluster = Arc::new(crate::hub::cluster::Cluster::new(log, feed, config.cluster_presence_ttl_ms));
         let store = Arc::new(crate::store::memory::MemoryStore::new());
         Self::start_inner(config, store, auth, Some((cluster, applied))).await
     }
@@ -184,6 +184,7 @@ impl Server {
                 .map_err(|e| StartError::Io(format!("cluster_redis: reading the shared state: {e}")))?;
             // Ends with the local commit queue, at shutdown.
             tokio::spawn(crate::hub::cluster::apply(hub.clone(), rx));
+            tokio::spawn(crate::hub::cluster::presence_upkeep(Arc::downgrade(&hub)));
         }
 
         let tls = match config.tls_addr() {

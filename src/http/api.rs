@@ -547,7 +547,7 @@ async fn post_message(
     hub.publish(&r, p, author, still_allowed).await?;
     match rx.await {
         Ok(Ok(ack)) => ok(&ack),
-        Ok(Err(why)) => Err(ApiError(ErrorCode::Internal, why)),
+        Ok(Err((code, why))) => Err(ApiError(code, why)),
         Err(_) => Err(ApiError(ErrorCode::ServerBusy, "server is shutting down".into())),
     }
 }

@@ -32,7 +32,7 @@ use crate::proto::{self, ErrorCode};
 use crate::room::Room;
 use crate::store::commit::{Pending, Write};
 use crate::store::redis::feed::{Delivery, Feed};
-use crate::store::redis::{AppendError, NewEntry, RedisLog};
+use crate::store::redis::{AppendError, Appended, NewEntry, RedisLog};
 use crate::store::{Append, Entry, RoomId};
 
 /// How long a `Hello` (or the first use of a room here) waits for the
@@ -47,8 +47,12 @@ pub struct Cluster {
     pub log: Arc<RedisLog>,
     /// The node's subscription to its rooms' entries.
     pub feed: Feed,
-    /// The epoch a room's first append starts (a random id per node start).
-    epoch: String,
+    /// The appends queued for the next pipeline ([`appender`]).
+    appends: mpsc::UnboundedSender<Job>,
+    /// This node's id among the cluster's (presence, ephemeral pushes).
+    pub node: String,
+    /// How long this node's presence entries hold unless renewed.
+    pub presence_ttl_ms: u64,
     inner: Mutex<Inner>,
     /// Woken whenever entries handed to the local commit have been fanned
     /// out (the rooms' heads moved).
@@ -81,11 +85,19 @@ struct Waiter {
 
 impl Cluster {
     /// The cluster side of a node over `log`, whose feed is `feed`.
-    pub fn new(log: Arc<RedisLog>, feed: Feed) -> Self {
+    /// Starts the node's appender; call within the runtime. Its presence
+    /// entries hold for `presence_ttl_ms` unless renewed
+    /// ([`presence_upkeep`]).
+    pub fn new(log: Arc<RedisLog>, feed: Feed, presence_ttl_ms: u64) -> Self {
+        let (appends, jobs) = mpsc::unbounded_channel();
+        // The epoch a room's first append starts: a random id per start.
+        tokio::spawn(appender(log.clone(), crate::store::redis::fresh_epoch(), jobs));
         Cluster {
             log,
             feed,
-            epoch: crate::store::redis::fresh_epoch(),
+            appends,
+            node: crate::store::redis::fresh_epoch(),
+            presence_ttl_ms,
             inner: Mutex::new(Inner::default()),
             applied: Notify::new(),
             malformed: Default::default(),
@@ -94,6 +106,17 @@ impl Cluster {
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a `Presence` or `Typing` push of `room` to the other nodes
+    /// serving it (not stored; lost if Redis is away).
+    pub fn share_ephemeral(&self, room: &Room, frame: bytes::Bytes) {
+        let (log, node, name) = (self.log.clone(), self.node.clone(), room.name.clone());
+        tokio::spawn(async move {
+            if let Err(e) = log.publish_ephemeral(&name, &node, &frame).await {
+                tracing::debug!(room = %name, error = %e, "a presence or typing push did not reach the other nodes");
+            }
+        });
     }
 
     /// Subscribes `room` on the feed unless it is already; its replica is
@@ -247,14 +270,15 @@ impl Hub {
     }
 
     /// Appends `message` (without seq and time: the script adds both) to
-    /// `room` in Redis as `sender`, with the idempotency key's `owner`; the
-    /// publisher is answered once the entry is back here and offered to the
-    /// room ([`apply`]), or at once for a duplicate. `Err` when nothing was
-    /// appended (as far as this node can tell: a retry with the same key is
-    /// always safe).
-    pub(super) async fn append_clustered(
+    /// `room` in Redis as the author, with the idempotency key's `owner`:
+    /// queued at once for the node's next pipeline of appends (so a
+    /// session's publishes keep their order), answered later — once the
+    /// entry is back here and offered to the room ([`apply`]), at once for
+    /// a duplicate, with `FORBIDDEN` or `SERVER_BUSY` when Redis refused it
+    /// or did not answer (a retry with the same key is always safe).
+    pub(super) fn append_clustered(
         &self,
-        c: &Cluster,
+        c: &Arc<Cluster>,
         room: &Arc<Room>,
         message: &proto::Message,
         owner: &Arc<str>,
@@ -262,34 +286,172 @@ impl Hub {
     ) -> Result<(), Refusal> {
         let Author { sender, publisher, permit, received } = author;
         c.attach(room);
-        let encoded = message.encode_to_vec();
-        let cmid = &message.client_msg_id;
-        let new = NewEntry {
-            room: &room.name,
-            message: &encoded,
-            owner,
-            client_msg_id: cmid,
-            member: &sender,
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            room: room.name.clone(),
+            message: message.encode_to_vec(),
+            owner: owner.clone(),
+            client_msg_id: message.client_msg_id.clone(),
+            member: sender,
             seen: room.head(),
+            reply,
         };
-        let appended = match c.log.append(&new, &c.epoch).await {
+        if c.appends.send(job).is_err() {
+            for w in self.pipeline.in_flight.settle(owner, &message.client_msg_id) {
+                w.refuse(ErrorCode::ServerBusy, "server is shutting down".into());
+            }
+            return Err(Refusal::new(ErrorCode::ServerBusy, "server is shutting down"));
+        }
+        let answered = Answered {
+            pipeline: self.pipeline.clone(),
+            cluster: c.clone(),
+            room: room.clone(),
+            owner: owner.clone(),
+            client_msg_id: message.client_msg_id.clone(),
+        };
+        let waiter = Waiter { publisher, permit, received };
+        tokio::spawn(async move {
+            let answer = answer.await.unwrap_or_else(|_| Err(AppendError::Unavailable("the node is stopping".into())));
+            answered.answer(answer, waiter).await;
+        });
+        Ok(())
+    }
+}
+
+/// Applies another node's `Presence` or `Typing` push to `room` here.
+fn ephemeral(hub: &Hub, c: &Cluster, room: &Arc<Room>, push: &[u8]) {
+    let Some((node, frame)) = crate::store::redis::presence::parse_ephemeral(push) else { return };
+    if node == c.node {
+        return;
+    }
+    let body = crate::codec::decode_envelope(frame.get(crate::codec::PREFIX_LEN..).unwrap_or_default())
+        .ok()
+        .and_then(|e| e.body);
+    match body {
+        Some(proto::Body::Typing(t)) => {
+            hub.typing_here(room, &Arc::from(t.user), t.active, None);
+        }
+        Some(proto::Body::Presence(_)) => {
+            room.broadcast_ephemeral(&crate::delivery::Frame::shared(bytes::Bytes::copy_from_slice(frame)), None);
+        }
+        _ => {
+            tracing::warn!(room = %room.name, node, "an ephemeral push from another node that is not Presence or Typing")
+        }
+    }
+}
+
+/// Keeps this node's presence in Redis alive and reaps the nodes that
+/// stopped renewing theirs: their users who are online nowhere else are
+/// said to be offline in their rooms, by this node to every node. Runs
+/// every third of the TTL until the hub goes.
+pub async fn presence_upkeep(hub: std::sync::Weak<Hub>) {
+    loop {
+        let Some(hub) = hub.upgrade() else { return };
+        let Some(c) = hub.cluster.clone() else { return };
+        let every = Duration::from_millis((c.presence_ttl_ms / 3).max(100));
+        if let Err(e) = c.log.renew_presence(&c.node, &hub.online_devices(), c.presence_ttl_ms).await {
+            tracing::debug!(error = %e, "presence not renewed: Redis unavailable");
+        }
+        match c.log.reap_nodes().await {
+            Ok(offline) => {
+                for user in offline {
+                    let Ok(rooms) = c.log.rooms_of(&user).await else { continue };
+                    for name in rooms {
+                        if let Some(room) = hub.room(&name) {
+                            hub.presence(&room, &user, 0, None);
+                        } else if let Err(e) =
+                            c.log.publish_ephemeral(&name, &c.node, &super::presence_frame(&name, &user, 0)).await
+                        {
+                            tracing::debug!(room = name, error = %e, "an offline presence did not reach the other nodes");
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "nodes not reaped: Redis unavailable"),
+        }
+        drop(hub);
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// An append waiting for the next pipeline.
+struct Job {
+    room: Arc<str>,
+    message: Vec<u8>,
+    owner: Arc<str>,
+    client_msg_id: String,
+    member: Arc<str>,
+    seen: u64,
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+/// Most appends in one pipeline.
+const MAX_PIPELINE: usize = 512;
+
+/// Sends the queued appends to Redis, a pipeline at a time: those queued
+/// while one is on its way go together in the next (a group commit of
+/// Redis's log), in the order they were queued.
+async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_PIPELINE {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let entries: Vec<NewEntry<'_>> = batch
+            .iter()
+            .map(|j| NewEntry {
+                room: &j.room,
+                message: &j.message,
+                owner: &j.owner,
+                client_msg_id: &j.client_msg_id,
+                member: &j.member,
+                seen: j.seen,
+            })
+            .collect();
+        let answers = log.append_all(&entries, &epoch).await;
+        drop(entries);
+        for (job, answer) in batch.into_iter().zip(answers) {
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// What answering an append needs, once Redis has answered it.
+struct Answered {
+    pipeline: Arc<crate::pipeline::Pipeline>,
+    cluster: Arc<Cluster>,
+    room: Arc<Room>,
+    owner: Arc<str>,
+    client_msg_id: String,
+}
+
+impl Answered {
+    async fn answer(self, answer: Result<Appended, AppendError>, waiter: Waiter) {
+        let Answered { pipeline, cluster: c, room, owner, client_msg_id: cmid } = self;
+        let m = &pipeline.metrics;
+        let appended = match answer {
             Ok(a) => a,
             Err(e) => {
-                let refusal = match e {
-                    AppendError::Forbidden(m) => Refusal::new(ErrorCode::Forbidden, m),
-                    AppendError::Unavailable(m) => {
-                        self.metrics.cluster_append_failures.increment(1);
-                        unavailable(m)
+                let (code, message) = match e {
+                    AppendError::Forbidden(msg) => (ErrorCode::Forbidden, msg),
+                    AppendError::Unavailable(msg) => {
+                        m.cluster_append_failures.increment(1);
+                        (ErrorCode::ServerBusy, unavailable(msg).message)
                     }
                     e @ AppendError::NotReplicated { .. } => {
-                        self.metrics.cluster_append_failures.increment(1);
-                        Refusal::new(ErrorCode::ServerBusy, format!("{e}; retry with the same client_msg_id"))
+                        m.cluster_append_failures.increment(1);
+                        (ErrorCode::ServerBusy, format!("{e}; retry with the same client_msg_id"))
                     }
                 };
-                for w in self.pipeline.in_flight.settle(owner, cmid) {
-                    w.fail(refusal.message.clone());
+                m.error(code);
+                for w in pipeline.in_flight.settle(&owner, &cmid) {
+                    w.refuse(code, message.clone());
                 }
-                return Err(refusal);
+                waiter.publisher.refuse(code, message);
+                return;
             }
         };
         let ack = |duplicate| proto::PublishAck {
@@ -300,14 +462,13 @@ impl Hub {
             duplicate,
         };
         if appended.duplicate {
-            self.metrics.duplicates.increment(1);
-            for w in self.pipeline.in_flight.settle(owner, cmid) {
+            m.duplicates.increment(1);
+            for w in pipeline.in_flight.settle(&owner, &cmid) {
                 w.ack(ack(true));
             }
-            publisher.ack(ack(true));
-            return Ok(());
+            waiter.publisher.ack(ack(true));
+            return;
         }
-        let waiter = Waiter { publisher, permit, received };
         let early = {
             let mut inner = c.inner();
             if inner.submitted.get(&room.id).is_some_and(|s| *s >= appended.seq) {
@@ -321,15 +482,14 @@ impl Hub {
             // The entry came back through the feed before Redis's answer
             // did: it is durable and on its way to the room here, where it
             // is offered before the ack, as on one node.
-            c.reached(room, appended.seq, SYNC_TIMEOUT).await;
-            self.metrics.published.increment(1);
-            self.metrics.publish_ack.record(w.received.elapsed().as_secs_f64());
-            for r in self.pipeline.in_flight.settle(owner, cmid) {
+            c.reached(&room, appended.seq, SYNC_TIMEOUT).await;
+            m.published.increment(1);
+            m.publish_ack.record(w.received.elapsed().as_secs_f64());
+            for r in pipeline.in_flight.settle(&owner, &cmid) {
                 r.ack(ack(true));
             }
             w.publisher.ack(ack(false));
         }
-        Ok(())
     }
 }
 
@@ -366,6 +526,9 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
             tracing::warn!(room = %d.room, "entries for a room this node does not know; dropped");
             continue;
         };
+        for push in &d.ephemeral {
+            ephemeral(&hub, &c, &room, push);
+        }
         if d.state_changed {
             // Read off the applier's path: entries keep flowing meanwhile.
             let (hub, name) = (hub.clone(), d.room.clone());

@@ -193,6 +193,13 @@ pub struct Hub {
     cluster: Option<Arc<cluster::Cluster>>,
 }
 
+/// The `Presence` push of `user` in `room` with `devices` online (0:
+/// offline).
+pub fn presence_frame(room: &str, user: &str, devices: u32) -> bytes::Bytes {
+    let p = crate::proto::Presence { room: room.to_string(), user: user.to_string(), online: devices > 0, devices };
+    crate::codec::encode_frame(&crate::proto::Envelope::push(crate::proto::Body::Presence(p)))
+}
+
 /// How long a typing indicator lasts without a refresh.
 pub const TYPING_TTL: Duration = Duration::from_secs(6);
 
@@ -390,8 +397,23 @@ impl Hub {
     }
 
     /// Turns `user`'s typing indicator in `room` on (until the TTL passes) or
-    /// off, and tells the room's other sessions.
+    /// off, and tells the room's other sessions (on every node).
     pub fn typing(&self, room: &Arc<Room>, user: &Arc<str>, active: bool, except_session: Option<u64>) {
+        let frame = self.typing_here(room, user, active, except_session);
+        if let Some(c) = &self.cluster {
+            c.share_ephemeral(room, frame);
+        }
+    }
+
+    /// [`Hub::typing`] on this node only (another node's `Typing` is
+    /// applied so: it expires here like a local one). Returns the push.
+    pub fn typing_here(
+        &self,
+        room: &Arc<Room>,
+        user: &Arc<str>,
+        active: bool,
+        except_session: Option<u64>,
+    ) -> bytes::Bytes {
         let until = active.then(|| Instant::now() + TYPING_TTL);
         let anyone = room.set_typing(user, until);
         {
@@ -404,7 +426,8 @@ impl Hub {
         }
         let push = crate::proto::Typing { room: room.name.to_string(), user: user.to_string(), active };
         let frame = crate::codec::encode_frame(&crate::proto::Envelope::push(crate::proto::Body::Typing(push)));
-        room.broadcast_ephemeral(&Frame::shared(frame), except_session);
+        room.broadcast_ephemeral(&Frame::shared(frame.clone()), except_session);
+        frame
     }
 
     /// Ends typing indicators not refreshed within the TTL (`Typing{active:
@@ -427,16 +450,64 @@ impl Hub {
     }
 
     /// Tells `room` that `user` came online (with `devices` sessions) or went
-    /// offline, except to the session `except`.
-    pub fn presence(&self, room: &Room, user: &str, devices: usize, except: Option<u64>) {
-        let p = crate::proto::Presence {
-            room: room.name.to_string(),
-            user: user.to_string(),
-            online: devices > 0,
-            devices: devices as u32,
+    /// offline, except to the session `except` (on every node).
+    pub fn presence(&self, room: &Arc<Room>, user: &str, devices: usize, except: Option<u64>) {
+        let frame = presence_frame(&room.name, user, devices as u32);
+        room.broadcast_ephemeral(&Frame::shared(frame.clone()), except);
+        if let Some(c) = &self.cluster {
+            c.share_ephemeral(room, frame);
+        }
+    }
+
+    /// A session of `user` started (`devices` is then their sessions on
+    /// this node) or their last one here ended (`devices` 0): `rooms` are
+    /// told, except the session `except`. In cluster mode the count is the
+    /// user's over every node, and a user still online on another node is
+    /// not said to go offline.
+    pub fn session_presence(
+        self: &Arc<Self>,
+        rooms: Vec<Arc<Room>>,
+        user: &Arc<str>,
+        devices: usize,
+        except: Option<u64>,
+    ) {
+        // A cluster node counts the user's devices even without rooms.
+        let Some(c) = self.cluster.clone() else {
+            for room in &rooms {
+                self.presence(room, user, devices, except);
+            }
+            return;
         };
-        let frame = crate::codec::encode_frame(&crate::proto::Envelope::push(crate::proto::Body::Presence(p)));
-        room.broadcast_ephemeral(&Frame::shared(frame), except);
+        let user = user.clone();
+        tokio::spawn(async move {
+            let total = match c.log.set_devices(&c.node, &user, devices as u32, c.presence_ttl_ms).await {
+                Ok(total) => total.max(devices as u32),
+                Err(e) => {
+                    tracing::debug!(user = %user, error = %e, "presence not shared: Redis unavailable");
+                    devices as u32
+                }
+            };
+            if devices == 0 && total > 0 {
+                return;
+            }
+            for room in rooms {
+                let frame = presence_frame(&room.name, &user, total);
+                room.broadcast_ephemeral(&Frame::shared(frame.clone()), except);
+                c.share_ephemeral(&room, frame);
+            }
+        });
+    }
+
+    /// The users with sessions on this node, with how many.
+    pub fn online_devices(&self) -> Vec<(String, u32)> {
+        let users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users
+            .iter()
+            .filter_map(|(u, e)| {
+                let n = e.lock().sessions.len();
+                (n > 0).then(|| (u.to_string(), n as u32))
+            })
+            .collect()
     }
 
     /// Registers an open connection.

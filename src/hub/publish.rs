@@ -234,7 +234,7 @@ impl Hub {
     /// gives it its seq (`cluster`).
     async fn append_in_cluster(
         &self,
-        c: &super::cluster::Cluster,
+        c: &Arc<super::cluster::Cluster>,
         room: &Arc<Room>,
         mut message: proto::Message,
         kind: Kind,
@@ -275,7 +275,7 @@ impl Hub {
         // The script adds both.
         message.seq = 0;
         message.ts_ms = 0;
-        self.append_clustered(c, room, &message, key_owner, author).await
+        self.append_clustered(c, room, &message, key_owner, author)
     }
 
     /// Ends the flight of a key whose request stored nothing; returns the

@@ -56,7 +56,7 @@ pub enum Publisher {
     /// The ack, or the error, is queued to the session with this id.
     Session(Arc<Subscriber>, u64),
     /// The ack, or why it failed, goes back through the channel.
-    Api(oneshot::Sender<Result<crate::proto::PublishAck, String>>),
+    Api(oneshot::Sender<Result<crate::proto::PublishAck, (crate::proto::ErrorCode, String)>>),
 }
 
 impl Publisher {
@@ -74,17 +74,23 @@ impl Publisher {
         }
     }
 
-    /// Answers that the message was not stored.
+    /// Answers that the message was not stored (a failure of the server).
     pub fn fail(self, message: String) {
+        self.refuse(crate::proto::ErrorCode::Internal, message);
+    }
+
+    /// Answers that the message was not stored, with `code` (`FORBIDDEN`,
+    /// `SERVER_BUSY`…) and why.
+    pub fn refuse(self, code: crate::proto::ErrorCode, message: String) {
         match self {
             Publisher::Session(session, id) => {
-                let error = crate::proto::Error::new(crate::proto::ErrorCode::Internal, message);
+                let error = crate::proto::Error::new(code, message);
                 let frame =
                     crate::codec::encode_frame(&crate::proto::Envelope::new(id, crate::proto::Body::Error(error)));
                 let _ = session.outbound.push(frame);
             }
             Publisher::Api(tx) => {
-                let _ = tx.send(Err(message));
+                let _ = tx.send(Err((code, message)));
             }
         }
     }

@@ -292,12 +292,12 @@ impl Session {
         let last = st.sessions.is_empty();
         for room in st.rooms.values() {
             room.unsubscribe(self.handle.id);
-            if last {
-                if room.is_typing(&user) {
-                    self.hub.typing(room, &user, false, None);
-                }
-                self.hub.presence(room, &user, 0, None);
+            if last && room.is_typing(&user) {
+                self.hub.typing(room, &user, false, None);
             }
+        }
+        if last {
+            self.hub.session_presence(st.rooms.values().cloned().collect(), &user, 0, None);
         }
         drop(st);
         // Last: whoever sees the gauge drop may rely on the presence push

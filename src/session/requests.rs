@@ -158,9 +158,7 @@ impl Session {
         }
         // The user's first connection online: tell the rooms.
         if st.sessions.len() == 1 {
-            for room in st.rooms.values() {
-                self.hub.presence(room, &user, 1, Some(self.handle.id));
-            }
+            self.hub.session_presence(st.rooms.values().cloned().collect(), &user, 1, Some(self.handle.id));
         }
         drop(st);
         for (code, msg) in problems {

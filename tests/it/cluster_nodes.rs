@@ -28,6 +28,21 @@ fn publish(room: &str, text: String, cmid: String) -> proto::Publish {
     proto::Publish { room: room.into(), text, client_msg_id: cmid, ..Default::default() }
 }
 
+/// The error answering request `id` (pushes before it, such as a member
+/// of another node joining, are skipped); panics on any other answer.
+async fn refused(r: &mut Raw, id: u64, code: ErrorCode) -> String {
+    loop {
+        let env = r.recv().await;
+        if env.id != id {
+            continue;
+        }
+        match env.body {
+            Some(Body::Error(e)) if e.code() == code => return e.message,
+            other => panic!("request {id}: expected {code:?}, got {other:?}"),
+        }
+    }
+}
+
 /// The next `n` messages of `room` pushed to `r`.
 async fn messages(r: &mut Raw, room: &str, n: usize) -> Vec<proto::Message> {
     let mut got = Vec::with_capacity(n);
@@ -91,7 +106,7 @@ async fn publishers_on_three_nodes_give_every_member_one_order() {
         assert_eq!(history, seen[0]);
     }
     // A retry on another node is a duplicate with the original's seq.
-    let original = &acks[0][0];
+    let original = acks[0].iter().find(|a| a.client_msg_id == "c0-0").expect("c0-0 acknowledged");
     let mut other = nodes[2].raw_member("pub0", "general").await;
     let retry = other.publish_message(publish("general", "0-0".into(), "c0-0".into())).await;
     assert!(retry.duplicate, "{retry:?}");
@@ -159,10 +174,10 @@ async fn membership_changes_reach_the_other_nodes() {
     // Not a member, on another node: refused there too.
     let (mut eve, _) = nodes[1].raw_user("eve").await;
     eve.send(1, Body::Join(proto::Join { room: "team".into() })).await;
-    eve.expect_error_reply(1, ErrorCode::Forbidden).await;
+    refused(&mut eve, 1, ErrorCode::Forbidden).await;
     let p = publish("team", "hi".into(), String::new());
     eve.send(2, Body::Publish(p)).await;
-    eve.expect_error_reply(2, ErrorCode::Forbidden).await;
+    refused(&mut eve, 2, ErrorCode::Forbidden).await;
     // Invited on node 0, the invitee on node 2 is told and can join there.
     let (mut ivan, _) = nodes[2].raw_user("ivan").await;
     let invite = proto::Invite { room: "team".into(), user: "ivan".into() };
@@ -189,7 +204,7 @@ async fn membership_changes_reach_the_other_nodes() {
         .await;
     assert_eq!((left.room.as_str(), left.by.as_str()), ("team", "olga"));
     ivan.send(9, Body::Publish(publish("team", "still here?".into(), String::new()))).await;
-    ivan.expect_error_reply(9, ErrorCode::Forbidden).await;
+    refused(&mut ivan, 9, ErrorCode::Forbidden).await;
     for n in nodes {
         n.stop().await;
     }
@@ -213,7 +228,7 @@ async fn while_redis_is_down_publishes_are_refused_and_ready_is_503_then_it_reco
         .until("readyz says 503", async || http_get(&node.http, "/readyz").await.0 == 503)
         .await;
     ann.send(77, Body::Publish(publish("r", "lost?".into(), "k-down".into()))).await;
-    let why = ann.expect_error_reply(77, ErrorCode::ServerBusy).await;
+    let why = refused(&mut ann, 77, ErrorCode::ServerBusy).await;
     assert!(why.contains("Redis"), "{why}");
     redis.restart();
     Polling::new(Duration::from_secs(20), 20)
@@ -225,4 +240,114 @@ async fn while_redis_is_down_publishes_are_refused_and_ready_is_503_then_it_reco
     let history: BTreeMap<u64, String> = ann.history_all("r").await.into_iter().map(|m| (m.seq, m.text)).collect();
     assert_eq!(history, acked, "every acknowledged message, nothing else");
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_refuses_publishes_then_catches_up_by_itself() {
+    let Some(redis) = RedisServer::for_test("a_node_cut_off_from_redis_refuses_publishes", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let proxy = crate::common::proxy::Proxy::start(format!("127.0.0.1:{}", redis.port)).await;
+    let through = proxy.url();
+    let cut_off = TestServer::start_in(tmp.path(), move |c| c.cluster_redis = Some(through)).await;
+    let direct = redis.url();
+    let other = TestServer::start_in(tmp.path(), move |c| c.cluster_redis = Some(direct)).await;
+    let mut ann = cut_off.raw_member("ann", "r").await;
+    let mut bob = other.raw_member("bob", "r").await;
+    for k in 0..3 {
+        bob.publish("r", &format!("before {k}")).await;
+    }
+    assert_eq!(messages(&mut ann, "r", 3).await.last().unwrap().seq, 3);
+
+    proxy.cut();
+    Polling::new(Duration::from_secs(10), 20)
+        .until("the cut-off node's readyz says 503", async || http_get(&cut_off.http, "/readyz").await.0 == 503)
+        .await;
+    ann.send(5, Body::Publish(publish("r", "from the cut-off node".into(), "k1".into()))).await;
+    let why = refused(&mut ann, 5, ErrorCode::ServerBusy).await;
+    assert!(why.contains("Redis"), "{why}");
+    // The rest of the cluster goes on.
+    assert_eq!(http_get(&other.http, "/readyz").await.0, 200);
+    let mut sent = Vec::new();
+    for k in 0..20 {
+        sent.push(bob.publish("r", &format!("during {k}")).await.seq);
+    }
+
+    proxy.restore();
+    Polling::new(Duration::from_secs(20), 20)
+        .until("the node's readyz says 200 again", async || http_get(&cut_off.http, "/readyz").await.0 == 200)
+        .await;
+    // What was published meanwhile reaches the node's session once, in
+    // order, filled from the stream; then its publishes go through.
+    let got: Vec<u64> = messages(&mut ann, "r", 20).await.iter().map(|m| m.seq).collect();
+    assert_eq!(got, sent);
+    let retry = ann.publish_message(publish("r", "from the cut-off node".into(), "k1".into())).await;
+    assert!(!retry.duplicate, "the refused publish was not stored: {retry:?}");
+    assert_eq!(bob.next_message().await.seq, retry.seq);
+    cut_off.stop().await;
+    other.stop().await;
+}
+
+/// The next `Presence` push about `user`.
+async fn presence_of(r: &mut Raw, user: &str) -> proto::Presence {
+    r.next_push(|b| match b {
+        Body::Presence(p) if p.user == user => Some(p),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_devices_over_nodes_and_typing_crosses_them() {
+    let Some(redis) = RedisServer::for_test("presence_counts_devices_over_nodes", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    let mut ann = nodes[0].raw_member("ann", "p").await;
+    let mut bob = nodes[1].raw_member("bob", "p").await;
+    let p = presence_of(&mut ann, "bob").await;
+    assert!(p.online, "{p:?}");
+    // A second device on another node: two devices in all.
+    let (bob2, _) = nodes[2].raw_user("bob").await;
+    let p = presence_of(&mut ann, "bob").await;
+    assert_eq!((p.online, p.devices), (true, 2), "{p:?}");
+    // Typing on one node reaches the other.
+    bob.send(0, Body::Typing(proto::Typing { room: "p".into(), user: String::new(), active: true })).await;
+    let t = ann
+        .next_push(|b| match b {
+            Body::Typing(t) => Some(t),
+            _ => None,
+        })
+        .await;
+    assert_eq!((t.user.as_str(), t.active), ("bob", true));
+    // One device goes: bob is still online elsewhere, so nothing is said;
+    // the last one goes: offline.
+    drop(bob2);
+    drop(bob);
+    let p = presence_of(&mut ann, "bob").await;
+    assert!(!p.online, "the first presence after both left is offline: {p:?}");
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_nodes_users_go_offline_within_the_presence_ttl() {
+    let Some(redis) = RedisServer::for_test("a_crashed_nodes_users_go_offline", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let ttl = "600";
+    let observer = TestServer::start_in(tmp.path(), move |c| {
+        c.cluster_redis = Some(url);
+        c.cluster_presence_ttl_ms = 600;
+    })
+    .await;
+    let mut ann = observer.raw_member("ann", "c").await;
+    let mut doomed =
+        crate::common::Process::start(tmp.path(), &["--cluster", &redis.url(), "--cluster-presence-ttl-ms", ttl]);
+    let _bob = doomed.raw_member("bob", "c").await;
+    assert!(presence_of(&mut ann, "bob").await.online);
+    doomed.kill9();
+    // Within the bounded wait of `presence_of`, many times the TTL.
+    let p = presence_of(&mut ann, "bob").await;
+    assert!(!p.online, "{p:?}");
+    observer.stop().await;
 }

@@ -46,6 +46,9 @@ pub struct Delivery {
     /// ([`STATE_NOTICE`]), or the room was just subscribed, or the
     /// connection was lost meanwhile. Read it again.
     pub state_changed: bool,
+    /// Pushes another node sent the room's subscribers without storing
+    /// them (`presence::publish_ephemeral`): each `node\nframe`.
+    pub ephemeral: Vec<Bytes>,
 }
 
 /// The payload a node publishes on a room's channel after it changed the
@@ -235,7 +238,27 @@ impl Gathered {
                 d.entries.extend(entries);
                 d.state_changed = state_changed;
             }
-            _ => self.rooms.push(Delivery { room: room.clone(), entries, epoch_changed, state_changed }),
+            _ => self.rooms.push(Delivery {
+                room: room.clone(),
+                entries,
+                epoch_changed,
+                state_changed,
+                ephemeral: Vec::new(),
+            }),
+        }
+    }
+
+    /// An ephemeral push for `room`, delivered with what was gathered.
+    fn push_ephemeral(&mut self, room: &Arc<str>, push: Bytes) {
+        match self.rooms.iter_mut().find(|d| d.room == *room) {
+            Some(d) => d.ephemeral.push(push),
+            None => self.rooms.push(Delivery {
+                room: room.clone(),
+                entries: Vec::new(),
+                epoch_changed: false,
+                state_changed: false,
+                ephemeral: vec![push],
+            }),
         }
     }
 
@@ -301,6 +324,10 @@ impl Feeder {
         let room = room.clone();
         if payload == STATE_NOTICE {
             out.push(&room, Vec::new(), false, true);
+            return Ok(());
+        }
+        if let Some(rest) = payload.strip_prefix(super::presence::EPHEMERAL_PREFIX) {
+            out.push_ephemeral(&room, Bytes::copy_from_slice(rest));
             return Ok(());
         }
         let Some((seq, epoch, message)) = parse_payload(payload) else {

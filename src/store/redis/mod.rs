@@ -17,6 +17,7 @@
 //! channel is a shard channel (`SPUBLISH`/`SSUBSCRIBE`).
 
 pub mod feed;
+pub mod presence;
 pub mod state;
 
 use std::time::Duration;
@@ -160,7 +161,7 @@ pub enum OpenError {
 }
 
 /// Why an append was not made.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AppendError {
     /// The sender is not a member of the room (as Redis holds it).
     #[error("{0}")]
@@ -270,6 +271,9 @@ fn idempotency_key(room: &str, owner: &str, client_msg_id: &str) -> String {
     room_key(room, &format!("idem:{owner}:{client_msg_id}"))
 }
 
+/// The append script (ARCHITECTURE.md, "Cluster mode").
+const APPEND_SCRIPT: &str = include_str!("append.lua");
+
 /// The shared log.
 pub struct RedisLog {
     target: Target,
@@ -310,7 +314,7 @@ impl RedisLog {
         for url in target.urls() {
             check_durability(&url, options.durability).await?;
         }
-        Ok(RedisLog { target: target.clone(), conn, append: redis::Script::new(include_str!("append.lua")), options })
+        Ok(RedisLog { target: target.clone(), conn, append: redis::Script::new(APPEND_SCRIPT), options })
     }
 
     /// Where it is.
@@ -331,44 +335,128 @@ impl RedisLog {
     /// Appends `e` to its room's log and publishes it on the room's channel,
     /// atomically; with replicas configured, answers once `WAIT` has them.
     pub async fn append(&self, e: &NewEntry<'_>, epoch: &str) -> Result<Appended, AppendError> {
-        let mut conn = self.conn.clone();
-        let publish = if self.target.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
-        let mut call = self.append.prepare_invoke();
-        call.key(room_key(e.room, "meta"))
-            .key(room_key(e.room, "log"))
-            .key(idempotency_key(e.room, e.owner, e.client_msg_id))
-            .key(room_key(e.room, "members"))
-            .arg(e.message)
-            .arg(e.member)
-            .arg(if e.client_msg_id.is_empty() { "0" } else { "1" })
-            .arg(self.options.idempotency_window.as_secs().max(1))
-            .arg(room_key(e.room, "ch"))
-            .arg(publish)
-            .arg(e.seen)
-            .arg(epoch);
-        let reply: (u8, u64, u64, String) = call.invoke_async(&mut conn).await.map_err(|err| {
-            if err.code() == Some("FORBIDDEN") {
-                AppendError::Forbidden(err.detail().unwrap_or("not a member").to_string())
-            } else {
-                AppendError::Unavailable(err.to_string())
+        let mut all = self.append_all(std::slice::from_ref(e), epoch).await;
+        all.pop().unwrap_or_else(|| Err(AppendError::Unavailable("no answer".into())))
+    }
+
+    /// [`RedisLog::append`] of every entry of `entries`, in one pipeline
+    /// (one round trip, one fsync of Redis's log for all of them), run in
+    /// order; answers each in order. On a Redis Cluster, whose pipelines
+    /// must stay in one slot, each room's entries are a pipeline of their
+    /// own, sent together.
+    pub async fn append_all(&self, entries: &[NewEntry<'_>], epoch: &str) -> Vec<Result<Appended, AppendError>> {
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        if self.target.is_cluster() {
+            let mut by_room: Vec<(&str, Vec<usize>)> = Vec::new();
+            for (i, e) in entries.iter().enumerate() {
+                match by_room.iter_mut().find(|(r, _)| *r == e.room) {
+                    Some((_, g)) => g.push(i),
+                    None => by_room.push((e.room, vec![i])),
+                }
             }
-        })?;
-        let (fresh, seq, ts_ms, epoch) = reply;
-        if self.options.replicas > 0 {
-            // WAIT covers every write this connection sent before it,
-            // this append's among them.
-            let timeout = self.options.replica_timeout.as_millis() as u64;
-            let got: u32 = redis::cmd("WAIT")
-                .arg(self.options.replicas)
-                .arg(timeout)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| AppendError::Unavailable(e.to_string()))?;
-            if got < self.options.replicas {
-                return Err(AppendError::NotReplicated { wanted: self.options.replicas, got });
+            groups.extend(by_room.into_iter().map(|(_, g)| g));
+        } else if !entries.is_empty() {
+            groups.push((0..entries.len()).collect());
+        }
+        let runs = groups.iter().map(|g| {
+            let group: Vec<&NewEntry<'_>> = g.iter().map(|i| &entries[*i]).collect();
+            async move { self.append_group(&group, epoch).await }
+        });
+        let answers = futures_util::future::join_all(runs).await;
+        let mut out: Vec<Option<Result<Appended, AppendError>>> = (0..entries.len()).map(|_| None).collect();
+        for (g, answer) in groups.iter().zip(answers) {
+            for (i, a) in g.iter().zip(answer) {
+                out[*i] = Some(a);
             }
         }
-        Ok(Appended { seq, ts_ms, duplicate: fresh == 0, epoch })
+        out.into_iter().map(|a| a.unwrap_or_else(|| Err(AppendError::Unavailable("no answer".into())))).collect()
+    }
+
+    /// One pipeline of appends to one slot (or one Redis), then `WAIT`.
+    async fn append_group(&self, group: &[&NewEntry<'_>], epoch: &str) -> Vec<Result<Appended, AppendError>> {
+        let mut conn = self.conn.clone();
+        let mut answers = self.run_scripts(&mut conn, group, epoch).await;
+        // A Redis that restarted has lost its script cache: NOSCRIPT, and
+        // nothing of the pipeline ran. Loaded, the pipeline runs again.
+        if answers.iter().any(|a| matches!(a, Err(e) if e.code() == Some("NOSCRIPT"))) {
+            let load = redis::cmd("SCRIPT").arg("LOAD").arg(APPEND_SCRIPT).query_async::<String>(&mut conn).await;
+            if let Err(e) = load {
+                let failed = AppendError::Unavailable(e.to_string());
+                return group.iter().map(|_| Err(failed.clone())).collect();
+            }
+            answers = self.run_scripts(&mut conn, group, epoch).await;
+        }
+        let mut out: Vec<Result<Appended, AppendError>> = answers
+            .into_iter()
+            .map(|a| match a {
+                Ok((fresh, seq, ts_ms, epoch)) => Ok(Appended { seq, ts_ms, duplicate: fresh == 0, epoch }),
+                Err(err) if err.code() == Some("FORBIDDEN") => {
+                    Err(AppendError::Forbidden(err.detail().unwrap_or("not a member").to_string()))
+                }
+                Err(err) => Err(AppendError::Unavailable(err.to_string())),
+            })
+            .collect();
+        if self.options.replicas > 0 && out.iter().any(Result::is_ok) {
+            // WAIT covers every write this connection sent before it,
+            // these appends' among them.
+            let timeout = self.options.replica_timeout.as_millis() as u64;
+            let wanted = self.options.replicas;
+            let got: Result<u32, _> = redis::cmd("WAIT").arg(wanted).arg(timeout).query_async(&mut conn).await;
+            let failed = match got {
+                Ok(got) if got >= wanted => None,
+                Ok(got) => Some(AppendError::NotReplicated { wanted, got }),
+                Err(e) => Some(AppendError::Unavailable(e.to_string())),
+            };
+            if let Some(failed) = failed {
+                for a in out.iter_mut().filter(|a| a.is_ok()) {
+                    *a = Err(failed.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The append script for each of `group`, pipelined; each answer as
+    /// Redis gave it (a whole failure answers every one with it).
+    async fn run_scripts(
+        &self,
+        conn: &mut Connection,
+        group: &[&NewEntry<'_>],
+        epoch: &str,
+    ) -> Vec<redis::RedisResult<(u8, u64, u64, String)>> {
+        let publish = if self.target.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let window = self.options.idempotency_window.as_secs().max(1);
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for e in group {
+            pipe.cmd("EVALSHA")
+                .arg(self.append.get_hash())
+                .arg(4)
+                .arg(room_key(e.room, "meta"))
+                .arg(room_key(e.room, "log"))
+                .arg(idempotency_key(e.room, e.owner, e.client_msg_id))
+                .arg(room_key(e.room, "members"))
+                .arg(e.message)
+                .arg(e.member)
+                .arg(if e.client_msg_id.is_empty() { "0" } else { "1" })
+                .arg(window)
+                .arg(room_key(e.room, "ch"))
+                .arg(publish)
+                .arg(e.seen)
+                .arg(epoch);
+        }
+        match pipe.query_async::<Vec<redis::RedisResult<(u8, u64, u64, String)>>>(conn).await {
+            Ok(answers) if answers.len() == group.len() => answers,
+            Ok(answers) => {
+                let e = RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "a pipeline of appends got the wrong number of answers",
+                    format!("{} for {}", answers.len(), group.len()),
+                ));
+                group.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => group.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     /// The entries of `room` with `from <= seq <= to`, ascending. Entries

@@ -17,6 +17,7 @@
 pub mod client;
 pub mod http;
 pub mod process;
+pub mod proxy;
 pub mod raw;
 pub mod redis;
 pub mod server;

@@ -87,11 +87,14 @@ pub async fn open(
     user: &str,
     resume: Vec<proto::Cursor>,
 ) -> anyhow::Result<Conn> {
-    let addr: SocketAddr = tokio::net::lookup_host(&c.server)
+    // A list of a cluster's nodes: connection n goes to the n-th, in turn.
+    let servers: Vec<&str> = c.server.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let server = *servers.get(n % servers.len().max(1)).ok_or_else(|| anyhow!("--server names no address"))?;
+    let addr: SocketAddr = tokio::net::lookup_host(server)
         .await
-        .with_context(|| format!("resolving {}", c.server))?
+        .with_context(|| format!("resolving {server}"))?
         .next()
-        .ok_or_else(|| anyhow!("{} resolves to nothing", c.server))?;
+        .ok_or_else(|| anyhow!("{server} resolves to nothing"))?;
     let tcp = match dial(addr, c.src_ips, n).await {
         // One source address has ~28k ephemeral ports to a given server
         // port; when they run out, spread over 127.0.0.2.. by ourselves.
@@ -104,7 +107,7 @@ pub async fn open(
     tcp.set_nodelay(true)?;
     let (r, w): (Box<dyn AsyncRead + Unpin + Send>, Writer) = if c.tls {
         let opts = chat_client::TlsOptions { ca: c.ca.clone(), server_name: None };
-        let tls = chat_client::tls::connect(tcp, &c.server, &opts).await?;
+        let tls = chat_client::tls::connect(tcp, server, &opts).await?;
         let (r, w) = tokio::io::split(tls);
         (Box::new(r), Box::new(w))
     } else {

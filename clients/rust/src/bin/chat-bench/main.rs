@@ -34,7 +34,9 @@ struct Cli {
 /// Options every scenario takes.
 #[derive(Args, Clone, Debug)]
 pub struct Common {
-    /// Server address (native protocol; the TLS port with --tls).
+    /// Server address (native protocol; the TLS port with --tls); a
+    /// comma-separated list spreads the connections over a cluster's nodes
+    /// (connection n to the n-th address, in turn).
     #[arg(long, global = true, default_value = "127.0.0.1:7400")]
     pub server: String,
     /// Mint tokens with DIR/secret (the server's data directory).
