@@ -53,7 +53,7 @@ pub struct Cluster {
     pub node: String,
     /// How long this node's presence entries hold unless renewed.
     pub presence_ttl_ms: u64,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     /// Woken whenever entries handed to the local commit have been fanned
     /// out (the rooms' heads moved).
     applied: Notify,
@@ -66,8 +66,9 @@ pub struct Cluster {
 struct Inner {
     /// Rooms subscribed on the feed.
     attached: HashSet<RoomId>,
-    /// Per room, the highest seq the applier handed to the local commit.
-    submitted: HashMap<RoomId, u64>,
+    /// Per room, the highest seq the fan-out has acknowledged here: an
+    /// answer from Redis for a seq at or below it is acked at once.
+    acked: HashMap<RoomId, u64>,
     /// The node's publishes appended in Redis whose entry the applier has
     /// not reached yet, by (room, seq).
     waiting: HashMap<(RoomId, u64), Waiter>,
@@ -90,22 +91,23 @@ impl Cluster {
     /// ([`presence_upkeep`]).
     pub fn new(log: Arc<RedisLog>, feed: Feed, presence_ttl_ms: u64) -> Self {
         let (appends, jobs) = mpsc::unbounded_channel();
+        let inner = Arc::new(Mutex::new(Inner::default()));
         // The epoch a room's first append starts: a random id per start.
-        tokio::spawn(appender(log.clone(), crate::store::redis::fresh_epoch(), jobs));
+        tokio::spawn(appender(log.clone(), crate::store::redis::fresh_epoch(), jobs, inner.clone()));
         Cluster {
             log,
             feed,
             appends,
             node: crate::store::redis::fresh_epoch(),
             presence_ttl_ms,
-            inner: Mutex::new(Inner::default()),
+            inner,
             applied: Notify::new(),
             malformed: Default::default(),
         }
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// Sends a `Presence` or `Typing` push of `room` to the other nodes
@@ -178,6 +180,19 @@ impl<'a> Shared<'a> {
     }
 }
 
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    inner.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl crate::pipeline::Claims for Cluster {
+    fn claim(&self, room: RoomId, seq: u64) -> Option<(Publisher, Option<OwnedSemaphorePermit>, Instant)> {
+        let mut inner = self.inner();
+        let acked = inner.acked.entry(room).or_default();
+        *acked = (*acked).max(seq);
+        inner.waiting.remove(&(room, seq)).map(|w| (w.publisher, w.permit, w.received))
+    }
+}
+
 /// A refusal for a Redis that did not answer.
 fn unavailable(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(ErrorCode::ServerBusy, format!("the cluster's Redis is unavailable, try again: {e}"))
@@ -228,13 +243,28 @@ impl Hub {
                 rooms.extend(self.cluster_refresh(&name).await?);
             }
         }
+        for name in c.log.invitations_of(&user).await.map_err(unavailable)? {
+            if self.room(&name).is_none_or(|r| !c.is_attached(&r)) {
+                self.cluster_refresh(&name).await?;
+            }
+        }
         for room in &rooms {
             if !c.is_attached(room) {
                 self.cluster_refresh(&room.name).await?;
             }
         }
-        // What the refreshes changed.
-        let rooms: Vec<Arc<Room>> = self.user(&user).lock().rooms.values().cloned().collect();
+        // What the refreshes changed, and the read markers moved elsewhere.
+        let entry = self.user(&user);
+        let rooms: Vec<Arc<Room>> = entry.lock().rooms.values().cloned().collect();
+        for room in &rooms {
+            if let Some(pos) = c.log.read_marker(&room.name, &user).await.map_err(unavailable)? {
+                let mut st = entry.lock();
+                let marker = st.read.get_or_insert(room.id, Default::default());
+                if pos.seq > marker.seq {
+                    *marker = pos;
+                }
+            }
+        }
         self.cluster_sync(&rooms).await
     }
 
@@ -254,12 +284,19 @@ impl Hub {
         Ok(())
     }
 
-    /// Before a request on the room called `name`: a room this node does
-    /// not know yet, or does not serve yet, is read from Redis and synced.
-    pub async fn cluster_use(&self, name: &str) -> Result<(), Refusal> {
+    /// Before `entry`'s request on the room called `name`: a room this
+    /// node does not know yet, or does not serve yet, is read from Redis
+    /// and synced; one it serves is read again if the user is not a member
+    /// here (they may have joined, or been added, through another node).
+    pub async fn cluster_use(&self, name: &str, entry: &super::UserEntry) -> Result<(), Refusal> {
         let Some(c) = &self.cluster else { return Ok(()) };
         let room = match self.room(name) {
-            Some(room) if c.is_attached(&room) => return Ok(()),
+            Some(room) if c.is_attached(&room) => {
+                if !entry.lock().rooms.contains_key(&room.id) {
+                    self.cluster_refresh(name).await?;
+                }
+                return Ok(());
+            }
             _ if !crate::room::valid_room_name(name) => return Ok(()),
             _ => self.cluster_refresh(name).await?,
         };
@@ -267,6 +304,21 @@ impl Hub {
             Some(room) => self.cluster_sync(std::slice::from_ref(&room)).await,
             None => Ok(()),
         }
+    }
+
+    /// Learns the rooms created on other nodes (from the registry in
+    /// Redis), without serving them yet: they are in the directory, and
+    /// read again when first used here.
+    async fn cluster_learn_rooms(&self) -> Result<(), Refusal> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        for name in c.log.room_names().await.map_err(unavailable)? {
+            if self.room(&name).is_none()
+                && let Some(state) = c.log.room_state(&name).await.map_err(unavailable)?
+            {
+                self.adopt(&name, state).await;
+            }
+        }
+        Ok(())
     }
 
     /// Appends `message` (without seq and time: the script adds both) to
@@ -286,34 +338,25 @@ impl Hub {
     ) -> Result<(), Refusal> {
         let Author { sender, publisher, permit, received } = author;
         c.attach(room);
-        let (reply, answer) = oneshot::channel();
         let job = Job {
-            room: room.name.clone(),
             message: message.encode_to_vec(),
-            owner: owner.clone(),
-            client_msg_id: message.client_msg_id.clone(),
             member: sender,
             seen: room.head(),
-            reply,
+            answered: Answered {
+                pipeline: self.pipeline.clone(),
+                room: room.clone(),
+                owner: owner.clone(),
+                client_msg_id: message.client_msg_id.clone(),
+            },
+            waiter: Waiter { publisher, permit, received },
         };
-        if c.appends.send(job).is_err() {
+        if let Err(refused) = c.appends.send(job) {
+            let job = refused.0;
             for w in self.pipeline.in_flight.settle(owner, &message.client_msg_id) {
                 w.refuse(ErrorCode::ServerBusy, "server is shutting down".into());
             }
-            return Err(Refusal::new(ErrorCode::ServerBusy, "server is shutting down"));
+            job.waiter.publisher.refuse(ErrorCode::ServerBusy, "server is shutting down".into());
         }
-        let answered = Answered {
-            pipeline: self.pipeline.clone(),
-            cluster: c.clone(),
-            room: room.clone(),
-            owner: owner.clone(),
-            client_msg_id: message.client_msg_id.clone(),
-        };
-        let waiter = Waiter { publisher, permit, received };
-        tokio::spawn(async move {
-            let answer = answer.await.unwrap_or_else(|_| Err(AppendError::Unavailable("the node is stopping".into())));
-            answered.answer(answer, waiter).await;
-        });
         Ok(())
     }
 }
@@ -332,6 +375,19 @@ fn ephemeral(hub: &Hub, c: &Cluster, room: &Arc<Room>, push: &[u8]) {
             hub.typing_here(room, &Arc::from(t.user), t.active, None);
         }
         Some(proto::Body::Presence(_)) => {
+            room.broadcast_ephemeral(&crate::delivery::Frame::shared(bytes::Bytes::copy_from_slice(frame)), None);
+        }
+        Some(proto::Body::ReadReceipt(r)) => {
+            // The reader's marker moved on another node: here too, for
+            // their sessions' unread counts.
+            if let Ok(pos) = hub.read_pos(room, &r.user, r.seq) {
+                let entry = hub.user(&r.user);
+                let mut st = entry.lock();
+                let marker = st.read.get_or_insert(room.id, Default::default());
+                if pos.seq > marker.seq {
+                    *marker = pos;
+                }
+            }
             room.broadcast_ephemeral(&crate::delivery::Frame::shared(bytes::Bytes::copy_from_slice(frame)), None);
         }
         _ => {
@@ -376,13 +432,11 @@ pub async fn presence_upkeep(hub: std::sync::Weak<Hub>) {
 
 /// An append waiting for the next pipeline.
 struct Job {
-    room: Arc<str>,
     message: Vec<u8>,
-    owner: Arc<str>,
-    client_msg_id: String,
     member: Arc<str>,
     seen: u64,
-    reply: oneshot::Sender<Result<Appended, AppendError>>,
+    answered: Answered,
+    waiter: Waiter,
 }
 
 /// Most appends in one pipeline.
@@ -390,8 +444,9 @@ const MAX_PIPELINE: usize = 512;
 
 /// Sends the queued appends to Redis, a pipeline at a time: those queued
 /// while one is on its way go together in the next (a group commit of
-/// Redis's log), in the order they were queued.
-async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
+/// Redis's log), in the order they were queued. Answers are handled in
+/// that order too, so a session's acks keep its requests' order.
+async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedReceiver<Job>, inner: Arc<Mutex<Inner>>) {
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_PIPELINE {
@@ -403,10 +458,10 @@ async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedRe
         let entries: Vec<NewEntry<'_>> = batch
             .iter()
             .map(|j| NewEntry {
-                room: &j.room,
+                room: &j.answered.room.name,
                 message: &j.message,
-                owner: &j.owner,
-                client_msg_id: &j.client_msg_id,
+                owner: &j.answered.owner,
+                client_msg_id: &j.answered.client_msg_id,
                 member: &j.member,
                 seen: j.seen,
             })
@@ -414,7 +469,7 @@ async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedRe
         let answers = log.append_all(&entries, &epoch).await;
         drop(entries);
         for (job, answer) in batch.into_iter().zip(answers) {
-            let _ = job.reply.send(answer);
+            job.answered.answer(&inner, answer, job.waiter);
         }
     }
 }
@@ -422,15 +477,17 @@ async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedRe
 /// What answering an append needs, once Redis has answered it.
 struct Answered {
     pipeline: Arc<crate::pipeline::Pipeline>,
-    cluster: Arc<Cluster>,
     room: Arc<Room>,
     owner: Arc<str>,
     client_msg_id: String,
 }
 
 impl Answered {
-    async fn answer(self, answer: Result<Appended, AppendError>, waiter: Waiter) {
-        let Answered { pipeline, cluster: c, room, owner, client_msg_id: cmid } = self;
+    /// Answers at once a refusal, a duplicate, or an entry the fan-out has
+    /// acknowledged here already; otherwise the fan-out answers it
+    /// ([`Cluster`]'s `Claims`).
+    fn answer(self, inner: &Mutex<Inner>, answer: Result<Appended, AppendError>, waiter: Waiter) {
+        let Answered { pipeline, room, owner, client_msg_id: cmid } = self;
         let m = &pipeline.metrics;
         let appended = match answer {
             Ok(a) => a,
@@ -469,20 +526,18 @@ impl Answered {
             waiter.publisher.ack(ack(true));
             return;
         }
-        let early = {
-            let mut inner = c.inner();
-            if inner.submitted.get(&room.id).is_some_and(|s| *s >= appended.seq) {
+        let now = {
+            let mut inner = lock(inner);
+            if inner.acked.get(&room.id).is_some_and(|s| *s >= appended.seq) {
                 Some(waiter)
             } else {
                 inner.waiting.insert((room.id, appended.seq), waiter);
                 None
             }
         };
-        if let Some(w) = early {
-            // The entry came back through the feed before Redis's answer
-            // did: it is durable and on its way to the room here, where it
-            // is offered before the ack, as on one node.
-            c.reached(&room, appended.seq, SYNC_TIMEOUT).await;
+        if let Some(w) = now {
+            // The entry came back through the feed and was offered to the
+            // room here before Redis's answer arrived.
             m.published.increment(1);
             m.publish_ack.record(w.received.elapsed().as_secs_f64());
             for r in pipeline.in_flight.settle(&owner, &cmid) {
@@ -511,6 +566,15 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
     };
     let commits = hub.pipeline.commits.clone();
     while let Some(d) = deliveries.recv().await {
+        if *d.room == *crate::store::redis::state::REGISTRY_CHANNEL {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                if let Err(e) = hub.cluster_learn_rooms().await {
+                    tracing::warn!(error = %e.message, "could not read the rooms' registry from Redis");
+                }
+            });
+            continue;
+        }
         if let Some(user) = d.room.strip_prefix('@') {
             if d.state_changed {
                 let (hub, user) = (hub.clone(), user.to_string());
@@ -526,17 +590,13 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
             tracing::warn!(room = %d.room, "entries for a room this node does not know; dropped");
             continue;
         };
-        for push in &d.ephemeral {
-            ephemeral(&hub, &c, &room, push);
-        }
-        if d.state_changed {
-            // Read off the applier's path: entries keep flowing meanwhile.
-            let (hub, name) = (hub.clone(), d.room.clone());
-            tokio::spawn(async move {
-                if let Err(e) = hub.cluster_refresh(&name).await {
-                    tracing::warn!(room = %name, error = %e.message, "could not read the room's state from Redis");
-                }
-            });
+        // The room's state first (inline, so that what follows on the
+        // channel — a presence after a departure — finds it changed), the
+        // pushes without storage after the entries.
+        if d.state_changed
+            && let Err(e) = hub.cluster_refresh(&d.room).await
+        {
+            tracing::warn!(room = %d.room, error = %e.message, "could not read the room's state from Redis");
         }
         if d.epoch_changed
             && let Some(first) = d.entries.first()
@@ -571,15 +631,7 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
             .map(|t| Box::new((Arc::<str>::from(t.sender), t.mentions)));
             let owner: Arc<str> = crate::store::idempotency_owner(&message.sender, &room.name).into();
             let Some(slot) = commits.reserve().await else { return };
-            let waiter = {
-                let mut inner = c.inner();
-                inner.submitted.insert(room.id, e.seq);
-                inner.waiting.remove(&(room.id, e.seq))
-            };
-            let (publisher, permit, received) = match waiter {
-                Some(w) => (Some(w.publisher), w.permit, w.received),
-                None => (None, None, Instant::now()),
-            };
+            let claims: Arc<dyn crate::pipeline::Claims> = c.clone();
             slot.send(Pending {
                 write: Write::Append(Append {
                     room: room.id,
@@ -595,16 +647,20 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
                     seq: e.seq,
                     ts_ms: message.ts_ms,
                     message: e.message,
-                    publisher,
+                    publisher: None,
+                    claims: Some(claims),
                     client_msg_id: message.client_msg_id,
                     sender: owner,
-                    permit,
-                    received,
+                    permit: None,
+                    received: Instant::now(),
                     entry,
                     erased,
                 })),
                 epoch: commits.epoch(),
             });
+        }
+        for push in &d.ephemeral {
+            ephemeral(&hub, &c, &room, push);
         }
         // Its completion comes out once the entries above are fanned out.
         let Some(slot) = commits.reserve().await else { return };
@@ -665,21 +721,43 @@ impl Hub {
     /// attaches it. `None` when Redis has no such room.
     pub async fn cluster_refresh(&self, name: &str) -> Result<Option<Arc<Room>>, Refusal> {
         let Some(c) = &self.cluster else { return Ok(self.room(name)) };
+        let room = match self.room(name) {
+            Some(room) => room,
+            None => {
+                let Some(state) = c.log.room_state(name).await.map_err(unavailable)? else { return Ok(None) };
+                self.room_or_insert(name, &state.details).0
+            }
+        };
+        // Read under the room's change lock: a change made here meanwhile
+        // is in Redis before it is applied here, so what is read is never
+        // older than what this node has applied.
+        let changes = self.lock_changes(&room).await;
         let Some(state) = c.log.room_state(name).await.map_err(unavailable)? else { return Ok(None) };
-        let room = self.adopt(name, state).await;
+        self.apply_state(&room, state).await;
+        drop(changes);
         c.attach(&room);
         Ok(Some(room))
     }
 
-    /// Applies a room's state as read from Redis (see
-    /// [`Hub::cluster_refresh`]), and stores it here.
+    /// Creates or updates the room called `name` from its state read from
+    /// Redis (a node that starts, a room created elsewhere).
     async fn adopt(&self, name: &str, st: crate::store::redis::state::RoomState) -> Arc<Room> {
+        let (room, _) = self.room_or_insert(name, &st.details);
+        let _changes = self.lock_changes(&room).await;
+        self.apply_state(&room, st).await;
+        room
+    }
+
+    /// Applies a room's state as read from Redis and stores it here,
+    /// telling the sessions here what changed: departures first, then role
+    /// changes (the highest role first, as a hand-over is made), then
+    /// arrivals. The caller holds the room's change lock.
+    async fn apply_state(&self, room: &Arc<Room>, st: crate::store::redis::state::RoomState) {
         use crate::proto::{MemberChange, Role};
         use crate::room::gov::Membership;
         use crate::store::RoomWrite;
-        let (room, _) = self.room_or_insert(name, &st.details);
+        let name = room.name.clone();
         room.mark_stored();
-        let _changes = self.lock_changes(&room).await;
         let mut local = vec![RoomWrite::Details { room: room.id, name: name.to_string(), details: st.details.clone() }];
         let retitled = {
             let mut g = room.gov();
@@ -689,28 +767,34 @@ impl Hub {
             g.details() != before
         };
         if retitled {
-            self.room_update(&room, "", "", MemberChange::Unspecified, Role::Unspecified);
+            self.room_update(room, "", "", MemberChange::Unspecified, Role::Unspecified);
         }
+        let (mut gone, mut roles, mut arrivals) = (Vec::new(), Vec::new(), Vec::new());
         for (user, rec) in &st.records {
             let current = room.gov().members.get(user).copied();
-            let id: Arc<str> = user.as_str().into();
-            if rec.role > 0 {
-                let role = Role::try_from(rec.role).unwrap_or(Role::Member);
-                match current {
-                    None => {
-                        self.admit(&room, &id, &self.user(user), Membership { role, since: rec.since }, &rec.by, None)
-                    }
-                    Some(m) if m.role != role => {
-                        room.gov().apply_member(&id, role, m.since);
-                        self.room_update(&room, &rec.by, user, MemberChange::RoleChanged, role);
-                    }
-                    Some(_) => {}
-                }
-            } else if current.is_some() {
-                let reason = MemberChange::try_from(rec.reason).unwrap_or(MemberChange::Left);
-                self.departed_here(&room, user, reason, &rec.by, None);
+            let role = Role::try_from(rec.role).unwrap_or(Role::Member);
+            match current {
+                Some(_) if rec.role == 0 => gone.push((user, rec)),
+                Some(m) if rec.role > 0 && m.role != role => roles.push((user, rec, role, m.since)),
+                None if rec.role > 0 => arrivals.push((user, rec, role)),
+                _ => {}
             }
             local.push(RoomWrite::Member { user: user.clone(), room: room.id, record: rec.clone() });
+        }
+        for (user, rec) in gone {
+            let reason = MemberChange::try_from(rec.reason).unwrap_or(MemberChange::Left);
+            self.departed_here(room, user, reason, &rec.by, None);
+        }
+        roles.sort_by_key(|(_, _, role, _)| std::cmp::Reverse(*role as i32));
+        for (user, rec, role, since) in roles {
+            room.gov().apply_member(&Arc::from(user.as_str()), role, since);
+            self.room_update(room, &rec.by, user, MemberChange::RoleChanged, role);
+        }
+        for (user, rec, role) in arrivals {
+            // A join's record names the member themselves.
+            let by = if rec.by.is_empty() { user } else { &rec.by };
+            let m = Membership { role, since: rec.since };
+            self.admit(room, &Arc::from(user.as_str()), &self.user(user), m, by, None);
         }
         let (lifted, stale_invites) = {
             let mut g = room.gov();
@@ -733,7 +817,7 @@ impl Hub {
             (lifted, stale)
         };
         for u in lifted {
-            self.room_update(&room, "", &u, MemberChange::Unbanned, Role::Unspecified);
+            self.room_update(room, "", &u, MemberChange::Unbanned, Role::Unspecified);
         }
         for u in stale_invites {
             self.user(&u).lock().invited.remove(&room.id);
@@ -741,7 +825,7 @@ impl Hub {
         for (u, invite) in &st.invites {
             let known = room.gov().invites().contains_key(u.as_str());
             if !known {
-                self.apply_invite(&room, &u.as_str().into(), invite);
+                self.apply_invite(room, &u.as_str().into(), invite);
             }
             local.push(RoomWrite::Invite { user: u.clone(), room: room.id, invite: Some(invite.clone()) });
         }
@@ -754,15 +838,16 @@ impl Hub {
             }
         }
         if let Err(e) = self.commit_here(Write::Rooms(local)).await {
-            tracing::error!(room = name, error = %e.message, "could not store the room's state from Redis here");
+            tracing::error!(room = %name, error = %e.message, "could not store the room's state from Redis here");
         }
-        room
     }
 
     /// Loads every room's state and the revocations from Redis into a
     /// node that starts.
     pub async fn cluster_load(&self) -> Result<usize, ::redis::RedisError> {
         let Some(c) = &self.cluster else { return Ok(0) };
+        // Rooms created on other nodes from now on.
+        c.feed.subscribe(crate::store::redis::state::REGISTRY_CHANNEL.into(), 0);
         let state = c.log.load_state().await?;
         let rooms = state.rooms.len();
         let mut names: Vec<_> = state.rooms.into_iter().collect();

@@ -173,6 +173,7 @@ impl Hub {
                     ts_ms,
                     message: encoded,
                     publisher: Some(publisher),
+                    claims: None,
                     client_msg_id: client_msg_id.clone(),
                     sender: key_owner.clone(),
                     permit,

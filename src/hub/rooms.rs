@@ -120,11 +120,14 @@ fn check_reason(reason: &str) -> Result<(), Refusal> {
     if reason.len() <= MAX_REASON { Ok(()) } else { Err(bad(format!("reason is longer than {MAX_REASON} bytes"))) }
 }
 
-fn member_write(user: &str, room: &Room, role: Role, since: u64) -> RoomWrite {
+/// `user`'s membership of `room` with `role`, given `by` (the user
+/// themselves for a join, "" when it passed on by itself): what other
+/// cluster nodes tell their sessions the change came from.
+fn member_write(user: &str, room: &Room, role: Role, since: u64, by: &str) -> RoomWrite {
     RoomWrite::Member {
         user: user.to_string(),
         room: room.id,
-        record: MemberRecord { role: role as i32, since, reason: 0, by: String::new(), role_ms: now_ms() },
+        record: MemberRecord { role: role as i32, since, reason: 0, by: by.to_string(), role_ms: now_ms() },
     }
 }
 
@@ -353,14 +356,14 @@ impl Hub {
                 let who = if peer_full { "the other user is" } else { "you are" };
                 return Err(forbidden(format!("{who} a member of {max} rooms already (the limit)")));
             }
-            let mut writes = vec![member_write(user, &room, role, since)];
+            let mut writes = vec![member_write(user, &room, role, since, user)];
             if invited {
                 writes.push(invite_write(user, &room, None));
             }
             // The other user of a direct room becomes a member in the same
             // commit, so nothing the joiner does next finds them outside it.
             if let Some(p) = &peer_joins {
-                writes.push(member_write(p, &room, Role::Member, since));
+                writes.push(member_write(p, &room, Role::Member, since, user));
             }
             self.commit_room(&room, writes).await?;
             let peer_joins: Option<Arc<str>> = peer_joins.map(Into::into);
@@ -496,7 +499,7 @@ impl Hub {
         // The heir is written first: a crash between the two records leaves
         // two owners (resolved on load), never none.
         if let Some((h, since)) = &heir {
-            writes.push(member_write(h, room, Role::Owner, *since));
+            writes.push(member_write(h, room, Role::Owner, *since, ""));
         }
         writes.push(RoomWrite::Member {
             user: user.to_string(),
@@ -624,7 +627,7 @@ impl Hub {
         }
         let mut writes = Vec::new();
         if let Some(o) = &owner {
-            writes.push(member_write(o, &room, Role::Owner, now));
+            writes.push(member_write(o, &room, Role::Owner, now, actor.id()));
         }
         let invite = InviteRecord { by: actor.id().to_string(), ts_ms: now };
         writes.extend(invitees.iter().map(|i| invite_write(i, &room, Some(invite.clone()))));
@@ -821,7 +824,7 @@ impl Hub {
         if entry.lock().rooms.len() >= max {
             return Err(forbidden(format!("{target} is a member of {max} rooms already (the limit)")));
         }
-        let mut writes = vec![member_write(&target, &room, role, since)];
+        let mut writes = vec![member_write(&target, &room, role, since, actor.id())];
         if invited {
             writes.push(invite_write(&target, &room, None));
         }
@@ -985,9 +988,9 @@ impl Hub {
         };
         // The new owner is written before the old one steps down: a crash
         // between leaves two owners (resolved on load), never none.
-        let mut writes = vec![member_write(target, &room, role, theirs.since)];
+        let mut writes = vec![member_write(target, &room, role, theirs.since, actor.id())];
         if let Some((o, since)) = &previous {
-            writes.push(member_write(o, &room, Role::Admin, *since));
+            writes.push(member_write(o, &room, Role::Admin, *since, actor.id()));
         }
         self.commit_room(&room, writes).await?;
         let target: Arc<str> = target.into();

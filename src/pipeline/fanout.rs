@@ -170,7 +170,12 @@ fn count(room: &crate::room::Room, entries: &[PublishDone]) {
 fn acknowledge_all(pipeline: &Pipeline, delivered: impl ExactSizeIterator<Item = PublishDone>) {
     // Entries another cluster node appended are its to count.
     let mut published = 0;
-    for p in delivered {
+    for mut p in delivered {
+        if p.publisher.is_none()
+            && let Some(claimed) = p.claims.as_ref().and_then(|c| c.claim(p.room.id, p.seq))
+        {
+            (p.publisher, p.permit, p.received) = (Some(claimed.0), claimed.1, claimed.2);
+        }
         if p.publisher.is_some() {
             published += 1;
             pipeline.metrics.publish_delivery.record(p.received.elapsed().as_secs_f64());
@@ -189,11 +194,11 @@ fn acknowledge(pipeline: &Pipeline, p: PublishDone) {
         client_msg_id: p.client_msg_id.clone(),
         duplicate,
     };
+    let latency = p.received.elapsed();
     if let Some(publisher) = p.publisher {
         publisher.ack(ack(false));
+        m.publish_ack.record(latency.as_secs_f64());
     }
-    let latency = p.received.elapsed();
-    m.publish_ack.record(latency.as_secs_f64());
     p.room.stats.record_publish(latency, p.ts_ms / 1000);
     if !p.client_msg_id.is_empty() {
         for w in pipeline.in_flight.settle(&p.sender, &p.client_msg_id) {
@@ -255,6 +260,7 @@ mod tests {
                 ts_ms: 0,
                 message,
                 publisher: Some(Publisher::Session(publisher.clone(), i as u64)),
+                claims: None,
                 client_msg_id: String::new(),
                 sender: "ann".into(),
                 permit: Some(permits.clone().try_acquire_owned().unwrap()),

@@ -96,6 +96,21 @@ impl Publisher {
     }
 }
 
+/// Who waits for the acknowledgement of entries appended elsewhere than
+/// through this pipeline (a cluster node's own publishes come back from
+/// Redis; `hub::cluster`): asked by the fan-out when it acknowledges such
+/// an entry, so that acks keep the entries' order.
+pub trait Claims: Send + Sync {
+    /// The publisher of `seq` in `room` waiting for its ack, with its
+    /// in-flight permit and when its request was read; `None` if its
+    /// answer has not come yet (it is then acked when it does).
+    fn claim(
+        &self,
+        room: crate::store::RoomId,
+        seq: u64,
+    ) -> Option<(Publisher, Option<OwnedSemaphorePermit>, std::time::Instant)>;
+}
+
 /// The parts of a publish needed after its commit.
 pub struct PublishDone {
     /// Its room.
@@ -107,8 +122,10 @@ pub struct PublishDone {
     /// The encoded `Message`.
     pub message: Bytes,
     /// Who is answered: nobody for an entry another cluster node appended
-    /// (its own publisher is answered there).
+    /// (its own publisher is answered there), or whoever `claims` names.
     pub publisher: Option<Publisher>,
+    /// Where the publisher of an entry appended elsewhere is found.
+    pub claims: Option<Arc<dyn Claims>>,
     /// Idempotency key (empty: none).
     pub client_msg_id: String,
     /// The idempotency key's owner (`store::idempotency_owner`: the sender,

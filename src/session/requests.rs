@@ -197,7 +197,7 @@ impl Session {
         };
         let hub = &*self.hub;
         if let Some(name) = &room_name
-            && let Err(Refusal { code, message }) = hub.cluster_use(name).await
+            && let Err(Refusal { code, message }) = hub.cluster_use(name, &entry).await
         {
             return self.reject(id, code, message);
         }
@@ -389,8 +389,11 @@ impl Session {
         let receipt =
             proto::ReadReceipt { room: m.room, user: user.to_string(), seq: moved.unwrap_or(current).max(seq) };
         if moved.is_some() {
-            let push = Frame::shared(encode_frame(&Envelope::push(Body::ReadReceipt(receipt.clone()))));
-            room.broadcast_ephemeral(&push, Some(self.handle.id));
+            let frame = encode_frame(&Envelope::push(Body::ReadReceipt(receipt.clone())));
+            room.broadcast_ephemeral(&Frame::shared(frame.clone()), Some(self.handle.id));
+            if let Some(c) = self.hub.cluster() {
+                c.share_ephemeral(&room, frame);
+            }
         }
         Ok(Some(Body::ReadReceipt(receipt)))
     }

@@ -39,6 +39,11 @@ pub fn user_channel(user: &str) -> String {
     format!("@{user}")
 }
 
+/// The name under which a feed subscribes to the notices of rooms created
+/// (or whose details changed) on any node. No room is called so (`*` is
+/// not in room names).
+pub const REGISTRY_CHANNEL: &str = "*rooms";
+
 /// The rooms `user` is a member of.
 fn rooms_of(user: &str) -> String {
     format!("chatd:user:{{{user}}}:rooms")
@@ -237,6 +242,9 @@ impl RedisLog {
         let mut rooms: Vec<String> = Vec::new();
         for w in notified {
             rooms.extend(w.room().map(str::to_string));
+            if let StateWrite::Details { .. } = w {
+                rooms.push(REGISTRY_CHANNEL.to_string());
+            }
             // The invitee's or member's own nodes, which may not serve the
             // room yet.
             if let StateWrite::Member { user, .. } | StateWrite::Invite { user, .. } = w {
@@ -250,6 +258,19 @@ impl RedisLog {
             redis::cmd(publish).arg(room_key(&room, "ch")).arg(super::feed::STATE_NOTICE).exec_async(&mut conn).await?;
         }
         Ok(())
+    }
+
+    /// `user`'s read marker in `room`, if they have one.
+    pub async fn read_marker(&self, room: &str, user: &str) -> Result<Option<ReadPos>, RedisError> {
+        let raw: Option<Vec<u8>> =
+            redis::cmd("HGET").arg(room_key(room, "reads")).arg(user).query_async(&mut self.connection()).await?;
+        raw.map(|v| ReadPos::decode(&v).ok_or_else(|| malformed(format!("{} {user}", room_key(room, "reads")))))
+            .transpose()
+    }
+
+    /// Every room's name.
+    pub async fn room_names(&self) -> Result<Vec<String>, RedisError> {
+        redis::cmd("SMEMBERS").arg(ROOMS).query_async(&mut self.connection()).await
     }
 
     /// The rooms `user` is a member of, sorted.

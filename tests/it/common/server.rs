@@ -20,6 +20,26 @@ pub struct TestServer {
     pub tls: Option<String>,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+    /// With `CHATD_TEST_CLUSTER=1`: the server is the first of three
+    /// cluster nodes over a Redis of its own ([`TestServer::start_in`]).
+    cluster: Option<ClusterNodes>,
+}
+
+/// The other nodes of a test cluster, and its Redis.
+struct ClusterNodes {
+    others: Vec<Server>,
+    /// Every node's TCP address, the first node's first.
+    addrs: Vec<String>,
+    /// Which node the next connection goes to.
+    next: std::sync::atomic::AtomicUsize,
+    _redis: super::redis::RedisServer,
+}
+
+/// Whether the suites run against a three-node cluster
+/// (`CHATD_TEST_CLUSTER=1`, set by `.ci/run` for a second pass of the
+/// suites where one node and a cluster must behave alike).
+pub fn cluster_mode() -> bool {
+    std::env::var("CHATD_TEST_CLUSTER").as_deref() == Ok("1")
 }
 
 /// The configuration of a test server on `dir`: ephemeral loopback ports and
@@ -49,11 +69,40 @@ impl TestServer {
         s
     }
 
-    /// A server on an existing data directory.
+    /// A server on an existing data directory. With
+    /// `CHATD_TEST_CLUSTER=1`, three cluster nodes over a fresh Redis (the
+    /// server the tests reach by `server`, `addr` and `http` is the first;
+    /// connections made through [`ChatServer`] and [`TestServer::client`]
+    /// go to the nodes in turn).
     pub async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = test_config(dir);
         tweak(&mut config);
+        let redis = match cluster_mode() && config.cluster_redis.is_none() {
+            true => {
+                assert!(
+                    super::redis::RedisServer::available("CHATD_TEST_CLUSTER=1"),
+                    "cluster mode needs redis-server"
+                );
+                let redis = super::redis::RedisServer::start_with(&[]);
+                config.cluster_redis = Some(redis.url());
+                Some(redis)
+            }
+            false => None,
+        };
         let server = Server::start(&config).await.expect("server starts");
+        let cluster = match redis {
+            Some(redis) => {
+                let mut others = Vec::new();
+                let mut addrs = vec![server.tcp_addr.to_string()];
+                for _ in 0..2 {
+                    let node = Server::start(&config).await.expect("a cluster node starts");
+                    addrs.push(node.tcp_addr.to_string());
+                    others.push(node);
+                }
+                Some(ClusterNodes { others, addrs, next: Default::default(), _redis: redis })
+            }
+            None => None,
+        };
         TestServer {
             addr: server.tcp_addr.to_string(),
             http: server.http_addr.to_string(),
@@ -61,6 +110,7 @@ impl TestServer {
             server: Some(server),
             dir: dir.to_path_buf(),
             _tmp: None,
+            cluster,
         }
     }
 
@@ -68,6 +118,11 @@ impl TestServer {
     pub async fn stop(mut self) -> Option<tempfile::TempDir> {
         if let Some(s) = self.server.take() {
             s.shutdown().await;
+        }
+        if let Some(c) = self.cluster.take() {
+            for node in c.others {
+                node.shutdown().await;
+            }
         }
         self._tmp.take()
     }
@@ -79,7 +134,7 @@ impl TestServer {
 
     /// A connected client for `user`; `tweak` adjusts its configuration.
     pub async fn client_with(&self, user: &str, tweak: impl FnOnce(&mut ClientConfig)) -> (Client, Events) {
-        let mut c = ClientConfig::new(self.addr.clone(), self.token(user));
+        let mut c = ClientConfig::new(ChatServer::addr(self).to_string(), self.token(user));
         tweak(&mut c);
         Client::connect(c).await.expect("client connects")
     }
@@ -134,7 +189,10 @@ pub trait ChatServer {
 
 impl ChatServer for TestServer {
     fn addr(&self) -> &str {
-        &self.addr
+        match &self.cluster {
+            Some(c) => &c.addrs[c.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % c.addrs.len()],
+            None => &self.addr,
+        }
     }
 
     fn dir(&self) -> &Path {
