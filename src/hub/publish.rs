@@ -205,17 +205,7 @@ impl Hub {
                     }
                     Ok((super::changes::Decision::Unchanged, _)) => {
                         drop(pending);
-                        let ack = proto::PublishAck {
-                            room: room.name.to_string(),
-                            seq: change.target,
-                            ts_ms: 0,
-                            client_msg_id: client_msg_id.clone(),
-                            duplicate: true,
-                        };
-                        for w in self.release_key(&key_owner, &client_msg_id) {
-                            w.ack(ack.clone());
-                        }
-                        publisher.ack(ack);
+                        self.unchanged(room, change.target, &key_owner, &client_msg_id, publisher);
                         Ok(())
                     }
                     Err(refusal) => {
@@ -252,17 +242,7 @@ impl Hub {
             match decision {
                 Ok(super::changes::Decision::Apply { .. }) => {}
                 Ok(super::changes::Decision::Unchanged) => {
-                    let ack = proto::PublishAck {
-                        room: room.name.to_string(),
-                        seq: change.target,
-                        ts_ms: 0,
-                        client_msg_id: client_msg_id.clone(),
-                        duplicate: true,
-                    };
-                    for w in self.release_key(key_owner, &client_msg_id) {
-                        w.ack(ack.clone());
-                    }
-                    author.publisher.ack(ack);
+                    self.unchanged(room, change.target, key_owner, &client_msg_id, author.publisher);
                     return Ok(());
                 }
                 Err(refusal) => {
@@ -277,6 +257,22 @@ impl Hub {
         message.seq = 0;
         message.ts_ms = 0;
         self.append_clustered(c, room, &message, key_owner, author)
+    }
+
+    /// Answers a change that is in force already (no entry): acked as a
+    /// duplicate with its target's seq, and so are the retries that waited.
+    fn unchanged(&self, room: &Room, target: u64, key_owner: &Arc<str>, client_msg_id: &str, publisher: Publisher) {
+        let ack = proto::PublishAck {
+            room: room.name.to_string(),
+            seq: target,
+            ts_ms: 0,
+            client_msg_id: client_msg_id.to_string(),
+            duplicate: true,
+        };
+        for w in self.release_key(key_owner, client_msg_id) {
+            w.ack(ack.clone());
+        }
+        publisher.ack(ack);
     }
 
     /// Ends the flight of a key whose request stored nothing; returns the
