@@ -691,7 +691,8 @@ impl Hub {
                     RoomWrite::Details { room, .. }
                     | RoomWrite::Member { room, .. }
                     | RoomWrite::Ban { room, .. }
-                    | RoomWrite::Invite { room, .. } => name(*room),
+                    | RoomWrite::Invite { room, .. }
+                    | RoomWrite::InviteEnded { room, .. } => name(*room),
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             Shared::ReadMarker(m) => vec![name(m.room)?],
@@ -707,6 +708,9 @@ impl Hub {
                     RoomWrite::Ban { user, ban, .. } => StateWrite::Ban { room, user, ban: ban.as_ref() },
                     RoomWrite::Invite { user, invite, .. } => {
                         StateWrite::Invite { room, user, invite: invite.as_ref() }
+                    }
+                    RoomWrite::InviteEnded { user, reason, by, .. } => {
+                        StateWrite::InviteEnded { room, user, reason: *reason, by }
                     }
                 })
                 .collect(),
@@ -820,7 +824,23 @@ impl Hub {
             self.room_update(room, "", &u, MemberChange::Unbanned, Role::Unspecified);
         }
         for u in stale_invites {
-            self.user(&u).lock().invited.remove(&room.id);
+            // Used by a join: the arrival said it all. Declined, or
+            // withdrawn by a removal or a ban: as one node tells it.
+            let ended = st.ended.iter().find(|(e, _)| **e == *u).map(|(_, r)| r);
+            let entry = self.user(&u);
+            let mut us = entry.lock();
+            us.invited.remove(&room.id);
+            let Some((reason, by)) = ended else { continue };
+            let reason = MemberChange::try_from(*reason).unwrap_or(MemberChange::Removed);
+            if reason != MemberChange::Declined {
+                let left = super::rooms::left(&name, reason, by);
+                let frame = crate::codec::encode_frame(&proto::Envelope::push(proto::Body::Left(left)));
+                for s in &us.sessions {
+                    let _ = s.outbound.push(frame.clone());
+                }
+            }
+            drop(us);
+            self.room_update(room, by, &u, reason, Role::Unspecified);
         }
         for (u, invite) in &st.invites {
             let known = room.gov().invites().contains_key(u.as_str());

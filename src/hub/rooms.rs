@@ -131,6 +131,12 @@ fn member_write(user: &str, room: &Room, role: Role, since: u64, by: &str) -> Ro
     }
 }
 
+/// Why `user`'s invitation to `room` ended, for the other nodes of a
+/// cluster.
+fn ended_write(user: &str, room: &Room, reason: MemberChange, by: &str) -> RoomWrite {
+    RoomWrite::InviteEnded { user: user.to_string(), room: room.id, reason: reason as i32, by: by.to_string() }
+}
+
 fn invite_write(user: &str, room: &Room, invite: Option<InviteRecord>) -> RoomWrite {
     RoomWrite::Invite { user: user.to_string(), room: room.id, invite }
 }
@@ -848,7 +854,8 @@ impl Hub {
         if !room.gov().invites().contains_key(&**user) {
             return Err(none());
         }
-        self.commit_room(&room, vec![invite_write(user, &room, None)]).await?;
+        let ended = ended_write(user, &room, MemberChange::Declined, user);
+        self.commit_room(&room, vec![invite_write(user, &room, None), ended]).await?;
         let info = {
             let mut g = room.gov();
             g.invites_mut().remove(&**user);
@@ -889,6 +896,11 @@ impl Hub {
         let mut writes = Vec::new();
         if invited {
             writes.push(invite_write(target, &room, None));
+            // A member's removal tells them with Left; an invitee's is the
+            // withdrawal of their invitation.
+            if !member {
+                writes.push(ended_write(target, &room, change, actor.id()));
+            }
         }
         let record = BanRecord { by: actor.id().to_string(), reason: reason.to_string(), ts_ms: now_ms() };
         if adds_ban {

@@ -206,6 +206,7 @@ impl Store for MemoryStore {
                 RoomWrite::Invite { user, room, invite: None } => {
                     g.invites.remove(&(user.clone(), *room));
                 }
+                RoomWrite::InviteEnded { .. } => {}
             }
         }
         for r in &batch.read_markers {

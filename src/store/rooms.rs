@@ -125,4 +125,19 @@ pub enum RoomWrite {
         /// The invitation.
         invite: Option<InviteRecord>,
     },
+    /// Why an invitation ended other than by a join (`reason`: declined,
+    /// or withdrawn by a removal or a ban, by `by`): nothing a store keeps
+    /// (the `Invite` write beside it removes the invitation); a cluster
+    /// node shares it, so that the other nodes tell their sessions as one
+    /// node would.
+    InviteEnded {
+        /// User id of the invitee.
+        user: String,
+        /// Room id.
+        room: RoomId,
+        /// A `MemberChange`: declined, removed or banned.
+        reason: i32,
+        /// Who ended it.
+        by: String,
+    },
 }

@@ -86,6 +86,17 @@ pub enum StateWrite<'a> {
         /// The invitation; `None` ends it.
         invite: Option<&'a InviteRecord>,
     },
+    /// Why an invitation ended, other than by a join.
+    InviteEnded {
+        /// Room name.
+        room: &'a str,
+        /// The invitee.
+        user: &'a str,
+        /// A `MemberChange`: declined, removed or banned.
+        reason: i32,
+        /// Who ended it.
+        by: &'a str,
+    },
     /// A read marker moved.
     ReadMarker {
         /// Room name.
@@ -112,6 +123,7 @@ impl StateWrite<'_> {
             | StateWrite::Member { room, .. }
             | StateWrite::Ban { room, .. }
             | StateWrite::Invite { room, .. }
+            | StateWrite::InviteEnded { room, .. }
             | StateWrite::ReadMarker { room, .. } => Some(room),
             StateWrite::Revocation { .. } => None,
         }
@@ -131,6 +143,9 @@ pub struct RoomState {
     pub bans: Vec<(String, BanRecord)>,
     /// Pending invitations.
     pub invites: Vec<(String, InviteRecord)>,
+    /// How the last invitation of each invitee ended other than by a join:
+    /// (invitee, (`MemberChange`, by)).
+    pub ended: Vec<(String, (i32, String))>,
     /// Read markers.
     pub reads: Vec<(String, ReadPos)>,
 }
@@ -217,12 +232,17 @@ impl RedisLog {
                     on!(room_key(room, "")).hdel(room_key(room, "bans"), *user).ignore();
                 }
                 StateWrite::Invite { room, user, invite: Some(i) } => {
-                    on!(room_key(room, "")).hset(room_key(room, "invites"), *user, i.encode_to_vec()).ignore();
+                    let pipe = on!(room_key(room, ""));
+                    pipe.hset(room_key(room, "invites"), *user, i.encode_to_vec()).ignore();
+                    pipe.hdel(room_key(room, "ended"), *user).ignore();
                     on!(invites_of(user)).sadd(invites_of(user), *room).ignore();
                 }
                 StateWrite::Invite { room, user, invite: None } => {
                     on!(room_key(room, "")).hdel(room_key(room, "invites"), *user).ignore();
                     on!(invites_of(user)).srem(invites_of(user), *room).ignore();
+                }
+                StateWrite::InviteEnded { room, user, reason, by } => {
+                    on!(room_key(room, "")).hset(room_key(room, "ended"), *user, format!("{reason}:{by}")).ignore();
                 }
                 StateWrite::ReadMarker { room, user, pos } => {
                     on!(room_key(room, "")).hset(room_key(room, "reads"), *user, pos.encode().to_vec()).ignore();
@@ -247,7 +267,10 @@ impl RedisLog {
             }
             // The invitee's or member's own nodes, which may not serve the
             // room yet.
-            if let StateWrite::Member { user, .. } | StateWrite::Invite { user, .. } = w {
+            if let StateWrite::Member { user, .. }
+            | StateWrite::Invite { user, .. }
+            | StateWrite::InviteEnded { user, .. } = w
+            {
                 rooms.push(user_channel(user));
             }
         }
@@ -298,20 +321,16 @@ impl RedisLog {
     pub async fn room_state(&self, room: &str) -> Result<Option<RoomState>, RedisError> {
         let mut conn = self.connection();
         type Records = HashMap<String, Vec<u8>>;
-        let (details, head, records, bans, invites, reads): (
-            Option<Vec<u8>>,
-            Option<u64>,
-            Records,
-            Records,
-            Records,
-            Records,
-        ) = redis::pipe()
+        /// Details, head, then the record hashes, then `:ended`.
+        type Read = (Option<Vec<u8>>, Option<u64>, Records, Records, Records, Records, HashMap<String, String>);
+        let (details, head, records, bans, invites, reads, ended): Read = redis::pipe()
             .get(room_key(room, "details"))
             .hget(room_key(room, "meta"), "head")
             .hgetall(room_key(room, "records"))
             .hgetall(room_key(room, "bans"))
             .hgetall(room_key(room, "invites"))
             .hgetall(room_key(room, "reads"))
+            .hgetall(room_key(room, "ended"))
             .query_async(&mut conn)
             .await?;
         let Some(details) = details else { return Ok(None) };
@@ -325,12 +344,21 @@ impl RedisLog {
             })
             .collect::<Result<Vec<_>, _>>()?;
         reads.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut ended: Vec<(String, (i32, String))> = ended
+            .into_iter()
+            .filter_map(|(user, v)| {
+                let (reason, by) = v.split_once(':')?;
+                Some((user, (reason.parse().ok()?, by.to_string())))
+            })
+            .collect();
+        ended.sort();
         Ok(Some(RoomState {
             details: RoomDetails::decode(&details[..]).map_err(|e| malformed(format!("{}: {e}", key("details"))))?,
             head: head.unwrap_or(0),
             records: decode_all(&key("records"), records)?,
             bans: decode_all(&key("bans"), bans)?,
             invites: decode_all(&key("invites"), invites)?,
+            ended,
             reads,
         }))
     }

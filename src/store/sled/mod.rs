@@ -366,6 +366,7 @@ impl Store for SledStore {
                             None => t.invites.remove(key)?,
                         };
                     }
+                    RoomWrite::InviteEnded { .. } => {}
                 }
             }
             let runs = fold::runs(&batch.appends);
