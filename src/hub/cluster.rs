@@ -439,6 +439,63 @@ struct Job {
     waiter: Waiter,
 }
 
+/// How long a room's change lock in Redis holds if the node holding it
+/// dies.
+const ROOM_LOCK_TTL_MS: u64 = 5_000;
+
+/// How long a change waits for another node's change of the same room.
+const ROOM_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// A room's change lock: this node's, and in cluster mode the room's in
+/// Redis, released when dropped.
+pub(super) struct ChangeGuard<'a> {
+    _local: tokio::sync::MutexGuard<'a, ()>,
+    shared: Option<(Arc<RedisLog>, Arc<str>, String)>,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((log, room, token)) = self.shared.take() {
+            tokio::spawn(async move {
+                // Expires by itself if this fails.
+                if let Err(e) = log.unlock_room(&room, &token).await {
+                    tracing::debug!(room = %room, error = %e, "a room's change lock was left to expire");
+                }
+            });
+        }
+    }
+}
+
+impl Hub {
+    /// Serialises changes to `room`: on one node its change lock; on a
+    /// cluster node also the room's lock in Redis, after which the room's
+    /// state is read again, so that a change is decided on everything
+    /// every node changed before it. `SERVER_BUSY` when Redis does not
+    /// answer or another node holds the room for too long.
+    pub(super) async fn change_lock<'a>(&'a self, room: &Arc<Room>) -> Result<ChangeGuard<'a>, Refusal> {
+        let local = self.lock_changes(room).await;
+        let Some(c) = &self.cluster else { return Ok(ChangeGuard { _local: local, shared: None }) };
+        let token = crate::store::redis::fresh_epoch();
+        let deadline = tokio::time::Instant::now() + ROOM_LOCK_WAIT;
+        let mut wait = Duration::from_millis(2);
+        // Another node's change takes a few round trips: waiting for it
+        // with a short backoff costs less than a notice per release.
+        while !c.log.lock_room(&room.name, &token, ROOM_LOCK_TTL_MS).await.map_err(unavailable)? {
+            if tokio::time::Instant::now() >= deadline {
+                let msg = format!("room {} is being changed on another node; try again", room.name);
+                return Err(Refusal::new(ErrorCode::ServerBusy, msg));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+        }
+        let guard = ChangeGuard { _local: local, shared: Some((c.log.clone(), room.name.clone(), token)) };
+        if let Some(state) = c.log.room_state(&room.name).await.map_err(unavailable)? {
+            self.apply_state(room, state).await;
+        }
+        Ok(guard)
+    }
+}
+
 /// Most appends in one pipeline.
 const MAX_PIPELINE: usize = 512;
 

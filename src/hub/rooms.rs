@@ -332,7 +332,13 @@ impl Hub {
                 }
                 None => return Err(not_found(format!("no room {name} (rooms are created with CreateRoom here)"))),
             };
-            let _changes = self.lock_changes(&room).await;
+            let _changes = match self.change_lock(&room).await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    self.forget_unstored(&room);
+                    return Err(e);
+                }
+            };
             if !self.is_current(&room) {
                 // Its creation failed while this waited: start over.
                 continue;
@@ -472,7 +478,7 @@ impl Hub {
         check_name(name)?;
         let done = left(name, MemberChange::Left, user);
         let Some(room) = self.room(name) else { return Ok(done) };
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         // Leaving a room one is not in is already done.
         if entry.lock().rooms.contains_key(&room.id) {
             self.depart(&room, user, MemberChange::Left, user, origin, Vec::new()).await?;
@@ -613,7 +619,13 @@ impl Hub {
         if !new {
             return Err(exists());
         }
-        let _changes = self.lock_changes(&room).await;
+        let _changes = match self.change_lock(&room).await {
+            Ok(guard) => guard,
+            Err(e) => {
+                self.forget_unstored(&room);
+                return Err(e);
+            }
+        };
         if !self.is_current(&room) || !room.gov().members.is_empty() {
             return Err(exists());
         }
@@ -697,7 +709,7 @@ impl Hub {
         let room = self.existing(&u.room)?;
         gov::check_texts(u.title.as_deref(), u.topic.as_deref()).map_err(bad)?;
         self.charge(actor)?;
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         let (details, changed) = {
             let g = room.gov();
             Self::permit(&g, actor, Action::Update, "", Role::Unspecified)?;
@@ -747,7 +759,7 @@ impl Hub {
         check_user(target)?;
         let room = self.existing(name)?;
         self.charge(actor)?;
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         {
             let g = room.gov();
             Self::permit(&g, actor, Action::Invite, target, Role::Unspecified)?;
@@ -789,7 +801,7 @@ impl Hub {
         };
         let room = self.existing(name)?;
         self.charge(actor)?;
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         let target: Arc<str> = target.into();
         let entry = self.user(&target);
         let _serial = entry.membership.lock().await;
@@ -850,7 +862,7 @@ impl Hub {
         let none = || not_found(format!("no pending invitation to {name}"));
         let room = self.existing(name).map_err(|e| if e.code == ErrorCode::NotFound { none() } else { e })?;
         self.take_change_token(entry)?;
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         if !room.gov().invites().contains_key(&**user) {
             return Err(none());
         }
@@ -881,7 +893,7 @@ impl Hub {
         check_reason(reason)?;
         let room = self.existing(name)?;
         self.charge(actor)?;
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         let action = if ban { Action::Ban } else { Action::Remove };
         let (member, invited, banned) = {
             let g = room.gov();
@@ -950,7 +962,7 @@ impl Hub {
         check_reason(reason)?;
         let room = self.existing(name)?;
         self.charge(actor)?;
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         {
             let g = room.gov();
             Self::permit(&g, actor, Action::Unban, target, Role::Unspecified)?;
@@ -980,7 +992,7 @@ impl Hub {
         };
         let room = self.existing(name)?;
         self.charge(actor)?;
-        let _changes = self.lock_changes(&room).await;
+        let _changes = self.change_lock(&room).await?;
         let (theirs, previous) = {
             let g = room.gov();
             Self::permit(&g, actor, Action::SetRole, target, role)?;

@@ -351,3 +351,28 @@ async fn a_crashed_nodes_users_go_offline_within_the_presence_ttl() {
     assert!(!p.online, "{p:?}");
     observer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_waits_for_another_nodes_change_of_the_room_and_decides_on_it() {
+    let Some(redis) = RedisServer::for_test("a_change_waits_for_another_nodes_change", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    let _ann = nodes[0].raw_member("ann", "held").await;
+    let _cat = nodes[1].raw_member("cat", "held").await;
+    // Another node is in the middle of a change of the room: it holds the
+    // room's lock, and has banned bob by the time it lets go.
+    assert_eq!(redis.cli(&["SET", "chatd:{held}:lock", "another-node", "PX", "20000"]).as_deref(), Some("OK"));
+    let (mut bob, _) = nodes[1].raw_user("bob").await;
+    bob.send(1, Body::Join(proto::Join { room: "held".into() })).await;
+    // (Time for the join to read the room before the ban: without the
+    // lock it would be decided on that read, and succeed.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A BanRecord with every field at its default encodes as no bytes.
+    assert_eq!(redis.cli(&["HSET", "chatd:{held}:bans", "bob", ""]).as_deref(), Some("1"));
+    assert_eq!(redis.cli(&["DEL", "chatd:{held}:lock"]).as_deref(), Some("1"));
+    let why = refused(&mut bob, 1, ErrorCode::Forbidden).await;
+    assert!(why.contains("banned"), "{why}");
+    for n in nodes {
+        n.stop().await;
+    }
+}

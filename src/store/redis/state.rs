@@ -283,6 +283,32 @@ impl RedisLog {
         Ok(())
     }
 
+    /// Takes `room`'s change lock for `ttl_ms` as `token`; false if
+    /// another node holds it.
+    pub async fn lock_room(&self, room: &str, token: &str, ttl_ms: u64) -> Result<bool, RedisError> {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(room_key(room, "lock"))
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut self.connection())
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases `room`'s change lock if `token` still holds it.
+    pub async fn unlock_room(&self, room: &str, token: &str) -> Result<(), RedisError> {
+        const RELEASE: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        redis::Script::new(RELEASE)
+            .key(room_key(room, "lock"))
+            .arg(token)
+            .invoke_async::<i64>(&mut self.connection())
+            .await
+            .map(|_| ())
+    }
+
     /// `user`'s read marker in `room`, if they have one.
     pub async fn read_marker(&self, room: &str, user: &str) -> Result<Option<ReadPos>, RedisError> {
         let raw: Option<Vec<u8>> =
