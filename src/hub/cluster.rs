@@ -258,11 +258,7 @@ impl Hub {
         let rooms: Vec<Arc<Room>> = entry.lock().rooms.values().cloned().collect();
         for room in &rooms {
             if let Some(pos) = c.log.read_marker(&room.name, &user).await.map_err(unavailable)? {
-                let mut st = entry.lock();
-                let marker = st.read.get_or_insert(room.id, Default::default());
-                if pos.seq > marker.seq {
-                    *marker = pos;
-                }
+                entry.raise_read_marker(room.id, pos);
             }
         }
         self.cluster_sync(&rooms).await
@@ -381,12 +377,7 @@ fn ephemeral(hub: &Hub, c: &Cluster, room: &Arc<Room>, push: &[u8]) {
             // The reader's marker moved on another node: here too, for
             // their sessions' unread counts.
             if let Ok(pos) = hub.read_pos(room, &r.user, r.seq) {
-                let entry = hub.user(&r.user);
-                let mut st = entry.lock();
-                let marker = st.read.get_or_insert(room.id, Default::default());
-                if pos.seq > marker.seq {
-                    *marker = pos;
-                }
+                hub.user(&r.user).raise_read_marker(room.id, pos);
             }
             room.broadcast_ephemeral(&crate::delivery::Frame::shared(bytes::Bytes::copy_from_slice(frame)), None);
         }
@@ -907,12 +898,7 @@ impl Hub {
             local.push(RoomWrite::Invite { user: u.clone(), room: room.id, invite: Some(invite.clone()) });
         }
         for (u, pos) in &st.reads {
-            let entry = self.user(u);
-            let mut us = entry.lock();
-            let marker = us.read.get_or_insert(room.id, Default::default());
-            if pos.seq > marker.seq {
-                *marker = *pos;
-            }
+            self.user(u).raise_read_marker(room.id, *pos);
         }
         if let Err(e) = self.commit_here(Write::Rooms(local)).await {
             tracing::error!(room = %name, error = %e.message, "could not store the room's state from Redis here");

@@ -158,6 +158,16 @@ impl UserEntry {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, UserState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Moves the read marker of room `room` to `pos` if that is further
+    /// (a marker moved on another cluster node; markers never go back).
+    pub fn raise_read_marker(&self, room: RoomId, pos: crate::store::ReadPos) {
+        let mut st = self.lock();
+        let marker = st.read.get_or_insert(room, Default::default());
+        if pos.seq > marker.seq {
+            *marker = pos;
+        }
+    }
 }
 
 /// Shared server state.
