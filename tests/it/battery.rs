@@ -252,7 +252,12 @@ pub async fn publish_keys(
 /// Room administration pipelined beside the crash battery's publishes:
 /// `requests` in order; returns the indexes answered with `RoomInfo`
 /// before the connection ended, with when. Any error reply fails the test.
-async fn moderate(addr: String, token: String, requests: Vec<Body>) -> HashMap<usize, Instant> {
+async fn moderate(
+    addr: String,
+    token: String,
+    requests: Vec<Body>,
+    first: Arc<std::sync::OnceLock<Instant>>,
+) -> HashMap<usize, Instant> {
     let mut answered = HashMap::new();
     let Some(mut r) = setup(&addr, &token, &[]).await else { return answered };
     let mut wire = BytesMut::new();
@@ -269,7 +274,9 @@ async fn moderate(addr: String, token: String, requests: Vec<Body>) -> HashMap<u
         let Ok(env) = decode_envelope(&f) else { continue };
         match env.body {
             Some(Body::RoomInfo(_)) if env.id >= 1000 => {
-                answered.insert(env.id as usize - 1000, Instant::now());
+                let now = Instant::now();
+                let _ = first.set(now);
+                answered.insert(env.id as usize - 1000, now);
                 if answered.len() == requests.len() {
                     break;
                 }
@@ -636,7 +643,9 @@ impl Battery<'_> {
                 v.join(room).await;
             }
             let token = token_for(self.dir, "mod");
-            Some((requests.clone(), tokio::spawn(moderate(addr.clone(), token, requests))))
+            let first = Arc::new(std::sync::OnceLock::new());
+            let task = tokio::spawn(moderate(addr.clone(), token, requests.clone(), first.clone()));
+            Some((requests, task, first))
         };
         let stop_reading = Arc::new(AtomicBool::new(false));
         let reader =
@@ -685,11 +694,20 @@ impl Battery<'_> {
         if let Some(at) = kill {
             st.report.kills.push(at);
             wait_for_acks(&counter, at).await;
+            // A room change answered within `may_lose` of the cut may be
+            // lost and is not checked: on a fast machine every answer can
+            // be that recent, so the cut waits until the first is older.
+            if let Some((_, _, first)) = &moderator {
+                wait_until("a room change answered longer than may_lose before the cut", async || {
+                    first.get().is_some_and(|at| at.elapsed() > self.may_lose)
+                })
+                .await;
+            }
             killed = Some(Instant::now());
             server.kill9();
         }
         let mut moderation = Vec::new();
-        if let Some((requests, task)) = moderator {
+        if let Some((requests, task, _)) = moderator {
             let answered = task.await.unwrap();
             moderation.extend(requests.into_iter().enumerate().filter_map(|(i, b)| Some((b, *answered.get(&i)?))));
         }
