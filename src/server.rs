@@ -185,6 +185,7 @@ impl Server {
             // Ends with the local commit queue, at shutdown.
             tokio::spawn(crate::hub::cluster::apply(hub.clone(), rx));
             tokio::spawn(crate::hub::cluster::presence_upkeep(Arc::downgrade(&hub)));
+            tokio::spawn(crate::hub::cluster::share_presence(Arc::downgrade(&hub)));
         }
 
         let tls = match config.tls_addr() {

@@ -53,6 +53,10 @@ pub struct Cluster {
     pub node: String,
     /// How long this node's presence entries hold unless renewed.
     pub presence_ttl_ms: u64,
+    /// Users whose sessions here changed, with the session that started
+    /// (not told of itself), for [`share_presence`].
+    presence: mpsc::UnboundedSender<PresenceChange>,
+    presence_changes: Mutex<Option<mpsc::UnboundedReceiver<PresenceChange>>>,
     inner: Arc<Mutex<Inner>>,
     /// Woken whenever entries handed to the local commit have been fanned
     /// out (the rooms' heads moved).
@@ -61,6 +65,10 @@ pub struct Cluster {
     /// only chatd's script writes the log).
     pub malformed: std::sync::atomic::AtomicU64,
 }
+
+/// A user whose sessions here changed, and the session that started (it
+/// is not told of itself).
+type PresenceChange = (Arc<str>, Option<u64>);
 
 #[derive(Default)]
 struct Inner {
@@ -75,6 +83,11 @@ struct Inner {
     /// Per room, the first seq delivered after Redis lost entries of it (an
     /// epoch change): a resume from below it cannot be complete.
     lost_before: HashMap<RoomId, u64>,
+    /// Users' devices over every node, as last heard (from Redis when a
+    /// room is attached, from the presence pushes of the rooms served
+    /// here since): who is online in the lists of `Joined` and
+    /// `ListMembers`.
+    devices: HashMap<Arc<str>, u32>,
 }
 
 /// A publish appended by this node, answered when its entry is applied.
@@ -91,6 +104,7 @@ impl Cluster {
     /// ([`presence_upkeep`]).
     pub fn new(log: Arc<RedisLog>, feed: Feed, presence_ttl_ms: u64) -> Self {
         let (appends, jobs) = mpsc::unbounded_channel();
+        let (presence, presence_changes) = mpsc::unbounded_channel();
         let inner = Arc::new(Mutex::new(Inner::default()));
         // The epoch a room's first append starts: a random id per start.
         tokio::spawn(appender(log.clone(), crate::store::redis::fresh_epoch(), jobs, inner.clone()));
@@ -100,6 +114,8 @@ impl Cluster {
             appends,
             node: crate::store::redis::fresh_epoch(),
             presence_ttl_ms,
+            presence,
+            presence_changes: Mutex::new(Some(presence_changes)),
             inner,
             applied: Notify::new(),
             malformed: Default::default(),
@@ -122,11 +138,76 @@ impl Cluster {
     }
 
     /// Subscribes `room` on the feed unless it is already; its replica is
-    /// then filled from where it stands.
-    pub fn attach(&self, room: &Room) {
-        if self.inner().attached.insert(room.id) {
+    /// then filled from where it stands. True when it was not.
+    pub fn attach(&self, room: &Room) -> bool {
+        let new = self.inner().attached.insert(room.id);
+        if new {
             self.feed.subscribe(room.name.clone(), room.head());
         }
+        new
+    }
+
+    /// Attaches `room` ([`Cluster::attach`]) and, the first time, learns
+    /// how many devices its members have online over the cluster (the
+    /// presence pushes of the room keep that up to date from then on).
+    pub async fn attach_learning(&self, room: &Room) -> Result<(), Refusal> {
+        if self.attach(room) {
+            self.learn_devices(room).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// [`Cluster::attach`] where it cannot wait: what is online in the
+    /// room is learnt meanwhile.
+    pub fn attach_now(self: &Arc<Self>, room: &Arc<Room>) {
+        if self.attach(room) {
+            let (c, room) = (self.clone(), room.clone());
+            tokio::spawn(async move {
+                if let Err(e) = c.learn_devices(&room).await {
+                    tracing::debug!(room = %room.name, error = %e, "who is online in the room is not known yet: Redis unavailable");
+                }
+            });
+        }
+    }
+
+    /// Reads the device counts of `room`'s members from Redis.
+    async fn learn_devices(&self, room: &Room) -> Result<(), redis::RedisError> {
+        let members: Vec<Arc<str>> = room.gov().members.iter().map(|(u, _)| u.clone()).collect();
+        let counts = self.log.devices_of(&members).await?;
+        let mut inner = self.inner();
+        for (user, n) in members.into_iter().zip(counts) {
+            inner.devices.insert(user, n);
+        }
+        Ok(())
+    }
+
+    /// `user`'s first session here started (`except`) or their last one
+    /// here ended: shared by [`share_presence`].
+    pub fn presence_changed(&self, user: &Arc<str>, except: Option<u64>) {
+        let _ = self.presence.send((user.clone(), except));
+    }
+
+    /// Notes `user`'s devices over every node, as just heard.
+    pub fn heard_devices(&self, user: &str, devices: u32) {
+        let mut inner = self.inner();
+        match inner.devices.get_mut(user) {
+            Some(n) => *n = devices,
+            None if devices > 0 => {
+                inner.devices.insert(user.into(), devices);
+            }
+            None => {}
+        }
+    }
+
+    /// Those of `users` last heard to be online on some node.
+    pub fn online_among<'a>(&self, users: impl Iterator<Item = &'a Arc<str>>) -> Vec<String> {
+        let inner = self.inner();
+        users.filter(|u| inner.devices.get(&***u).is_some_and(|n| *n > 0)).map(|u| u.to_string()).collect()
+    }
+
+    /// Whether `user` was last heard to be online on some node.
+    pub fn online_somewhere(&self, user: &str) -> bool {
+        self.inner().devices.get(user).is_some_and(|n| *n > 0)
     }
 
     /// Whether `room` is subscribed on the feed.
@@ -194,7 +275,7 @@ impl crate::pipeline::Claims for Cluster {
 }
 
 /// A refusal for a Redis that did not answer.
-fn unavailable(e: impl std::fmt::Display) -> Refusal {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(ErrorCode::ServerBusy, format!("the cluster's Redis is unavailable, try again: {e}"))
 }
 
@@ -211,7 +292,7 @@ impl Hub {
         let Some(c) = &self.cluster else { return Ok(()) };
         let mut heads = Vec::with_capacity(rooms.len());
         for room in rooms {
-            c.attach(room);
+            c.attach_learning(room).await?;
             heads.push(c.log.head(&room.name).await.map_err(unavailable)?.0);
         }
         for (room, head) in rooms.iter().zip(heads) {
@@ -302,19 +383,27 @@ impl Hub {
         }
     }
 
-    /// Learns the rooms created on other nodes (from the registry in
-    /// Redis), without serving them yet: they are in the directory, and
-    /// read again when first used here.
+    /// Reads again every room this node does not serve (from the registry
+    /// in Redis), learning those created on other nodes, without serving
+    /// them: the directory lists them as they are, and a room's first use
+    /// here starts from them.
     async fn cluster_learn_rooms(&self) -> Result<(), Refusal> {
         let Some(c) = &self.cluster else { return Ok(()) };
         for name in c.log.room_names().await.map_err(unavailable)? {
-            if self.room(&name).is_none()
-                && let Some(state) = c.log.room_state(&name).await.map_err(unavailable)?
-            {
-                self.adopt(&name, state).await;
-            }
+            self.cluster_learn_room(&name).await?;
         }
         Ok(())
+    }
+
+    /// Reads again the room called `name`, which another node created or
+    /// changed, unless this node serves it (it hears of its changes on the
+    /// room's channel then).
+    async fn cluster_learn_room(&self, name: &str) -> Result<(), Refusal> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        match self.room(name) {
+            Some(room) if c.is_attached(&room) => Ok(()),
+            _ => self.cluster_read(name).await.map(|_| ()),
+        }
     }
 
     /// Appends `message` (without seq and time: the script adds both) to
@@ -333,7 +422,7 @@ impl Hub {
         author: Author,
     ) -> Result<(), Refusal> {
         let Author { sender, publisher, permit, received } = author;
-        c.attach(room);
+        c.attach_now(room);
         let job = Job {
             message: message.encode_to_vec(),
             member: sender,
@@ -370,7 +459,8 @@ fn ephemeral(hub: &Hub, c: &Cluster, room: &Arc<Room>, push: &[u8]) {
         Some(proto::Body::Typing(t)) => {
             hub.typing_here(room, &Arc::from(t.user), t.active, None);
         }
-        Some(proto::Body::Presence(_)) => {
+        Some(proto::Body::Presence(p)) => {
+            c.heard_devices(&p.user, p.devices);
             room.broadcast_ephemeral(&crate::delivery::Frame::shared(bytes::Bytes::copy_from_slice(frame)), None);
         }
         Some(proto::Body::ReadReceipt(r)) => {
@@ -387,6 +477,63 @@ fn ephemeral(hub: &Hub, c: &Cluster, room: &Arc<Room>, push: &[u8]) {
     }
 }
 
+/// Shares the changes of the users' sessions on this node: writes each
+/// user's device count here to Redis and, when they came online with no
+/// device elsewhere or went offline everywhere, tells their rooms on every
+/// node. The changes are handled one batch after another, and each user's
+/// count is read when it is written, so that a session that ends just
+/// after it started can never leave its user online. A write Redis did not
+/// take is tried again a second later. Runs until the hub goes.
+pub async fn share_presence(hub: std::sync::Weak<Hub>) {
+    let changes = hub.upgrade().and_then(|h| h.cluster.as_ref().and_then(|c| lock_or(&c.presence_changes).take()));
+    let Some(mut changes) = changes else { return };
+    while let Some((user, except)) = changes.recv().await {
+        let mut batch: HashMap<Arc<str>, Option<u64>> = HashMap::from([(user, except)]);
+        while let Ok((user, except)) = changes.try_recv() {
+            let e = batch.entry(user).or_default();
+            *e = except.or(*e);
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        let Some(c) = hub.cluster.clone() else { return };
+        let writes = batch.into_iter().map(|(user, except)| {
+            let (hub, c) = (&hub, &c);
+            async move {
+                let (devices, rooms) = {
+                    let entry = hub.user(&user);
+                    let st = entry.lock();
+                    (st.sessions.len() as u32, st.rooms.values().cloned().collect::<Vec<_>>())
+                };
+                let change = match c.log.set_devices(&c.node, &user, devices, c.presence_ttl_ms).await {
+                    Ok(change) => change,
+                    Err(e) => {
+                        tracing::debug!(user = %user, error = %e, "presence not shared: Redis unavailable; trying again");
+                        let c = c.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            c.presence_changed(&user, None);
+                        });
+                        return;
+                    }
+                };
+                c.heard_devices(&user, change.others + devices);
+                let news = change.others == 0 && (change.before == 0) != (devices == 0);
+                if news {
+                    for room in rooms {
+                        let frame = super::presence_frame(&room.name, &user, devices);
+                        room.broadcast_ephemeral(&crate::delivery::Frame::shared(frame.clone()), except);
+                        c.share_ephemeral(&room, frame);
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(writes).await;
+    }
+}
+
+fn lock_or<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Keeps this node's presence in Redis alive and reaps the nodes that
 /// stopped renewing theirs: their users who are online nowhere else are
 /// said to be offline in their rooms, by this node to every node. Runs
@@ -396,12 +543,24 @@ pub async fn presence_upkeep(hub: std::sync::Weak<Hub>) {
         let Some(hub) = hub.upgrade() else { return };
         let Some(c) = hub.cluster.clone() else { return };
         let every = Duration::from_millis((c.presence_ttl_ms / 3).max(100));
-        if let Err(e) = c.log.renew_presence(&c.node, &hub.online_devices(), c.presence_ttl_ms).await {
-            tracing::debug!(error = %e, "presence not renewed: Redis unavailable");
+        let online = hub.online_devices();
+        match c.log.renew_presence(&c.node, &online, c.presence_ttl_ms).await {
+            Ok(true) if !online.is_empty() => {
+                tracing::warn!(
+                    users = online.len(),
+                    "this node's presence had run out in Redis (it could not renew it in time): written anew"
+                );
+                for (user, _) in online {
+                    c.presence_changed(&user.into(), None);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "presence not renewed: Redis unavailable"),
         }
         match c.log.reap_nodes().await {
             Ok(offline) => {
                 for user in offline {
+                    c.heard_devices(&user, 0);
                     let Ok(rooms) = c.log.rooms_of(&user).await else { continue };
                     for name in rooms {
                         if let Some(room) = hub.room(&name) {
@@ -617,8 +776,15 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
         if *d.room == *crate::store::redis::state::REGISTRY_CHANNEL {
             let hub = hub.clone();
             tokio::spawn(async move {
-                if let Err(e) = hub.cluster_learn_rooms().await {
+                // Subscribed anew: notices may have been missed.
+                let all = if d.state_changed { hub.cluster_learn_rooms().await } else { Ok(()) };
+                if let Err(e) = all {
                     tracing::warn!(error = %e.message, "could not read the rooms' registry from Redis");
+                }
+                for name in d.ephemeral.iter().filter_map(|n| std::str::from_utf8(n).ok()) {
+                    if let Err(e) = hub.cluster_learn_room(name).await {
+                        tracing::warn!(room = name, error = %e.message, "could not read a changed room from Redis");
+                    }
                 }
             });
             continue;
@@ -773,6 +939,16 @@ impl Hub {
     /// attaches it. `None` when Redis has no such room.
     pub async fn cluster_refresh(&self, name: &str) -> Result<Option<Arc<Room>>, Refusal> {
         let Some(c) = &self.cluster else { return Ok(self.room(name)) };
+        let Some(room) = self.cluster_read(name).await? else { return Ok(None) };
+        c.attach_learning(&room).await?;
+        Ok(Some(room))
+    }
+
+    /// Makes the room called `name` here what Redis holds, creating it
+    /// here if need be and telling the sessions here what changed, without
+    /// attaching it. `None` when Redis has no such room.
+    async fn cluster_read(&self, name: &str) -> Result<Option<Arc<Room>>, Refusal> {
+        let Some(c) = &self.cluster else { return Ok(self.room(name)) };
         let room = match self.room(name) {
             Some(room) => room,
             None => {
@@ -787,7 +963,6 @@ impl Hub {
         let Some(state) = c.log.room_state(name).await.map_err(unavailable)? else { return Ok(None) };
         self.apply_state(&room, state).await;
         drop(changes);
-        c.attach(&room);
         Ok(Some(room))
     }
 

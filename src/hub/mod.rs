@@ -472,8 +472,8 @@ impl Hub {
     /// A session of `user` started (`devices` is then their sessions on
     /// this node) or their last one here ended (`devices` 0): `rooms` are
     /// told, except the session `except`. In cluster mode the count is the
-    /// user's over every node, and a user still online on another node is
-    /// not said to go offline.
+    /// user's over every node, and only the first session anywhere and
+    /// the last one are news, as on one node ([`cluster::share_presence`]).
     pub fn session_presence(
         self: &Arc<Self>,
         rooms: Vec<Arc<Room>>,
@@ -481,31 +481,14 @@ impl Hub {
         devices: usize,
         except: Option<u64>,
     ) {
-        // A cluster node counts the user's devices even without rooms.
-        let Some(c) = self.cluster.clone() else {
-            for room in &rooms {
-                self.presence(room, user, devices, except);
-            }
-            return;
-        };
-        let user = user.clone();
-        tokio::spawn(async move {
-            let total = match c.log.set_devices(&c.node, &user, devices as u32, c.presence_ttl_ms).await {
-                Ok(total) => total.max(devices as u32),
-                Err(e) => {
-                    tracing::debug!(user = %user, error = %e, "presence not shared: Redis unavailable");
-                    devices as u32
+        match &self.cluster {
+            Some(c) => c.presence_changed(user, except),
+            None => {
+                for room in &rooms {
+                    self.presence(room, user, devices, except);
                 }
-            };
-            if devices == 0 && total > 0 {
-                return;
             }
-            for room in rooms {
-                let frame = presence_frame(&room.name, &user, total);
-                room.broadcast_ephemeral(&Frame::shared(frame.clone()), except);
-                c.share_ephemeral(&room, frame);
-            }
-        });
+        }
     }
 
     /// The users with sessions on this node, with how many.

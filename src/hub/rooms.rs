@@ -258,9 +258,28 @@ impl Hub {
         self.metrics.moderation(action);
     }
 
-    /// Whether `user` has a session online (without creating an entry).
+    /// Whether `user` has a session online (without creating an entry):
+    /// here, or in cluster mode on any node.
     pub fn is_online(&self, user: &str) -> bool {
-        self.users.lock().unwrap_or_else(|e| e.into_inner()).get(user).is_some_and(|e| !e.lock().sessions.is_empty())
+        let here = self
+            .users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+            .is_some_and(|e| !e.lock().sessions.is_empty());
+        here || self.cluster.as_ref().is_some_and(|c| c.online_somewhere(user))
+    }
+
+    /// The members of `room` online, sorted: those with a session in it
+    /// here, and in cluster mode those online on another node.
+    fn online_in(&self, room: &Room) -> Vec<String> {
+        let mut online = room.online_users();
+        if let Some(c) = &self.cluster {
+            online.extend(c.online_among(room.gov().members.iter().map(|(u, _)| u)));
+            online.sort();
+            online.dedup();
+        }
+        online
     }
 
     /// Tells every session of the room's members about a change, each with
@@ -424,16 +443,19 @@ impl Hub {
         origin: Option<Origin<'_>>,
         only_origin: bool,
     ) -> usize {
-        if let Some(c) = &self.cluster {
-            // The room's entries must reach this node from now on.
-            c.attach(room);
-        }
         let mut st = entry.lock();
+        if let Some(c) = &self.cluster
+            && !st.sessions.is_empty()
+        {
+            // The room's entries must reach this node's sessions from now
+            // on (a member with none here needs nothing of it).
+            c.attach_now(room);
+        }
         st.rooms.insert(room.id, room.clone());
         st.invited.remove(&room.id);
         let read = st.read.get(&room.id).copied().unwrap_or_default();
         let info = room.gov().info(&room.name, user);
-        let mut online = room.online_users();
+        let mut online = self.online_in(room);
         if !st.sessions.is_empty()
             && let Err(i) = online.binary_search_by(|u| u.as_str().cmp(user))
         {
@@ -1102,10 +1124,14 @@ impl Hub {
 
     /// The `Left` that answers a resume cursor for a room `user` does not
     /// belong to: how their membership ended, if they had one.
-    pub fn departed(&self, user: &str, name: &str) -> Result<proto::Left, Refusal> {
-        let record = match self.room(name) {
-            Some(room) => self.store.departure(user, room.id)?,
-            None => None,
+    pub async fn departed(&self, user: &str, name: &str) -> Result<proto::Left, Refusal> {
+        let record = match (self.room(name), &self.cluster) {
+            // This node may not have heard of it yet.
+            (_, Some(c)) => {
+                c.log.member_record(name, user).await.map_err(super::cluster::unavailable)?.filter(|r| r.role == 0)
+            }
+            (Some(room), None) => self.store.departure(user, room.id)?,
+            (None, None) => None,
         };
         Ok(match record {
             Some(r) => proto::Left { room: name.to_string(), reason: r.reason, by: r.by },

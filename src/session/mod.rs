@@ -171,7 +171,7 @@ impl Session {
                     if let Err(r) = self.hub.cluster_before_hello(&h.token).await {
                         return self.refuse(id, r.code, CloseReason::Unspecified, r.message);
                     }
-                    self.hello(id, h)
+                    self.hello(id, h).await
                 }
                 other => self.refuse(
                     id,

@@ -23,7 +23,25 @@ const MAX_CLIENT_MSG_ID: usize = 128;
 type Reply = Result<Option<Body>, Refusal>;
 
 impl Session {
-    pub(super) fn hello(&mut self, id: u64, h: proto::Hello) -> Flow {
+    pub(super) async fn hello(&mut self, id: u64, h: proto::Hello) -> Flow {
+        let mut departed = Vec::new();
+        let flow = self.start(id, h, &mut departed);
+        let State::Ready { user, .. } = &self.state else { return flow };
+        let user = user.clone();
+        for room in departed {
+            let frame = match self.hub.departed(&user, &room).await {
+                Ok(left) => encode_frame(&Envelope::push(Body::Left(left))),
+                Err(Refusal { code, message }) => error_frame(0, code, format!("resume of {room}: {message}")),
+            };
+            let _ = self.handle.outbound.push(frame);
+        }
+        flow
+    }
+
+    /// `Hello`'s answer, but for the resume cursors of rooms the user no
+    /// longer belongs to, which are left in `departed` (their `Left` reads
+    /// the store).
+    fn start(&mut self, id: u64, h: proto::Hello, departed: &mut Vec<String>) -> Flow {
         if h.protocol_version != PROTOCOL_VERSION {
             let msg = format!(
                 "protocol_version {} is not supported; this server speaks {PROTOCOL_VERSION}",
@@ -130,7 +148,6 @@ impl Session {
         }
 
         let mut problems = Vec::new();
-        let mut departed = Vec::new();
         for c in &h.resume {
             match subscribe.iter_mut().find(|(r, _)| *r.name == *c.room) {
                 Some((room, from)) => {
@@ -163,13 +180,6 @@ impl Session {
         drop(st);
         for (code, msg) in problems {
             let _ = self.handle.outbound.push(error_frame(0, code, msg));
-        }
-        for room in departed {
-            let frame = match self.hub.departed(&user, &room) {
-                Ok(left) => encode_frame(&Envelope::push(Body::Left(left))),
-                Err(Refusal { code, message }) => error_frame(0, code, format!("resume of {room}: {message}")),
-            };
-            let _ = self.handle.outbound.push(frame);
         }
         tracing::info!(session = self.handle.id, user = %user, transport = self.transport, device = %h.device, "session started");
         self.hub.metrics.sessions.increment(1.0);

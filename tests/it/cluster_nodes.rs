@@ -305,22 +305,35 @@ async fn presence_counts_devices_over_nodes_and_typing_crosses_them() {
     let mut bob = nodes[1].raw_member("bob", "p").await;
     let p = presence_of(&mut ann, "bob").await;
     assert!(p.online, "{p:?}");
-    // A second device on another node: two devices in all.
+    // A second device on another node is not news, as on one node; the
+    // devices are counted over both nodes.
     let (bob2, _) = nodes[2].raw_user("bob").await;
-    let p = presence_of(&mut ann, "bob").await;
-    assert_eq!((p.online, p.devices), (true, 2), "{p:?}");
     // Typing on one node reaches the other.
-    bob.send(0, Body::Typing(proto::Typing { room: "p".into(), user: String::new(), active: true })).await;
-    let t = ann
-        .next_push(|b| match b {
-            Body::Typing(t) => Some(t),
+    let typing = |active| Body::Typing(proto::Typing { room: "p".into(), user: String::new(), active });
+    let next_typing_or_presence = async |r: &mut Raw| {
+        r.next_push(|b| match b {
+            b @ (Body::Typing(_) | Body::Presence(_)) => Some(b),
             _ => None,
         })
-        .await;
-    assert_eq!((t.user.as_str(), t.active), ("bob", true));
-    // One device goes: bob is still online elsewhere, so nothing is said;
-    // the last one goes: offline.
+        .await
+    };
+    bob.send(0, typing(true)).await;
+    match next_typing_or_presence(&mut ann).await {
+        Body::Typing(t) => assert_eq!((t.user.as_str(), t.active), ("bob", true)),
+        other => panic!("the second device was news: {other:?}"),
+    }
+    // One device goes: bob is still online on node 1, so nothing is said.
     drop(bob2);
+    crate::common::wait_until("bob's device on node 2 to be gone from Redis", async || {
+        redis.cli(&["HLEN", "chatd:presence:{bob}"]).as_deref() == Some("1")
+    })
+    .await;
+    bob.send(0, typing(false)).await;
+    match next_typing_or_presence(&mut ann).await {
+        Body::Typing(t) => assert_eq!((t.user.as_str(), t.active), ("bob", false)),
+        other => panic!("bob was said to go while still online on node 1: {other:?}"),
+    }
+    // The last one goes: offline.
     drop(bob);
     let p = presence_of(&mut ann, "bob").await;
     assert!(!p.online, "the first presence after both left is offline: {p:?}");
@@ -372,6 +385,91 @@ async fn a_change_waits_for_another_nodes_change_of_the_room_and_decides_on_it()
     assert_eq!(redis.cli(&["DEL", "chatd:{held}:lock"]).as_deref(), Some("1"));
     let why = refused(&mut bob, 1, ErrorCode::Forbidden).await;
     assert!(why.contains("banned"), "{why}");
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// Who `ListMembers` says is online in `room`, asked through `r`.
+async fn online_members(r: &mut Raw, room: &str) -> Vec<String> {
+    let list = Body::ListMembers(proto::ListMembers { room: room.into(), after_user: String::new(), limit: 0 });
+    let Body::MemberPage(page) = r.request(list).await else { panic!("ListMembers was not answered with a page") };
+    page.members.into_iter().filter(|m| m.online).map(|m| m.user).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_online_lists_name_members_online_on_any_node() {
+    let Some(redis) = RedisServer::for_test("the_online_lists_name_members_online", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    let mut ann = nodes[0].raw_member("ann", "o").await;
+    let (mut bob, _) = nodes[1].raw_user("bob").await;
+    let joined = bob.join("o").await;
+    assert_eq!(joined.online, ["ann", "bob"], "ann is online on node 0");
+    // Node 2 has never served the room: it learns who is online in it
+    // when it first does.
+    let (mut cat, _) = nodes[2].raw_user("cat").await;
+    let joined = cat.join("o").await;
+    assert_eq!(joined.online, ["ann", "bob", "cat"], "a node that starts serving the room");
+    // Changes reach the other nodes a moment after they are answered.
+    assert!(presence_of(&mut bob, "cat").await.online);
+    assert_eq!(online_members(&mut bob, "o").await, ["ann", "bob", "cat"]);
+    // Someone online on node 2 who joins later: node 1 hears it.
+    let (mut dan, _) = nodes[2].raw_user("dan").await;
+    dan.join("o").await;
+    assert!(presence_of(&mut bob, "dan").await.online);
+    assert_eq!(online_members(&mut bob, "o").await, ["ann", "bob", "cat", "dan"]);
+    // Ann goes offline on node 0: node 1 and node 2 hear it.
+    drop(ann);
+    assert!(!presence_of(&mut bob, "ann").await.online);
+    assert_eq!(online_members(&mut bob, "o").await, ["bob", "cat", "dan"]);
+    assert!(!presence_of(&mut cat, "ann").await.online);
+    assert_eq!(online_members(&mut cat, "o").await, ["bob", "cat", "dan"]);
+    // Back on node 2: node 1 lists her again.
+    ann = nodes[2].raw_user("ann").await.0;
+    assert!(presence_of(&mut bob, "ann").await.online);
+    assert_eq!(online_members(&mut bob, "o").await, ["ann", "bob", "cat", "dan"]);
+    drop(ann);
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// The directory as `r` sees it: (room, title, member count) of each.
+async fn directory(r: &mut Raw) -> Vec<(String, String, u32)> {
+    let list = Body::ListRooms(proto::ListRooms { query: String::new(), after_room: String::new(), limit: 0 });
+    let Body::RoomList(l) = r.request(list).await else { panic!("ListRooms was not answered with a list") };
+    l.rooms.into_iter().map(|i| (i.room, i.title, i.member_count)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_of_a_node_follows_rooms_it_does_not_serve() {
+    let Some(redis) = RedisServer::for_test("the_directory_of_a_node_follows_rooms", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    let (mut ann, _) = nodes[0].raw_user("ann").await;
+    let create = proto::CreateRoom { room: "pub".into(), title: "Pub".into(), ..Default::default() };
+    assert!(matches!(ann.request(Body::CreateRoom(create)).await, Body::RoomInfo(_)));
+    // Cat, on node 2, is in none of its rooms: node 2 does not serve it.
+    let (mut cat, _) = nodes[2].raw_user("cat").await;
+    let seen = async |cat: &mut Raw, want: Vec<(String, String, u32)>| {
+        crate::common::wait_for("node 2's directory to follow the room", crate::common::Polling::DEFAULT, async || {
+            let d = directory(cat).await;
+            if d == want { Ok(()) } else { Err(format!("{d:?}")) }
+        })
+        .await
+    };
+    seen(&mut cat, vec![("pub".into(), "Pub".into(), 1)]).await;
+    // A member joins on node 1, the title changes on node 0.
+    let mut bob = nodes[1].raw_member("bob", "pub").await;
+    let update = proto::UpdateRoom { room: "pub".into(), title: Some("The pub".into()), ..Default::default() };
+    assert!(matches!(ann.request(Body::UpdateRoom(update)).await, Body::RoomInfo(_)));
+    seen(&mut cat, vec![("pub".into(), "The pub".into(), 2)]).await;
+    // Banned: the room is no longer listed for cat.
+    let ban = proto::Ban { room: "pub".into(), user: "cat".into(), reason: "spam".into() };
+    assert!(matches!(ann.request(Body::Ban(ban)).await, Body::RoomInfo(_)));
+    seen(&mut cat, vec![]).await;
+    bob.ping().await;
     for n in nodes {
         n.stop().await;
     }

@@ -326,6 +326,11 @@ impl Feeder {
             out.push(&room, Vec::new(), false, true);
             return Ok(());
         }
+        if *room == *super::state::REGISTRY_CHANNEL {
+            // The name of a room whose state changed.
+            out.push_ephemeral(&room, Bytes::copy_from_slice(payload));
+            return Ok(());
+        }
         if let Some(rest) = payload.strip_prefix(super::presence::EPHEMERAL_PREFIX) {
             out.push_ephemeral(&room, Bytes::copy_from_slice(rest));
             return Ok(());

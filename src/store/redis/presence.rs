@@ -11,6 +11,8 @@
 //! and the users left with no device anywhere are reported, so that their
 //! rooms hear they went offline within about one TTL.
 
+use std::sync::Arc;
+
 use redis::RedisError;
 
 use super::{RedisLog, room_key};
@@ -39,6 +41,15 @@ pub fn parse_ephemeral(rest: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(&rest[..nl]).ok()?, &rest[nl + 1..]))
 }
 
+/// What [`RedisLog::set_devices`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceChange {
+    /// The node's own count before (0 if it had none, or it had run out).
+    pub before: u32,
+    /// The user's devices on the other nodes.
+    pub others: u32,
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -56,42 +67,92 @@ fn live_devices(entries: &std::collections::HashMap<String, String>, now: u64) -
 
 impl RedisLog {
     /// Sets `node`'s device count of `user` (0 removes it) for `ttl_ms`;
-    /// returns the user's devices on every node.
-    pub async fn set_devices(&self, node: &str, user: &str, devices: u32, ttl_ms: u64) -> Result<u32, RedisError> {
-        let mut conn = self.connection();
+    /// returns what `node` had before and the user's devices on the other
+    /// nodes. One script, so that of two nodes where the user's first
+    /// sessions start at once, exactly one sees none elsewhere (and says
+    /// they came online).
+    pub async fn set_devices(
+        &self,
+        node: &str,
+        user: &str,
+        devices: u32,
+        ttl_ms: u64,
+    ) -> Result<DeviceChange, RedisError> {
+        /// KEYS: the user's presence hash. ARGV: node, devices, now, until.
+        const SET: &str = r"
+local before, others = 0, 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local d, u = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  if d and tonumber(u) > tonumber(ARGV[3]) then
+    if entries[i] == ARGV[1] then before = tonumber(d) else others = others + tonumber(d) end
+  end
+end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[4])
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return {before, others}";
         let now = now_ms();
-        if devices > 0 {
-            redis::cmd("HSET")
-                .arg(presence_key(user))
-                .arg(node)
-                .arg(format!("{devices}:{}", now + ttl_ms))
-                .exec_async(&mut conn)
-                .await?;
-            redis::cmd("SADD").arg(users_key(node)).arg(user).exec_async(&mut conn).await?;
-        } else {
-            redis::cmd("HDEL").arg(presence_key(user)).arg(node).exec_async(&mut conn).await?;
-            redis::cmd("SREM").arg(users_key(node)).arg(user).exec_async(&mut conn).await?;
+        let (before, others): (u32, u32) = redis::Script::new(SET)
+            .key(presence_key(user))
+            .arg(node)
+            .arg(devices)
+            .arg(now)
+            .arg(now + ttl_ms)
+            .invoke_async(&mut self.connection())
+            .await?;
+        let mut conn = self.connection();
+        let users = redis::cmd(if devices > 0 { "SADD" } else { "SREM" }).arg(users_key(node)).arg(user).to_owned();
+        users.exec_async(&mut conn).await?;
+        Ok(DeviceChange { before, others })
+    }
+
+    /// The devices of each of `users` over every node (in their order).
+    /// The keys lie in different slots of a Redis Cluster, so each is its
+    /// own command; they go together over the multiplexed connection.
+    pub async fn devices_of(&self, users: &[Arc<str>]) -> Result<Vec<u32>, RedisError> {
+        let now = now_ms();
+        let mut out = Vec::with_capacity(users.len());
+        for chunk in users.chunks(256) {
+            let reads = chunk.iter().map(|u| {
+                let mut conn = self.connection();
+                async move {
+                    let all: std::collections::HashMap<String, String> =
+                        redis::cmd("HGETALL").arg(presence_key(u)).query_async(&mut conn).await?;
+                    Ok::<_, RedisError>(live_devices(&all, now))
+                }
+            });
+            for n in futures_util::future::join_all(reads).await {
+                out.push(n?);
+            }
         }
-        let all: std::collections::HashMap<String, String> =
-            redis::cmd("HGETALL").arg(presence_key(user)).query_async(&mut conn).await?;
-        Ok(live_devices(&all, now))
+        Ok(out)
     }
 
     /// Renews `node`'s liveness and its entries for `users` (user, devices)
-    /// for another `ttl_ms`.
-    pub async fn renew_presence(&self, node: &str, users: &[(String, u32)], ttl_ms: u64) -> Result<(), RedisError> {
+    /// for another `ttl_ms`; true when `node` was not alive in Redis (it
+    /// starts, or was reaped while it could not renew), whose entries are
+    /// then gone and must be written anew.
+    pub async fn renew_presence(&self, node: &str, users: &[(String, u32)], ttl_ms: u64) -> Result<bool, RedisError> {
         let mut conn = self.connection();
         let until = now_ms() + ttl_ms;
-        redis::cmd("ZADD").arg(NODES).arg(until).arg(node).exec_async(&mut conn).await?;
+        let added: u32 = redis::cmd("ZADD").arg(NODES).arg(until).arg(node).query_async(&mut conn).await?;
+        // Only the entries still there: one removed meanwhile (the user's
+        // last session here ended) must not come back.
+        const RENEW: &str =
+            "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end";
+        let renew = redis::Script::new(RENEW);
         for (user, devices) in users {
-            redis::cmd("HSET")
-                .arg(presence_key(user))
+            renew
+                .key(presence_key(user))
                 .arg(node)
                 .arg(format!("{devices}:{until}"))
-                .exec_async(&mut conn)
+                .invoke_async::<()>(&mut conn)
                 .await?;
         }
-        Ok(())
+        Ok(added == 1)
     }
 
     /// Removes the nodes whose liveness ran out, with their entries;

@@ -40,8 +40,8 @@ pub fn user_channel(user: &str) -> String {
 }
 
 /// The name under which a feed subscribes to the notices of rooms created
-/// (or whose details changed) on any node. No room is called so (`*` is
-/// not in room names).
+/// or changed on any node: each names the room (its details, members or
+/// bans changed). No room is called so (`*` is not in room names).
 pub const REGISTRY_CHANNEL: &str = "*rooms";
 
 /// The rooms `user` is a member of.
@@ -260,10 +260,15 @@ impl RedisLog {
         // read marker: a session's next Hello reads those).
         let notified = writes.iter().filter(|w| !matches!(w, StateWrite::ReadMarker { .. }));
         let mut rooms: Vec<String> = Vec::new();
+        // Every node keeps every room's details, members and bans (the
+        // directory, and a room's first use there, read them); the nodes
+        // that do not serve a room hear of its changes on the registry.
+        let mut registry: Vec<&str> = Vec::new();
         for w in notified {
             rooms.extend(w.room().map(str::to_string));
-            if let StateWrite::Details { .. } = w {
-                rooms.push(REGISTRY_CHANNEL.to_string());
+            if let StateWrite::Details { room, .. } | StateWrite::Member { room, .. } | StateWrite::Ban { room, .. } = w
+            {
+                registry.push(room);
             }
             // The invitee's or member's own nodes, which may not serve the
             // room yet.
@@ -279,6 +284,11 @@ impl RedisLog {
         let publish = if self.target.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
         for room in rooms {
             redis::cmd(publish).arg(room_key(&room, "ch")).arg(super::feed::STATE_NOTICE).exec_async(&mut conn).await?;
+        }
+        registry.sort_unstable();
+        registry.dedup();
+        for room in registry {
+            redis::cmd(publish).arg(room_key(REGISTRY_CHANNEL, "ch")).arg(room).exec_async(&mut conn).await?;
         }
         Ok(())
     }
@@ -315,6 +325,17 @@ impl RedisLog {
             redis::cmd("HGET").arg(room_key(room, "reads")).arg(user).query_async(&mut self.connection()).await?;
         raw.map(|v| ReadPos::decode(&v).ok_or_else(|| malformed(format!("{} {user}", room_key(room, "reads")))))
             .transpose()
+    }
+
+    /// `user`'s membership record of `room` (a departure's says how it
+    /// ended), if they ever had one.
+    pub async fn member_record(&self, room: &str, user: &str) -> Result<Option<MemberRecord>, RedisError> {
+        let raw: Option<Vec<u8>> =
+            redis::cmd("HGET").arg(room_key(room, "records")).arg(user).query_async(&mut self.connection()).await?;
+        raw.map(|v| {
+            MemberRecord::decode(&v[..]).map_err(|e| malformed(format!("{} {user}: {e}", room_key(room, "records"))))
+        })
+        .transpose()
     }
 
     /// Every room's name.
