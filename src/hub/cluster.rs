@@ -35,6 +35,11 @@ use crate::store::redis::feed::{Delivery, Feed};
 use crate::store::redis::{AppendError, Appended, NewEntry, RedisLog};
 use crate::store::{Append, Entry, RoomId};
 
+/// On a user's channel: close their sessions (`disconnect`), after a
+/// revocation (`revoke`).
+const SIGNOUT: &[u8] = b"disconnect";
+const SIGNOUT_REVOKE: &[u8] = b"revoke";
+
 /// How long a `Hello` (or the first use of a room here) waits for the
 /// room's replica to reach the head Redis gave, before it is refused with
 /// `SERVER_BUSY`.
@@ -185,6 +190,19 @@ impl Cluster {
     /// here ended: shared by [`share_presence`].
     pub fn presence_changed(&self, user: &Arc<str>, except: Option<u64>) {
         let _ = self.presence.send((user.clone(), except));
+    }
+
+    /// Tells the other nodes to close `user`'s sessions (after a
+    /// revocation, written to Redis already); returns how many devices
+    /// they had there.
+    pub async fn disconnect_elsewhere(&self, user: &str, revoke: bool) -> Result<usize, redis::RedisError> {
+        let user: Arc<str> = user.into();
+        let total = self.log.devices_of(std::slice::from_ref(&user)).await?.first().copied().unwrap_or(0);
+        let ours = self.log.devices_on(&self.node, &user).await?;
+        let what = if revoke { SIGNOUT_REVOKE } else { SIGNOUT };
+        let channel = crate::store::redis::state::user_channel(&user);
+        self.log.publish_ephemeral(&channel, &self.node, what).await?;
+        Ok(total.saturating_sub(ours) as usize)
     }
 
     /// Notes `user`'s devices over every node, as just heard.
@@ -343,6 +361,24 @@ impl Hub {
             }
         }
         self.cluster_sync(&rooms).await
+    }
+
+    /// Another node disconnected `user`: their sessions here close too,
+    /// after the revocation (if any) is read, so that a `Hello` here
+    /// either sees it or is closed by it.
+    async fn disconnected_elsewhere(&self, user: &str, revoke: bool) {
+        let Some(c) = &self.cluster else { return };
+        if revoke {
+            match c.log.revoked_at(user).await {
+                Ok(Some(at)) => self.note_revocation(user, at),
+                Ok(None) => {}
+                Err(e) => {
+                    // The sessions still close; a Hello reads it again.
+                    tracing::warn!(user, error = %e, "a revocation made on another node could not be read");
+                }
+            }
+        }
+        self.close_sessions(user, revoke);
     }
 
     /// Reads again every room `user` is a member of or invited to (their
@@ -790,6 +826,13 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
             continue;
         }
         if let Some(user) = d.room.strip_prefix('@') {
+            for push in &d.ephemeral {
+                let Some((node, what)) = crate::store::redis::presence::parse_ephemeral(push) else { continue };
+                if node != c.node {
+                    let (hub, user, revoke) = (hub.clone(), user.to_string(), what == SIGNOUT_REVOKE);
+                    tokio::spawn(async move { hub.disconnected_elsewhere(&user, revoke).await });
+                }
+            }
             if d.state_changed {
                 let (hub, user) = (hub.clone(), user.to_string());
                 tokio::spawn(async move {

@@ -30,16 +30,28 @@ impl Hub {
         *entry = (*entry).max(at);
     }
 
-    /// Closes every session of `user` with `GoAway`. With `revoke`, first
-    /// stores that tokens of `user` issued before now are refused (the
-    /// sessions get `AUTH_EXPIRED`: ask for a new token); without, they
-    /// get `UNSPECIFIED` and may reconnect. Returns the sessions closed.
+    /// Closes every session of `user` with `GoAway` — in cluster mode on
+    /// every node. With `revoke`, first stores that tokens of `user`
+    /// issued before now are refused (the sessions get `AUTH_EXPIRED`: ask
+    /// for a new token); without, they get `UNSPECIFIED` and may
+    /// reconnect. Returns the sessions closed (on other nodes, as many as
+    /// their device counts said).
     pub async fn disconnect(&self, user: &str, revoke: bool) -> Result<usize, Refusal> {
         if revoke {
             let at = crate::auth::unix_now();
             self.commit(Write::Revocation(user.to_string(), at)).await?;
             self.note_revocation(user, at);
         }
+        let here = self.close_sessions(user, revoke);
+        let Some(c) = &self.cluster else { return Ok(here) };
+        let elsewhere = c.disconnect_elsewhere(user, revoke).await.map_err(super::cluster::unavailable)?;
+        tracing::info!(user, revoke, sessions = here + elsewhere, "user disconnected on every node");
+        Ok(here + elsewhere)
+    }
+
+    /// Closes every session of `user` here (see [`Hub::disconnect`]);
+    /// returns how many.
+    pub(super) fn close_sessions(&self, user: &str, revoke: bool) -> usize {
         let (reason, message) = if revoke {
             (CloseReason::AuthExpired, "signed out everywhere: sign in again")
         } else {
@@ -55,6 +67,6 @@ impl Hub {
             s.wake_reader();
         }
         tracing::info!(user, revoke, sessions = st.sessions.len(), "user disconnected");
-        Ok(st.sessions.len())
+        st.sessions.len()
     }
 }

@@ -7,43 +7,23 @@ use std::time::Duration;
 
 use chatd::proto::{self, Body, CloseReason, ErrorCode, MemberChange};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
 
 const KEY: &str = "a-backend-key-0123456789";
 
-/// One HTTP/1.1 request to the API with `key`; returns the status, the
-/// header block and the JSON body (`Null` if it is not JSON).
-async fn call(http: &str, key: Option<&str>, method: &str, path: &str, body: Option<&str>) -> (u16, String, Value) {
-    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {http}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
-    let out = String::from_utf8_lossy(&out).to_string();
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (status, head.to_string(), serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
 /// A call with the key that must answer 200; returns the JSON.
 async fn ok(s: &TestServer, method: &str, path: &str, body: Value) -> Value {
     // `null`: no body (GET and DELETE take none).
     let body = if body.is_null() { String::new() } else { body.to_string() };
-    let (status, _, v) = call(&s.http, Some(KEY), method, path, Some(&body)).await;
+    let (status, _, v) = api_call(&s.http, Some(KEY), method, path, Some(&body)).await;
     assert_eq!(status, 200, "{method} {path} {body}: {v}");
     v
 }
 
 /// A call with the key that must fail with `status` and `code`.
 async fn fails(s: &TestServer, method: &str, path: &str, body: &str, status: u16, code: ErrorCode) -> String {
-    let (got, _, v) = call(&s.http, Some(KEY), method, path, Some(body)).await;
+    let (got, _, v) = api_call(&s.http, Some(KEY), method, path, Some(body)).await;
     assert_eq!(got, status, "{method} {path} {body}: {v}");
     assert_eq!(v["code"], code.as_str_name(), "{v}");
     v["message"].as_str().unwrap_or_default().to_string()
@@ -56,16 +36,16 @@ async fn with_api() -> TestServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_is_off_without_a_key_and_refuses_a_wrong_one() {
     let off = TestServer::start().await;
-    let (status, _, v) = call(&off.http, Some(KEY), "GET", "/api/v1/rooms/general", None).await;
+    let (status, _, v) = api_call(&off.http, Some(KEY), "GET", "/api/v1/rooms/general", None).await;
     assert_eq!((status, &v["code"]), (404, &json!("ERROR_CODE_NOT_FOUND")), "{v}");
     let s = with_api().await;
     for key in [None, Some("wrong-key-0123456789012"), Some("a-backend-key-012345678")] {
-        let (status, _, v) = call(&s.http, key, "GET", "/api/v1/rooms/general", None).await;
+        let (status, _, v) = api_call(&s.http, key, "GET", "/api/v1/rooms/general", None).await;
         assert_eq!((status, &v["code"]), (401, &json!("ERROR_CODE_UNAUTHENTICATED")), "{key:?}: {v}");
     }
-    let (status, _, v) = call(&s.http, Some(KEY), "GET", "/api/v1/nothing", None).await;
+    let (status, _, v) = api_call(&s.http, Some(KEY), "GET", "/api/v1/nothing", None).await;
     assert_eq!(status, 404, "{v}");
-    let (status, _, _) = call(&s.http, Some(KEY), "GET", "/api/v2/rooms", None).await;
+    let (status, _, _) = api_call(&s.http, Some(KEY), "GET", "/api/v2/rooms", None).await;
     assert_eq!(status, 404);
     let m = scrape_metrics(&s.http).await;
     assert!(
@@ -219,7 +199,7 @@ async fn the_key_is_rate_limited_with_a_retry_after() {
     .await;
     let mut limited = None;
     for _ in 0..10 {
-        let (status, head, v) = call(&s.http, Some(KEY), "GET", "/api/v1/rooms/r", None).await;
+        let (status, head, v) = api_call(&s.http, Some(KEY), "GET", "/api/v1/rooms/r", None).await;
         if status == 429 {
             limited = Some((head, v));
             break;
@@ -288,7 +268,7 @@ async fn the_openapi_description_matches_the_routes_that_exist() {
     let s = with_api().await;
     for (method, path) in chatd::http::api::ROUTES {
         let path = format!("/api/v1{}", path.replace("{room}", "r").replace("{user}", "u"));
-        let (status, _, v) = call(&s.http, Some(KEY), method, &path, Some("{}")).await;
+        let (status, _, v) = api_call(&s.http, Some(KEY), method, &path, Some("{}")).await;
         assert_ne!(status, 405, "{method} {path}");
         let message = v["message"].as_str().unwrap_or_default();
         assert!(!message.contains("no such endpoint"), "{method} {path}: {v}");
@@ -306,7 +286,7 @@ async fn every_call_is_one_log_line_with_the_key_the_acting_user_and_the_outcome
     let (mut ann, _) = server.raw_user("ann").await;
     ann.join("lobby").await;
     let body = r#"{"text": "hello", "actAs": "ann"}"#;
-    let (status, _, v) = call(&server.http, Some(KEY), "POST", "/api/v1/rooms/lobby/messages", Some(body)).await;
+    let (status, _, v) = api_call(&server.http, Some(KEY), "POST", "/api/v1/rooms/lobby/messages", Some(body)).await;
     assert_eq!(status, 200, "{v}");
     let line = server.wait_for_logs("the call's log line", |lines| {
         lines

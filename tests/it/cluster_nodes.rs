@@ -474,3 +474,63 @@ async fn the_directory_of_a_node_follows_rooms_it_does_not_serve() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_everywhere_closes_the_sessions_on_every_node() {
+    use chatd::proto::CloseReason;
+    const KEY: &str = "a-backend-key-0123456789";
+    let Some(redis) = RedisServer::for_test("signing_out_everywhere_closes_the_sessions", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let url = redis.url();
+        nodes.push(
+            TestServer::start_in(tmp.path(), move |c| {
+                c.cluster_redis = Some(url);
+                c.api_key = Some(KEY.into());
+            })
+            .await,
+        );
+    }
+    let old = crate::common::mint_token(tmp.path(), "bob", Duration::from_secs(3600), chatd::auth::unix_now() - 10);
+    let mut one = Raw::connect_as(&nodes[1].addr, &old).await;
+    let mut two = Raw::connect_as(&nodes[2].addr, &old).await;
+    let mut other = nodes[2].raw_user("ann").await.0;
+    // The count answered is read from the nodes' presence entries.
+    let entries = async |n: &str| {
+        crate::common::wait_until("bob's presence entries in Redis", async || {
+            redis.cli(&["HLEN", "chatd:presence:{bob}"]).as_deref() == Some(n)
+        })
+        .await
+    };
+    entries("2").await;
+    // Without revoke, through node 0: the sessions on nodes 1 and 2 close.
+    let call = async |body: &str| {
+        let (status, _, v) =
+            crate::common::api_call(&nodes[0].http, Some(KEY), "POST", "/api/v1/users/bob/disconnect", Some(body))
+                .await;
+        assert_eq!(status, 200, "{v}");
+        v
+    };
+    let out = call("{}").await;
+    assert_eq!(out["sessions"], 2, "counted over the nodes: {out}");
+    assert_eq!(one.skip_to_go_away().await, CloseReason::Unspecified);
+    assert_eq!(two.skip_to_go_away().await, CloseReason::Unspecified);
+    // The token still works; with revoke it is refused on every node.
+    let mut one = Raw::connect_as(&nodes[1].addr, &old).await;
+    entries("1").await;
+    let out = call(r#"{"revoke": true}"#).await;
+    assert_eq!((out["sessions"].clone(), out["revoked"].clone()), (1.into(), true.into()), "{out}");
+    assert_eq!(one.skip_to_go_away().await, CloseReason::AuthExpired);
+    assert!(one.closed().await);
+    for n in &nodes {
+        let mut again = n.raw().await;
+        again.send_hello(&old, vec![]).await;
+        again.expect_error(ErrorCode::Unauthenticated).await;
+    }
+    // Nobody else was touched.
+    other.ping().await;
+    for n in nodes {
+        n.stop().await;
+    }
+}

@@ -109,6 +109,13 @@ return {before, others}";
         Ok(DeviceChange { before, others })
     }
 
+    /// `user`'s devices on `node` (as it last wrote them).
+    pub async fn devices_on(&self, node: &str, user: &str) -> Result<u32, RedisError> {
+        let entry: Option<String> =
+            redis::cmd("HGET").arg(presence_key(user)).arg(node).query_async(&mut self.connection()).await?;
+        Ok(entry.and_then(|e| e.split_once(':').and_then(|(d, _)| d.parse().ok())).unwrap_or(0))
+    }
+
     /// The devices of each of `users` over every node (in their order).
     /// The keys lie in different slots of a Redis Cluster, so each is its
     /// own command; they go together over the multiplexed connection.

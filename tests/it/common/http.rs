@@ -38,6 +38,32 @@ pub async fn http_raw(addr: &str, method: &str, path: &str, headers: &str) -> (u
     (status, head.to_string(), body.to_string())
 }
 
+/// One HTTP/1.1 request to the API with `key`; returns the status, the
+/// header block and the JSON body (`Null` if it is not JSON).
+pub async fn api_call(
+    http: &str,
+    key: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String, serde_json::Value) {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(http).await.unwrap();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {http}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    let out = String::from_utf8_lossy(&out).to_string();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_string(), serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
+}
+
 /// An admin GET with `token` as the bearer (none: no Authorization header);
 /// returns the status and the JSON body (`Null` if it is not JSON).
 pub async fn admin_get(http: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
