@@ -116,8 +116,9 @@ impl Server {
         let log = Arc::new(log);
         let (deliveries, applied) = mpsc::channel(1024);
         let feed = Feed::start(log.clone(), deliveries);
-        let cluster = Arc::new(crate::hub::cluster::Cluster::new(log, feed, config.cluster_presence_ttl_ms));
         let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let cluster =
+            Arc::new(crate::hub::cluster::Cluster::new(log, feed, store.clone(), config.cluster_presence_ttl_ms));
         Self::start_inner(config, store, auth, Some((cluster, applied))).await
     }
 
@@ -261,16 +262,7 @@ impl Server {
         };
         let keep = Duration::from_secs(config.idempotency_hours * 3600);
         let (retention, every) = (config.retention(), Duration::from_millis(config.retention_interval_ms));
-        // A cluster node's store is its replica of the streams in Redis,
-        // which are not trimmed yet: trimming the replica alone would make
-        // nodes disagree on where a room's log starts.
-        let clustered = hub.cluster().is_some();
-        if clustered {
-            tracing::warn!(
-                "cluster mode: retention is not applied (the rooms' streams in Redis keep every entry); \
-                 retention_max_age, retention_max_messages and the rooms' own limits take effect on a single node only"
-            );
-        } else if retention != Default::default() {
+        if retention != Default::default() {
             tracing::info!(
                 max_age_ms = retention.max_age_ms,
                 max_messages = retention.max_messages,
@@ -280,16 +272,11 @@ impl Server {
         let housekeeping = tokio::spawn({
             let hub = hub.clone();
             async move {
-                let retention = async {
-                    if !clustered {
-                        crate::hub::retention::run(hub.clone(), retention, every).await;
-                    }
-                };
                 tokio::join!(
                     expire_idempotency(hub.clone(), keep),
                     expire_typing(hub.clone()),
                     metrics_upkeep(metrics_handle),
-                    retention
+                    crate::hub::retention::run(hub.clone(), retention, every)
                 );
             }
         });

@@ -56,6 +56,8 @@ pub struct Cluster {
     appends: mpsc::UnboundedSender<Job>,
     /// This node's id among the cluster's (presence, ephemeral pushes).
     pub node: String,
+    /// The node's store: its replica of the rooms it serves.
+    replica: Arc<crate::store::memory::MemoryStore>,
     /// How long this node's presence entries hold unless renewed.
     pub presence_ttl_ms: u64,
     /// Users whose sessions here changed, with the session that started
@@ -107,7 +109,12 @@ impl Cluster {
     /// Starts the node's appender; call within the runtime. Its presence
     /// entries hold for `presence_ttl_ms` unless renewed
     /// ([`presence_upkeep`]).
-    pub fn new(log: Arc<RedisLog>, feed: Feed, presence_ttl_ms: u64) -> Self {
+    pub fn new(
+        log: Arc<RedisLog>,
+        feed: Feed,
+        replica: Arc<crate::store::memory::MemoryStore>,
+        presence_ttl_ms: u64,
+    ) -> Self {
         let (appends, jobs) = mpsc::unbounded_channel();
         let (presence, presence_changes) = mpsc::unbounded_channel();
         let inner = Arc::new(Mutex::new(Inner::default()));
@@ -118,6 +125,7 @@ impl Cluster {
             feed,
             appends,
             node: crate::store::redis::fresh_epoch(),
+            replica,
             presence_ttl_ms,
             presence,
             presence_changes: Mutex::new(Some(presence_changes)),
@@ -193,16 +201,11 @@ impl Cluster {
     }
 
     /// Tells the other nodes to close `user`'s sessions (after a
-    /// revocation, written to Redis already); returns how many devices
-    /// they had there.
-    pub async fn disconnect_elsewhere(&self, user: &str, revoke: bool) -> Result<usize, redis::RedisError> {
-        let user: Arc<str> = user.into();
-        let total = self.log.devices_of(std::slice::from_ref(&user)).await?.first().copied().unwrap_or(0);
-        let ours = self.log.devices_on(&self.node, &user).await?;
+    /// revocation, written to Redis already).
+    pub async fn disconnect_elsewhere(&self, user: &str, revoke: bool) -> Result<(), redis::RedisError> {
         let what = if revoke { SIGNOUT_REVOKE } else { SIGNOUT };
-        let channel = crate::store::redis::state::user_channel(&user);
-        self.log.publish_ephemeral(&channel, &self.node, what).await?;
-        Ok(total.saturating_sub(ours) as usize)
+        let channel = crate::store::redis::state::user_channel(user);
+        self.log.publish_ephemeral(&channel, &self.node, what).await
     }
 
     /// Notes `user`'s devices over every node, as just heard.
@@ -855,6 +858,15 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
         {
             tracing::warn!(room = %d.room, error = %e.message, "could not read the room's state from Redis");
         }
+        if d.trimmed {
+            // What came before is fanned out first, so the head is not
+            // moved back below the start by an older entry.
+            let Some(slot) = commits.reserve().await else { return };
+            let (tx, rx) = oneshot::channel();
+            slot.send(Pending { write: Write::Barrier, completion: Completion::Notify(tx), epoch: commits.epoch() });
+            let _ = rx.await;
+            hub.follow_trim(&c, &room).await;
+        }
         if d.epoch_changed
             && let Some(first) = d.entries.first()
         {
@@ -927,6 +939,36 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
     }
     drop(markers);
     let _ = waker.await;
+}
+
+impl Hub {
+    /// Retention trimmed `room`'s stream in Redis: the replica here drops
+    /// what lies below the new start, and the room starts there (its head
+    /// too, if this node had not received what was trimmed). Tried a few
+    /// times if Redis does not answer; the next trim notice or
+    /// resubscription tries again.
+    async fn follow_trim(&self, c: &Cluster, room: &Arc<Room>) {
+        for attempt in 1..=3 {
+            match c.log.trim_record(&room.name).await {
+                Ok(record) if record.start() > room.start() => {
+                    let start = record.start();
+                    if let Err(e) = c.replica.adopt_trim(room.id, &record) {
+                        tracing::error!(room = %room.name, error = %e, "the replica could not follow a trim");
+                        return;
+                    }
+                    room.follow_trim(record);
+                    c.applied.notify_waiters();
+                    tracing::info!(room = %room.name, start, "the room's log was trimmed in Redis: it starts here now");
+                    return;
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(room = %room.name, attempt, error = %e, "could not read a room's trim record");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+            }
+        }
+    }
 }
 
 impl Hub {

@@ -55,9 +55,84 @@ impl Hub {
     pub async fn trim_rooms(&self, default: Retention, now_ms: u64) -> u64 {
         let mut removed = 0;
         for room in self.rooms() {
-            removed += self.trim_room(&room, default, now_ms).await;
+            removed += match &self.cluster {
+                Some(c) => match self.trim_shared(c, &room, default, now_ms).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(room = %room.name, error = %e, "retention could not trim the room's stream in Redis");
+                        0
+                    }
+                },
+                None => self.trim_room(&room, default, now_ms).await,
+            };
         }
         removed
+    }
+
+    /// [`Hub::trim_room`] in cluster mode: the room's stream in Redis is
+    /// trimmed, [`TRIM_STEP`] entries at a time, each step's record
+    /// computed from the stream and the record before it, so it is the
+    /// same whichever node computes it; the nodes serving the room follow
+    /// (`store::redis::retention`). Returns how many entries went.
+    async fn trim_shared(
+        &self,
+        c: &super::cluster::Cluster,
+        room: &Room,
+        default: Retention,
+        now_ms: u64,
+    ) -> Result<u64, redis::RedisError> {
+        let limits = default.over(room.gov().retention());
+        if limits == Retention::default() {
+            return Ok(0);
+        }
+        let name = &*room.name;
+        let head = c.log.head(name).await?.0;
+        let keep_from = if limits.max_messages > 0 { head.saturating_sub(limits.max_messages) + 1 } else { 0 };
+        let older_than_ms = if limits.max_age_ms > 0 { now_ms.saturating_sub(limits.max_age_ms) } else { 0 };
+        let mut removed = 0;
+        loop {
+            let record = c.log.trim_record(name).await?;
+            let start = record.start();
+            if start > head || (keep_from <= start && older_than_ms == 0) {
+                return Ok(removed);
+            }
+            let trim = Trim { keep_from, older_than_ms, head: head.min(start + TRIM_STEP - 1) };
+            let entries = c.log.range(name, start, trim.head).await?;
+            let mut next = record.clone();
+            match entries.first() {
+                // Entries Redis lost (an epoch change) are passed over
+                // uncounted: no node can count them.
+                Some(first) if first.seq > start => next.start = first.seq,
+                Some(_) => {
+                    // Up to the first gap; the next step passes over it.
+                    let run = entries.iter().zip(start..).take_while(|(e, seq)| e.seq == *seq);
+                    let run: Vec<(u64, bytes::Bytes)> = run.map(|(e, _)| (e.seq, e.message.clone())).collect();
+                    if let Err(e) = next.advance(&trim, run) {
+                        tracing::error!(room = name, error = %e, "retention cannot read the room's stream in Redis");
+                        return Ok(removed);
+                    }
+                }
+                None if trim.head < head => next.start = trim.head + 1,
+                None => return Ok(removed),
+            }
+            if next.start() <= start {
+                return Ok(removed);
+            }
+            if !c.log.trim_to(name, start, &next).await? {
+                // Another node trimmed it meanwhile.
+                return Ok(removed);
+            }
+            let n = next.start() - start;
+            removed += n;
+            self.metrics.retention_removed.increment(n);
+            tracing::info!(
+                room = name,
+                from = start,
+                to = next.start() - 1,
+                removed = n,
+                "retention trimmed the room's stream in Redis"
+            );
+        }
     }
 
     /// Trims `room` as its retention allows, [`TRIM_STEP`] entries at a
@@ -128,12 +203,25 @@ impl Hub {
     }
 }
 
-/// Trims every `interval`, for as long as the server runs.
+/// Trims every `interval`, for as long as the server runs. In cluster mode
+/// one node does, holding a lease in Redis for two intervals (another
+/// takes over when it stops).
 pub async fn run(hub: Arc<Hub>, default: Retention, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if let Some(c) = hub.cluster() {
+            let lease_ms = 2 * interval.as_millis() as u64;
+            match c.log.lead_retention(&c.node, lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "retention skipped: Redis unavailable");
+                    continue;
+                }
+            }
+        }
         hub.trim_rooms(default, crate::time::now_ms()).await;
     }
 }

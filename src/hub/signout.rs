@@ -42,9 +42,11 @@ impl Hub {
             self.commit(Write::Revocation(user.to_string(), at)).await?;
             self.note_revocation(user, at);
         }
+        let Some(c) = &self.cluster else { return Ok(self.close_sessions(user, revoke)) };
+        // Counted before the sessions here close and their count changes.
+        let elsewhere = c.log.devices_elsewhere(&c.node, user).await.map_err(super::cluster::unavailable)? as usize;
         let here = self.close_sessions(user, revoke);
-        let Some(c) = &self.cluster else { return Ok(here) };
-        let elsewhere = c.disconnect_elsewhere(user, revoke).await.map_err(super::cluster::unavailable)?;
+        c.disconnect_elsewhere(user, revoke).await.map_err(super::cluster::unavailable)?;
         tracing::info!(user, revoke, sessions = here + elsewhere, "user disconnected on every node");
         Ok(here + elsewhere)
     }

@@ -101,9 +101,17 @@ impl RoomCounts {
 
     /// Retention moved the log's start: markers below it count from the
     /// counters through it, and deleted messages below it no longer count.
+    /// A start past what was counted (a cluster node's replica that had
+    /// not received the entries trimmed in Redis) makes the base's
+    /// counters the room's.
     pub fn set_base(&mut self, base: TrimRecord) {
         let start = base.start();
         self.deleted.drain(..self.deleted.partition_point(|d| d.seq < start));
+        if self.through + 1 < start {
+            self.through = start - 1;
+            self.changes = self.through - base.messages;
+            self.users = base.users.iter().map(|u| (u.user.as_str().into(), (u.sent, u.mentioned))).collect();
+        }
         self.base = Some(base);
     }
 
@@ -150,6 +158,32 @@ mod tests {
 
     fn msg(user: &str, mentions: &[&str]) -> Entry {
         Entry::Message { user: user.into(), mentions: mentions.iter().map(|m| m.to_string()).collect() }
+    }
+
+    #[test]
+    fn a_trim_past_what_was_counted_takes_the_records_counters() {
+        use crate::store::retention::UserCounts;
+        // A replica that counted through 2 adopts a trim to 11: 10
+        // entries below it, 8 of them messages, 3 by ann, 2 mentioning bob.
+        let mut c = RoomCounts::new(0, 0);
+        c.count(1, &msg("ann", &[]), None);
+        c.count(2, &msg("ann", &[]), None);
+        let users = vec![
+            UserCounts { user: "ann".into(), sent: 3, mentioned: 0 },
+            UserCounts { user: "bob".into(), sent: 0, mentioned: 2 },
+        ];
+        c.set_base(TrimRecord { start: 11, messages: 8, users });
+        assert_eq!(c.through(), 10);
+        assert_eq!(c.at_head("ann"), ReadPos { seq: 10, messages: 8, sent: 3, mentioned: 0 });
+        c.count(11, &msg("cat", &["bob"]), None);
+        // Bob never read: what remains, one message mentioning him.
+        assert_eq!(c.unread("bob", &ReadPos::default()), (1, 1));
+        // A base that does not pass the count changes no counter.
+        let mut d = RoomCounts::new(0, 0);
+        d.count(1, &msg("ann", &[]), None);
+        d.count(2, &msg("ann", &[]), None);
+        d.set_base(TrimRecord { start: 2, messages: 1, users: Vec::new() });
+        assert_eq!(d.at_head("ann"), ReadPos { seq: 2, messages: 2, sent: 2, mentioned: 0 });
     }
 
     #[test]

@@ -194,6 +194,27 @@ impl Room {
         self.counts().set_base(trim);
     }
 
+    /// Retention moved the log's start in the cluster's shared log, maybe
+    /// past this node's head (it had not received what was trimmed): the
+    /// head moves up to the entry before the start, and a live subscriber
+    /// below it catches up from the start, its `Synced` saying it is not
+    /// complete.
+    pub fn follow_trim(self: &Arc<Self>, trim: crate::store::TrimRecord) {
+        let start = trim.start();
+        self.set_trim(trim);
+        self.dispatched.fetch_max(start - 1, Ordering::AcqRel);
+        let mut behind = Vec::new();
+        for sub in self.subs().values_mut() {
+            if matches!(sub.mode, Mode::Live) && sub.delivered + 1 < start {
+                sub.mode = Mode::CatchingUp { synced: None, since: Instant::now() };
+                behind.push(sub.session.clone());
+            }
+        }
+        for s in behind {
+            s.mark_lagging(self.clone());
+        }
+    }
+
     /// The room's unread counters.
     pub fn counts(&self) -> std::sync::MutexGuard<'_, counts::RoomCounts> {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())

@@ -93,6 +93,24 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Makes `record` the trim record of `room` — decided elsewhere, as a
+    /// cluster node's replica follows the trims made in Redis — and drops
+    /// the entries below its start. A record older than the one held
+    /// changes nothing.
+    pub fn adopt_trim(&self, room: RoomId, record: &TrimRecord) -> Result<(), StoreError> {
+        let mut g = self.lock();
+        if g.trims.get(&room).is_some_and(|held| held.start() >= record.start()) {
+            return Ok(());
+        }
+        let below: Vec<_> = g.messages.range((room, 0)..(room, record.start())).map(|(k, _)| *k).collect();
+        for k in below {
+            g.messages.remove(&k);
+        }
+        fold::forget_below(&mut *g, room, record.start())?;
+        g.trims.insert(room, record.clone());
+        Ok(())
+    }
+
     fn folded_range(&self, room: RoomId, from: u64, to: u64, viewer: &str) -> Result<Vec<fold::Folded>, StoreError> {
         if from > to {
             return Ok(Vec::new());
@@ -302,8 +320,25 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::store::contract::append;
+
     #[test]
     fn meets_the_store_contract() {
         super::super::contract::exercise(&super::MemoryStore::new());
+    }
+
+    #[test]
+    fn an_adopted_trim_drops_what_is_below_it_and_an_older_one_nothing() {
+        let store = MemoryStore::new();
+        let mut b = Batch::default();
+        b.appends.extend((1..=6).map(|s| append(1, s, "ann", "")));
+        store.write(&b).unwrap();
+        let record = TrimRecord { start: 5, messages: 4, users: Vec::new() };
+        store.adopt_trim(1, &record).unwrap();
+        assert_eq!(store.read_range(1, 1, 6, "ann").unwrap().len(), 2, "5 and 6 remain");
+        store.adopt_trim(1, &TrimRecord { start: 3, ..record.clone() }).unwrap();
+        let later = store.trim(1, &Trim { keep_from: 6, older_than_ms: 0, head: 6 }).unwrap();
+        assert_eq!((later.start(), later.messages), (6, 5), "trims go on from the adopted record");
     }
 }

@@ -534,3 +534,70 @@ async fn signing_out_everywhere_closes_the_sessions_on_every_node() {
         n.stop().await;
     }
 }
+
+/// `room`'s history through `r`: (first_seq, the seqs held).
+async fn held(r: &mut Raw, room: &str) -> (u64, Vec<u64>) {
+    let req = proto::History { room: room.into(), after_seq: 0, forward: true, limit: 1000, before_seq: 0 };
+    match r.request(Body::History(req)).await {
+        Body::HistoryPage(p) => (p.first_seq, p.messages.iter().map(|m| m.seq).collect()),
+        other => panic!("reading the history of {room}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_trims_the_shared_log_and_every_node_starts_where_it_does() {
+    let Some(redis) = RedisServer::for_test("retention_trims_the_shared_log", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let url = redis.url();
+        nodes.push(
+            TestServer::start_in(tmp.path(), move |c| {
+                c.cluster_redis = Some(url);
+                c.retention_max_messages = 5;
+                c.retention_interval_ms = 50;
+            })
+            .await,
+        );
+    }
+    let mut ann = nodes[0].raw_member("ann", "t").await;
+    let mut bob = nodes[1].raw_member("bob", "t").await;
+    // Dan is a member who never read anything; node 2 never serves the
+    // room until he comes back there.
+    drop(nodes[0].raw_member("dan", "t").await);
+    let acks = ann.publish_all((1..=20).map(|i| publish("t", format!("m{i}"), format!("k{i}")))).await;
+    assert_eq!(acks.last().unwrap().seq, 20);
+    // Bob, live on node 1 throughout, got every message once.
+    let live: Vec<u64> = messages(&mut bob, "t", 20).await.iter().map(|m| m.seq).collect();
+    assert_eq!(live, (1..=20).collect::<Vec<_>>());
+    crate::common::wait_until("the room's stream to keep its newest 5 entries", async || {
+        redis.cli(&["XLEN", "chatd:{t}:log"]).as_deref() == Some("5")
+    })
+    .await;
+    // Every node serving the room starts where Redis does.
+    for r in [&mut ann, &mut bob] {
+        crate::common::wait_for("the node to follow the trim", Polling::DEFAULT, async || {
+            let h = held(r, "t").await;
+            if h == (16, (16..=20).collect()) { Ok(()) } else { Err(format!("{h:?}")) }
+        })
+        .await;
+    }
+    // Node 2 starts the room from the trimmed stream: unread counts only
+    // what can be read, and a resume from before the start says it is not
+    // complete.
+    let mut dan = Raw::connect(&nodes[2].addr).await;
+    let w = dan.hello(&nodes[2].token("dan"), vec![proto::Cursor { room: "t".into(), after_seq: 3 }]).await;
+    let state = w.rooms.iter().find(|r| r.room == "t").expect("dan is a member");
+    assert_eq!((state.head_seq, state.unread), (20, 5), "{state:?}");
+    let replayed: Vec<u64> = messages(&mut dan, "t", 5).await.iter().map(|m| m.seq).collect();
+    assert_eq!(replayed, (16..=20).collect::<Vec<_>>());
+    let synced = dan.next_push(|b| if let Body::Synced(s) = b { Some(s) } else { None }).await;
+    assert_eq!((synced.complete, synced.first_seq, synced.head_seq), (false, 16, 20), "{synced:?}");
+    assert_eq!(held(&mut dan, "t").await, (16, (16..=20).collect()));
+    // Seqs go on after the trim.
+    assert_eq!(ann.publish("t", "after").await.seq, 21);
+    assert_eq!(messages(&mut dan, "t", 1).await[0].seq, 21);
+    for n in nodes {
+        n.stop().await;
+    }
+}

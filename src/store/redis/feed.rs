@@ -49,6 +49,11 @@ pub struct Delivery {
     /// Pushes another node sent the room's subscribers without storing
     /// them (`presence::publish_ephemeral`): each `node\nframe`.
     pub ephemeral: Vec<Bytes>,
+    /// Retention trimmed the room's stream before these entries: read its
+    /// trim record and drop what lies below its start (the entries that
+    /// follow are above it; the seqs between the last delivery and them
+    /// are gone).
+    pub trimmed: bool,
 }
 
 /// The payload a node publishes on a room's channel after it changed the
@@ -229,12 +234,25 @@ struct Gathered {
 
 impl Gathered {
     fn push(&mut self, room: &Arc<str>, entries: Vec<LogEntry>, epoch_changed: bool, state_changed: bool) {
-        if entries.is_empty() && !epoch_changed && !state_changed {
+        self.push_after(room, entries, epoch_changed, state_changed, false)
+    }
+
+    /// As `push`, after the stream was `trimmed`.
+    fn push_after(
+        &mut self,
+        room: &Arc<str>,
+        entries: Vec<LogEntry>,
+        epoch_changed: bool,
+        state_changed: bool,
+        trimmed: bool,
+    ) {
+        if entries.is_empty() && !epoch_changed && !state_changed && !trimmed {
             return;
         }
         match self.rooms.iter_mut().find(|d| d.room == *room) {
-            // A state notice applies after the entries gathered before it.
-            Some(d) if !epoch_changed && !d.state_changed => {
+            // A state notice applies after the entries gathered before it,
+            // a trim before the entries of its delivery.
+            Some(d) if !epoch_changed && !trimmed && !d.state_changed => {
                 d.entries.extend(entries);
                 d.state_changed = state_changed;
             }
@@ -244,6 +262,7 @@ impl Gathered {
                 epoch_changed,
                 state_changed,
                 ephemeral: Vec::new(),
+                trimmed,
             }),
         }
     }
@@ -258,6 +277,7 @@ impl Gathered {
                 epoch_changed: false,
                 state_changed: false,
                 ephemeral: vec![push],
+                trimmed: false,
             }),
         }
     }
@@ -307,6 +327,18 @@ impl Feeder {
                 changed = true;
             }
         }
+        // Retention may have cut the stream past this place (while the
+        // room was not served here, or the connection was down).
+        let mut trimmed = false;
+        if last < to {
+            let start = self.log.log_start(room).await?;
+            let place = self.places.get_mut(room).expect("checked above");
+            if place.last + 1 < start {
+                place.last = start - 1;
+                trimmed = true;
+            }
+        }
+        let last = self.places.get(room).expect("checked above").last;
         let entries = if last < to { self.log.range(room, last + 1, to).await? } else { Vec::new() };
         if let Some(e) = entries.last() {
             self.places.get_mut(room).expect("checked above").last = e.seq;
@@ -314,7 +346,7 @@ impl Feeder {
         self.state.filled.fetch_add(entries.len() as u64, Ordering::Relaxed);
         // Checked on subscription and reconnection, when state notices may
         // have been missed.
-        out.push(room, entries, changed, check_epoch);
+        out.push_after(room, entries, changed, check_epoch, trimmed);
         Ok(())
     }
 
@@ -324,6 +356,10 @@ impl Feeder {
         let room = room.clone();
         if payload == STATE_NOTICE {
             out.push(&room, Vec::new(), false, true);
+            return Ok(());
+        }
+        if payload == super::retention::TRIM_NOTICE {
+            out.push_after(&room, Vec::new(), false, false, true);
             return Ok(());
         }
         if *room == *super::state::REGISTRY_CHANNEL {

@@ -18,6 +18,7 @@
 
 pub mod feed;
 pub mod presence;
+pub mod retention;
 pub mod state;
 
 use std::time::Duration;

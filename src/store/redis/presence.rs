@@ -109,11 +109,12 @@ return {before, others}";
         Ok(DeviceChange { before, others })
     }
 
-    /// `user`'s devices on `node` (as it last wrote them).
-    pub async fn devices_on(&self, node: &str, user: &str) -> Result<u32, RedisError> {
-        let entry: Option<String> =
-            redis::cmd("HGET").arg(presence_key(user)).arg(node).query_async(&mut self.connection()).await?;
-        Ok(entry.and_then(|e| e.split_once(':').and_then(|(d, _)| d.parse().ok())).unwrap_or(0))
+    /// `user`'s devices on the nodes other than `node`.
+    pub async fn devices_elsewhere(&self, node: &str, user: &str) -> Result<u32, RedisError> {
+        let mut all: std::collections::HashMap<String, String> =
+            redis::cmd("HGETALL").arg(presence_key(user)).query_async(&mut self.connection()).await?;
+        all.remove(node);
+        Ok(live_devices(&all, now_ms()))
     }
 
     /// The devices of each of `users` over every node (in their order).

@@ -13,7 +13,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Its port on 127.0.0.1.
     pub port: u16,
-    dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    _tmp: Option<tempfile::TempDir>,
     extra: Vec<String>,
 }
 
@@ -41,9 +42,24 @@ impl RedisServer {
     /// A durable Redis (`appendonly yes`, `appendfsync always`), with
     /// `extra` arguments after those defaults.
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut r = RedisServer { child: None, port, dir, extra: extra.iter().map(|s| s.to_string()).collect() };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut r = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.spawn();
+        r
+    }
+
+    /// A durable Redis whose data is in `dir` (created if missing): one
+    /// started again on the same `dir` has everything the last one had.
+    pub fn start_at(dir: &std::path::Path) -> RedisServer {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut r =
+            RedisServer { child: None, port: free_port(), dir: dir.to_path_buf(), _tmp: None, extra: Vec::new() };
         r.spawn();
         r
     }
@@ -55,7 +71,7 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let port = self.port.to_string();
-        let dir = self.dir.path().to_str().unwrap().to_string();
+        let dir = self.dir.to_str().unwrap().to_string();
         let mut args: Vec<String> = [
             "--port",
             &port,

@@ -70,7 +70,8 @@ impl TestServer {
     }
 
     /// A server on an existing data directory. With
-    /// `CHATD_TEST_CLUSTER=1`, three cluster nodes over a fresh Redis (the
+    /// `CHATD_TEST_CLUSTER=1`, three cluster nodes over a Redis whose data
+    /// is in the data directory (the
     /// server the tests reach by `server`, `addr` and `http` is the first;
     /// connections made through [`ChatServer`] and [`TestServer::client`]
     /// go to the nodes in turn).
@@ -83,7 +84,9 @@ impl TestServer {
                     super::redis::RedisServer::available("CHATD_TEST_CLUSTER=1"),
                     "cluster mode needs redis-server"
                 );
-                let redis = super::redis::RedisServer::start_with(&[]);
+                // In the data directory: a restart of the cluster on it
+                // finds what Redis had.
+                let redis = super::redis::RedisServer::start_at(&dir.join("redis"));
                 config.cluster_redis = Some(redis.url());
                 Some(redis)
             }
@@ -94,11 +97,23 @@ impl TestServer {
             Some(redis) => {
                 let mut others = Vec::new();
                 let mut addrs = vec![server.tcp_addr.to_string()];
-                for _ in 0..2 {
+                // Ports of their own (a test that gives the server fixed
+                // addresses gives them to the first), the same again when
+                // the cluster restarts on this directory: its clients
+                // reconnect where they were.
+                let known = dir.join("cluster-nodes");
+                let before: Vec<String> =
+                    std::fs::read_to_string(&known).unwrap_or_default().lines().map(str::to_string).collect();
+                let mut config = config.clone();
+                config.http = "127.0.0.1:0".parse().unwrap();
+                config.tls = config.tls.map(|_| "127.0.0.1:0".parse().unwrap());
+                for i in 0..2 {
+                    config.tcp = before.get(i).map_or("127.0.0.1:0", |a| a.as_str()).parse().unwrap();
                     let node = Server::start(&config).await.expect("a cluster node starts");
                     addrs.push(node.tcp_addr.to_string());
                     others.push(node);
                 }
+                std::fs::write(&known, addrs[1..].join("\n")).unwrap();
                 Some(ClusterNodes { others, addrs, next: Default::default(), _redis: redis })
             }
             None => None,
