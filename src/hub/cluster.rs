@@ -32,7 +32,7 @@ use crate::proto::{self, ErrorCode};
 use crate::room::Room;
 use crate::store::commit::{Pending, Write};
 use crate::store::redis::feed::{Delivery, Feed};
-use crate::store::redis::{AppendError, Appended, NewEntry, RedisLog};
+use crate::store::redis::{AppendError, Appended, ChangeCheck, NewEntry, RedisLog};
 use crate::store::{Append, Entry, RoomId};
 
 /// On a user's channel: close their sessions (`disconnect`), after a
@@ -240,6 +240,19 @@ impl Cluster {
     /// false when Redis lost entries above it (an epoch change).
     pub fn complete_after(&self, room: &Room, after: u64) -> bool {
         self.inner().lost_before.get(&room.id).is_none_or(|first| *first <= after + 1)
+    }
+
+    /// Brings `room` here up to `seq` if the log in Redis has it (a
+    /// message published through another node a moment ago), within
+    /// [`SYNC_TIMEOUT`]; a seq beyond the log's head is left to the caller
+    /// to refuse.
+    pub(super) async fn catch_up_to(&self, room: &Room, seq: u64) -> Result<(), Refusal> {
+        let head = self.log.head(&room.name).await.map_err(unavailable)?.0;
+        if seq <= head && !self.reached(room, seq, SYNC_TIMEOUT).await {
+            let msg = format!("room {} is still catching up with the cluster; try again", room.name);
+            return Err(Refusal::new(ErrorCode::ServerBusy, msg));
+        }
+        Ok(())
     }
 
     /// Waits until `room`'s replica here has reached `seq` (false after
@@ -458,6 +471,7 @@ impl Hub {
         room: &Arc<Room>,
         message: &proto::Message,
         owner: &Arc<str>,
+        change: Option<ChangeCheck>,
         author: Author,
     ) -> Result<(), Refusal> {
         let Author { sender, publisher, permit, received } = author;
@@ -466,6 +480,7 @@ impl Hub {
             message: message.encode_to_vec(),
             member: sender,
             seen: room.head(),
+            change,
             answered: Answered {
                 pipeline: self.pipeline.clone(),
                 room: room.clone(),
@@ -624,6 +639,7 @@ struct Job {
     message: Vec<u8>,
     member: Arc<str>,
     seen: u64,
+    change: Option<ChangeCheck>,
     answered: Answered,
     waiter: Waiter,
 }
@@ -710,6 +726,7 @@ async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedRe
                 client_msg_id: &j.answered.client_msg_id,
                 member: &j.member,
                 seen: j.seen,
+                change: j.change.as_ref(),
             })
             .collect();
         let answers = log.append_all(&entries, &epoch).await;
@@ -740,6 +757,7 @@ impl Answered {
             Err(e) => {
                 let (code, message) = match e {
                     AppendError::Forbidden(msg) => (ErrorCode::Forbidden, msg),
+                    AppendError::NotFound(msg) => (ErrorCode::NotFound, msg),
                     AppendError::Unavailable(msg) => {
                         m.cluster_append_failures.increment(1);
                         (ErrorCode::ServerBusy, unavailable(msg).message)
@@ -764,6 +782,15 @@ impl Answered {
             client_msg_id: cmid.clone(),
             duplicate,
         };
+        if appended.unchanged {
+            // A reaction already as asked: in force, as on one node.
+            let ack = proto::PublishAck { ts_ms: 0, ..ack(true) };
+            for w in pipeline.in_flight.settle(&owner, &cmid) {
+                w.ack(ack.clone());
+            }
+            waiter.publisher.ack(ack);
+            return;
+        }
         if appended.duplicate {
             m.duplicates.increment(1);
             for w in pipeline.in_flight.settle(&owner, &cmid) {

@@ -233,14 +233,23 @@ impl Hub {
         author: Author,
     ) -> Result<(), Refusal> {
         let client_msg_id = message.client_msg_id.clone();
+        let mut check = None;
         if let Kind::Change(change) = kind {
+            // A target published through another node a moment ago may
+            // not be here yet.
+            if change.target > room.head() {
+                c.catch_up_to(room, change.target).await?;
+            }
             let decision = {
                 let mut pending = room.pending();
                 let targets = pending.targets(self.pipeline.commits.epoch());
                 self.decide(room, targets, &author.sender, &change).map(|(d, _)| d)
             };
             match decision {
-                Ok(super::changes::Decision::Apply { .. }) => {}
+                Ok(super::changes::Decision::Apply { .. }) => {
+                    let key = &change.key;
+                    check = Some(crate::store::redis::ChangeCheck::of(change.kind, change.target, &author.sender, key));
+                }
                 Ok(super::changes::Decision::Unchanged) => {
                     self.unchanged(room, change.target, key_owner, &client_msg_id, author.publisher);
                     return Ok(());
@@ -256,7 +265,7 @@ impl Hub {
         // The script adds both.
         message.seq = 0;
         message.ts_ms = 0;
-        self.append_clustered(c, room, &message, key_owner, author)
+        self.append_clustered(c, room, &message, key_owner, check, author)
     }
 
     /// Answers a change that is in force already (no entry): acked as a

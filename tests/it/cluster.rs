@@ -36,7 +36,7 @@ async fn append(
     key: &str,
 ) -> Result<chatd::store::redis::Appended, AppendError> {
     let message = body(room, "ann", text);
-    let e = NewEntry { room, message: &message, owner: "ann", client_msg_id: key, member: "", seen: 0 };
+    let e = NewEntry { room, message: &message, owner: "ann", client_msg_id: key, member: "", seen: 0, change: None };
     log.append(&e, &fresh_epoch()).await
 }
 
@@ -163,7 +163,15 @@ async fn a_retried_key_is_answered_with_the_original_on_any_node_and_members_are
     assert_eq!(append(&b, "r2", "x", "k1").await.unwrap().seq, 1, "keys are per room");
 
     let message = body("r", "bob", "hi");
-    let as_bob = NewEntry { room: "r", message: &message, owner: "bob", client_msg_id: "", member: "bob", seen: 0 };
+    let as_bob = NewEntry {
+        room: "r",
+        message: &message,
+        owner: "bob",
+        client_msg_id: "",
+        member: "bob",
+        seen: 0,
+        change: None,
+    };
     match a.append(&as_bob, &fresh_epoch()).await {
         Err(AppendError::Forbidden(why)) => assert!(why.contains("bob"), "{why}"),
         other => panic!("a non-member's append: {other:?}"),
@@ -332,7 +340,8 @@ async fn an_emptied_redis_never_reuses_a_seq_and_the_feed_says_the_epoch_changed
     assert_eq!(redis.cli(&["FLUSHALL"]).as_deref(), Some("OK"));
     // A node that has seen seq 5 appends: seqs go on after it.
     let message = body("r", "ann", "after");
-    let e = NewEntry { room: "r", message: &message, owner: "ann", client_msg_id: "", member: "", seen: 5 };
+    let e =
+        NewEntry { room: "r", message: &message, owner: "ann", client_msg_id: "", member: "", seen: 5, change: None };
     let a = log.append(&e, &fresh_epoch()).await.unwrap();
     assert_eq!(a.seq, 6, "seqs 1..=5 are never handed out again");
     assert_ne!(a.epoch, epoch, "a new epoch");
@@ -462,8 +471,15 @@ async fn state_round_trip(a: &RedisLog, b: &RedisLog) {
     .await
     .unwrap();
     let message = body("ops", "bob", "hi");
-    let as_user =
-        |user| NewEntry { room: "ops", message: &message, owner: user, client_msg_id: "", member: user, seen: 0 };
+    let as_user = |user| NewEntry {
+        room: "ops",
+        message: &message,
+        owner: user,
+        client_msg_id: "",
+        member: user,
+        seen: 0,
+        change: None,
+    };
     assert_eq!(b.append(&as_user("bob"), &fresh_epoch()).await.unwrap().seq, 1, "a member appends");
     assert!(
         matches!(b.append(&as_user("cat"), &fresh_epoch()).await, Err(AppendError::Forbidden(_))),

@@ -601,3 +601,57 @@ async fn retention_trims_the_shared_log_and_every_node_starts_where_it_does() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_to_a_message_are_checked_against_the_shared_log() {
+    let Some(redis) = RedisServer::for_test("changes_to_a_message_are_checked", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = nodes(&redis, tmp.path()).await;
+    let mut ann = nodes[0].raw_member("ann", "c").await;
+    let mut bob = nodes[1].raw_member("bob", "c").await;
+    let mut cat = nodes[2].raw_member("cat", "c").await;
+    let react = |seq, add, id: &str| {
+        Body::React(proto::React { room: "c".into(), seq, key: "+1".into(), add, client_msg_id: id.into() })
+    };
+    // A message published on node 0 is reacted to on node 2 at once.
+    let seq = ann.publish("c", "hello").await.seq;
+    assert!(matches!(cat.request(react(seq, true, "c1")).await, Body::PublishAck(a) if !a.duplicate));
+    // Bob adds the same reaction twice before the first is back from
+    // Redis: one entry, the second is answered as in force.
+    bob.send(1, react(seq, true, "b1")).await;
+    bob.send(2, react(seq, true, "b2")).await;
+    let mut acks = Vec::new();
+    while acks.len() < 2 {
+        if let Some(Body::PublishAck(a)) = bob.recv().await.body {
+            acks.push(a);
+        }
+    }
+    assert_eq!(acks.iter().filter(|a| !a.duplicate).count(), 1, "{acks:?}");
+    let reactions = |m: &proto::Message| m.reactions.iter().map(|r| (r.key.clone(), r.count)).collect::<Vec<_>>();
+    for r in [&mut ann, &mut bob, &mut cat] {
+        crate::common::wait_for("every node to fold both reactions once", Polling::DEFAULT, async || {
+            let h = r.history_all("c").await;
+            let first = h.iter().find(|m| m.seq == seq).map(reactions);
+            if first == Some(vec![("+1".into(), 2)]) { Ok(()) } else { Err(format!("{first:?}")) }
+        })
+        .await;
+    }
+    // Deleted on node 0: a change decided on node 1 after it is refused,
+    // by node 1's replica or by Redis, whichever knows first.
+    let delete = Body::Delete(proto::Delete { room: "c".into(), seq, client_msg_id: "d1".into() });
+    assert!(matches!(ann.request(delete).await, Body::PublishAck(_)));
+    let refused = refused_or_acked(&mut bob, react(seq, false, "b3")).await;
+    assert_eq!(refused, Some(ErrorCode::NotFound));
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// The error code answering `body`, or `None` for an ack.
+async fn refused_or_acked(r: &mut Raw, body: Body) -> Option<ErrorCode> {
+    match r.request(body).await {
+        Body::PublishAck(_) => None,
+        Body::Error(e) => Some(e.code()),
+        other => panic!("neither an ack nor an error: {other:?}"),
+    }
+}

@@ -5,16 +5,23 @@
 --
 -- KEYS[1] the room's meta hash (head, epoch), KEYS[2] its log stream,
 -- KEYS[3] the idempotency key of this sender and client_msg_id,
--- KEYS[4] the room's members hash (user -> role; "0" or absent: not one).
+-- KEYS[4] the room's members hash (user -> role; "0" or absent: not one),
+-- KEYS[5] the room's changes hash ("d:<seq>": deleted; "r:<seq>\n<user>
+-- \n<key>": reacted).
 -- ARGV[1] the encoded Message without seq and ts_ms, ARGV[2] the member
 -- whose role is checked ("" for the system: no check), ARGV[3] "1" when
 -- the publish carries a client_msg_id, ARGV[4] the idempotency window in
 -- seconds, ARGV[5] the room's channel, ARGV[6] PUBLISH or SPUBLISH,
 -- ARGV[7] the highest seq the calling node has seen in this room,
--- ARGV[8] a fresh epoch, used when the room's meta is missing or behind.
+-- ARGV[8] a fresh epoch, used when the room's meta is missing or behind,
+-- ARGV[9] for a change to a message "edit", "del", "add" or "rm" (a
+-- reaction), else "", ARGV[10] its target seq, ARGV[11] a reaction's
+-- field in the changes hash.
 --
 -- Returns {1, seq, ts_ms, epoch} for a new entry, {0, seq, ts_ms, epoch}
--- for a key already used, or an error reply "FORBIDDEN ...".
+-- for a key already used, {2, target, 0, epoch} for a reaction already as
+-- asked (nothing appended), or an error reply "FORBIDDEN ..." or
+-- "NOTFOUND ..." (the target was deleted).
 
 local function varint(n)
   local out = {}
@@ -38,6 +45,25 @@ if ARGV[2] ~= '' then
   local role = redis.call('HGET', KEYS[4], ARGV[2])
   if not role or role == '0' then
     return redis.error_reply('FORBIDDEN ' .. ARGV[2] .. ' is not a member')
+  end
+end
+
+-- A change is decided by the node against its replica, which may lag the
+-- log by a moment: what another node changed meanwhile is checked here.
+if ARGV[9] ~= '' then
+  if redis.call('HEXISTS', KEYS[5], 'd:' .. ARGV[10]) == 1 then
+    return redis.error_reply('NOTFOUND message ' .. ARGV[10] .. ' was deleted')
+  end
+  local unchanged = false
+  if ARGV[9] == 'del' then
+    redis.call('HSET', KEYS[5], 'd:' .. ARGV[10], '1')
+  elseif ARGV[9] == 'add' then
+    unchanged = redis.call('HSETNX', KEYS[5], ARGV[11], '1') == 0
+  elseif ARGV[9] == 'rm' then
+    unchanged = redis.call('HDEL', KEYS[5], ARGV[11]) == 0
+  end
+  if unchanged then
+    return {2, tonumber(ARGV[10]), 0, redis.call('HGET', KEYS[1], 'epoch') or ''}
   end
 end
 

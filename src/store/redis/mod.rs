@@ -167,6 +167,9 @@ pub enum AppendError {
     /// The sender is not a member of the room (as Redis holds it).
     #[error("{0}")]
     Forbidden(String),
+    /// A change's target was deleted (another node's delete came first).
+    #[error("{0}")]
+    NotFound(String),
     /// Redis did not answer, or failed: the entry may or may not be in the
     /// log; a retry with the same key says which.
     #[error("cluster Redis unavailable: {0}")]
@@ -199,6 +202,9 @@ pub struct Appended {
     pub ts_ms: u64,
     /// The key was used before: nothing new was appended.
     pub duplicate: bool,
+    /// A reaction was already as asked (its `seq` is the target's):
+    /// nothing was appended.
+    pub unchanged: bool,
     /// The room's epoch: it changes only when Redis lost entries.
     pub epoch: String,
 }
@@ -218,6 +224,34 @@ pub struct NewEntry<'a> {
     pub member: &'a str,
     /// The highest seq this node has seen in the room.
     pub seen: u64,
+    /// For a change to a message, what the script checks of it.
+    pub change: Option<&'a ChangeCheck>,
+}
+
+/// What the append script checks of a change to a message: the target is
+/// not deleted, and a reaction is not already as asked — decided in Redis,
+/// as nodes decide on replicas that may lag the log by a moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeCheck {
+    op: &'static str,
+    target: u64,
+    field: String,
+}
+
+impl ChangeCheck {
+    /// The check of a change of `kind` by `user` to message `target`
+    /// (`key`: a reaction's).
+    pub fn of(kind: crate::proto::ChangeKind, target: u64, user: &str, key: &str) -> ChangeCheck {
+        use crate::proto::ChangeKind;
+        let op = match kind {
+            ChangeKind::Delete => "del",
+            ChangeKind::ReactionAdd => "add",
+            ChangeKind::ReactionRemove => "rm",
+            ChangeKind::Edit | ChangeKind::Unspecified => "edit",
+        };
+        // Neither user ids nor reaction keys hold control characters.
+        ChangeCheck { op, target, field: format!("r:{target}\n{user}\n{key}") }
+    }
 }
 
 /// A command connection to one Redis or to a Redis Cluster. Both reconnect
@@ -390,9 +424,14 @@ impl RedisLog {
         let mut out: Vec<Result<Appended, AppendError>> = answers
             .into_iter()
             .map(|a| match a {
-                Ok((fresh, seq, ts_ms, epoch)) => Ok(Appended { seq, ts_ms, duplicate: fresh == 0, epoch }),
+                Ok((answer, seq, ts_ms, epoch)) => {
+                    Ok(Appended { seq, ts_ms, duplicate: answer == 0, unchanged: answer == 2, epoch })
+                }
                 Err(err) if err.code() == Some("FORBIDDEN") => {
                     Err(AppendError::Forbidden(err.detail().unwrap_or("not a member").to_string()))
+                }
+                Err(err) if err.code() == Some("NOTFOUND") => {
+                    Err(AppendError::NotFound(err.detail().unwrap_or("the message was deleted").to_string()))
                 }
                 Err(err) => Err(AppendError::Unavailable(err.to_string())),
             })
@@ -432,11 +471,12 @@ impl RedisLog {
         for e in group {
             pipe.cmd("EVALSHA")
                 .arg(self.append.get_hash())
-                .arg(4)
+                .arg(5)
                 .arg(room_key(e.room, "meta"))
                 .arg(room_key(e.room, "log"))
                 .arg(idempotency_key(e.room, e.owner, e.client_msg_id))
                 .arg(room_key(e.room, "members"))
+                .arg(room_key(e.room, "changes"))
                 .arg(e.message)
                 .arg(e.member)
                 .arg(if e.client_msg_id.is_empty() { "0" } else { "1" })
@@ -444,7 +484,10 @@ impl RedisLog {
                 .arg(room_key(e.room, "ch"))
                 .arg(publish)
                 .arg(e.seen)
-                .arg(epoch);
+                .arg(epoch)
+                .arg(e.change.map_or("", |c| c.op))
+                .arg(e.change.map_or(0, |c| c.target))
+                .arg(e.change.map_or("", |c| c.field.as_str()));
         }
         match pipe.query_async::<Vec<redis::RedisResult<(u8, u64, u64, String)>>>(conn).await {
             Ok(answers) if answers.len() == group.len() => answers,
