@@ -435,6 +435,20 @@ impl Hub {
         }
     }
 
+    /// Before a server API request on the room called `name`: a room this
+    /// node does not serve yet is read from Redis, attached and synced (one
+    /// it serves is as current as its feed).
+    pub async fn cluster_use_room(&self, name: &str) -> Result<(), Refusal> {
+        let Some(c) = &self.cluster else { return Ok(()) };
+        if self.room(name).is_some_and(|r| c.is_attached(&r)) {
+            return Ok(());
+        }
+        match self.cluster_refresh(name).await? {
+            Some(room) => self.cluster_sync(std::slice::from_ref(&room)).await,
+            None => Ok(()),
+        }
+    }
+
     /// Reads again every room this node does not serve (from the registry
     /// in Redis), learning those created on other nodes, without serving
     /// them: the directory lists them as they are, and a room's first use

@@ -475,23 +475,55 @@ async fn the_directory_of_a_node_follows_rooms_it_does_not_serve() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signing_out_everywhere_closes_the_sessions_on_every_node() {
-    use chatd::proto::CloseReason;
-    const KEY: &str = "a-backend-key-0123456789";
-    let Some(redis) = RedisServer::for_test("signing_out_everywhere_closes_the_sessions", &[]) else { return };
-    let tmp = tempfile::tempdir().unwrap();
+/// The server API's key of [`api_nodes`].
+const KEY: &str = "a-backend-key-0123456789";
+
+/// [`nodes`] with the server API on, its key [`KEY`].
+async fn api_nodes(redis: &RedisServer, dir: &std::path::Path) -> Vec<TestServer> {
     let mut nodes = Vec::new();
     for _ in 0..3 {
         let url = redis.url();
         nodes.push(
-            TestServer::start_in(tmp.path(), move |c| {
+            TestServer::start_in(dir, move |c| {
                 c.cluster_redis = Some(url);
                 c.api_key = Some(KEY.into());
             })
             .await,
         );
     }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_of_a_node_that_never_served_a_room_reads_it_as_it_is() {
+    let Some(redis) = RedisServer::for_test("the_server_api_of_a_node_that_never_served", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = api_nodes(&redis, tmp.path()).await;
+    let mut ann = nodes[0].raw_member("ann", "h").await;
+    for i in 0..3 {
+        ann.publish("h", &format!("m{i}")).await;
+    }
+    let get = async |path: &str| {
+        let (status, _, v) = crate::common::api_call(&nodes[2].http, Some(KEY), "GET", path, None).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        v
+    };
+    let page = get("/api/v1/rooms/h/messages?forward=true").await;
+    let texts: Vec<&str> = page["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["m0", "m1", "m2"], "{page}");
+    let room = get("/api/v1/rooms/h").await;
+    assert_eq!(room["memberCount"], 1, "{room}");
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_everywhere_closes_the_sessions_on_every_node() {
+    use chatd::proto::CloseReason;
+    let Some(redis) = RedisServer::for_test("signing_out_everywhere_closes_the_sessions", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes = api_nodes(&redis, tmp.path()).await;
     let old = crate::common::mint_token(tmp.path(), "bob", Duration::from_secs(3600), chatd::auth::unix_now() - 10);
     let mut one = Raw::connect_as(&nodes[1].addr, &old).await;
     let mut two = Raw::connect_as(&nodes[2].addr, &old).await;
