@@ -247,6 +247,8 @@ config! {
     cluster_replicas: u32 = 0;
     /// Cluster mode: a node's presence entries hold this long unless renewed (every third of it); a crashed node's users go offline within about this.
     cluster_presence_ttl_ms: u64 = 15_000, check check::at_least(300);
+    /// Cluster mode: a room with no session on the node for this long stops being served there, and its replica is dropped from memory (read again from Redis when next used).
+    cluster_replica_idle_ms: u64 = 300_000, check check::at_least(100);
     /// Logs as text (human-readable) or json.
     log_format: LogFormat = LogFormat::Text;
     /// Log filter in tracing syntax, e.g. info or chatd=debug; RUST_LOG takes precedence.

@@ -98,6 +98,12 @@ pub const CLUSTER_FEED_CONNECTIONS: &str = "chatd_cluster_feed_connections_total
 /// Cluster mode: entries read from a room's stream because its channel did
 /// not bring them (a lost connection, a seq jump).
 pub const CLUSTER_FILLED: &str = "chatd_cluster_filled_entries_total";
+/// Cluster mode: rooms the node serves now (subscribed in Redis, their
+/// replica in memory).
+pub const CLUSTER_ROOMS_SERVED: &str = "chatd_cluster_rooms_served";
+/// Cluster mode: rooms the node stopped serving after no session of its
+/// used them for `cluster_replica_idle_ms` (their replica dropped).
+pub const CLUSTER_ROOMS_EVICTED: &str = "chatd_cluster_rooms_evicted_total";
 /// Appends to the cluster's Redis that failed (answered `SERVER_BUSY`).
 pub const CLUSTER_APPEND_FAILURES: &str = "chatd_cluster_append_failures_total";
 /// Rooms whose epoch changed: Redis came back without some of their
@@ -105,7 +111,14 @@ pub const CLUSTER_APPEND_FAILURES: &str = "chatd_cluster_append_failures_total";
 pub const CLUSTER_EPOCH_CHANGES: &str = "chatd_cluster_epoch_changes_total";
 
 /// The names exported only in cluster mode.
-pub const CLUSTER_ONLY: &[&str] = &[CLUSTER_UP, CLUSTER_DURABILITY, CLUSTER_FEED_CONNECTIONS, CLUSTER_FILLED];
+pub const CLUSTER_ONLY: &[&str] = &[
+    CLUSTER_UP,
+    CLUSTER_DURABILITY,
+    CLUSTER_FEED_CONNECTIONS,
+    CLUSTER_FILLED,
+    CLUSTER_ROOMS_SERVED,
+    CLUSTER_ROOMS_EVICTED,
+];
 
 /// Every name above, for the README and tests.
 pub const ALL: &[&str] = &[
@@ -148,6 +161,8 @@ pub const ALL: &[&str] = &[
     CLUSTER_DURABILITY,
     CLUSTER_FEED_CONNECTIONS,
     CLUSTER_FILLED,
+    CLUSTER_ROOMS_SERVED,
+    CLUSTER_ROOMS_EVICTED,
     CLUSTER_APPEND_FAILURES,
     CLUSTER_EPOCH_CHANGES,
 ];

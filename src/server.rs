@@ -117,8 +117,9 @@ impl Server {
         let (deliveries, applied) = mpsc::channel(1024);
         let feed = Feed::start(log.clone(), deliveries);
         let store = Arc::new(crate::store::memory::MemoryStore::new());
+        let idle = Duration::from_millis(config.cluster_replica_idle_ms);
         let cluster =
-            Arc::new(crate::hub::cluster::Cluster::new(log, feed, store.clone(), config.cluster_presence_ttl_ms));
+            Arc::new(crate::hub::cluster::Cluster::new(log, feed, store.clone(), config.cluster_presence_ttl_ms, idle));
         Self::start_inner(config, store, auth, Some((cluster, applied))).await
     }
 
@@ -187,6 +188,7 @@ impl Server {
             tokio::spawn(crate::hub::cluster::apply(hub.clone(), rx));
             tokio::spawn(crate::hub::cluster::presence_upkeep(Arc::downgrade(&hub)));
             tokio::spawn(crate::hub::cluster::share_presence(Arc::downgrade(&hub)));
+            tokio::spawn(crate::hub::cluster::replica_upkeep(Arc::downgrade(&hub)));
         }
 
         let tls = match config.tls_addr() {

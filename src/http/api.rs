@@ -289,7 +289,7 @@ fn room_name(room: &str) -> Result<(), ApiError> {
 
 /// Checks a room name from the path and, on a cluster node, brings the
 /// room here up to what Redis holds first (it may never have served it).
-async fn use_room(hub: &crate::hub::Hub, room: &str) -> Result<(), ApiError> {
+async fn use_room(hub: &crate::hub::Hub, room: &str) -> Result<Option<crate::hub::cluster::Pinned>, ApiError> {
     room_name(room)?;
     Ok(hub.cluster_use_room(room).await?)
 }
@@ -343,7 +343,7 @@ struct ActAsQuery {
 }
 
 async fn get_room(State(app): State<Arc<App>>, Path(room): Path<String>, q: QueryOf<ActAsQuery>) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let q = query(q)?;
     ok(&app.hub.get_room(&actor(q.act_as)?, &room)?)
 }
@@ -366,7 +366,7 @@ async fn update_room(
     Path(room): Path<String>,
     b: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let b: UpdateRoomBody = body(b)?;
     let u = proto::UpdateRoom {
         room,
@@ -387,7 +387,7 @@ struct MembersQuery {
 }
 
 async fn list_members(State(app): State<Arc<App>>, Path(room): Path<String>, q: QueryOf<MembersQuery>) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let q = query(q)?;
     let l = proto::ListMembers { room, after_user: q.after_user.unwrap_or_default(), limit: q.limit.unwrap_or(0) };
     ok(&app.hub.list_members(&actor(q.act_as)?, &l)?)
@@ -405,7 +405,7 @@ async fn add_member(
     Path((room, user)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let b: AddMemberBody = body(b)?;
     let role = enum_field(b.role, |s| proto::Role::from_str_name(s).map(|r| r as i32), "role")?;
     ok(&app.hub.add_member(&actor(b.act_as)?, &room, &user, role).await?)
@@ -430,7 +430,7 @@ async fn remove_member(
     Path((room, user)): Path<(String, String)>,
     q: QueryOf<ReasonQuery>,
 ) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let q = query(q)?;
     let reason = q.reason.unwrap_or_default();
     ok(&app.hub.remove(&actor(q.act_as)?, &room, &user, &reason, false).await?)
@@ -441,7 +441,7 @@ async fn ban(
     Path((room, user)): Path<(String, String)>,
     b: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let b: ReasonBody = body(b)?;
     let reason = b.reason.unwrap_or_default();
     ok(&app.hub.remove(&actor(b.act_as)?, &room, &user, &reason, true).await?)
@@ -452,7 +452,7 @@ async fn unban(
     Path((room, user)): Path<(String, String)>,
     q: QueryOf<ReasonQuery>,
 ) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let q = query(q)?;
     let reason = q.reason.unwrap_or_default();
     ok(&app.hub.unban(&actor(q.act_as)?, &room, &user, &reason).await?)
@@ -505,7 +505,7 @@ async fn post_message(
     b: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let received = Instant::now();
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let b: PostBody = body(b)?;
     if b.client_msg_id.len() > MAX_CLIENT_MSG_ID {
         return Err(bad(format!("clientMsgId is longer than {MAX_CLIENT_MSG_ID} bytes")));
@@ -570,7 +570,7 @@ struct HistoryQuery {
 }
 
 async fn read_messages(State(app): State<Arc<App>>, Path(room): Path<String>, q: QueryOf<HistoryQuery>) -> Answer {
-    use_room(&app.hub, &room).await?;
+    let _pinned = use_room(&app.hub, &room).await?;
     let q = query(q)?;
     let actor = actor(q.act_as)?;
     let hub = &app.hub;

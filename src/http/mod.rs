@@ -143,6 +143,9 @@ async fn render_metrics(State(app): State<Arc<App>>) -> Response {
         metrics::gauge!(m::CLUSTER_DURABILITY, "mode" => mode).set(1.0);
         metrics::counter!(m::CLUSTER_FEED_CONNECTIONS).absolute(feed.connections.load(Relaxed));
         metrics::counter!(m::CLUSTER_FILLED).absolute(feed.filled.load(Relaxed));
+        let (served, evicted) = c.replica_counts();
+        metrics::gauge!(m::CLUSTER_ROOMS_SERVED).set(served as f64);
+        metrics::counter!(m::CLUSTER_ROOMS_EVICTED).absolute(evicted);
     }
     let store = hub.store.clone();
     let size = tokio::task::spawn_blocking(move || store.size_on_disk()).await.unwrap_or(0);

@@ -58,6 +58,8 @@ pub struct Cluster {
     pub node: String,
     /// The node's store: its replica of the rooms it serves.
     replica: Arc<crate::store::memory::MemoryStore>,
+    /// How long a room goes without a session here before it is evicted.
+    replica_idle: Duration,
     /// How long this node's presence entries hold unless renewed.
     pub presence_ttl_ms: u64,
     /// Users whose sessions here changed, with the session that started
@@ -95,6 +97,20 @@ struct Inner {
     /// here since): who is online in the lists of `Joined` and
     /// `ListMembers`.
     devices: HashMap<Arc<str>, u32>,
+    /// Rooms this node stopped serving, their replica dropped
+    /// ([`replica_upkeep`]).
+    evicted: HashSet<RoomId>,
+    /// Rooms served again after an eviction, their replica being refilled
+    /// from the stream: the head they had, which it must reach before it
+    /// is read.
+    cold: HashMap<RoomId, u64>,
+    /// Since when a room served here has had no session of this node.
+    idle_since: HashMap<RoomId, Instant>,
+    /// Requests using a room now (a `Hello`, a session's or the server
+    /// API's request): it is not evicted meanwhile.
+    pins: HashMap<RoomId, usize>,
+    /// Rooms evicted so far.
+    evictions: u64,
 }
 
 /// A publish appended by this node, answered when its entry is applied.
@@ -114,6 +130,7 @@ impl Cluster {
         feed: Feed,
         replica: Arc<crate::store::memory::MemoryStore>,
         presence_ttl_ms: u64,
+        replica_idle: Duration,
     ) -> Self {
         let (appends, jobs) = mpsc::unbounded_channel();
         let (presence, presence_changes) = mpsc::unbounded_channel();
@@ -126,6 +143,7 @@ impl Cluster {
             appends,
             node: crate::store::redis::fresh_epoch(),
             replica,
+            replica_idle,
             presence_ttl_ms,
             presence,
             presence_changes: Mutex::new(Some(presence_changes)),
@@ -153,11 +171,81 @@ impl Cluster {
     /// Subscribes `room` on the feed unless it is already; its replica is
     /// then filled from where it stands. True when it was not.
     pub fn attach(&self, room: &Room) -> bool {
-        let new = self.inner().attached.insert(room.id);
+        let mut inner = self.inner();
+        let new = inner.attached.insert(room.id);
         if new {
-            self.feed.subscribe(room.name.clone(), room.head());
+            inner.idle_since.remove(&room.id);
+            // Evicted before: the replica is refilled from the stream's
+            // start, and read only once it has the head it had.
+            let after = match inner.evicted.remove(&room.id) {
+                true => {
+                    inner.cold.insert(room.id, room.head());
+                    0
+                }
+                false => room.head(),
+            };
+            drop(inner);
+            self.feed.subscribe(room.name.clone(), after);
         }
         new
+    }
+
+    /// Whether `room` is served here and its replica can be read.
+    pub fn is_current(&self, room: &Room) -> bool {
+        let inner = self.inner();
+        inner.attached.contains(&room.id) && !inner.cold.contains_key(&room.id)
+    }
+
+    /// Keeps `rooms` from being evicted until the guard is dropped.
+    pub fn pin(self: &Arc<Self>, rooms: &[Arc<Room>]) -> Pinned {
+        let mut inner = self.inner();
+        for room in rooms {
+            *inner.pins.entry(room.id).or_default() += 1;
+        }
+        Pinned { cluster: self.clone(), rooms: rooms.iter().map(|r| r.id).collect() }
+    }
+
+    /// (rooms served now, rooms evicted so far).
+    pub fn replica_counts(&self) -> (usize, u64) {
+        let inner = self.inner();
+        (inner.attached.len(), inner.evictions)
+    }
+
+    /// Stops serving `room` if no session here has used it for
+    /// `replica_idle`: unsubscribed, its replica dropped. Checked under the
+    /// room's subscriber lock, so a session subscribing meanwhile either
+    /// keeps it or finds it no longer served (and attaches it again).
+    fn evict_if_idle(&self, room: &Room, now: Instant) -> bool {
+        let evicted = room.if_unsubscribed(|| {
+            let mut inner = self.inner();
+            let busy = !inner.attached.contains(&room.id)
+                || inner.cold.contains_key(&room.id)
+                || inner.pins.get(&room.id).is_some_and(|n| *n > 0)
+                || inner.waiting.keys().any(|(r, _)| *r == room.id);
+            if busy {
+                inner.idle_since.remove(&room.id);
+                return false;
+            }
+            let since = *inner.idle_since.entry(room.id).or_insert(now);
+            if now.duration_since(since) < self.replica_idle {
+                return false;
+            }
+            inner.attached.remove(&room.id);
+            inner.evicted.insert(room.id);
+            inner.idle_since.remove(&room.id);
+            inner.acked.remove(&room.id);
+            inner.evictions += 1;
+            // Under the lock: an attach that follows subscribes after this
+            // unsubscribes, and refills after this emptied the replica.
+            self.feed.unsubscribe(room.name.clone());
+            self.replica.evict(room.id);
+            true
+        });
+        if evicted.is_none() {
+            // A session subscribed: not idle.
+            self.inner().idle_since.remove(&room.id);
+        }
+        evicted == Some(true)
     }
 
     /// Attaches `room` ([`Cluster::attach`]) and, the first time, learns
@@ -263,11 +351,32 @@ impl Cluster {
             let notified = self.applied.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if room.head() >= seq {
+            let there = || room.head() >= seq && !self.inner().cold.contains_key(&room.id);
+            if there() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return room.head() >= seq;
+                return there();
+            }
+        }
+    }
+}
+
+/// Rooms kept from eviction while a request uses them ([`Cluster::pin`]).
+pub struct Pinned {
+    cluster: Arc<Cluster>,
+    rooms: Vec<RoomId>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let mut inner = self.cluster.inner();
+        for id in &self.rooms {
+            if let Some(n) = inner.pins.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.pins.remove(id);
+                }
             }
         }
     }
@@ -342,9 +451,9 @@ impl Hub {
     /// Redis has them, each room here brought up to its head there
     /// ([`Hub::cluster_sync`]). A token that does not verify is left to the
     /// `Hello` to refuse.
-    pub async fn cluster_before_hello(&self, token: &str) -> Result<(), Refusal> {
-        let Some(c) = &self.cluster else { return Ok(()) };
-        let Ok(claims) = self.auth.verify(token, crate::auth::unix_now()) else { return Ok(()) };
+    pub async fn cluster_before_hello(&self, token: &str) -> Result<Option<Pinned>, Refusal> {
+        let Some(c) = &self.cluster else { return Ok(None) };
+        let Ok(claims) = self.auth.verify(token, crate::auth::unix_now()) else { return Ok(None) };
         let user = claims.sub;
         // Changes to the user's rooms made on other nodes reach this one
         // from now on.
@@ -371,12 +480,15 @@ impl Hub {
         // What the refreshes changed, and the read markers moved elsewhere.
         let entry = self.user(&user);
         let rooms: Vec<Arc<Room>> = entry.lock().rooms.values().cloned().collect();
+        // Served until the session has subscribed to them.
+        let pinned = c.pin(&rooms);
         for room in &rooms {
             if let Some(pos) = c.log.read_marker(&room.name, &user).await.map_err(unavailable)? {
                 entry.raise_read_marker(room.id, pos);
             }
         }
-        self.cluster_sync(&rooms).await
+        self.cluster_sync(&rooms).await?;
+        Ok(Some(pinned))
     }
 
     /// Another node disconnected `user`: their sessions here close too,
@@ -417,36 +529,47 @@ impl Hub {
     /// node does not know yet, or does not serve yet, is read from Redis
     /// and synced; one it serves is read again if the user is not a member
     /// here (they may have joined, or been added, through another node).
-    pub async fn cluster_use(&self, name: &str, entry: &super::UserEntry) -> Result<(), Refusal> {
-        let Some(c) = &self.cluster else { return Ok(()) };
-        let room = match self.room(name) {
+    pub async fn cluster_use(&self, name: &str, entry: &super::UserEntry) -> Result<Option<Pinned>, Refusal> {
+        let Some(c) = &self.cluster else { return Ok(None) };
+        let (room, served) = match self.room(name) {
             Some(room) if c.is_attached(&room) => {
                 if !entry.lock().rooms.contains_key(&room.id) {
                     self.cluster_refresh(name).await?;
                 }
-                return Ok(());
+                (room, true)
             }
-            _ if !crate::room::valid_room_name(name) => return Ok(()),
-            _ => self.cluster_refresh(name).await?,
+            _ if !crate::room::valid_room_name(name) => return Ok(None),
+            _ => match self.cluster_refresh(name).await? {
+                Some(room) => (room, false),
+                None => return Ok(None),
+            },
         };
-        match room {
-            Some(room) => self.cluster_sync(std::slice::from_ref(&room)).await,
-            None => Ok(()),
+        let pinned = c.pin(std::slice::from_ref(&room));
+        // A room served here is as current as its feed, unless it is being
+        // refilled after an eviction.
+        if !served || !c.is_current(&room) {
+            self.cluster_sync(std::slice::from_ref(&room)).await?;
         }
+        Ok(Some(pinned))
     }
 
     /// Before a server API request on the room called `name`: a room this
     /// node does not serve yet is read from Redis, attached and synced (one
     /// it serves is as current as its feed).
-    pub async fn cluster_use_room(&self, name: &str) -> Result<(), Refusal> {
-        let Some(c) = &self.cluster else { return Ok(()) };
-        if self.room(name).is_some_and(|r| c.is_attached(&r)) {
-            return Ok(());
+    pub async fn cluster_use_room(&self, name: &str) -> Result<Option<Pinned>, Refusal> {
+        let Some(c) = &self.cluster else { return Ok(None) };
+        let (room, served) = match self.room(name) {
+            Some(room) if c.is_attached(&room) => (room, true),
+            _ => match self.cluster_refresh(name).await? {
+                Some(room) => (room, false),
+                None => return Ok(None),
+            },
+        };
+        let pinned = c.pin(std::slice::from_ref(&room));
+        if !served || !c.is_current(&room) {
+            self.cluster_sync(std::slice::from_ref(&room)).await?;
         }
-        match self.cluster_refresh(name).await? {
-            Some(room) => self.cluster_sync(std::slice::from_ref(&room)).await,
-            None => Ok(()),
-        }
+        Ok(Some(pinned))
     }
 
     /// Reads again every room this node does not serve (from the registry
@@ -600,6 +723,25 @@ pub async fn share_presence(hub: std::sync::Weak<Hub>) {
 
 fn lock_or<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Evicts the rooms no session of this node has used for
+/// `cluster_replica_idle_ms`, so that a node's memory holds the rooms its
+/// users are in, not every room it ever served. Runs until the hub goes.
+pub async fn replica_upkeep(hub: std::sync::Weak<Hub>) {
+    loop {
+        let Some(hub) = hub.upgrade() else { return };
+        let Some(c) = hub.cluster.clone() else { return };
+        let every = (c.replica_idle / 4).clamp(Duration::from_millis(25), Duration::from_secs(30));
+        let now = Instant::now();
+        for room in hub.rooms() {
+            if c.evict_if_idle(&room, now) {
+                tracing::debug!(room = %room.name, "no session here used the room: no longer served here");
+            }
+        }
+        drop(hub);
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Keeps this node's presence in Redis alive and reaps the nodes that
@@ -920,7 +1062,20 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
             hub.metrics.cluster_epoch_changes.increment(1);
             c.inner().lost_before.insert(room.id, first.seq);
         }
-        for e in d.entries {
+        let mut entries = d.entries;
+        let cold = c.inner().cold.get(&room.id).copied();
+        if let Some(head) = cold {
+            // Served again after an eviction: what the room had goes back
+            // into the replica only (its sessions had it, its counters
+            // count it); the subscription's first delivery brings all of it.
+            let refill: Vec<_> = entries.drain(..entries.partition_point(|e| e.seq <= head)).collect();
+            hub.refill(&c, &room, refill);
+            if d.state_changed {
+                c.inner().cold.remove(&room.id);
+                c.applied.notify_waiters();
+            }
+        }
+        for e in entries {
             let message = match proto::Message::decode(&e.message[..]) {
                 Ok(m) if m.seq == e.seq => m,
                 other => {
@@ -983,6 +1138,32 @@ pub async fn apply(hub: Arc<Hub>, mut deliveries: mpsc::Receiver<Delivery>) {
 }
 
 impl Hub {
+    /// Writes `entries` (of a room served again after an eviction, at or
+    /// below the head it had) into the replica, without fanning them out.
+    fn refill(&self, c: &Cluster, room: &Room, entries: Vec<crate::store::redis::LogEntry>) {
+        use crate::store::Store as _;
+        let mut batch = crate::store::Batch::default();
+        for e in entries {
+            let Ok(message) = proto::Message::decode(&e.message[..]) else {
+                c.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(room = %room.name, seq = e.seq, "a log entry is not a Message; skipped");
+                continue;
+            };
+            batch.appends.push(Append {
+                room: room.id,
+                seq: e.seq,
+                sender: crate::store::idempotency_owner(&message.sender, &room.name).to_string(),
+                client_msg_id: message.client_msg_id.clone(),
+                ts_ms: message.ts_ms,
+                entry: Entry::of(&message),
+                message: e.message,
+            });
+        }
+        if let Err(e) = c.replica.write(&batch) {
+            tracing::error!(room = %room.name, error = %e, "the replica could not be refilled");
+        }
+    }
+
     /// Retention trimmed `room`'s stream in Redis: the replica here drops
     /// what lies below the new start, and the room starts there (its head
     /// too, if this node had not received what was trimmed). Tried a few

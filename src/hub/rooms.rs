@@ -444,13 +444,6 @@ impl Hub {
         only_origin: bool,
     ) -> usize {
         let mut st = entry.lock();
-        if let Some(c) = &self.cluster
-            && !st.sessions.is_empty()
-        {
-            // The room's entries must reach this node's sessions from now
-            // on (a member with none here needs nothing of it).
-            c.attach_now(room);
-        }
         st.rooms.insert(room.id, room.clone());
         st.invited.remove(&room.id);
         let read = st.read.get(&room.id).copied().unwrap_or_default();
@@ -485,6 +478,15 @@ impl Hub {
                 ))
             };
             room.subscribe_live(s, Some(&reply));
+        }
+        if let Some(c) = &self.cluster
+            && !st.sessions.is_empty()
+        {
+            // The room's entries must reach this node's sessions from now
+            // on (a member with none here needs nothing of it). Attached
+            // after they subscribed: a room evicted meanwhile is attached
+            // again ([`super::cluster::Cluster`]'s `evict_if_idle`).
+            c.attach_now(room);
         }
         st.sessions.len()
     }

@@ -356,6 +356,13 @@ impl Room {
         users
     }
 
+    /// Runs `f` under the subscriber lock if no session is subscribed
+    /// (`None` otherwise): a subscription made meanwhile waits for it.
+    pub fn if_unsubscribed<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let subs = self.subs();
+        subs.is_empty().then(f)
+    }
+
     /// Sessions subscribed now.
     pub fn subscriber_count(&self) -> usize {
         self.subs().len()

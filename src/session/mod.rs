@@ -168,10 +168,13 @@ impl Session {
                 Body::Hello(h) => {
                     self.hub.metrics.requests.increment(1);
                     // A cluster node first reads what the user did on others.
-                    if let Err(r) = self.hub.cluster_before_hello(&h.token).await {
-                        return self.refuse(id, r.code, CloseReason::Unspecified, r.message);
-                    }
-                    self.hello(id, h).await
+                    let pinned = match self.hub.cluster_before_hello(&h.token).await {
+                        Ok(pinned) => pinned,
+                        Err(r) => return self.refuse(id, r.code, CloseReason::Unspecified, r.message),
+                    };
+                    let flow = self.hello(id, h).await;
+                    drop(pinned);
+                    flow
                 }
                 other => self.refuse(
                     id,

@@ -206,11 +206,14 @@ impl Session {
             _ => None,
         };
         let hub = &*self.hub;
-        if let Some(name) = &room_name
-            && let Err(Refusal { code, message }) = hub.cluster_use(name, &entry).await
-        {
-            return self.reject(id, code, message);
-        }
+        // Held through the request: the room is not evicted meanwhile.
+        let _pinned = match &room_name {
+            Some(name) => match hub.cluster_use(name, &entry).await {
+                Ok(pinned) => pinned,
+                Err(Refusal { code, message }) => return self.reject(id, code, message),
+            },
+            None => None,
+        };
         let actor = &Actor::User(user.clone());
         let info = |r: Result<proto::RoomInfo, Refusal>| r.map(|i| Some(Body::RoomInfo(i)));
         let reply = match body {

@@ -93,6 +93,22 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Forgets `room`'s log: its entries and what was folded from them
+    /// (a cluster node's replica of a room it no longer serves, read again
+    /// from Redis when it does). Its trim record stays.
+    pub fn evict(&self, room: RoomId) {
+        let mut g = self.lock();
+        let entries: Vec<_> = g.messages.range((room, 0)..=(room, u64::MAX)).map(|(k, _)| *k).collect();
+        for k in entries {
+            g.messages.remove(&k);
+        }
+        let prefix = room.to_be_bytes();
+        let side: Vec<_> = g.side.keys().filter(|(_, k)| k.starts_with(&prefix)).cloned().collect();
+        for k in side {
+            g.side.remove(&k);
+        }
+    }
+
     /// Makes `record` the trim record of `room` — decided elsewhere, as a
     /// cluster node's replica follows the trims made in Redis — and drops
     /// the entries below its start. A record older than the one held

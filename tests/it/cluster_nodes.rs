@@ -687,3 +687,59 @@ async fn refused_or_acked(r: &mut Raw, body: Body) -> Option<ErrorCode> {
         other => panic!("neither an ack nor an error: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_no_session_uses_is_dropped_from_memory_and_read_again_when_used() {
+    use crate::common::{metric, scrape_metrics};
+    let Some(redis) = RedisServer::for_test("a_room_no_session_uses_is_dropped", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let url = redis.url();
+        nodes.push(
+            TestServer::start_in(tmp.path(), move |c| {
+                c.cluster_redis = Some(url);
+                c.cluster_replica_idle_ms = 200;
+            })
+            .await,
+        );
+    }
+    let mut ann = nodes[0].raw_member("ann", "v").await;
+    let mut bob = nodes[1].raw_member("bob", "v").await;
+    for i in 0..5 {
+        ann.publish("v", &format!("m{i}")).await;
+    }
+    let edit = Body::Edit(proto::Edit { room: "v".into(), seq: 2, text: "m1 edited".into(), ..Default::default() });
+    assert!(matches!(ann.request(edit).await, Body::PublishAck(_)));
+    let react = proto::React { room: "v".into(), seq: 3, key: "+1".into(), add: true, ..Default::default() };
+    assert!(matches!(bob.request(Body::React(react)).await, Body::PublishAck(_)));
+    // Bob leaves node 1 with no session in the room: it is evicted there.
+    drop(bob);
+    crate::common::wait_until("node 1 to stop serving the room", async || {
+        metric(&scrape_metrics(&nodes[1].http).await, "chatd_cluster_rooms_evicted_total") >= 1.0
+    })
+    .await;
+    assert_eq!(metric(&scrape_metrics(&nodes[1].http).await, "chatd_cluster_rooms_served"), 0.0);
+    for i in 5..10 {
+        ann.publish("v", &format!("m{i}")).await;
+    }
+    // Back on node 1: the missed messages once, in order, then live; the
+    // history there as on node 0, changes folded in.
+    let mut bob = Raw::connect(&nodes[1].addr).await;
+    bob.hello(&nodes[1].token("bob"), vec![proto::Cursor { room: "v".into(), after_seq: 4 }]).await;
+    let missed: Vec<u64> = messages(&mut bob, "v", 8).await.iter().map(|m| m.seq).collect();
+    assert_eq!(missed, (5..=12).collect::<Vec<_>>());
+    let synced = bob.next_push(|b| if let Body::Synced(s) = b { Some(s) } else { None }).await;
+    assert!(synced.complete, "{synced:?}");
+    let folded = |h: Vec<proto::Message>| {
+        h.into_iter().map(|m| (m.seq, m.text, m.reactions.len(), m.edited_ms > 0)).collect::<Vec<_>>()
+    };
+    let here = folded(bob.history_all("v").await);
+    assert_eq!(here, folded(ann.history_all("v").await));
+    assert_eq!(here.len(), 12, "{here:?}");
+    assert_eq!(ann.publish("v", "live").await.seq, 13);
+    assert_eq!(messages(&mut bob, "v", 1).await[0].text, "live");
+    for n in nodes {
+        n.stop().await;
+    }
+}

@@ -310,8 +310,18 @@ async fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
     }
     for (i, u) in USERS.iter().enumerate() {
-        id += 1;
-        settle(&mut conns[i], id, received.get_mut(u).unwrap()).await;
+        // Pushes from another cluster node may still be on their way after
+        // the ping is answered: a missing message is waited for, boundedly.
+        let deadline = tokio::time::Instant::now() + crate::common::WAIT;
+        loop {
+            id += 1;
+            settle(&mut conns[i], id, received.get_mut(u).unwrap()).await;
+            let got: BTreeSet<(String, u64)> = received[u].iter().cloned().collect();
+            if expected[u].is_subset(&got) || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let got = &received[u];
         let unique: BTreeSet<(String, u64)> = got.iter().cloned().collect();
         prop_assert_eq!(unique.len(), got.len(), "{} received a message twice: {:?}", u, got);

@@ -88,6 +88,9 @@ impl TestServer {
                 // finds what Redis had.
                 let redis = super::redis::RedisServer::start_at(&dir.join("redis"));
                 config.cluster_redis = Some(redis.url());
+                // Rooms idle for a moment are evicted and read again when
+                // used: the suites exercise that path throughout.
+                config.cluster_replica_idle_ms = 200;
                 Some(redis)
             }
             false => None,
