@@ -291,7 +291,7 @@ fn room_name(room: &str) -> Result<(), ApiError> {
 /// room here up to what Redis holds first (it may never have served it).
 async fn use_room(hub: &crate::hub::Hub, room: &str) -> Result<Option<crate::hub::cluster::Pinned>, ApiError> {
     room_name(room)?;
-    Ok(hub.cluster_use_room(room).await?)
+    Ok(hub.cluster_use(room, None).await?)
 }
 
 /// An enum field as canonical JSON has it: its name, or its number.

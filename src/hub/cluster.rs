@@ -111,6 +111,9 @@ struct Inner {
     pins: HashMap<RoomId, usize>,
     /// Rooms evicted so far.
     evictions: u64,
+    /// Per room, this node's appends queued for Redis or on their way:
+    /// the room is not evicted before they are answered.
+    queued: HashMap<RoomId, usize>,
 }
 
 /// A publish appended by this node, answered when its entry is applied.
@@ -221,6 +224,7 @@ impl Cluster {
             let busy = !inner.attached.contains(&room.id)
                 || inner.cold.contains_key(&room.id)
                 || inner.pins.get(&room.id).is_some_and(|n| *n > 0)
+                || inner.queued.get(&room.id).is_some_and(|n| *n > 0)
                 || inner.waiting.keys().any(|(r, _)| *r == room.id);
             if busy {
                 inner.idle_since.remove(&room.id);
@@ -404,6 +408,17 @@ impl<'a> Shared<'a> {
     }
 }
 
+/// One append of `room` less queued ([`Inner::queued`]).
+fn unqueue(inner: &Mutex<Inner>, room: RoomId) {
+    let mut inner = lock(inner);
+    if let Some(n) = inner.queued.get_mut(&room) {
+        *n -= 1;
+        if *n == 0 {
+            inner.queued.remove(&room);
+        }
+    }
+}
+
 fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     inner.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -525,15 +540,17 @@ impl Hub {
         Ok(())
     }
 
-    /// Before `entry`'s request on the room called `name`: a room this
-    /// node does not know yet, or does not serve yet, is read from Redis
-    /// and synced; one it serves is read again if the user is not a member
-    /// here (they may have joined, or been added, through another node).
-    pub async fn cluster_use(&self, name: &str, entry: &super::UserEntry) -> Result<Option<Pinned>, Refusal> {
+    /// Before a request on the room called `name` — a session's of the
+    /// user of `entry`, or the server API's (`None`): a room this node does
+    /// not know yet, or does not serve yet, is read from Redis and synced;
+    /// one it serves is read again if the user is not a member here (they
+    /// may have joined, or been added, through another node). The room is
+    /// pinned, not evicted, while the guard returned lives.
+    pub async fn cluster_use(&self, name: &str, entry: Option<&super::UserEntry>) -> Result<Option<Pinned>, Refusal> {
         let Some(c) = &self.cluster else { return Ok(None) };
         let (room, served) = match self.room(name) {
             Some(room) if c.is_attached(&room) => {
-                if !entry.lock().rooms.contains_key(&room.id) {
+                if entry.is_some_and(|e| !e.lock().rooms.contains_key(&room.id)) {
                     self.cluster_refresh(name).await?;
                 }
                 (room, true)
@@ -547,25 +564,6 @@ impl Hub {
         let pinned = c.pin(std::slice::from_ref(&room));
         // A room served here is as current as its feed, unless it is being
         // refilled after an eviction.
-        if !served || !c.is_current(&room) {
-            self.cluster_sync(std::slice::from_ref(&room)).await?;
-        }
-        Ok(Some(pinned))
-    }
-
-    /// Before a server API request on the room called `name`: a room this
-    /// node does not serve yet is read from Redis, attached and synced (one
-    /// it serves is as current as its feed).
-    pub async fn cluster_use_room(&self, name: &str) -> Result<Option<Pinned>, Refusal> {
-        let Some(c) = &self.cluster else { return Ok(None) };
-        let (room, served) = match self.room(name) {
-            Some(room) if c.is_attached(&room) => (room, true),
-            _ => match self.cluster_refresh(name).await? {
-                Some(room) => (room, false),
-                None => return Ok(None),
-            },
-        };
-        let pinned = c.pin(std::slice::from_ref(&room));
         if !served || !c.is_current(&room) {
             self.cluster_sync(std::slice::from_ref(&room)).await?;
         }
@@ -613,6 +611,7 @@ impl Hub {
     ) -> Result<(), Refusal> {
         let Author { sender, publisher, permit, received } = author;
         c.attach_now(room);
+        *c.inner().queued.entry(room.id).or_default() += 1;
         let job = Job {
             message: message.encode_to_vec(),
             member: sender,
@@ -628,6 +627,7 @@ impl Hub {
         };
         if let Err(refused) = c.appends.send(job) {
             let job = refused.0;
+            unqueue(&c.inner, room.id);
             for w in self.pipeline.in_flight.settle(owner, &message.client_msg_id) {
                 w.refuse(ErrorCode::ServerBusy, "server is shutting down".into());
             }
@@ -888,7 +888,10 @@ async fn appender(log: Arc<RedisLog>, epoch: String, mut jobs: mpsc::UnboundedRe
         let answers = log.append_all(&entries, &epoch).await;
         drop(entries);
         for (job, answer) in batch.into_iter().zip(answers) {
+            let room = job.answered.room.id;
+            // Answered, or waiting for its entry (`Inner::waiting`).
             job.answered.answer(&inner, answer, job.waiter);
+            unqueue(&inner, room);
         }
     }
 }

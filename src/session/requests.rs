@@ -208,7 +208,7 @@ impl Session {
         let hub = &*self.hub;
         // Held through the request: the room is not evicted meanwhile.
         let _pinned = match &room_name {
-            Some(name) => match hub.cluster_use(name, &entry).await {
+            Some(name) => match hub.cluster_use(name, Some(&entry)).await {
                 Ok(pinned) => pinned,
                 Err(Refusal { code, message }) => return self.reject(id, code, message),
             },
