@@ -81,6 +81,22 @@ impl Hub {
         default: Retention,
         now_ms: u64,
     ) -> Result<u64, redis::RedisError> {
+        let removed = self.trim_shared_steps(c, room, default, now_ms).await?;
+        if removed > 0 {
+            let start = c.log.log_start(&room.name).await?;
+            c.log.forget_changes_below(&room.name, start).await?;
+        }
+        Ok(removed)
+    }
+
+    /// The steps of [`Hub::trim_shared`], the changes' records aside.
+    async fn trim_shared_steps(
+        &self,
+        c: &super::cluster::Cluster,
+        room: &Room,
+        default: Retention,
+        now_ms: u64,
+    ) -> Result<u64, redis::RedisError> {
         let limits = default.over(room.gov().retention());
         if limits == Retention::default() {
             return Ok(0);

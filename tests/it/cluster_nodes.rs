@@ -743,3 +743,34 @@ async fn a_room_no_session_uses_is_dropped_from_memory_and_read_again_when_used(
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_forgets_the_changes_kept_for_trimmed_messages() {
+    let Some(redis) = RedisServer::for_test("retention_forgets_the_changes", &[]) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let node = TestServer::start_in(tmp.path(), move |c| {
+        c.cluster_redis = Some(url);
+        c.retention_max_messages = 3;
+        c.retention_interval_ms = 50;
+    })
+    .await;
+    let mut ann = node.raw_member("ann", "x").await;
+    // Published one by one: each pass keeps the newest 3.
+    for i in 1..=5 {
+        ann.publish("x", &format!("m{i}")).await;
+    }
+    let delete = Body::Delete(proto::Delete { room: "x".into(), seq: 4, client_msg_id: "d".into() });
+    assert!(matches!(ann.request(delete).await, Body::PublishAck(_)));
+    let react = proto::React { room: "x".into(), seq: 5, key: "+1".into(), add: true, client_msg_id: "r".into() };
+    assert!(matches!(ann.request(Body::React(react)).await, Body::PublishAck(_)));
+    // Entries 5..=7 are kept: the delete of 4 is forgotten, the reaction
+    // on 5 stays (removing it must still be checked).
+    crate::common::wait_until("the stream to start at 5 and the delete of 4 to be forgotten", async || {
+        redis.cli(&["XLEN", "chatd:{x}:log"]).as_deref() == Some("3")
+            && redis.cli(&["HLEN", "chatd:{x}:changes"]).as_deref() == Some("1")
+    })
+    .await;
+    assert!(redis.cli(&["HKEYS", "chatd:{x}:changes"]).unwrap().starts_with("r:5"));
+    node.stop().await;
+}

@@ -10,7 +10,8 @@
 //! MINID`) and publishes `trim` on the room's channel — only if the start
 //! is still the one it read, so two passes can never cut twice. The nodes
 //! serving the room read the record and drop their replica's entries below
-//! it; a node that attaches the room later starts its replica from it.
+//! it; a node that attaches the room later starts its replica from it. What
+//! the append script keeps of the trimmed messages' changes goes too.
 
 use prost::Message as _;
 use redis::RedisError;
@@ -64,6 +65,38 @@ return 1";
             .invoke_async(&mut self.connection())
             .await?;
         Ok(done == 1)
+    }
+
+    /// Forgets what the append script keeps of changes to `room`'s
+    /// messages below `start` (`:changes`: deletes and reactions), once
+    /// retention removed them: no change to them can be made any more.
+    /// Returns how many records went.
+    pub async fn forget_changes_below(&self, room: &str, start: u64) -> Result<usize, RedisError> {
+        let key = room_key(room, "changes");
+        let mut conn = self.connection();
+        let mut cursor = "0".to_string();
+        let mut forgotten = 0;
+        loop {
+            let (next, pairs): (String, Vec<String>) =
+                redis::cmd("HSCAN").arg(&key).arg(&cursor).arg("COUNT").arg(1000).query_async(&mut conn).await?;
+            // Fields are `d:<seq>` and `r:<seq>\n<user>\n<key>`.
+            let below: Vec<&String> = pairs
+                .iter()
+                .step_by(2)
+                .filter(|f| {
+                    let seq = f.get(2..).and_then(|rest| rest.split('\n').next()).and_then(|s| s.parse::<u64>().ok());
+                    seq.is_some_and(|seq| seq < start)
+                })
+                .collect();
+            if !below.is_empty() {
+                forgotten += below.len();
+                redis::cmd("HDEL").arg(&key).arg(below).exec_async(&mut conn).await?;
+            }
+            if next == "0" {
+                return Ok(forgotten);
+            }
+            cursor = next;
+        }
     }
 
     /// The first seq `room`'s stream holds (1 while it was never trimmed).
