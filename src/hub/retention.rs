@@ -81,22 +81,6 @@ impl Hub {
         default: Retention,
         now_ms: u64,
     ) -> Result<u64, redis::RedisError> {
-        let removed = self.trim_shared_steps(c, room, default, now_ms).await?;
-        if removed > 0 {
-            let start = c.log.log_start(&room.name).await?;
-            c.log.forget_changes_below(&room.name, start).await?;
-        }
-        Ok(removed)
-    }
-
-    /// The steps of [`Hub::trim_shared`], the changes' records aside.
-    async fn trim_shared_steps(
-        &self,
-        c: &super::cluster::Cluster,
-        room: &Room,
-        default: Retention,
-        now_ms: u64,
-    ) -> Result<u64, redis::RedisError> {
         let limits = default.over(room.gov().retention());
         if limits == Retention::default() {
             return Ok(0);
@@ -110,7 +94,7 @@ impl Hub {
             let record = c.log.trim_record(name).await?;
             let start = record.start();
             if start > head || (keep_from <= start && older_than_ms == 0) {
-                return Ok(removed);
+                break;
             }
             let trim = Trim { keep_from, older_than_ms, head: head.min(start + TRIM_STEP - 1) };
             let entries = c.log.range(name, start, trim.head).await?;
@@ -125,18 +109,18 @@ impl Hub {
                     let run: Vec<(u64, bytes::Bytes)> = run.map(|(e, _)| (e.seq, e.message.clone())).collect();
                     if let Err(e) = next.advance(&trim, run) {
                         tracing::error!(room = name, error = %e, "retention cannot read the room's stream in Redis");
-                        return Ok(removed);
+                        break;
                     }
                 }
                 None if trim.head < head => next.start = trim.head + 1,
-                None => return Ok(removed),
+                None => break,
             }
             if next.start() <= start {
-                return Ok(removed);
+                break;
             }
             if !c.log.trim_to(name, start, &next).await? {
                 // Another node trimmed it meanwhile.
-                return Ok(removed);
+                break;
             }
             let n = next.start() - start;
             removed += n;
@@ -149,6 +133,12 @@ impl Hub {
                 "retention trimmed the room's stream in Redis"
             );
         }
+        if removed > 0 {
+            // What the append script kept of the trimmed messages' changes.
+            let start = c.log.log_start(name).await?;
+            c.log.forget_changes_below(name, start).await?;
+        }
+        Ok(removed)
     }
 
     /// Trims `room` as its retention allows, [`TRIM_STEP`] entries at a

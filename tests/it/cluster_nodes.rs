@@ -16,10 +16,27 @@ use crate::common::{ChatServer, Polling, Raw, TestServer, http_get};
 /// Three nodes over `redis`, sharing one data directory (which holds only
 /// the token secret in cluster mode).
 async fn nodes(redis: &RedisServer, dir: &std::path::Path) -> Vec<TestServer> {
+    nodes_with(redis, dir, 3, |_| {}).await
+}
+
+/// `n` nodes over `redis` in `dir`, `tweak` adjusting each one's
+/// configuration.
+async fn nodes_with(
+    redis: &RedisServer,
+    dir: &std::path::Path,
+    n: usize,
+    tweak: impl Fn(&mut chatd::config::Config) + Clone + Send + 'static,
+) -> Vec<TestServer> {
     let mut nodes = Vec::new();
-    for _ in 0..3 {
-        let url = redis.url();
-        nodes.push(TestServer::start_in(dir, move |c| c.cluster_redis = Some(url)).await);
+    for _ in 0..n {
+        let (url, tweak) = (redis.url(), tweak.clone());
+        nodes.push(
+            TestServer::start_in(dir, move |c| {
+                c.cluster_redis = Some(url);
+                tweak(c);
+            })
+            .await,
+        );
     }
     nodes
 }
@@ -480,18 +497,7 @@ const KEY: &str = "a-backend-key-0123456789";
 
 /// [`nodes`] with the server API on, its key [`KEY`].
 async fn api_nodes(redis: &RedisServer, dir: &std::path::Path) -> Vec<TestServer> {
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        let url = redis.url();
-        nodes.push(
-            TestServer::start_in(dir, move |c| {
-                c.cluster_redis = Some(url);
-                c.api_key = Some(KEY.into());
-            })
-            .await,
-        );
-    }
-    nodes
+    nodes_with(redis, dir, 3, |c| c.api_key = Some(KEY.into())).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,18 +586,11 @@ async fn held(r: &mut Raw, room: &str) -> (u64, Vec<u64>) {
 async fn retention_trims_the_shared_log_and_every_node_starts_where_it_does() {
     let Some(redis) = RedisServer::for_test("retention_trims_the_shared_log", &[]) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        let url = redis.url();
-        nodes.push(
-            TestServer::start_in(tmp.path(), move |c| {
-                c.cluster_redis = Some(url);
-                c.retention_max_messages = 5;
-                c.retention_interval_ms = 50;
-            })
-            .await,
-        );
-    }
+    let nodes = nodes_with(&redis, tmp.path(), 3, |c| {
+        c.retention_max_messages = 5;
+        c.retention_interval_ms = 50;
+    })
+    .await;
     let mut ann = nodes[0].raw_member("ann", "t").await;
     let mut bob = nodes[1].raw_member("bob", "t").await;
     // Dan is a member who never read anything; node 2 never serves the
@@ -693,17 +692,7 @@ async fn a_room_no_session_uses_is_dropped_from_memory_and_read_again_when_used(
     use crate::common::{metric, scrape_metrics};
     let Some(redis) = RedisServer::for_test("a_room_no_session_uses_is_dropped", &[]) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let url = redis.url();
-        nodes.push(
-            TestServer::start_in(tmp.path(), move |c| {
-                c.cluster_redis = Some(url);
-                c.cluster_replica_idle_ms = 200;
-            })
-            .await,
-        );
-    }
+    let nodes = nodes_with(&redis, tmp.path(), 2, |c| c.cluster_replica_idle_ms = 200).await;
     let mut ann = nodes[0].raw_member("ann", "v").await;
     let mut bob = nodes[1].raw_member("bob", "v").await;
     for i in 0..5 {
@@ -748,13 +737,12 @@ async fn a_room_no_session_uses_is_dropped_from_memory_and_read_again_when_used(
 async fn retention_forgets_the_changes_kept_for_trimmed_messages() {
     let Some(redis) = RedisServer::for_test("retention_forgets_the_changes", &[]) else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let url = redis.url();
-    let node = TestServer::start_in(tmp.path(), move |c| {
-        c.cluster_redis = Some(url);
+    let node = nodes_with(&redis, tmp.path(), 1, |c| {
         c.retention_max_messages = 3;
         c.retention_interval_ms = 50;
     })
-    .await;
+    .await
+    .remove(0);
     let mut ann = node.raw_member("ann", "x").await;
     // Published one by one: each pass keeps the newest 3.
     for i in 1..=5 {
